@@ -1,0 +1,26 @@
+"""pdserve: LLM serving with prefill and decode disaggregated."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from pdserve.engine import Engine
+    from pdserve.sampling_params import SamplingParams
+
+__all__ = ["Engine", "SamplingParams", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: `import pdserve` must stay cheap for the router and tokenizer processes.
+    if name == "Engine":
+        from pdserve.engine import Engine
+
+        return Engine
+    if name == "SamplingParams":
+        from pdserve.sampling_params import SamplingParams
+
+        return SamplingParams
+    raise AttributeError(name)

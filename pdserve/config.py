@@ -1,0 +1,246 @@
+"""Configuration: one tree of frozen dataclasses, validated once, shared by every process.
+
+Layers: ModelConfig (what the checkpoint is) -> SchedulerConfig (how a worker batches) ->
+EngineConfig (one worker's whole setup). The cluster/topology layer lives in topology.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+DeviceName = Literal["auto", "cpu", "cuda"]
+DTypeName = Literal["auto", "float32", "float16", "bfloat16"]
+AttentionBackend = Literal["auto", "torch", "triton", "flashinfer"]
+
+
+def _require(cond: bool, key: str, value: Any, expected: str) -> None:
+    if not cond:
+        raise ValueError(f"{key}={value!r} is invalid: expected {expected}")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 style frequency scaling; rope_type 'default' means none."""
+
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The decoder's shape, read once from a Hugging Face config.json."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool  # q/k/v projections carry a bias (Qwen2)
+    qk_norm: bool  # RMSNorm on q and k per head (Qwen3)
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    eos_token_ids: tuple[int, ...] = ()
+    torch_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        _require(
+            self.num_heads % self.num_kv_heads == 0,
+            "num_key_value_heads",
+            self.num_kv_heads,
+            f"a divisor of num_attention_heads={self.num_heads}",
+        )
+        _require(self.head_dim > 0, "head_dim", self.head_dim, "> 0")
+
+    @classmethod
+    def from_hf(cls, model_path: str | Path) -> ModelConfig:
+        path = Path(model_path)
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise ValueError(
+                f"model path {str(path)!r} has no config.json: expected a Hugging Face "
+                "model directory"
+            )
+        hf = json.loads(config_file.read_text())
+        return cls.from_hf_dict(hf, path)
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict[str, Any], path: Path | None = None) -> ModelConfig:
+        archs = hf.get("architectures") or [hf.get("model_type", "LlamaForCausalLM")]
+        arch = archs[0]
+        supported = (
+            "LlamaForCausalLM",
+            "MistralForCausalLM",
+            "Qwen2ForCausalLM",
+            "Qwen3ForCausalLM",
+        )
+        if arch not in supported:
+            raise ValueError(
+                f"architectures={arch!r} is not supported: expected one of {supported}"
+            )
+        num_heads = hf["num_attention_heads"]
+        hidden = hf["hidden_size"]
+        head_dim = hf.get("head_dim") or hidden // num_heads
+        rs = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+        rope_type = rs.get("rope_type", rs.get("type", "default")) if rs else "default"
+        if rope_type not in ("default", "llama3"):
+            raise ValueError(
+                f"rope_scaling.rope_type={rope_type!r} is not supported: expected "
+                "'default' or 'llama3'"
+            )
+        scaling = RopeScaling(
+            rope_type=rope_type,
+            factor=float(rs.get("factor", 1.0)),
+            low_freq_factor=float(rs.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(rs.get("high_freq_factor", 4.0)),
+            original_max_position_embeddings=int(rs.get("original_max_position_embeddings", 8192)),
+        )
+        rope_theta = hf.get("rope_theta") or rs.get("rope_theta") or 10000.0
+        eos = hf.get("eos_token_id")
+        eos_ids = _eos_ids(eos)
+        if path is not None and (path / "generation_config.json").is_file():
+            gen = json.loads((path / "generation_config.json").read_text())
+            eos_ids = tuple(dict.fromkeys(eos_ids + _eos_ids(gen.get("eos_token_id"))))
+        return cls(
+            architecture=arch,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hidden,
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=head_dim,
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope_theta),
+            max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            attention_bias=bool(hf.get("attention_bias", arch == "Qwen2ForCausalLM")),
+            qk_norm=arch == "Qwen3ForCausalLM",
+            rope_scaling=scaling,
+            eos_token_ids=eos_ids,
+            torch_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "float32"),
+        )
+
+
+def _eos_ids(eos: Any) -> tuple[int, ...]:
+    if eos is None:
+        return ()
+    if isinstance(eos, int):
+        return (eos,)
+    return tuple(int(e) for e in eos)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """How a worker batches; the same names as the topology file's `scheduler:` section."""
+
+    page_size: int = 16
+    max_batch_tokens: int = 8192  # tokens (prefill chunks + decodes) in one forward pass
+    chunk_size: int = 4096  # longest prefill piece of one request in one step
+    max_running_requests: int = 256
+    num_pages: int | None = None  # fixed pool size; None: sized from mem_fraction
+    mem_fraction: float = 0.85  # of free device memory (after weights) given to the KV pool
+    enable_prefix_cache: bool = True
+    max_context_len: int | None = None  # None: the model's max_position_embeddings
+
+    def __post_init__(self) -> None:
+        _require(self.page_size >= 1, "page_size", self.page_size, "an integer >= 1")
+        _require(self.max_batch_tokens >= 1, "max_batch_tokens", self.max_batch_tokens, ">= 1")
+        _require(self.chunk_size >= 1, "chunk_size", self.chunk_size, ">= 1")
+        _require(
+            self.max_running_requests >= 1,
+            "max_running_requests",
+            self.max_running_requests,
+            ">= 1",
+        )
+        _require(
+            self.num_pages is None or self.num_pages >= 2,
+            "num_pages",
+            self.num_pages,
+            "None or >= 2",
+        )
+        _require(0.0 < self.mem_fraction <= 1.0, "mem_fraction", self.mem_fraction, "in (0, 1]")
+
+
+SCHEDULER_KEYS = tuple(f.name for f in dataclasses.fields(SchedulerConfig))
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything one worker (or the in-process engine) needs."""
+
+    model_path: str
+    device: DeviceName = "auto"
+    dtype: DTypeName = "auto"
+    attention_backend: AttentionBackend = "auto"
+    cuda_graph: bool = True
+    cuda_graph_max_batch: int = 256
+    seed: int = 0
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        _require(
+            self.device in ("auto", "cpu", "cuda"), "device", self.device, "'auto', 'cpu' or 'cuda'"
+        )
+        _require(
+            self.dtype in ("auto", "float32", "float16", "bfloat16"),
+            "dtype",
+            self.dtype,
+            "'auto', 'float32', 'float16' or 'bfloat16'",
+        )
+        _require(
+            self.attention_backend in ("auto", "torch", "triton", "flashinfer"),
+            "attention_backend",
+            self.attention_backend,
+            "'auto', 'torch', 'triton' or 'flashinfer'",
+        )
+
+    @classmethod
+    def from_options(cls, model_path: str, **options: Any) -> EngineConfig:
+        """Build from flat keyword options (Engine(...) and CLI flags); scheduler keys go below."""
+        sched_opts = {k: options.pop(k) for k in list(options) if k in SCHEDULER_KEYS}
+        engine_keys = {f.name for f in dataclasses.fields(cls)} - {"model_path", "scheduler"}
+        unknown = sorted(set(options) - engine_keys)
+        if unknown:
+            raise ValueError(
+                f"unknown option(s) {unknown}: expected some of "
+                f"{sorted(engine_keys | set(SCHEDULER_KEYS))}"
+            )
+        return cls(model_path=str(model_path), scheduler=SchedulerConfig(**sched_opts), **options)
+
+    def resolved(self) -> EngineConfig:
+        """Resolve `auto` device, dtype and attention backend against this machine."""
+        import torch
+
+        device = self.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device='cuda' but no CUDA device is available")
+        dtype = self.dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if device == "cuda" else "float32"
+        backend = self.attention_backend
+        if backend == "auto":
+            backend = "triton" if device == "cuda" else "torch"
+        if device == "cpu" and backend != "torch":
+            raise ValueError(f"attention_backend={backend!r} needs device='cuda'")
+        return dataclasses.replace(
+            self,
+            device=device,
+            dtype=dtype,
+            attention_backend=backend,
+            cuda_graph=self.cuda_graph and device == "cuda",
+        )

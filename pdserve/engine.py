@@ -1,0 +1,179 @@
+"""The offline Engine: SGLang's `Engine` API over pdserve's engine core.
+
+`Engine(model_path, **options)` runs one mixed worker in this process; `generate` takes one prompt or
+a list (text or token ids) and returns SGLang-shaped dicts.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+from pdserve.config import EngineConfig
+from pdserve.sampling_params import SamplingParams
+from pdserve.scheduler.request import Request
+
+logger = logging.getLogger(__name__)
+
+_PROGRESS_MIN_PROMPTS = 8  # a tqdm bar for batches at least this large
+
+
+class Engine:
+    def __init__(self, model_path: str, **options: Any) -> None:
+        from transformers import AutoTokenizer
+
+        from pdserve.worker.worker_core import WorkerCore
+
+        self.config = EngineConfig.from_options(model_path, **options).resolved()
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.core = WorkerCore(self.config, decode=self._decode)
+        self._closed = False
+
+    def _decode(self, ids: Any) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    # ------------------------------------------------------------------ public API
+
+    def generate(
+        self,
+        prompt: str | list[str] | None = None,
+        sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None,
+        input_ids: list[int] | list[list[int]] | None = None,
+        return_logprob: bool = False,
+        top_logprobs_num: int = 0,
+        stream: bool = False,
+    ) -> dict[str, Any] | list[dict[str, Any]] | Iterator[dict[str, Any]]:
+        """SGLang's Engine.generate: one prompt gives a dict, a list gives a list of dicts.
+        stream=True (one prompt) gives an iterator of dicts whose text is cumulative."""
+        self._check_open()
+        is_batch, prompts_ids, params = self._normalize(prompt, input_ids, sampling_params)
+        reqs = [
+            self._new_request(ids, p, return_logprob, top_logprobs_num)
+            for ids, p in zip(prompts_ids, params)
+        ]
+        if stream:
+            if is_batch:
+                raise ValueError("stream=True takes one prompt, not a list")
+            return self._stream(reqs[0])
+        self._run(reqs, progress=len(reqs) >= _PROGRESS_MIN_PROMPTS)
+        results = [self._result(r) for r in reqs]
+        return results if is_batch else results[0]
+
+    def shutdown(self) -> None:
+        self._closed = True
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    # ------------------------------------------------------------------ internals
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this Engine was shut down")
+
+    def _normalize(
+        self,
+        prompt: Any,
+        input_ids: Any,
+        sampling_params: Any,
+    ) -> tuple[bool, list[list[int]], list[SamplingParams]]:
+        if (prompt is None) == (input_ids is None):
+            raise ValueError("give exactly one of prompt or input_ids")
+        if prompt is not None:
+            is_batch = isinstance(prompt, list)
+            texts = prompt if is_batch else [prompt]
+            ids = [self.tokenizer.encode(t) for t in texts]
+        else:
+            is_batch = bool(input_ids) and isinstance(input_ids[0], list)
+            ids = [list(map(int, x)) for x in (input_ids if is_batch else [input_ids])]
+        if any(not x for x in ids):
+            raise ValueError("a prompt is empty: expected at least one token")
+        if isinstance(sampling_params, list):
+            if len(sampling_params) != len(ids):
+                raise ValueError(
+                    f"sampling_params has {len(sampling_params)} entries for {len(ids)} prompts"
+                )
+            params = [SamplingParams.from_dict(p) for p in sampling_params]
+        else:
+            params = [SamplingParams.from_dict(sampling_params)] * len(ids)
+        return is_batch, ids, params
+
+    def _new_request(
+        self, ids: list[int], params: SamplingParams, return_logprob: bool, top_logprobs_num: int
+    ) -> Request:
+        req = Request(
+            rid=uuid.uuid4().hex,
+            prompt_ids=ids,
+            sampling=params,
+            return_logprob=return_logprob or top_logprobs_num > 0,
+            top_logprobs_num=top_logprobs_num,
+        )
+        req.user_data = time.perf_counter()
+        self.core.add(req)
+        return req
+
+    def _run(self, reqs: list[Request], progress: bool) -> None:
+        pending = {r.rid for r in reqs}
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(reqs), desc="generate", unit="req")
+        while pending:
+            for req in self.core.step():
+                if req.is_finished and req.rid in pending:
+                    pending.discard(req.rid)
+                    if bar is not None:
+                        bar.update(1)
+            if pending and not self.core.has_work():
+                raise RuntimeError(f"engine stalled with {len(pending)} unfinished requests")
+        if bar is not None:
+            bar.close()
+
+    def _stream(self, req: Request) -> Iterator[dict[str, Any]]:
+        sent = 0
+        while True:
+            touched = self.core.step()
+            if req in touched and (len(req.output_ids) > sent or req.is_finished):
+                sent = len(req.output_ids)
+                result = self._result(req)
+                if not result["text"].endswith("\ufffd") or req.is_finished:
+                    yield result
+            if req.is_finished:
+                return
+            if not self.core.has_work():
+                raise RuntimeError("engine stalled while streaming")
+
+    def _result(self, req: Request) -> dict[str, Any]:
+        ids = list(req.output_ids)
+        finish = req.finish
+        text_ids = ids
+        if finish and finish.get("type") == "stop" and isinstance(finish.get("matched"), int):
+            text_ids = ids[:-1]
+        text = self.tokenizer.decode(text_ids, skip_special_tokens=req.sampling.skip_special_tokens)
+        if finish and isinstance(finish.get("matched"), str) and not req.sampling.no_stop_trim:
+            cut = text.find(finish["matched"])
+            text = text[:cut] if cut >= 0 else text
+        meta: dict[str, Any] = {
+            "id": req.rid,
+            "finish_reason": finish,
+            "prompt_tokens": len(req.prompt_ids),
+            "completion_tokens": len(ids),
+            "cached_tokens": req.num_cached_tokens,
+            "e2e_latency": time.perf_counter() - req.user_data,
+        }
+        if req.return_logprob:
+            meta["output_token_logprobs"] = [
+                [lp, tid, None] for lp, tid in zip(req.output_logprobs, ids)
+            ]
+            if req.top_logprobs_num:
+                meta["output_top_logprobs"] = [
+                    [[lp, tid, None] for tid, lp in top] for top in req.output_top_logprobs
+                ]
+        return {"text": text, "output_ids": ids, "meta_info": meta}

@@ -1,0 +1,278 @@
+"""Triton paged decode attention (one new token per sequence), GQA-grouped and split-K.
+
+One program owns (sequence, KV head, split): the query heads that share the KV head are its rows, so
+each KV page is read from memory once for the whole group. Long contexts are cut into `num_splits`
+chunks processed in parallel (flash-decoding); a second kernel merges the chunks' partial outputs by
+their log-sum-exp. With one split the first kernel writes the output directly.
+The torch reference is `attention_ref.decode_attention_ref`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_MAX_SPLITS = 16
+
+
+class DecodeConfig(NamedTuple):
+    """Launch parameters of the first kernel; `num_splits=None` lets the launcher choose."""
+
+    block_n: int = 64  # KV tokens per inner step
+    num_warps: int = 4
+    num_stages: int = 2
+    num_splits: int | None = None
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr,  # [B, Hq, D]
+    k_ptr,  # [num_pages, page_size, Hkv, D]
+    v_ptr,  # [num_pages, page_size, Hkv, D]
+    page_table_ptr,  # [B, max_pages] int32
+    seq_lens_ptr,  # [B] int32
+    part_out_ptr,  # [B, Hq, S, D] float32 (unused when DIRECT_OUT)
+    part_lse_ptr,  # [B, Hq, S] float32, log2 units (unused when DIRECT_OUT)
+    out_ptr,  # [B, Hq, D] (used only when DIRECT_OUT)
+    scale_log2e,
+    num_splits,
+    stride_qb,
+    stride_qh,
+    stride_kp,
+    stride_ks,
+    stride_kh,
+    stride_vp,
+    stride_vs,
+    stride_vh,
+    stride_ptb,
+    stride_pob,
+    stride_poh,
+    stride_pos,
+    stride_plb,
+    stride_plh,
+    stride_ob,
+    stride_oh,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    DIRECT_OUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    seq_len = tl.load(seq_lens_ptr + b)
+    # Splits are whole BLOCK_N steps so only the last step of a split needs a mask.
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_h = offs_h < GROUP
+    mask_d = offs_d < HEAD_DIM
+    q_heads = kv_head * GROUP + offs_h  # [BLOCK_H]
+
+    q_ptrs = q_ptr + b.to(tl.int64) * stride_qb + q_heads[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=mask_h[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_H, BLOCK_D]
+
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)  # running max, log2 units
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)  # running softmax denominator
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    page_row = page_table_ptr + b.to(tl.int64) * stride_ptb
+    for n0 in range(start, end, BLOCK_N):
+        offs = n0 + offs_n  # [BLOCK_N] token index in the sequence
+        mask_n = offs < end
+        page = tl.load(page_row + offs // PAGE_SIZE, mask=mask_n, other=0).to(tl.int64)
+        in_page = offs % PAGE_SIZE
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k_off = page * stride_kp + in_page * stride_ks + kv_head * stride_kh
+        k = tl.load(k_ptr + k_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e  # [BLOCK_H, N]
+        qk = tl.where(mask_n[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+
+        v_off = page * stride_vp + in_page * stride_vs + kv_head * stride_vh
+        v = tl.load(v_ptr + v_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    # An empty split (start >= end) leaves l_i == 0: write a zero output with lse = -inf.
+    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    out_mask = mask_h[:, None] & mask_d[None, :]
+    if DIRECT_OUT:
+        o_ptrs = out_ptr + b.to(tl.int64) * stride_ob + q_heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        base = b.to(tl.int64) * stride_pob + split * stride_pos
+        po_ptrs = part_out_ptr + base + q_heads[:, None] * stride_poh + offs_d[None, :]
+        tl.store(po_ptrs, out, mask=out_mask)
+        lse = m_i + tl.log2(l_i)  # -inf for an empty split
+        lse_ptrs = part_lse_ptr + b.to(tl.int64) * stride_plb + q_heads * stride_plh + split
+        tl.store(lse_ptrs, lse, mask=mask_h)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    part_out_ptr,  # [B, Hq, S, D] float32
+    part_lse_ptr,  # [B, Hq, S] float32, log2 units
+    out_ptr,  # [B, Hq, D]
+    num_splits,
+    stride_pob,
+    stride_poh,
+    stride_pos,
+    stride_plb,
+    stride_plh,
+    stride_ob,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_s = offs_s < num_splits
+    mask_d = offs_d < HEAD_DIM
+
+    lse = tl.load(part_lse_ptr + b * stride_plb + h * stride_plh + offs_s, mask=mask_s,
+                  other=float("-inf"))  # [BLOCK_S]
+    lse_max = tl.max(lse, 0)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    weight = tl.exp2(lse - lse_max)  # empty splits weigh 0
+    po_ptrs = part_out_ptr + b * stride_pob + h * stride_poh + offs_s[:, None] * stride_pos
+    part = tl.load(po_ptrs + offs_d[None, :], mask=mask_s[:, None] & mask_d[None, :], other=0.0)
+    total = tl.sum(weight, 0)
+    out = tl.sum(part * weight[:, None], 0) / tl.where(total > 0.0, total, 1.0)  # [BLOCK_D]
+    o_ptrs = out_ptr + b * stride_ob + h * stride_oh + offs_d
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_d)
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def choose_num_splits(batch: int, num_kv_heads: int, device: torch.device,
+                      max_seq_len: int | None = None, block_n: int = 64) -> int:
+    """Enough splits for about four programs per SM, never a split shorter than two steps."""
+    num_sms = _num_sms(device.index or 0) if device.type == "cuda" else 8
+    splits = min(_MAX_SPLITS, math.ceil(4 * num_sms / max(1, batch * num_kv_heads)))
+    if max_seq_len is not None:
+        splits = min(splits, max(1, math.ceil(max_seq_len / (2 * block_n))))
+    return max(1, splits)
+
+
+def _check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  page_table: torch.Tensor, seq_lens: torch.Tensor) -> None:
+    if q.dim() != 3:
+        raise ValueError(f"q must be [B, Hq, D], got shape {tuple(q.shape)}")
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache must both be [num_pages, page_size, Hkv, D], got "
+                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    batch, num_q_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    if k_cache.shape[3] != head_dim:
+        raise ValueError(f"head_dim mismatch: q has {head_dim}, the cache {k_cache.shape[3]}")
+    if num_q_heads % num_kv_heads != 0:
+        raise ValueError(f"num_q_heads {num_q_heads} is not a multiple of num_kv_heads "
+                         f"{num_kv_heads}")
+    if q.dtype not in _DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise ValueError(f"q, k_cache, v_cache must share one dtype of {_DTYPES}, got {q.dtype}, "
+                         f"{k_cache.dtype}, {v_cache.dtype}")
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("q, k_cache and v_cache need a contiguous last (head_dim) dimension")
+    if page_table.dim() != 2 or page_table.shape[0] != batch or page_table.dtype != torch.int32:
+        raise ValueError(f"page_table must be [B={batch}, max_pages] int32, got "
+                         f"{tuple(page_table.shape)} {page_table.dtype}")
+    if page_table.stride(-1) != 1:
+        raise ValueError("page_table needs a contiguous last dimension")
+    if seq_lens.shape != (batch,) or seq_lens.dtype != torch.int32 or not seq_lens.is_contiguous():
+        raise ValueError(f"seq_lens must be a contiguous [B={batch}] int32 tensor, got "
+                         f"{tuple(seq_lens.shape)} {seq_lens.dtype}")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("page_table", page_table),
+                    ("seq_lens", seq_lens)):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, q on {q.device}")
+
+
+def decode_attention(
+    q: torch.Tensor,  # [B, Hq, D]
+    k_cache: torch.Tensor,  # [num_pages, page_size, Hkv, D]
+    v_cache: torch.Tensor,  # [num_pages, page_size, Hkv, D]
+    page_table: torch.Tensor,  # [B, max_pages] int32
+    seq_lens: torch.Tensor,  # [B] int32, KV length including the new token (>= 1)
+    scale: float,
+    *,
+    out: torch.Tensor | None = None,  # [B, Hq, D], q's dtype
+    max_seq_len: int | None = None,  # optional host-side bound, only used to pick num_splits
+    config: DecodeConfig | None = None,
+) -> torch.Tensor:  # [B, Hq, D]
+    """Attention of each sequence's one new query token over its paged KV; no host sync."""
+    _check_inputs(q, k_cache, v_cache, page_table, seq_lens)
+    batch, num_q_heads, head_dim = q.shape
+    page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} with a contiguous last dim, got "
+                         f"{tuple(out.shape)} {out.dtype}")
+    if batch == 0:
+        return out
+    cfg = config or DecodeConfig()
+    num_splits = cfg.num_splits or choose_num_splits(batch, num_kv_heads, q.device, max_seq_len,
+                                                     cfg.block_n)
+    if not 1 <= num_splits <= 64:
+        raise ValueError(f"num_splits must be in [1, 64], got {num_splits}")
+    group = num_q_heads // num_kv_heads
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    direct = num_splits == 1
+    if direct:
+        part_out = out.new_empty((1, 1, 1, 1), dtype=torch.float32)
+        part_lse = out.new_empty((1, 1, 1), dtype=torch.float32)
+    else:
+        part_out = out.new_empty((batch, num_q_heads, num_splits, head_dim), dtype=torch.float32)
+        part_lse = out.new_empty((batch, num_q_heads, num_splits), dtype=torch.float32)
+
+    _decode_split_kernel[(batch, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, page_table, seq_lens, part_out, part_lse, out,
+        scale * _LOG2E, num_splits,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        page_table.stride(0),
+        part_out.stride(0), part_out.stride(1), part_out.stride(2),
+        part_lse.stride(0), part_lse.stride(1),
+        out.stride(0), out.stride(1),
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_H=max(16, triton.next_power_of_2(group)),
+        BLOCK_N=cfg.block_n, PAGE_SIZE=page_size, DIRECT_OUT=direct,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    if not direct:
+        _decode_merge_kernel[(batch, num_q_heads)](
+            part_out, part_lse, out, num_splits,
+            part_out.stride(0), part_out.stride(1), part_out.stride(2),
+            part_lse.stride(0), part_lse.stride(1),
+            out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits),
+            num_warps=4 if head_dim > 64 else 2,
+        )  # fmt: skip
+    return out

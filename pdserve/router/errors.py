@@ -1,0 +1,106 @@
+"""OpenAI's error body for every failure the router reports, and the FastAPI handlers that send it."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    """A failure to answer with `status` and OpenAI's error body."""
+
+    def __init__(
+        self,
+        message: str,
+        status: int = 400,
+        param: str | None = None,
+        code: str | int | None = None,
+        err_type: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.param = param
+        self.code = code if code is not None else status
+        self.err_type = err_type or default_error_type(status)
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.err_type, self.param, self.code)
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def default_error_type(status: int) -> str:
+    if status == 401:
+        return "authentication_error"
+    if status >= 500:
+        return "server_error"
+    return "invalid_request_error"
+
+
+def error_body(
+    message: str, err_type: str, param: str | None = None, code: str | int | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": err_type, "param": param, "code": code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(message, 400, param=param, code=code)
+
+
+_PARAM_IN_MESSAGE = re.compile(r"^(\w+)=")
+_SAMPLING_TO_OPENAI = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
+
+
+def sampling_error(err: ValueError, openai_names: bool = True) -> APIError:
+    """A `SamplingParams` ValueError as a 400 naming the parameter where the message does."""
+    message = str(err)
+    match = _PARAM_IN_MESSAGE.match(message)
+    param = match.group(1) if match else None
+    if param and openai_names:
+        param = _SAMPLING_TO_OPENAI.get(param, param)
+    return APIError(message, 400, param=param)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    if first.get("type") == "json_invalid":
+        return f"malformed JSON body: {first.get('msg', '')}", None
+    param = ".".join(loc) or None
+    msg = first.get("msg", "invalid value")
+    if len(errors) > 1:
+        msg += f" (and {len(errors) - 1} more error(s))"
+    return (f"{param}: {msg}" if param else msg), param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return APIError(message, 400, param=param).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return APIError(str(exc.detail), exc.status_code).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s", request.url.path)
+        return APIError(f"internal error: {type(exc).__name__}: {exc}", 500).response()

@@ -1,0 +1,99 @@
+"""Requests in flight: rid -> where it was routed and the queue its outputs go to.
+
+One HTTP request becomes a `RequestGroup` of one or more sub-requests (n > 1, a list of prompts);
+each sub-request has its own rid and choice index, and all of them feed the group's one queue,
+so a route reads the merged stream in arrival order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from pdserve.protocol import ReqOutput
+
+
+def is_terminal(out: ReqOutput) -> bool:
+    return out.finish is not None or out.error is not None
+
+
+@dataclass
+class RequestGroup:
+    group_id: str
+    rids: list[str]  # choice index -> rid
+    created: float = field(default_factory=time.monotonic)
+    queue: asyncio.Queue[tuple[int, ReqOutput]] = field(default_factory=asyncio.Queue)
+    finished: set[int] = field(default_factory=set)  # choice indices whose final output was read
+
+    @property
+    def num_choices(self) -> int:
+        return len(self.rids)
+
+    @property
+    def is_done(self) -> bool:
+        return len(self.finished) == len(self.rids)
+
+    async def next_output(self) -> tuple[int, ReqOutput]:
+        """The next (choice index, output); notes finished choices."""
+        index, out = await self.queue.get()
+        if is_terminal(out):
+            self.finished.add(index)
+        return index, out
+
+
+@dataclass
+class Tracked:
+    """One sub-request in flight and the processes that hold state for it."""
+
+    rid: str
+    group: RequestGroup
+    index: int
+    tokenizer_idx: int
+    decode: str  # worker name
+    prefill: str | None  # worker name; None on a mixed worker
+    created: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+
+
+class RequestTracker:
+    def __init__(self) -> None:
+        self.by_rid: dict[str, Tracked] = {}
+        self.groups: dict[str, RequestGroup] = {}
+
+    def __len__(self) -> int:
+        return len(self.by_rid)
+
+    def __contains__(self, rid: str) -> bool:
+        return rid in self.by_rid
+
+    def add(self, tracked: Tracked) -> None:
+        if tracked.rid in self.by_rid:
+            raise ValueError(f"rid {tracked.rid!r} is already in flight")
+        self.by_rid[tracked.rid] = tracked
+        self.groups[tracked.group.group_id] = tracked.group
+
+    def get(self, rid: str) -> Tracked | None:
+        return self.by_rid.get(rid)
+
+    def pop(self, rid: str) -> Tracked | None:
+        tracked = self.by_rid.pop(rid, None)
+        if tracked is not None:
+            group = tracked.group
+            if not any(r in self.by_rid for r in group.rids):
+                self.groups.pop(group.group_id, None)
+        return tracked
+
+    def rids_of(self, rid_or_group: str) -> list[str]:
+        """In-flight rids named by a sub-request rid or by a group id (a /generate `rid`)."""
+        if rid_or_group in self.by_rid:
+            return [rid_or_group]
+        group = self.groups.get(rid_or_group)
+        return [r for r in group.rids if r in self.by_rid] if group else []
+
+    def on_worker(self, name: str) -> list[Tracked]:
+        return [t for t in self.by_rid.values() if name in (t.decode, t.prefill)]
+
+    def older_than(self, created_before: float) -> list[Tracked]:
+        return [t for t in self.by_rid.values() if t.created < created_before]

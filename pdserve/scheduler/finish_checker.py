@@ -1,0 +1,55 @@
+"""Decides, after each sampled token, whether a request is done and why (SGLang's finish_reason)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pdserve.scheduler.request import Request
+
+DecodeFn = Callable[[Sequence[int]], str]
+
+# Stop strings are searched in the decoded tail of the output; this many tokens beyond the longest
+# stop string's length (in characters, a safe upper bound on its tokens) cover any token split.
+_TAIL_MARGIN = 4
+
+
+class FinishChecker:
+    def __init__(
+        self, eos_token_ids: Sequence[int], max_context_len: int, decode: DecodeFn | None = None
+    ) -> None:
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_context_len = max_context_len
+        self.decode = decode
+
+    def check(self, req: Request) -> dict[str, Any] | None:
+        """The finish reason if the token just appended to req.output_ids ends it, else None."""
+        params = req.sampling
+        num_out = len(req.output_ids)
+        last = req.output_ids[-1]
+        if num_out >= params.min_new_tokens:
+            if last in params.stop_token_ids or (
+                not params.ignore_eos and last in self.eos_token_ids
+            ):
+                return {"type": "stop", "matched": last}
+            matched = self._match_stop_string(req)
+            if matched is not None:
+                return {"type": "stop", "matched": matched}
+        if num_out >= params.max_new_tokens:
+            return {"type": "length", "length": num_out}
+        if req.seq_len >= self.max_context_len:
+            return {"type": "length", "length": num_out}
+        return None
+
+    def _match_stop_string(self, req: Request) -> str | None:
+        stops = req.sampling.stop
+        if not stops or self.decode is None:
+            return None
+        window = max(len(s) for s in stops) + _TAIL_MARGIN
+        tail = self.decode(req.output_ids[-window:])
+        # A stop string first appears at the end of the output, so checking the tail each step
+        # finds it on the step it completes.
+        for stop in stops:
+            if stop in tail:
+                return stop
+        return None

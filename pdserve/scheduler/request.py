@@ -1,0 +1,59 @@
+"""One request's state inside a worker's scheduler: its tokens, its pages, and how far its KV is."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from pdserve.sampling_params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"  # queued for admission (new, or preempted and to be recomputed)
+    WAITING_KV = "waiting_kv"  # decode role: pages reserved, KV being pushed by a prefill worker
+    RUNNING = "running"  # holds pages; prefilling in chunks or decoding
+    PREFILLED = "prefilled"  # prefill role: first token sampled, pages pinned until the KV is sent
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Request:
+    rid: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+    prefill_only: bool = False  # prefill role: stop after the first token
+    output_ids: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    # Pages, in position order. page_ids[:num_shared_pages] belong to the radix cache (locked via
+    # cache_node); the rest are owned by this request alone.
+    page_ids: list[int] = field(default_factory=list)
+    num_shared_pages: int = 0
+    cache_node: Any = None
+    num_computed: int = 0  # tokens of all_ids whose KV is in page_ids
+    num_cached_tokens: int = 0  # prompt tokens reused from the prefix cache (reported to clients)
+    admit_seq: int = 0  # admission order; the newest is preempted first
+    finish: dict[str, Any] | None = None
+    output_logprobs: list[float] = field(default_factory=list)
+    output_top_logprobs: list[list[list[float]]] = field(default_factory=list)
+    num_preemptions: int = 0
+    user_data: Any = None  # the owner's bookkeeping (tokenizer index, peers), never read here
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def seq_len(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens whose KV still has to be computed before the next token can be sampled."""
+        return self.seq_len - self.num_computed
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finish is not None

@@ -1,0 +1,213 @@
+"""The Llama-family decoder over a paged KV cache: Llama 2/3.x, Mistral, Qwen2/2.5 and Qwen3.
+
+One module serves the family; ModelConfig's flags carry the differences: attention_bias (Qwen2:
+biases on q/k/v), qk_norm (Qwen3: RMSNorm on each head of q and k before rope), rope_scaling
+(Llama 3.1+) and tie_word_embeddings. Parameter names follow the Hugging Face checkpoints, except
+q/k/v and gate/up, which are merged into one matmul each (see MergedLinear).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pdserve.config import ModelConfig
+from pdserve.kernels.activation_ref import silu_and_mul_ref
+from pdserve.kernels.attention import AttentionBackend
+from pdserve.kernels.norm_ref import fused_add_rms_norm_ref, rms_norm_ref
+from pdserve.kernels.rotary_ref import apply_rotary_ref, rope_cos_sin_cache
+from pdserve.worker.forward_batch import ForwardBatch
+from pdserve.worker.kv_pool import KVPool
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))  # [dim]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., dim] -> [..., dim]
+        return rms_norm_ref(x, self.weight, self.eps)
+
+    def add_and_norm(
+        self, x: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # (normed, new residual)
+        return fused_add_rms_norm_ref(x, residual, self.weight, self.eps)
+
+
+class MergedLinear(nn.Linear):
+    """Several projections of one input stacked along the output dim and run as one matmul.
+
+    `shards` names each projection as the checkpoint does and gives its output rows, in order; the
+    weight loader writes checkpoint tensor `<parent>.<shard>.weight` into those rows.
+    """
+
+    def __init__(
+        self, in_features: int, shards: dict[str, int], bias: bool, dtype: torch.dtype
+    ) -> None:
+        super().__init__(in_features, sum(shards.values()), bias=bias, dtype=dtype)
+        self.shards = dict(shards)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(
+        self, config: ModelConfig, layer_idx: int, attention: AttentionBackend, dtype: torch.dtype
+    ) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.attention = attention
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.scale = config.head_dim**-0.5
+        q_size = config.num_heads * config.head_dim
+        kv_size = config.num_kv_heads * config.head_dim
+        self.qkv_proj = MergedLinear(
+            config.hidden_size,
+            {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size},
+            bias=config.attention_bias,
+            dtype=dtype,
+        )
+        # Qwen2 puts biases on q/k/v only; Llama and Qwen3 use attention_bias for o_proj too.
+        o_bias = config.attention_bias and config.architecture != "Qwen2ForCausalLM"
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=o_bias, dtype=dtype)
+        self.qk_norm = config.qk_norm
+        if config.qk_norm:  # Qwen3: one RMSNorm over head_dim, shared by all heads
+            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, dtype)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, hidden]
+        batch: ForwardBatch,
+        kv_pool: KVPool,
+        cos_sin_cache: torch.Tensor,  # [max_positions, D] float32
+    ) -> torch.Tensor:  # [T, hidden]
+        num_tokens = x.shape[0]
+        qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) D]
+        q, k, v = qkv.split(list(self.qkv_proj.shards.values()), dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, Hq, D]
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary_ref(q, k, batch.positions, cos_sin_cache)
+
+        k_cache, v_cache = kv_pool.k(self.layer_idx), kv_pool.v(self.layer_idx)
+        self.attention.store_kv(k_cache, v_cache, batch.slots, k, v)
+        if batch.is_decode:
+            out = self.attention.decode_attention(
+                q, k_cache, v_cache, batch.page_table, batch.seq_lens, self.scale
+            )
+        else:
+            out = self.attention.extend_attention(
+                q,
+                k_cache,
+                v_cache,
+                batch.page_table,
+                batch.seq_lens_cpu,
+                batch.extend_lens_cpu,
+                self.scale,
+            )
+        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        inter = config.intermediate_size
+        self.gate_up_proj = MergedLinear(
+            config.hidden_size, {"gate_proj": inter, "up_proj": inter}, bias=False, dtype=dtype
+        )
+        self.down_proj = nn.Linear(inter, config.hidden_size, bias=False, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
+        return self.down_proj(silu_and_mul_ref(self.gate_up_proj(x)))  # via [T, 2 I] -> [T, I]
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(
+        self, config: ModelConfig, layer_idx: int, attention: AttentionBackend, dtype: torch.dtype
+    ) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, layer_idx, attention, dtype)
+        self.mlp = LlamaMLP(config, dtype)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, hidden]: the previous sublayer's output (the embeddings at layer 0)
+        residual: torch.Tensor,  # [T, hidden]: the stream x is still to be added to
+        batch: ForwardBatch,
+        kv_pool: KVPool,
+        cos_sin_cache: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # (mlp output, residual stream without it)
+        # Each residual add is deferred into the next norm so the two can run as one fused kernel.
+        x, residual = self.input_layernorm.add_and_norm(x, residual)
+        x = self.self_attn(x, batch, kv_pool, cos_sin_cache)
+        x, residual = self.post_attention_layernorm.add_and_norm(x, residual)
+        return self.mlp(x), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(
+        self, config: ModelConfig, attention: AttentionBackend, dtype: torch.dtype
+    ) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, i, attention, dtype) for i in range(config.num_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+
+    def forward(
+        self, batch: ForwardBatch, kv_pool: KVPool, cos_sin_cache: torch.Tensor
+    ) -> torch.Tensor:  # [B, hidden]: final hidden state of each sequence's last new token
+        x = self.embed_tokens(batch.input_ids)  # [T, hidden]
+        residual = torch.zeros_like(x)  # [T, hidden]: layer 0's "add" is then a plain copy
+        for layer in self.layers:
+            x, residual = layer(x, residual, batch, kv_pool, cos_sin_cache)
+        # Only the last new token of each sequence is read out, so only those rows are normed.
+        x, _ = self.norm.add_and_norm(x[batch.logit_idx], residual[batch.logit_idx])
+        return x
+
+
+class LlamaForCausalLM(nn.Module):
+    """forward(batch, kv_pool) -> [B, vocab] float32 logits of each sequence's last new token.
+
+    Parameters are allocated but not initialised: load_weights must fill every one of them.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        attention: AttentionBackend,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        with torch.device("meta"):  # no memory and no random init until to_empty below
+            self.model = LlamaModel(config, attention, dtype)
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
+        self.to_empty(device=device)
+        if config.tie_word_embeddings:  # after to_empty, which would untie them
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.requires_grad_(False)
+        # float32 whatever the model dtype; a buffer, so .to(device) moves it (never .to(dtype)).
+        cos_sin = rope_cos_sin_cache(
+            config.head_dim,
+            config.max_position_embeddings,
+            config.rope_theta,
+            config.rope_scaling,
+            device,
+        )
+        self.register_buffer("cos_sin_cache", cos_sin, persistent=False)  # [max_pos, D] float32
+
+    def forward(self, batch: ForwardBatch, kv_pool: KVPool) -> torch.Tensor:  # [B, vocab] float32
+        return self.lm_head(self.forward_hidden(batch, kv_pool)).float()
+
+    def forward_hidden(self, batch: ForwardBatch, kv_pool: KVPool) -> torch.Tensor:
+        """[B, hidden] in the model dtype: the final-normed hidden state at batch.logit_idx."""
+        return self.model(batch, kv_pool, self.cos_sin_cache)

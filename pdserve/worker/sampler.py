@@ -1,0 +1,356 @@
+"""Batched next-token sampling: logit bias, penalties, min_new_tokens masking, greedy or
+temperature/top-k/top-p/min-p sampling, and logprobs, with torch ops only (CPU or CUDA).
+
+Order, as in HF transformers and vLLM:
+  1. logit_bias                      (added to the raw logits)
+  2. repetition_penalty (HF/CTRL)    tokens seen in prompt + output: logit > 0 -> logit / p,
+                                     else logit * p
+  3. frequency/presence (OpenAI)     logit -= count_in_output * f + (count_in_output > 0) * p
+  4. min_new_tokens                  EOS and stop_token_ids -> -inf until enough tokens exist
+  5. greedy rows: argmax. Other rows: / temperature, top-k, top-p (renormalized after top-k),
+     min-p, then one draw.
+
+Logprobs are log_softmax of the logits after steps 1-4 and before temperature and truncation
+(vLLM's default is the raw model logprobs instead; ours match what greedy decoding ranks).
+
+Randomness: a row with a seed draws its noise from a counter-based hash of
+(seed, step = len(output_ids), token id), so the same request with the same seed gives the same
+tokens whatever else is in the batch and on whichever device. Unseeded rows use one torch
+generator for the batch (the caller's, or torch's default for the device).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from pdserve.sampling_params import SamplingParams
+
+MAX_TOP_LOGPROBS = 20
+_MASK32 = 0xFFFFFFFF
+_MASK64 = 0xFFFFFFFFFFFFFFFF
+
+
+@dataclass(frozen=True, eq=False)
+class SamplingRow:
+    """What the sampler needs to know about one request for one step."""
+
+    params: SamplingParams
+    prompt_ids: Sequence[int]  # read only when repetition_penalty != 1
+    output_ids: Sequence[int]  # generated so far; len() is the step for seeds and min_new_tokens
+    eos_token_ids: Sequence[int] = ()  # masked (with stop_token_ids) before min_new_tokens
+    return_logprob: bool = False
+    top_logprobs_num: int = 0  # 0..MAX_TOP_LOGPROBS
+
+
+class SampleOutput(NamedTuple):
+    token_ids: list[int]  # [B]
+    logprobs: list[float] | None  # [B] chosen token's logprob; None when no row asked
+    top_logprobs: list[tuple[list[int], list[float]]] | None  # per row, top_logprobs_num long
+
+
+class _SparseAdd(NamedTuple):
+    """Values added at (row, token) positions of a [B, V] tensor."""
+
+    rows: torch.Tensor  # [N] int64, device
+    token_ids: torch.Tensor  # [N] int64, device
+    values: torch.Tensor  # [N] float32, device
+
+
+@dataclass
+class SamplingBatch:
+    """Per-step sampling state for B rows, built once by `build` and passed to `sample`."""
+
+    vocab_size: int
+    temperatures: torch.Tensor  # [B, 1] float32, device; 1.0 for greedy rows
+    top_ks: torch.Tensor  # [B, 1] int64, device; vocab_size when off
+    top_ps: torch.Tensor  # [B, 1] float32, device
+    min_ps: torch.Tensor  # [B, 1] float32, device
+    is_greedy: torch.Tensor  # [B] bool, device
+    is_all_greedy: bool
+    needs_sort: bool  # some sampled row uses top-k or top-p
+    seeded_rows: torch.Tensor  # [S] int64, device
+    seed_keys: torch.Tensor  # [S, 2] int64, device: two 32-bit keys from (seed, step)
+    logit_bias: _SparseAdd | None
+    banned: _SparseAdd | None  # min_new_tokens: values are -inf
+    repetition_penalties: torch.Tensor | None  # [B, 1] float32, device
+    is_seen: torch.Tensor | None  # [B, V] bool, device: token in prompt or output
+    frequency_penalties: torch.Tensor | None  # [B, 1] float32, device
+    presence_penalties: torch.Tensor | None  # [B, 1] float32, device
+    output_counts: torch.Tensor | None  # [B, V] float32, device: occurrences in output
+    return_logprob: bool  # some row asked for logprobs or top logprobs
+    top_logprobs_nums: list[int]  # [B]
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.top_logprobs_nums)
+
+    @classmethod
+    def build(
+        cls, rows: Sequence[SamplingRow], vocab_size: int, device: torch.device | str
+    ) -> SamplingBatch:
+        if not rows:
+            raise ValueError("SamplingBatch.build got no rows: expected at least one")
+        for row in rows:
+            if not 0 <= row.top_logprobs_num <= MAX_TOP_LOGPROBS:
+                raise ValueError(
+                    f"top_logprobs_num={row.top_logprobs_num} is invalid: "
+                    f"expected 0..{MAX_TOP_LOGPROBS}"
+                )
+        params = [row.params for row in rows]
+        sampled = [p for p in params if not p.is_greedy]
+
+        def column(values: list[float], dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype).view(-1, 1).to(device)
+
+        return cls(
+            vocab_size=vocab_size,
+            temperatures=column(
+                [1.0 if p.is_greedy else p.temperature for p in params], torch.float32
+            ),
+            top_ks=column([p.top_k if p.top_k > 0 else vocab_size for p in params], torch.int64),
+            top_ps=column([p.top_p for p in params], torch.float32),
+            min_ps=column([p.min_p for p in params], torch.float32),
+            is_greedy=torch.tensor([p.is_greedy for p in params], dtype=torch.bool).to(device),
+            is_all_greedy=not sampled,
+            needs_sort=any(p.top_k > 0 or p.top_p < 1.0 for p in sampled),
+            **_seed_fields(rows, device),
+            logit_bias=_logit_bias(rows, vocab_size, device),
+            banned=_banned_before_min_new_tokens(rows, vocab_size, device),
+            **_repetition_fields(rows, vocab_size, device),
+            **_frequency_presence_fields(rows, vocab_size, device),
+            return_logprob=any(r.return_logprob or r.top_logprobs_num > 0 for r in rows),
+            top_logprobs_nums=[row.top_logprobs_num for row in rows],
+        )
+
+
+# ---- building the batch ------------------------------------------------------------------
+
+
+def _ids_by_row(
+    id_lists: Sequence[Sequence[int]], vocab_size: int, what: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, token id) pairs, CPU int64 [N] each, for the ids id_lists[row] of every row;
+    token ids are checked against the vocab. numpy reads Python ints ~6x faster than
+    torch.tensor, which matters for long prompts under repetition_penalty."""
+    lengths = torch.tensor([len(ids) for ids in id_lists], dtype=torch.int64)  # [B]
+    flat = np.fromiter(itertools.chain.from_iterable(id_lists), np.int64, int(lengths.sum()))
+    token_ids = torch.from_numpy(flat)  # [N]
+    if token_ids.numel() and (token_ids.min() < 0 or token_ids.max() >= vocab_size):
+        bad = token_ids[(token_ids < 0) | (token_ids >= vocab_size)][0].item()
+        raise ValueError(f"{what} has token id {bad}: expected 0 <= id < {vocab_size}")
+    rows = torch.repeat_interleave(torch.arange(len(id_lists)), lengths)  # [N]
+    return rows, token_ids
+
+
+def _column(values: list[float], device: torch.device | str) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32).view(-1, 1).to(device)  # [B, 1]
+
+
+def _logit_bias(
+    rows: Sequence[SamplingRow], vocab_size: int, device: torch.device | str
+) -> _SparseAdd | None:
+    if not any(row.params.logit_bias for row in rows):
+        return None
+    biases = [row.params.logit_bias for row in rows]
+    row_idx, token_ids = _ids_by_row([list(bias) for bias in biases], vocab_size, "logit_bias")
+    values = torch.tensor([v for bias in biases for v in bias.values()], dtype=torch.float32)
+    return _SparseAdd(row_idx.to(device), token_ids.to(device), values.to(device))
+
+
+def _banned_before_min_new_tokens(
+    rows: Sequence[SamplingRow], vocab_size: int, device: torch.device | str
+) -> _SparseAdd | None:
+    banned = [
+        sorted(set(row.eos_token_ids) | set(row.params.stop_token_ids))
+        if len(row.output_ids) < row.params.min_new_tokens
+        else []
+        for row in rows
+    ]
+    if not any(banned):
+        return None
+    row_idx, token_ids = _ids_by_row(banned, vocab_size, "eos/stop_token_ids")
+    values = torch.full(token_ids.shape, float("-inf"), device=device)
+    return _SparseAdd(row_idx.to(device), token_ids.to(device), values)
+
+
+def _repetition_fields(
+    rows: Sequence[SamplingRow], vocab_size: int, device: torch.device | str
+) -> dict[str, torch.Tensor | None]:
+    if all(row.params.repetition_penalty == 1.0 for row in rows):
+        return {"repetition_penalties": None, "is_seen": None}
+    seen = [
+        [*row.prompt_ids, *row.output_ids] if row.params.repetition_penalty != 1.0 else []
+        for row in rows
+    ]
+    row_idx, token_ids = _ids_by_row(seen, vocab_size, "prompt/output ids")
+    is_seen = torch.zeros(len(rows), vocab_size, dtype=torch.bool, device=device)  # [B, V]
+    is_seen[row_idx.to(device), token_ids.to(device)] = True
+    penalties = [row.params.repetition_penalty for row in rows]
+    return {"repetition_penalties": _column(penalties, device), "is_seen": is_seen}
+
+
+def _frequency_presence_fields(
+    rows: Sequence[SamplingRow], vocab_size: int, device: torch.device | str
+) -> dict[str, torch.Tensor | None]:
+    params = [row.params for row in rows]
+    if all(p.frequency_penalty == 0.0 and p.presence_penalty == 0.0 for p in params):
+        return {"frequency_penalties": None, "presence_penalties": None, "output_counts": None}
+    row_idx, token_ids = _ids_by_row([row.output_ids for row in rows], vocab_size, "output ids")
+    flat_idx = (row_idx * vocab_size + token_ids).to(device)  # [N]
+    counts = torch.zeros(len(rows) * vocab_size, dtype=torch.float32, device=device)
+    counts.scatter_add_(0, flat_idx, torch.ones_like(flat_idx, dtype=torch.float32))
+    return {
+        "frequency_penalties": _column([p.frequency_penalty for p in params], device),
+        "presence_penalties": _column([p.presence_penalty for p in params], device),
+        "output_counts": counts.view(len(rows), vocab_size),  # [B, V]
+    }
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def _seed_fields(
+    rows: Sequence[SamplingRow], device: torch.device | str
+) -> dict[str, torch.Tensor]:
+    seeded = [
+        i for i, row in enumerate(rows) if row.params.seed is not None and not row.params.is_greedy
+    ]
+    keys = []
+    for i in seeded:
+        key = _splitmix64(_splitmix64(rows[i].params.seed & _MASK64) ^ len(rows[i].output_ids))
+        keys.append([key & _MASK32, key >> 32])
+    return {
+        "seeded_rows": torch.tensor(seeded, dtype=torch.int64).to(device),
+        "seed_keys": torch.tensor(keys, dtype=torch.int64).view(-1, 2).to(device),
+    }
+
+
+# ---- sampling ----------------------------------------------------------------------------
+
+
+def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Steps 1-4: logit bias, repetition, frequency/presence, min_new_tokens. Returns a new
+    [B, V] float32 tensor; `logits` is not modified."""
+    logits = logits.to(torch.float32, copy=True)  # [B, V]
+    if batch.logit_bias is not None:
+        bias = batch.logit_bias
+        logits.index_put_((bias.rows, bias.token_ids), bias.values, accumulate=True)
+    if batch.repetition_penalties is not None:
+        penalty = batch.repetition_penalties  # [B, 1]
+        penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+        logits = torch.where(batch.is_seen, penalized, logits)
+    if batch.output_counts is not None:
+        counts = batch.output_counts  # [B, V]
+        logits -= counts * batch.frequency_penalties
+        logits -= (counts > 0).to(torch.float32) * batch.presence_penalties
+    if batch.banned is not None:
+        logits.index_put_((batch.banned.rows, batch.banned.token_ids), batch.banned.values)
+    return logits
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for int64 x in [0, 2**32), split so no product overflows int64."""
+    low = x * (c & 0xFFFF)
+    high = (x * (c >> 16)) & 0xFFFF
+    return (low + (high << 16)) & _MASK32
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 (Chris Wellons) on int64 tensors holding 32-bit values."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _seeded_exponential(seed_keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Exp(1) noise [S, V] float32, a pure function of each row's keys and the token id."""
+    token_ids = torch.arange(vocab_size, dtype=torch.int64, device=seed_keys.device)  # [V]
+    bits = _hash32(_hash32(token_ids ^ seed_keys[:, :1]) ^ seed_keys[:, 1:])  # [S, V]
+    uniform = ((bits >> 9).to(torch.float32) + 0.5) * 2.0**-23  # (0, 1), exact in float32
+    return -torch.log(uniform)
+
+
+def _truncation_mask(probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """[B, V] bool: tokens that survive top-k, top-p (on the top-k renormalized probs) and
+    min-p. The most likely token always survives."""
+    keep = probs >= batch.min_ps * probs.max(dim=-1, keepdim=True).values  # [B, V]
+    if not batch.needs_sort:
+        return keep
+    sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True, stable=True)  # [B, V]
+    ranks = torch.arange(probs.shape[-1], device=probs.device)  # [V]
+    sorted_keep = ranks < batch.top_ks  # [B, V]
+    sorted_probs = sorted_probs * sorted_keep
+    sorted_probs = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # [B, V]
+    sorted_keep &= mass_before < batch.top_ps  # rank 0 has mass_before 0 < top_p: kept
+    return keep & torch.zeros_like(keep).scatter_(-1, sorted_ids, sorted_keep)
+
+
+def _sample_from(
+    logits: torch.Tensor, batch: SamplingBatch, generator: torch.Generator | None
+) -> torch.Tensor:
+    """[B] int64: one draw per row from the truncated, temperature-scaled distribution,
+    by the exponential race argmax(p / E), E ~ Exp(1)."""
+    probs = torch.softmax(logits / batch.temperatures, dim=-1)  # [B, V]
+    probs = probs * _truncation_mask(probs, batch)
+    num_seeded = batch.seeded_rows.numel()
+    if num_seeded == batch.batch_size:
+        noise = _seeded_exponential(batch.seed_keys, batch.vocab_size)
+    else:
+        noise = torch.empty_like(probs).exponential_(generator=generator)  # [B, V]
+        noise.clamp_min_(torch.finfo(noise.dtype).tiny)  # a 0 would make 0 / 0 = NaN win argmax
+        if num_seeded:
+            noise[batch.seeded_rows] = _seeded_exponential(batch.seed_keys, batch.vocab_size)
+    return (probs / noise).argmax(dim=-1)
+
+
+def _logprob_outputs(
+    logits: torch.Tensor, token_ids: torch.Tensor, batch: SamplingBatch
+) -> tuple[list[float], list[tuple[list[int], list[float]]]]:
+    logprobs = torch.log_softmax(logits, dim=-1)  # [B, V]
+    chosen = logprobs.gather(-1, token_ids.view(-1, 1))  # [B, 1]
+    max_k = min(max(batch.top_logprobs_nums), batch.vocab_size)
+    top = logprobs.topk(max_k, dim=-1)  # values, indices: [B, max_k], sorted descending
+    values = torch.cat([chosen, top.values], dim=-1).tolist()  # [B, 1 + max_k]
+    top_ids = top.indices.tolist()
+    top_logprobs = [
+        (ids[:k], row_values[1 : 1 + k])
+        for ids, row_values, k in zip(top_ids, values, batch.top_logprobs_nums, strict=True)
+    ]
+    return [row_values[0] for row_values in values], top_logprobs
+
+
+def sample(
+    logits: torch.Tensor, batch: SamplingBatch, generator: torch.Generator | None = None
+) -> SampleOutput:
+    """Next token for each row of `logits` [B, V] (any float dtype, on the batch's device).
+
+    `generator` drives the unseeded rows and must live on the logits' device; None means
+    torch's default generator for that device.
+    """
+    if logits.dim() != 2 or tuple(logits.shape) != (batch.batch_size, batch.vocab_size):
+        raise ValueError(
+            f"logits shape {tuple(logits.shape)} is invalid: expected "
+            f"({batch.batch_size}, {batch.vocab_size})"
+        )
+    logits = process_logits(logits, batch)  # [B, V] float32
+    token_ids = logits.argmax(dim=-1)  # [B] int64
+    if not batch.is_all_greedy:
+        sampled = _sample_from(logits, batch, generator)
+        token_ids = torch.where(batch.is_greedy, token_ids, sampled)
+    if not batch.return_logprob:
+        return SampleOutput(token_ids.tolist(), None, None)
+    logprobs, top_logprobs = _logprob_outputs(logits, token_ids, batch)
+    return SampleOutput(token_ids.tolist(), logprobs, top_logprobs)

@@ -1,0 +1,130 @@
+"""Loads a Hugging Face safetensors checkpoint into a model, one tensor at a time.
+
+Checkpoint names are the model's parameter names, except for MergedLinear modules: their rows are
+filled from several checkpoint tensors (`...self_attn.qkv_proj.weight` from `...q_proj.weight`,
+`...k_proj.weight` and `...v_proj.weight`). Every parameter must be filled exactly by the
+checkpoint: a missing or unexpected tensor is an error naming it, before any bytes are read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from tqdm import tqdm
+
+from pdserve.worker.models.llama import MergedLinear
+
+logger = logging.getLogger(__name__)
+
+# Checkpoint tensors that are not weights (old Llama checkpoints saved rope's inv_freq buffers).
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclass(frozen=True)
+class _Target:
+    """Where one checkpoint tensor goes: rows [row_start, row_start + num_rows) of `param`."""
+
+    param: nn.Parameter
+    row_start: int
+    num_rows: int
+
+
+def load_weights(model: nn.Module, model_path: str | Path) -> None:
+    """Fill every parameter of `model` from `model_path`, cast to the parameter's dtype and device."""
+    tensor_files = _checkpoint_index(Path(model_path))  # checkpoint name -> file
+    targets, aliases = _weight_targets(model)
+    names = [n for n in tensor_files if not _is_ignored(n, aliases)]
+    _check_names(names, targets, model_path)
+
+    by_file: dict[Path, list[str]] = {}
+    for name in names:
+        by_file.setdefault(tensor_files[name], []).append(name)
+    # A progress bar only for sharded checkpoints: small ones load too fast to need one.
+    progress = tqdm(
+        total=len(names), desc="loading weights", unit="tensor", disable=len(by_file) < 2
+    )
+    with torch.no_grad(), progress:
+        for file, file_names in by_file.items():
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for name in file_names:
+                    _copy_into(targets[name], f.get_tensor(name), name)
+                    progress.update()
+    logger.info("loaded %d tensors from %d file(s) in %s", len(names), len(by_file), model_path)
+
+
+def _checkpoint_index(path: Path) -> dict[str, Path]:
+    """Checkpoint tensor name -> the safetensors file holding it (single file or sharded)."""
+    index_file = path / "model.safetensors.index.json"
+    if index_file.is_file():
+        weight_map: dict[str, str] = json.loads(index_file.read_text())["weight_map"]
+        return {name: path / file for name, file in weight_map.items()}
+    single = path / "model.safetensors"
+    if single.is_file():
+        with safe_open(str(single), framework="pt", device="cpu") as f:
+            return {name: single for name in f.keys()}
+    raise ValueError(
+        f"model path {str(path)!r} has neither model.safetensors nor "
+        "model.safetensors.index.json: expected a Hugging Face safetensors checkpoint"
+    )
+
+
+def _weight_targets(model: nn.Module) -> tuple[dict[str, _Target], set[str]]:
+    """(checkpoint name -> target for every tensor the model needs, names of tied aliases).
+
+    A parameter shared by two modules (tied embeddings: lm_head.weight is embed_tokens.weight) is
+    filled once, under the first name; the other names are aliases whose tensors may be skipped.
+    """
+    targets: dict[str, _Target] = {}
+    aliases: set[str] = set()
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            full_name = f"{module_name}.{param_name}" if module_name else param_name
+            if id(param) in seen:
+                aliases.add(full_name)
+                continue
+            seen.add(id(param))
+            if not isinstance(module, MergedLinear):
+                targets[full_name] = _Target(param, 0, param.shape[0])
+                continue
+            parent = module_name.rpartition(".")[0]
+            row_start = 0
+            for shard_name, num_rows in module.shards.items():
+                targets[f"{parent}.{shard_name}.{param_name}"] = _Target(param, row_start, num_rows)
+                row_start += num_rows
+    return targets, aliases
+
+
+def _is_ignored(name: str, aliases: set[str]) -> bool:
+    return name in aliases or name.endswith(_IGNORED_SUFFIXES)
+
+
+def _check_names(names: list[str], targets: dict[str, _Target], model_path: str | Path) -> None:
+    missing = sorted(set(targets) - set(names))
+    unexpected = sorted(set(names) - set(targets))
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {str(model_path)!r} does not match the model: "
+            f"missing weights {_few(missing)}, unexpected weights {_few(unexpected)}"
+        )
+
+
+def _few(names: list[str], limit: int = 10) -> str:
+    shown = ", ".join(names[:limit]) or "none"
+    return f"[{shown}{f', ... ({len(names)} in all)' if len(names) > limit else ''}]"
+
+
+def _copy_into(target: _Target, tensor: torch.Tensor, name: str) -> None:
+    dest = target.param.data.narrow(0, target.row_start, target.num_rows)
+    if tensor.shape != dest.shape:
+        raise ValueError(
+            f"weight {name!r} has shape {tuple(tensor.shape)} in the checkpoint: "
+            f"expected {tuple(dest.shape)}"
+        )
+    dest.copy_(tensor)  # casts to the model's dtype and moves to its device

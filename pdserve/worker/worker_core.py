@@ -1,0 +1,99 @@
+"""One worker's engine core: scheduler + model runner + sampler, stepped by its owner.
+
+The owner (the offline Engine, or a worker process of any role) feeds requests in, calls `step()`
+and reads back which requests produced tokens or finished.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from pdserve.config import EngineConfig, ModelConfig
+from pdserve.scheduler.finish_checker import FinishChecker
+from pdserve.scheduler.request import Request
+from pdserve.scheduler.scheduler import BatchItem, Scheduler
+from pdserve.worker.model_runner import ModelRunner
+from pdserve.worker.sampler import SamplingBatch, SamplingRow, sample
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerCore:
+    def __init__(
+        self,
+        config: EngineConfig,
+        decode: Callable[[Sequence[int]], str] | None = None,
+        model_config: ModelConfig | None = None,
+    ) -> None:
+        self.config = config.resolved()
+        self.model_config = model_config or ModelConfig.from_hf(config.model_path)
+        torch.manual_seed(self.config.seed)
+        self.runner = ModelRunner(self.config, self.model_config)
+        sched = self.config.scheduler
+        self.max_context_len = sched.max_context_len or self.model_config.max_position_embeddings
+        checker = FinishChecker(self.model_config.eos_token_ids, self.max_context_len, decode)
+        self.scheduler = Scheduler(sched, self.runner.num_pages, checker, self.max_context_len)
+        self.last_step_ms = 0.0
+        self.num_steps = 0
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self.model_config.eos_token_ids
+
+    def step(self) -> list[Request]:
+        """Run one forward pass; returns the requests that got a token or finished."""
+        sched = self.scheduler
+        batch = sched.schedule()
+        touched = sched.newly_finished
+        sched.newly_finished = []
+        if batch is None:
+            return touched
+        start = time.perf_counter()
+        logits = self.runner.forward(batch)  # [B, V] float32
+        sched.advance(batch)
+        rows = [i for i, item in enumerate(batch.items) if item.samples]
+        if rows:
+            sampling_items = [batch.items[i] for i in rows]
+            idx = torch.tensor(rows, device=logits.device)
+            self._sample_and_record(logits.index_select(0, idx), sampling_items)
+            touched.extend(item.req for item in sampling_items)
+        self.last_step_ms = (time.perf_counter() - start) * 1e3
+        self.num_steps += 1
+        return touched
+
+    def _sample_and_record(self, logits: torch.Tensor, items: list[BatchItem]) -> None:
+        rows = [
+            SamplingRow(
+                params=item.req.sampling,
+                prompt_ids=item.req.prompt_ids,
+                output_ids=item.req.output_ids,
+                eos_token_ids=self.eos_token_ids,
+                return_logprob=item.req.return_logprob,
+                top_logprobs_num=item.req.top_logprobs_num,
+            )
+            for item in items
+        ]
+        batch = SamplingBatch.build(rows, logits.shape[-1], logits.device)
+        out = sample(logits, batch)
+        for i, item in enumerate(items):
+            logprob = (
+                out.logprobs[i] if out.logprobs is not None and item.req.return_logprob else None
+            )
+            top = None
+            if out.top_logprobs is not None and item.req.top_logprobs_num > 0:
+                ids, lps = out.top_logprobs[i]
+                top = [[tid, lp] for tid, lp in zip(ids, lps)]
+            self.scheduler.process_sampled(item, out.token_ids[i], logprob, top)
+
+    def add(self, req: Request) -> None:
+        self.scheduler.add(req)
+
+    def abort(self, rid: str, message: str = "aborted") -> Request | None:
+        return self.scheduler.abort(rid, message)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work() or bool(self.scheduler.newly_finished)
