@@ -10,18 +10,41 @@ import logging
 import time
 import uuid
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pdserve.config import EngineConfig
 from pdserve.sampling_params import SamplingParams
 from pdserve.scheduler.request import Request
+
+if TYPE_CHECKING:
+    from pdserve.process_engine import ProcessEngine
 
 logger = logging.getLogger(__name__)
 
 _PROGRESS_MIN_PROMPTS = 8  # a tqdm bar for batches at least this large
 
 
-class Engine:
+def Engine(  # noqa: N802 - a factory named like SGLang's class, so its users' code runs as is
+    model_path: str, *, in_process: bool = False, topology: Any = None, **options: Any
+) -> InProcessEngine | ProcessEngine:
+    """SGLang's `Engine(model_path=..., **options)`.
+
+    By default it starts the server's own processes (one mixed worker, or `topology=` a YAML path
+    or a Topology) and talks to them; `in_process=True` runs the engine core inside this process
+    (no child processes, no HTTP: the quickest start, used by the correctness tests).
+    """
+    if in_process:
+        if topology is not None:
+            raise ValueError("topology= needs processes: drop in_process=True")
+        return InProcessEngine(model_path, **options)
+    from pdserve.process_engine import ProcessEngine
+
+    return ProcessEngine(model_path, topology=topology, **options)
+
+
+class InProcessEngine:
+    """One mixed worker's engine core, stepped in the caller's thread."""
+
     def __init__(self, model_path: str, **options: Any) -> None:
         from transformers import AutoTokenizer
 
@@ -65,7 +88,7 @@ class Engine:
     def shutdown(self) -> None:
         self._closed = True
 
-    def __enter__(self) -> Engine:
+    def __enter__(self) -> InProcessEngine:
         return self
 
     def __exit__(self, *exc: object) -> None:

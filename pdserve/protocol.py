@@ -72,6 +72,7 @@ class ReqOutput:
     token_texts: list[str] | None = None  # per new token, for OpenAI logprobs
     error: str | None = None  # request failed before generating (400-class message)
     prompt_text: str | None = None  # sent once, with the first delta, when echo was asked
+    top_token_texts: list[list[str]] | None = None  # per token: texts of its top_logprobs ids
 
 
 @dataclass

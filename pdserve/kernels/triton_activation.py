@@ -49,8 +49,10 @@ def silu_and_mul(
     if out is None:
         out = torch.empty(out_shape, dtype=x.dtype, device=x.device)
     if out.shape != out_shape or out.dtype != x.dtype or out.device != x.device:
-        raise ValueError(f"out must be {out_shape} {x.dtype} on {x.device}, got "
-                         f"{tuple(out.shape)} {out.dtype} {out.device}")
+        raise ValueError(
+            f"out must be {out_shape} {x.dtype} on {x.device}, got "
+            f"{tuple(out.shape)} {out.dtype} {out.device}"
+        )
     try:
         x2 = x.view(-1, 2 * inter_size)  # [T, 2I]
         out2 = out.view(-1, inter_size)  # [T, I]

@@ -117,7 +117,9 @@ def _decode_split_kernel(
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     out_mask = mask_h[:, None] & mask_d[None, :]
     if DIRECT_OUT:
-        o_ptrs = out_ptr + b.to(tl.int64) * stride_ob + q_heads[:, None] * stride_oh + offs_d[None, :]
+        o_ptrs = (
+            out_ptr + b.to(tl.int64) * stride_ob + q_heads[:, None] * stride_oh + offs_d[None, :]
+        )
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
         base = b.to(tl.int64) * stride_pob + split * stride_pos
@@ -152,8 +154,9 @@ def _decode_merge_kernel(
     mask_s = offs_s < num_splits
     mask_d = offs_d < HEAD_DIM
 
-    lse = tl.load(part_lse_ptr + b * stride_plb + h * stride_plh + offs_s, mask=mask_s,
-                  other=float("-inf"))  # [BLOCK_S]
+    lse = tl.load(
+        part_lse_ptr + b * stride_plb + h * stride_plh + offs_s, mask=mask_s, other=float("-inf")
+    )  # [BLOCK_S]
     lse_max = tl.max(lse, 0)
     lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
     weight = tl.exp2(lse - lse_max)  # empty splits weigh 0
@@ -170,8 +173,13 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def choose_num_splits(batch: int, num_kv_heads: int, device: torch.device,
-                      max_seq_len: int | None = None, block_n: int = 64) -> int:
+def choose_num_splits(
+    batch: int,
+    num_kv_heads: int,
+    device: torch.device,
+    max_seq_len: int | None = None,
+    block_n: int = 64,
+) -> int:
     """Enough splits for about four programs per SM, never a split shorter than two steps."""
     num_sms = _num_sms(device.index or 0) if device.type == "cuda" else 8
     splits = min(_MAX_SPLITS, math.ceil(4 * num_sms / max(1, batch * num_kv_heads)))
@@ -180,35 +188,53 @@ def choose_num_splits(batch: int, num_kv_heads: int, device: torch.device,
     return max(1, splits)
 
 
-def _check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  page_table: torch.Tensor, seq_lens: torch.Tensor) -> None:
+def _check_inputs(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+) -> None:
     if q.dim() != 3:
         raise ValueError(f"q must be [B, Hq, D], got shape {tuple(q.shape)}")
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(f"k_cache and v_cache must both be [num_pages, page_size, Hkv, D], got "
-                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+        raise ValueError(
+            f"k_cache and v_cache must both be [num_pages, page_size, Hkv, D], got "
+            f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     if k_cache.shape[3] != head_dim:
         raise ValueError(f"head_dim mismatch: q has {head_dim}, the cache {k_cache.shape[3]}")
     if num_q_heads % num_kv_heads != 0:
-        raise ValueError(f"num_q_heads {num_q_heads} is not a multiple of num_kv_heads "
-                         f"{num_kv_heads}")
+        raise ValueError(
+            f"num_q_heads {num_q_heads} is not a multiple of num_kv_heads {num_kv_heads}"
+        )
     if q.dtype not in _DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise ValueError(f"q, k_cache, v_cache must share one dtype of {_DTYPES}, got {q.dtype}, "
-                         f"{k_cache.dtype}, {v_cache.dtype}")
+        raise ValueError(
+            f"q, k_cache, v_cache must share one dtype of {_DTYPES}, got {q.dtype}, "
+            f"{k_cache.dtype}, {v_cache.dtype}"
+        )
     if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("q, k_cache and v_cache need a contiguous last (head_dim) dimension")
     if page_table.dim() != 2 or page_table.shape[0] != batch or page_table.dtype != torch.int32:
-        raise ValueError(f"page_table must be [B={batch}, max_pages] int32, got "
-                         f"{tuple(page_table.shape)} {page_table.dtype}")
+        raise ValueError(
+            f"page_table must be [B={batch}, max_pages] int32, got "
+            f"{tuple(page_table.shape)} {page_table.dtype}"
+        )
     if page_table.stride(-1) != 1:
         raise ValueError("page_table needs a contiguous last dimension")
     if seq_lens.shape != (batch,) or seq_lens.dtype != torch.int32 or not seq_lens.is_contiguous():
-        raise ValueError(f"seq_lens must be a contiguous [B={batch}] int32 tensor, got "
-                         f"{tuple(seq_lens.shape)} {seq_lens.dtype}")
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("page_table", page_table),
-                    ("seq_lens", seq_lens)):
+        raise ValueError(
+            f"seq_lens must be a contiguous [B={batch}] int32 tensor, got "
+            f"{tuple(seq_lens.shape)} {seq_lens.dtype}"
+        )
+    for name, t in (
+        ("k_cache", k_cache),
+        ("v_cache", v_cache),
+        ("page_table", page_table),
+        ("seq_lens", seq_lens),
+    ):
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device}, q on {q.device}")
 
@@ -232,13 +258,16 @@ def decode_attention(
     if out is None:
         out = torch.empty_like(q)
     elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
-        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} with a contiguous last dim, got "
-                         f"{tuple(out.shape)} {out.dtype}")
+        raise ValueError(
+            f"out must be {tuple(q.shape)} {q.dtype} with a contiguous last dim, got "
+            f"{tuple(out.shape)} {out.dtype}"
+        )
     if batch == 0:
         return out
     cfg = config or DecodeConfig()
-    num_splits = cfg.num_splits or choose_num_splits(batch, num_kv_heads, q.device, max_seq_len,
-                                                     cfg.block_n)
+    num_splits = cfg.num_splits or choose_num_splits(
+        batch, num_kv_heads, q.device, max_seq_len, cfg.block_n
+    )
     if not 1 <= num_splits <= 64:
         raise ValueError(f"num_splits must be in [1, 64], got {num_splits}")
     group = num_q_heads // num_kv_heads

@@ -121,38 +121,61 @@ def _extend_kernel(
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
 
 
-def _check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  page_table: torch.Tensor, seq_lens: torch.Tensor, extend_lens: torch.Tensor,
-                  extend_starts: torch.Tensor) -> None:
+def _check_inputs(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    extend_lens: torch.Tensor,
+    extend_starts: torch.Tensor,
+) -> None:
     if q.dim() != 3:
         raise ValueError(f"q must be [T, Hq, D], got shape {tuple(q.shape)}")
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(f"k_cache and v_cache must both be [num_pages, page_size, Hkv, D], got "
-                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+        raise ValueError(
+            f"k_cache and v_cache must both be [num_pages, page_size, Hkv, D], got "
+            f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.shape[2]
     if k_cache.shape[3] != head_dim:
         raise ValueError(f"head_dim mismatch: q has {head_dim}, the cache {k_cache.shape[3]}")
     if num_q_heads % num_kv_heads != 0:
-        raise ValueError(f"num_q_heads {num_q_heads} is not a multiple of num_kv_heads "
-                         f"{num_kv_heads}")
+        raise ValueError(
+            f"num_q_heads {num_q_heads} is not a multiple of num_kv_heads {num_kv_heads}"
+        )
     if q.dtype not in _DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise ValueError(f"q, k_cache, v_cache must share one dtype of {_DTYPES}, got {q.dtype}, "
-                         f"{k_cache.dtype}, {v_cache.dtype}")
+        raise ValueError(
+            f"q, k_cache, v_cache must share one dtype of {_DTYPES}, got {q.dtype}, "
+            f"{k_cache.dtype}, {v_cache.dtype}"
+        )
     if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("q, k_cache and v_cache need a contiguous last (head_dim) dimension")
     batch = page_table.shape[0] if page_table.dim() == 2 else -1
     if page_table.dim() != 2 or page_table.dtype != torch.int32 or page_table.stride(-1) != 1:
-        raise ValueError(f"page_table must be [B, max_pages] int32 with a contiguous last dim, got "
-                         f"{tuple(page_table.shape)} {page_table.dtype}")
-    for name, t in (("seq_lens", seq_lens), ("extend_lens", extend_lens),
-                    ("extend_starts", extend_starts)):
+        raise ValueError(
+            f"page_table must be [B, max_pages] int32 with a contiguous last dim, got "
+            f"{tuple(page_table.shape)} {page_table.dtype}"
+        )
+    for name, t in (
+        ("seq_lens", seq_lens),
+        ("extend_lens", extend_lens),
+        ("extend_starts", extend_starts),
+    ):
         if t.shape != (batch,) or t.dtype != torch.int32 or not t.is_contiguous():
-            raise ValueError(f"{name} must be a contiguous [B={batch}] int32 tensor, got "
-                             f"{tuple(t.shape)} {t.dtype}")
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("page_table", page_table),
-                    ("seq_lens", seq_lens), ("extend_lens", extend_lens),
-                    ("extend_starts", extend_starts)):
+            raise ValueError(
+                f"{name} must be a contiguous [B={batch}] int32 tensor, got "
+                f"{tuple(t.shape)} {t.dtype}"
+            )
+    for name, t in (
+        ("k_cache", k_cache),
+        ("v_cache", v_cache),
+        ("page_table", page_table),
+        ("seq_lens", seq_lens),
+        ("extend_lens", extend_lens),
+        ("extend_starts", extend_starts),
+    ):
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device}, q on {q.device}")
 
@@ -181,8 +204,10 @@ def extend_attention(
     if out is None:
         out = torch.empty_like(q)
     elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
-        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} with a contiguous last dim, got "
-                         f"{tuple(out.shape)} {out.dtype}")
+        raise ValueError(
+            f"out must be {tuple(q.shape)} {q.dtype} with a contiguous last dim, got "
+            f"{tuple(out.shape)} {out.dtype}"
+        )
     if num_tokens == 0 or batch == 0 or max_extend_len == 0:
         return out
     cfg = config or default_extend_config(head_dim, q.dtype)

@@ -42,8 +42,9 @@ def _rms_norm_kernel(
     rstd = tl.rsqrt(tl.sum(x * x, 0) / n_cols + eps)
     normed = (x * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
     weight = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + offs, (normed * weight).to(out_ptr.dtype.element_ty),
-             mask=mask)
+    tl.store(
+        out_ptr + row * stride_o + offs, (normed * weight).to(out_ptr.dtype.element_ty), mask=mask
+    )
 
 
 def _as_rows(name: str, t: torch.Tensor, n_cols: int) -> torch.Tensor:
@@ -71,8 +72,14 @@ def _check(x: torch.Tensor, weight: torch.Tensor) -> int:
     return n_cols
 
 
-def _launch(x2: torch.Tensor, residual2: torch.Tensor | None, weight: torch.Tensor,
-            out2: torch.Tensor, sum2: torch.Tensor | None, eps: float) -> None:
+def _launch(
+    x2: torch.Tensor,
+    residual2: torch.Tensor | None,
+    weight: torch.Tensor,
+    out2: torch.Tensor,
+    sum2: torch.Tensor | None,
+    eps: float,
+) -> None:
     n_rows, n_cols = x2.shape
     if n_rows == 0:
         return
@@ -101,8 +108,9 @@ def rms_norm(
     if out is None:
         out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     if out.shape != x.shape or out.dtype != out_dtype:
-        raise ValueError(f"out must be {tuple(x.shape)} {out_dtype}, got {tuple(out.shape)} "
-                         f"{out.dtype}")
+        raise ValueError(
+            f"out must be {tuple(x.shape)} {out_dtype}, got {tuple(out.shape)} {out.dtype}"
+        )
     _launch(x2, None, weight, _as_rows("out", out, n_cols), None, eps)
     return out
 
@@ -117,8 +125,10 @@ def fused_add_rms_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (rms_norm(x + residual), x + residual)
     n_cols = _check(x, weight)
     if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
-        raise ValueError(f"residual must match x ({tuple(x.shape)} {x.dtype} {x.device}), got "
-                         f"{tuple(residual.shape)} {residual.dtype} {residual.device}")
+        raise ValueError(
+            f"residual must match x ({tuple(x.shape)} {x.dtype} {x.device}), got "
+            f"{tuple(residual.shape)} {residual.dtype} {residual.device}"
+        )
     out_dtype = torch.promote_types(x.dtype, weight.dtype)
     if inplace and out_dtype != x.dtype:
         raise ValueError(f"inplace needs weight no wider than x, got {weight.dtype} and {x.dtype}")
@@ -128,6 +138,12 @@ def fused_add_rms_norm(
     else:
         normed = torch.empty(x.shape, dtype=out_dtype, device=x.device)
         summed = torch.empty_like(x)
-    _launch(x2, residual2, weight, _as_rows("out", normed, n_cols),
-            _as_rows("summed", summed, n_cols), eps)
+    _launch(
+        x2,
+        residual2,
+        weight,
+        _as_rows("out", normed, n_cols),
+        _as_rows("summed", summed, n_cols),
+        eps,
+    )
     return normed, summed

@@ -50,12 +50,16 @@ def _page_copy_kernel(
 def _as_words(name: str, t: torch.Tensor) -> torch.Tensor:
     """[L, KV, P, *page] -> [L, KV, P, page_words] view in the widest word the page bytes allow."""
     page_bytes = math.prod(t.shape[3:]) * t.element_size()
-    word = torch.int32 if page_bytes % 4 == 0 else torch.int16 if page_bytes % 2 == 0 else torch.uint8
+    word = (
+        torch.int32 if page_bytes % 4 == 0 else torch.int16 if page_bytes % 2 == 0 else torch.uint8
+    )
     try:
         return t.view(*t.shape[:3], -1).view(torch.uint8).view(word)
     except RuntimeError as e:
-        raise ValueError(f"{name} with shape {tuple(t.shape)}, strides {t.stride()} and storage "
-                         f"offset {t.storage_offset()} cannot be read as whole pages of {word}") from e
+        raise ValueError(
+            f"{name} with shape {tuple(t.shape)}, strides {t.stride()} and storage "
+            f"offset {t.storage_offset()} cannot be read as whole pages of {word}"
+        ) from e
 
 
 def _check(buffer: torch.Tensor, page_ids: torch.Tensor, staging: torch.Tensor) -> None:
@@ -66,14 +70,16 @@ def _check(buffer: torch.Tensor, page_ids: torch.Tensor, staging: torch.Tensor) 
     if buffer.stride()[3:] != expected_strides:
         raise ValueError(f"each page of buffer must be contiguous: strides {buffer.stride()}")
     if page_ids.dim() != 1 or page_ids.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"page_ids must be [n] int32/int64, got {tuple(page_ids.shape)} "
-                         f"{page_ids.dtype}")
+        raise ValueError(
+            f"page_ids must be [n] int32/int64, got {tuple(page_ids.shape)} {page_ids.dtype}"
+        )
     if not page_ids.is_contiguous():
         raise ValueError("page_ids must be contiguous")
     expected = (*buffer.shape[:2], page_ids.shape[0], *page_dims)
     if staging.shape != expected or staging.dtype != buffer.dtype:
-        raise ValueError(f"staging must be {expected} {buffer.dtype}, got {tuple(staging.shape)} "
-                         f"{staging.dtype}")
+        raise ValueError(
+            f"staging must be {expected} {buffer.dtype}, got {tuple(staging.shape)} {staging.dtype}"
+        )
     if not staging.is_contiguous():
         raise ValueError("staging must be contiguous")
     for name, t in (("page_ids", page_ids), ("staging", staging)):
@@ -81,8 +87,9 @@ def _check(buffer: torch.Tensor, page_ids: torch.Tensor, staging: torch.Tensor) 
             raise ValueError(f"{name} is on {t.device}, buffer on {buffer.device}")
 
 
-def _launch(buffer: torch.Tensor, page_ids: torch.Tensor, staging: torch.Tensor,
-            gather: bool) -> None:
+def _launch(
+    buffer: torch.Tensor, page_ids: torch.Tensor, staging: torch.Tensor, gather: bool
+) -> None:
     _check(buffer, page_ids, staging)
     pool = _as_words("buffer", buffer)  # [L, KV, num_pages, page_words]
     words = _as_words("staging", staging)  # [L, KV, n, page_words]
@@ -105,8 +112,11 @@ def gather_pages(
     out: torch.Tensor | None = None,  # [L, 2, n, page_size, Hkv, D] contiguous, buffer's dtype
 ) -> torch.Tensor:  # [L, 2, n, page_size, Hkv, D]: buffer[:, :, page_ids]
     if out is None:
-        out = torch.empty((*buffer.shape[:2], page_ids.shape[0], *buffer.shape[3:]),
-                          dtype=buffer.dtype, device=buffer.device)
+        out = torch.empty(
+            (*buffer.shape[:2], page_ids.shape[0], *buffer.shape[3:]),
+            dtype=buffer.dtype,
+            device=buffer.device,
+        )
     _launch(buffer, page_ids, out, gather=True)
     return out
 

@@ -27,7 +27,9 @@ def _rotate_heads(
 ):
     offs_h = tl.arange(0, BLOCK_H)[:, None]
     mask = (offs_h < NUM_HEADS) & mask_d
-    first = x_ptr + offs_h * stride_h + offs_d  # [BLOCK_H, BLOCK_HALF]: dimension i pairs with i+HALF
+    first = (
+        x_ptr + offs_h * stride_h + offs_d
+    )  # [BLOCK_H, BLOCK_HALF]: dimension i pairs with i+HALF
     x1 = tl.load(first, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(first + HALF, mask=mask, other=0.0).to(tl.float32)
     tl.store(first, (x1 * cos - x2 * sin).to(x_ptr.dtype.element_ty), mask=mask)
@@ -58,32 +60,45 @@ def _rotary_kernel(
     mask_d = offs_d < HALF
     cos = tl.load(cos_sin_ptr + pos * stride_cs + offs_d, mask=mask_d, other=0.0)
     sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + offs_d, mask=mask_d, other=0.0)
-    _rotate_heads(q_ptr + token * stride_qt, stride_qh, cos, sin, mask_d, offs_d,
-                  NUM_Q_HEADS, BLOCK_HQ, HALF)
-    _rotate_heads(k_ptr + token * stride_kt, stride_kh, cos, sin, mask_d, offs_d,
-                  NUM_K_HEADS, BLOCK_HK, HALF)
+    _rotate_heads(
+        q_ptr + token * stride_qt, stride_qh, cos, sin, mask_d, offs_d, NUM_Q_HEADS, BLOCK_HQ, HALF
+    )
+    _rotate_heads(
+        k_ptr + token * stride_kt, stride_kh, cos, sin, mask_d, offs_d, NUM_K_HEADS, BLOCK_HK, HALF
+    )
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
-           cos_sin_cache: torch.Tensor) -> None:
+def _check(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
+) -> None:
     if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
-        raise ValueError(f"q and k must be [T, Hq, D] and [T, Hkv, D], got {tuple(q.shape)} and "
-                         f"{tuple(k.shape)}")
+        raise ValueError(
+            f"q and k must be [T, Hq, D] and [T, Hkv, D], got {tuple(q.shape)} and {tuple(k.shape)}"
+        )
     if q.dtype not in _DTYPES or k.dtype != q.dtype:
         raise ValueError(f"q and k must share one dtype of {_DTYPES}, got {q.dtype}, {k.dtype}")
     if q.stride(-1) != 1 or k.stride(-1) != 1:
         raise ValueError("q and k need a contiguous last (head_dim) dimension")
     if positions.shape != (q.shape[0],) or positions.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"positions must be [T={q.shape[0]}] int32/int64, got "
-                         f"{tuple(positions.shape)} {positions.dtype}")
+        raise ValueError(
+            f"positions must be [T={q.shape[0]}] int32/int64, got "
+            f"{tuple(positions.shape)} {positions.dtype}"
+        )
     if not positions.is_contiguous():
         raise ValueError("positions must be contiguous")
     rotary_dim = cos_sin_cache.shape[-1] if cos_sin_cache.dim() == 2 else -1
-    if (cos_sin_cache.dim() != 2 or cos_sin_cache.dtype != torch.float32 or rotary_dim % 2 != 0
-            or rotary_dim > q.shape[2] or cos_sin_cache.stride(-1) != 1):
-        raise ValueError(f"cos_sin_cache must be [max_positions, rotary_dim <= {q.shape[2]}] "
-                         f"float32 (cos | sin, even width, contiguous rows), got "
-                         f"{tuple(cos_sin_cache.shape)} {cos_sin_cache.dtype}")
+    if (
+        cos_sin_cache.dim() != 2
+        or cos_sin_cache.dtype != torch.float32
+        or rotary_dim % 2 != 0
+        or rotary_dim > q.shape[2]
+        or cos_sin_cache.stride(-1) != 1
+    ):
+        raise ValueError(
+            f"cos_sin_cache must be [max_positions, rotary_dim <= {q.shape[2]}] "
+            f"float32 (cos | sin, even width, contiguous rows), got "
+            f"{tuple(cos_sin_cache.shape)} {cos_sin_cache.dtype}"
+        )
     for name, t in (("k", k), ("positions", positions), ("cos_sin_cache", cos_sin_cache)):
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device}, q on {q.device}")

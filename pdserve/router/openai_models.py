@@ -45,7 +45,7 @@ class ChatMessage(_Body):
         return out
 
 
-class _SamplingFields(_Body):
+class SamplingFields(_Body):
     """Fields shared by chat and completions; OpenAI's names plus vLLM/SGLang extras."""
 
     model: str | None = None
@@ -76,7 +76,7 @@ class _SamplingFields(_Body):
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: int | None = Field(None, ge=0)
     logprobs: bool = False
@@ -90,7 +90,7 @@ class ChatCompletionRequest(_SamplingFields):
 PromptType = str | list[str] | list[int] | list[list[int]]
 
 
-class CompletionRequest(_SamplingFields):
+class CompletionRequest(SamplingFields):
     prompt: PromptType
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False

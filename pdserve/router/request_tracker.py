@@ -55,6 +55,9 @@ class Tracked:
     created: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     last_token_at: float | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    num_output_tokens: int = 0
 
 
 class RequestTracker:

@@ -77,8 +77,8 @@ class Scheduler:
 
     # ------------------------------------------------------------------ intake and abort
 
-    def add(self, req: Request) -> None:
-        """Queue a request; ValueError if it can never fit."""
+    def check_fits(self, req: Request) -> None:
+        """ValueError if the request can never run here (id reused, or larger than the pool)."""
         if req.rid in self.requests:
             raise ValueError(f"request id {req.rid!r} is already in use")
         if self._pages_for(req.seq_len + 1) > self.allocator.num_total:
@@ -86,6 +86,10 @@ class Scheduler:
                 f"the prompt ({req.seq_len} tokens) does not fit in the KV cache "
                 f"({self.allocator.num_total * self.page_size} tokens)"
             )
+
+    def add(self, req: Request) -> None:
+        """Queue a request; ValueError if it can never fit."""
+        self.check_fits(req)
         self.requests[req.rid] = req
         req.status = Status.WAITING
         self.waiting.append(req)

@@ -64,6 +64,29 @@ LLAMA3_ROPE_SCALING: dict[str, Any] = {
     "original_max_position_embeddings": 256,
 }
 
+ARCH_CLASSES: dict[str, str] = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+NO_SLIDING_WINDOW: dict[str, Any] = {
+    "use_sliding_window": False,
+    "sliding_window": None,
+    "max_window_layers": TINY_SHAPES["num_hidden_layers"],
+}
+# What differs between the archs. Qwen2 always has q/k/v biases (there is no config flag);
+# Qwen3 has a per-head RMSNorm on q and k (q_norm, k_norm) instead of biases.
+ARCH_FIELDS: dict[str, dict[str, Any]] = {
+    "llama": {
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,
+        "rope_scaling": LLAMA3_ROPE_SCALING,
+    },
+    "qwen2": {"tie_word_embeddings": True, **NO_SLIDING_WINDOW},
+    "qwen3": {"attention_bias": False, "tie_word_embeddings": True, **NO_SLIDING_WINDOW},
+}
+
 # transformers initialises with std 0.02, which gives nearly flat logits at this width (64);
 # a larger std makes greedy choices clear-cut, so implementations compared in float32 agree.
 WEIGHT_STD = 0.2
@@ -89,7 +112,9 @@ def build_tiny_model(
     if arch not in ARCHS:
         raise ValueError(f"arch={arch!r} is not supported; expected one of {ARCHS}")
     if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise ValueError(f"vocab_size={vocab_size} is too small; expected >= 259 (bytes + specials)")
+        raise ValueError(
+            f"vocab_size={vocab_size} is too small; expected >= 259 (bytes + specials)"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -113,8 +138,16 @@ def build_tiny_model(
 
 def train_tokenizer(vocab_size: int) -> Tokenizer:
     """Train a byte-level BPE like Qwen2's (deterministic for a given corpus and size)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from tokenizers import processors, trainers
+    from tokenizers import (
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     tokenizer = Tokenizer(models.BPE())
     # Qwen2's pipeline exactly: transformers rebuilds it for model_type qwen2 whatever
@@ -175,8 +208,8 @@ def write_tokenizer(tokenizer: Tokenizer, out: Path) -> None:
 
 def hf_config(arch: Arch, vocab_size: int, token_ids: dict[str, int]) -> dict[str, Any]:
     """The `config.json` dict, in the format published checkpoints use (`rope_scaling`)."""
-    config: dict[str, Any] = {
-        "architectures": [],
+    return {
+        "architectures": [ARCH_CLASSES[arch]],
         "model_type": arch,
         **TINY_SHAPES,
         "vocab_size": vocab_size,
@@ -184,26 +217,12 @@ def hf_config(arch: Arch, vocab_size: int, token_ids: dict[str, int]) -> dict[st
         "eos_token_id": token_ids[IM_END],
         "pad_token_id": token_ids[ENDOFTEXT],
         "attention_dropout": 0.0,
+        **ARCH_FIELDS[arch],
     }
-    if arch == "llama":
-        config["architectures"] = ["LlamaForCausalLM"]
-        config |= {"attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False}
-        config["rope_scaling"] = dict(LLAMA3_ROPE_SCALING)
-    elif arch == "qwen2":
-        # Qwen2 always has q/k/v biases (no config flag); no sliding window.
-        config["architectures"] = ["Qwen2ForCausalLM"]
-        config |= {"tie_word_embeddings": True, "use_sliding_window": False}
-        config |= {"sliding_window": None, "max_window_layers": TINY_SHAPES["num_hidden_layers"]}
-    else:
-        # Qwen3 has per-head RMSNorm on q and k (q_norm, k_norm) and no biases.
-        config["architectures"] = ["Qwen3ForCausalLM"]
-        config |= {"attention_bias": False, "tie_word_embeddings": True}
-        config |= {"use_sliding_window": False, "sliding_window": None}
-        config["max_window_layers"] = TINY_SHAPES["num_hidden_layers"]
-    return config
 
 
 def generation_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The `generation_config.json` dict: greedy by default, stopping at `<|im_end|>`."""
     return {
         "bos_token_id": config["bos_token_id"],
         "eos_token_id": config["eos_token_id"],
@@ -226,7 +245,8 @@ def write_weights(out: Path, seed: int) -> None:
     config = AutoConfig.from_pretrained(out)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    # Sorted, so the weights a seed gives do not depend on the order modules are declared in.
+    shapes = {name: tuple(p.shape) for name, p in sorted(model.named_parameters())}
     save_file(random_weights(shapes, seed), str(out / "model.safetensors"), {"format": "pt"})
 
 

@@ -1,4 +1,4 @@
-"""The tokenizer process: prompts -> token ids for the workers, token ids -> text deltas for the router.
+"""The tokenizer process: prompts -> token ids for workers, token ids -> text deltas for the router.
 
 Messages in (one inbox): GenerateReq and Abort from the router, TokenOut from prefill (a request's
 first token) and from decode/mixed workers (the rest), Shutdown from the launcher.

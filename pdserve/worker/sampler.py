@@ -38,7 +38,11 @@ _MASK64 = 0xFFFFFFFFFFFFFFFF
 
 @dataclass(frozen=True, eq=False)
 class SamplingRow:
-    """What the sampler needs to know about one request for one step."""
+    """What the sampler needs to know about one request for one step.
+
+    Seeded rows draw from (seed, len(output_ids)), so the n samples of one request must carry
+    different seeds (e.g. seed + sample index) to differ.
+    """
 
     params: SamplingParams
     prompt_ids: Sequence[int]  # read only when repetition_penalty != 1
@@ -105,17 +109,14 @@ class SamplingBatch:
         params = [row.params for row in rows]
         sampled = [p for p in params if not p.is_greedy]
 
-        def column(values: list[float], dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).view(-1, 1).to(device)
-
         return cls(
             vocab_size=vocab_size,
-            temperatures=column(
-                [1.0 if p.is_greedy else p.temperature for p in params], torch.float32
+            temperatures=_column([1.0 if p.is_greedy else p.temperature for p in params], device),
+            top_ks=_column(
+                [p.top_k if p.top_k > 0 else vocab_size for p in params], device, torch.int64
             ),
-            top_ks=column([p.top_k if p.top_k > 0 else vocab_size for p in params], torch.int64),
-            top_ps=column([p.top_p for p in params], torch.float32),
-            min_ps=column([p.min_p for p in params], torch.float32),
+            top_ps=_column([p.top_p for p in params], device),
+            min_ps=_column([p.min_p for p in params], device),
             is_greedy=torch.tensor([p.is_greedy for p in params], dtype=torch.bool).to(device),
             is_all_greedy=not sampled,
             needs_sort=any(p.top_k > 0 or p.top_p < 1.0 for p in sampled),
@@ -148,8 +149,10 @@ def _ids_by_row(
     return rows, token_ids
 
 
-def _column(values: list[float], device: torch.device | str) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32).view(-1, 1).to(device)  # [B, 1]
+def _column(
+    values: Sequence[float], device: torch.device | str, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype).view(-1, 1).to(device)  # [B, 1]
 
 
 def _logit_bias(

@@ -40,7 +40,7 @@ def hf_greedy(model_dir: Path, prompt: str, num_new: int) -> list[int]:
     past = None
     with torch.no_grad():
         for _ in range(num_new):
-            res = model(input_ids=ids, past_key_values=past, use_cache=True)  # noqa: deprecation
+            res = model(input_ids=ids, past_key_values=past, use_cache=True)
             past = res.past_key_values
             nxt = int(res.logits[0, -1].argmax())
             out.append(nxt)
@@ -70,7 +70,9 @@ CONFIGS = {
 def test_greedy_matches_transformers(tiny_models: dict[str, Path], arch: str, config: str) -> None:
     model_dir = tiny_models[arch]
     refs = [hf_greedy(model_dir, p, NUM_NEW) for p in PROMPTS]
-    engine = Engine(str(model_dir), device="cpu", dtype="float32", **CONFIGS[config])
+    engine = Engine(
+        str(model_dir), in_process=True, device="cpu", dtype="float32", **CONFIGS[config]
+    )
     params = {"temperature": 0, "max_new_tokens": NUM_NEW, "ignore_eos": True}
     outs = engine.generate(PROMPTS, params)
     for prompt, out, ref in zip(PROMPTS, outs, refs):
@@ -88,7 +90,7 @@ def test_greedy_matches_transformers(tiny_models: dict[str, Path], arch: str, co
 
 
 def test_stop_token_ends_output_at_its_first_occurrence(tiny_llama: Path) -> None:
-    engine = Engine(str(tiny_llama), device="cpu", page_size=4, num_pages=128)
+    engine = Engine(str(tiny_llama), in_process=True, device="cpu", page_size=4, num_pages=128)
     for prompt in PROMPTS[:4]:
         ref = hf_greedy(tiny_llama, prompt, 20)
         stop = ref[6]
@@ -103,7 +105,7 @@ def test_stop_token_ends_output_at_its_first_occurrence(tiny_llama: Path) -> Non
 
 def test_stop_string_is_trimmed_from_text(tiny_llama: Path) -> None:
     _, tok = _hf(str(tiny_llama))
-    engine = Engine(str(tiny_llama), device="cpu", num_pages=128)
+    engine = Engine(str(tiny_llama), in_process=True, device="cpu", num_pages=128)
     prompt = PROMPTS[1]
     ref = hf_greedy(tiny_llama, prompt, 20)
     full_text = tok.decode(ref, skip_special_tokens=True)
@@ -117,7 +119,7 @@ def test_stop_string_is_trimmed_from_text(tiny_llama: Path) -> None:
 
 def test_input_ids_in_output_ids_out(tiny_llama: Path) -> None:
     _, tok = _hf(str(tiny_llama))
-    engine = Engine(str(tiny_llama), device="cpu", num_pages=64)
+    engine = Engine(str(tiny_llama), in_process=True, device="cpu", num_pages=64)
     ids = [tok.encode(p) for p in PROMPTS[:3]]
     outs = engine.generate(
         input_ids=ids, sampling_params={"temperature": 0, "max_new_tokens": 5, "ignore_eos": True}

@@ -128,7 +128,7 @@ def test_draws_stay_in_support_and_follow_truncated_distribution(name: str, seed
     assert chi2 < 80, f"chi-square {chi2:.1f} over {len(expected)} tokens"
 
 
-def test_draws_ignore_temperature_mistakes() -> None:
+def test_distribution_check_rejects_a_wrong_temperature() -> None:
     """The chi-square check above can fail: sampling at T=1 is rejected against T=0.5."""
     logits = random_logits(1)[0]
     expected = reference_truncated_probs(logits.double().tolist(), 0.5, -1, 1.0, 0.0)

@@ -1,0 +1,2 @@
+"""Benchmarks: `pdserve bench serve` (any OpenAI-compatible server) and `pdserve bench offline`
+(the in-process Engine)."""

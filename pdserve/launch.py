@@ -1,0 +1,322 @@
+"""Starts and stops the process tree of one node: router, tokenizers, prefill/decode/mixed workers.
+
+The only module that knows every process. `Cluster` is a context manager, used by the CLI, the
+process-backed Engine and the end-to-end tests alike. Children are plain `python -m pdserve.launch
+--child KIND` processes that read their spec as JSON on stdin: no pickle crosses the boundary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pdserve import protocol
+from pdserve.ipc import Inbox, Outbox, new_ipc_address
+from pdserve.topology import Topology
+
+logger = logging.getLogger(__name__)
+
+_ENTRIES = {
+    "router": "pdserve.router.router_process:main",
+    "tokenizer": "pdserve.tokenizer_proc.tokenizer_process:main",
+    "worker": "pdserve.worker.worker_process:main",
+}
+_POLL_S = 0.2
+
+
+@dataclass
+class Child:
+    name: str
+    kind: str
+    proc: subprocess.Popen
+    inbox: str
+
+
+class Cluster:
+    """`with Cluster(topology) as c: ... c.url ...` starts everything, and always tears it down."""
+
+    def __init__(
+        self,
+        topology: Topology,
+        node: str | None = None,
+        log_level: str = "info",
+        start_timeout_s: float = 600.0,
+    ) -> None:
+        self.topology = topology.resolved()
+        self.node = node
+        self.log_level = log_level
+        self.start_timeout_s = start_timeout_s
+        self.children: list[Child] = []
+        self.ready_info: dict[str, dict[str, Any]] = {}
+        self._launcher_inbox_addr = new_ipc_address("launcher")
+        self._launcher_inbox: Inbox | None = None
+        self.port = self.topology.router.port or _free_port()
+
+    @property
+    def url(self) -> str:
+        host = self.topology.router.host
+        host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        return f"http://{host}:{self.port}"
+
+    # ------------------------------------------------------------------ start
+
+    def start(self) -> Cluster:
+        self._launcher_inbox = Inbox(self._launcher_inbox_addr)
+        try:
+            self._start_all()
+        except BaseException:
+            self.stop(grace_s=0)
+            raise
+        return self
+
+    def _start_all(self) -> None:
+        topo = self.topology
+        workers = topo.workers()
+        addr = {w.name: new_ipc_address(w.name) for w in workers}
+        tokenizers = [new_ipc_address(f"tokenizer{i}") for i in range(topo.tokenizer.replicas)]
+        router_inbox = new_ipc_address("router")
+        decode_side = [w for w in workers if w.role in ("decode", "mixed")]
+        prefills = [w for w in workers if w.role == "prefill"]
+        common = {
+            "tokenizer_inboxes": tokenizers,
+            "router_inbox": router_inbox,
+            "launcher_inbox": self._launcher_inbox_addr,
+        }
+        wiring = {
+            "decode_inboxes": [addr[w.name] for w in decode_side],
+            "prefill_inboxes": [addr[w.name] for w in prefills],
+        }
+        for w in decode_side:
+            self._spawn_worker(w, addr[w.name], {**common, **wiring})
+        for i, inbox in enumerate(tokenizers):
+            self._spawn(
+                "tokenizer",
+                f"tokenizer{i}",
+                inbox,
+                {
+                    "idx": i,
+                    "model_path": topo.model,
+                    "inbox": inbox,
+                    "router_inbox": router_inbox,
+                    "worker_inboxes": wiring["decode_inboxes"],
+                    "launcher_inbox": self._launcher_inbox_addr,
+                    "max_context_len": self._max_context_len(),
+                },
+            )
+        self._wait_ready([w.name for w in decode_side])
+        handshakes = [self.ready_info[w.name].get("kv_handshake") for w in decode_side]
+        for w in prefills:
+            self._spawn_worker(w, addr[w.name], {**common, **wiring}, decode_handshakes=handshakes)
+        self._spawn(
+            "router",
+            "router",
+            router_inbox,
+            self._router_spec(router_inbox, tokenizers, workers, addr),
+        )
+        self._wait_ready([c.name for c in self.children])
+
+    def _spawn_worker(
+        self, w: Any, inbox: str, wiring: dict[str, Any], decode_handshakes: list[Any] | None = None
+    ) -> None:
+        import dataclasses
+
+        cfg = self.topology.engine_config(w)
+        engine = dataclasses.asdict(cfg)
+        kv: dict[str, Any] = {"backend": self.topology.kv_transfer.backend}
+        if w.role == "decode" and kv["backend"] == "tcp":
+            kv["address"] = new_ipc_address(f"{w.name}-kv")
+        if decode_handshakes is not None:
+            kv["decode_handshakes"] = decode_handshakes
+        spec = {
+            "name": w.name,
+            "role": w.role,
+            "idx": w.idx,
+            "engine": engine,
+            "inbox": inbox,
+            "kv_transfer": kv,
+            "kv_timeout_s": self.topology.kv_transfer.timeout_s,
+            **wiring,
+        }
+        env = {}
+        if w.gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in w.gpus)
+        self._spawn("worker", w.name, inbox, spec, env)
+
+    def _router_spec(
+        self, inbox: str, tokenizers: list[str], workers: list[Any], addr: dict[str, str]
+    ) -> dict[str, Any]:
+        topo = self.topology
+        return {
+            "host": topo.router.host,
+            "port": self.port,
+            "api_key": topo.router.api_key,
+            "model_name": topo.served_model_name or os.path.basename(topo.model.rstrip("/")),
+            "model_path": topo.model,
+            "inbox": inbox,
+            "tokenizer_inboxes": tokenizers,
+            "workers": [
+                {"name": w.name, "role": w.role, "idx": w.idx, "inbox": addr[w.name]}
+                for w in workers
+            ],
+            "routing_policy": topo.router.routing_policy,
+            "max_context_len": self._max_context_len(),
+            "launcher_inbox": self._launcher_inbox_addr,
+            "topology": topo.to_dict(),
+        }
+
+    def _max_context_len(self) -> int:
+        from pdserve.config import ModelConfig
+
+        limit = ModelConfig.from_hf(self.topology.model).max_position_embeddings
+        return self.topology.scheduler.max_context_len or limit
+
+    def _spawn(
+        self,
+        kind: str,
+        name: str,
+        inbox: str,
+        spec: dict[str, Any],
+        env: dict[str, str] | None = None,
+    ) -> None:
+        cmd = [
+            sys.executable,
+            "-m",
+            "pdserve.launch",
+            "--child",
+            kind,
+            "--log-level",
+            self.log_level,
+        ]
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, env={**os.environ, **(env or {})}, start_new_session=True
+        )
+        assert proc.stdin is not None
+        proc.stdin.write(json.dumps(spec).encode())
+        proc.stdin.close()
+        self.children.append(Child(name, kind, proc, inbox))
+        logger.info("started %s (pid %d)", name, proc.pid)
+
+    def _wait_ready(self, names: list[str]) -> None:
+        """Block until every named child said Ready; fail fast if one of them exits."""
+        deadline = time.monotonic() + self.start_timeout_s
+        missing = set(names) - set(self.ready_info)
+        while missing:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"processes not ready after {self.start_timeout_s:.0f} s: {sorted(missing)}"
+                )
+            self._raise_if_dead()
+            msg = self._launcher_inbox.recv(timeout_ms=int(_POLL_S * 1000))
+            if isinstance(msg, protocol.Ready):
+                self.ready_info[msg.name] = msg.info
+                missing.discard(msg.name)
+
+    def _raise_if_dead(self) -> None:
+        for child in self.children:
+            code = child.proc.poll()
+            if code is not None:
+                raise RuntimeError(
+                    f"{child.name} exited with code {code} while starting (its log is above)"
+                )
+
+    # ------------------------------------------------------------------ run and stop
+
+    def dead_children(self) -> list[Child]:
+        return [c for c in self.children if c.proc.poll() is not None]
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """Router first (stop accepting, finish running requests within grace_s), then the rest."""
+        alive = [c for c in self.children if c.proc.poll() is None]
+        router = [c for c in alive if c.kind == "router"]
+        for child in router:
+            self._send(child, protocol.Shutdown(grace_s=grace_s))
+        _wait_exit(router, grace_s + 2.0)
+        rest = [c for c in alive if c.kind != "router"]
+        for child in rest:
+            self._send(child, protocol.Shutdown())
+        _wait_exit(rest, 5.0)
+        for child in self.children:
+            if child.proc.poll() is None:
+                child.proc.kill()
+                child.proc.wait()
+        self.children = []
+        if self._launcher_inbox is not None:
+            self._launcher_inbox.close()
+            self._launcher_inbox = None
+
+    def _send(self, child: Child, msg: Any) -> None:
+        out = Outbox(child.inbox)
+        out.send(msg)
+        out.close()
+
+    def __enter__(self) -> Cluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def serve_forever(self, grace_s: float = 30.0) -> None:
+        """Block until SIGINT/SIGTERM, logging children that die; then stop gracefully."""
+        stop = {"now": False}
+
+        def on_signal(*_: object) -> None:
+            stop["now"] = True
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+        reported: set[str] = set()
+        while not stop["now"]:
+            for child in self.dead_children():
+                if child.name not in reported:
+                    reported.add(child.name)
+                    logger.error(
+                        "%s exited with code %s; its requests end with an error",
+                        child.name,
+                        child.proc.returncode,
+                    )
+            time.sleep(_POLL_S)
+        logger.info("stopping: letting running requests finish (up to %.0f s)", grace_s)
+        self.stop(grace_s)
+
+
+def _wait_exit(children: list[Child], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    for child in children:
+        try:
+            child.proc.wait(max(deadline - time.monotonic(), 0.01))
+        except subprocess.TimeoutExpired:
+            child.proc.terminate()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child_main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--child", choices=sorted(_ENTRIES), required=True)
+    parser.add_argument("--log-level", default="info")
+    args = parser.parse_args()
+    spec = json.loads(sys.stdin.read())
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s [{args.child}] %(name)s: %(message)s",
+    )
+    module, func = _ENTRIES[args.child].split(":")
+    getattr(importlib.import_module(module), func)(spec)
+
+
+if __name__ == "__main__":
+    _child_main()

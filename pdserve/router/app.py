@@ -1,0 +1,192 @@
+"""The FastAPI app: routes of the OpenAI and native APIs over one `Router`, bearer auth, errors.
+
+`build_app(router)` starts the router in the app's lifespan (unless it was started already), so a
+test can run the app under uvicorn in a thread, or start the router itself and use ASGITransport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+import pdserve
+from pdserve.protocol import GenerateReq
+from pdserve.router.errors import APIError, install_error_handlers
+from pdserve.router.group_reader import ClientGone, collect, failure_of
+from pdserve.router.openai_models import (
+    AbortRequest,
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerateRequest,
+)
+from pdserve.router.router import Router
+from pdserve.router.serving_chat import create_chat_completion
+from pdserve.router.serving_completions import create_completion
+from pdserve.router.serving_generate import generate
+from pdserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+OPEN_PATHS = frozenset({"/health"})
+_CLIENT_CLOSED = 499  # nginx's "client closed request": nobody reads it
+
+
+class BearerAuth:
+    """`Authorization: Bearer <api_key>` on every route but /health (pure ASGI: streams untouched)."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        if secrets.compare_digest(given, self.expected):
+            await self.app(scope, receive, send)
+            return
+        err = APIError("Incorrect API key provided.", 401, code="invalid_api_key")
+        await err.response()(scope, receive, send)
+
+
+def build_app(router: Router) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        started_here = not router.is_started
+        if started_here:
+            await router.start()
+        yield
+        if started_here:
+            await router.stop()
+
+    app = FastAPI(title="pdserve", version=pdserve.__version__, lifespan=lifespan)
+    app.state.router = router
+    install_error_handlers(app)
+
+    @app.exception_handler(ClientGone)
+    async def _client_gone(_: Request, __: ClientGone) -> Response:
+        return Response(status_code=_CLIENT_CLOSED)
+
+    _add_generation_routes(app, router)
+    _add_control_routes(app, router)
+    _add_info_routes(app, router)
+    if router.spec.api_key:
+        app.add_middleware(BearerAuth, api_key=router.spec.api_key)
+    return app
+
+
+def _add_generation_routes(app: FastAPI, router: Router) -> None:
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await create_chat_completion(router, request, body)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await create_completion(router, request, body)
+
+    @app.post("/generate")
+    async def generate_route(body: GenerateRequest, request: Request) -> Response:
+        return await generate(router, request, body)
+
+
+def _add_control_routes(app: FastAPI, router: Router) -> None:
+    @app.get("/health")
+    async def health() -> Response:
+        if router.is_ready():
+            return JSONResponse({"status": "ok"})
+        unhealthy = [s.name for s in router.workers if not s.is_healthy]
+        body = {"status": "starting" if not router.is_started else "unhealthy",
+                "unhealthy_workers": unhealthy}  # fmt: skip
+        return JSONResponse(body, status_code=503)
+
+    @app.get("/health_generate")
+    async def health_generate() -> Response:
+        message = await _generate_one_token(router)
+        if message is None:
+            return JSONResponse({"status": "ok"})
+        return APIError(f"health generation failed: {message}", 503).response()
+
+    @app.post("/abort_request")
+    async def abort_request(body: AbortRequest) -> Response:
+        if body.abort_all:
+            num = router.abort_all()
+        elif body.rid:
+            num = router.abort(body.rid)
+        else:
+            raise APIError("give rid or abort_all=true", 400, param="rid")
+        return JSONResponse({"success": True, "num_aborted": num})
+
+    @app.api_route("/flush_cache", methods=["GET", "POST"])
+    async def flush_cache() -> Response:
+        num = router.flush_cache()
+        return PlainTextResponse(f"Cache flushed on {num} worker(s).\n")
+
+
+def _add_info_routes(app: FastAPI, router: Router) -> None:
+    spec = router.spec
+    created = int(time.time())
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        card = {
+            "id": spec.model_name,
+            "object": "model",
+            "created": created,
+            "owned_by": "pdserve",
+            "root": spec.model_path,
+            "max_model_len": spec.max_context_len or None,
+        }
+        return JSONResponse({"object": "list", "data": [card]})
+
+    @app.get("/model_info")
+    @app.get("/get_model_info")
+    async def model_info() -> Response:
+        info = {
+            "model_path": spec.model_path,
+            "tokenizer_path": spec.tokenizer_path_or_model,
+            "is_generation": True,
+            "served_model_name": spec.model_name,
+        }
+        return JSONResponse(info)
+
+    @app.get("/server_info")
+    @app.get("/get_server_info")
+    async def server_info() -> Response:
+        return JSONResponse({**router.server_info(), "version": pdserve.__version__})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(router.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _generate_one_token(router: Router) -> str | None:
+    """Generate one token through tokenizer, prefill and decode; None when it worked."""
+    if not router.can_serve():
+        return "no healthy route (workers starting or lost)"
+    rid = f"health-{uuid.uuid4().hex}"
+    sampling = SamplingParams(max_new_tokens=1, temperature=0.0).to_dict()
+    try:
+        group = router.submit(rid, [GenerateReq(rid=rid, sampling=sampling, text="Hello")])
+    except APIError as e:
+        return e.message
+    try:
+        choices = await asyncio.wait_for(
+            collect(group), timeout=router.spec.health_generate_timeout_s
+        )
+    except asyncio.TimeoutError:
+        return f"no answer within {router.spec.health_generate_timeout_s:g} s"
+    finally:
+        router.cancel(group, "health check over")
+    err = failure_of(choices[0].final_output())
+    return err.message if err else None

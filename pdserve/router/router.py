@@ -1,0 +1,384 @@
+"""The router's state and sockets: routing, in-flight requests, worker health, aborts.
+
+Wiring (built in `start`, one asyncio loop):
+    from_peers       PULL  ReqOutput from tokenizers, LoadReport from workers, control messages
+    to_tokenizers[i] PUSH  GenerateReq, Abort
+    to_workers[name] PUSH  Abort, FlushCache
+    to_launcher      PUSH  Ready (once listening)
+
+Every request ends: a final output from the tokenizer, or a synthetic one made here when the client
+leaves (`cancel`), `/abort_request` (`abort`), a worker is lost (`mark_unhealthy` or missing load
+reports) or the request runs past `request_timeout_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import threading
+import time
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from pdserve.ipc import AsyncInbox, AsyncOutbox
+from pdserve.protocol import (
+    Abort,
+    FlushCache,
+    GenerateReq,
+    LoadReport,
+    Message,
+    Ready,
+    ReqOutput,
+    Shutdown,
+)
+from pdserve.router.errors import APIError
+from pdserve.router.metrics import RouterMetrics
+from pdserve.router.request_tracker import RequestGroup, RequestTracker, Tracked, is_terminal
+from pdserve.router.routing import make_policy
+from pdserve.router.spec import RouterSpec
+from pdserve.router.worker_registry import WorkerRegistry, WorkerState
+
+logger = logging.getLogger(__name__)
+
+# `Abort(rid="", message="worker <name> died")` on the router's inbox: the launcher saw it die.
+_WORKER_DIED = re.compile(r"^worker (\S+) died")
+
+
+def finish_label(out: ReqOutput) -> str:
+    """The `finish_reason` label of pdserve_requests_total for a final output."""
+    if out.error is not None:
+        return "error"
+    kind = (out.finish or {}).get("type")
+    if kind == "abort":
+        return "error" if (out.finish or {}).get("status_code", 400) >= 500 else "abort"
+    return kind if kind in ("stop", "length") else "stop"
+
+
+def abort_output(rid: str, message: str, status_code: int) -> ReqOutput:
+    finish = {"type": "abort", "message": message, "status_code": status_code}
+    return ReqOutput(rid=rid, text_delta="", output_ids=[], finish=finish)
+
+
+class Router:
+    def __init__(self, spec: RouterSpec | dict[str, Any]) -> None:
+        self.spec = spec if isinstance(spec, RouterSpec) else RouterSpec.from_dict(spec)
+        self.workers = WorkerRegistry(self.spec.workers, self.spec.report_timeout_s)
+        self.tracker = RequestTracker()
+        self.metrics = RouterMetrics(self.spec.model_name, lambda: list(self.workers))
+        self._decode_policy = make_policy(self.spec.routing_policy)
+        self._prefill_policy = make_policy(self.spec.routing_policy)
+        self._num_tokenizer_picks = 0
+        self.is_started = False
+        self.shutdown_requested = asyncio.Event()
+        self.shutdown_grace_s = 5.0  # from the launcher's Shutdown
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._ctx: zmq.asyncio.Context | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.from_peers: AsyncInbox | None = None
+        self.to_tokenizers: list[AsyncOutbox] = []
+        self.to_workers: dict[str, AsyncOutbox] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._ctx = zmq.asyncio.Context()
+        self.from_peers = AsyncInbox(self.spec.inbox, self._ctx)
+        self.to_tokenizers = [AsyncOutbox(a, self._ctx) for a in self.spec.tokenizer_inboxes]
+        self.to_workers = {w.name: AsyncOutbox(w.inbox, self._ctx) for w in self.spec.workers}
+        self._tasks = [
+            asyncio.create_task(self._recv_loop(), name="router-recv"),
+            asyncio.create_task(self._check_loop(), name="router-check"),
+        ]
+        self.is_started = True
+        logger.info("router started: inbox %s", self.spec.inbox)
+
+    def send_ready(self, info: dict[str, Any] | None = None) -> None:
+        """Tell the launcher the HTTP server is listening (call once, after it is)."""
+        if not self.spec.launcher_inbox or self._ctx is None:
+            return
+        to_launcher = AsyncOutbox(self.spec.launcher_inbox, self._ctx)
+        to_launcher.send(Ready(name="router", info=info or {}))
+        to_launcher.close()
+
+    async def stop(self) -> None:
+        if not self.is_started:
+            return
+        self.is_started = False
+        for tracked in list(self.tracker.by_rid.values()):
+            self._fail(tracked, "server is shutting down", 503)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._ctx is not None:
+            self._ctx.destroy(linger=200)
+        logger.info("router stopped")
+
+    # ------------------------------------------------------------------ requests
+
+    def submit(
+        self, group_id: str, reqs: list[GenerateReq], route_keys: list[int] | None = None
+    ) -> RequestGroup:
+        """Route and send sub-requests; their outputs arrive on the returned group's queue.
+
+        Sub-requests with equal `route_keys` (the n copies of one prompt) share a route, so the
+        prefill worker's prefix cache serves the copies after the first.
+        """
+        if not self.is_started:
+            raise APIError("the server is not ready", 503)
+        rids = [r.rid for r in reqs]
+        if len(set(rids)) != len(rids):
+            raise APIError(f"request ids {rids} are not unique", 400, param="rid")
+        if group_id in self.tracker.groups or any(r in self.tracker for r in rids):
+            raise APIError(f"request id {group_id!r} is already in flight", 400, param="rid")
+        keys = route_keys if route_keys is not None else list(range(len(reqs)))
+        routes: dict[int, tuple[int, WorkerState, WorkerState | None]] = {}
+        for key in keys:
+            if key not in routes:
+                routes[key] = self._route()  # all routes first: a 503 leaves nothing behind
+        group = RequestGroup(group_id=group_id, rids=rids)
+        for index, (req, key) in enumerate(zip(reqs, keys)):
+            tok_idx, decode, prefill = routes[key]
+            req.decode_idx = decode.spec.idx
+            req.prefill_idx = prefill.spec.idx if prefill else 0
+            req.max_context_len = self.spec.max_context_len
+            prefill_name = prefill.name if prefill else None
+            self.tracker.add(Tracked(req.rid, group, index, tok_idx, decode.name, prefill_name))
+            self.workers.note_sent(decode.name)
+            if prefill_name:
+                self.workers.note_sent(prefill_name)
+            self.to_tokenizers[tok_idx].send(req)
+            logger.debug(
+                "rid %s -> tokenizer %d, %s, %s", req.rid, tok_idx, prefill_name, decode.name
+            )
+        return group
+
+    def _route(self) -> tuple[int, WorkerState, WorkerState | None]:
+        decode_side = self.workers.decode_side()
+        if not decode_side:
+            raise APIError("no healthy decode worker", 503)
+        decode = self._decode_policy.pick(decode_side)
+        prefill = None
+        if decode.spec.role == "decode":
+            prefills = self.workers.prefill()
+            if not prefills:
+                raise APIError("no healthy prefill worker", 503)
+            prefill = self._prefill_policy.pick(prefills)
+        tok_idx = self._num_tokenizer_picks % len(self.to_tokenizers)
+        self._num_tokenizer_picks += 1
+        return tok_idx, decode, prefill
+
+    def cancel(self, group: RequestGroup, message: str = "client disconnected") -> int:
+        """Abort the group's unfinished sub-requests (the client is gone): nobody reads them."""
+        num = 0
+        for rid in group.rids:
+            tracked = self.tracker.pop(rid)
+            if tracked is None:
+                continue
+            self._send_aborts(tracked, message)
+            self.metrics.observe_finish("abort", time.monotonic() - tracked.created, 0, 0, 0)
+            logger.info("rid %s aborted: %s", rid, message)
+            num += 1
+        return num
+
+    def abort(self, rid: str, message: str = "aborted by /abort_request") -> int:
+        """Abort a request by sub-request rid or group id; the client gets an abort finish."""
+        rids = self.tracker.rids_of(rid)
+        for r in rids:
+            self._fail(self.tracker.by_rid[r], message, 400)
+        return len(rids)
+
+    def abort_all(self, message: str = "aborted by /abort_request") -> int:
+        rids = list(self.tracker.by_rid)
+        for r in rids:
+            self._fail(self.tracker.by_rid[r], message, 400)
+        return len(rids)
+
+    def flush_cache(self) -> int:
+        for outbox in self.to_workers.values():
+            outbox.send(FlushCache())
+        return len(self.to_workers)
+
+    # ------------------------------------------------------------------ health
+
+    def mark_unhealthy(self, worker: str, reason: str = "") -> None:
+        """The worker is gone (the launcher saw it die): fail its requests, route around it.
+
+        Safe to call from another thread."""
+        if self._loop is not None and threading.get_ident() != self._loop_thread:
+            self._loop.call_soon_threadsafe(self.mark_unhealthy, worker, reason)
+            return
+        self.workers.mark_dead(worker)
+        logger.warning("worker %s marked unhealthy: %s", worker, reason or "by the launcher")
+        message = f"worker {worker} is unavailable" + (f": {reason}" if reason else "")
+        self._fail_worker(worker, message)
+
+    def is_ready(self) -> bool:
+        """Started, and every worker healthy (what /health reports)."""
+        return self.is_started and self.workers.all_healthy()
+
+    def can_serve(self) -> bool:
+        """Started, and at least one complete route (a decode-side worker, and prefill if needed)."""
+        if not self.is_started:
+            return False
+        try:
+            self._route_probe()
+        except APIError:
+            return False
+        return True
+
+    def _route_probe(self) -> None:
+        decode_side = self.workers.decode_side()
+        if not decode_side:
+            raise APIError("no healthy decode worker", 503)
+        if all(s.spec.role == "decode" for s in decode_side) and not self.workers.prefill():
+            raise APIError("no healthy prefill worker", 503)
+
+    def _fail_worker(self, worker: str, message: str) -> None:
+        for tracked in self.tracker.on_worker(worker):
+            self._fail(tracked, message, 500)
+
+    def _fail(self, tracked: Tracked, message: str, status_code: int) -> None:
+        self._send_aborts(tracked, message)
+        logger.warning("rid %s ended: %s", tracked.rid, message)
+        self._deliver(abort_output(tracked.rid, message, status_code))
+
+    def _send_aborts(self, tracked: Tracked, message: str) -> None:
+        abort = Abort(rid=tracked.rid, message=message)
+        self.to_tokenizers[tracked.tokenizer_idx].send(abort)
+        for name in (tracked.decode, tracked.prefill):
+            if name is not None:
+                self.to_workers[name].send(abort)
+
+    # ------------------------------------------------------------------ inbox
+
+    async def _recv_loop(self) -> None:
+        assert self.from_peers is not None
+        while True:
+            try:
+                msg = await self.from_peers.recv()
+            except (ValueError, TypeError) as e:  # a malformed message: drop it, keep serving
+                logger.error("undecodable message on the router inbox dropped: %s", e)
+                continue
+            try:
+                self._dispatch(msg)
+            except Exception:
+                logger.exception("error handling %s", type(msg).__name__)
+
+    def _dispatch(self, msg: Message) -> None:
+        if isinstance(msg, ReqOutput):
+            self._deliver(msg)
+        elif isinstance(msg, LoadReport):
+            self.workers.on_report(msg, time.monotonic())
+        elif isinstance(msg, Abort):
+            self._on_control_abort(msg)
+        elif isinstance(msg, Shutdown):
+            logger.info("shutdown requested (grace %.1f s)", msg.grace_s)
+            self.shutdown_grace_s = msg.grace_s
+            self.shutdown_requested.set()
+        else:
+            logger.warning("unexpected %s on the router inbox ignored", type(msg).__name__)
+
+    def _on_control_abort(self, msg: Abort) -> None:
+        died = _WORKER_DIED.match(msg.message)
+        if died and not msg.rid:
+            self.mark_unhealthy(died.group(1), msg.message)
+        elif msg.abort_all:
+            self.abort_all(msg.message)
+        elif msg.rid:
+            self.abort(msg.rid, msg.message)
+
+    def _deliver(self, out: ReqOutput) -> None:
+        tracked = self.tracker.get(out.rid)
+        if tracked is None:
+            return  # finished or aborted already: a late output
+        now = time.monotonic()
+        self._observe_tokens(tracked, out, now)
+        tracked.group.queue.put_nowait((tracked.index, out))
+        if is_terminal(out):
+            self.tracker.pop(out.rid)
+            tracked.prompt_tokens = max(tracked.prompt_tokens, out.prompt_tokens)
+            self.metrics.observe_finish(
+                finish_label(out),
+                now - tracked.created,
+                tracked.prompt_tokens,
+                tracked.num_output_tokens,
+                tracked.cached_tokens,
+            )
+
+    def _observe_tokens(self, tracked: Tracked, out: ReqOutput, now: float) -> None:
+        tracked.prompt_tokens = max(tracked.prompt_tokens, out.prompt_tokens)
+        tracked.cached_tokens = max(tracked.cached_tokens, out.cached_tokens)
+        num_new = len(out.output_ids)
+        tracked.num_output_tokens = max(
+            tracked.num_output_tokens + num_new, out.completion_tokens
+        )  # completion_tokens is cumulative; output_ids are per delta
+        if num_new == 0:
+            return
+        if tracked.first_token_at is None:
+            tracked.first_token_at = now
+            self.metrics.observe_first_token(now - tracked.created)
+        elif tracked.last_token_at is not None:
+            self.metrics.observe_inter_token(now - tracked.last_token_at, num_new)
+        tracked.last_token_at = now
+
+    async def _check_loop(self) -> None:
+        interval = min(0.5, self.spec.report_timeout_s / 4)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                self._check(time.monotonic())
+            except Exception:
+                logger.exception("health check failed")
+
+    def _check(self, now: float) -> None:
+        for name in self.workers.expire(now):
+            timeout = self.spec.report_timeout_s
+            self._fail_worker(name, f"worker {name} sent no load report for {timeout:g} s")
+        if self.spec.request_timeout_s > 0:
+            for tracked in self.tracker.older_than(now - self.spec.request_timeout_s):
+                limit = self.spec.request_timeout_s
+                self._fail(tracked, f"request timed out after {limit:g} s", 504)
+
+    # ------------------------------------------------------------------ introspection
+
+    def server_info(self) -> dict[str, Any]:
+        now = time.monotonic()
+        return {
+            "model_name": self.spec.model_name,
+            "model_path": self.spec.model_path,
+            "routing_policy": self.spec.routing_policy,
+            "max_context_len": self.spec.max_context_len,
+            "num_tokenizers": len(self.spec.tokenizer_inboxes),
+            "num_requests_in_flight": len(self.tracker),
+            "topology": self.spec.topology,
+            "workers": [_worker_info(s, now) for s in self.workers],
+        }
+
+
+def _worker_info(state: WorkerState, now: float) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "name": state.name,
+        "role": state.spec.role,
+        "idx": state.spec.idx,
+        "healthy": state.is_healthy,
+        "last_report_age_s": round(now - state.report_at, 3) if state.report_at else None,
+    }
+    r = state.report
+    if r is not None:
+        info.update(
+            num_running_reqs=r.num_running,
+            num_queue_reqs=r.num_queued,
+            num_free_pages=r.num_free_pages,
+            num_total_pages=r.num_total_pages,
+            num_cached_pages=r.num_cached_pages,
+            cache_hit_rate=r.cache_hit_rate,
+            step_time_ms=r.step_time_ms,
+            num_preemptions=r.num_preemptions,
+        )
+    return info

@@ -1,0 +1,154 @@
+"""`/v1/chat/completions`: OpenAI's chat shapes, streamed or whole."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi.responses import JSONResponse
+from starlette.requests import Request
+from starlette.responses import Response
+
+from pdserve.protocol import ReqOutput
+from pdserve.router.errors import bad_request
+from pdserve.router.group_reader import (
+    ChoiceState,
+    failure_of,
+    guarded,
+    iter_outputs,
+    open_stream,
+    run_to_end,
+)
+from pdserve.router.openai_models import ChatCompletionRequest
+from pdserve.router.openai_serving import (
+    Fanout,
+    Prompt,
+    chat_logprobs,
+    check_model,
+    fan_out,
+    finish_reason,
+    sampling_dicts,
+    usage,
+)
+from pdserve.router.request_tracker import RequestGroup
+from pdserve.router.router import Router
+from pdserve.router.spec import RouterSpec
+from pdserve.router.sse import DONE, SSEResponse, sse, sse_error
+
+
+def build_chat(spec: RouterSpec, body: ChatCompletionRequest) -> Fanout:
+    check_model(spec, body.model)
+    if body.tools:
+        raise bad_request("tools are not supported", "tools")
+    if body.response_format and body.response_format.get("type", "text") != "text":
+        raise bad_request("only response_format {'type': 'text'} is supported", "response_format")
+    if body.top_logprobs and not body.logprobs:
+        raise bad_request("top_logprobs requires logprobs=true", "top_logprobs")
+    add_generation_prompt = body.add_generation_prompt
+    if body.continue_final_message:
+        if add_generation_prompt:
+            raise bad_request(
+                "continue_final_message and add_generation_prompt cannot both be true",
+                "add_generation_prompt",
+            )
+        if body.messages[-1].role != "assistant":
+            raise bad_request(
+                "continue_final_message needs an assistant message last", "continue_final_message"
+            )
+        add_generation_prompt = False
+    max_tokens = body.max_completion_tokens
+    if max_tokens is None:
+        max_tokens = body.max_tokens
+    samplings = sampling_dicts(body, max_tokens, spec.default_max_tokens)
+    messages = [m.to_template_dict() for m in body.messages]
+    return fan_out(
+        [Prompt(messages=messages)],
+        samplings,
+        continue_final_message=body.continue_final_message,
+        add_generation_prompt=add_generation_prompt is not False,
+        return_logprob=body.logprobs,
+        top_logprobs_num=body.top_logprobs or 0,
+    )
+
+
+async def create_chat_completion(
+    router: Router, request: Request, body: ChatCompletionRequest
+) -> Response:
+    fan = build_chat(router.spec, body)
+    group = router.submit(fan.group_id, fan.reqs, fan.route_keys)
+    if body.stream:
+        buffered = await open_stream(router, request, group)
+        return SSEResponse(
+            guarded(router, group, lambda: _chat_events(router, body, fan, group, buffered))
+        )
+    choices = await run_to_end(router, request, group)
+    return JSONResponse(_chat_response(router.spec, body, fan, choices))
+
+
+def _chat_response(
+    spec: RouterSpec, body: ChatCompletionRequest, fan: Fanout, choices: list[ChoiceState]
+) -> dict[str, Any]:
+    top_n = body.top_logprobs or 0
+    return {
+        "id": f"chatcmpl-{fan.group_id}",
+        "object": "chat.completion",
+        "created": fan.created,
+        "model": spec.model_name,
+        "choices": [
+            {
+                "index": c.index,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": chat_logprobs(c, top_n) if body.logprobs else None,
+                "finish_reason": finish_reason(c.finish),
+            }
+            for c in choices
+        ],
+        "usage": usage(choices, fan.n),
+        "system_fingerprint": None,
+    }
+
+
+async def _chat_events(
+    router: Router,
+    body: ChatCompletionRequest,
+    fan: Fanout,
+    group: RequestGroup,
+    buffered: list[tuple[int, ReqOutput]],
+) -> AsyncIterator[str]:
+    base: dict[str, Any] = {
+        "id": f"chatcmpl-{fan.group_id}",
+        "object": "chat.completion.chunk",
+        "created": fan.created,
+        "model": router.spec.model_name,
+    }
+    if body.include_usage:
+        base["usage"] = None
+    states = [ChoiceState(i, rid) for i, rid in enumerate(group.rids)]
+    for i in range(group.num_choices):
+        role = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                "finish_reason": None}  # fmt: skip
+        yield sse({**base, "choices": [role]})
+    async for index, out in iter_outputs(buffered, group):
+        states[index].add(out)
+        err = failure_of(out)
+        if err is not None:
+            yield sse_error(err.message, err.status)
+            yield DONE
+            return
+        choice = _chat_delta(index, out, body)
+        if choice is not None:
+            yield sse({**base, "choices": [choice]})
+    if body.include_usage:
+        yield sse({**base, "choices": [], "usage": usage(states, fan.n)})
+    yield DONE
+
+
+def _chat_delta(index: int, out: ReqOutput, body: ChatCompletionRequest) -> dict[str, Any] | None:
+    logprobs = None
+    if body.logprobs and out.logprobs:
+        logprobs = chat_logprobs(out, body.top_logprobs or 0)
+    reason = finish_reason(out.finish)
+    if not out.text_delta and reason is None and logprobs is None:
+        return None
+    delta = {"content": out.text_delta} if out.text_delta else {}
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}

@@ -1,0 +1,153 @@
+"""`/v1/completions`: OpenAI's (legacy) text completion shapes, streamed or whole."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi.responses import JSONResponse
+from starlette.requests import Request
+from starlette.responses import Response
+
+from pdserve.protocol import ReqOutput
+from pdserve.router.errors import bad_request
+from pdserve.router.group_reader import (
+    ChoiceState,
+    failure_of,
+    guarded,
+    iter_outputs,
+    open_stream,
+    run_to_end,
+)
+from pdserve.router.openai_models import CompletionRequest, PromptType
+from pdserve.router.openai_serving import (
+    Fanout,
+    Prompt,
+    check_logprob_request,
+    check_model,
+    completion_logprobs,
+    fan_out,
+    finish_reason,
+    sampling_dicts,
+    usage,
+)
+from pdserve.router.request_tracker import RequestGroup
+from pdserve.router.router import Router
+from pdserve.router.spec import RouterSpec
+from pdserve.router.sse import DONE, SSEResponse, sse, sse_error
+
+OPENAI_DEFAULT_MAX_TOKENS = 16  # OpenAI's (and vLLM's) default for completions
+
+
+def prompts_of(prompt: PromptType) -> list[Prompt]:
+    """str | list[str] | list[int] | list[list[int]] -> one Prompt each."""
+    if isinstance(prompt, str):
+        return [Prompt(text=prompt)]
+    if not prompt:
+        raise bad_request("prompt must not be empty", "prompt")
+    if all(isinstance(p, str) for p in prompt):
+        return [Prompt(text=p) for p in prompt]
+    if all(isinstance(p, int) for p in prompt):
+        return [Prompt(input_ids=list(prompt))]
+    if any(not p for p in prompt):
+        raise bad_request("prompt token lists must not be empty", "prompt")
+    return [Prompt(input_ids=list(p)) for p in prompt]
+
+
+def build_completion(spec: RouterSpec, body: CompletionRequest) -> Fanout:
+    check_model(spec, body.model)
+    check_logprob_request(body.logprobs, body.echo)
+    if body.suffix:
+        raise bad_request("suffix is not supported", "suffix")
+    if body.best_of is not None and body.best_of != body.n:
+        raise bad_request("best_of other than n is not supported", "best_of")
+    max_tokens = OPENAI_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
+    samplings = sampling_dicts(body, max_tokens, spec.default_max_tokens)
+    return fan_out(
+        prompts_of(body.prompt),
+        samplings,
+        return_logprob=body.logprobs is not None,
+        top_logprobs_num=body.logprobs or 0,
+        echo=body.echo,
+    )
+
+
+async def create_completion(router: Router, request: Request, body: CompletionRequest) -> Response:
+    fan = build_completion(router.spec, body)
+    group = router.submit(fan.group_id, fan.reqs, fan.route_keys)
+    if body.stream:
+        buffered = await open_stream(router, request, group)
+        return SSEResponse(
+            guarded(router, group, lambda: _completion_events(router, body, fan, group, buffered))
+        )
+    choices = await run_to_end(router, request, group)
+    return JSONResponse(_completion_response(router.spec, body, fan, choices))
+
+
+def _completion_response(
+    spec: RouterSpec, body: CompletionRequest, fan: Fanout, choices: list[ChoiceState]
+) -> dict[str, Any]:
+    out_choices = []
+    for c in choices:
+        prefix = (c.prompt_text or "") if body.echo else ""
+        logprobs = None
+        if body.logprobs is not None:
+            logprobs, _ = completion_logprobs(c, body.logprobs, len(prefix))
+        out_choices.append(
+            {
+                "index": c.index,
+                "text": prefix + c.text,
+                "logprobs": logprobs,
+                "finish_reason": finish_reason(c.finish),
+            }
+        )
+    return {
+        "id": f"cmpl-{fan.group_id}",
+        "object": "text_completion",
+        "created": fan.created,
+        "model": spec.model_name,
+        "choices": out_choices,
+        "usage": usage(choices, fan.n),
+        "system_fingerprint": None,
+    }
+
+
+async def _completion_events(
+    router: Router,
+    body: CompletionRequest,
+    fan: Fanout,
+    group: RequestGroup,
+    buffered: list[tuple[int, ReqOutput]],
+) -> AsyncIterator[str]:
+    base: dict[str, Any] = {
+        "id": f"cmpl-{fan.group_id}",
+        "object": "text_completion",
+        "created": fan.created,
+        "model": router.spec.model_name,
+    }
+    if body.include_usage:
+        base["usage"] = None
+    states = [ChoiceState(i, rid) for i, rid in enumerate(group.rids)]
+    offsets = [0] * group.num_choices  # text offset of each choice's next token
+    async for index, out in iter_outputs(buffered, group):
+        states[index].add(out)
+        err = failure_of(out)
+        if err is not None:
+            yield sse_error(err.message, err.status)
+            yield DONE
+            return
+        text = out.text_delta
+        if body.echo and out.prompt_text is not None:
+            text = out.prompt_text + text
+            offsets[index] += len(out.prompt_text)
+        logprobs = None
+        if body.logprobs is not None and out.logprobs:
+            logprobs, offsets[index] = completion_logprobs(out, body.logprobs, offsets[index])
+        reason = finish_reason(out.finish)
+        if not text and reason is None and logprobs is None:
+            continue
+        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
+        yield sse({**base, "choices": [choice]})
+    if body.include_usage:
+        yield sse({**base, "choices": [], "usage": usage(states, fan.n)})
+    yield DONE

@@ -1,0 +1,188 @@
+"""Native `/generate`, in SGLang's shapes: `text` or `input_ids` (one or a batch), `sampling_params`
+(one dict or one per item), cumulative text when streaming, `meta_info` with usage and logprobs.
+
+A client-side abort (`/abort_request`) is a normal finish here (finish_reason type "abort"), as in
+SGLang; a lost worker or a timeout is an HTTP error / an error event.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi.responses import JSONResponse
+from starlette.requests import Request
+from starlette.responses import Response
+
+from pdserve.protocol import GenerateReq, ReqOutput
+from pdserve.router.errors import bad_request, sampling_error
+from pdserve.router.group_reader import (
+    ChoiceState,
+    failure_of,
+    guarded,
+    iter_outputs,
+    open_stream,
+    run_to_end,
+)
+from pdserve.router.openai_models import GenerateRequest
+from pdserve.router.openai_serving import Fanout, Prompt
+from pdserve.router.request_tracker import RequestGroup
+from pdserve.router.router import Router
+from pdserve.router.sse import DONE, SSEResponse, sse, sse_error
+from pdserve.sampling_params import SamplingParams
+
+
+def _prompts(body: GenerateRequest) -> tuple[list[Prompt], bool]:
+    """The prompts, and whether the input was a batch (a list)."""
+    if (body.text is None) == (body.input_ids is None):
+        raise bad_request("exactly one of text and input_ids is required", "text")
+    if isinstance(body.text, str):
+        return [Prompt(text=body.text)], False
+    if body.text is not None:
+        if not body.text:
+            raise bad_request("text must not be an empty list", "text")
+        return [Prompt(text=t) for t in body.text], True
+    ids = body.input_ids or []
+    if not ids:
+        raise bad_request("input_ids must not be empty", "input_ids")
+    if all(isinstance(t, int) for t in ids):
+        return [Prompt(input_ids=list(ids))], False
+    if any(not p for p in ids):
+        raise bad_request("input_ids lists must not be empty", "input_ids")
+    return [Prompt(input_ids=list(p)) for p in ids], True
+
+
+def _samplings(body: GenerateRequest, num_prompts: int, default_max: int) -> list[SamplingParams]:
+    given = body.sampling_params
+    if isinstance(given, list):
+        if len(given) != num_prompts:
+            raise bad_request(
+                f"sampling_params has {len(given)} entries for {num_prompts} prompts",
+                "sampling_params",
+            )
+    else:
+        given = [given or {}] * num_prompts
+    out = []
+    for d in given:
+        d = {"max_new_tokens": default_max, **d}
+        try:
+            out.append(SamplingParams.from_dict(d))
+        except ValueError as e:
+            raise sampling_error(e, openai_names=False) from None
+    return out
+
+
+def _check_supported(body: GenerateRequest) -> None:
+    lora = body.lora_path if isinstance(body.lora_path, list) else [body.lora_path]
+    if any(p is not None for p in lora):
+        raise bad_request("LoRA adapters are not supported", "lora_path")
+    if body.image_data is not None:
+        raise bad_request("image_data is not supported (text-only model)", "image_data")
+    if body.return_hidden_states:
+        raise bad_request("return_hidden_states is not supported", "return_hidden_states")
+
+
+def build_generate(body: GenerateRequest, default_max: int) -> tuple[Fanout, bool]:
+    """The sub-requests, and whether the response is a list."""
+    _check_supported(body)
+    prompts, is_batch = _prompts(body)
+    params = _samplings(body, len(prompts), default_max)
+    num_copies = [p.n for p in params]
+    num_subs = sum(num_copies)
+    is_list = is_batch or num_subs > 1
+    group_id, rids = _rids(body.rid, num_subs, is_list)
+    reqs, keys, k = [], [], 0
+    for p_idx, (prompt, sp) in enumerate(zip(prompts, params)):
+        for i in range(sp.n):
+            sampling = sp.to_dict()
+            sampling["n"] = 1
+            if sp.seed is not None:
+                sampling["seed"] = sp.seed + i
+            reqs.append(
+                GenerateReq(
+                    rid=rids[k], sampling=sampling, text=prompt.text, input_ids=prompt.input_ids,
+                    return_logprob=body.return_logprob, top_logprobs_num=body.top_logprobs_num,
+                )
+            )  # fmt: skip
+            keys.append(p_idx)
+            k += 1
+    return Fanout(group_id, reqs, keys, 1, int(time.time())), is_list
+
+
+def _rids(rid: str | list[str] | None, num_subs: int, is_list: bool) -> tuple[str, list[str]]:
+    if isinstance(rid, list):
+        if len(rid) != num_subs:
+            raise bad_request(f"rid has {len(rid)} entries for {num_subs} outputs", "rid")
+        return uuid.uuid4().hex, list(rid)
+    group_id = rid or uuid.uuid4().hex
+    if not is_list:
+        return group_id, [group_id]
+    return group_id, [f"{group_id}-{k}" for k in range(num_subs)]
+
+
+async def generate(router: Router, request: Request, body: GenerateRequest) -> Response:
+    fan, is_list = build_generate(body, router.spec.default_max_tokens)
+    group = router.submit(fan.group_id, fan.reqs, fan.route_keys)
+    if body.stream:
+        buffered = await open_stream(router, request, group, abort_is_error=False)
+        events = lambda: _generate_events(body, group, buffered, is_list)  # noqa: E731
+        return SSEResponse(guarded(router, group, events))
+    choices = await run_to_end(router, request, group, abort_is_error=False)
+    items = [_item(c, body, group) for c in choices]
+    return JSONResponse(items if is_list else items[0])
+
+
+def _item(c: ChoiceState, body: GenerateRequest, group: RequestGroup) -> dict[str, Any]:
+    finish = c.finish
+    if finish is not None and "status_code" in finish:
+        finish = {k: v for k, v in finish.items() if k != "status_code"}
+    meta: dict[str, Any] = {
+        "id": c.rid,
+        "finish_reason": finish,
+        "prompt_tokens": c.prompt_tokens,
+        "completion_tokens": c.completion_tokens,
+        "cached_tokens": c.cached_tokens,
+        "e2e_latency": round(time.monotonic() - group.created, 6),
+    }
+    if body.return_logprob:
+        meta.update(_logprob_meta(c, body.return_text_in_logprobs))
+    return {"text": c.text, "output_ids": list(c.output_ids), "meta_info": meta}
+
+
+def _logprob_meta(c: ChoiceState, with_text: bool) -> dict[str, Any]:
+    def text_of(j: int) -> str | None:
+        return c.token_texts[j] if with_text and j < len(c.token_texts) else None
+
+    token_logprobs = [
+        [float(lp), c.output_ids[j] if j < len(c.output_ids) else None, text_of(j)]
+        for j, lp in enumerate(c.logprobs)
+    ]
+    top = [[[float(lp), int(tid), None] for tid, lp in row] for row in c.top_logprobs]
+    return {
+        "input_token_logprobs": [],
+        "output_token_logprobs": token_logprobs,
+        "output_top_logprobs": top,
+    }
+
+
+async def _generate_events(
+    body: GenerateRequest,
+    group: RequestGroup,
+    buffered: list[tuple[int, ReqOutput]],
+    is_list: bool,
+) -> AsyncIterator[str]:
+    states = [ChoiceState(i, rid) for i, rid in enumerate(group.rids)]
+    async for index, out in iter_outputs(buffered, group):
+        states[index].add(out)
+        err = failure_of(out, abort_is_error=False)
+        if err is not None:
+            yield sse_error(err.message, err.status)
+            yield DONE
+            return
+        item = _item(states[index], body, group)
+        if is_list:
+            item["index"] = index
+        yield sse(item)
+    yield DONE

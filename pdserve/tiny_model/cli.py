@@ -1,0 +1,52 @@
+"""`pdserve tiny-model OUT_DIR`: write a tiny random-weight model directory, offline."""
+
+from __future__ import annotations
+
+import argparse
+
+from pdserve.tiny_model.build import ARCHS
+
+DESCRIPTION = """\
+Write a tiny random-weight Hugging Face model into OUT_DIR, in seconds and without a
+download: a byte-level BPE tokenizer (512 tokens, ChatML chat template, EOS <|im_end|>),
+config.json, generation_config.json and model.safetensors (float32, hidden 64, 2 layers,
+4 query heads over 2 KV heads). transformers' AutoModelForCausalLM and AutoTokenizer load it
+as-is. Its output is noise; it exists to test serving code against transformers.
+"""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register the `tiny-model` subcommand; the handler is in `args.handler`."""
+    parser = subparsers.add_parser(
+        "tiny-model",
+        help="write a tiny random-weight model directory (no download)",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "out_dir", metavar="OUT_DIR", help="directory to write (created if missing)"
+    )
+    parser.add_argument(
+        "--arch",
+        choices=ARCHS,
+        default="llama",
+        help="llama: untied embeddings, llama3 rope scaling; qwen2: q/k/v biases, tied "
+        "embeddings; qwen3: q/k RMSNorm, tied embeddings (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed for the random weights; the same seed gives identical weights "
+        "(default: %(default)s)",
+    )
+    parser.set_defaults(handler=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from pdserve.tiny_model.build import build_tiny_model
+
+    path = build_tiny_model(args.out_dir, arch=args.arch, seed=args.seed, progress=True)
+    print(path)
+    return 0

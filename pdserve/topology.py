@@ -1,0 +1,619 @@
+"""The cluster layer of the configuration: which workers run where, read from a topology YAML.
+
+A `Topology` is validated once when built, and every error names its key path (`decode[1].gpus`,
+`router.port`); `resolved()` turns the `auto` values into this machine's choices and returns a new
+frozen Topology. `workers()` and `engine_config()` hand each process its part.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pdserve.config import SCHEDULER_KEYS, EngineConfig, SchedulerConfig
+
+Role = Literal["prefill", "decode", "mixed"]
+_ROLES: tuple[Role, ...] = ("prefill", "decode", "mixed")
+ROUTING_POLICIES = ("round_robin", "least_load")
+KV_BACKENDS = ("auto", "nccl", "cuda_ipc", "tcp")
+FOR_MODEL_MODES = ("pd", "mixed")
+_ENGINE_DEFAULTS = {
+    f.name: f.default for f in dataclasses.fields(EngineConfig) if f.name != "scheduler"
+}
+_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_name(value: Any) -> bool:
+    return isinstance(value, str) and value.strip() != ""
+
+
+def _check(cond: bool, key: str, value: Any, expected: str) -> None:
+    if not cond:
+        raise ValueError(f"{key}={value!r} is invalid: expected {expected}")
+
+
+# ---------------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    routing_policy: str = "round_robin"  # round_robin | least_load
+    node: str | None = None  # where the router and tokenizers run; resolved(): the first node
+
+    def __post_init__(self) -> None:
+        _check(_is_name(self.host), "host", self.host, "a host name or address")
+        _check(_is_int(self.port) and 1 <= self.port <= 65535, "port", self.port, "1..65535")
+        _check(self.api_key is None or _is_name(self.api_key), "api_key", self.api_key, "a string")
+        _check(
+            self.routing_policy in ROUTING_POLICIES,
+            "routing_policy",
+            self.routing_policy,
+            f"one of {list(ROUTING_POLICIES)}",
+        )
+        _check(self.node is None or _is_name(self.node), "node", self.node, "a node name")
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    replicas: int = 1  # tokenizer processes
+
+    def __post_init__(self) -> None:
+        _check(_is_int(self.replicas) and self.replicas >= 1, "replicas", self.replicas, ">= 1")
+
+
+@dataclass(frozen=True)
+class KVTransferConfig:
+    backend: str = "auto"  # auto | nccl | cuda_ipc | tcp
+    timeout_s: float = 30.0  # a transfer not done by then aborts its request
+
+    def __post_init__(self) -> None:
+        _check(self.backend in KV_BACKENDS, "backend", self.backend, f"one of {list(KV_BACKENDS)}")
+        ok = isinstance(self.timeout_s, (int, float)) and not isinstance(self.timeout_s, bool)
+        _check(ok and self.timeout_s > 0, "timeout_s", self.timeout_s, "a number > 0")
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    name: str
+    address: str  # reachable from the other nodes (ZeroMQ tcp:// and NCCL)
+
+    def __post_init__(self) -> None:
+        _check(_is_name(self.name), "name", self.name, "a non-empty node name")
+        _check(_is_name(self.address), "address", self.address, "a host name or address")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """One entry of `prefill:`, `decode:` or `mixed:`."""
+
+    gpus: tuple[int, ...] | None = None  # None: assigned by resolved(); () on cpu
+    tp: int = 1
+    node: str | None = None  # a name from `nodes:` (required when nodes are declared)
+
+    def __post_init__(self) -> None:
+        if self.gpus is not None:
+            _check(
+                isinstance(self.gpus, (list, tuple))
+                and all(_is_int(g) and g >= 0 for g in self.gpus),
+                "gpus",
+                self.gpus,
+                "a list of GPU indices >= 0",
+            )
+            object.__setattr__(self, "gpus", tuple(self.gpus))  # a YAML list, frozen
+            for i, gpu in enumerate(self.gpus):
+                if gpu in self.gpus[:i]:
+                    raise ValueError(f"gpus: GPU {gpu} is listed twice")
+        _check(_is_int(self.tp) and self.tp >= 1, "tp", self.tp, "an integer >= 1")
+        if self.gpus and self.tp != len(self.gpus):
+            raise ValueError(
+                f"tp={self.tp} is invalid: expected len(gpus)={len(self.gpus)} "
+                "(one GPU per tensor-parallel rank)"
+            )
+        _check(self.node is None or _is_name(self.node), "node", self.node, "a node name")
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """One worker process: `idx` numbers prefill workers 0.. and decode-side (decode and mixed)
+    workers 0.., the indices the router's messages carry."""
+
+    role: Role
+    idx: int
+    name: str  # prefill0, decode0, mixed0
+    gpus: tuple[int, ...] | None  # the worker's CUDA_VISIBLE_DEVICES; () on cpu
+    tp: int
+    node: str | None
+
+    @property
+    def is_decode_side(self) -> bool:
+        return self.role in ("decode", "mixed")
+
+
+# ---------------------------------------------------------------------------------- topology
+
+
+@dataclass(frozen=True)
+class Topology:
+    """The whole cluster: model, engine settings shared by every worker, and the processes."""
+
+    model: str  # a Hugging Face model directory (with config.json)
+    served_model_name: str | None = None  # None: the model directory's name
+    device: str = _ENGINE_DEFAULTS["device"]  # auto | cuda | cpu
+    dtype: str = _ENGINE_DEFAULTS["dtype"]  # auto | float32 | float16 | bfloat16
+    attention_backend: str = _ENGINE_DEFAULTS["attention_backend"]
+    cuda_graph: bool = _ENGINE_DEFAULTS["cuda_graph"]
+    cuda_graph_max_batch: int = _ENGINE_DEFAULTS["cuda_graph_max_batch"]
+    seed: int = _ENGINE_DEFAULTS["seed"]
+    router: RouterConfig = field(default_factory=RouterConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    prefill: tuple[WorkerConfig, ...] = ()
+    decode: tuple[WorkerConfig, ...] = ()
+    mixed: tuple[WorkerConfig, ...] = ()  # co-located workers; or prefill + decode, not both
+    kv_transfer: KVTransferConfig = field(default_factory=KVTransferConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    nodes: tuple[NodeConfig, ...] = ()  # more than one machine
+    bind_host: str = "127.0.0.1"  # internal sockets; see bind_address()
+
+    def __post_init__(self) -> None:
+        # Normalize before the object is used: lists from YAML become tuples, and no workers at
+        # all means the default one prefill + one decode.
+        for key in ("prefill", "decode", "mixed", "nodes"):
+            object.__setattr__(self, key, tuple(getattr(self, key)))
+        if not (self.prefill or self.decode or self.mixed):
+            object.__setattr__(self, "prefill", (WorkerConfig(),))
+            object.__setattr__(self, "decode", (WorkerConfig(),))
+        self._check_engine_keys()
+        self._check_roles()
+        self._check_nodes()
+        self._check_gpus()
+        self._check_tp(*_read_num_heads(self.model))
+        self._check_kv_backend()
+
+    # ------------------------------------------------------------------ building
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Topology:
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"topology file {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML: {e}") from None
+        try:
+            return cls.from_dict(data)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Topology:
+        d = dict(_mapping(data, "topology"))
+        top_keys = [f.name for f in dataclasses.fields(cls)]
+        _refuse_unknown(d, top_keys, "topology")
+        if "model" not in d:
+            raise ValueError("model: missing: expected a Hugging Face model directory")
+        for key, section in _SECTIONS.items():
+            if key in d:
+                d[key] = _build(section, d[key], key)
+        for key in ("prefill", "decode", "mixed"):
+            if key in d:
+                d[key] = tuple(_build(WorkerConfig, w, f"{key}[{i}]") for i, w in _items(d, key))
+        if "nodes" in d:
+            d["nodes"] = tuple(_build(NodeConfig, n, f"nodes[{i}]") for i, n in _items(d, "nodes"))
+        return cls(**d)
+
+    @classmethod
+    def for_model(cls, model_path: str | Path, mode: str = "pd", **overrides: Any) -> Topology:
+        """One machine's topology for `pdserve launch --model` and `Engine(model_path=...)`.
+
+        mode "pd": one prefill + one decode worker; "mixed": one mixed worker. Overrides are any
+        top-level key, a section as a dict (`router={...}`), or a flat key: host, port, api_key,
+        routing_policy, tokenizer_replicas, kv_transfer_backend, kv_transfer_timeout_s and the
+        scheduler's keys. None means "not given" (the default), as from an unset CLI flag.
+        """
+        _check(mode in FOR_MODEL_MODES, "mode", mode, f"one of {list(FOR_MODEL_MODES)}")
+        d: dict[str, Any] = {"model": str(model_path)}
+        if mode == "mixed":
+            d["mixed"] = [{}]
+        top_keys = {f.name for f in dataclasses.fields(cls)} - {"model"}
+        allowed = sorted(top_keys | set(_FLAT_OVERRIDES))
+        given = {k: v for k, v in overrides.items() if v is not None}
+        unknown = sorted(set(given) - set(allowed))
+        if unknown:
+            raise ValueError(f"unknown option(s) {unknown}: expected some of {allowed}")
+        for key, value in given.items():
+            if key in top_keys:
+                merge = key in _SECTIONS and isinstance(value, dict)
+                d[key] = {**d.get(key, {}), **value} if merge else value
+        for key, value in given.items():
+            if key in _FLAT_OVERRIDES:
+                section, sub = _FLAT_OVERRIDES[key]
+                d[section] = {**d.get(section, {}), sub: value}
+        return cls.from_dict(d)
+
+    # ------------------------------------------------------------------ resolving
+
+    def resolved(self, num_gpus: int | None = None) -> Topology:
+        """A new Topology with `auto` resolved: device (cuda when a GPU is visible), each worker's
+        gpus (the lowest free ones; a decode worker shares a prefill worker's GPU when none is
+        left; () on cpu), kv_transfer.backend (tcp on cpu, nccl across nodes, else cuda_ipc),
+        served_model_name and router.node. dtype and attention_backend are left to each worker's
+        `EngineConfig.resolved()`. num_gpus: GPUs per node; None asks torch on this machine."""
+        if num_gpus is None and self.device != "cpu":
+            num_gpus = _visible_gpu_count()
+        num_gpus = num_gpus or 0
+        device = self.device
+        if device == "auto":
+            device = "cuda" if num_gpus > 0 else "cpu"
+        if device == "cuda" and num_gpus == 0 and not self.nodes:
+            raise ValueError("device='cuda' is invalid: no CUDA GPU is visible on this machine")
+        workers = self._resolved_workers(device, num_gpus)
+        backend = self.kv_transfer.backend
+        if backend == "auto":
+            backend = "tcp" if device == "cpu" else "nccl" if self._spans_nodes() else "cuda_ipc"
+        router_node = self.router.node or (self.nodes[0].name if self.nodes else None)
+        return dataclasses.replace(
+            self,
+            served_model_name=self.model_name,
+            device=device,
+            router=dataclasses.replace(self.router, node=router_node),
+            kv_transfer=dataclasses.replace(self.kv_transfer, backend=backend),
+            **workers,
+        )
+
+    def _resolved_workers(self, device: str, num_gpus: int) -> dict[str, tuple[WorkerConfig, ...]]:
+        if device == "cpu":
+            for path, _, w in self._entries():
+                if w.gpus:
+                    raise ValueError(
+                        f"{path}.gpus={list(w.gpus)} is invalid: device {self.device!r} "
+                        "resolved to 'cpu' (no CUDA GPU visible): expected no gpus"
+                    )
+            return {
+                role: tuple(dataclasses.replace(w, gpus=()) for w in getattr(self, role))
+                for role in _ROLES
+            }
+        if not self.nodes:
+            for path, _, w in self._entries():
+                for gpu in w.gpus or ():
+                    if gpu >= num_gpus:
+                        raise ValueError(
+                            f"{path}.gpus: GPU {gpu} is not visible: this machine has "
+                            f"{num_gpus} GPU(s)"
+                        )
+        assigned = _assign_gpus(list(self._entries()), num_gpus)
+        return {
+            role: tuple(
+                dataclasses.replace(w, gpus=assigned.get(f"{role}[{i}]", w.gpus))
+                for i, w in enumerate(getattr(self, role))
+            )
+            for role in _ROLES
+        }
+
+    # ------------------------------------------------------------------ what processes get
+
+    @property
+    def model_name(self) -> str:
+        """The name clients use (`model` in OpenAI requests, /v1/models)."""
+        return self.served_model_name or Path(self.model).resolve().name
+
+    @property
+    def is_multi_node(self) -> bool:
+        return len(self.nodes) > 1
+
+    def workers(self) -> list[WorkerSpec]:
+        """Prefill workers, then decode-side workers (decode or mixed), each side numbered 0.."""
+        specs = [
+            WorkerSpec("prefill", i, f"prefill{i}", w.gpus, w.tp, w.node)
+            for i, w in enumerate(self.prefill)
+        ]
+        decode_side = [("decode", w) for w in self.decode] + [("mixed", w) for w in self.mixed]
+        for i, (role, w) in enumerate(decode_side):
+            specs.append(WorkerSpec(role, i, f"{role}{i}", w.gpus, w.tp, w.node))
+        return specs
+
+    def engine_config(self, worker: WorkerSpec | None = None) -> EngineConfig:
+        """The EngineConfig of `worker` (today the same for every worker: GPUs are pinned by
+        CUDA_VISIBLE_DEVICES, not here); the worker resolves its `auto` values itself."""
+        return EngineConfig(
+            model_path=self.model,
+            device=self.device,
+            dtype=self.dtype,
+            attention_backend=self.attention_backend,
+            cuda_graph=self.cuda_graph,
+            cuda_graph_max_batch=self.cuda_graph_max_batch,
+            seed=self.seed,
+            scheduler=self.scheduler,
+        )
+
+    def node_address(self, node: str | None) -> str:
+        """Where the other nodes reach `node`; 127.0.0.1 on a single machine."""
+        for n in self.nodes:
+            if n.name == node:
+                return n.address
+        if node is None and not self.nodes:
+            return "127.0.0.1"
+        raise ValueError(f"node={node!r} is invalid: expected one of {self._node_names()}")
+
+    def bind_address(self, node: str | None) -> str:
+        """The host internal sockets on `node` bind to: bind_host, except that a loopback
+        bind_host on more than one machine means the node's own address."""
+        if self.is_multi_node and self.bind_host in _LOOPBACK_HOSTS:
+            return self.node_address(node)
+        return self.bind_host
+
+    def to_dict(self, redact: bool = True) -> dict[str, Any]:
+        """JSON-able (lists, not tuples); `redact` hides router.api_key (for /server_info).
+        With redact=False, `Topology.from_dict(t.to_dict(redact=False)) == t`."""
+        d = _jsonable(dataclasses.asdict(self))
+        if redact and self.router.api_key is not None:
+            d["router"]["api_key"] = "<redacted>"
+        return d
+
+    # ------------------------------------------------------------------ checks
+
+    def _entries(self) -> Iterator[tuple[str, Role, WorkerConfig]]:
+        """(key path, role, worker) for every worker, prefill first."""
+        for role in _ROLES:
+            for i, w in enumerate(getattr(self, role)):
+                yield f"{role}[{i}]", role, w
+
+    def _node_names(self) -> list[str]:
+        return [n.name for n in self.nodes]
+
+    def _spans_nodes(self) -> bool:
+        """Some prefill worker and some decode worker are on different nodes."""
+        return len({w.node for w in self.prefill} | {w.node for w in self.decode}) > 1
+
+    def _check_engine_keys(self) -> None:
+        _check(_is_name(self.model), "model", self.model, "a Hugging Face model directory")
+        _check(
+            self.served_model_name is None or _is_name(self.served_model_name),
+            "served_model_name",
+            self.served_model_name,
+            "a non-empty name or null",
+        )
+        _check(isinstance(self.cuda_graph, bool), "cuda_graph", self.cuda_graph, "true or false")
+        _check(
+            _is_int(self.cuda_graph_max_batch) and self.cuda_graph_max_batch >= 1,
+            "cuda_graph_max_batch",
+            self.cuda_graph_max_batch,
+            "an integer >= 1",
+        )
+        _check(_is_int(self.seed), "seed", self.seed, "an integer")
+        _check(_is_name(self.bind_host), "bind_host", self.bind_host, "a host name or address")
+        self.engine_config()  # device, dtype, attention_backend: EngineConfig's own checks
+        if self.device == "cpu" and self.attention_backend not in ("auto", "torch"):
+            raise ValueError(
+                f"attention_backend={self.attention_backend!r} is invalid on device 'cpu': "
+                "expected 'auto' or 'torch'"
+            )
+
+    def _check_roles(self) -> None:
+        if self.mixed and (self.prefill or self.decode):
+            other = "prefill" if self.prefill else "decode"
+            raise ValueError(
+                f"mixed: given together with {other}: expected either mixed workers or "
+                "prefill + decode workers, not both"
+            )
+        if bool(self.prefill) != bool(self.decode):
+            given, missing = ("prefill", "decode") if self.prefill else ("decode", "prefill")
+            raise ValueError(
+                f"{missing}: missing: {given} workers need {missing} workers (or use mixed workers)"
+            )
+
+    def _check_nodes(self) -> None:
+        names = self._node_names()
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise ValueError(f"nodes[{i}].name={name!r} is invalid: the name is used twice")
+        where = [("router.node", self.router.node)] + [
+            (f"{path}.node", w.node) for path, _, w in self._entries()
+        ]
+        for key, node in where:
+            if node is not None and node not in names:
+                raise ValueError(
+                    f"{key}={node!r} is invalid: expected a node declared in `nodes:` "
+                    f"(declared: {names})"
+                )
+            if node is None and names and key != "router.node":
+                raise ValueError(f"{key}: missing: expected one of {names} (nodes are declared)")
+
+    def _check_gpus(self) -> None:
+        # A GPU may hold at most one worker of each role: one prefill and one decode worker may
+        # share it (KV moves by cuda_ipc on one device), two of one role may not.
+        holders: dict[tuple[str | None, int], dict[str, str]] = {}
+        for path, role, w in self._entries():
+            if w.gpus and self.device == "cpu":
+                raise ValueError(
+                    f"{path}.gpus={list(w.gpus)} is invalid: device is 'cpu': expected no gpus"
+                )
+            if w.gpus == () and self.device == "cuda":
+                raise ValueError(
+                    f"{path}.gpus=[] is invalid on device 'cuda': expected GPU indices, or "
+                    "leave gpus out to have them assigned"
+                )
+            for gpu in w.gpus or ():
+                held = holders.setdefault((w.node, gpu), {})
+                if role in held:
+                    on = f" of node {w.node!r}" if w.node else ""
+                    raise ValueError(
+                        f"{path}.gpus: GPU {gpu}{on} is listed twice (also in {held[role]})"
+                    )
+                held[role] = path
+        if self.kv_transfer.backend != "nccl":
+            return
+        for (_, gpu), held in holders.items():
+            if len(held) > 1:
+                raise ValueError(
+                    f"kv_transfer.backend='nccl' is invalid: {held['prefill']} and "
+                    f"{held['decode']} share GPU {gpu} and NCCL refuses two ranks on one "
+                    "device: expected 'cuda_ipc' or 'auto'"
+                )
+
+    def _check_tp(self, num_heads: int, num_kv_heads: int) -> None:
+        for path, _, w in self._entries():
+            if w.tp == 1:
+                continue
+            kv_ok = num_kv_heads % w.tp == 0 or w.tp % num_kv_heads == 0
+            if num_heads % w.tp or not kv_ok:
+                raise ValueError(
+                    f"{path}.tp={w.tp} is invalid: expected a divisor of the model's "
+                    f"num_attention_heads={num_heads} that divides or is a multiple of "
+                    f"num_key_value_heads={num_kv_heads}"
+                )
+            raise ValueError(
+                f"{path}.tp={w.tp} is invalid: tp > 1 is not supported yet "
+                "(tensor parallelism is future work)"
+            )
+
+    def _check_kv_backend(self) -> None:
+        backend = self.kv_transfer.backend
+        if self.device == "cpu" and backend in ("nccl", "cuda_ipc"):
+            raise ValueError(
+                f"kv_transfer.backend={backend!r} is invalid on device 'cpu': "
+                "expected 'tcp' or 'auto'"
+            )
+        if backend == "cuda_ipc" and self._spans_nodes():
+            raise ValueError(
+                "kv_transfer.backend='cuda_ipc' is invalid: prefill and decode workers are on "
+                "different nodes and CUDA IPC works within one: expected 'nccl', 'tcp' or 'auto'"
+            )
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+_SECTIONS: dict[str, type] = {
+    "router": RouterConfig,
+    "tokenizer": TokenizerConfig,
+    "kv_transfer": KVTransferConfig,
+    "scheduler": SchedulerConfig,
+}
+
+# Flat for_model() options (CLI flags, Engine keyword arguments) -> (section, key).
+_FLAT_OVERRIDES: dict[str, tuple[str, str]] = {
+    "host": ("router", "host"),
+    "port": ("router", "port"),
+    "api_key": ("router", "api_key"),
+    "routing_policy": ("router", "routing_policy"),
+    "tokenizer_replicas": ("tokenizer", "replicas"),
+    "kv_transfer_backend": ("kv_transfer", "backend"),
+    "kv_transfer_timeout_s": ("kv_transfer", "timeout_s"),
+} | {key: ("scheduler", key) for key in SCHEDULER_KEYS}
+
+
+def _mapping(data: Any, path: str) -> dict[str, Any]:
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of keys to values, got {data!r}")
+    return data
+
+
+def _items(d: dict[str, Any], key: str) -> list[tuple[int, Any]]:
+    value = d[key]
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{key}: expected a list, got {value!r}")
+    return list(enumerate(value))
+
+
+def _refuse_unknown(d: dict[str, Any], allowed: Any, path: str) -> None:
+    unknown = sorted(set(d) - set(allowed), key=str)
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {unknown}: expected some of {sorted(allowed)}")
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    """`cls(**data)` with unknown keys refused and errors prefixed by the key path."""
+    d = _mapping(data, path)
+    allowed = (
+        SCHEDULER_KEYS if cls is SchedulerConfig else [f.name for f in dataclasses.fields(cls)]
+    )
+    _refuse_unknown(d, allowed, path)
+    required = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    for key in required:
+        if key not in d:
+            raise ValueError(f"{path}.{key}: missing")
+    try:
+        return cls(**d)
+    except ValueError as e:
+        raise ValueError(f"{path}.{e}") from None
+
+
+def _assign_gpus(entries: list[tuple[str, Role, WorkerConfig]], num_gpus: int) -> dict:
+    """GPUs for the workers whose gpus are not given, by key path: the lowest GPUs of the node no
+    worker holds; then a decode worker may share a GPU that only a prefill worker holds."""
+    held: dict[tuple[str | None, int], set[str]] = {}
+    for _, role, w in entries:
+        for gpu in w.gpus or ():
+            held.setdefault((w.node, gpu), set()).add(role)
+    assigned: dict[str, tuple[int, ...]] = {}
+    for path, role, w in entries:
+        if w.gpus is not None:
+            continue
+        free = [g for g in range(num_gpus) if not held.get((w.node, g))]
+        if role == "decode":
+            free += [g for g in range(num_gpus) if held.get((w.node, g)) == {"prefill"}]
+        if len(free) < w.tp:
+            raise ValueError(
+                f"{path}.gpus: no free GPU left to assign ({num_gpus} visible per node): "
+                "list gpus explicitly"
+            )
+        assigned[path] = tuple(free[: w.tp])
+        for gpu in assigned[path]:
+            held.setdefault((w.node, gpu), set()).add(role)
+    return assigned
+
+
+def _read_num_heads(model: str) -> tuple[int, int]:
+    """(num_attention_heads, num_key_value_heads) from the model's config.json."""
+    config_file = Path(model) / "config.json"
+    if not config_file.is_file():
+        raise ValueError(
+            f"model={model!r} is invalid: expected a Hugging Face model directory with a "
+            "config.json"
+        )
+    try:
+        hf = json.loads(config_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"model: cannot read {config_file}: {e}") from None
+    num_heads = hf.get("num_attention_heads") if isinstance(hf, dict) else None
+    if not _is_int(num_heads) or num_heads < 1:
+        raise ValueError(f"model: {config_file} has no valid num_attention_heads")
+    num_kv_heads = hf.get("num_key_value_heads") or num_heads
+    if not _is_int(num_kv_heads) or num_kv_heads < 1:
+        raise ValueError(f"model: {config_file} has an invalid num_key_value_heads")
+    return num_heads, num_kv_heads
+
+
+def _visible_gpu_count() -> int:
+    import torch  # lazy: the router and tokenizer processes never need it
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
