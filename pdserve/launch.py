@@ -74,6 +74,7 @@ class Cluster:
         self._launcher_inbox = Inbox(self._launcher_inbox_addr)
         try:
             self._start_all()
+            self._wait_healthy()
         except BaseException:
             self.stop(grace_s=0)
             raise
@@ -220,6 +221,21 @@ class Cluster:
             if isinstance(msg, protocol.Ready):
                 self.ready_info[msg.name] = msg.info
                 missing.discard(msg.name)
+
+    def _wait_healthy(self, timeout_s: float = 30.0) -> None:
+        """Ready processes are not enough: wait until the router has heard every worker."""
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self._raise_if_dead()
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(_POLL_S)
+        raise TimeoutError(f"the router at {self.url} did not report healthy in {timeout_s:.0f} s")
 
     def _raise_if_dead(self) -> None:
         for child in self.children:

@@ -46,14 +46,14 @@ def _check(cond: bool, key: str, value: Any, expected: str) -> None:
 @dataclass(frozen=True)
 class RouterConfig:
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int = 8000  # 0: a free port, picked at launch
     api_key: str | None = None
     routing_policy: str = "round_robin"  # round_robin | least_load
     node: str | None = None  # where the router and tokenizers run; resolved(): the first node
 
     def __post_init__(self) -> None:
         _check(_is_name(self.host), "host", self.host, "a host name or address")
-        _check(_is_int(self.port) and 1 <= self.port <= 65535, "port", self.port, "1..65535")
+        _check(_is_int(self.port) and 0 <= self.port <= 65535, "port", self.port, "0..65535")
         _check(self.api_key is None or _is_name(self.api_key), "api_key", self.api_key, "a string")
         _check(
             self.routing_policy in ROUTING_POLICIES,
@@ -220,9 +220,10 @@ class Topology:
         """One machine's topology for `pdserve launch --model` and `Engine(model_path=...)`.
 
         mode "pd": one prefill + one decode worker; "mixed": one mixed worker. Overrides are any
-        top-level key, a section as a dict (`router={...}`), or a flat key: host, port, api_key,
-        routing_policy, tokenizer_replicas, kv_transfer_backend, kv_transfer_timeout_s and the
-        scheduler's keys. None means "not given" (the default), as from an unset CLI flag.
+        top-level key, a section as a dict (`router={...}`; `kv_transfer="tcp"` names the
+        backend), or a flat key: host, port, api_key, routing_policy, tokenizer_replicas,
+        kv_transfer_backend, kv_transfer_timeout_s and the scheduler's keys. None means "not
+        given" (the default), as from an unset CLI flag.
         """
         _check(mode in FOR_MODEL_MODES, "mode", mode, f"one of {list(FOR_MODEL_MODES)}")
         d: dict[str, Any] = {"model": str(model_path)}
@@ -234,6 +235,8 @@ class Topology:
         unknown = sorted(set(given) - set(allowed))
         if unknown:
             raise ValueError(f"unknown option(s) {unknown}: expected some of {allowed}")
+        if isinstance(given.get("kv_transfer"), str):  # kv_transfer="tcp": the backend
+            given["kv_transfer"] = {"backend": given["kv_transfer"]}
         for key, value in given.items():
             if key in top_keys:
                 merge = key in _SECTIONS and isinstance(value, dict)

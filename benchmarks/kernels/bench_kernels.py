@@ -12,11 +12,13 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 import triton
+from triton.runtime.errors import OutOfResources
 from triton.testing import do_bench
 
 from pdserve.config import RopeScaling
@@ -55,8 +57,13 @@ def bench_us(fn: Callable[[], object], warmup: int = 25, rep: int = 100) -> floa
 # ---- inputs ----------------------------------------------------------------------------------
 
 
-def paged_kv(seq_lens: list[int], dim: int, dtype: torch.dtype, page_size: int = PAGE,
-             num_kv_heads: int = HKV) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def paged_kv(
+    seq_lens: list[int],
+    dim: int,
+    dtype: torch.dtype,
+    page_size: int = PAGE,
+    num_kv_heads: int = HKV,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Random caches [P, page, Hkv, D] and a page table whose pages are scattered over the pool."""
     per_seq = [math.ceil(n / page_size) for n in seq_lens]
     num_pages = sum(per_seq) + 1
@@ -99,8 +106,9 @@ def check_extend(dtype: torch.dtype) -> tuple[float, float]:
     k, v, table = paged_kv(seq_lens, 64, dtype)
     q = torch.randn((sum(ext_lens), HQ, 64), dtype=dtype, device=DEV)
     starts = [0] + torch.tensor(ext_lens).cumsum(0).tolist()[:-1]
-    out = ext.extend_attention(q, k, v, table, i32(seq_lens), i32(ext_lens), i32(starts),
-                               max(ext_lens), 0.125)  # fmt: skip
+    out = ext.extend_attention(
+        q, k, v, table, i32(seq_lens), i32(ext_lens), i32(starts), max(ext_lens), 0.125
+    )
     return errors(out, extend_attention_ref(q, k, v, table, seq_lens, ext_lens, 0.125))
 
 
@@ -166,14 +174,15 @@ def decode_inputs(batch: int, ctx: int, dim: int) -> tuple[torch.Tensor, ...]:
 def sdpa_us(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool) -> str:
     """q: [B, Hq, Lq, D], k/v: [B, Hkv, Lk, D] unpaged; SDPA picks its fastest kernel."""
     try:
-        fn = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, enable_gqa=True)  # noqa: E731
+        fn = partial(F.scaled_dot_product_attention, q, k, v, is_causal=is_causal, enable_gqa=True)
         return f"{bench_us(fn):.1f}"
     except RuntimeError as e:
         return f"failed ({str(e).splitlines()[0][:40]})"
 
 
-def flashinfer_decode_us(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         table: torch.Tensor, ctx: int) -> float | None:
+def flashinfer_decode_us(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, ctx: int
+) -> float | None:
     try:
         import flashinfer
     except ImportError:
@@ -181,7 +190,8 @@ def flashinfer_decode_us(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     batch, pages = table.shape
     try:
         wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            torch.empty(128 << 20, dtype=torch.uint8, device=DEV), "NHD")
+            torch.empty(128 << 20, dtype=torch.uint8, device=DEV), "NHD"
+        )
         indptr = torch.arange(0, batch + 1, dtype=torch.int32, device=DEV) * pages
         last = torch.full((batch,), ctx - (pages - 1) * PAGE, dtype=torch.int32, device=DEV)
         wrapper.plan(indptr, table.reshape(-1), last, HQ, HKV, q.shape[-1], PAGE, data_type=BF16)
@@ -191,97 +201,122 @@ def flashinfer_decode_us(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return None
 
 
-def time_decode() -> list[Row]:
-    rows = []
-    for batch, ctx, dim in DECODE_SHAPES:
-        q, k, v, table, lens = decode_inputs(batch, ctx, dim)
-        kv_bytes = 2 * batch * ctx * HKV * dim * 2
-        us = bench_us(lambda: dec.decode_attention(q, k, v, table, lens, dim**-0.5,
-                                                   max_seq_len=ctx))  # fmt: skip
-        k_flat = torch.randn((batch, HKV, ctx, dim), dtype=BF16, device=DEV)
-        base = f"SDPA unpaged {sdpa_us(q[:, :, None], k_flat, torch.randn_like(k_flat), False)}"
-        del k_flat
-        fi = flashinfer_decode_us(q, k, v, table, ctx)
-        if fi is not None:
-            base += f"; FlashInfer {fi:.1f}"
-        splits = dec.choose_num_splits(batch, HKV, q.device, ctx)
-        rows.append(Row("decode", f"{batch}x{ctx} D{dim} s{splits}", us,
-                        f"{kv_bytes / us / 1e6:.2f} TB/s",
-                        f"{100 * kv_bytes / us / 1e6 / 3.0:.0f}%", base))  # fmt: skip
-        del q, k, v, table
-    return rows
+def decode_row(batch: int, ctx: int, dim: int) -> Row:
+    q, k, v, table, lens = decode_inputs(batch, ctx, dim)
+    kv_bytes = 2 * batch * ctx * HKV * dim * 2
+    us = bench_us(lambda: dec.decode_attention(q, k, v, table, lens, dim**-0.5, max_seq_len=ctx))
+    k_flat = torch.randn((batch, HKV, ctx, dim), dtype=BF16, device=DEV)
+    base = f"SDPA unpaged {sdpa_us(q[:, :, None], k_flat, torch.randn_like(k_flat), False)}"
+    fi = flashinfer_decode_us(q, k, v, table, ctx)
+    if fi is not None:
+        base += f"; FlashInfer {fi:.1f}"
+    splits = dec.choose_num_splits(batch, HKV, q.device, ctx)
+    tbps = kv_bytes / us / 1e6
+    return Row(
+        "decode",
+        f"{batch}x{ctx} D{dim} s{splits}",
+        us,
+        f"{tbps:.2f} TB/s",
+        f"{100 * tbps / 3.0:.0f}%",
+        base,
+    )
 
 
-SWEEP = [(32, 2, 2), (32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 4, 2), (128, 8, 2),
-         (128, 8, 3)]  # fmt: skip
-
-
-def sweep_decode() -> None:
-    for batch, ctx, dim in DECODE_SHAPES:
-        q, k, v, table, lens = decode_inputs(batch, ctx, dim)
-        kv_bytes = 2 * batch * ctx * HKV * dim * 2
-        found = []
-        for block_n, warps, stages in SWEEP:
-            for splits in (1, 2, 4, 8, 16):
-                cfg = dec.DecodeConfig(block_n, warps, stages, splits)
-                fn = lambda cfg=cfg: dec.decode_attention(q, k, v, table, lens, 0.1, config=cfg)  # noqa: E731
+def sweep_decode_shape(batch: int, ctx: int, dim: int) -> None:
+    q, k, v, table, lens = decode_inputs(batch, ctx, dim)
+    kv_bytes = 2 * batch * ctx * HKV * dim * 2
+    found = []
+    for block_n, warps, stages in SWEEP:
+        for splits in (1, 2, 4, 8, 16):
+            cfg = dec.DecodeConfig(block_n, warps, stages, splits)
+            fn = partial(dec.decode_attention, q, k, v, table, lens, 0.1, config=cfg)
+            try:
                 found.append((bench_us(fn, warmup=5, rep=20), cfg))
-        found.sort(key=lambda t: t[0])
-        for us, cfg in found[:3]:
-            print(f"sweep decode {batch}x{ctx} D{dim}: {us:7.1f} us "
-                  f"{100 * kv_bytes / us / 1e6 / 3.0:4.0f}%  {cfg}")  # fmt: skip
-        auto = dec.choose_num_splits(batch, HKV, q.device, ctx)
-        print(f"  (auto num_splits={auto})")
-        del q, k, v, table
+            except OutOfResources:
+                print(f"  {cfg}: out of resources")
+    found.sort(key=lambda t: t[0])
+    for us, cfg in found[:3]:
+        pct = 100 * kv_bytes / us / 1e6 / 3.0
+        print(f"sweep decode {batch}x{ctx} D{dim}: {us:7.1f} us {pct:4.0f}%  {cfg}")
+    print(f"  (auto num_splits={dec.choose_num_splits(batch, HKV, q.device, ctx)})")
 
 
+SWEEP = [
+    (32, 2, 2),
+    (32, 4, 3),
+    (64, 4, 2),
+    (64, 4, 3),
+    (64, 8, 3),
+    (128, 4, 2),
+    (128, 8, 2),
+    (128, 8, 3),
+]
 EXTEND_SHAPES = [(1, 0, 4096, 128), (8, 0, 1024, 128), (8, 3072, 1024, 128), (4, 0, 2048, 64)]
 PAGE_COPY_POOL_PAGES, PAGE_COPY_MB = 512, (4, 64, 256)  # pool of 2 MB pages (32 layers)
 ELEMENTWISE_TOKENS = 4096
 
 
-def time_extend() -> list[Row]:
+def extend_row(batch: int, prefix: int, new: int, dim: int) -> Row:
+    seq = prefix + new
+    k, v, table = paged_kv([seq] * batch, dim, BF16)
+    q = torch.randn((batch * new, HQ, dim), dtype=BF16, device=DEV)
+    lens, ext_lens = i32([seq] * batch), i32([new] * batch)
+    starts = i32([b * new for b in range(batch)])
+    fn = partial(ext.extend_attention, q, k, v, table, lens, ext_lens, starts, new, dim**-0.5)
+    us = bench_us(fn)
+    flops = 4 * batch * HQ * dim * (new * prefix + new * (new + 1) / 2)
+    base = "-"
+    if prefix == 0:
+        qs = q.view(batch, new, HQ, dim).transpose(1, 2)
+        ks = torch.randn((batch, HKV, new, dim), dtype=BF16, device=DEV)
+        base = f"SDPA causal {sdpa_us(qs, ks, torch.randn_like(ks), True)}"
+    tflops = flops / us / 1e6
+    return Row(
+        "extend",
+        f"{batch}x(prefix {prefix} + {new}) D{dim}",
+        us,
+        f"{tflops:.0f} TFLOP/s",
+        f"{100 * tflops / 800:.0f}%",
+        base,
+    )
+
+
+def page_copy_rows(pool: torch.Tensor, megabytes: int) -> list[Row]:
+    page_bytes = pool[:, :, 0].numel() * pool.element_size()
+    ids = torch.randperm(pool.shape[2] - 1, device=DEV)[: megabytes * 2**20 // page_bytes] + 1
+    staging = pc.gather_pages(pool, ids)
+    nbytes = staging.numel() * staging.element_size()
+    cases = [
+        (
+            "gather_pages",
+            partial(pc.gather_pages, pool, ids, out=staging),
+            partial(torch.index_select, pool, 2, ids, out=staging),
+        ),
+        (
+            "scatter_pages",
+            partial(pc.scatter_pages, pool, ids, staging),
+            partial(pool.index_copy_, 2, ids, staging),
+        ),
+    ]
     rows = []
-    for batch, prefix, new, dim in EXTEND_SHAPES:
-        seq = prefix + new
-        k, v, table = paged_kv([seq] * batch, dim, BF16)
-        q = torch.randn((batch * new, HQ, dim), dtype=BF16, device=DEV)
-        lens, ext_lens, starts = i32([seq] * batch), i32([new] * batch), i32(
-            [b * new for b in range(batch)])
-        us = bench_us(lambda: ext.extend_attention(q, k, v, table, lens, ext_lens, starts, new,
-                                                   dim**-0.5))  # fmt: skip
-        flops = 4 * batch * HQ * dim * (new * prefix + new * (new + 1) / 2)
-        base = "-"
-        if prefix == 0:
-            qs = q.view(batch, new, HQ, dim).transpose(1, 2)
-            ks = torch.randn((batch, HKV, new, dim), dtype=BF16, device=DEV)
-            base = f"SDPA causal {sdpa_us(qs, ks, torch.randn_like(ks), True)}"
-        rows.append(Row("extend", f"{batch}x(prefix {prefix} + {new}) D{dim}", us,
-                        f"{flops / us / 1e6:.0f} TFLOP/s",
-                        f"{100 * flops / us / 1e6 / 800:.0f}%", base))  # fmt: skip
+    for name, fn, torch_fn in cases:
+        us, base = bench_us(fn), bench_us(torch_fn)
+        rows.append(
+            Row(
+                name,
+                f"{megabytes} MB ({len(ids)} pages x {pool.shape[0]} layers)",
+                us,
+                f"{nbytes / us / 1e3:.0f} GB/s",
+                f"{100 * 2 * nbytes / us / 3e6:.0f}%",
+                f"torch index {base:.1f} ({nbytes / base / 1e3:.0f} GB/s)",
+            )
+        )
     return rows
 
 
 def time_page_copy() -> list[Row]:
-    rows = []
     pool = torch.randn((32, 2, PAGE_COPY_POOL_PAGES, PAGE, HKV, 128), dtype=BF16, device=DEV)
-    page_bytes = pool[:, :, 0].numel() * 2  # 2 MB: 32 layers x K, V x 32 KB
-    for mb in PAGE_COPY_MB:
-        ids = torch.randperm(PAGE_COPY_POOL_PAGES - 1, device=DEV)[: mb * 2**20 // page_bytes] + 1
-        staging = pc.gather_pages(pool, ids)
-        nbytes = staging.numel() * 2
-        for name, fn, torch_fn in (
-            ("gather_pages", lambda: pc.gather_pages(pool, ids, out=staging),
-             lambda: torch.index_select(pool, 2, ids, out=staging)),
-            ("scatter_pages", lambda: pc.scatter_pages(pool, ids, staging),
-             lambda: pool.index_copy_(2, ids, staging)),
-        ):  # fmt: skip
-            us, base = bench_us(fn), bench_us(torch_fn)
-            rows.append(Row(name, f"{mb} MB ({len(ids)} pages x 32 layers)", us,
-                            f"{nbytes / us / 1e3:.0f} GB/s",
-                            f"{100 * 2 * nbytes / us / 1e6 / 3.0:.0f}%",
-                            f"torch index {base:.1f} ({nbytes / base / 1e3:.0f} GB/s)"))  # fmt: skip
-    return rows
+    return [row for mb in PAGE_COPY_MB for row in page_copy_rows(pool, mb)]
 
 
 def time_elementwise() -> list[Row]:
@@ -294,21 +329,48 @@ def time_elementwise() -> list[Row]:
     cache = rope_cos_sin_cache(128, 8192, 500000.0, RopeScaling(), DEV)
     pos = torch.randint(0, 8192, (tokens,), device=DEV)
     cases = [
-        ("rms_norm", f"{tokens}x{hidden}", 2 * x.nbytes, lambda: norm.rms_norm(x, w, 1e-6),
-         lambda: rms_norm_ref(x, w, 1e-6)),
-        ("fused_add_rms_norm", f"{tokens}x{hidden}", 4 * x.nbytes,
-         lambda: norm.fused_add_rms_norm(x, res, w, 1e-6),
-         lambda: fused_add_rms_norm_ref(x, res, w, 1e-6)),
-        ("silu_and_mul", f"{tokens}x{inter}", gate_up.nbytes * 3 // 2,
-         lambda: act.silu_and_mul(gate_up), lambda: silu_and_mul_ref(gate_up)),
-        ("rotary (in place)", f"{tokens}x({HQ}+{HKV})x128", 2 * (q.nbytes + k.nbytes),
-         lambda: rot.apply_rotary_(q, k, pos, cache), lambda: apply_rotary_ref(q, k, pos, cache)),
-    ]  # fmt: skip
+        (
+            "rms_norm",
+            f"{tokens}x{hidden}",
+            2 * x.nbytes,
+            lambda: norm.rms_norm(x, w, 1e-6),
+            lambda: rms_norm_ref(x, w, 1e-6),
+        ),
+        (
+            "fused_add_rms_norm",
+            f"{tokens}x{hidden}",
+            4 * x.nbytes,
+            lambda: norm.fused_add_rms_norm(x, res, w, 1e-6),
+            lambda: fused_add_rms_norm_ref(x, res, w, 1e-6),
+        ),
+        (
+            "silu_and_mul",
+            f"{tokens}x{inter}",
+            gate_up.nbytes * 3 // 2,
+            lambda: act.silu_and_mul(gate_up),
+            lambda: silu_and_mul_ref(gate_up),
+        ),
+        (
+            "rotary (in place)",
+            f"{tokens}x({HQ}+{HKV})x128",
+            2 * (q.nbytes + k.nbytes),
+            lambda: rot.apply_rotary_(q, k, pos, cache),
+            lambda: apply_rotary_ref(q, k, pos, cache),
+        ),
+    ]
     rows = []
     for name, shape, nbytes, fn, ref_fn in cases:
         us, base = bench_us(fn), bench_us(ref_fn)
-        rows.append(Row(name, shape, us, f"{nbytes / us / 1e6:.2f} TB/s",
-                        f"{100 * nbytes / us / 1e6 / 3.0:.0f}%", f"torch {base:.1f}"))  # fmt: skip
+        rows.append(
+            Row(
+                name,
+                shape,
+                us,
+                f"{nbytes / us / 1e6:.2f} TB/s",
+                f"{100 * nbytes / us / 1e6 / 3.0:.0f}%",
+                f"torch {base:.1f}",
+            )
+        )
     return rows
 
 
@@ -327,12 +389,17 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also sweep decode launch configs")
     args = parser.parse_args()
     torch.manual_seed(0)
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-          f"triton {triton.__version__}")  # fmt: skip
+    print(
+        f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+        f"triton {triton.__version__}"
+    )
     all_ok = run_checks()
     if args.sweep:
-        sweep_decode()
-    rows = time_decode() + time_extend() + time_page_copy() + time_elementwise()
+        for shape in DECODE_SHAPES:
+            sweep_decode_shape(*shape)
+    rows = [decode_row(*shape) for shape in DECODE_SHAPES]
+    rows += [extend_row(*shape) for shape in EXTEND_SHAPES]
+    rows += time_page_copy() + time_elementwise()
     print(f"\ncorrectness: {'all PASS' if all_ok else 'FAILURES above'}")
     print_table(rows)
 

@@ -51,6 +51,21 @@ def token_pool(tokenizer: Any) -> np.ndarray:
     return ids
 
 
+def text_token_pool(tokenizer: Any) -> np.ndarray:
+    """Ordinary ids that decode alone to whole characters and re-encode to themselves.
+
+    Random byte-level pieces would decode to U+FFFD, which re-encodes to several tokens, so a
+    prompt built from them grows on every round trip; these ids keep the length steady.
+    """
+    ids = token_pool(tokenizer)
+    texts = tokenizer.batch_decode([[int(i)] for i in ids])
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    keep = [
+        int(i) for i, text, enc in zip(ids, texts, encoded) if enc == [i] and "\ufffd" not in text
+    ]
+    return np.array(keep, dtype=np.int64) if keep else ids
+
+
 def sample_lengths(
     num: int, mean_len: int, range_ratio: float, rng: np.random.Generator
 ) -> np.ndarray:
@@ -89,7 +104,7 @@ def random_text_requests(
 ) -> list[BenchRequest]:
     """Prompts as text that re-encodes to about the sampled number of tokens."""
     rng = np.random.default_rng(seed)
-    pool = token_pool(tokenizer)
+    pool = text_token_pool(tokenizer)
     in_lens = sample_lengths(num_prompts, input_len, range_ratio, rng)
     out_lens = sample_lengths(num_prompts, output_len, range_ratio, rng)
     requests = []
@@ -104,21 +119,23 @@ def fit_text(
 ) -> tuple[str, int]:
     """Random text of `target_len` tokens: decode, re-encode, trim or pad, repeat.
 
-    Decoding random ids can merge or split tokens (byte-level pieces, spaces), so one round is
-    not enough; returns the text and its true length, which may stay a token or two off.
+    Neighbouring tokens can merge or split when the text is re-encoded, so one round is not
+    enough; returns the text and its true length, which in rare cases stays a token or two off.
     """
     ids = rng.choice(pool, size=target_len).tolist()
+    best_text, best_len = "", 0
     for _ in range(_MAX_FIT_ROUNDS):
         text = tokenizer.decode(ids, skip_special_tokens=True)
         ids = tokenizer.encode(text, add_special_tokens=False)
+        if not best_text or abs(len(ids) - target_len) < abs(best_len - target_len):
+            best_text, best_len = text, len(ids)
         if len(ids) == target_len:
-            return text, target_len
+            break
         if len(ids) > target_len:
             ids = ids[:target_len]
         else:
             ids = ids + rng.choice(pool, size=target_len - len(ids)).tolist()
-    text = tokenizer.decode(ids, skip_special_tokens=True)
-    return text, len(tokenizer.encode(text, add_special_tokens=False))
+    return best_text, best_len
 
 
 def build_requests(

@@ -18,8 +18,11 @@ from pdserve.config import SCHEDULER_KEYS, EngineConfig
 
 logger = logging.getLogger(__name__)
 
+# Engine options the CLI may carry; `seed` stays out: --seed picks the prompts (decoding is greedy).
 ENGINE_OPTION_KEYS = tuple(
-    f.name for f in dataclasses.fields(EngineConfig) if f.name not in ("model_path", "scheduler")
+    f.name
+    for f in dataclasses.fields(EngineConfig)
+    if f.name not in ("model_path", "scheduler", "seed")
 ) + tuple(SCHEDULER_KEYS)
 
 

@@ -72,6 +72,7 @@ class ServeConfig:
 class ServeRun:
     config: ServeConfig
     model: str
+    tokenizer: str | None  # what the prompts were built with; None: random token ids
     requests: list[BenchRequest]
     results: list[RequestResult]
     summary: ServeSummary
@@ -204,21 +205,34 @@ async def _run_requests(
     return list(results)
 
 
-async def _served_model(client: httpx.AsyncClient) -> str:
-    resp = await client.get("/v1/models")
-    if resp.status_code != 200:
-        raise ValueError(f"GET /v1/models gave HTTP {resp.status_code}: pass --model NAME")
-    models = resp.json().get("data") or []
-    if not models:
-        raise ValueError("the server lists no models at /v1/models: pass --model NAME")
-    return str(models[0]["id"])
-
-
-def _tokenizer_for(config: ServeConfig, model: str) -> Any | None:
-    if config.tokenizer is not None:
-        return load_tokenizer(config.tokenizer)  # asked for by name: failing is an error
+async def _listed_models(client: httpx.AsyncClient) -> list[dict[str, Any]]:
     try:
-        return load_tokenizer(model)
+        resp = await client.get("/v1/models")
+        return (resp.json().get("data") or []) if resp.status_code == 200 else []
+    except (httpx.HTTPError, ValueError, AttributeError):  # down, or not an OpenAI model list
+        return []
+
+
+async def _resolve_model(client: httpx.AsyncClient, config: ServeConfig) -> tuple[str, str]:
+    """The model name to send, and where its tokenizer is: --tokenizer, else the served model's
+    `root` when that is a directory here (vLLM and pdserve list it), else the model name."""
+    models = await _listed_models(client)
+    if config.model is not None:
+        entry = next((m for m in models if m.get("id") == config.model), {"id": config.model})
+    elif models:
+        entry = models[0]
+    else:
+        raise ValueError("the server lists no models at /v1/models: pass --model NAME")
+    root = entry.get("root")
+    local_root = root if isinstance(root, str) and os.path.isdir(root) else None
+    return str(entry["id"]), config.tokenizer or local_root or str(entry["id"])
+
+
+def _load_tokenizer(config: ServeConfig, name: str) -> Any | None:
+    if config.tokenizer is not None:
+        return load_tokenizer(name)  # asked for by name: failing is an error
+    try:
+        return load_tokenizer(name)
     except ValueError as e:
         logger.warning("%s; sending prompts as random token ids below %d", e, config.vocab_size)
         return None
@@ -250,8 +264,8 @@ def _client(config: ServeConfig, api_key: str | None) -> httpx.AsyncClient:
 
 async def run_serve(config: ServeConfig, api_key: str | None = None) -> ServeRun:
     async with _client(config, api_key) as client:
-        model = config.model or await _served_model(client)
-        tokenizer = _tokenizer_for(config, model)
+        model, tokenizer_name = await _resolve_model(client, config)
+        tokenizer = _load_tokenizer(config, tokenizer_name)
         if tokenizer is None and config.is_chat:
             raise ValueError("a chat endpoint needs text prompts: pass --tokenizer PATH")
         requests = _sample(config, tokenizer, config.num_prompts, config.seed)
@@ -262,7 +276,8 @@ async def run_serve(config: ServeConfig, api_key: str | None = None) -> ServeRun
         results = await _run_requests(client, config, model, requests)
         duration = time.perf_counter() - start
     summary = summarize_serve(results, duration, config.slo_ttft_ms, config.slo_tpot_ms)
-    return ServeRun(config, model, requests, results, summary)
+    used = tokenizer_name if tokenizer is not None else None
+    return ServeRun(config, model, used, requests, results, summary)
 
 
 def _jsonable(value: Any) -> Any:
@@ -274,6 +289,7 @@ def run_json(run: ServeRun) -> dict[str, Any]:
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model_id": run.model,
+        "tokenizer": run.tokenizer,
         "config": {k: _jsonable(v) for k, v in asdict(run.config).items()},
         **run.summary.flat(),
         "input_lens": [r.prompt_len for r in run.results],
@@ -290,6 +306,7 @@ def handle(args: Any) -> int:
     fields = ServeConfig.__dataclass_fields__
     config = ServeConfig(**{name: getattr(args, name) for name in fields})
     api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
     run = asyncio.run(run_serve(config, api_key))
     print(format_serve_table(run.summary))
     if args.output_json:

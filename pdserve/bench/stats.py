@@ -178,7 +178,7 @@ def _title(text: str, fill: str) -> str:
 
 def _row(label: str, value: float | int) -> str:
     shown = f"{value:.2f}" if isinstance(value, float) else str(value)
-    return f"{label:<40} {shown:<10}"
+    return f"{label:<40} {shown}"
 
 
 def _metric_rows(section: str, short: str, stats: MetricStats) -> list[str]:

@@ -272,6 +272,7 @@ def decode_attention(
         raise ValueError(f"num_splits must be in [1, 64], got {num_splits}")
     group = num_q_heads // num_kv_heads
     block_d = max(16, triton.next_power_of_2(head_dim))
+    block_h = max(16, triton.next_power_of_2(group))  # tl.dot needs 16 rows
     direct = num_splits == 1
     if direct:
         part_out = out.new_empty((1, 1, 1, 1), dtype=torch.float32)
@@ -290,7 +291,7 @@ def decode_attention(
         part_out.stride(0), part_out.stride(1), part_out.stride(2),
         part_lse.stride(0), part_lse.stride(1),
         out.stride(0), out.stride(1),
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_H=max(16, triton.next_power_of_2(group)),
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_H=block_h,
         BLOCK_N=cfg.block_n, PAGE_SIZE=page_size, DIRECT_OUT=direct,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -1,7 +1,8 @@
 """Triton RMSNorm and fused residual-add + RMSNorm, one program per row.
 
-Rounds like the torch reference (`norm_ref.py`): statistics in float32, the normalized row cast to the
-input dtype before the weight is applied, the residual sum rounded to the model dtype before its norm.
+Rounds like the torch reference (`norm_ref.py`): statistics in float32, the normalized row cast to
+the input dtype before the weight is applied, the residual sum rounded to the model dtype before its
+norm.
 """
 
 from __future__ import annotations

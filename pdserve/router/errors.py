@@ -79,11 +79,15 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     if first.get("type") == "json_invalid":
         return f"malformed JSON body: {first.get('msg', '')}", None
-    param = ".".join(loc) or None
+    param = loc[0] if loc else None  # the top-level field, as OpenAI's `param`
     msg = first.get("msg", "invalid value")
-    if len(errors) > 1:
+    fields = {str(e.get("loc", ("", ""))[1:2]) for e in errors}
+    if len(errors) > 1 and len(fields) == 1:
+        msg = f"{msg} (the value matches none of the accepted types)"  # a union's members
+    elif len(errors) > 1:
         msg += f" (and {len(errors) - 1} more error(s))"
-    return (f"{param}: {msg}" if param else msg), param
+    where = ".".join(loc)
+    return (f"{where}: {msg}" if where else msg), param
 
 
 def install_error_handlers(app: FastAPI) -> None:

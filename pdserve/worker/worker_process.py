@@ -69,7 +69,7 @@ class WorkerProcess:
         self.to_prefills = [Outbox(a) for a in spec.get("prefill_inboxes", [])]
         self.to_decodes = [Outbox(a) for a in spec.get("decode_inboxes", [])]
         self.kv_timeout_s: float = spec.get("kv_timeout_s", 30.0)
-        self.report_interval_s: float = spec.get("report_interval_s", 0.5)
+        self.report_interval_s: float = spec.get("report_interval_s", 0.2)
         self.pending_admission: list[Request] = []  # decode: waiting for pages
         self.kv_receiver = None
         self.kv_sender = None

@@ -74,7 +74,7 @@ def make_paged_kv(
 
 def random_lens(batch: int, low: int, high: int, page_size: int) -> list[int]:
     lens = torch.randint(low, high + 1, (batch,)).tolist()
-    edges = [low, page_size, page_size + 1, high]  # boundary lengths first, when batch allows
+    edges = [high, low, page_size, page_size + 1]  # boundary lengths first, as batch allows
     return [min(max(e, low), high) for e in edges[: min(batch, 4)]] + lens[4:]
 
 
@@ -94,9 +94,15 @@ DECODE_CASES = [
 
 @pytest.mark.parametrize("batch,hq,hkv,dim,page_size,dtype,num_splits,max_len", DECODE_CASES)
 def test_decode_attention_matches_reference(
-    batch: int, hq: int, hkv: int, dim: int, page_size: int, dtype: torch.dtype,
-    num_splits: int | None, max_len: int,
-) -> None:  # fmt: skip
+    batch: int,
+    hq: int,
+    hkv: int,
+    dim: int,
+    page_size: int,
+    dtype: torch.dtype,
+    num_splits: int | None,
+    max_len: int,
+) -> None:
     from pdserve.kernels.triton_decode_attention import DecodeConfig, decode_attention
 
     lens = random_lens(batch, 1, max_len, page_size)
@@ -104,8 +110,9 @@ def test_decode_attention_matches_reference(
     q = torch.randn((batch, hq, dim), dtype=dtype, device=DEVICE)
     seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
     scale = dim**-0.5
-    out = decode_attention(q, k_cache, v_cache, page_table, seq_lens, scale,
-                           config=DecodeConfig(num_splits=num_splits))  # fmt: skip
+    out = decode_attention(
+        q, k_cache, v_cache, page_table, seq_lens, scale, config=DecodeConfig(num_splits=num_splits)
+    )
     ref = decode_attention_ref(q, k_cache, v_cache, page_table, seq_lens, scale)
     assert_rel_close(out, ref, dtype)
 
@@ -153,9 +160,15 @@ EXTEND_CASES = [
 
 @pytest.mark.parametrize("batch,hq,hkv,dim,page_size,dtype,max_prefix,max_extend", EXTEND_CASES)
 def test_extend_attention_matches_reference(
-    batch: int, hq: int, hkv: int, dim: int, page_size: int, dtype: torch.dtype,
-    max_prefix: int, max_extend: int,
-) -> None:  # fmt: skip
+    batch: int,
+    hq: int,
+    hkv: int,
+    dim: int,
+    page_size: int,
+    dtype: torch.dtype,
+    max_prefix: int,
+    max_extend: int,
+) -> None:
     from pdserve.kernels.triton_extend_attention import extend_attention
 
     extend_lens = random_lens(batch, 1, max_extend, page_size)
@@ -166,8 +179,17 @@ def test_extend_attention_matches_reference(
     starts = [0] + torch.tensor(extend_lens).cumsum(0).tolist()[:-1]
     as_dev = lambda xs: torch.tensor(xs, dtype=torch.int32, device=DEVICE)  # noqa: E731
     scale = dim**-0.5
-    out = extend_attention(q, k_cache, v_cache, page_table, as_dev(seq_lens), as_dev(extend_lens),
-                           as_dev(starts), max(extend_lens), scale)  # fmt: skip
+    out = extend_attention(
+        q,
+        k_cache,
+        v_cache,
+        page_table,
+        as_dev(seq_lens),
+        as_dev(extend_lens),
+        as_dev(starts),
+        max(extend_lens),
+        scale,
+    )
     ref = extend_attention_ref(q, k_cache, v_cache, page_table, seq_lens, extend_lens, scale)
     assert_rel_close(out, ref, dtype)
 

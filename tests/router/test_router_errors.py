@@ -12,7 +12,9 @@ COMPLETIONS = "/v1/completions"
 USER_MSG = [{"role": "user", "content": "hi"}]
 
 BAD_BODIES = [
-    pytest.param(CHAT, {"messages": USER_MSG, "temperature": "hot"}, "temperature", id="wrong-type"),
+    pytest.param(
+        CHAT, {"messages": USER_MSG, "temperature": "hot"}, "temperature", id="wrong-type"
+    ),
     pytest.param(CHAT, {"messages": "hi"}, "messages", id="messages-not-a-list"),
     pytest.param(CHAT, {"messages": []}, "messages", id="empty-messages"),
     pytest.param(CHAT, {"messages": [{"role": "wizard", "content": "x"}]}, None, id="bad-role"),
@@ -25,16 +27,22 @@ BAD_BODIES = [
         CHAT, {"messages": USER_MSG, "presence_penalty": 3}, "presence_penalty", id="penalty"
     ),
     pytest.param(
-        CHAT, {"messages": USER_MSG, "logprobs": True, "top_logprobs": 21}, "top_logprobs",
+        CHAT,
+        {"messages": USER_MSG, "logprobs": True, "top_logprobs": 21},
+        "top_logprobs",
         id="top_logprobs>20",
     ),  # fmt: skip
     pytest.param(CHAT, {"messages": USER_MSG, "top_logprobs": 3}, "top_logprobs", id="no-logprobs"),
     pytest.param(
-        CHAT, {"messages": USER_MSG, "min_tokens": 50, "max_tokens": 10}, "min_tokens",
+        CHAT,
+        {"messages": USER_MSG, "min_tokens": 50, "max_tokens": 10},
+        "min_tokens",
         id="min>max",
     ),  # fmt: skip
     pytest.param(
-        CHAT, {"messages": USER_MSG, "continue_final_message": True}, "continue_final_message",
+        CHAT,
+        {"messages": USER_MSG, "continue_final_message": True},
+        "continue_final_message",
         id="continue-without-assistant",
     ),  # fmt: skip
     pytest.param(COMPLETIONS, {"prompt": "x", "logprobs": 6}, "logprobs", id="logprobs>5"),
@@ -42,10 +50,18 @@ BAD_BODIES = [
     pytest.param(COMPLETIONS, {"prompt": ["a", 1]}, "prompt", id="mixed-prompt"),
     pytest.param(COMPLETIONS, {}, "prompt", id="missing-prompt"),
     pytest.param(COMPLETIONS, {"prompt": "x", "stop": [""]}, "stop", id="empty-stop"),
-    pytest.param("/generate", {"text": "x", "sampling_params": {"temperature": -2}},
-                 "temperature", id="generate-bad-sampling"),  # fmt: skip
-    pytest.param("/generate", {"text": "x", "sampling_params": {"colour": 1}}, None,
-                 id="generate-unknown-sampling"),  # fmt: skip
+    pytest.param(
+        "/generate",
+        {"text": "x", "sampling_params": {"temperature": -2}},
+        "temperature",
+        id="generate-bad-sampling",
+    ),  # fmt: skip
+    pytest.param(
+        "/generate",
+        {"text": "x", "sampling_params": {"colour": 1}},
+        None,
+        id="generate-unknown-sampling",
+    ),  # fmt: skip
     pytest.param("/generate", {"sampling_params": {}}, "text", id="generate-no-input"),
 ]
 

@@ -7,8 +7,9 @@ import json
 import httpx
 import openai
 import pytest
-from pdserve.protocol import GenerateReq
 from router_fakes import API_KEY, CACHED_TOKENS, MODEL, PROMPT_TOKENS, Cluster
+
+from pdserve.protocol import GenerateReq
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +78,7 @@ def test_chat_n2_gives_two_choices_with_distinct_seeds(
     assert resp.usage.prompt_tokens == PROMPT_TOKENS  # the prompt counted once
     assert resp.usage.completion_tokens == 6
     group = resp.id.removeprefix("chatcmpl-")
-    subs = sorted(
-        (r for r in cluster.requests() if r.rid.startswith(group)), key=lambda r: r.rid
-    )
+    subs = sorted((r for r in cluster.requests() if r.rid.startswith(group)), key=lambda r: r.rid)
     assert [r.sampling["seed"] for r in subs] == [11, 12]
     assert all(r.sampling["n"] == 1 for r in subs)
     assert subs[0].decode_idx == subs[1].decode_idx  # copies of one prompt share a route

@@ -152,7 +152,9 @@ def test_spec_errors_name_the_bad_key() -> None:
     with pytest.raises(ValueError, match="colour"):
         RouterSpec.from_dict(_spec_dict(colour="red"))
     with pytest.raises(ValueError, match="role"):
-        RouterSpec.from_dict(_spec_dict(workers=[{"name": "a", "role": "x", "idx": 0, "inbox": ""}]))
+        RouterSpec.from_dict(
+            _spec_dict(workers=[{"name": "a", "role": "x", "idx": 0, "inbox": ""}])
+        )
     with pytest.raises(ValueError, match="decode or mixed"):
         RouterSpec.from_dict(
             _spec_dict(workers=[{"name": "a", "role": "prefill", "idx": 0, "inbox": "ipc://a"}])
