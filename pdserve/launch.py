@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +58,7 @@ class Cluster:
         self.log_level = log_level
         self.start_timeout_s = start_timeout_s
         self.children: list[Child] = []
+        self._stopping = threading.Event()
         self.ready_info: dict[str, dict[str, Any]] = {}
         self._launcher_inbox_addr = new_ipc_address("launcher")
         self._launcher_inbox: Inbox | None = None
@@ -75,6 +77,7 @@ class Cluster:
         try:
             self._start_all()
             self._wait_healthy()
+            threading.Thread(target=self._watch, name="pdserve-watch", daemon=True).start()
         except BaseException:
             self.stop(grace_s=0)
             raise
@@ -252,6 +255,7 @@ class Cluster:
 
     def stop(self, grace_s: float = 10.0) -> None:
         """Router first (stop accepting, finish running requests within grace_s), then the rest."""
+        self._stopping.set()
         alive = [c for c in self.children if c.proc.poll() is None]
         router = [c for c in alive if c.kind == "router"]
         for child in router:
@@ -270,6 +274,18 @@ class Cluster:
             self._launcher_inbox.close()
             self._launcher_inbox = None
 
+    def _report_death(self, child: Child) -> None:
+        logger.error(
+            "%s exited with code %s; its requests end with an error",
+            child.name,
+            child.proc.returncode,
+        )
+        router = next((c for c in self.children if c.kind == "router"), None)
+        if router is not None and router is not child:
+            self._send(
+                router, protocol.WorkerDied(name=child.name, exit_code=child.proc.returncode or 0)
+            )
+
     def _send(self, child: Child, msg: Any) -> None:
         out = Outbox(child.inbox)
         out.send(msg)
@@ -282,27 +298,24 @@ class Cluster:
         self.stop()
 
     def serve_forever(self, grace_s: float = 30.0) -> None:
-        """Block until SIGINT/SIGTERM, logging children that die; then stop gracefully."""
-        stop = {"now": False}
+        """Block until SIGINT/SIGTERM (the watcher thread reports dying children meanwhile);
+        then stop gracefully."""
+        stop = threading.Event()
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        while not stop.wait(_POLL_S):
+            pass
+        logger.info("stopping: letting running requests finish (up to %.0f s)", grace_s)
+        self.stop(grace_s)
 
-        def on_signal(*_: object) -> None:
-            stop["now"] = True
-
-        signal.signal(signal.SIGINT, on_signal)
-        signal.signal(signal.SIGTERM, on_signal)
+    def _watch(self) -> None:
+        """Watcher thread: a child that exits while the cluster runs is reported to the router."""
         reported: set[str] = set()
-        while not stop["now"]:
+        while not self._stopping.wait(_POLL_S):
             for child in self.dead_children():
                 if child.name not in reported:
                     reported.add(child.name)
-                    logger.error(
-                        "%s exited with code %s; its requests end with an error",
-                        child.name,
-                        child.proc.returncode,
-                    )
-            time.sleep(_POLL_S)
-        logger.info("stopping: letting running requests finish (up to %.0f s)", grace_s)
-        self.stop(grace_s)
+                    self._report_death(child)
 
 
 def _wait_exit(children: list[Child], timeout_s: float) -> None:

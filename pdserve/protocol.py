@@ -95,6 +95,14 @@ class LoadReport:
 
 
 @dataclass
+class WorkerDied:
+    """launcher -> router: a child process exited; its requests end with an error."""
+
+    name: str
+    exit_code: int
+
+
+@dataclass
 class Ready:
     """any child -> launcher: the process finished starting."""
 

@@ -4,7 +4,7 @@
 
 Timings are medians of `triton.testing.do_bench` (L2 flushed between calls), compared with the
 H100's measured rooflines: 3.0 TB/s for a device copy (bytes read + written), 800 TFLOP/s bf16.
-`--sweep` also times the decode kernel over a grid of launch configs and prints the best per shape.
+`--sweep` also times the attention kernels over grids of launch configs, printing the best.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 import triton
 from triton.runtime.errors import OutOfResources
-from triton.testing import do_bench
+from triton.testing import do_bench, do_bench_cudagraph
 
 from pdserve.config import RopeScaling
 from pdserve.kernels import triton_activation as act
@@ -201,10 +201,19 @@ def flashinfer_decode_us(
         return None
 
 
+def graph_us(fn: Callable[[], object]) -> str:
+    """Time inside a CUDA graph: the kernels alone, without Python launch overhead."""
+    try:
+        return f"{do_bench_cudagraph(fn, rep=50, return_mode='median') * 1e3:.1f} us"
+    except RuntimeError as e:
+        return f"failed: {str(e).splitlines()[0][:40]}"
+
+
 def decode_row(batch: int, ctx: int, dim: int) -> Row:
     q, k, v, table, lens = decode_inputs(batch, ctx, dim)
     kv_bytes = 2 * batch * ctx * HKV * dim * 2
-    us = bench_us(lambda: dec.decode_attention(q, k, v, table, lens, dim**-0.5, max_seq_len=ctx))
+    fn = partial(dec.decode_attention, q, k, v, table, lens, dim**-0.5, max_seq_len=ctx)
+    us = bench_us(fn)
     k_flat = torch.randn((batch, HKV, ctx, dim), dtype=BF16, device=DEV)
     base = f"SDPA unpaged {sdpa_us(q[:, :, None], k_flat, torch.randn_like(k_flat), False)}"
     fi = flashinfer_decode_us(q, k, v, table, ctx)
@@ -214,7 +223,7 @@ def decode_row(batch: int, ctx: int, dim: int) -> Row:
     tbps = kv_bytes / us / 1e6
     return Row(
         "decode",
-        f"{batch}x{ctx} D{dim} s{splits}",
+        f"{batch}x{ctx} D{dim} s{splits} (graph {graph_us(fn)})",
         us,
         f"{tbps:.2f} TB/s",
         f"{100 * tbps / 3.0:.0f}%",
@@ -235,10 +244,35 @@ def sweep_decode_shape(batch: int, ctx: int, dim: int) -> None:
             except OutOfResources:
                 print(f"  {cfg}: out of resources")
     found.sort(key=lambda t: t[0])
-    for us, cfg in found[:3]:
+    best_per_split = {cfg.num_splits: (us, cfg) for us, cfg in reversed(found)}
+    for us, cfg in found[:2] + sorted(best_per_split.values(), key=lambda t: t[1].num_splits):
         pct = 100 * kv_bytes / us / 1e6 / 3.0
         print(f"sweep decode {batch}x{ctx} D{dim}: {us:7.1f} us {pct:4.0f}%  {cfg}")
     print(f"  (auto num_splits={dec.choose_num_splits(batch, HKV, q.device, ctx)})")
+
+
+def sweep_extend_shape(batch: int, prefix: int, new: int, dim: int) -> None:
+    seq = prefix + new
+    k, v, table = paged_kv([seq] * batch, dim, BF16)
+    q = torch.randn((batch * new, HQ, dim), dtype=BF16, device=DEV)
+    lens, ext_lens = i32([seq] * batch), i32([new] * batch)
+    starts = i32([b * new for b in range(batch)])
+    flops = 4 * batch * HQ * dim * (new * prefix + new * (new + 1) / 2)
+    found = []
+    for cfg in EXTEND_SWEEP:
+        config = ext.ExtendConfig(*cfg)
+        fn = partial(ext.extend_attention, q, k, v, table, lens, ext_lens, starts, new, 0.1,
+                     config=config)  # fmt: skip
+        try:
+            found.append((bench_us(fn, warmup=5, rep=30), cfg))
+        except OutOfResources:
+            print(f"  {cfg}: out of resources")
+    found.sort(key=lambda t: t[0])
+    for us, cfg in found[:4]:
+        tflops = flops / us / 1e6
+        print(f"sweep extend {batch}x({prefix}+{new}) D{dim}: {us:7.1f} us {tflops:4.0f} TFLOP/s "
+              f"(block_m, block_n, warps, stages)={cfg}")  # fmt: skip
+    print(f"  (default {ext.default_extend_config(dim, BF16)})")
 
 
 SWEEP = [
@@ -250,6 +284,16 @@ SWEEP = [
     (128, 4, 2),
     (128, 8, 2),
     (128, 8, 3),
+]
+EXTEND_SWEEP = [
+    (128, 64, 8, 3),
+    (128, 64, 4, 3),
+    (128, 128, 8, 3),
+    (128, 64, 8, 4),
+    (128, 32, 4, 4),
+    (64, 64, 4, 3),
+    (64, 128, 4, 3),
+    (64, 64, 4, 4),
 ]
 EXTEND_SHAPES = [(1, 0, 4096, 128), (8, 0, 1024, 128), (8, 3072, 1024, 128), (4, 0, 2048, 64)]
 PAGE_COPY_POOL_PAGES, PAGE_COPY_MB = 512, (4, 64, 256)  # pool of 2 MB pages (32 layers)
@@ -386,7 +430,7 @@ def print_table(rows: list[Row]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sweep", action="store_true", help="also sweep decode launch configs")
+    parser.add_argument("--sweep", action="store_true", help="also sweep attention launch configs")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(
@@ -397,6 +441,8 @@ def main() -> None:
     if args.sweep:
         for shape in DECODE_SHAPES:
             sweep_decode_shape(*shape)
+        for shape in (EXTEND_SHAPES[0], EXTEND_SHAPES[2], EXTEND_SHAPES[3]):
+            sweep_extend_shape(*shape)
     rows = [decode_row(*shape) for shape in DECODE_SHAPES]
     rows += [extend_row(*shape) for shape in EXTEND_SHAPES]
     rows += time_page_copy() + time_elementwise()

@@ -26,11 +26,76 @@ class ExtendConfig(NamedTuple):
 
 
 def default_extend_config(head_dim: int, dtype: torch.dtype) -> ExtendConfig:
+    """The fastest of a sweep on an H100 in bf16 (benchmarks/kernels/bench_kernels.py --sweep)."""
     if dtype == torch.float32:
         return ExtendConfig(block_m=32, block_n=32, num_warps=4, num_stages=2)
     if head_dim <= 64:
-        return ExtendConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
-    return ExtendConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
+        return ExtendConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
+    return ExtendConfig(block_m=128, block_n=128, num_warps=8, num_stages=3)
+
+
+@triton.jit
+def _load_rows(
+    base_ptr, row_off, offs_d, mask_n, mask_d, MASK_N: tl.constexpr, EVEN_D: tl.constexpr
+):
+    """[BLOCK_N, BLOCK_D] rows at base_ptr + row_off; masks only where they can be false."""
+    ptrs = base_ptr + row_off[:, None] + offs_d[None, :]
+    if MASK_N:
+        rows = tl.load(ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+    elif EVEN_D:
+        rows = tl.load(ptrs)
+    else:
+        rows = tl.load(ptrs, mask=mask_d[None, :], other=0.0)
+    return rows
+
+
+@triton.jit
+def _extend_step(
+    q,
+    acc,
+    m_i,
+    l_i,
+    k_pos,
+    q_pos,
+    end,
+    page_row,
+    k_base,
+    v_base,
+    stride_kp,
+    stride_ks,
+    stride_vp,
+    stride_vs,
+    scale_log2e,
+    offs_d,
+    mask_d,
+    PAGE_SIZE: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One online-softmax step over keys k_pos ([BLOCK_N]); CAUSAL adds the diagonal's mask."""
+    mask_n = k_pos < end
+    if CAUSAL:
+        page = tl.load(page_row + k_pos // PAGE_SIZE, mask=mask_n, other=0).to(tl.int64)
+    else:
+        page = tl.load(page_row + k_pos // PAGE_SIZE).to(tl.int64)
+    in_page = k_pos % PAGE_SIZE
+    k = _load_rows(
+        k_base, page * stride_kp + in_page * stride_ks, offs_d, mask_n, mask_d, CAUSAL, EVEN_D
+    )  # [BLOCK_N, BLOCK_D]
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e  # [M, N]
+    if CAUSAL:
+        visible = (k_pos[None, :] <= q_pos[:, None]) & mask_n[None, :]
+        qk = tl.where(visible, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = _load_rows(
+        v_base, page * stride_vp + in_page * stride_vs, offs_d, mask_n, mask_d, CAUSAL, EVEN_D
+    )
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
 
 
 @triton.jit
@@ -58,6 +123,7 @@ def _extend_kernel(
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
@@ -91,30 +157,60 @@ def _extend_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     page_row = page_table_ptr + b.to(tl.int64) * stride_ptb
-    # Keys past the block's last query position are masked for every row: stop there.
-    end = tl.minimum(seq_len, prefix_len + m0 + BLOCK_M)
-    for n0 in range(0, end, BLOCK_N):
-        k_pos = n0 + offs_n  # [BLOCK_N]
-        mask_n = k_pos < end
-        page = tl.load(page_row + k_pos // PAGE_SIZE, mask=mask_n, other=0).to(tl.int64)
-        in_page = k_pos % PAGE_SIZE
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k_off = page * stride_kp + in_page * stride_ks + kv_head * stride_kh
-        k = tl.load(k_ptr + k_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e  # [M, N]
-        # Key 0 is visible to every row, so each row's max is finite after the first step.
-        visible = (k_pos[None, :] <= q_pos[:, None]) & mask_n[None, :]
-        qk = tl.where(visible, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-
-        v_off = page * stride_vp + in_page * stride_vs + kv_head * stride_vh
-        v = tl.load(v_ptr + v_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    k_base = k_ptr + kv_head * stride_kh
+    v_base = v_ptr + kv_head * stride_vh
+    # Keys before the block's first query position are visible to every row: no mask there.
+    # The diagonal steps after them mask; each row sees at least its own key in the first one.
+    full_end = (prefix_len + m0) // BLOCK_N * BLOCK_N
+    end = tl.minimum(seq_len, prefix_len + m0 + BLOCK_M)  # later keys are hidden from every row
+    for n0 in range(0, full_end, BLOCK_N):
+        acc, m_i, l_i = _extend_step(
+            q,
+            acc,
+            m_i,
+            l_i,
+            n0 + offs_n,
+            q_pos,
+            end,
+            page_row,
+            k_base,
+            v_base,
+            stride_kp,
+            stride_ks,
+            stride_vp,
+            stride_vs,
+            scale_log2e,
+            offs_d,
+            mask_d,
+            PAGE_SIZE,
+            False,
+            EVEN_D,
+            DOT_PRECISION,
+        )
+    for n0 in range(full_end, end, BLOCK_N):
+        acc, m_i, l_i = _extend_step(
+            q,
+            acc,
+            m_i,
+            l_i,
+            n0 + offs_n,
+            q_pos,
+            end,
+            page_row,
+            k_base,
+            v_base,
+            stride_kp,
+            stride_ks,
+            stride_vp,
+            stride_vs,
+            scale_log2e,
+            offs_d,
+            mask_d,
+            PAGE_SIZE,
+            True,
+            EVEN_D,
+            DOT_PRECISION,
+        )
 
     out = acc / l_i[:, None]
     o_ptrs = out_ptr + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
@@ -212,6 +308,7 @@ def extend_attention(
         return out
     cfg = config or default_extend_config(head_dim, q.dtype)
     grid = (triton.cdiv(max_extend_len, cfg.block_m), num_q_heads, batch)
+    block_d = max(16, triton.next_power_of_2(head_dim))
     _extend_kernel[grid](
         q, k_cache, v_cache, out, page_table, seq_lens, extend_lens, extend_starts,
         scale * _LOG2E,
@@ -221,7 +318,7 @@ def extend_attention(
         out.stride(0), out.stride(1),
         page_table.stride(0),
         GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim,
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_D=block_d, EVEN_D=block_d == head_dim,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PAGE_SIZE=page_size,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -148,7 +148,7 @@ class TcpSender(KVSender):
         self, rid: str, decode_idx: int, src_pages: list[int], dst_pages: list[int], deadline: float
     ) -> int:
         page_nbytes = self.buffer[:, :, 0].numel() * self.buffer.element_size()
-        per_chunk = max(1, self.chunk_bytes // page_nbytes) + 1
+        per_chunk = max(1, self.chunk_bytes // page_nbytes)
         sock = self._socks[decode_idx]
         num_bytes = 0
         for start in range(0, len(src_pages), per_chunk):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import threading
 import time
 from typing import Any
@@ -33,6 +32,7 @@ from pdserve.protocol import (
     Ready,
     ReqOutput,
     Shutdown,
+    WorkerDied,
 )
 from pdserve.router.errors import APIError
 from pdserve.router.metrics import RouterMetrics
@@ -42,9 +42,6 @@ from pdserve.router.spec import RouterSpec
 from pdserve.router.worker_registry import WorkerRegistry, WorkerState
 
 logger = logging.getLogger(__name__)
-
-# `Abort(rid="", message="worker <name> died")` on the router's inbox: the launcher saw it die.
-_WORKER_DIED = re.compile(r"^worker (\S+) died")
 
 
 def finish_label(out: ReqOutput) -> str:
@@ -258,10 +255,12 @@ class Router:
     # ------------------------------------------------------------------ inbox
 
     async def _recv_loop(self) -> None:
-        assert self.from_peers is not None
+        inbox = self.from_peers
+        if inbox is None:
+            raise RuntimeError("router inbox is not open: call start() first")
         while True:
             try:
-                msg = await self.from_peers.recv()
+                msg = await inbox.recv()
             except (ValueError, TypeError) as e:  # a malformed message: drop it, keep serving
                 logger.error("undecodable message on the router inbox dropped: %s", e)
                 continue
@@ -277,6 +276,8 @@ class Router:
             self.workers.on_report(msg, time.monotonic())
         elif isinstance(msg, Abort):
             self._on_control_abort(msg)
+        elif isinstance(msg, WorkerDied):
+            self.mark_unhealthy(msg.name, f"worker {msg.name} died (exit code {msg.exit_code})")
         elif isinstance(msg, Shutdown):
             logger.info("shutdown requested (grace %.1f s)", msg.grace_s)
             self.shutdown_grace_s = msg.grace_s
@@ -285,10 +286,7 @@ class Router:
             logger.warning("unexpected %s on the router inbox ignored", type(msg).__name__)
 
     def _on_control_abort(self, msg: Abort) -> None:
-        died = _WORKER_DIED.match(msg.message)
-        if died and not msg.rid:
-            self.mark_unhealthy(died.group(1), msg.message)
-        elif msg.abort_all:
+        if msg.abort_all:
             self.abort_all(msg.message)
         elif msg.rid:
             self.abort(msg.rid, msg.message)

@@ -127,7 +127,10 @@ async def generate(router: Router, request: Request, body: GenerateRequest) -> R
     group = router.submit(fan.group_id, fan.reqs, fan.route_keys)
     if body.stream:
         buffered = await open_stream(router, request, group, abort_is_error=False)
-        events = lambda: _generate_events(body, group, buffered, is_list)  # noqa: E731
+
+        def events() -> AsyncIterator[str]:
+            return _generate_events(body, group, buffered, is_list)
+
         return SSEResponse(guarded(router, group, events))
     choices = await run_to_end(router, request, group, abort_is_error=False)
     items = [_item(c, body, group) for c in choices]

@@ -89,6 +89,7 @@ DECODE_CASES = [
     (5, 32, 8, 64, 16, FP16, 1, 300),  # one split: no merge kernel
     (9, 28, 4, 128, 1, BF16, 3, 200),  # group 7, one token per page
     (2, 32, 8, 128, 16, BF16, 16, 3000),  # long context, many splits
+    (5, 8, 2, 80, 16, FP16, 3, 200),  # head_dim not a power of two
 ]
 
 
@@ -155,6 +156,7 @@ EXTEND_CASES = [
     (37, 16, 2, 64, 16, FP32, 100, 70),  # group 8
     (6, 16, 4, 128, 16, FP16, 500, 300),
     (5, 8, 1, 64, 1, BF16, 40, 33),  # one token per page
+    (3, 8, 2, 96, 16, FP16, 100, 80),  # head_dim not a power of two
 ]
 
 
@@ -192,6 +194,30 @@ def test_extend_attention_matches_reference(
     )
     ref = extend_attention_ref(q, k_cache, v_cache, page_table, seq_lens, extend_lens, scale)
     assert_rel_close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("block_m,block_n", [(16, 64), (64, 16), (128, 128)])
+def test_extend_attention_is_correct_for_any_launch_config(block_m: int, block_n: int) -> None:
+    from pdserve.kernels.triton_extend_attention import ExtendConfig, extend_attention
+
+    extend_lens, seq_lens = [70, 1, 129], [70, 200, 300]
+    k_cache, v_cache, page_table = make_paged_kv(seq_lens, 16, 2, 64, FP16)
+    q = torch.randn((sum(extend_lens), 8, 64), dtype=FP16, device=DEVICE)
+    as_dev = lambda xs: torch.tensor(xs, dtype=torch.int32, device=DEVICE)  # noqa: E731
+    out = extend_attention(
+        q,
+        k_cache,
+        v_cache,
+        page_table,
+        as_dev(seq_lens),
+        as_dev(extend_lens),
+        as_dev([0, 70, 71]),
+        129,
+        0.125,
+        config=ExtendConfig(block_m, block_n, num_warps=4, num_stages=2),
+    )
+    ref = extend_attention_ref(q, k_cache, v_cache, page_table, seq_lens, extend_lens, 0.125)
+    assert_rel_close(out, ref, FP16)
 
 
 # ---- norm ------------------------------------------------------------------------------------

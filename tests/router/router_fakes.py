@@ -82,6 +82,11 @@ class FakePeer:
         pass
 
     def close(self) -> None:
+        if not self.thread.is_alive():  # never started: close the sockets here
+            self.pull.close(0)
+            self.push.close(0)
+            self.ctx.term()
+            return
         self.stop_event.set()
         self.thread.join(5)
 

@@ -69,13 +69,15 @@ def test_abort_request_ends_a_running_generate(cluster: Cluster, auth: dict[str,
         assert resp.status_code == 200 and resp.json()["num_aborted"] == 1
         last = _next_data(lines)
     assert last["meta_info"]["finish_reason"]["type"] == "abort"
-    assert _aborted_everywhere(cluster, "user-rid-1")
+    wait_until(lambda: _aborted_everywhere(cluster, "user-rid-1"), 3.0)
 
 
 def test_worker_marked_unhealthy_ends_inflight_stream_with_error_event() -> None:
     cluster = start_cluster()
     try:
-        client = openai.OpenAI(base_url=cluster.url + "/v1", api_key=API_KEY, max_retries=0)
+        client = openai.OpenAI(
+            base_url=cluster.url + "/v1", api_key=API_KEY, max_retries=0, timeout=10
+        )
         stream = client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "HANG"}], stream=True
         )
@@ -88,7 +90,8 @@ def test_worker_marked_unhealthy_ends_inflight_stream_with_error_event() -> None
             list(stream)
         assert time.monotonic() - started < 3.0
         assert f"decode{req.decode_idx}" in str(info.value)
-        assert any(m.rid == rid for m in cluster.tokenizer_of(rid).of_type(Abort))
+        tokenizer = cluster.tokenizer_of(rid)
+        wait_until(lambda: any(m.rid == rid for m in tokenizer.of_type(Abort)), 3.0)
         assert httpx.get(cluster.url + "/health").status_code == 503
         # new requests go around the dead worker
         resp = client.chat.completions.create(
@@ -134,6 +137,6 @@ def test_request_timeout_aborts_and_ends_the_request() -> None:
         resp = httpx.post(cluster.url + "/generate", json=body, headers=auth, timeout=10)
         assert resp.status_code == 504 and "timed out" in resp.json()["error"]["message"]
         req = cluster.find_req(lambda r: isinstance(r, GenerateReq) and r.text == "HANG forever")
-        assert _aborted_everywhere(cluster, req.rid)
+        wait_until(lambda: _aborted_everywhere(cluster, req.rid), 3.0)
     finally:
         cluster.stop()

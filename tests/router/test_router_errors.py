@@ -95,7 +95,7 @@ def test_malformed_json_gets_400(cluster: Cluster, auth: dict[str, str]) -> None
 
 
 def test_unknown_model_gets_model_not_found(cluster: Cluster) -> None:
-    client = openai.OpenAI(base_url=cluster.url + "/v1", api_key=API_KEY, max_retries=0)
+    client = openai.OpenAI(base_url=cluster.url + "/v1", api_key=API_KEY, max_retries=0, timeout=10)
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model="gpt-17", messages=USER_MSG)
     assert info.value.status_code == 400
@@ -127,7 +127,7 @@ def test_missing_or_wrong_key_gets_401(cluster: Cluster) -> None:
         assert resp.status_code == 401
         assert resp.json()["error"]["code"] == "invalid_api_key"
         assert httpx.get(cluster.url + "/metrics", headers=headers).status_code == 401
-    client = openai.OpenAI(base_url=cluster.url + "/v1", api_key="nope", max_retries=0)
+    client = openai.OpenAI(base_url=cluster.url + "/v1", api_key="nope", max_retries=0, timeout=10)
     with pytest.raises(openai.AuthenticationError):
         client.models.list()
 
