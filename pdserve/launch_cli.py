@@ -69,8 +69,9 @@ def add_launch_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=None, help="router port (default 8000)")
     p.add_argument(
         "--api-key",
-        default=os.environ.get("PDSERVE_API_KEY"),
-        help="require this bearer token on every route but /health (default: $PDSERVE_API_KEY)",
+        default=None,
+        help="require this bearer token on every route but /health (default: $PDSERVE_API_KEY; "
+        "with --topology: router.api_key in the file, else $PDSERVE_API_KEY)",
     )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
     p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default=None)
@@ -104,9 +105,15 @@ def run_launch(args: argparse.Namespace) -> int:
                 "with --topology, set options in the file, not as flags: "
                 f"{sorted(_overrides(args))}"
             )
+        env_key = os.environ.get("PDSERVE_API_KEY")
+        if env_key and topology.router.api_key is None:
+            router = dataclasses.replace(topology.router, api_key=env_key)
+            topology = dataclasses.replace(topology, router=router)
     else:
         mode = "mixed" if args.mixed else "pd"
-        topology = Topology.for_model(args.model, mode=mode, **_overrides(args))
+        overrides = _overrides(args)
+        overrides.setdefault("api_key", os.environ.get("PDSERVE_API_KEY"))
+        topology = Topology.for_model(args.model, mode=mode, **overrides)
     return _serve(Cluster(topology, node=args.node, log_level=args.log_level), args.grace_period)
 
 
