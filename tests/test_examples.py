@@ -1,0 +1,112 @@
+"""The scripts in examples/ run as their users run them: subprocesses, exit code 0, output shape.
+
+Two clusters in all: custom_server.py's Engine, and one prefill + decode cluster shared by the
+server examples (--base-url). The other Engine examples run with --in-process.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from pdserve.launch import Cluster, _free_port
+from pdserve.topology import Topology
+
+pytestmark = pytest.mark.slow
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+TIMEOUT_S = 180
+
+
+def run_example(script: str, *args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert proc.returncode == 0, f"{script} exited {proc.returncode}:\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def pd_url(tiny_llama: Path) -> Iterator[str]:
+    topology = Topology.for_model(
+        str(tiny_llama), mode="pd", device="cpu", port=_free_port(), kv_transfer="tcp",
+        num_pages=1024,
+    )  # fmt: skip
+    cluster = Cluster(topology, log_level="warning", start_timeout_s=120).start()
+    yield cluster.url
+    cluster.stop(grace_s=1)
+
+
+@pytest.mark.parametrize(
+    ("script", "markers"),
+    [
+        ("engine/launch_engine.py", ["Generated text: '", "Finish reason: {'type'"]),
+        ("engine/offline_batch_inference.py", ["Prompt: The future of AI is\nGenerated text:"]),
+        ("token_in_token_out/token_in_token_out_llm_engine.py", ["Generated token ids: ["]),
+    ],
+)
+def test_engine_example(tiny_llama: Path, script: str, markers: list[str]) -> None:
+    out = run_example(script, "--model", str(tiny_llama), "--device", "cpu", "--in-process")
+    for marker in markers:
+        assert marker in out, out
+    if "offline_batch" in script or "token_in_token_out" in script:
+        assert out.count("===============================") == 4, out
+
+
+def test_custom_server(tiny_llama: Path) -> None:
+    port = _free_port()
+    cmd = [sys.executable, str(EXAMPLES / "engine/custom_server.py")]
+    args = ["--model", str(tiny_llama), "--device", "cpu", "--port", str(port)]
+    proc = subprocess.Popen(
+        [*cmd, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while True:  # uvicorn binds its port once the Engine has started
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "custom_server.py did not start"
+            try:
+                httpx.get(f"{url}/docs", timeout=2)
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        body = {"prompt": "The capital of France is"}
+        res = httpx.post(f"{url}/generate", json=body, timeout=60)
+        assert res.status_code == 200 and res.text, res.text
+        with httpx.stream("POST", f"{url}/generate_stream", json=body, timeout=60) as res:
+            assert res.status_code == 200
+            pieces = [piece for piece in res.iter_text() if piece]
+        assert pieces, "no streamed text"
+        assert httpx.post(f"{url}/generate", json={}, timeout=10).status_code == 422
+    finally:
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: uvicorn stops, the lifespan stops the Engine
+        try:
+            out, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+    assert proc.returncode == 0, out
+    assert "engine ready" in out and "Application shutdown complete" in out, out
+
+
+def test_token_in_token_out_server(tiny_llama: Path, pd_url: str) -> None:
+    script = "token_in_token_out/token_in_token_out_llm_server.py"
+    out = run_example(script, "--base-url", pd_url, "--model", str(tiny_llama), "--device", "cpu")
+    assert out.count("Generated token ids: [") == 4, out
+
+
+def test_openai_chat_with_response_prefill(tiny_llama: Path, pd_url: str) -> None:
+    script = "openai_chat_with_response_prefill.py"
+    out = run_example(script, "--base-url", pd_url, "--model", str(tiny_llama), "--device", "cpu")
+    assert "Continuation: '" in out and "Full answer:\n{\n" in out, out
