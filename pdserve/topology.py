@@ -252,7 +252,8 @@ class Topology:
     def resolved(self, num_gpus: int | None = None) -> Topology:
         """A new Topology with `auto` resolved: device (cuda when a GPU is visible), each worker's
         gpus (the lowest free ones; a decode worker shares a prefill worker's GPU when none is
-        left; () on cpu), kv_transfer.backend (tcp on cpu, nccl across nodes, else cuda_ipc),
+        left; () on cpu), kv_transfer.backend (tcp on cpu, cuda_ipc when prefill and decode share one GPU,
+        else nccl),
         served_model_name and router.node. dtype and attention_backend are left to each worker's
         `EngineConfig.resolved()`. num_gpus: GPUs per node; None asks torch on this machine."""
         if num_gpus is None and self.device != "cpu":
@@ -266,7 +267,12 @@ class Topology:
         workers = self._resolved_workers(device, num_gpus)
         backend = self.kv_transfer.backend
         if backend == "auto":
-            backend = "tcp" if device == "cpu" else "nccl" if self._spans_nodes() else "cuda_ipc"
+            backend = "tcp" if device == "cpu" else "nccl"
+            # CUDA IPC only where prefill and decode see the same device: each worker is pinned
+            # to its own GPUs, so across two GPUs the pool could not be opened.
+            gpus = {g for role in ("prefill", "decode") for w in workers[role] for g in w.gpus}
+            if device == "cuda" and len(gpus) <= 1 and not self._spans_nodes():
+                backend = "cuda_ipc"
         router_node = self.router.node or (self.nodes[0].name if self.nodes else None)
         return dataclasses.replace(
             self,

@@ -247,7 +247,7 @@ def test_resolved_assigns_gpus_from_what_the_machine_has(model: str) -> None:
     two = topo(model).resolved(num_gpus=2)
     assert two.device == "cuda"
     assert [(w.name, w.gpus) for w in two.workers()] == [("prefill0", (0,)), ("decode0", (1,))]
-    assert two.kv_transfer.backend == "cuda_ipc"
+    assert two.kv_transfer.backend == "nccl"  # each worker sees only its own GPU
     one = topo(model).resolved(num_gpus=1)
     assert [w.gpus for w in one.workers()] == [(0,), (0,)]
     assert one.kv_transfer.backend == "cuda_ipc"
@@ -347,7 +347,7 @@ def test_to_dict_is_json_and_round_trips(model: str) -> None:
     public = json.loads(json.dumps(t.to_dict()))
     assert public["router"]["api_key"] == "<redacted>"
     assert public["prefill"] == [{"gpus": [0], "tp": 1, "node": None}]
-    assert public["kv_transfer"]["backend"] == "cuda_ipc"
+    assert public["kv_transfer"]["backend"] == "nccl"
     assert "secret" not in json.dumps(public)
     assert Topology.from_dict(t.to_dict(redact=False)) == t
 

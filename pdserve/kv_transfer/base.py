@@ -152,21 +152,27 @@ def page_index(pages: list[int], device: torch.device) -> torch.Tensor:
 
 def gather_pages(buffer: torch.Tensor, pages: list[int]) -> torch.Tensor:
     """buffer[:, :, pages] as one contiguous [L, 2, n, page_size, Hkv, D] tensor."""
-    return gather_pages_ref(buffer, page_index(pages, buffer.device))
+    index = page_index(pages, buffer.device)
+    if buffer.is_cuda:  # the Triton copy moves about 2x what index_select does (BENCHMARKS.md)
+        from pdserve.kernels.triton_page_copy import gather_pages as gather_pages_triton
+
+        return gather_pages_triton(buffer, index)
+    return gather_pages_ref(buffer, index)
 
 
 def scatter_pages(buffer: torch.Tensor, pages: list[int], data: torch.Tensor) -> None:
     """buffer[:, :, pages] = data  (data: [L, 2, n, page_size, Hkv, D], any device)."""
     data = data.to(buffer.device, non_blocking=False)
-    scatter_pages_ref(buffer, page_index(pages, buffer.device), data)
+    index = page_index(pages, buffer.device)
+    if buffer.is_cuda:
+        from pdserve.kernels.triton_page_copy import scatter_pages as scatter_pages_triton
+
+        scatter_pages_triton(buffer, index, data)
+        return
+    scatter_pages_ref(buffer, index, data)
 
 
 # ---------------------------------------------------------------------------- the receiver
-
-
-class _Expected(NamedTuple):
-    dst_pages: list[int]
-    remaining: set[int]  # dst pages whose bytes have not landed yet
 
 
 class KVReceiver(ABC):
@@ -182,7 +188,7 @@ class KVReceiver(ABC):
     def __init__(self, pool: torch.Tensor | HasKVBuffer) -> None:
         self.buffer = kv_buffer_of(pool)  # [L, 2, num_pages, page_size, Hkv, D]
         self.num_pages = self.buffer.shape[2]
-        self._expected: dict[str, _Expected] = {}
+        self._expected: dict[str, set[int]] = {}  # rid -> its dst pages not landed yet
         self._arrived: list[str] = []
         self._failures: list[TransferFailure] = []
 
@@ -195,7 +201,7 @@ class KVReceiver(ABC):
         if rid in self._expected:
             raise ValueError(f"request {rid}: already expects a KV transfer")
         check_pages(dst_pages, self.num_pages, f"request {rid}: dst_pages")
-        self._expected[rid] = _Expected(list(dst_pages), set(dst_pages))
+        self._expected[rid] = set(dst_pages)
         if not dst_pages:
             self._finish(rid)
 
@@ -228,12 +234,12 @@ class KVReceiver(ABC):
 
     def _land(self, rid: str, dst_pages: list[int], data: torch.Tensor) -> None:
         """Write data [L, 2, n, ...] into dst_pages if rid still expects exactly those pages."""
-        exp = self._expected.get(rid)
-        if exp is None:
+        remaining = self._expected.get(rid)
+        if remaining is None:
             logger.info("request %s: dropping %d late KV pages (not expected)", rid, len(dst_pages))
             return
         pages = set(dst_pages)
-        if not dst_pages or len(pages) != len(dst_pages) or not pages <= exp.remaining:
+        if not dst_pages or len(pages) != len(dst_pages) or not pages <= remaining:
             logger.warning(
                 "request %s: dropping KV pages %s: not among its reserved pages still to land",
                 rid,
@@ -241,8 +247,8 @@ class KVReceiver(ABC):
             )
             return
         scatter_pages(self.buffer, dst_pages, data)
-        exp.remaining.difference_update(dst_pages)
-        if not exp.remaining:
+        remaining.difference_update(dst_pages)
+        if not remaining:
             self._finish(rid)
 
     def _finish(self, rid: str) -> None:

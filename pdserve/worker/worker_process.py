@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,6 +72,8 @@ class WorkerProcess:
         self.kv_timeout_s: float = spec.get("kv_timeout_s", 30.0)
         self.report_interval_s: float = spec.get("report_interval_s", 0.2)
         self.pending_admission: list[Request] = []  # decode: waiting for pages
+        self.orphans: dict[str, Request] = {}  # decode: ended, pages held until prefill lets go
+        self.aborted_rids: deque[str] = deque(maxlen=4096)  # prefill: aborted before arrival
         self.kv_receiver = None
         self.kv_sender = None
         self._setup_kv_transfer(spec.get("kv_transfer") or {})
@@ -174,6 +177,13 @@ class WorkerProcess:
             self.core.add(req)
 
     def _on_prefill_task(self, msg: protocol.PrefillTask) -> None:
+        if msg.rid in self.aborted_rids:
+            self.to_decodes[msg.decode_idx].send(
+                protocol.KVReady(
+                    rid=msg.rid, first_token=-1, cached_tokens=0, ok=False, error="aborted"
+                )
+            )
+            return
         meta = ReqMeta(
             tokenizer_idx=msg.tokenizer_idx, peer_idx=msg.decode_idx, dst_pages=list(msg.dst_pages)
         )
@@ -195,9 +205,21 @@ class WorkerProcess:
             rids = [msg.rid]
         for rid in rids:
             self.pending_admission = [r for r in self.pending_admission if r.rid != rid]
-            req = self.scheduler.abort(rid, msg.message)
-            if req is not None and self.kv_receiver is not None:
-                self.kv_receiver.cancel(rid)
+            req = self.scheduler.requests.get(rid)
+            if req is None:
+                if self.role == "prefill":
+                    self.aborted_rids.append(rid)  # its PrefillTask may still be on the way
+                continue
+            if req.status == Status.WAITING_KV:
+                self._drop_waiting_kv(req, msg.message, notify=False)
+                continue
+            self.scheduler.abort(rid, msg.message)
+            if self.role == "prefill":  # decode holds pages for it: tell it to let them go
+                self.to_decodes[req.user_data.peer_idx].send(
+                    protocol.KVReady(
+                        rid=rid, first_token=-1, cached_tokens=0, ok=False, error=msg.message
+                    )
+                )
 
     # ------------------------------------------------------------------ decode role
 
@@ -228,11 +250,16 @@ class WorkerProcess:
         return any(r.status == Status.WAITING_KV for r in self.scheduler.running)
 
     def _on_kv_ready(self, msg: protocol.KVReady) -> None:
+        if msg.rid in self.orphans:  # ended already; the prefill is done with its pages now
+            self.scheduler.abort(self.orphans.pop(msg.rid).rid, "aborted")
+            return
         req = self.scheduler.requests.get(msg.rid)
         if req is None or req.status != Status.WAITING_KV:
             return  # aborted meanwhile
         if not msg.ok:
-            self._end_transfer_failed(req, msg.error or "prefill failed")
+            self._drop_waiting_kv(
+                req, msg.error or "prefill failed", notify=True, prefill_done=True
+            )
             return
         req.user_data.kv_ready = msg
         self._maybe_commit(req)
@@ -240,16 +267,22 @@ class WorkerProcess:
     def _collect_transfers(self) -> None:
         for rid in self.kv_receiver.poll():
             req = self.scheduler.requests.get(rid)
-            if req is not None and req.status == Status.WAITING_KV:
+            if req is not None and req.status == Status.WAITING_KV and rid not in self.orphans:
                 req.user_data.kv_arrived = True
                 self._maybe_commit(req)
+        for failure in self.kv_receiver.take_failures():
+            req = self.scheduler.requests.get(failure.rid)
+            if req is not None and req.status == Status.WAITING_KV:
+                self._drop_waiting_kv(req, f"KV transfer failed: {failure.error}", notify=True)
         now = time.monotonic()
         for req in [r for r in self.scheduler.running if r.status == Status.WAITING_KV]:
-            if now > req.user_data.deadline:
+            if req.rid in self.orphans:
+                if now > req.user_data.deadline + self.kv_timeout_s:  # the prefill is gone
+                    self.scheduler.abort(self.orphans.pop(req.rid).rid, "aborted")
+            elif now > req.user_data.deadline:
                 self.to_prefills[req.user_data.peer_idx].send(protocol.Abort(rid=req.rid))
-                self._end_transfer_failed(
-                    req, f"KV transfer timed out after {self.kv_timeout_s:.0f} s"
-                )
+                message = f"KV transfer timed out after {self.kv_timeout_s:.0f} s"
+                self._drop_waiting_kv(req, message, notify=True)
 
     def _maybe_commit(self, req: Request) -> None:
         meta: ReqMeta = req.user_data
@@ -262,11 +295,21 @@ class WorkerProcess:
         if req.is_finished:  # the first token already ended it
             self._emit([req])
 
-    def _end_transfer_failed(self, req: Request, message: str) -> None:
+    def _drop_waiting_kv(
+        self, req: Request, message: str, notify: bool, prefill_done: bool = False
+    ) -> None:
+        """End a request whose KV has not landed. With cuda_ipc the prefill may still be writing
+        into its pages, so they stay reserved (an orphan) until its KVReady, or a second timeout,
+        says the prefill is done with them."""
         logger.warning("worker %s: request %s: %s", self.name, req.rid, message)
         self.kv_receiver.cancel(req.rid)
-        self.scheduler.abort(req.rid, message)
-        self._emit([req])
+        if prefill_done or self.kv_receiver.frees_on_cancel:
+            self.scheduler.abort(req.rid, message)
+        else:
+            self.orphans[req.rid] = req
+            req.finish = {"type": "abort", "message": message}
+        if notify:  # the router asked for it otherwise, and already ended the client
+            self._emit([req])
 
     # ------------------------------------------------------------------ prefill role
 

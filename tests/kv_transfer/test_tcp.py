@@ -118,6 +118,16 @@ def _capture(handshake: dict) -> tuple[zmq.Socket, dict]:
     return sock, {**handshake, "address": f"tcp://127.0.0.1:{port}"}
 
 
+def _recv_frames(sock: zmq.Socket, count: int, timeout_ms: int = 5000) -> list[bytes]:
+    """Exactly `count` frames (fails, never hangs, when fewer come), and none after them."""
+    frames = []
+    for _ in range(count):
+        assert sock.poll(timeout_ms), f"got {len(frames)} KV chunks, expected {count}"
+        frames.append(sock.recv())
+    assert sock.poll(100) == 0, f"more than {count} KV chunks"
+    return frames
+
+
 def _forward(frames: list[bytes], address: str) -> None:
     push = zmq.Context.instance().socket(zmq.PUSH)
     push.connect(address)
@@ -135,12 +145,11 @@ def test_large_transfer_is_split_into_whole_page_chunks_and_completes_only_when_
     src_pages, dst_pages = [15, 0, 7, 3, 9], [2, 14, 5, 8, 11]
     receiver.expect("big", dst_pages)
     sender.send("big", 0, src_pages, dst_pages, timeout_s=5)
-    frames = [capture.recv() for _ in range(3)]
+    frames = _recv_frames(capture, 3)
     chunks = [protocol.decode(f) for f in frames]
     assert [c.dst_pages for c in chunks] == [[2, 14], [5, 8], [11]]
     assert [c.is_last for c in chunks] == [False, False, True]
     assert all(len(c.data) == len(c.dst_pages) * PAGE_NBYTES for c in chunks)
-    assert capture.poll(100) == 0  # nothing more
 
     _forward(frames[:2], receiver.address)
     assert poll_for(receiver) == set()  # 4 of 5 pages: not complete yet
@@ -160,7 +169,7 @@ def test_cancel_between_chunks_drops_the_rest():
     sender = TcpSender(src, [handshake], chunk_bytes=PAGE_NBYTES)
     receiver.expect("r", [4, 6, 1])
     sender.send("r", 0, [0, 1, 2], [4, 6, 1], timeout_s=5)
-    frames = [capture.recv() for _ in range(3)]
+    frames = _recv_frames(capture, 3)
     _forward(frames[:1], receiver.address)
     assert poll_for(receiver) == set()
     receiver.cancel("r")
