@@ -213,6 +213,7 @@ _register(
     FlushCache,
     Shutdown,
     KVChunk,
+    WorkerDied,
 )
 
 Message = Any  # one of the registered dataclasses

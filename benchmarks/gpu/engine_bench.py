@@ -91,7 +91,7 @@ def random_prompts(rng: np.random.Generator, num: int, length: int, vocab: int) 
 
 
 def step_until(core: Any, is_done: Any, max_steps: int = 100_000) -> None:
-    """Step the core until `is_done()`; RuntimeError instead of spinning when it cannot get there."""
+    """Step the core until `is_done()`; RuntimeError rather than spinning when it never is."""
     for _ in range(max_steps):
         if is_done():
             return

@@ -78,7 +78,18 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "output_tokens": new_tokens,
         "output_tok_s": new_tokens / sum(seconds),
         "step_ms": sum(seconds) / len(seconds) / args.output_len * 1e3,
+        "compiled_graphs": _compiled_graphs(),
     }
+
+
+def _compiled_graphs() -> int | None:
+    """How many graphs torch.compile built (0: generate ran eagerly)."""
+    try:
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"]["unique_graphs"])
+    except (ImportError, KeyError, TypeError):
+        return None
 
 
 def main() -> None:

@@ -155,7 +155,7 @@ def _nano_rows(r: dict[str, Any] | None) -> list[tuple[str, ...]]:
         return []
     return [
         (f"nano-vllm workload ({r['num_seqs']} seqs, {r['total_tokens']} tokens), "
-         "Qwen3-0.6B shape: tok/s", f"{r['output_tok_s']:.0f} ({r['seconds']:.1f} s)",
+         f"{r['model']}: tok/s", f"{r['output_tok_s']:.0f} ({r['seconds']:.1f} s)",
          f"{NANO_VLLM_README_TOK_S:.0f} (nano-vllm README, RTX 4070 laptop)", "-", "-"),
     ]  # fmt: skip
 
@@ -172,8 +172,8 @@ def _serve_rows(r: dict[str, Any] | None) -> list[tuple[str, ...]]:
     if not r:
         return []
     what = (
-        f"serving {r['model']}, {r['num_prompts']} x ({r['input_len']} in / {r['output_len']} out), "
-        f"concurrency {r['max_concurrency']}"
+        f"serving {r['model']}, {r['num_prompts']} x ({r['input_len']} in / "
+        f"{r['output_len']} out), concurrency {r['max_concurrency']}"
     )
     mixed, pd = r.get("mixed"), r.get("pd")
     rows = []

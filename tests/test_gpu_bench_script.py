@@ -1,0 +1,69 @@
+"""The one-call GPU benchmark script, run end to end in its --smoke mode (tiny shapes, CPU), so that
+the call on the GPU machine does not fail on something a CPU could have caught."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow  # starts process trees (the serving section)
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "benchmarks" / "gpu" / "run_gpu_bench.py"
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    tmp = tmp_path_factory.mktemp("gpu_bench")
+    md, out_json = tmp / "BENCHMARKS.md", tmp / "bench.json"
+    argv = [sys.executable, str(SCRIPT), "--smoke", "--model-dir-root", str(tmp / "models")]
+    argv += ["--out-md", str(md), "--out-json", str(out_json)]
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=180, env=env, cwd=tmp)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {"md": md.read_text(), "json": json.loads(out_json.read_text()), "stdout": proc.stdout}
+
+
+def test_every_cpu_section_runs_without_error(smoke_run: dict) -> None:
+    data = smoke_run["json"]
+    assert data["errors"] == {}
+    assert set(data["skipped"]) == {"hf_static"}  # transformers compiles only on CUDA
+    expected = {"ceilings", "b1", "batch", "offline", "hf", "kv", "b1_8b", "nano", "serve"}
+    assert set(data["sections"]) == expected
+
+
+def test_engine_sections_generate_the_requested_tokens(smoke_run: dict) -> None:
+    s = smoke_run["json"]["sections"]
+    assert s["b1"]["output_tokens"] == 12 and s["b1_8b"]["output_tokens"] == 12
+    # The tied model reads its embedding table (lm_head); the untied one skips its lookup table.
+    assert s["b1"]["bytes_per_step"] == s["b1_8b"]["bytes_per_step"]
+    assert [b["batch"] for b in s["batch"]["batches"]] == [2, 4]
+    assert all(b["is_pure_decode"] for b in s["batch"]["batches"])
+    assert s["offline"]["output_tokens"] == 12 * 8
+    assert s["hf"]["output_tokens"] == 4 * 8
+    assert s["nano"]["generated_tokens"] == s["nano"]["total_tokens"] > 0
+
+
+def test_kv_pages_land_intact_and_serving_completes_every_request(smoke_run: dict) -> None:
+    s = smoke_run["json"]["sections"]
+    assert s["kv"]["checksum_matches"]
+    assert [r["size_bytes"] for r in s["kv"]["sizes"]] == [4096, 16384]
+    for mode in ("mixed", "pd"):
+        run = s["serve"][mode]
+        assert (run["completed"], run["failed"]) == (6, 0)
+        assert run["mean_tpot_ms"] > 0  # tokens arrived one chunk at a time, as text
+    assert s["serve"]["pd"]["kv_transfer"] == "tcp"
+
+
+def test_table_and_command_are_written(smoke_run: dict) -> None:
+    md = smoke_run["md"]
+    assert "| what | pdserve | reference | ratio | target |" in md
+    assert "run_gpu_bench.py --smoke" in md
+    table_rows = [line for line in md.splitlines() if line.startswith("| ")]
+    assert len(table_rows) == 1 + len(smoke_run["json"]["table"])
+    assert smoke_run["md"] in smoke_run["stdout"]  # printed last, too
