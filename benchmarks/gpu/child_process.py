@@ -57,8 +57,9 @@ def result_of(proc: subprocess.Popen, timeout_s: float) -> dict[str, Any]:
     lines = output.splitlines()
     results = [line for line in lines if line.startswith("RESULT ")]
     if proc.returncode != 0 or not results:
+        last = lines[-1] if lines else "(no output)"
         tail = "\n".join(lines[-_TAIL_LINES:])
-        raise ChildFailed(f"exit code {proc.returncode}, output ends:\n{tail}")
+        raise ChildFailed(f"exit code {proc.returncode}: {last}\noutput ends:\n{tail}")
     return json.loads(results[-1][len("RESULT ") :])
 
 

@@ -51,18 +51,38 @@ class Roofline:
 
 
 def make_engine(model_dir: Path, device: str, dtype: str, backend: str, **options: Any) -> Any:
-    """An in-process Engine; without a CUDA graph runner in this tree, one without graphs."""
+    """An in-process Engine. When CUDA graphs fail (no graph runner in this tree yet, or a capture
+    error), one without them, so the other numbers still come; `engine.bench_note` says why."""
     from pdserve.engine import Engine
 
     common = {"in_process": True, "device": device, "dtype": dtype, "attention_backend": backend}
+    if device == "cuda" and options.get("cuda_graph") is not False and not graphs_available():
+        engine = Engine(str(model_dir), **common, **{**options, "cuda_graph": False})
+        engine.bench_note = NO_GRAPH_RUNNER
+        return engine
     try:
-        return Engine(str(model_dir), **common, **options)
-    except ImportError as e:  # pdserve.worker.cuda_graph_runner missing: run eagerly
-        if options.get("cuda_graph") is False:
+        engine = Engine(str(model_dir), **common, **options)
+        engine.bench_note = None
+        return engine
+    except Exception as e:  # retried once below, without graphs; a second failure propagates
+        if options.get("cuda_graph") is False or device != "cuda":
             raise
-        print(f"  engine with CUDA graphs failed ({e}); retrying with cuda_graph=False", flush=True)
-        free_device_memory()
-        return Engine(str(model_dir), **common, **{**options, "cuda_graph": False})
+        note = f"cuda_graph=True failed ({type(e).__name__}: {str(e)[:200]}); ran without graphs"
+    print(f"  {note}", flush=True)
+    free_device_memory()
+    engine = Engine(str(model_dir), **common, **{**options, "cuda_graph": False})
+    engine.bench_note = note
+    return engine
+
+
+NO_GRAPH_RUNNER = "no pdserve.worker.cuda_graph_runner in this tree: ran with cuda_graph=False"
+
+
+def graphs_available() -> bool:
+    """Whether this tree has the CUDA graph runner that cuda_graph=True imports."""
+    import importlib.util
+
+    return importlib.util.find_spec("pdserve.worker.cuda_graph_runner") is not None
 
 
 def engine_facts(engine: Any) -> dict[str, Any]:
@@ -72,6 +92,7 @@ def engine_facts(engine: Any) -> dict[str, Any]:
         "attention_backend": cfg.attention_backend,
         "num_pages": engine.core.runner.num_pages,
         "page_size": cfg.scheduler.page_size,
+        "note": getattr(engine, "bench_note", None),
     }
 
 

@@ -54,7 +54,20 @@ class Report:
             _TABLE_HEADER,
             *("| " + " | ".join(row) + " |" for row in self.rows()),
         ]
-        notes = [f"- skipped `{k}`: {v}" for k, v in self.skipped.items()]
+        notes = [
+            f"- `{k}`: {r['engine']['note']}"
+            for k, r in self.sections.items()
+            if (r.get("engine") or {}).get("note")
+        ]
+        serve = self.sections.get("serve") or {}
+        if env.get("device") == "cuda" and serve.get("cuda_graph") is False:
+            notes.append("- `serve`: workers ran with cuda_graph=False")
+        notes += [
+            f"- error in `serve` ({mode}): {serve[f'{mode}_error'].splitlines()[0][:300]}"
+            for mode in ("mixed", "pd")
+            if f"{mode}_error" in serve
+        ]
+        notes += [f"- skipped `{k}`: {v}" for k, v in self.skipped.items()]
         notes += [f"- error in `{k}`: {v.splitlines()[0][:300]}" for k, v in self.errors.items()]
         if notes:
             lines += ["", *notes]

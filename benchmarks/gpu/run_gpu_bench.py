@@ -77,7 +77,7 @@ class Plan:
     kv_layout_model: str
     kv_page_size: int
     kv_sizes: tuple[int, ...]  # bytes
-    budget_s: float = 480.0
+    budget_s: float = 450.0
     shard_bytes: int = 4 << 30
     checkpoint_roots: tuple[str, ...] = ("/dev/shm/pdserve-bench", "/tmp/pdserve-bench")
 
@@ -187,6 +187,7 @@ class Bench:
         if self.engine_key != key and self.engine is not None:
             self.engine.shutdown()
             self.engine, self.engine_key = None, None
+        if self.engine is None:  # also what a failed section's engine left in torch's cache
             free_device_memory()
         if key is not None and self.engine is None:
             t0 = time.perf_counter()
@@ -215,7 +216,7 @@ def sec_ceilings(b: Bench) -> dict[str, Any]:
 
 
 def _sec_b1(b: Bench, key: str) -> dict[str, Any]:
-    from engine_bench import decode_batch1, engine_facts
+    from engine_bench import decode_batch1
 
     engine = b.use_engine(key)
     input_len, output_len = b.plan.b1_lens
@@ -224,7 +225,7 @@ def _sec_b1(b: Bench, key: str) -> dict[str, Any]:
         f"{key} batch 1: {r['decode_tok_s']:.0f} tok/s ({r['decode_step_ms']:.2f} ms/step), "
         f"MBU {r['mbu']:.0%}, prefill {r['prefill_ms']:.1f} ms"
     )
-    return {**r, "engine": engine_facts(engine)}
+    return r
 
 
 def sec_batch(b: Bench) -> dict[str, Any]:
@@ -308,19 +309,16 @@ def sec_nano(b: Bench) -> dict[str, Any]:
 
 
 def sec_serve(b: Bench) -> dict[str, Any]:
+    from engine_bench import graphs_available
     from serve_bench import serve_once
 
     num, input_len, output_len, concurrency = b.plan.serve
-    out: dict[str, Any] = {
-        "model": b.plan.models["1b"].name,
-        "num_prompts": num,
-        "input_len": input_len,
-        "output_len": output_len,
-    }
-    out["max_concurrency"] = concurrency
+    out: dict[str, Any] = {"model": b.plan.models["1b"].name, "num_prompts": num}
+    out.update(input_len=input_len, output_len=output_len, max_concurrency=concurrency)
     flags = {"attention_backend": b.args.attention_backend}
-    if not b.args.cuda_graph:
+    if not b.args.cuda_graph or (b.plan.device == "cuda" and not graphs_available()):
         flags["cuda_graph"] = False
+    out["cuda_graph"] = flags.get("cuda_graph", True) and b.plan.device == "cuda"
     for mode in ("mixed", "pd"):
         try:
             r = serve_once(
@@ -328,8 +326,8 @@ def sec_serve(b: Bench) -> dict[str, Any]:
                 vocab_size=b.plan.models["1b"].vocab_size, num_prompts=num, input_len=input_len,
                 output_len=output_len, max_concurrency=concurrency,
                 engine_overrides={**b.plan.serve_options, **flags},
-                start_timeout_s=max(60, min(300, b.remaining_s())),
-                run_timeout_s=max(30, min(180, b.remaining_s())),
+                start_timeout_s=max(60, min(240, b.remaining_s() / 2)),
+                run_timeout_s=max(30, min(150, b.remaining_s() / 2)),
             )  # fmt: skip
         except Exception as e:  # one mode failing still leaves the other's numbers
             traceback.print_exc()
@@ -394,9 +392,15 @@ def run_section(b: Bench, name: str) -> None:
         b.say(f"skip {name}: {b.report.skipped[name]}")
         return
     b.say(f"== {name}")
+    t0 = time.perf_counter()
     try:
         b.use_engine(ENGINE_OF.get(name))
-        b.report.sections[name] = SECTION_FUNCS[name](b)
+        result = SECTION_FUNCS[name](b)
+        if b.engine is not None:
+            from engine_bench import engine_facts
+
+            result["engine"] = engine_facts(b.engine)
+        b.report.sections[name] = {**result, "section_s": time.perf_counter() - t0}
     except _Skip as e:
         b.report.skipped[name] = str(e)
         b.say(f"skip {name}: {e}")
@@ -486,7 +490,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in [s for s in SECTIONS if s in chosen]:
         run_section(b, name)
         b.report.write(md_path, json_path)
-    b.use_engine(None)
+    try:
+        b.use_engine(None)
+    except Exception:  # after a CUDA error even freeing can fail; the results are written
+        traceback.print_exc()
     b.say(f"done; wrote {md_path} and {json_path}")
     print("\n" + b.report.markdown(), flush=True)
     return 0
