@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 from collections.abc import Iterator
-from pathlib import Path
 from urllib.parse import urlparse
 
 import openai
@@ -36,13 +34,9 @@ voice or app, no matter where you place it in your home.
 
 def tiny_model() -> str:
     """The tiny model of `pdserve demo`, built into ~/.cache/pdserve on first use."""
-    from pdserve.tiny_model import build_tiny_model
+    from pdserve.tiny_model import cached_tiny_model
 
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    path = cache / "pdserve" / "tiny-llama"
-    if not (path / "model.safetensors").is_file():
-        build_tiny_model(path)
-    return str(path)
+    return str(cached_tiny_model())
 
 
 @contextlib.contextmanager

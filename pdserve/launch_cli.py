@@ -143,13 +143,11 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_demo(args: argparse.Namespace) -> int:
     from pdserve.launch import Cluster
-    from pdserve.tiny_model import build_tiny_model
+    from pdserve.tiny_model import cached_tiny_model
     from pdserve.topology import Topology
 
-    model_dir = args.cache_dir / "tiny-llama"
-    if not (model_dir / "config.json").is_file():
-        print(f"building the tiny model in {model_dir} ...", flush=True)
-        build_tiny_model(model_dir, arch="llama")
+    print(f"using the tiny model in {args.cache_dir / 'tiny-llama'} (built if missing)", flush=True)
+    model_dir = cached_tiny_model(args.cache_dir)
     topology = Topology.for_model(
         str(model_dir), mode="pd", device="cpu", port=args.port, kv_transfer="tcp", num_pages=2048
     )

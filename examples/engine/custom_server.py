@@ -15,10 +15,8 @@ tiny random-weight model (a few seconds, offline), so the text is gibberish.
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI
@@ -69,13 +67,9 @@ async def generate_stream(body: GenerateBody) -> StreamingResponse:
 
 def tiny_model() -> str:
     """The tiny model of `pdserve demo`, built into ~/.cache/pdserve on first use."""
-    from pdserve.tiny_model import build_tiny_model
+    from pdserve.tiny_model import cached_tiny_model
 
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    path = cache / "pdserve" / "tiny-llama"
-    if not (path / "model.safetensors").is_file():
-        build_tiny_model(path)
-    return str(path)
+    return str(cached_tiny_model())
 
 
 def main() -> None:

@@ -12,21 +12,15 @@ text is gibberish; the serving path is the real one.
 from __future__ import annotations
 
 import argparse
-import os
-from pathlib import Path
 
 import pdserve
 
 
 def tiny_model() -> str:
     """The tiny model of `pdserve demo`, built into ~/.cache/pdserve on first use."""
-    from pdserve.tiny_model import build_tiny_model
+    from pdserve.tiny_model import cached_tiny_model
 
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    path = cache / "pdserve" / "tiny-llama"
-    if not (path / "model.safetensors").is_file():
-        build_tiny_model(path)
-    return str(path)
+    return str(cached_tiny_model())
 
 
 def main() -> None:

@@ -12,8 +12,6 @@ Without --model it builds pdserve's tiny random-weight model (a few seconds, off
 from __future__ import annotations
 
 import argparse
-import os
-from pathlib import Path
 
 from transformers import AutoTokenizer
 
@@ -22,13 +20,9 @@ import pdserve
 
 def tiny_model() -> str:
     """The tiny model of `pdserve demo`, built into ~/.cache/pdserve on first use."""
-    from pdserve.tiny_model import build_tiny_model
+    from pdserve.tiny_model import cached_tiny_model
 
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    path = cache / "pdserve" / "tiny-llama"
-    if not (path / "model.safetensors").is_file():
-        build_tiny_model(path)
-    return str(path)
+    return str(cached_tiny_model())
 
 
 def main() -> None:

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from pdserve.tiny_model.build import build_tiny_model
+from pdserve.tiny_model.build import build_tiny_model, cached_tiny_model
 
-__all__ = ["build_tiny_model"]
+__all__ = ["build_tiny_model", "cached_tiny_model"]

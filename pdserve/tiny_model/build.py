@@ -269,3 +269,19 @@ def random_weights(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, t
 
 def write_json(path: Path, obj: dict[str, Any]) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def cached_tiny_model(cache_dir: str | Path | None = None) -> Path:
+    """The tiny llama of `pdserve demo` and the examples, built on first use into
+    `cache_dir` (default: $XDG_CACHE_HOME/pdserve or ~/.cache/pdserve)."""
+    import os
+
+    root = (
+        Path(cache_dir)
+        if cache_dir
+        else (Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pdserve")
+    )
+    path = root / "tiny-llama"
+    if not (path / "model.safetensors").is_file():
+        build_tiny_model(path, arch="llama")
+    return path
