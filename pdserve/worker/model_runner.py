@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from pdserve.config import EngineConfig, ModelConfig
+from pdserve.scheduler.request import Request
 from pdserve.scheduler.scheduler import ScheduledBatch
 from pdserve.worker.forward_batch import ForwardBatch
 from pdserve.worker.kv_pool import KVPool
@@ -27,7 +30,9 @@ class ModelRunner:
         self.device = torch.device(config.device)
         self.dtype = _DTYPES[config.dtype]
         self.page_size = config.scheduler.page_size
-        self.model = load_model(model_config, config.model_path, self.dtype, self.device)
+        self.model = load_model(
+            model_config, config.model_path, self.dtype, self.device, config.attention_backend
+        )
         self.num_pages = self._decide_num_pages()
         self.kv_pool = KVPool(model_config, self.num_pages, self.page_size, self.dtype, self.device)
         self.graph_runner = None
@@ -57,35 +62,21 @@ class ModelRunner:
         return num_pages
 
     def build_forward_batch(self, batch: ScheduledBatch) -> ForwardBatch:
-        page_size = self.page_size
-        ids, positions, slots, tables, seq_lens, ext_lens = [], [], [], [], [], []
-        for item in batch.items:
-            req = item.req
-            end = item.start + item.num_tokens
-            pos = torch.arange(item.start, end, dtype=torch.int64)
-            pages = torch.tensor(req.page_ids, dtype=torch.int64)
-            ids.append(torch.tensor(req.all_ids[item.start : end], dtype=torch.int64))
-            positions.append(pos)
-            slots.append(pages[pos // page_size] * page_size + pos % page_size)
-            tables.append(req.page_ids)
-            seq_lens.append(end)
-            ext_lens.append(item.num_tokens)
-        max_pages = max(len(t) for t in tables)
-        table = torch.zeros((len(tables), max_pages), dtype=torch.int32)
-        for row, pages in enumerate(tables):
-            table[row, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
-        ends = torch.tensor(ext_lens, dtype=torch.int64).cumsum(0) - 1
-        dev = self.device
+        """Lay every index array of the batch out in one host buffer (pinned on CUDA) and copy it to
+        the device in one transfer; the batch's device tensors are views of that one copy."""
+        host = _HostBatch.build(batch, self.page_size, pin=self.device.type == "cuda")
+        on_host = host.views(host.buffer)
+        on_device = on_host
+        if self.device.type != "cpu":
+            on_device = host.views(host.buffer.to(self.device, non_blocking=True))
         return ForwardBatch(
-            input_ids=torch.cat(ids).to(dev, non_blocking=True),
-            positions=torch.cat(positions).to(dev, non_blocking=True),
-            slots=torch.cat(slots).to(dev, non_blocking=True),
-            page_table=table.to(dev, non_blocking=True),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
-            seq_lens_cpu=seq_lens,
-            extend_lens_cpu=ext_lens,
-            logit_idx=ends.to(dev, non_blocking=True),
+            **on_device,
+            seq_lens_cpu=host.seq_lens_cpu,
+            extend_lens_cpu=host.extend_lens_cpu,
             is_decode=batch.is_decode,
+            max_extend_len=max(host.extend_lens_cpu),
+            max_seq_len=max(host.seq_lens_cpu),
+            page_table_cpu=on_host["page_table"],
         )
 
     @torch.inference_mode()
@@ -95,3 +86,97 @@ class ModelRunner:
         if self.graph_runner is not None and self.graph_runner.can_run(fb):
             return self.graph_runner.replay(fb)
         return self.model(fb, self.kv_pool)
+
+
+def _new_token_ids(req: Request, start: int, end: int) -> list[int]:
+    """req.all_ids[start:end] without concatenating the whole prompt and output."""
+    num_prompt = len(req.prompt_ids)
+    if start >= num_prompt:
+        return req.output_ids[start - num_prompt : end - num_prompt]
+    if end <= num_prompt:
+        return req.prompt_ids[start:end]
+    return req.prompt_ids[start:] + req.output_ids[: end - num_prompt]
+
+
+# Every array starts on a 16-byte boundary: Triton specialises its pointer arguments on that, so
+# unaligned views would compile extra kernel variants (and lose vector loads).
+_ALIGN_BYTES = 16
+
+
+def _layout(
+    num_tokens: int, bsz: int, max_pages: int
+) -> tuple[dict[str, tuple[int, torch.dtype, tuple[int, ...]]], int]:
+    """name -> (byte offset, dtype, shape) of each array of the packed batch, and the total bytes."""
+    fields: list[tuple[str, torch.dtype, tuple[int, ...]]] = [
+        ("input_ids", torch.int64, (num_tokens,)),
+        ("positions", torch.int64, (num_tokens,)),
+        ("slots", torch.int64, (num_tokens,)),
+        ("logit_idx", torch.int64, (bsz,)),
+        ("seq_lens", torch.int32, (bsz,)),
+        ("extend_lens", torch.int32, (bsz,)),
+        ("extend_starts", torch.int32, (bsz,)),
+        ("page_table", torch.int32, (bsz, max_pages)),
+    ]
+    layout, offset = {}, 0
+    for name, dtype, shape in fields:
+        layout[name] = (offset, dtype, shape)
+        num_bytes = int(np.prod(shape)) * dtype.itemsize
+        offset += -(-num_bytes // _ALIGN_BYTES) * _ALIGN_BYTES
+    return layout, offset
+
+
+@dataclass
+class _HostBatch:
+    """A batch's index arrays packed into one byte buffer (see _layout), filled on the host."""
+
+    buffer: torch.Tensor  # [num_bytes] uint8, cpu (pinned for a CUDA device)
+    layout: dict[str, tuple[int, torch.dtype, tuple[int, ...]]]
+    seq_lens_cpu: list[int]  # [B]
+    extend_lens_cpu: list[int]  # [B]
+
+    @classmethod
+    def build(cls, batch: ScheduledBatch, page_size: int, pin: bool) -> _HostBatch:
+        items = batch.items
+        bsz = len(items)
+        starts = np.fromiter((it.start for it in items), np.int64, bsz)  # [B]
+        ext_lens = np.fromiter((it.num_tokens for it in items), np.int64, bsz)  # [B]
+        seq_lens = starts + ext_lens
+        ends = np.cumsum(ext_lens)  # [B]: one past each sequence's last token in T
+        num_tokens = int(ends[-1])
+        max_pages = max(len(it.req.page_ids) for it in items)
+        layout, num_bytes = _layout(num_tokens, bsz, max_pages)
+        host = cls(
+            torch.empty(num_bytes, dtype=torch.uint8, pin_memory=pin),
+            layout,
+            seq_lens.tolist(),
+            ext_lens.tolist(),
+        )
+        arrays = {name: t.numpy() for name, t in host.views(host.buffer).items()}
+        table = arrays["page_table"]  # [B, P]
+        table.fill(0)
+        for row, it in enumerate(items):
+            table[row, : len(it.req.page_ids)] = it.req.page_ids
+        arrays["input_ids"][:] = np.fromiter(
+            (t for it in items for t in _new_token_ids(it.req, it.start, it.start + it.num_tokens)),
+            np.int64,
+            num_tokens,
+        )
+        row_of = np.repeat(np.arange(bsz), ext_lens)  # [T]: the sequence of each token
+        positions = np.arange(num_tokens) - (ends - ext_lens)[row_of] + starts[row_of]
+        arrays["positions"][:] = positions
+        arrays["slots"][:] = (
+            table[row_of, positions // page_size] * page_size + positions % page_size
+        )
+        arrays["logit_idx"][:] = ends - 1
+        arrays["seq_lens"][:] = seq_lens
+        arrays["extend_lens"][:] = ext_lens
+        arrays["extend_starts"][:] = ends - ext_lens
+        return host
+
+    def views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The named arrays inside `buf`: this buffer, or its copy on the device."""
+        out = {}
+        for name, (offset, dtype, shape) in self.layout.items():
+            num_bytes = int(np.prod(shape)) * dtype.itemsize
+            out[name] = buf[offset : offset + num_bytes].view(dtype).view(shape)
+        return out

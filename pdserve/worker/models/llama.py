@@ -8,6 +8,10 @@ q/k/v and gate/up, which are merged into one matmul each (see MergedLinear).
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -19,20 +23,56 @@ from pdserve.kernels.rotary_ref import apply_rotary_ref, rope_cos_sin_cache
 from pdserve.worker.forward_batch import ForwardBatch
 from pdserve.worker.kv_pool import KVPool
 
+Tensor = torch.Tensor
+
+
+class Kernels(NamedTuple):
+    """The elementwise/row kernels of a layer: torch references, or Triton kernels on CUDA."""
+
+    rms_norm: Callable[[Tensor, Tensor, float], Tensor]  # (x, weight, eps)
+    fused_add_rms_norm: Callable[[Tensor, Tensor, Tensor, float], tuple[Tensor, Tensor]]
+    apply_rotary: Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
+    silu_and_mul: Callable[[Tensor], Tensor]  # [T, 2 I] -> [T, I]
+
+
+TORCH_KERNELS = Kernels(rms_norm_ref, fused_add_rms_norm_ref, apply_rotary_ref, silu_and_mul_ref)
+
+
+@functools.cache
+def select_kernels(use_triton: bool) -> Kernels:
+    """Chosen once when the model is built (by the attention backend); triton imported only here."""
+    if not use_triton:
+        return TORCH_KERNELS
+    from pdserve.kernels import triton_activation, triton_norm, triton_rotary
+
+    def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        # q/k heads sliced out of the fused qkv output cannot be viewed as rows: copy them (Qwen3).
+        return triton_norm.rms_norm(x if x.is_contiguous() else x.contiguous(), weight, eps)
+
+    return Kernels(
+        rms_norm=rms_norm,
+        fused_add_rms_norm=triton_norm.fused_add_rms_norm,
+        apply_rotary=triton_rotary.apply_rotary_,  # in place on q and k
+        silu_and_mul=triton_activation.silu_and_mul,
+    )
+
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, dtype: torch.dtype) -> None:
+    def __init__(
+        self, dim: int, eps: float, dtype: torch.dtype, kernels: Kernels = TORCH_KERNELS
+    ) -> None:
         super().__init__()
         self.eps = eps
+        self.kernels = kernels
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))  # [dim]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., dim] -> [..., dim]
-        return rms_norm_ref(x, self.weight, self.eps)
+        return self.kernels.rms_norm(x, self.weight, self.eps)
 
     def add_and_norm(
         self, x: torch.Tensor, residual: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:  # (normed, new residual)
-        return fused_add_rms_norm_ref(x, residual, self.weight, self.eps)
+        return self.kernels.fused_add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class MergedLinear(nn.Linear):
@@ -56,6 +96,7 @@ class LlamaAttention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.attention = attention
+        self.kernels = kernels = select_kernels(attention.use_triton_kernels)
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
@@ -71,10 +112,11 @@ class LlamaAttention(nn.Module):
         # Qwen2 puts biases on q/k/v only; Llama and Qwen3 use attention_bias for o_proj too.
         o_bias = config.attention_bias and config.architecture != "Qwen2ForCausalLM"
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=o_bias, dtype=dtype)
+        self.qkv_sizes = [q_size, kv_size, kv_size]
         self.qk_norm = config.qk_norm
         if config.qk_norm:  # Qwen3: one RMSNorm over head_dim, shared by all heads
-            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, dtype)
-            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, dtype)
+            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, dtype, kernels)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, dtype, kernels)
 
     def forward(
         self,
@@ -85,36 +127,29 @@ class LlamaAttention(nn.Module):
     ) -> torch.Tensor:  # [T, hidden]
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) D]
-        q, k, v = qkv.split(list(self.qkv_proj.shards.values()), dim=-1)
+        q, k, v = qkv.split(self.qkv_sizes, dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, Hq, D]
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary_ref(q, k, batch.positions, cos_sin_cache)
+        q, k = self.kernels.apply_rotary(q, k, batch.positions, cos_sin_cache)
 
         k_cache, v_cache = kv_pool.k(self.layer_idx), kv_pool.v(self.layer_idx)
         self.attention.store_kv(k_cache, v_cache, batch.slots, k, v)
         if batch.is_decode:
-            out = self.attention.decode_attention(
-                q, k_cache, v_cache, batch.page_table, batch.seq_lens, self.scale
-            )
+            out = self.attention.decode_attention(q, k_cache, v_cache, batch, self.scale)
         else:
-            out = self.attention.extend_attention(
-                q,
-                k_cache,
-                v_cache,
-                batch.page_table,
-                batch.seq_lens_cpu,
-                batch.extend_lens_cpu,
-                self.scale,
-            )
+            out = self.attention.extend_attention(q, k_cache, v_cache, batch, self.scale)
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+    def __init__(
+        self, config: ModelConfig, dtype: torch.dtype, kernels: Kernels = TORCH_KERNELS
+    ) -> None:
         super().__init__()
+        self.kernels = kernels
         inter = config.intermediate_size
         self.gate_up_proj = MergedLinear(
             config.hidden_size, {"gate_proj": inter, "up_proj": inter}, bias=False, dtype=dtype
@@ -122,7 +157,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(inter, config.hidden_size, bias=False, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
-        return self.down_proj(silu_and_mul_ref(self.gate_up_proj(x)))  # via [T, 2 I] -> [T, I]
+        return self.down_proj(self.kernels.silu_and_mul(self.gate_up_proj(x)))  # [T, 2I] -> [T, I]
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -130,10 +165,12 @@ class LlamaDecoderLayer(nn.Module):
         self, config: ModelConfig, layer_idx: int, attention: AttentionBackend, dtype: torch.dtype
     ) -> None:
         super().__init__()
+        kernels = select_kernels(attention.use_triton_kernels)
         self.self_attn = LlamaAttention(config, layer_idx, attention, dtype)
-        self.mlp = LlamaMLP(config, dtype)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.mlp = LlamaMLP(config, dtype, kernels)
+        eps = config.rms_norm_eps
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, dtype, kernels)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, dtype, kernels)
 
     def forward(
         self,
@@ -159,7 +196,8 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, i, attention, dtype) for i in range(config.num_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        kernels = select_kernels(attention.use_triton_kernels)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, kernels)
 
     def forward(
         self, batch: ForwardBatch, kv_pool: KVPool, cos_sin_cache: torch.Tensor
@@ -188,6 +226,7 @@ class LlamaForCausalLM(nn.Module):
     ) -> None:
         super().__init__()
         self.config = config
+        self.attention = attention  # the CUDA graph runner asks it whether decode is capturable
         with torch.device("meta"):  # no memory and no random init until to_empty below
             self.model = LlamaModel(config, attention, dtype)
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
