@@ -2,14 +2,14 @@
 
 The only module that knows every process. `Cluster` is a context manager, used by the CLI, the
 process-backed Engine and the end-to-end tests alike. Children are plain `python -m pdserve.launch
---child KIND` processes that read their spec as JSON on stdin: no pickle crosses the boundary.
+--child KIND` processes that read their spec as msgpack on stdin (the CUDA IPC handle holds
+bytes): no pickle crosses the boundary.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
 import os
 import signal
@@ -20,6 +20,8 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Any
+
+import msgpack
 
 from pdserve import protocol
 from pdserve.ipc import Inbox, Outbox, new_ipc_address
@@ -205,7 +207,7 @@ class Cluster:
             cmd, stdin=subprocess.PIPE, env={**os.environ, **(env or {})}, start_new_session=True
         )
         assert proc.stdin is not None
-        proc.stdin.write(json.dumps(spec).encode())
+        proc.stdin.write(msgpack.packb(spec, use_bin_type=True))
         proc.stdin.close()
         self.children.append(Child(name, kind, proc, inbox))
         logger.info("started %s (pid %d)", name, proc.pid)
@@ -338,7 +340,7 @@ def _child_main() -> None:
     parser.add_argument("--child", choices=sorted(_ENTRIES), required=True)
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args()
-    spec = json.loads(sys.stdin.read())
+    spec = msgpack.unpackb(sys.stdin.buffer.read(), raw=False)
     logging.basicConfig(
         level=args.log_level.upper(),
         format=f"%(asctime)s %(levelname)s [{args.child}] %(name)s: %(message)s",

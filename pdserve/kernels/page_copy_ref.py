@@ -29,3 +29,13 @@ def scatter_pages_ref(
     staging: torch.Tensor,  # [L, 2, n, page_size, Hkv, D]
 ) -> None:
     buffer[:, :, page_ids.long()] = staging
+
+
+def copy_pages_ref(
+    src: torch.Tensor,  # [L, 2, num_src_pages, page_size, Hkv, D]
+    src_ids: torch.Tensor,  # [n] int32/int64, on src's device
+    dst: torch.Tensor,  # [L, 2, num_dst_pages, page_size, Hkv, D], written in place
+    dst_ids: torch.Tensor,  # [n] int32/int64, distinct, on dst's device
+) -> None:
+    """dst[:, :, dst_ids] = src[:, :, src_ids]: pool to pool, as cuda_ipc moves a request."""
+    dst[:, :, dst_ids.long()] = src[:, :, src_ids.long()]

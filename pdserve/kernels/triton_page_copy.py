@@ -47,6 +47,40 @@ def _page_copy_kernel(
         tl.store(pool_ptr + pool_off, words, mask=mask)
 
 
+@triton.jit
+def _pool_to_pool_kernel(
+    src_ptr,  # [L, KV, num_src_pages, page_words] words
+    dst_ptr,  # [L, KV, num_dst_pages, page_words] words
+    src_ids_ptr,  # [n] int32/int64
+    dst_ids_ptr,  # [n] int32/int64
+    num_kv,
+    stride_sl,
+    stride_skv,
+    stride_sp,
+    stride_dl,
+    stride_dkv,
+    stride_dp,
+    PAGE_WORDS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    idx = tl.program_id(0).to(tl.int64)
+    layer_kv = tl.program_id(1)
+    offs = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < PAGE_WORDS
+    layer = (layer_kv // num_kv).to(tl.int64)
+    kv = (layer_kv % num_kv).to(tl.int64)
+    src_page = tl.load(src_ids_ptr + idx).to(tl.int64)
+    dst_page = tl.load(dst_ids_ptr + idx).to(tl.int64)
+    words = tl.load(
+        src_ptr + layer * stride_sl + kv * stride_skv + src_page * stride_sp + offs, mask=mask
+    )
+    tl.store(
+        dst_ptr + layer * stride_dl + kv * stride_dkv + dst_page * stride_dp + offs,
+        words,
+        mask=mask,
+    )
+
+
 def _as_words(name: str, t: torch.Tensor) -> torch.Tensor:
     """[L, KV, P, *page] -> [L, KV, P, page_words] view in the widest word the page bytes allow."""
     page_bytes = math.prod(t.shape[3:]) * t.element_size()
@@ -128,3 +162,38 @@ def scatter_pages(
 ) -> None:
     """buffer[:, :, page_ids] = staging."""
     _launch(buffer, page_ids, staging, gather=False)
+
+
+def copy_pages(
+    src: torch.Tensor,  # [L, 2, num_src_pages, page_size, Hkv, D]
+    src_ids: torch.Tensor,  # [n] int32/int64, on src's device
+    dst: torch.Tensor,  # [L, 2, num_dst_pages, page_size, Hkv, D], same device, written in place
+    dst_ids: torch.Tensor,  # [n] int32/int64, distinct, on dst's device
+) -> None:
+    """dst[:, :, dst_ids] = src[:, :, src_ids] in one pass (no staging buffer)."""
+    if src.shape[:2] != dst.shape[:2] or src.shape[3:] != dst.shape[3:] or src.dtype != dst.dtype:
+        raise ValueError(
+            f"src {tuple(src.shape)} {src.dtype} and dst {tuple(dst.shape)} "
+            f"{dst.dtype} differ outside the page axis"
+        )
+    if src_ids.shape != dst_ids.shape or src_ids.dim() != 1:
+        raise ValueError(
+            f"src_ids {tuple(src_ids.shape)} and dst_ids {tuple(dst_ids.shape)} must be [n] alike"
+        )
+    for name, t in (("src_ids", src_ids), ("dst", dst), ("dst_ids", dst_ids)):
+        if t.device != src.device:
+            raise ValueError(f"{name} is on {t.device}, src on {src.device}")
+    src_w = _as_words("src", src)  # [L, KV, P, page_words]
+    dst_w = _as_words("dst", dst)
+    num_layers, num_kv, _, page_words = src_w.shape
+    if src_ids.numel() == 0:
+        return
+    block = min(_MAX_BLOCK_WORDS, triton.next_power_of_2(page_words))
+    grid = (src_ids.numel(), num_layers * num_kv, triton.cdiv(page_words, block))
+    _pool_to_pool_kernel[grid](
+        src_w, dst_w, src_ids.contiguous(), dst_ids.contiguous(), num_kv,
+        src_w.stride(0), src_w.stride(1), src_w.stride(2),
+        dst_w.stride(0), dst_w.stride(1), dst_w.stride(2),
+        PAGE_WORDS=page_words, BLOCK=block,
+        num_warps=4 if block >= 1024 else 1,
+    )  # fmt: skip

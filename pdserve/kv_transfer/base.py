@@ -15,7 +15,7 @@ from typing import Any, Literal, NamedTuple, Protocol
 
 import torch
 
-from pdserve.kernels.page_copy_ref import gather_pages_ref, scatter_pages_ref
+from pdserve.kernels.page_copy_ref import copy_pages_ref, gather_pages_ref, scatter_pages_ref
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +158,20 @@ def gather_pages(buffer: torch.Tensor, pages: list[int]) -> torch.Tensor:
 
         return gather_pages_triton(buffer, index)
     return gather_pages_ref(buffer, index)
+
+
+def copy_pages(
+    src: torch.Tensor, src_pages: list[int], dst: torch.Tensor, dst_pages: list[int]
+) -> None:
+    """dst[:, :, dst_pages] = src[:, :, src_pages], both pools on one device, in one pass."""
+    src_index = page_index(src_pages, src.device)
+    dst_index = page_index(dst_pages, dst.device)
+    if src.is_cuda:
+        from pdserve.kernels.triton_page_copy import copy_pages as copy_pages_triton
+
+        copy_pages_triton(src, src_index, dst, dst_index)
+        return
+    copy_pages_ref(src, src_index, dst, dst_index)
 
 
 def scatter_pages(buffer: torch.Tensor, pages: list[int], data: torch.Tensor) -> None:

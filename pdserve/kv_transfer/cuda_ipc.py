@@ -20,6 +20,7 @@ from pdserve.kv_transfer.base import (
     KVReceiver,
     KVSender,
     check_pages,
+    copy_pages,
     dtype_from_name,
     gather_pages,
     layout_of,
@@ -144,10 +145,14 @@ class CudaIpcSender(KVSender):
         dst = self._pools[decode_idx]
         # The pages were written on the compute stream: the copy stream starts after it.
         self._stream.wait_stream(torch.cuda.current_stream(self.buffer.device))
+        if dst.device == self.buffer.device:  # one pass, pool to pool
+            with torch.cuda.stream(self._stream):
+                copy_pages(self.buffer, src_pages, dst, dst_pages)
+            self._stream.synchronize()
+            page_bytes = self.buffer[:, :, 0].numel() * self.buffer.element_size()
+            return page_bytes * len(src_pages)
         with torch.cuda.stream(self._stream):
             data = gather_pages(self.buffer, src_pages)  # [L, 2, n, ps, Hkv, D]
-            if dst.device == self.buffer.device:
-                scatter_pages(dst, dst_pages, data)
         self._stream.synchronize()
         if dst.device != self.buffer.device:  # decode GPU visible here: peer copy, then scatter
             with torch.cuda.device(dst.device):

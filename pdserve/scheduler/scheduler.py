@@ -128,7 +128,8 @@ class Scheduler:
         for req in list(self.running):
             if budget <= 0:
                 break
-            if req.status != Status.RUNNING or req.num_pending != 1 or req not in self.running:
+            # status, not list membership: a request preempted earlier in this loop is WAITING
+            if req.status != Status.RUNNING or req.num_pending != 1:
                 continue
             if not self._ensure_pages(req, req.seq_len, preempt=True):
                 continue  # req itself was preempted

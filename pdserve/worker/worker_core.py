@@ -66,6 +66,11 @@ class WorkerCore:
         return touched
 
     def _sample_and_record(self, logits: torch.Tensor, items: list[BatchItem]) -> None:
+        if not any(_needs_sampler(item.req) for item in items):
+            # Plain greedy rows (the common benchmark and eval case): one argmax, one copy.
+            for item, token_id in zip(items, logits.argmax(dim=-1).tolist()):
+                self.scheduler.process_sampled(item, token_id)
+            return
         rows = [
             SamplingRow(
                 params=item.req.sampling,
@@ -90,6 +95,11 @@ class WorkerCore:
             self.scheduler.process_sampled(item, out.token_ids[i], logprob, top)
 
     def add(self, req: Request) -> None:
+        """Queue a request; ValueError (naming the problem) if it can never run."""
+        vocab = self.model_config.vocab_size
+        bad = [t for t in req.prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is out of range: expected 0..{vocab - 1}")
         self.scheduler.add(req)
 
     def abort(self, rid: str, message: str = "aborted") -> Request | None:
@@ -97,3 +107,15 @@ class WorkerCore:
 
     def has_work(self) -> bool:
         return self.scheduler.has_work() or bool(self.scheduler.newly_finished)
+
+
+def _needs_sampler(req: Request) -> bool:
+    """False when the next token is just the argmax of the raw logits."""
+    params = req.sampling
+    return (
+        not params.is_greedy
+        or params.has_penalties
+        or bool(params.logit_bias)
+        or req.return_logprob
+        or len(req.output_ids) < params.min_new_tokens
+    )

@@ -50,3 +50,17 @@ def test_scatter_into_a_layer_slice_writes_only_those_layers() -> None:
     assert torch.equal(pool[1:3, :, 8], staging[:, :, 0])
     assert torch.equal(pool[0], before[0]) and torch.equal(pool[3], before[3])
     assert torch.equal(pool[1:3, :, :8], before[1:3, :, :8])
+
+
+def test_copy_pages_ref_moves_pages_between_pools_and_nothing_else() -> None:
+    from pdserve.kernels.page_copy_ref import copy_pages_ref
+
+    src = torch.randn(3, 2, 9, 4, 2, 8, dtype=torch.float64)
+    dst = torch.randn(3, 2, 12, 4, 2, 8, dtype=torch.float64)
+    before = dst.clone()
+    src_ids, dst_ids = torch.tensor([7, 2, 5]), torch.tensor([1, 11, 4])
+    copy_pages_ref(src, src_ids, dst, dst_ids)
+    for s, d in zip(src_ids.tolist(), dst_ids.tolist()):
+        assert torch.equal(dst[:, :, d], src[:, :, s])
+    untouched = [p for p in range(12) if p not in dst_ids.tolist()]
+    assert torch.equal(dst[:, :, untouched], before[:, :, untouched])

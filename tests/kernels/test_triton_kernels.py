@@ -358,3 +358,20 @@ def test_page_copy_rejects_a_staging_buffer_of_the_wrong_shape() -> None:
     page_ids = torch.tensor([1, 2], dtype=torch.int32, device=DEVICE)
     with pytest.raises(ValueError, match="staging must be"):
         scatter_pages(pool, page_ids, torch.zeros((2, 2, 3, 16, 2, 64), dtype=BF16, device=DEVICE))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_pool_to_pool_copy_matches_reference(dtype: torch.dtype) -> None:
+    from pdserve.kernels.page_copy_ref import copy_pages_ref
+    from pdserve.kernels.triton_page_copy import copy_pages
+
+    src = torch.randn(5, 2, 33, 16, 8, 64, device="cuda").to(dtype)
+    dst = torch.randn(5, 2, 40, 16, 8, 64, device="cuda").to(dtype)
+    expected = dst.clone()
+    src_ids = torch.tensor([3, 31, 0, 17, 8], device="cuda")
+    dst_ids = torch.tensor([39, 1, 22, 5, 30], device="cuda", dtype=torch.int32)
+    copy_pages_ref(src, src_ids, expected, dst_ids)
+    copy_pages(src, src_ids, dst, dst_ids)
+    assert torch.equal(dst, expected)
