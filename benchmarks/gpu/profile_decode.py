@@ -1,0 +1,85 @@
+"""Where a batch-1 decode step's time goes on the GPU: host phases timed with synchronization,
+then torch.profiler's top CPU and CUDA entries.
+
+    python benchmarks/gpu/profile_decode.py [--batch 1] [--steps 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import random_checkpoint as rc  # noqa: E402
+
+from pdserve.engine import Engine  # noqa: E402
+from pdserve.sampling_params import SamplingParams  # noqa: E402
+from pdserve.scheduler.request import Request  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=50)
+    args = parser.parse_args()
+    model = rc.write_checkpoint(rc.LLAMA_1B, Path("/dev/shm/pdserve-bench/llama-3.2-1b"), "cuda")
+    engine = Engine(str(model), in_process=True, device="cuda", dtype="bfloat16", num_pages=4096)
+    core, runner = engine.core, engine.core.runner
+    params = SamplingParams(max_new_tokens=10_000, ignore_eos=True, temperature=0)
+    for i in range(args.batch):
+        core.add(
+            Request(
+                rid=f"r{i}",
+                prompt_ids=[(i * 7 + j) % 1000 + 3 for j in range(128)],
+                sampling=params,
+            )
+        )
+    for _ in range(20):
+        core.step()
+    phases = {"schedule": 0.0, "build_batch": 0.0, "forward": 0.0, "sample+record": 0.0}
+    sync = torch.cuda.synchronize
+    for _ in range(args.steps):
+        sync()
+        t0 = time.perf_counter()
+        batch = core.scheduler.schedule()
+        t1 = time.perf_counter()
+        fb = runner.build_forward_batch(batch)
+        sync()
+        t2 = time.perf_counter()
+        if runner.graph_runner is not None and runner.graph_runner.can_run(fb):
+            logits = runner.graph_runner.replay(fb)
+        else:
+            logits = runner.model(fb, runner.kv_pool)
+        sync()
+        t3 = time.perf_counter()
+        core.scheduler.advance(batch)
+        core._sample_and_record(logits, batch.items)
+        sync()
+        t4 = time.perf_counter()
+        for key, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            phases[key] += dt
+    print("graphs:", runner.graph_runner is not None and bool(runner.graph_runner.batch_sizes))
+    for key, total in phases.items():
+        print(f"{key:>14}: {total / args.steps * 1e3:.3f} ms/step")
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        core.step()
+    sync()
+    print(f"core.step: {(time.perf_counter() - start) / args.steps * 1e3:.3f} ms/step")
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    ) as prof:
+        for _ in range(10):
+            core.step()
+        sync()
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18)
+    print(table)
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12))
+
+
+if __name__ == "__main__":
+    main()
