@@ -55,6 +55,13 @@ class Cluster:
         log_level: str = "info",
         start_timeout_s: float = 600.0,
     ) -> None:
+        if topology.nodes:
+            raise ValueError(
+                "nodes: topologies that span machines are not supported by launch "
+                "yet: run one machine's workers (no `nodes:` section)"
+            )
+        if node is not None:
+            raise ValueError(f"--node {node!r}: the topology declares no nodes")
         self.topology = topology.resolved()
         self.node = node
         self.log_level = log_level
