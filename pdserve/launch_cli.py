@@ -59,7 +59,9 @@ def add_launch_parser(sub: argparse._SubParsersAction) -> None:
         help="a Hugging Face model directory: one prefill + one decode "
         "worker on what this machine has",
     )
-    p.add_argument("--node", help="with --topology: start only this node's processes")
+    p.add_argument(
+        "--node", help="one machine of a multi-node topology (not supported yet: refused)"
+    )
     p.add_argument(
         "--mixed",
         action="store_true",

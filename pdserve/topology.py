@@ -25,6 +25,7 @@ _ENGINE_DEFAULTS = {
     f.name: f.default for f in dataclasses.fields(EngineConfig) if f.name != "scheduler"
 }
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+_SHARED_GPU_MEM_FRACTION = 0.45
 
 
 def _is_int(value: Any) -> bool:
@@ -335,8 +336,14 @@ class Topology:
         return specs
 
     def engine_config(self, worker: WorkerSpec | None = None) -> EngineConfig:
-        """The EngineConfig of `worker` (today the same for every worker: GPUs are pinned by
-        CUDA_VISIBLE_DEVICES, not here); the worker resolves its `auto` values itself."""
+        """The EngineConfig of `worker` (GPUs are pinned by CUDA_VISIBLE_DEVICES, not here); the
+        worker resolves its `auto` values itself. Workers that share a GPU each size their KV pool
+        from at most _SHARED_GPU_MEM_FRACTION of the free memory they find, so the second one to
+        start still has room for its weights and pool."""
+        scheduler = self.scheduler
+        if worker is not None and worker.gpus and self._num_sharing(worker) > 1:
+            fraction = min(scheduler.mem_fraction, _SHARED_GPU_MEM_FRACTION)
+            scheduler = dataclasses.replace(scheduler, mem_fraction=fraction)
         return EngineConfig(
             model_path=self.model,
             device=self.device,
@@ -345,7 +352,15 @@ class Topology:
             cuda_graph=self.cuda_graph,
             cuda_graph_max_batch=self.cuda_graph_max_batch,
             seed=self.seed,
-            scheduler=self.scheduler,
+            scheduler=scheduler,
+        )
+
+    def _num_sharing(self, worker: WorkerSpec) -> int:
+        """Workers (this one included) on the same node that use any of its GPUs."""
+        return sum(
+            1
+            for w in self.workers()
+            if w.node == worker.node and set(w.gpus or ()) & set(worker.gpus or ())
         )
 
     def node_address(self, node: str | None) -> str:

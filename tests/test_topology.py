@@ -525,3 +525,14 @@ def test_grafana_dashboard_queries_only_metrics_the_router_exposes() -> None:
         assert needed in used, needed
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))
+
+
+def test_workers_sharing_one_gpu_each_take_a_smaller_memory_fraction(model: str) -> None:
+    one_gpu = Topology.from_dict({"model": model}).resolved(num_gpus=1)
+    configs = [one_gpu.engine_config(w) for w in one_gpu.workers()]
+    assert [c.scheduler.mem_fraction for c in configs] == [0.45, 0.45]
+    two_gpus = Topology.from_dict({"model": model}).resolved(num_gpus=2)
+    assert [two_gpus.engine_config(w).scheduler.mem_fraction for w in two_gpus.workers()] == [
+        0.85,
+        0.85,
+    ]
