@@ -12,133 +12,29 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pdserve.config import SCHEDULER_KEYS, EngineConfig, SchedulerConfig
+from pdserve.topology_sections import (
+    KVTransferConfig,
+    NodeConfig,
+    Role,
+    RouterConfig,
+    TokenizerConfig,
+    WorkerConfig,
+    WorkerSpec,
+    check_value,
+    is_int,
+    is_name,
+)
 
-Role = Literal["prefill", "decode", "mixed"]
 _ROLES: tuple[Role, ...] = ("prefill", "decode", "mixed")
-ROUTING_POLICIES = ("round_robin", "least_load")
-KV_BACKENDS = ("auto", "nccl", "cuda_ipc", "tcp")
 FOR_MODEL_MODES = ("pd", "mixed")
 _ENGINE_DEFAULTS = {
     f.name: f.default for f in dataclasses.fields(EngineConfig) if f.name != "scheduler"
 }
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 _SHARED_GPU_MEM_FRACTION = 0.45
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_name(value: Any) -> bool:
-    return isinstance(value, str) and value.strip() != ""
-
-
-def _check(cond: bool, key: str, value: Any, expected: str) -> None:
-    if not cond:
-        raise ValueError(f"{key}={value!r} is invalid: expected {expected}")
-
-
-# ---------------------------------------------------------------------------------- sections
-
-
-@dataclass(frozen=True)
-class RouterConfig:
-    host: str = "127.0.0.1"
-    port: int = 8000  # 0: a free port, picked at launch
-    api_key: str | None = None
-    routing_policy: str = "round_robin"  # round_robin | least_load
-    node: str | None = None  # where the router and tokenizers run; resolved(): the first node
-
-    def __post_init__(self) -> None:
-        _check(_is_name(self.host), "host", self.host, "a host name or address")
-        _check(_is_int(self.port) and 0 <= self.port <= 65535, "port", self.port, "0..65535")
-        _check(self.api_key is None or _is_name(self.api_key), "api_key", self.api_key, "a string")
-        _check(
-            self.routing_policy in ROUTING_POLICIES,
-            "routing_policy",
-            self.routing_policy,
-            f"one of {list(ROUTING_POLICIES)}",
-        )
-        _check(self.node is None or _is_name(self.node), "node", self.node, "a node name")
-
-
-@dataclass(frozen=True)
-class TokenizerConfig:
-    replicas: int = 1  # tokenizer processes
-
-    def __post_init__(self) -> None:
-        _check(_is_int(self.replicas) and self.replicas >= 1, "replicas", self.replicas, ">= 1")
-
-
-@dataclass(frozen=True)
-class KVTransferConfig:
-    backend: str = "auto"  # auto | nccl | cuda_ipc | tcp
-    timeout_s: float = 30.0  # a transfer not done by then aborts its request
-
-    def __post_init__(self) -> None:
-        _check(self.backend in KV_BACKENDS, "backend", self.backend, f"one of {list(KV_BACKENDS)}")
-        ok = isinstance(self.timeout_s, (int, float)) and not isinstance(self.timeout_s, bool)
-        _check(ok and self.timeout_s > 0, "timeout_s", self.timeout_s, "a number > 0")
-
-
-@dataclass(frozen=True)
-class NodeConfig:
-    name: str
-    address: str  # reachable from the other nodes (ZeroMQ tcp:// and NCCL)
-
-    def __post_init__(self) -> None:
-        _check(_is_name(self.name), "name", self.name, "a non-empty node name")
-        _check(_is_name(self.address), "address", self.address, "a host name or address")
-
-
-@dataclass(frozen=True)
-class WorkerConfig:
-    """One entry of `prefill:`, `decode:` or `mixed:`."""
-
-    gpus: tuple[int, ...] | None = None  # None: assigned by resolved(); () on cpu
-    tp: int = 1
-    node: str | None = None  # a name from `nodes:` (required when nodes are declared)
-
-    def __post_init__(self) -> None:
-        if self.gpus is not None:
-            _check(
-                isinstance(self.gpus, (list, tuple))
-                and all(_is_int(g) and g >= 0 for g in self.gpus),
-                "gpus",
-                self.gpus,
-                "a list of GPU indices >= 0",
-            )
-            object.__setattr__(self, "gpus", tuple(self.gpus))  # a YAML list, frozen
-            for i, gpu in enumerate(self.gpus):
-                if gpu in self.gpus[:i]:
-                    raise ValueError(f"gpus: GPU {gpu} is listed twice")
-        _check(_is_int(self.tp) and self.tp >= 1, "tp", self.tp, "an integer >= 1")
-        if self.gpus and self.tp != len(self.gpus):
-            raise ValueError(
-                f"tp={self.tp} is invalid: expected len(gpus)={len(self.gpus)} "
-                "(one GPU per tensor-parallel rank)"
-            )
-        _check(self.node is None or _is_name(self.node), "node", self.node, "a node name")
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    """One worker process: `idx` numbers prefill workers 0.. and decode-side (decode and mixed)
-    workers 0.., the indices the router's messages carry."""
-
-    role: Role
-    idx: int
-    name: str  # prefill0, decode0, mixed0
-    gpus: tuple[int, ...] | None  # the worker's CUDA_VISIBLE_DEVICES; () on cpu
-    tp: int
-    node: str | None
-
-    @property
-    def is_decode_side(self) -> bool:
-        return self.role in ("decode", "mixed")
 
 
 # ---------------------------------------------------------------------------------- topology
@@ -226,7 +122,7 @@ class Topology:
         kv_transfer_backend, kv_transfer_timeout_s and the scheduler's keys. None means "not
         given" (the default), as from an unset CLI flag.
         """
-        _check(mode in FOR_MODEL_MODES, "mode", mode, f"one of {list(FOR_MODEL_MODES)}")
+        check_value(mode in FOR_MODEL_MODES, "mode", mode, f"one of {list(FOR_MODEL_MODES)}")
         d: dict[str, Any] = {"model": str(model_path)}
         if mode == "mixed":
             d["mixed"] = [{}]
@@ -403,22 +299,24 @@ class Topology:
         return len({w.node for w in self.prefill} | {w.node for w in self.decode}) > 1
 
     def _check_engine_keys(self) -> None:
-        _check(_is_name(self.model), "model", self.model, "a Hugging Face model directory")
-        _check(
-            self.served_model_name is None or _is_name(self.served_model_name),
+        check_value(is_name(self.model), "model", self.model, "a Hugging Face model directory")
+        check_value(
+            self.served_model_name is None or is_name(self.served_model_name),
             "served_model_name",
             self.served_model_name,
             "a non-empty name or null",
         )
-        _check(isinstance(self.cuda_graph, bool), "cuda_graph", self.cuda_graph, "true or false")
-        _check(
-            _is_int(self.cuda_graph_max_batch) and self.cuda_graph_max_batch >= 1,
+        check_value(
+            isinstance(self.cuda_graph, bool), "cuda_graph", self.cuda_graph, "true or false"
+        )
+        check_value(
+            is_int(self.cuda_graph_max_batch) and self.cuda_graph_max_batch >= 1,
             "cuda_graph_max_batch",
             self.cuda_graph_max_batch,
             "an integer >= 1",
         )
-        _check(_is_int(self.seed), "seed", self.seed, "an integer")
-        _check(_is_name(self.bind_host), "bind_host", self.bind_host, "a host name or address")
+        check_value(is_int(self.seed), "seed", self.seed, "an integer")
+        check_value(is_name(self.bind_host), "bind_host", self.bind_host, "a host name or address")
         self.engine_config()  # device, dtype, attention_backend: EngineConfig's own checks
         if self.device == "cpu" and self.attention_backend not in ("auto", "torch"):
             raise ValueError(
@@ -621,10 +519,10 @@ def _read_num_heads(model: str) -> tuple[int, int]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"model: cannot read {config_file}: {e}") from None
     num_heads = hf.get("num_attention_heads") if isinstance(hf, dict) else None
-    if not _is_int(num_heads) or num_heads < 1:
+    if not is_int(num_heads) or num_heads < 1:
         raise ValueError(f"model: {config_file} has no valid num_attention_heads")
     num_kv_heads = hf.get("num_key_value_heads") or num_heads
-    if not _is_int(num_kv_heads) or num_kv_heads < 1:
+    if not is_int(num_kv_heads) or num_kv_heads < 1:
         raise ValueError(f"model: {config_file} has an invalid num_key_value_heads")
     return num_heads, num_kv_heads
 
