@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +36,7 @@ class ModelRunner:
         )
         self.num_pages = self._decide_num_pages()
         self.kv_pool = KVPool(model_config, self.num_pages, self.page_size, self.dtype, self.device)
+        self._staging: torch.Tensor | None = None  # [bytes] uint8: see _host_buffer
         self.graph_runner = None
         if config.cuda_graph and self.device.type == "cuda":
             from pdserve.worker.cuda_graph_runner import CudaGraphRunner
@@ -61,10 +63,20 @@ class ModelRunner:
         )
         return num_pages
 
+    def _host_buffer(self, num_bytes: int) -> torch.Tensor:
+        """[num_bytes] uint8 on the host, pinned on CUDA, reused across steps: each step's copy
+        has finished before the next one is built (its tokens were read back in between)."""
+        if self._staging is None or self._staging.numel() < num_bytes:
+            size = max(num_bytes, 2 * (self._staging.numel() if self._staging is not None else 0))
+            self._staging = torch.empty(
+                size, dtype=torch.uint8, pin_memory=self.device.type == "cuda"
+            )
+        return self._staging[:num_bytes]
+
     def build_forward_batch(self, batch: ScheduledBatch) -> ForwardBatch:
         """Lay every index array of the batch out in one host buffer (pinned on CUDA) and copy it to
         the device in one transfer; the batch's device tensors are views of that one copy."""
-        host = _HostBatch.build(batch, self.page_size, pin=self.device.type == "cuda")
+        host = _HostBatch.build(batch, self.page_size, self._host_buffer)
         on_host = host.views(host.buffer)
         on_device = on_host
         if self.device.type != "cpu":
@@ -135,7 +147,9 @@ class _HostBatch:
     extend_lens_cpu: list[int]  # [B]
 
     @classmethod
-    def build(cls, batch: ScheduledBatch, page_size: int, pin: bool) -> _HostBatch:
+    def build(
+        cls, batch: ScheduledBatch, page_size: int, host_buffer: Callable[[int], torch.Tensor]
+    ) -> _HostBatch:
         items = batch.items
         bsz = len(items)
         starts = np.fromiter((it.start for it in items), np.int64, bsz)  # [B]
@@ -146,7 +160,7 @@ class _HostBatch:
         max_pages = max(len(it.req.page_ids) for it in items)
         layout, num_bytes = _layout(num_tokens, bsz, max_pages)
         host = cls(
-            torch.empty(num_bytes, dtype=torch.uint8, pin_memory=pin),
+            host_buffer(num_bytes),
             layout,
             seq_lens.tolist(),
             ext_lens.tolist(),
