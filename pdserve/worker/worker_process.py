@@ -105,12 +105,25 @@ class WorkerProcess:
             if self.role == "decode":
                 self._admit_pending()
                 self._collect_transfers()
-            touched = self.core.step()
+            touched = self._step()
             self._emit(touched)
             if self.role == "prefill":
                 self._push_prefilled(touched)
             self._maybe_report()
         self.close()
+
+    def _step(self) -> list[Request]:
+        """One forward step. If it fails (a bug, device out of memory), the requests it held end
+        with an error and the worker keeps serving: a failure must not become a dead process."""
+        try:
+            return self.core.step()
+        except Exception as e:
+            logger.exception("worker %s: step failed; ending its running requests", self.name)
+            message = f"internal error in worker {self.name}: {type(e).__name__}: {e}"
+            failed = [r for r in self.scheduler.running if r.status == Status.RUNNING]
+            for req in failed:
+                self.scheduler.abort(req.rid, message)
+            return failed
 
     def _drain_inbox(self) -> None:
         busy = self.core.has_work() or self.pending_admission or self._waiting_kv()

@@ -1,0 +1,103 @@
+"""A mixed worker process loop, driven in this process over real ZeroMQ sockets."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from pathlib import Path
+
+import pytest
+
+from pdserve import protocol
+from pdserve.config import EngineConfig, SchedulerConfig
+from pdserve.ipc import Inbox, Outbox, new_ipc_address
+from pdserve.worker.worker_process import WorkerProcess
+
+
+@pytest.fixture
+def worker(tiny_llama: Path):  # type: ignore[no-untyped-def]
+    engine = EngineConfig(
+        model_path=str(tiny_llama),
+        device="cpu",
+        scheduler=SchedulerConfig(num_pages=256, page_size=4),
+    )
+    engine_dict = dataclasses.asdict(engine)
+    tokenizer_inbox = Inbox(new_ipc_address("test-tok"))
+    spec = {
+        "name": "mixed0",
+        "role": "mixed",
+        "idx": 0,
+        "engine": engine_dict,
+        "inbox": new_ipc_address("test-worker"),
+        "tokenizer_inboxes": [tokenizer_inbox.address],
+        "router_inbox": None,
+        "kv_transfer": {"backend": "tcp"},
+    }
+    proc = WorkerProcess(spec)
+    thread = threading.Thread(target=proc.run, daemon=True)
+    thread.start()
+    to_worker = Outbox(spec["inbox"])
+    yield proc, to_worker, tokenizer_inbox
+    to_worker.send(protocol.Shutdown())
+    thread.join(timeout=10)
+    tokenizer_inbox.close()
+
+
+def _collect(inbox: Inbox, rid: str) -> tuple[list[int], dict | None]:
+    tokens: list[int] = []
+    for _ in range(200):
+        msg = inbox.recv(timeout_ms=5000)
+        assert msg is not None, "no output from the worker"
+        for i, r in enumerate(msg.rids):
+            if r == rid:
+                tokens += msg.token_ids[i]
+                if msg.finish[i] is not None:
+                    return tokens, msg.finish[i]
+    raise AssertionError("the request never finished")
+
+
+def _req(rid: str, n: int) -> protocol.TokenizedReq:
+    return protocol.TokenizedReq(
+        rid=rid,
+        input_ids=[5, 6, 7, 8, 9],
+        tokenizer_idx=0,
+        sampling={"max_new_tokens": n, "temperature": 0, "ignore_eos": True},
+    )
+
+
+def test_a_failing_step_ends_its_requests_with_an_error_and_the_worker_keeps_serving(
+    worker,  # type: ignore[no-untyped-def]
+) -> None:
+    proc, to_worker, tokenizer_inbox = worker
+    real_forward = proc.core.runner.forward
+    calls = {"n": 0}
+
+    def flaky_forward(batch):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("simulated device failure")
+        return real_forward(batch)
+
+    proc.core.runner.forward = flaky_forward  # type: ignore[method-assign]
+    to_worker.send(_req("doomed", 4))
+    tokens, finish = _collect(tokenizer_inbox, "doomed")
+    assert finish["type"] == "abort" and "simulated device failure" in finish["message"]
+    to_worker.send(_req("fine", 4))
+    tokens, finish = _collect(tokenizer_inbox, "fine")
+    assert finish == {"type": "length", "length": 4} and len(tokens) == 4
+    sched = proc.scheduler
+    assert sched.allocator.num_free + sched.cache.num_cached_pages == sched.allocator.num_total
+
+
+def test_a_prompt_too_large_for_the_pool_is_refused_without_killing_the_worker(
+    worker,  # type: ignore[no-untyped-def]
+) -> None:
+    _, to_worker, tokenizer_inbox = worker
+    big = protocol.TokenizedReq(
+        rid="big", input_ids=[5] * 2000, tokenizer_idx=0, sampling={"max_new_tokens": 2}
+    )
+    to_worker.send(big)
+    _, finish = _collect(tokenizer_inbox, "big")
+    assert finish["type"] == "abort" and "does not fit" in finish["message"]
+    to_worker.send(_req("after", 2))
+    assert _collect(tokenizer_inbox, "after")[1]["type"] == "length"
