@@ -45,6 +45,37 @@ class Child:
     inbox: str
 
 
+@dataclass(frozen=True)
+class Endpoint:
+    """A process's inbox: the owner binds `bind`, its peers connect to `connect`."""
+
+    bind: str
+    connect: str
+
+
+def plan_endpoints(topo: Topology, workers: list[Any]) -> dict[str, Endpoint]:
+    """Every inbox of the cluster, and each decode worker's KV socket (`<name>-kv`).
+
+    One machine: fresh ipc:// paths. Several: tcp on each process's node, at router.port + 1 + k
+    for the k-th name in a fixed order, so every node's launcher computes the same plan.
+    """
+    names = ["router"] + [f"tokenizer{i}" for i in range(topo.tokenizer.replicas)]
+    node_of: dict[str, str | None] = dict.fromkeys(names, topo.router.node)
+    for w in workers:
+        node_of[w.name] = w.node
+        if w.role == "decode":
+            node_of[f"{w.name}-kv"] = w.node
+    if not topo.is_multi_node:
+        return {name: Endpoint(a, a) for name in node_of for a in [new_ipc_address(name)]}
+    plan = {}
+    for k, (name, node) in enumerate(node_of.items()):
+        port = topo.router.port + 1 + k
+        plan[name] = Endpoint(
+            f"tcp://{topo.bind_address(node)}:{port}", f"tcp://{topo.node_address(node)}:{port}"
+        )
+    return plan
+
+
 class Cluster:
     """`with Cluster(topology) as c: ... c.url ...` starts everything, and always tears it down."""
 
@@ -55,12 +86,18 @@ class Cluster:
         log_level: str = "info",
         start_timeout_s: float = 600.0,
     ) -> None:
-        if topology.nodes:
+        if topology.is_multi_node and node not in {n.name for n in topology.nodes}:
+            names = sorted(n.name for n in topology.nodes)
             raise ValueError(
-                "nodes: topologies that span machines are not supported by launch "
-                "yet: run one machine's workers (no `nodes:` section)"
+                f"--node {node!r} is invalid: a topology with nodes starts one "
+                f"machine's processes at a time: expected one of {names}"
             )
-        if node is not None:
+        if topology.is_multi_node and not topology.router.port:
+            raise ValueError(
+                "router.port=0 is invalid with nodes: every node derives its "
+                "processes' ports from it: expected a fixed port"
+            )
+        if not topology.is_multi_node and node is not None:
             raise ValueError(f"--node {node!r}: the topology declares no nodes")
         self.topology = topology.resolved()
         self.node = node
@@ -75,9 +112,14 @@ class Cluster:
 
     @property
     def url(self) -> str:
-        host = self.topology.router.host
-        host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        topo = self.topology
+        host = topo.router.host
+        if host in ("0.0.0.0", "::"):
+            host = topo.node_address(topo.router.node) if topo.is_multi_node else "127.0.0.1"
         return f"http://{host}:{self.port}"
+
+    def _is_local(self, node: str | None) -> bool:
+        return not self.topology.is_multi_node or node == self.node
 
     # ------------------------------------------------------------------ start
 
@@ -85,7 +127,8 @@ class Cluster:
         self._launcher_inbox = Inbox(self._launcher_inbox_addr)
         try:
             self._start_all()
-            self._wait_healthy()
+            if self._is_local(self.topology.router.node):
+                self._wait_healthy()
             threading.Thread(target=self._watch, name="pdserve-watch", daemon=True).start()
         except BaseException:
             self.stop(grace_s=0)
@@ -93,92 +136,83 @@ class Cluster:
         return self
 
     def _start_all(self) -> None:
+        """Spawn this node's processes, all at once: a prefill worker learns how to reach a
+        decode worker's KV pool from the PrefillTasks it receives."""
         topo = self.topology
         workers = topo.workers()
-        addr = {w.name: new_ipc_address(w.name) for w in workers}
-        tokenizers = [new_ipc_address(f"tokenizer{i}") for i in range(topo.tokenizer.replicas)]
-        router_inbox = new_ipc_address("router")
+        ep = plan_endpoints(topo, workers)
         decode_side = [w for w in workers if w.role in ("decode", "mixed")]
         prefills = [w for w in workers if w.role == "prefill"]
-        common = {
-            "tokenizer_inboxes": tokenizers,
-            "router_inbox": router_inbox,
-            "launcher_inbox": self._launcher_inbox_addr,
-        }
+        tokenizers = [f"tokenizer{i}" for i in range(topo.tokenizer.replicas)]
         wiring = {
-            "decode_inboxes": [addr[w.name] for w in decode_side],
-            "prefill_inboxes": [addr[w.name] for w in prefills],
+            "tokenizer_inboxes": [ep[t].connect for t in tokenizers],
+            "router_inbox": ep["router"].connect,
+            "launcher_inbox": self._launcher_inbox_addr,
+            "decode_inboxes": [ep[w.name].connect for w in decode_side],
+            "prefill_inboxes": [ep[w.name].connect for w in prefills],
         }
-        for w in decode_side:
-            self._spawn_worker(w, addr[w.name], {**common, **wiring})
-        for i, inbox in enumerate(tokenizers):
+        for w in workers:
+            if self._is_local(w.node):
+                self._spawn_worker(w, ep, wiring)
+        if self._is_local(topo.router.node):
+            for i, name in enumerate(tokenizers):
+                self._spawn(
+                    "tokenizer",
+                    name,
+                    ep[name].connect,
+                    {
+                        "idx": i,
+                        "model_path": topo.model,
+                        "inbox": ep[name].bind,
+                        "router_inbox": ep["router"].connect,
+                        "worker_inboxes": wiring["decode_inboxes"],
+                        "launcher_inbox": self._launcher_inbox_addr,
+                        "max_context_len": self._max_context_len(),
+                    },
+                )
             self._spawn(
-                "tokenizer",
-                f"tokenizer{i}",
-                inbox,
-                {
-                    "idx": i,
-                    "model_path": topo.model,
-                    "inbox": inbox,
-                    "router_inbox": router_inbox,
-                    "worker_inboxes": wiring["decode_inboxes"],
-                    "launcher_inbox": self._launcher_inbox_addr,
-                    "max_context_len": self._max_context_len(),
-                },
+                "router", "router", ep["router"].connect, self._router_spec(ep, tokenizers, workers)
             )
-        self._wait_ready([w.name for w in decode_side])
-        handshakes = [self.ready_info[w.name].get("kv_handshake") for w in decode_side]
-        for w in prefills:
-            self._spawn_worker(w, addr[w.name], {**common, **wiring}, decode_handshakes=handshakes)
-        self._spawn(
-            "router",
-            "router",
-            router_inbox,
-            self._router_spec(router_inbox, tokenizers, workers, addr),
-        )
         self._wait_ready([c.name for c in self.children])
 
-    def _spawn_worker(
-        self, w: Any, inbox: str, wiring: dict[str, Any], decode_handshakes: list[Any] | None = None
-    ) -> None:
+    def _spawn_worker(self, w: Any, ep: dict[str, Endpoint], wiring: dict[str, Any]) -> None:
         import dataclasses
 
-        cfg = self.topology.engine_config(w)
-        engine = dataclasses.asdict(cfg)
-        kv: dict[str, Any] = {"backend": self.topology.kv_transfer.backend}
-        if w.role == "decode" and kv["backend"] == "tcp":
-            kv["address"] = new_ipc_address(f"{w.name}-kv")
-        if decode_handshakes is not None:
-            kv["decode_handshakes"] = decode_handshakes
+        topo = self.topology
+        engine = dataclasses.asdict(topo.engine_config(w))
+        kv: dict[str, Any] = {"backend": topo.kv_transfer.backend}
+        if w.role == "decode" and (kv["backend"] == "tcp" or topo.is_multi_node):
+            kv["address"] = ep[f"{w.name}-kv"].bind
+            kv["host"] = topo.node_address(w.node) if topo.is_multi_node else "127.0.0.1"
         spec = {
             "name": w.name,
             "role": w.role,
             "idx": w.idx,
             "engine": engine,
-            "inbox": inbox,
+            "inbox": ep[w.name].bind,
             "kv_transfer": kv,
-            "kv_timeout_s": self.topology.kv_transfer.timeout_s,
+            "kv_timeout_s": topo.kv_transfer.timeout_s,
             **wiring,
         }
         env = {}
         if w.gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in w.gpus)
-        self._spawn("worker", w.name, inbox, spec, env)
+        self._spawn("worker", w.name, ep[w.name].connect, spec, env)
 
     def _router_spec(
-        self, inbox: str, tokenizers: list[str], workers: list[Any], addr: dict[str, str]
+        self, ep: dict[str, Endpoint], tokenizers: list[str], workers: list[Any]
     ) -> dict[str, Any]:
         topo = self.topology
         return {
             "host": topo.router.host,
             "port": self.port,
             "api_key": topo.router.api_key,
-            "model_name": topo.served_model_name or os.path.basename(topo.model.rstrip("/")),
+            "model_name": topo.model_name,
             "model_path": topo.model,
-            "inbox": inbox,
-            "tokenizer_inboxes": tokenizers,
+            "inbox": ep["router"].bind,
+            "tokenizer_inboxes": [ep[t].connect for t in tokenizers],
             "workers": [
-                {"name": w.name, "role": w.role, "idx": w.idx, "inbox": addr[w.name]}
+                {"name": w.name, "role": w.role, "idx": w.idx, "inbox": ep[w.name].connect}
                 for w in workers
             ],
             "routing_policy": topo.router.routing_policy,

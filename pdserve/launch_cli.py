@@ -60,7 +60,8 @@ def add_launch_parser(sub: argparse._SubParsersAction) -> None:
         "worker on what this machine has",
     )
     p.add_argument(
-        "--node", help="one machine of a multi-node topology (not supported yet: refused)"
+        "--node",
+        help="with --topology and nodes: start this machine's processes (run once per node)",
     )
     p.add_argument(
         "--mixed",

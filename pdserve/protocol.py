@@ -138,6 +138,7 @@ class PrefillTask:
     dst_pages: list[int]
     return_logprob: bool = False
     top_logprobs_num: int = 0
+    kv_handshake: dict[str, Any] | None = None  # how to reach decode's pool (KVReceiver.handshake)
 
 
 @dataclass

@@ -23,16 +23,18 @@ def test_unknown_topology_key_is_named(
     assert "schedular" in capsys.readouterr().err
 
 
-def test_multi_node_topology_is_refused_clearly(
+def test_a_multi_node_topology_needs_a_known_node(
     tmp_path: Path, tiny_llama: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = tmp_path / "t.yaml"
     path.write_text(
-        f"model: {tiny_llama}\ndevice: cpu\nnodes: [{{name: a, address: 10.0.0.1}}]\n"
-        "prefill: [{node: a}]\ndecode: [{node: a}]\n"
+        f"model: {tiny_llama}\ndevice: cpu\n"
+        "nodes: [{name: a, address: 127.0.0.1}, {name: b, address: 127.0.0.1}]\n"
+        "prefill: [{node: a}]\ndecode: [{node: b}]\n"
     )
-    assert main(["launch", "--topology", str(path), "--node", "a"]) == 2
-    assert "nodes" in capsys.readouterr().err
+    assert main(["launch", "--topology", str(path), "--node", "c"]) == 2
+    assert "expected one of ['a', 'b']" in capsys.readouterr().err
+    assert main(["launch", "--topology", str(path)]) == 2
 
 
 def test_flags_with_a_topology_are_refused(

@@ -82,6 +82,7 @@ SAMPLES = [
         dst_pages=[5, 9],
         return_logprob=False,
         top_logprobs_num=0,
+        kv_handshake={"backend": "tcp", "address": "ipc:///x", "shape": [1, 2]},
     ),
     p.KVReady(
         rid="r",

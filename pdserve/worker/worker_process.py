@@ -76,6 +76,7 @@ class WorkerProcess:
         self.aborted_rids: deque[str] = deque(maxlen=4096)  # prefill: aborted before arrival
         self.kv_receiver = None
         self.kv_sender = None
+        self.kv_handshake: dict[str, Any] | None = None
         self._setup_kv_transfer(spec.get("kv_transfer") or {})
         self._last_report = 0.0
         self._running = True
@@ -85,17 +86,16 @@ class WorkerProcess:
 
         pool = self.core.runner.kv_pool
         if self.role == "decode":
-            self.kv_receiver = kv_transfer.make_receiver(kv["backend"], pool, kv.get("address"))
+            options = {"host": kv["host"]} if kv.get("host") else {}
+            self.kv_receiver = kv_transfer.make_receiver(
+                kv["backend"], pool, kv.get("address"), **options
+            )
+            self.kv_handshake = self.kv_receiver.handshake()  # rides on every PrefillTask
         elif self.role == "prefill":
             self.kv_sender = kv_transfer.make_sender(kv["backend"], pool)
-            for idx, handshake in enumerate(kv.get("decode_handshakes", [])):
-                self.kv_sender.connect(idx, handshake)
 
     def ready_info(self) -> dict[str, Any]:
-        info: dict[str, Any] = {"num_pages": self.core.runner.num_pages}
-        if self.kv_receiver is not None:
-            info["kv_handshake"] = self.kv_receiver.handshake()
-        return info
+        return {"num_pages": self.core.runner.num_pages}
 
     # ------------------------------------------------------------------ the loop
 
@@ -190,6 +190,8 @@ class WorkerProcess:
             self.core.add(req)
 
     def _on_prefill_task(self, msg: protocol.PrefillTask) -> None:
+        if msg.kv_handshake is not None:  # a no-op once this decode worker is connected
+            self.kv_sender.connect(msg.decode_idx, msg.kv_handshake)
         if msg.rid in self.aborted_rids:
             self.to_decodes[msg.decode_idx].send(
                 protocol.KVReady(
@@ -256,6 +258,7 @@ class WorkerProcess:
                     dst_pages=pages,
                     return_logprob=req.return_logprob,
                     top_logprobs_num=req.top_logprobs_num,
+                    kv_handshake=self.kv_handshake,
                 )
             )
 
