@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from pdserve.config import EngineConfig
 from pdserve.sampling_params import SamplingParams
 from pdserve.scheduler.request import Request
+from pdserve.tokenizer_proc.incremental_detokenizer import text_ids
 
 if TYPE_CHECKING:
     from pdserve.process_engine import ProcessEngine
@@ -176,13 +177,12 @@ class InProcessEngine:
     def _result(self, req: Request) -> dict[str, Any]:
         ids = list(req.output_ids)
         finish = req.finish
-        text_ids = ids
-        if finish and finish.get("type") == "stop" and isinstance(finish.get("matched"), int):
-            text_ids = ids[:-1]
-        text = self.tokenizer.decode(text_ids, skip_special_tokens=req.sampling.skip_special_tokens)
-        if finish and isinstance(finish.get("matched"), str) and not req.sampling.no_stop_trim:
-            cut = text.find(finish["matched"])
-            text = text[:cut] if cut >= 0 else text
+        matched = finish.get("matched") if finish else None
+        params = req.sampling
+        shown = text_ids(ids, matched, params.no_stop_trim)
+        text = self.tokenizer.decode(shown, skip_special_tokens=params.skip_special_tokens)
+        if isinstance(matched, str) and not params.no_stop_trim and matched in text:
+            text = text[: text.index(matched)]
         meta: dict[str, Any] = {
             "id": req.rid,
             "finish_reason": finish,

@@ -26,7 +26,8 @@ def new_ipc_address(name: str) -> str:
     return f"ipc://{folder}/{name}-{uuid.uuid4().hex[:10]}.sock"
 
 
-def _pull(ctx: zmq.Context, address: str) -> zmq.Socket:
+def pull_socket(ctx: zmq.Context, address: str) -> zmq.Socket:
+    """A bound PULL socket with an unbounded queue (every inbox, and the KV data sockets)."""
     sock = ctx.socket(zmq.PULL)
     sock.setsockopt(zmq.RCVHWM, _HWM)
     sock.setsockopt(zmq.LINGER, 0)
@@ -34,10 +35,11 @@ def _pull(ctx: zmq.Context, address: str) -> zmq.Socket:
     return sock
 
 
-def _push(ctx: zmq.Context, address: str) -> zmq.Socket:
+def push_socket(ctx: zmq.Context, address: str, linger_ms: int = 1000) -> zmq.Socket:
+    """A connected PUSH socket that never blocks; queued messages get linger_ms to leave."""
     sock = ctx.socket(zmq.PUSH)
     sock.setsockopt(zmq.SNDHWM, _HWM)
-    sock.setsockopt(zmq.LINGER, 1000)
+    sock.setsockopt(zmq.LINGER, linger_ms)
     sock.connect(address)
     return sock
 
@@ -47,7 +49,7 @@ class Inbox:
 
     def __init__(self, address: str, ctx: zmq.Context | None = None) -> None:
         self.ctx = ctx or zmq.Context.instance()
-        self.sock = _pull(self.ctx, address)
+        self.sock = pull_socket(self.ctx, address)
         self.address = address
 
     def recv(self, timeout_ms: int | None = None) -> Message | None:
@@ -73,7 +75,7 @@ class Outbox:
 
     def __init__(self, address: str, ctx: zmq.Context | None = None) -> None:
         self.ctx = ctx or zmq.Context.instance()
-        self.sock = _push(self.ctx, address)
+        self.sock = push_socket(self.ctx, address)
         self.address = address
 
     def send(self, msg: Message) -> None:
@@ -88,7 +90,7 @@ class AsyncInbox:
 
     def __init__(self, address: str, ctx: zmq.asyncio.Context | None = None) -> None:
         self.ctx = ctx or zmq.asyncio.Context.instance()
-        self.sock = _pull(self.ctx, address)
+        self.sock = pull_socket(self.ctx, address)
         self.address = address
 
     async def recv(self) -> Message:
@@ -103,7 +105,7 @@ class AsyncOutbox:
 
     def __init__(self, address: str, ctx: zmq.asyncio.Context | None = None) -> None:
         self.ctx = ctx or zmq.asyncio.Context.instance()
-        self.sock = _push(self.ctx, address)
+        self.sock = push_socket(self.ctx, address)
         self.address = address
 
     def send(self, msg: Message) -> None:

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pdserve.kernels.triton_paged_rows import load_rows
+
 _LOG2E = 1.4426950408889634
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -32,21 +34,6 @@ def default_extend_config(head_dim: int, dtype: torch.dtype) -> ExtendConfig:
     if head_dim <= 64:
         return ExtendConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
     return ExtendConfig(block_m=128, block_n=128, num_warps=8, num_stages=3)
-
-
-@triton.jit
-def _load_rows(
-    base_ptr, row_off, offs_d, mask_n, mask_d, MASK_N: tl.constexpr, EVEN_D: tl.constexpr
-):
-    """[BLOCK_N, BLOCK_D] rows at base_ptr + row_off; masks only where they can be false."""
-    ptrs = base_ptr + row_off[:, None] + offs_d[None, :]
-    if MASK_N:
-        rows = tl.load(ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-    elif EVEN_D:
-        rows = tl.load(ptrs)
-    else:
-        rows = tl.load(ptrs, mask=mask_d[None, :], other=0.0)
-    return rows
 
 
 @triton.jit
@@ -80,7 +67,7 @@ def _extend_step(
     else:
         page = tl.load(page_row + k_pos // PAGE_SIZE).to(tl.int64)
     in_page = k_pos % PAGE_SIZE
-    k = _load_rows(
+    k = load_rows(
         k_base, page * stride_kp + in_page * stride_ks, offs_d, mask_n, mask_d, CAUSAL, EVEN_D
     )  # [BLOCK_N, BLOCK_D]
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e  # [M, N]
@@ -91,7 +78,7 @@ def _extend_step(
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(qk - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = _load_rows(
+    v = load_rows(
         v_base, page * stride_vp + in_page * stride_vs, offs_d, mask_n, mask_d, CAUSAL, EVEN_D
     )
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)

@@ -15,7 +15,7 @@ import torch
 import zmq
 
 from pdserve import protocol
-from pdserve.ipc import new_ipc_address
+from pdserve.ipc import new_ipc_address, pull_socket, push_socket
 from pdserve.kv_transfer.base import (
     HasKVBuffer,
     KVReceiver,
@@ -37,10 +37,7 @@ def bind_pull(address: str | None, host: str, name: str) -> tuple[zmq.Socket, st
     """A PULL socket bound to `address` (a fresh ipc:// one if None) and the address peers use.
 
     tcp://0.0.0.0:* style addresses bind every interface (and a free port); peers get `host`."""
-    sock = zmq.Context.instance().socket(zmq.PULL)
-    sock.setsockopt(zmq.RCVHWM, 0)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.bind(address or new_ipc_address(name))
+    sock = pull_socket(zmq.Context.instance(), address or new_ipc_address(name))
     endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
     if endpoint.startswith("tcp://"):
         bound_host, _, port = endpoint[len("tcp://") :].rpartition(":")
@@ -50,11 +47,8 @@ def bind_pull(address: str | None, host: str, name: str) -> tuple[zmq.Socket, st
 
 
 def connect_push(address: str) -> zmq.Socket:
-    sock = zmq.Context.instance().socket(zmq.PUSH)
-    sock.setsockopt(zmq.SNDHWM, 0)  # never blocks: memory is bounded by the decode's admission
-    sock.setsockopt(zmq.LINGER, 5000)  # let queued KV leave on close
-    sock.connect(address)
-    return sock
+    # Never blocks (memory is bounded by the decode's admission); queued KV gets 5 s to leave.
+    return push_socket(zmq.Context.instance(), address, linger_ms=5000)
 
 
 def bytes_view(tensor: torch.Tensor) -> torch.Tensor:

@@ -335,6 +335,20 @@ def _logprob_outputs(
     return [row_values[0] for row_values in values], top_logprobs
 
 
+def is_plain_greedy(row: SamplingRow) -> bool:
+    """True when `sample` would return argmax(logits) for this row and nothing else: the caller
+    may then skip building a SamplingBatch."""
+    params = row.params
+    return (
+        params.is_greedy
+        and not params.has_penalties
+        and not params.logit_bias
+        and not row.return_logprob
+        and row.top_logprobs_num == 0
+        and len(row.output_ids) >= params.min_new_tokens
+    )
+
+
 def sample(
     logits: torch.Tensor, batch: SamplingBatch, generator: torch.Generator | None = None
 ) -> SampleOutput:

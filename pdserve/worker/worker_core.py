@@ -17,7 +17,7 @@ from pdserve.scheduler.finish_checker import FinishChecker
 from pdserve.scheduler.request import Request
 from pdserve.scheduler.scheduler import BatchItem, Scheduler
 from pdserve.worker.model_runner import ModelRunner
-from pdserve.worker.sampler import SamplingBatch, SamplingRow, sample
+from pdserve.worker.sampler import SamplingBatch, SamplingRow, is_plain_greedy, sample
 
 logger = logging.getLogger(__name__)
 
@@ -58,19 +58,15 @@ class WorkerCore:
         rows = [i for i, item in enumerate(batch.items) if item.samples]
         if rows:
             sampling_items = [batch.items[i] for i in rows]
-            idx = torch.tensor(rows, device=logits.device)
-            self._sample_and_record(logits.index_select(0, idx), sampling_items)
+            if len(rows) < len(batch.items):  # partial prefill chunks sample nothing
+                logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
+            self._sample_and_record(logits, sampling_items)
             touched.extend(item.req for item in sampling_items)
         self.last_step_ms = (time.perf_counter() - start) * 1e3
         self.num_steps += 1
         return touched
 
     def _sample_and_record(self, logits: torch.Tensor, items: list[BatchItem]) -> None:
-        if not any(_needs_sampler(item.req) for item in items):
-            # Plain greedy rows (the common benchmark and eval case): one argmax, one copy.
-            for item, token_id in zip(items, logits.argmax(dim=-1).tolist()):
-                self.scheduler.process_sampled(item, token_id)
-            return
         rows = [
             SamplingRow(
                 params=item.req.sampling,
@@ -82,12 +78,16 @@ class WorkerCore:
             )
             for item in items
         ]
-        batch = SamplingBatch.build(rows, logits.shape[-1], logits.device)
-        out = sample(logits, batch)
+        if all(is_plain_greedy(row) for row in rows):
+            # The common benchmark and eval case: one argmax, one device-to-host copy.
+            for item, token_id in zip(items, logits.argmax(dim=-1).tolist()):
+                self.scheduler.process_sampled(item, token_id)
+            return
+        out = sample(logits, SamplingBatch.build(rows, logits.shape[-1], logits.device))
         for i, item in enumerate(items):
-            logprob = (
-                out.logprobs[i] if out.logprobs is not None and item.req.return_logprob else None
-            )
+            logprob = None
+            if out.logprobs is not None and item.req.return_logprob:
+                logprob = out.logprobs[i]
             top = None
             if out.top_logprobs is not None and item.req.top_logprobs_num > 0:
                 ids, lps = out.top_logprobs[i]
@@ -107,15 +107,3 @@ class WorkerCore:
 
     def has_work(self) -> bool:
         return self.scheduler.has_work() or bool(self.scheduler.newly_finished)
-
-
-def _needs_sampler(req: Request) -> bool:
-    """False when the next token is just the argmax of the raw logits."""
-    params = req.sampling
-    return (
-        not params.is_greedy
-        or params.has_penalties
-        or bool(params.logit_bias)
-        or req.return_logprob
-        or len(req.output_ids) < params.min_new_tokens
-    )
