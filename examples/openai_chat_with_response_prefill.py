@@ -45,8 +45,8 @@ def server(args: argparse.Namespace) -> Iterator[str]:
     if not args.launch:
         yield args.base_url
         return
-    from pdserve.launch import Cluster
-    from pdserve.topology import Topology
+    from pdserve.config.topology import Topology
+    from pdserve.entrypoints.launch import Cluster
 
     port = urlparse(args.base_url).port
     model_path = args.model or tiny_model()

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from pdserve.engine import Engine
-    from pdserve.sampling_params import SamplingParams
+    from pdserve.config.sampling_params import SamplingParams
+    from pdserve.entrypoints.engine import Engine
 
 __all__ = ["Engine", "SamplingParams", "__version__"]
 
@@ -16,11 +16,11 @@ __all__ = ["Engine", "SamplingParams", "__version__"]
 def __getattr__(name: str) -> Any:
     # Lazy: `import pdserve` must stay cheap for the router and tokenizer processes.
     if name == "Engine":
-        from pdserve.engine import Engine
+        from pdserve.entrypoints.engine import Engine
 
         return Engine
     if name == "SamplingParams":
-        from pdserve.sampling_params import SamplingParams
+        from pdserve.config.sampling_params import SamplingParams
 
         return SamplingParams
     raise AttributeError(name)

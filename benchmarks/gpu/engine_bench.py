@@ -19,7 +19,7 @@ import torch
 from device_timer import wall
 from random_checkpoint import ModelSpec, WeightCost
 
-from pdserve.sampling_params import SamplingParams
+from pdserve.config.sampling_params import SamplingParams
 from pdserve.scheduler.request import Request
 
 
@@ -53,7 +53,7 @@ class Roofline:
 def make_engine(model_dir: Path, device: str, dtype: str, backend: str, **options: Any) -> Any:
     """An in-process Engine. When CUDA graphs fail (no graph runner in this tree yet, or a capture
     error), one without them, so the other numbers still come; `engine.bench_note` says why."""
-    from pdserve.engine import Engine
+    from pdserve.entrypoints.engine import Engine
 
     common = {"in_process": True, "device": device, "dtype": dtype, "attention_backend": backend}
     if device == "cuda" and options.get("cuda_graph") is not False and not graphs_available():

@@ -16,8 +16,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import random_checkpoint as rc  # noqa: E402
 
-from pdserve.engine import Engine  # noqa: E402
-from pdserve.sampling_params import SamplingParams  # noqa: E402
+from pdserve.config.sampling_params import SamplingParams  # noqa: E402
+from pdserve.entrypoints.engine import Engine  # noqa: E402
 from pdserve.scheduler.request import Request  # noqa: E402
 
 

@@ -1,5 +1,5 @@
 """The serving comparison on one machine: a mixed worker against prefill + decode workers, each
-started as a real process tree (`pdserve.launch.Cluster`) and loaded by pdserve's own
+started as a real process tree (`pdserve.entrypoints.launch.Cluster`) and loaded by pdserve's own
 `bench serve` client with the same random token-id prompts."""
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ def serve_once(
 ) -> dict[str, Any]:
     """Start a cluster (`mode` "mixed" or "pd"), run the load, stop it; the summary numbers."""
     from pdserve.bench.serve import ServeConfig, run_serve
-    from pdserve.launch import Cluster
-    from pdserve.topology import Topology
+    from pdserve.config.topology import Topology
+    from pdserve.entrypoints.launch import Cluster
 
     overrides = {"device": device, "port": 0, **engine_overrides}
     if mode == "pd":  # one GPU: NCCL refuses two ranks on it, so the pages go over CUDA IPC

@@ -21,7 +21,7 @@ import triton
 from triton.runtime.errors import OutOfResources
 from triton.testing import do_bench, do_bench_cudagraph
 
-from pdserve.config import RopeScaling
+from pdserve.config.engine_config import RopeScaling
 from pdserve.kernels import triton_activation as act
 from pdserve.kernels import triton_decode_attention as dec
 from pdserve.kernels import triton_extend_attention as ext

@@ -36,8 +36,8 @@ def server(args: argparse.Namespace, model_path: str) -> Iterator[str]:
     if not args.launch:
         yield args.base_url
         return
-    from pdserve.launch import Cluster
-    from pdserve.topology import Topology
+    from pdserve.config.topology import Topology
+    from pdserve.entrypoints.launch import Cluster
 
     port = urlparse(args.base_url).port
     topology = Topology.for_model(model_path, mode="pd", device=args.device, port=port)

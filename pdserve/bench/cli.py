@@ -7,7 +7,7 @@ import dataclasses
 from typing import Any
 
 from pdserve.bench.datasets import NO_TOKENIZER
-from pdserve.config import EngineConfig, SchedulerConfig
+from pdserve.config.engine_config import EngineConfig, SchedulerConfig
 
 
 def _default(cls: type, name: str) -> Any:

@@ -14,7 +14,7 @@ from typing import Any
 
 from pdserve.bench.datasets import BenchRequest, load_tokenizer, random_token_requests, token_pool
 from pdserve.bench.stats import OfflineSummary, format_offline_table, summarize_offline
-from pdserve.config import SCHEDULER_KEYS, EngineConfig
+from pdserve.config.engine_config import SCHEDULER_KEYS, EngineConfig
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def _sampling(req: BenchRequest) -> dict[str, Any]:
 
 def _make_engine(model: str, engine_options: dict[str, Any]) -> Any:
     """The in-process Engine; asks for `in_process=True` where the Engine knows that option."""
-    from pdserve.engine import Engine
+    from pdserve.entrypoints.engine import Engine
 
     options = dict(engine_options)
     config_keys = {f.name for f in dataclasses.fields(EngineConfig)}

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from pdserve.config import RopeScaling
+from pdserve.config.engine_config import RopeScaling
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:

@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 import pdserve
+from pdserve.config.sampling_params import SamplingParams
 from pdserve.protocol import GenerateReq
 from pdserve.router.errors import APIError, install_error_handlers
 from pdserve.router.group_reader import ClientGone, collect, failure_of
@@ -33,7 +34,6 @@ from pdserve.router.router import Router
 from pdserve.router.serving_chat import create_chat_completion
 from pdserve.router.serving_completions import create_completion
 from pdserve.router.serving_generate import generate
-from pdserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 

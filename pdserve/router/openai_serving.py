@@ -8,12 +8,12 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from pdserve.config.router_spec import RouterSpec
+from pdserve.config.sampling_params import SamplingParams
 from pdserve.protocol import GenerateReq, ReqOutput
 from pdserve.router.errors import APIError, bad_request, sampling_error
 from pdserve.router.group_reader import ChoiceState
 from pdserve.router.openai_models import SamplingFields
-from pdserve.router.spec import RouterSpec
-from pdserve.sampling_params import SamplingParams
 
 
 @dataclass

@@ -22,6 +22,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from pdserve.config.router_spec import RouterSpec
 from pdserve.ipc import AsyncInbox, AsyncOutbox
 from pdserve.protocol import (
     Abort,
@@ -38,7 +39,6 @@ from pdserve.router.errors import APIError
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.request_tracker import RequestGroup, RequestTracker, Tracked, is_terminal
 from pdserve.router.routing import make_policy
-from pdserve.router.spec import RouterSpec
 from pdserve.router.worker_registry import WorkerRegistry, WorkerState
 
 logger = logging.getLogger(__name__)

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 from starlette.requests import Request
 from starlette.responses import Response
 
+from pdserve.config.router_spec import RouterSpec
 from pdserve.protocol import ReqOutput
 from pdserve.router.errors import bad_request
 from pdserve.router.group_reader import (
@@ -32,7 +33,6 @@ from pdserve.router.openai_serving import (
 )
 from pdserve.router.request_tracker import RequestGroup
 from pdserve.router.router import Router
-from pdserve.router.spec import RouterSpec
 from pdserve.router.sse import DONE, SSEResponse, sse, sse_error
 
 

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.requests import Request
 from starlette.responses import Response
 
+from pdserve.config.sampling_params import SamplingParams
 from pdserve.protocol import GenerateReq, ReqOutput
 from pdserve.router.errors import bad_request, sampling_error
 from pdserve.router.group_reader import (
@@ -31,7 +32,6 @@ from pdserve.router.openai_serving import Fanout, Prompt
 from pdserve.router.request_tracker import RequestGroup
 from pdserve.router.router import Router
 from pdserve.router.sse import DONE, SSEResponse, sse, sse_error
-from pdserve.sampling_params import SamplingParams
 
 
 def _prompts(body: GenerateRequest) -> tuple[list[Prompt], bool]:

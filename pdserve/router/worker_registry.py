@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from pdserve.config.router_spec import WorkerSpec
 from pdserve.protocol import LoadReport
-from pdserve.router.spec import WorkerSpec
 
 logger = logging.getLogger(__name__)
 

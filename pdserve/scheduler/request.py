@@ -6,7 +6,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-from pdserve.sampling_params import SamplingParams
+from pdserve.config.sampling_params import SamplingParams
 
 
 class Status(enum.Enum):

@@ -18,7 +18,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from pdserve.config import SchedulerConfig
+from pdserve.config.engine_config import SchedulerConfig
 from pdserve.scheduler.finish_checker import FinishChecker
 from pdserve.scheduler.page_allocator import PageAllocator
 from pdserve.scheduler.radix_cache import RadixCache

@@ -18,6 +18,7 @@ from typing import Any
 
 import zmq.asyncio
 
+from pdserve.config.sampling_params import SamplingParams
 from pdserve.ipc import AsyncInbox, AsyncOutbox
 from pdserve.protocol import (
     Abort,
@@ -29,7 +30,6 @@ from pdserve.protocol import (
     TokenizedReq,
     TokenOut,
 )
-from pdserve.sampling_params import SamplingParams
 from pdserve.tokenizer_proc.chat_template import apply_chat_template
 from pdserve.tokenizer_proc.incremental_detokenizer import (
     IncrementalDetokenizer,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pdserve.config import ModelConfig
+from pdserve.config.engine_config import ModelConfig
 
 
 class KVPool:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pdserve.config import EngineConfig, ModelConfig
+from pdserve.config.engine_config import EngineConfig, ModelConfig
 from pdserve.scheduler.request import Request
 from pdserve.scheduler.scheduler import ScheduledBatch
 from pdserve.worker.forward_batch import ForwardBatch

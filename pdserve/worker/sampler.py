@@ -29,7 +29,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from pdserve.sampling_params import SamplingParams
+from pdserve.config.sampling_params import SamplingParams
 
 MAX_TOP_LOGPROBS = 20
 _MASK32 = 0xFFFFFFFF

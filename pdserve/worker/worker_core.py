@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from pdserve.config import EngineConfig, ModelConfig
+from pdserve.config.engine_config import EngineConfig, ModelConfig
 from pdserve.scheduler.finish_checker import FinishChecker
 from pdserve.scheduler.request import Request
 from pdserve.scheduler.scheduler import BatchItem, Scheduler

@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pdserve import protocol
-from pdserve.config import EngineConfig, SchedulerConfig
+from pdserve.config.engine_config import EngineConfig, SchedulerConfig
+from pdserve.config.sampling_params import SamplingParams
 from pdserve.ipc import Inbox, Outbox
-from pdserve.sampling_params import SamplingParams
 from pdserve.scheduler.request import Request, Status
 
 logger = logging.getLogger(__name__)

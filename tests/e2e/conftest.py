@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from pdserve.launch import Cluster, _free_port
-from pdserve.topology import Topology
+from pdserve.config.topology import Topology
+from pdserve.entrypoints.launch import Cluster, _free_port
 
 pytestmark = pytest.mark.slow
 

@@ -12,9 +12,9 @@ import openai
 import pytest
 import torch
 
-from pdserve.engine import Engine
-from pdserve.launch import Cluster, _free_port
-from pdserve.topology import Topology
+from pdserve.config.topology import Topology
+from pdserve.entrypoints.engine import Engine
+from pdserve.entrypoints.launch import Cluster, _free_port
 
 pytestmark = [
     pytest.mark.gpu,

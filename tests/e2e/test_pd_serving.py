@@ -12,8 +12,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
-from pdserve.engine import Engine
-from pdserve.launch import Cluster
+from pdserve.entrypoints.engine import Engine
+from pdserve.entrypoints.launch import Cluster
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pdserve.engine import Engine
+from pdserve.entrypoints.engine import Engine
 
 pytestmark = pytest.mark.slow
 

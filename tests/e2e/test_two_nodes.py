@@ -8,9 +8,9 @@ from pathlib import Path
 import openai
 import pytest
 
-from pdserve.engine import Engine
-from pdserve.launch import Cluster, _free_port
-from pdserve.topology import Topology
+from pdserve.config.topology import Topology
+from pdserve.entrypoints.engine import Engine
+from pdserve.entrypoints.launch import Cluster, _free_port
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pdserve.engine import Engine
+from pdserve.entrypoints.engine import Engine
 
 PREFIX = "You are a helpful assistant. Answer briefly and politely, in plain words. "
 PROMPTS = [

@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from pdserve.config import RopeScaling
+from pdserve.config.engine_config import RopeScaling
 from pdserve.kernels.activation_ref import silu_and_mul_ref
 from pdserve.kernels.attention_ref import decode_attention_ref, extend_attention_ref
 from pdserve.kernels.norm_ref import fused_add_rms_norm_ref, rms_norm_ref

@@ -9,7 +9,7 @@ import torch
 import zmq
 
 from pdserve import protocol
-from pdserve.config import ModelConfig
+from pdserve.config.engine_config import ModelConfig
 from pdserve.kv_transfer import KVTransferError, make_receiver, make_sender
 from pdserve.kv_transfer.tcp import TcpSender
 from pdserve.worker.kv_pool import KVPool

@@ -6,11 +6,11 @@ import asyncio
 
 import pytest
 
+from pdserve.config.router_spec import RouterSpec, WorkerSpec
 from pdserve.protocol import LoadReport, ReqOutput
 from pdserve.router.request_tracker import RequestGroup, RequestTracker, Tracked
 from pdserve.router.router import Router, finish_label
 from pdserve.router.routing import LeastLoad, RoundRobin, make_policy
-from pdserve.router.spec import RouterSpec, WorkerSpec
 from pdserve.router.worker_registry import WorkerRegistry
 
 

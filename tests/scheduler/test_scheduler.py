@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from pdserve.config import SchedulerConfig
-from pdserve.sampling_params import SamplingParams
+from pdserve.config.engine_config import SchedulerConfig
+from pdserve.config.sampling_params import SamplingParams
 from pdserve.scheduler.finish_checker import FinishChecker
 from pdserve.scheduler.request import Request, Status
 from pdserve.scheduler.scheduler import Scheduler

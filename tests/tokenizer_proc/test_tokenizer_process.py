@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import zmq.asyncio
 
+from pdserve.config.sampling_params import SamplingParams
 from pdserve.ipc import AsyncInbox, AsyncOutbox, new_ipc_address
 from pdserve.protocol import (
     Abort,
@@ -22,7 +23,6 @@ from pdserve.protocol import (
     TokenizedReq,
     TokenOut,
 )
-from pdserve.sampling_params import SamplingParams
 from pdserve.tokenizer_proc.chat_template import apply_chat_template
 from pdserve.tokenizer_proc.tokenizer_process import TokenizerCore, serve
 

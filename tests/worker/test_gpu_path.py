@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 import torch
 
-from pdserve.config import EngineConfig, ModelConfig, SchedulerConfig
-from pdserve.engine import Engine
+from pdserve.config.engine_config import EngineConfig, ModelConfig, SchedulerConfig
+from pdserve.entrypoints.engine import Engine
 from pdserve.scheduler.scheduler import BatchItem, ScheduledBatch
 from pdserve.tiny_model import build_tiny_model
 from pdserve.worker.model_runner import ModelRunner

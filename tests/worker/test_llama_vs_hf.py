@@ -15,7 +15,7 @@ import pytest
 import torch
 import transformers
 
-from pdserve.config import ModelConfig
+from pdserve.config.engine_config import ModelConfig
 from pdserve.worker.forward_batch import ForwardBatch
 from pdserve.worker.kv_pool import KVPool
 from pdserve.worker.models import load_model

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import pytest
 import torch
 
-from pdserve.sampling_params import SamplingParams
+from pdserve.config.sampling_params import SamplingParams
 from pdserve.worker.sampler import SamplingBatch, SamplingRow, process_logits, sample
 
 V = 32

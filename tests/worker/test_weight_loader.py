@@ -10,7 +10,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from pdserve.config import ModelConfig
+from pdserve.config.engine_config import ModelConfig
 from pdserve.worker.models import build_model, load_model
 from pdserve.worker.weight_loader import load_weights
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pdserve import protocol
-from pdserve.config import EngineConfig, SchedulerConfig
+from pdserve.config.engine_config import EngineConfig, SchedulerConfig
 from pdserve.ipc import Inbox, Outbox, new_ipc_address
 from pdserve.worker.worker_process import WorkerProcess
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from pdserve.config import ModelConfig
+from pdserve.config.engine_config import ModelConfig
 from pdserve.kernels.attention import get_attention_backend
 from pdserve.worker.models.llama import LlamaForCausalLM
 

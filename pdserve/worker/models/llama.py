@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from pdserve.config import ModelConfig
+from pdserve.config.engine_config import ModelConfig
 from pdserve.kernels.activation_ref import silu_and_mul_ref
 from pdserve.kernels.attention import AttentionBackend
 from pdserve.kernels.norm_ref import fused_add_rms_norm_ref, rms_norm_ref

@@ -1,7 +1,7 @@
 """Starts and stops the process tree of one node: router, tokenizers, prefill/decode/mixed workers.
 
 The only module that knows every process. `Cluster` is a context manager, used by the CLI, the
-process-backed Engine and the end-to-end tests alike. Children are plain `python -m pdserve.launch
+process-backed Engine and the end-to-end tests alike. Children are plain `python -m pdserve.entrypoints.launch
 --child KIND` processes that read their spec as msgpack on stdin (the CUDA IPC handle holds
 bytes): no pickle crosses the boundary.
 """
@@ -24,8 +24,8 @@ from typing import Any
 import msgpack
 
 from pdserve import protocol
+from pdserve.config.topology import Topology
 from pdserve.ipc import Inbox, Outbox, new_ipc_address
-from pdserve.topology import Topology
 
 logger = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ class Cluster:
         }
 
     def _max_context_len(self) -> int:
-        from pdserve.config import ModelConfig
+        from pdserve.config.engine_config import ModelConfig
 
         limit = ModelConfig.from_hf(self.topology.model).max_position_embeddings
         return self.topology.scheduler.max_context_len or limit
@@ -238,7 +238,7 @@ class Cluster:
         cmd = [
             sys.executable,
             "-m",
-            "pdserve.launch",
+            "pdserve.entrypoints.launch",
             "--child",
             kind,
             "--log-level",

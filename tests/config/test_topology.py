@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 import yaml
 
-from pdserve.config import EngineConfig, SchedulerConfig
-from pdserve.topology import Topology, WorkerConfig
+from pdserve.config.engine_config import EngineConfig, SchedulerConfig
+from pdserve.config.topology import Topology, WorkerConfig
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 EXAMPLES = sorted((DEPLOY / "topologies").glob("*.yaml"))
 
 
@@ -233,7 +233,7 @@ def test_resolved_on_cpu_gives_tcp_and_no_gpus(model: str) -> None:
 
 
 def test_resolved_with_device_cpu_never_asks_torch(model: str, monkeypatch: Any) -> None:
-    import pdserve.topology as topology_module
+    import pdserve.config.topology as topology_module
 
     def fail() -> int:
         raise AssertionError("probed the GPUs for device: cpu")

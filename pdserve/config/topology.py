@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pdserve.config import SCHEDULER_KEYS, EngineConfig, SchedulerConfig
-from pdserve.topology_sections import (
+from pdserve.config.engine_config import SCHEDULER_KEYS, EngineConfig, SchedulerConfig
+from pdserve.config.topology_sections import (
     KVTransferConfig,
     NodeConfig,
     Role,

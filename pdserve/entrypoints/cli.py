@@ -8,13 +8,13 @@ import sys
 
 
 def _add_launch(sub: argparse._SubParsersAction) -> None:
-    from pdserve.launch_cli import add_launch_parser
+    from pdserve.entrypoints.launch_cli import add_launch_parser
 
     add_launch_parser(sub)
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    from pdserve.launch_cli import add_demo_parser
+    from pdserve.entrypoints.launch_cli import add_demo_parser
 
     add_demo_parser(sub)
 

@@ -12,13 +12,13 @@ import uuid
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from pdserve.config import EngineConfig
-from pdserve.sampling_params import SamplingParams
+from pdserve.config.engine_config import EngineConfig
+from pdserve.config.sampling_params import SamplingParams
 from pdserve.scheduler.request import Request
 from pdserve.tokenizer_proc.incremental_detokenizer import text_ids
 
 if TYPE_CHECKING:
-    from pdserve.process_engine import ProcessEngine
+    from pdserve.entrypoints.process_engine import ProcessEngine
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def Engine(  # noqa: N802 - a factory named like SGLang's class, so its users' c
         if topology is not None:
             raise ValueError("topology= needs processes: drop in_process=True")
         return InProcessEngine(model_path, **options)
-    from pdserve.process_engine import ProcessEngine
+    from pdserve.entrypoints.process_engine import ProcessEngine
 
     return ProcessEngine(model_path, topology=topology, **options)
 

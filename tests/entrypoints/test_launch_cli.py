@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pdserve.cli import main
+from pdserve.entrypoints.cli import main
 
 
 def test_missing_topology_file_is_named(capsys: pytest.CaptureFixture[str]) -> None:

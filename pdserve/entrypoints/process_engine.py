@@ -20,8 +20,8 @@ _TIMEOUT = httpx.Timeout(None, connect=10.0)
 
 class ProcessEngine:
     def __init__(self, model_path: str | None, topology: Any = None, **options: Any) -> None:
-        from pdserve.launch import Cluster, _free_port
-        from pdserve.topology import Topology
+        from pdserve.config.topology import Topology
+        from pdserve.entrypoints.launch import Cluster, _free_port
 
         if isinstance(topology, (str, os.PathLike)):
             topology = Topology.from_yaml(Path(topology))

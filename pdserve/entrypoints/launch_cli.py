@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pdserve.config import SchedulerConfig
+from pdserve.config.engine_config import SchedulerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +96,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_launch(args: argparse.Namespace) -> int:
-    from pdserve.launch import Cluster
-    from pdserve.topology import Topology
+    from pdserve.config.topology import Topology
+    from pdserve.entrypoints.launch import Cluster
 
     if args.topology is not None:
         if not args.topology.is_file():
@@ -145,9 +145,9 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from pdserve.launch import Cluster
+    from pdserve.config.topology import Topology
+    from pdserve.entrypoints.launch import Cluster
     from pdserve.tiny_model import cached_tiny_model
-    from pdserve.topology import Topology
 
     print(f"using the tiny model in {args.cache_dir / 'tiny-llama'} (built if missing)", flush=True)
     model_dir = cached_tiny_model(args.cache_dir)

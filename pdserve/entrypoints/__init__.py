@@ -1,0 +1,1 @@
+"""Entry points: the `pdserve` CLI, the launcher of the process tree, and the Python Engines."""
