@@ -15,6 +15,50 @@ from typing import Any, Literal
 import msgpack
 
 Role = Literal["prefill", "decode", "mixed"]
+FinishKind = Literal["stop", "length", "abort"]
+
+
+@dataclass(frozen=True)
+class Finish:
+    """Why a request ended. `to_api()` is SGLang's `finish_reason` dict, the shape clients see.
+
+    An abort carries the HTTP status its client gets when the abort is an error (400: the request's
+    own fault or an explicit abort; 500: a lost process; 504: a timeout)."""
+
+    kind: FinishKind
+    matched: int | str | None = None  # stop: the stop token id or stop string that ended it
+    length: int = 0  # length: output tokens when the limit was reached
+    message: str = ""  # abort: why
+    status_code: int = 400  # abort only
+
+    @classmethod
+    def stop(cls, matched: int | str | None) -> Finish:
+        return cls("stop", matched=matched)
+
+    @classmethod
+    def at_length(cls, num_tokens: int) -> Finish:
+        return cls("length", length=num_tokens)
+
+    @classmethod
+    def abort(cls, message: str = "aborted", status_code: int = 400) -> Finish:
+        return cls("abort", message=message, status_code=status_code)
+
+    @property
+    def is_abort(self) -> bool:
+        return self.kind == "abort"
+
+    @property
+    def is_error(self) -> bool:
+        """An abort the server caused (a lost process, a timeout), not the client."""
+        return self.is_abort and self.status_code >= 500
+
+    def to_api(self) -> dict[str, Any]:
+        if self.kind == "stop":
+            return {"type": "stop", "matched": self.matched}
+        if self.kind == "length":
+            return {"type": "length", "length": self.length}
+        return {"type": "abort", "message": self.message}
+
 
 # ---------------------------------------------------------------- to the tokenizer process
 
@@ -46,7 +90,7 @@ class TokenOut:
     rids: list[str]
     token_ids: list[list[int]]  # new tokens per request
     first_idx: list[int]  # output index of each request's first new token (ordering)
-    finish: list[dict[str, Any] | None]  # SGLang finish_reason, or None while running
+    finish: list[Finish | None]  # None while running
     logprobs: list[list[float]] | None = None  # chosen-token logprob per new token
     top_logprobs: list[list[list[list[float]]]] | None = None  # [req][tok] -> [[id, logprob], ...]
     prompt_tokens: list[int] = field(default_factory=list)
@@ -63,7 +107,7 @@ class ReqOutput:
     rid: str
     text_delta: str
     output_ids: list[int]  # new token ids in this delta
-    finish: dict[str, Any] | None
+    finish: Finish | None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
@@ -215,25 +259,48 @@ _register(
     Shutdown,
     KVChunk,
     WorkerDied,
+    Finish,
 )
 
 Message = Any  # one of the registered dataclasses
 
+# A registered record nested inside a message (a Finish in a TokenOut) travels as a msgpack
+# extension holding [tag, values], so the decoder rebuilds the same type.
+_EXT_RECORD = 1
+
+
+def _pack_record(obj: Any) -> msgpack.ExtType:
+    tag = _TAGS.get(type(obj))
+    if tag is None:
+        raise TypeError(f"{type(obj).__name__} is not a registered message")
+    values = [getattr(obj, f.name) for f in dataclasses.fields(obj)]
+    return msgpack.ExtType(_EXT_RECORD, msgpack.packb([tag, values], default=_pack_record))
+
+
+def _unpack_record(code: int, data: bytes) -> Any:
+    if code != _EXT_RECORD:
+        raise ValueError(f"unknown msgpack extension {code}")
+    return _build(msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_unpack_record))
+
+
+def _build(frame: Any) -> Message:
+    if not isinstance(frame, list) or len(frame) != 2 or not isinstance(frame[1], list):
+        raise ValueError("malformed message: expected [tag, values]")
+    tag, values = frame
+    cls = _REGISTRY.get(tag) if isinstance(tag, int) else None
+    if cls is None:
+        raise ValueError(f"unknown message tag {tag!r}")
+    return cls(*values)
+
 
 def encode(msg: Message) -> bytes:
-    tag = _TAGS.get(type(msg))
-    if tag is None:
-        raise TypeError(f"{type(msg).__name__} is not a registered message")
-    values = [getattr(msg, f.name) for f in dataclasses.fields(msg)]
-    return msgpack.packb([tag, values], use_bin_type=True)
+    return _pack_record(msg).data
 
 
 def decode(data: bytes) -> Message:
-    tag, values = msgpack.unpackb(data, raw=False, strict_map_key=False)
-    cls = _REGISTRY.get(tag)
-    if cls is None:
-        raise ValueError(f"unknown message tag {tag}")
-    return cls(*values)
+    """The message in `data`; ValueError (or a msgpack error) for bytes that are not one."""
+    frame = msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_unpack_record)
+    return _build(frame)
 
 
 def message_types() -> tuple[type, ...]:

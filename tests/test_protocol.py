@@ -6,6 +6,7 @@ import msgpack
 import pytest
 
 from pdserve import protocol as p
+from pdserve.protocol import Finish
 
 SAMPLES = [
     p.GenerateReq(
@@ -26,7 +27,7 @@ SAMPLES = [
         rids=["a", "b"],
         token_ids=[[1, 2], []],
         first_idx=[0, 5],
-        finish=[None, {"type": "stop", "matched": 2}],
+        finish=[None, Finish.stop(2)],
         logprobs=[[-0.5, -1.0], []],
         top_logprobs=[[[[1, -0.5]], [[2, -1.0]]], []],
         prompt_tokens=[3, 4],
@@ -36,7 +37,7 @@ SAMPLES = [
         rid="r",
         text_delta="dé",
         output_ids=[7],
-        finish={"type": "length", "length": 1},
+        finish=Finish.at_length(1),
         prompt_tokens=3,
         completion_tokens=1,
         cached_tokens=0,
@@ -104,6 +105,7 @@ SAMPLES = [
         data=bytes(range(256)),
         is_last=False,
     ),
+    p.Finish.abort("worker lost", 500),
 ]
 
 
@@ -123,3 +125,22 @@ def test_unknown_tag_and_unregistered_types_are_refused() -> None:
         p.decode(msgpack.packb([999, []]))
     with pytest.raises(TypeError, match="not a registered message"):
         p.encode({"rid": "x"})
+
+
+def test_a_nested_finish_comes_back_as_a_finish_and_speaks_sglangs_shape() -> None:
+    out = p.decode(p.encode(p.ReqOutput("r", "", [], p.Finish.stop("END"))))
+    assert isinstance(out.finish, p.Finish) and out.finish.to_api() == {
+        "type": "stop",
+        "matched": "END",
+    }
+    assert p.Finish.at_length(3).to_api() == {"type": "length", "length": 3}
+    assert p.Finish.abort("gone", 500).to_api() == {"type": "abort", "message": "gone"}
+    assert p.Finish.abort("gone", 500).is_error and not p.Finish.abort("client").is_error
+
+
+@pytest.mark.parametrize(
+    "frame", [b"", b"\x01\x02", msgpack.packb([1]), msgpack.packb(["x", []]), msgpack.packb([1, 5])]
+)
+def test_garbage_frames_raise_value_or_msgpack_errors_only(frame: bytes) -> None:
+    with pytest.raises((ValueError, msgpack.UnpackException, TypeError)):
+        p.decode(frame)

@@ -177,7 +177,7 @@ class InProcessEngine:
     def _result(self, req: Request) -> dict[str, Any]:
         ids = list(req.output_ids)
         finish = req.finish
-        matched = finish.get("matched") if finish else None
+        matched = finish.matched if finish is not None and finish.kind == "stop" else None
         params = req.sampling
         shown = text_ids(ids, matched, params.no_stop_trim)
         text = self.tokenizer.decode(shown, skip_special_tokens=params.skip_special_tokens)
@@ -185,7 +185,7 @@ class InProcessEngine:
             text = text[: text.index(matched)]
         meta: dict[str, Any] = {
             "id": req.rid,
-            "finish_reason": finish,
+            "finish_reason": finish.to_api() if finish is not None else None,
             "prompt_tokens": len(req.prompt_ids),
             "completion_tokens": len(ids),
             "cached_tokens": req.num_cached_tokens,

@@ -10,11 +10,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from starlette.requests import Request
 
-from pdserve.protocol import ReqOutput
+from pdserve.protocol import Finish, ReqOutput
 from pdserve.router.errors import APIError
 from pdserve.router.request_tracker import RequestGroup
 from pdserve.router.router import Router
@@ -37,7 +37,7 @@ class ChoiceState:
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[list[float]]] = field(default_factory=list)
     token_texts: list[str] = field(default_factory=list)
-    finish: dict[str, Any] | None = None
+    finish: Finish | None = None
     error: str | None = None
     prompt_text: str | None = None
     prompt_tokens: int = 0
@@ -71,13 +71,12 @@ def failure_of(out: ReqOutput, abort_is_error: bool = True) -> APIError | None:
     aborts (`abort_is_error=False`) through as finish_reason "abort" instead."""
     if out.error is not None:
         return APIError(out.error, 400)
-    finish = out.finish or {}
-    if finish.get("type") != "abort":
+    finish = out.finish
+    if finish is None or not finish.is_abort:
         return None
-    status = int(finish.get("status_code", 400))
-    if status < 500 and not abort_is_error:
+    if not finish.is_error and not abort_is_error:
         return None
-    return APIError(str(finish.get("message", "aborted")), status)
+    return APIError(finish.message or "aborted", finish.status_code)
 
 
 async def race_client(request: Request, work: Awaitable[T]) -> T:

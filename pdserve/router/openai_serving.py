@@ -10,7 +10,7 @@ from typing import Any
 
 from pdserve.config.router_spec import RouterSpec
 from pdserve.config.sampling_params import SamplingParams
-from pdserve.protocol import GenerateReq, ReqOutput
+from pdserve.protocol import Finish, GenerateReq, ReqOutput
 from pdserve.router.errors import APIError, bad_request, sampling_error
 from pdserve.router.group_reader import ChoiceState
 from pdserve.router.openai_models import SamplingFields
@@ -118,11 +118,11 @@ def usage(choices: list[ChoiceState], n: int) -> dict[str, Any]:
     }
 
 
-def finish_reason(finish: dict[str, Any] | None) -> str | None:
+def finish_reason(finish: Finish | None) -> str | None:
+    """OpenAI's finish_reason: an abort that reaches a client as a choice reads "stop"."""
     if finish is None:
         return None
-    kind = finish.get("type")
-    return kind if kind in ("stop", "length") else "stop"
+    return "length" if finish.kind == "length" else "stop"
 
 
 def check_logprob_request(top_n: int | None, echo: bool = False) -> None:

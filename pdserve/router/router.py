@@ -26,6 +26,7 @@ from pdserve.config.router_spec import RouterSpec
 from pdserve.ipc import AsyncInbox, AsyncOutbox
 from pdserve.protocol import (
     Abort,
+    Finish,
     FlushCache,
     GenerateReq,
     LoadReport,
@@ -48,14 +49,15 @@ def finish_label(out: ReqOutput) -> str:
     """The `finish_reason` label of pdserve_requests_total for a final output."""
     if out.error is not None:
         return "error"
-    kind = (out.finish or {}).get("type")
-    if kind == "abort":
-        return "error" if (out.finish or {}).get("status_code", 400) >= 500 else "abort"
-    return kind if kind in ("stop", "length") else "stop"
+    if out.finish is None:
+        return "stop"
+    if out.finish.is_abort:
+        return "error" if out.finish.is_error else "abort"
+    return out.finish.kind
 
 
 def abort_output(rid: str, message: str, status_code: int) -> ReqOutput:
-    finish = {"type": "abort", "message": message, "status_code": status_code}
+    finish = Finish.abort(message, status_code)
     return ReqOutput(rid=rid, text_delta="", output_ids=[], finish=finish)
 
 

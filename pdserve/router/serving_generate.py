@@ -138,9 +138,7 @@ async def generate(router: Router, request: Request, body: GenerateRequest) -> R
 
 
 def _item(c: ChoiceState, body: GenerateRequest, group: RequestGroup) -> dict[str, Any]:
-    finish = c.finish
-    if finish is not None and "status_code" in finish:
-        finish = {k: v for k, v in finish.items() if k != "status_code"}
+    finish = c.finish.to_api() if c.finish is not None else None
     meta: dict[str, Any] = {
         "id": c.rid,
         "finish_reason": finish,

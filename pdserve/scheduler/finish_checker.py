@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
+from pdserve.protocol import Finish
 from pdserve.scheduler.request import Request
 
 DecodeFn = Callable[[Sequence[int]], str]
@@ -22,7 +22,7 @@ class FinishChecker:
         self.max_context_len = max_context_len
         self.decode = decode
 
-    def check(self, req: Request) -> dict[str, Any] | None:
+    def check(self, req: Request) -> Finish | None:
         """The finish reason if the token just appended to req.output_ids ends it, else None."""
         params = req.sampling
         num_out = len(req.output_ids)
@@ -31,14 +31,14 @@ class FinishChecker:
             if last in params.stop_token_ids or (
                 not params.ignore_eos and last in self.eos_token_ids
             ):
-                return {"type": "stop", "matched": last}
+                return Finish.stop(last)
             matched = self._match_stop_string(req)
             if matched is not None:
-                return {"type": "stop", "matched": matched}
+                return Finish.stop(matched)
         if num_out >= params.max_new_tokens:
-            return {"type": "length", "length": num_out}
+            return Finish.at_length(num_out)
         if req.seq_len >= self.max_context_len:
-            return {"type": "length", "length": num_out}
+            return Finish.at_length(num_out)
         return None
 
     def _match_stop_string(self, req: Request) -> str | None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pdserve.config.sampling_params import SamplingParams
+from pdserve.protocol import Finish
 
 
 class Status(enum.Enum):
@@ -35,7 +36,7 @@ class Request:
     num_computed: int = 0  # tokens of all_ids whose KV is in page_ids
     num_cached_tokens: int = 0  # prompt tokens reused from the prefix cache (reported to clients)
     admit_seq: int = 0  # admission order; the newest is preempted first
-    finish: dict[str, Any] | None = None
+    finish: Finish | None = None
     output_logprobs: list[float] = field(default_factory=list)
     output_top_logprobs: list[list[list[float]]] = field(default_factory=list)
     num_preemptions: int = 0

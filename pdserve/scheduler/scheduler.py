@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pdserve.config.engine_config import SchedulerConfig
+from pdserve.protocol import Finish
 from pdserve.scheduler.finish_checker import FinishChecker
 from pdserve.scheduler.page_allocator import PageAllocator
 from pdserve.scheduler.radix_cache import RadixCache
@@ -103,7 +104,7 @@ class Scheduler:
             self.waiting.remove(req)
         elif req in self.running:
             self.running.remove(req)
-        req.finish = {"type": "abort", "message": message}
+        req.finish = Finish.abort(message)
         self.release(req)
         return req
 
@@ -270,10 +271,9 @@ class Scheduler:
             if not others:
                 # Alone and still out of pages: the pool cannot hold this sequence at all.
                 self.running.remove(req)
-                req.finish = {
-                    "type": "abort",
-                    "message": f"the KV cache is too small for this request ({num_tokens} tokens)",
-                }
+                req.finish = Finish.abort(
+                    f"the KV cache is too small for this request ({num_tokens} tokens)"
+                )
                 self.release(req)
                 self.newly_finished.append(req)
                 return False
@@ -337,7 +337,7 @@ class Scheduler:
             self.cache is not None
             and req.num_computed > 0
             and req.finish is not None
-            and req.finish.get("type") != "abort"
+            and not req.finish.is_abort
         ):
             num_full = req.num_computed // self.page_size
             if num_full > req.num_shared_pages:

@@ -12,6 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from pdserve.config.sampling_params import SamplingParams
+from pdserve.protocol import Finish
+
 # Prompt ids decoded as context before the first output token (SGLang and vLLM use 5 too).
 PROMPT_TAIL_LEN = 5
 _REPLACEMENT = "\ufffd"  # what a half-decoded multi-byte character turns into
@@ -41,6 +44,19 @@ def token_texts(tokenizer: Any, ids: Sequence[int]) -> list[str]:
     A token holding part of a multi-byte character decodes to U+FFFD, as in vLLM and SGLang.
     """
     return tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False)
+
+
+def top_token_texts(
+    tokenizer: Any, top_logprobs: Sequence[Sequence[Sequence[float]]]
+) -> list[list[str]]:
+    """The text of every alternative in each token's top logprobs (rows of [id, logprob]),
+    each id decoded alone as in `token_texts`; one batch decode for all of them."""
+    flat = token_texts(tokenizer, [int(alt[0]) for row in top_logprobs for alt in row])
+    texts, start = [], 0
+    for row in top_logprobs:
+        texts.append(flat[start : start + len(row)])
+        start += len(row)
+    return texts
 
 
 def text_ids(ids: Sequence[int], matched_stop: str | int | None, no_stop_trim: bool) -> list[int]:
@@ -84,6 +100,20 @@ class IncrementalDetokenizer:
         self._no_stop_trim = no_stop_trim
         self._is_finished = False
 
+    @classmethod
+    def for_request(
+        cls, tokenizer: Any, prompt_ids: Sequence[int], sampling: SamplingParams
+    ) -> IncrementalDetokenizer:
+        """The detokenizer of one request's output, set up from its prompt and sampling."""
+        return cls(
+            tokenizer,
+            prompt_ids_tail=prompt_ids,
+            skip_special_tokens=sampling.skip_special_tokens,
+            spaces_between_special_tokens=sampling.spaces_between_special_tokens,
+            stop=sampling.stop,
+            no_stop_trim=sampling.no_stop_trim,
+        )
+
     @property
     def text(self) -> str:
         """The output text decoded so far (including what is held back)."""
@@ -104,6 +134,15 @@ class IncrementalDetokenizer:
             self._prefix_offset = self._read_offset
             self._read_offset = len(self._ids)
         return self._release(self._safe_end())
+
+    def add_output(self, ids: Sequence[int], finish: Finish | None) -> str:
+        """Feed the next ids a worker reported, with its finish (None while running); return
+        the text to show. On a finish the rest is flushed: a matched stop token is left out of
+        the text and a matched stop string cuts it (both kept with no_stop_trim)."""
+        if finish is None:
+            return self.add(ids)
+        matched = finish.matched
+        return self.add(text_ids(ids, matched, self._no_stop_trim)) + self.finish(matched)
 
     def finish(self, matched_stop: str | int | None = None) -> str:
         """Flush everything left. A matched stop string cuts the text at its first occurrence

@@ -22,6 +22,7 @@ from pdserve.config.sampling_params import SamplingParams
 from pdserve.ipc import AsyncInbox, AsyncOutbox
 from pdserve.protocol import (
     Abort,
+    Finish,
     GenerateReq,
     Message,
     Ready,
@@ -65,7 +66,7 @@ class _Piece:
     """One request's share of a TokenOut."""
 
     ids: list[int]
-    finish: dict[str, Any] | None
+    finish: Finish | None
     logprobs: list[float] | None
     top_logprobs: list[list[list[float]]] | None
     prompt_tokens: int
@@ -238,7 +239,7 @@ class TokenizerCore:
         state.pending.setdefault(first_idx, []).append(piece)
         released = self._pop_in_order(state)
         # An abort ends the request now, even with tokens still missing (they may never come).
-        is_abort = piece.finish is not None and piece.finish.get("type") == "abort"
+        is_abort = piece.finish is not None and piece.finish.is_abort
         if is_abort and not any(p.finish for p in released):
             released.append(_Piece([], piece.finish, None, None, 0, 0))
         if not released:
@@ -299,7 +300,7 @@ class TokenizerCore:
 def _detokenize(detok: IncrementalDetokenizer, piece: _Piece, no_stop_trim: bool) -> str:
     if piece.finish is None:
         return detok.add(piece.ids)
-    matched = piece.finish.get("matched") if piece.finish.get("type") == "stop" else None
+    matched = piece.finish.matched if piece.finish.kind == "stop" else None
     return detok.add(text_ids(piece.ids, matched, no_stop_trim)) + detok.finish(matched)
 
 
@@ -331,7 +332,7 @@ def error_output(rid: str, message: str) -> ReqOutput:
         rid=rid,
         text_delta="",
         output_ids=[],
-        finish={"type": "abort", "message": message},
+        finish=Finish.abort(message),
         error=message,
     )
 

@@ -28,6 +28,7 @@ from pdserve import protocol
 from pdserve.config.engine_config import EngineConfig, SchedulerConfig
 from pdserve.config.sampling_params import SamplingParams
 from pdserve.ipc import Inbox, Outbox
+from pdserve.protocol import Finish
 from pdserve.scheduler.request import Request, Status
 
 logger = logging.getLogger(__name__)
@@ -323,7 +324,7 @@ class WorkerProcess:
             self.scheduler.abort(req.rid, message)
         else:
             self.orphans[req.rid] = req
-            req.finish = {"type": "abort", "message": message}
+            req.finish = Finish.abort(message)
         if notify:  # the router asked for it otherwise, and already ended the client
             self._emit([req])
 
@@ -333,7 +334,7 @@ class WorkerProcess:
         for req in touched:
             meta: ReqMeta = req.user_data
             if req.finish is not None:  # failed here (e.g. too large): decode ends it
-                message = req.finish.get("message", "prefill failed")
+                message = req.finish.message or "prefill failed"
                 self.to_decodes[meta.peer_idx].send(
                     protocol.KVReady(
                         rid=req.rid, first_token=-1, cached_tokens=0, ok=False, error=message
@@ -393,7 +394,7 @@ class WorkerProcess:
         req: Request,
         meta: ReqMeta,
         new_ids: list[int],
-        finish: dict[str, Any] | None,
+        finish: Finish | None,
     ) -> None:
         start = meta.num_emitted
         out.rids.append(req.rid)
@@ -421,7 +422,7 @@ class WorkerProcess:
                     rids=[msg.rid],
                     token_ids=[[]],
                     first_idx=[0],
-                    finish=[{"type": "abort", "message": message}],
+                    finish=[Finish.abort(message)],
                 )
             )
 

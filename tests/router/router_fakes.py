@@ -23,7 +23,7 @@ import zmq
 
 from pdserve import protocol
 from pdserve.ipc import new_ipc_address
-from pdserve.protocol import Abort, GenerateReq, LoadReport, ReqOutput
+from pdserve.protocol import Abort, Finish, GenerateReq, LoadReport, ReqOutput
 from pdserve.router.app import build_app
 from pdserve.router.router import Router
 
@@ -117,7 +117,7 @@ class FakeTokenizer(FakePeer):
             self.scheduled += [(now + delay, out) for delay, out in script(msg)]
         elif isinstance(msg, Abort) and msg.rid in self.live:
             self.live.discard(msg.rid)
-            finish = {"type": "abort", "message": msg.message}
+            finish = Finish.abort(msg.message)
             self.send(ReqOutput(msg.rid, "", [], finish))
 
 
@@ -134,11 +134,7 @@ def script(req: GenerateReq) -> list[tuple[float, ReqOutput]]:
         text = WORDS[k % len(WORDS)]
         finish = None
         if k == num - 1 and "HANG" not in prompt:
-            finish = (
-                {"type": "length", "length": max_new}
-                if num == max_new
-                else {"type": "stop", "matched": 2}
-            )
+            finish = Finish.at_length(max_new) if num == max_new else Finish.stop(2)
         out = ReqOutput(
             req.rid, text, [100 + k], finish, prompt_tokens=PROMPT_TOKENS,
             completion_tokens=k + 1, cached_tokens=CACHED_TOKENS,

@@ -13,7 +13,7 @@ import zmq.asyncio
 from router_fakes import FakeWorker, free_port, wait_until
 
 from pdserve.ipc import AsyncInbox, AsyncOutbox, Inbox, Outbox, new_ipc_address
-from pdserve.protocol import LoadReport, Ready, ReqOutput, Shutdown
+from pdserve.protocol import Finish, LoadReport, Ready, ReqOutput, Shutdown
 from pdserve.router.app import build_app
 from pdserve.router.router import Router
 
@@ -66,7 +66,7 @@ def test_router_in_process_with_asgi_transport_and_an_async_fake_tokenizer() -> 
         inbox, to_router = AsyncInbox(tok_inbox, ctx), AsyncOutbox(router_inbox, ctx)
         while True:
             req = await inbox.recv()
-            to_router.send(ReqOutput(req.rid, "4", [19], {"type": "stop"}, prompt_tokens=3))
+            to_router.send(ReqOutput(req.rid, "4", [19], Finish.stop(None), prompt_tokens=3))
 
     async def run() -> None:
         router = Router(spec)

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from pdserve.config.router_spec import RouterSpec, WorkerSpec
-from pdserve.protocol import LoadReport, ReqOutput
+from pdserve.protocol import Finish, LoadReport, ReqOutput
 from pdserve.router.request_tracker import RequestGroup, RequestTracker, Tracked
 from pdserve.router.router import Router, finish_label
 from pdserve.router.routing import LeastLoad, RoundRobin, make_policy
@@ -127,10 +127,10 @@ def test_finish_labels_separate_client_aborts_from_server_failures() -> None:
     def out(finish: dict | None, error: str | None = None) -> ReqOutput:
         return ReqOutput("r", "", [], finish, error=error)
 
-    assert finish_label(out({"type": "stop", "matched": 2})) == "stop"
-    assert finish_label(out({"type": "length", "length": 4})) == "length"
-    assert finish_label(out({"type": "abort", "message": "x"})) == "abort"
-    assert finish_label(out({"type": "abort", "message": "x", "status_code": 500})) == "error"
+    assert finish_label(out(Finish.stop(2))) == "stop"
+    assert finish_label(out(Finish.at_length(4))) == "length"
+    assert finish_label(out(Finish.abort("x"))) == "abort"
+    assert finish_label(out(Finish.abort("x", 500))) == "error"
     assert finish_label(out(None, error="too long")) == "error"
 
 

@@ -80,7 +80,7 @@ def test_random_aborts_and_preemption_keep_every_page_accounted(
             sched.add(pending.pop())
         if sched.requests and rng.random() < 0.05:
             rid = rng.choice(sorted(sched.requests))
-            assert sched.abort(rid).finish["type"] == "abort"
+            assert sched.abort(rid).finish.kind == "abort"
             finished.add(rid)
         finished.update(r.rid for r in step(sched, rng))
         finished.update(r.rid for r in sched.newly_finished)
@@ -91,7 +91,7 @@ def test_random_aborts_and_preemption_keep_every_page_accounted(
     assert finished == {r.rid for r in reqs}
     for req in reqs:
         assert req.status == Status.FINISHED and not req.page_ids
-        if req.finish["type"] == "length":
+        if req.finish.kind == "length":
             assert len(req.output_ids) == req.sampling.max_new_tokens
     if sched.cache is not None:
         assert sched.cache.num_locked_pages == 0
@@ -143,6 +143,6 @@ def test_a_request_that_outgrows_the_pool_alone_ends_with_an_abort() -> None:
         step(sched, rng)
         if sched.newly_finished:
             break
-    assert req.finish is not None and req.finish["type"] == "abort"
-    assert "too small" in req.finish["message"]
+    assert req.finish is not None and req.finish.kind == "abort"
+    assert "too small" in req.finish.message
     check_pages(sched)

@@ -16,6 +16,7 @@ from pdserve.config.sampling_params import SamplingParams
 from pdserve.ipc import AsyncInbox, AsyncOutbox, new_ipc_address
 from pdserve.protocol import (
     Abort,
+    Finish,
     GenerateReq,
     Ready,
     ReqOutput,
@@ -40,7 +41,7 @@ def token_out(rid: str, ids: list[int], first_idx: int, finish: Any = None, **kw
 
 
 def eos_stop(tokenizer: Any) -> dict[str, Any]:
-    return {"type": "stop", "matched": tokenizer.eos_token_id}
+    return Finish.stop(tokenizer.eos_token_id)
 
 
 # ---------------------------------------------------------------------- the core, no sockets
@@ -77,7 +78,7 @@ def test_finish_before_the_first_token_waits_for_it(core: TokenizerCore, tokeniz
 
 def test_worker_abort_ends_the_request_even_with_tokens_missing(core: TokenizerCore):
     core.on_generate(GenerateReq(rid="a", sampling=sampling(), text="hi"))
-    abort = {"type": "abort", "message": "prefill worker lost"}
+    abort = Finish.abort("prefill worker lost")
     (out,) = core.on_token_out(token_out("a", [], 1, abort))
     assert out.finish == abort and out.output_ids == [] and out.error is None
     assert "a" not in core.states
@@ -87,7 +88,7 @@ def test_resent_tokens_are_not_released_twice(core: TokenizerCore, tokenizer: An
     core.on_generate(GenerateReq(rid="a", sampling=sampling(), text="hi"))
     ids = tokenizer.encode("one two three")
     (first,) = core.on_token_out(token_out("a", ids[:2], 0))
-    (second,) = core.on_token_out(token_out("a", ids[1:], 1, {"type": "length", "length": 3}))
+    (second,) = core.on_token_out(token_out("a", ids[1:], 1, Finish.at_length(3)))
     assert first.output_ids + second.output_ids == ids
     assert first.text_delta + second.text_delta == "one two three"
 
@@ -99,7 +100,7 @@ def test_logprobs_and_token_texts_follow_the_tokens(core: TokenizerCore, tokeniz
     ids = tokenizer.encode("ab é")
     top = [[[i, -0.5], [i + 1, -1.5]] for i in ids]
     logprobs = [-0.1 * (k + 1) for k in range(len(ids))]
-    msg = token_out("a", ids, 0, {"type": "length", "length": len(ids)},
+    msg = token_out("a", ids, 0, Finish.at_length(len(ids)),
                     logprobs=[logprobs], top_logprobs=[top])  # fmt: skip
     (out,) = core.on_token_out(msg)
     assert out.logprobs == logprobs and out.top_logprobs == top
@@ -110,7 +111,7 @@ def test_logprobs_and_token_texts_follow_the_tokens(core: TokenizerCore, tokeniz
 def test_token_in_token_out_has_no_text(core: TokenizerCore):
     req = GenerateReq(rid="a", sampling=sampling(), input_ids=[5, 6, 7], return_text=False)
     assert core.on_generate(req)[1].input_ids == [5, 6, 7]
-    (out,) = core.on_token_out(token_out("a", [8, 9], 0, {"type": "length", "length": 2}))
+    (out,) = core.on_token_out(token_out("a", [8, 9], 0, Finish.at_length(2)))
     assert out.text_delta == "" and out.output_ids == [8, 9] and out.token_texts is None
 
 
@@ -226,7 +227,7 @@ def test_serve_trims_the_matched_stop_string(tokenizer_dir: Path, tokenizer: Any
             await peers.recv(peers.workers[0])
             ids = tokenizer.encode("The keeper climbed")
             for k, tid in enumerate(ids):
-                finish = {"type": "stop", "matched": "climbed"} if k == len(ids) - 1 else None
+                finish = Finish.stop("climbed") if k == len(ids) - 1 else None
                 peers.to_tokenizer.send(token_out("s", [tid], k, finish))
             outs = await peers.outputs_until_finish("s")
             assert all("clim" not in out.text_delta for out in outs)
@@ -241,7 +242,7 @@ def test_serve_answers_bad_requests_and_keeps_serving(tokenizer_dir: Path, token
             peers.to_tokenizer.send(GenerateReq(rid="long", sampling=sampling(), text="hi " * 80))
             too_long = await peers.recv(peers.router)
             assert too_long.rid == "long" and "maximum context length is 64" in too_long.error
-            assert too_long.finish["type"] == "abort"
+            assert too_long.finish.kind == "abort"
 
             bad_ids = GenerateReq(rid="ids", sampling=sampling(), input_ids=[3, 10**6])
             peers.to_tokenizer.send(bad_ids)
@@ -253,13 +254,13 @@ def test_serve_answers_bad_requests_and_keeps_serving(tokenizer_dir: Path, token
             peers.to_tokenizer.send(GenerateReq(rid="gone", sampling=short, text="x"))
             await peers.recv(peers.workers[0])
             peers.to_tokenizer.send(Abort(rid="gone"))
-            peers.to_tokenizer.send(token_out("gone", [5], 0, {"type": "length", "length": 1}))
+            peers.to_tokenizer.send(token_out("gone", [5], 0, Finish.at_length(1)))
             peers.to_tokenizer.send(token_out("nobody", [5], 0))
 
             peers.to_tokenizer.send(GenerateReq(rid="ok", sampling=short, input_ids=[5, 6]))
             assert (await peers.recv(peers.workers[0])).input_ids == [5, 6]
             ids = tokenizer.encode("still alive")
-            peers.to_tokenizer.send(token_out("ok", ids, 0, {"type": "length", "length": 2}))
+            peers.to_tokenizer.send(token_out("ok", ids, 0, Finish.at_length(2)))
             (out,) = await peers.outputs_until_finish("ok")
             assert out.text_delta == "still alive" and out.error is None
 

@@ -11,6 +11,7 @@ import pytest
 from pdserve import protocol
 from pdserve.config.engine_config import EngineConfig, SchedulerConfig
 from pdserve.ipc import Inbox, Outbox, new_ipc_address
+from pdserve.protocol import Finish
 from pdserve.worker.worker_process import WorkerProcess
 
 
@@ -81,10 +82,10 @@ def test_a_failing_step_ends_its_requests_with_an_error_and_the_worker_keeps_ser
     proc.core.runner.forward = flaky_forward  # type: ignore[method-assign]
     to_worker.send(_req("doomed", 4))
     tokens, finish = _collect(tokenizer_inbox, "doomed")
-    assert finish["type"] == "abort" and "simulated device failure" in finish["message"]
+    assert finish.kind == "abort" and "simulated device failure" in finish.message
     to_worker.send(_req("fine", 4))
     tokens, finish = _collect(tokenizer_inbox, "fine")
-    assert finish == {"type": "length", "length": 4} and len(tokens) == 4
+    assert finish == Finish.at_length(4) and len(tokens) == 4
     sched = proc.scheduler
     assert sched.allocator.num_free + sched.cache.num_cached_pages == sched.allocator.num_total
 
@@ -98,6 +99,6 @@ def test_a_prompt_too_large_for_the_pool_is_refused_without_killing_the_worker(
     )
     to_worker.send(big)
     _, finish = _collect(tokenizer_inbox, "big")
-    assert finish["type"] == "abort" and "does not fit" in finish["message"]
+    assert finish.kind == "abort" and "does not fit" in finish.message
     to_worker.send(_req("after", 2))
-    assert _collect(tokenizer_inbox, "after")[1]["type"] == "length"
+    assert _collect(tokenizer_inbox, "after")[1].kind == "length"
