@@ -19,10 +19,23 @@ from pdserve.protocol import Message
 _HWM = 0  # unbounded queues: backpressure is the decode worker's admission, not the socket
 
 
-def new_ipc_address(name: str) -> str:
-    """A fresh ipc:// endpoint in a private temp folder (unique per launch)."""
-    folder = os.path.join(tempfile.gettempdir(), "pdserve")
+def new_socket_dir() -> str:
+    """A private folder for one cluster's ipc:// sockets; the launcher removes it at stop.
+
+    Never named plain `pdserve`: a folder of that name in a child's working directory would be
+    imported as the package itself."""
+    return tempfile.mkdtemp(prefix="pdserve-sockets-")
+
+
+def _default_socket_dir() -> str:
+    folder = os.path.join(tempfile.gettempdir(), f"pdserve-sockets-{os.getuid()}")
     os.makedirs(folder, mode=0o700, exist_ok=True)
+    return folder
+
+
+def new_ipc_address(name: str, folder: str | None = None) -> str:
+    """A fresh ipc:// endpoint in `folder` (default: a per-user temp folder)."""
+    folder = folder or _default_socket_dir()
     return f"ipc://{folder}/{name}-{uuid.uuid4().hex[:10]}.sock"
 
 

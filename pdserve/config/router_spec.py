@@ -5,13 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from pdserve.config.request_limits import RequestLimits
+
 WorkerRole = Literal["prefill", "decode", "mixed"]
 _ROLES = ("prefill", "decode", "mixed")
 _POLICIES = ("round_robin", "least_load")
 
 
 @dataclass(frozen=True)
-class WorkerSpec:
+class WorkerEntry:
     """One worker process as the router sees it: where to send aborts, which index it answers to."""
 
     name: str
@@ -29,7 +31,7 @@ class RouterSpec:
     model_name: str
     inbox: str
     tokenizer_inboxes: tuple[str, ...]
-    workers: tuple[WorkerSpec, ...]
+    workers: tuple[WorkerEntry, ...]
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
@@ -43,8 +45,11 @@ class RouterSpec:
     launcher_inbox: str | None = None
     topology: dict[str, Any] = field(default_factory=dict)
     default_max_tokens: int = 128
+    limits: RequestLimits = field(default_factory=RequestLimits)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "limits", RequestLimits.from_dict(self.limits))
+
         def bad(key: str, expected: str) -> ValueError:
             return ValueError(f"router spec: {key}={getattr(self, key)!r} is invalid: {expected}")
 
@@ -86,18 +91,21 @@ class RouterSpec:
     def tokenizer_path_or_model(self) -> str:
         return self.tokenizer_path or self.model_path
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able again (the api key is left out)."""
-        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "api_key"}
+    def to_dict(self, secrets: bool = False) -> dict[str, Any]:
+        """JSON-able again; the api key is left out unless `secrets` (the launcher's copy)."""
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "api_key" or secrets}
         d["tokenizer_inboxes"] = list(self.tokenizer_inboxes)
         d["workers"] = [w.__dict__.copy() for w in self.workers]
+        d["limits"] = self.limits.to_dict()
         return d
 
 
-def _worker_from_dict(w: dict[str, Any]) -> WorkerSpec:
+def _worker_from_dict(w: dict[str, Any]) -> WorkerEntry:
     missing = [k for k in ("name", "role", "idx", "inbox") if k not in w]
     if missing:
         raise ValueError(f"router spec: worker {w!r} lacks key(s) {missing}")
     if w["role"] not in _ROLES:
         raise ValueError(f"router spec: worker {w['name']!r} role={w['role']!r}: expected {_ROLES}")
-    return WorkerSpec(name=str(w["name"]), role=w["role"], idx=int(w["idx"]), inbox=str(w["inbox"]))
+    return WorkerEntry(
+        name=str(w["name"]), role=w["role"], idx=int(w["idx"]), inbox=str(w["inbox"])
+    )

@@ -22,7 +22,7 @@ from pdserve.config.topology_sections import (
     RouterConfig,
     TokenizerConfig,
     WorkerConfig,
-    WorkerSpec,
+    WorkerPlan,
     check_value,
     is_int,
     is_name,
@@ -220,18 +220,18 @@ class Topology:
     def is_multi_node(self) -> bool:
         return len(self.nodes) > 1
 
-    def workers(self) -> list[WorkerSpec]:
+    def workers(self) -> list[WorkerPlan]:
         """Prefill workers, then decode-side workers (decode or mixed), each side numbered 0.."""
         specs = [
-            WorkerSpec("prefill", i, f"prefill{i}", w.gpus, w.tp, w.node)
+            WorkerPlan("prefill", i, f"prefill{i}", w.gpus, w.tp, w.node)
             for i, w in enumerate(self.prefill)
         ]
         decode_side = [("decode", w) for w in self.decode] + [("mixed", w) for w in self.mixed]
         for i, (role, w) in enumerate(decode_side):
-            specs.append(WorkerSpec(role, i, f"{role}{i}", w.gpus, w.tp, w.node))
+            specs.append(WorkerPlan(role, i, f"{role}{i}", w.gpus, w.tp, w.node))
         return specs
 
-    def engine_config(self, worker: WorkerSpec | None = None) -> EngineConfig:
+    def engine_config(self, worker: WorkerPlan | None = None) -> EngineConfig:
         """The EngineConfig of `worker` (GPUs are pinned by CUDA_VISIBLE_DEVICES, not here); the
         worker resolves its `auto` values itself. Workers that share a GPU each size their KV pool
         from at most _SHARED_GPU_MEM_FRACTION of the free memory they find, so the second one to
@@ -251,7 +251,7 @@ class Topology:
             scheduler=scheduler,
         )
 
-    def _num_sharing(self, worker: WorkerSpec) -> int:
+    def _num_sharing(self, worker: WorkerPlan) -> int:
         """Workers (this one included) on the same node that use any of its GPUs."""
         return sum(
             1

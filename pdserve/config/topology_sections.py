@@ -5,8 +5,10 @@ Each is a frozen dataclass validated in `__post_init__`; `topology.py` assembles
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from pdserve.config.request_limits import RequestLimits
 
 Role = Literal["prefill", "decode", "mixed"]
 ROUTING_POLICIES = ("round_robin", "least_load")
@@ -36,8 +38,10 @@ class RouterConfig:
     api_key: str | None = None
     routing_policy: str = "round_robin"  # round_robin | least_load
     node: str | None = None  # where the router and tokenizers run; resolved(): the first node
+    limits: RequestLimits = field(default_factory=RequestLimits)  # YAML: a mapping
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "limits", RequestLimits.from_dict(self.limits))
         check_value(is_name(self.host), "host", self.host, "a host name or address")
         check_value(is_int(self.port) and 0 <= self.port <= 65535, "port", self.port, "0..65535")
         check_value(
@@ -114,7 +118,7 @@ class WorkerConfig:
 
 
 @dataclass(frozen=True)
-class WorkerSpec:
+class WorkerPlan:
     """One worker process: `idx` numbers prefill workers 0.. and decode-side (decode and mixed)
     workers 0.., the indices the router's messages carry."""
 

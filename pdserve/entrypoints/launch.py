@@ -9,9 +9,11 @@ bytes): no pickle crosses the boundary.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,8 +26,11 @@ from typing import Any
 import msgpack
 
 from pdserve import protocol
+from pdserve.config.process_specs import KVTransferSpec, TokenizerSpec, WorkerSpec
+from pdserve.config.router_spec import RouterSpec, WorkerEntry
 from pdserve.config.topology import Topology
-from pdserve.ipc import Inbox, Outbox, new_ipc_address
+from pdserve.config.topology_sections import WorkerPlan
+from pdserve.ipc import Inbox, Outbox, new_ipc_address, new_socket_dir
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +58,9 @@ class Endpoint:
     connect: str
 
 
-def plan_endpoints(topo: Topology, workers: list[Any]) -> dict[str, Endpoint]:
+def plan_endpoints(
+    topo: Topology, workers: list[WorkerPlan], socket_dir: str | None = None
+) -> dict[str, Endpoint]:
     """Every inbox of the cluster, and each decode worker's KV socket (`<name>-kv`).
 
     One machine: fresh ipc:// paths. Several: tcp on each process's node, at router.port + 1 + k
@@ -66,7 +73,9 @@ def plan_endpoints(topo: Topology, workers: list[Any]) -> dict[str, Endpoint]:
         if w.role == "decode":
             node_of[f"{w.name}-kv"] = w.node
     if not topo.is_multi_node:
-        return {name: Endpoint(a, a) for name in node_of for a in [new_ipc_address(name)]}
+        return {
+            name: Endpoint(a, a) for name in node_of for a in [new_ipc_address(name, socket_dir)]
+        }
     plan = {}
     for k, (name, node) in enumerate(node_of.items()):
         port = topo.router.port + 1 + k
@@ -106,7 +115,8 @@ class Cluster:
         self.children: list[Child] = []
         self._stopping = threading.Event()
         self.ready_info: dict[str, dict[str, Any]] = {}
-        self._launcher_inbox_addr = new_ipc_address("launcher")
+        self._socket_dir = new_socket_dir()
+        self._launcher_inbox_addr = new_ipc_address("launcher", self._socket_dir)
         self._launcher_inbox: Inbox | None = None
         self.port = self.topology.router.port or _free_port()
 
@@ -140,7 +150,7 @@ class Cluster:
         decode worker's KV pool from the PrefillTasks it receives."""
         topo = self.topology
         workers = topo.workers()
-        ep = plan_endpoints(topo, workers)
+        ep = plan_endpoints(topo, workers, self._socket_dir)
         decode_side = [w for w in workers if w.role in ("decode", "mixed")]
         prefills = [w for w in workers if w.role == "prefill"]
         tokenizers = [f"tokenizer{i}" for i in range(topo.tokenizer.replicas)]
@@ -156,70 +166,67 @@ class Cluster:
                 self._spawn_worker(w, ep, wiring)
         if self._is_local(topo.router.node):
             for i, name in enumerate(tokenizers):
-                self._spawn(
-                    "tokenizer",
-                    name,
-                    ep[name].connect,
-                    {
-                        "idx": i,
-                        "model_path": topo.model,
-                        "inbox": ep[name].bind,
-                        "router_inbox": ep["router"].connect,
-                        "worker_inboxes": wiring["decode_inboxes"],
-                        "launcher_inbox": self._launcher_inbox_addr,
-                        "max_context_len": self._max_context_len(),
-                    },
+                spec = TokenizerSpec(
+                    name=name,
+                    idx=i,
+                    model_path=topo.model,
+                    inbox=ep[name].bind,
+                    router_inbox=ep["router"].connect,
+                    worker_inboxes=tuple(wiring["decode_inboxes"]),
+                    launcher_inbox=self._launcher_inbox_addr,
+                    max_context_len=self._max_context_len(),
                 )
-            self._spawn(
-                "router", "router", ep["router"].connect, self._router_spec(ep, tokenizers, workers)
-            )
+                self._spawn("tokenizer", name, ep[name].connect, spec.to_dict())
+            router_spec = self._router_spec(ep, tokenizers, workers)
+            self._spawn("router", "router", ep["router"].connect, router_spec.to_dict(secrets=True))
         self._wait_ready([c.name for c in self.children])
 
-    def _spawn_worker(self, w: Any, ep: dict[str, Endpoint], wiring: dict[str, Any]) -> None:
-        import dataclasses
-
+    def _spawn_worker(self, w: WorkerPlan, ep: dict[str, Endpoint], wiring: dict[str, Any]) -> None:
         topo = self.topology
-        engine = dataclasses.asdict(topo.engine_config(w))
-        kv: dict[str, Any] = {"backend": topo.kv_transfer.backend}
-        if w.role == "decode" and (kv["backend"] == "tcp" or topo.is_multi_node):
-            kv["address"] = ep[f"{w.name}-kv"].bind
-            kv["host"] = topo.node_address(w.node) if topo.is_multi_node else "127.0.0.1"
-        spec = {
-            "name": w.name,
-            "role": w.role,
-            "idx": w.idx,
-            "engine": engine,
-            "inbox": ep[w.name].bind,
-            "kv_transfer": kv,
-            "kv_timeout_s": topo.kv_transfer.timeout_s,
-            **wiring,
-        }
+        kv = KVTransferSpec(backend=topo.kv_transfer.backend, timeout_s=topo.kv_transfer.timeout_s)
+        if w.role == "decode" and (kv.backend == "tcp" or topo.is_multi_node):
+            host = topo.node_address(w.node) if topo.is_multi_node else "127.0.0.1"
+            kv = dataclasses.replace(kv, address=ep[f"{w.name}-kv"].bind, host=host)
+        spec = WorkerSpec(
+            name=w.name,
+            role=w.role,
+            idx=w.idx,
+            engine=topo.engine_config(w),
+            inbox=ep[w.name].bind,
+            tokenizer_inboxes=tuple(wiring["tokenizer_inboxes"]),
+            kv=kv,
+            router_inbox=wiring["router_inbox"],
+            launcher_inbox=wiring["launcher_inbox"],
+            decode_inboxes=tuple(wiring["decode_inboxes"]),
+            prefill_inboxes=tuple(wiring["prefill_inboxes"]),
+        )
         env = {}
         if w.gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in w.gpus)
-        self._spawn("worker", w.name, ep[w.name].connect, spec, env)
+        self._spawn("worker", w.name, ep[w.name].connect, spec.to_dict(), env)
 
     def _router_spec(
-        self, ep: dict[str, Endpoint], tokenizers: list[str], workers: list[Any]
-    ) -> dict[str, Any]:
+        self, ep: dict[str, Endpoint], tokenizers: list[str], workers: list[WorkerPlan]
+    ) -> RouterSpec:
         topo = self.topology
-        return {
-            "host": topo.router.host,
-            "port": self.port,
-            "api_key": topo.router.api_key,
-            "model_name": topo.model_name,
-            "model_path": topo.model,
-            "inbox": ep["router"].bind,
-            "tokenizer_inboxes": [ep[t].connect for t in tokenizers],
-            "workers": [
-                {"name": w.name, "role": w.role, "idx": w.idx, "inbox": ep[w.name].connect}
-                for w in workers
-            ],
-            "routing_policy": topo.router.routing_policy,
-            "max_context_len": self._max_context_len(),
-            "launcher_inbox": self._launcher_inbox_addr,
-            "topology": topo.to_dict(),
-        }
+        entries = [WorkerEntry(w.name, w.role, w.idx, ep[w.name].connect) for w in workers]
+        return RouterSpec.from_dict(
+            {
+                "host": topo.router.host,
+                "port": self.port,
+                "api_key": topo.router.api_key,
+                "model_name": topo.model_name,
+                "model_path": topo.model,
+                "inbox": ep["router"].bind,
+                "tokenizer_inboxes": [ep[t].connect for t in tokenizers],
+                "workers": [dataclasses.asdict(e) for e in entries],
+                "routing_policy": topo.router.routing_policy,
+                "limits": topo.router.limits.to_dict(),
+                "max_context_len": self._max_context_len(),
+                "launcher_inbox": self._launcher_inbox_addr,
+                "topology": topo.to_dict(),
+            }
+        )
 
     def _max_context_len(self) -> int:
         from pdserve.config.engine_config import ModelConfig
@@ -244,9 +251,10 @@ class Cluster:
             "--log-level",
             self.log_level,
         ]
-        proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, env={**os.environ, **(env or {})}, start_new_session=True
-        )
+        # PYTHONSAFEPATH: `-m` would otherwise put the working directory first on the import
+        # path, and a folder named `pdserve` there would shadow the package.
+        env = {**os.environ, "PYTHONSAFEPATH": "1", **(env or {})}
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, env=env, start_new_session=True)
         assert proc.stdin is not None
         proc.stdin.write(msgpack.packb(spec, use_bin_type=True))
         proc.stdin.close()
@@ -316,6 +324,7 @@ class Cluster:
         if self._launcher_inbox is not None:
             self._launcher_inbox.close()
             self._launcher_inbox = None
+        shutil.rmtree(self._socket_dir, ignore_errors=True)
 
     def _report_death(self, child: Child) -> None:
         logger.error(

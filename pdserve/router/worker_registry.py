@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from pdserve.config.router_spec import WorkerSpec
+from pdserve.config.router_spec import WorkerEntry
 from pdserve.protocol import LoadReport
 
 logger = logging.getLogger(__name__)
@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class WorkerState:
-    spec: WorkerSpec
+    spec: WorkerEntry
     report: LoadReport | None = None
     report_at: float | None = None  # time.monotonic() of the latest report
     num_sent_since_report: int = 0  # requests routed here since that report (least_load)
@@ -41,7 +41,7 @@ class WorkerState:
 
 
 class WorkerRegistry:
-    def __init__(self, workers: tuple[WorkerSpec, ...], report_timeout_s: float) -> None:
+    def __init__(self, workers: tuple[WorkerEntry, ...], report_timeout_s: float) -> None:
         self.report_timeout_s = report_timeout_s
         self.states = {w.name: WorkerState(w) for w in workers}
 

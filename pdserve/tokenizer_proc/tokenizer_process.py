@@ -18,6 +18,7 @@ from typing import Any
 
 import zmq.asyncio
 
+from pdserve.config.process_specs import TokenizerSpec
 from pdserve.config.sampling_params import SamplingParams
 from pdserve.ipc import AsyncInbox, AsyncOutbox
 from pdserve.protocol import (
@@ -34,8 +35,8 @@ from pdserve.protocol import (
 from pdserve.tokenizer_proc.chat_template import apply_chat_template
 from pdserve.tokenizer_proc.incremental_detokenizer import (
     IncrementalDetokenizer,
-    text_ids,
     token_texts,
+    top_token_texts,
 )
 
 logger = logging.getLogger(__name__)
@@ -81,7 +82,6 @@ class _ReqState:
     prompt_len: int
     return_logprob: bool
     top_logprobs_num: int
-    no_stop_trim: bool
     detok: IncrementalDetokenizer | None  # None: text not asked for (token in, token out)
     prompt_text: str | None  # echo: sent once, with the first output
     next_idx: int = 0  # output index of the next token to release
@@ -114,14 +114,7 @@ class TokenizerCore:
         self.check_length(req, len(input_ids), sampling.max_new_tokens)
         detok = None
         if req.return_text:
-            detok = IncrementalDetokenizer(
-                self.tokenizer,
-                prompt_ids_tail=input_ids,
-                skip_special_tokens=sampling.skip_special_tokens,
-                spaces_between_special_tokens=sampling.spaces_between_special_tokens,
-                stop=sampling.stop,
-                no_stop_trim=sampling.no_stop_trim,
-            )
+            detok = IncrementalDetokenizer.for_request(self.tokenizer, input_ids, sampling)
         prompt_text = None
         if req.echo:
             prompt_text = req.text if req.text is not None else self.tokenizer.decode(input_ids)
@@ -130,7 +123,6 @@ class TokenizerCore:
             prompt_len=len(input_ids),
             return_logprob=req.return_logprob,
             top_logprobs_num=req.top_logprobs_num,
-            no_stop_trim=sampling.no_stop_trim,
             detok=detok,
             prompt_text=prompt_text,
         )
@@ -273,12 +265,15 @@ class TokenizerCore:
             state.num_cached = max(state.num_cached, piece.cached_tokens)
             finish = piece.finish
             if state.detok is not None:
-                text += _detokenize(state.detok, piece, state.no_stop_trim)
+                text += state.detok.add_output(piece.ids, piece.finish)
         if finish is not None:
             self.states.pop(state.rid, None)
         elif not ids and state.prompt_text is None:
             return None  # an empty piece: nothing to tell the router
         want_logprobs = state.return_logprob
+        want_top = want_logprobs and state.top_logprobs_num > 0
+        want_texts = want_logprobs and state.detok is not None  # token in, token out: no texts
+        top_texts = top_token_texts(self.tokenizer, top) if want_top and want_texts else None
         prompt_text, state.prompt_text = state.prompt_text, None
         return ReqOutput(
             rid=state.rid,
@@ -289,19 +284,11 @@ class TokenizerCore:
             completion_tokens=state.next_idx,
             cached_tokens=state.num_cached,
             logprobs=logprobs if want_logprobs else None,
-            top_logprobs=top if want_logprobs and state.top_logprobs_num > 0 else None,
-            token_texts=(
-                token_texts(self.tokenizer, ids) if want_logprobs and state.detok else None
-            ),
+            top_logprobs=top if want_top else None,
+            token_texts=token_texts(self.tokenizer, ids) if want_texts else None,
             prompt_text=prompt_text,
+            top_token_texts=top_texts,
         )
-
-
-def _detokenize(detok: IncrementalDetokenizer, piece: _Piece, no_stop_trim: bool) -> str:
-    if piece.finish is None:
-        return detok.add(piece.ids)
-    matched = piece.finish.matched if piece.finish.kind == "stop" else None
-    return detok.add(text_ids(piece.ids, matched, no_stop_trim)) + detok.finish(matched)
 
 
 def _piece_of(msg: TokenOut, i: int) -> _Piece:
@@ -340,35 +327,27 @@ def error_output(rid: str, message: str) -> ReqOutput:
 # ---------------------------------------------------------------------- the process
 
 
-async def serve(spec: dict[str, Any]) -> None:
-    """Run the tokenizer process until Shutdown.
-
-    spec: `idx` (this replica's index), `model_path`, `inbox` (address to bind), `router_inbox`,
-    `worker_inboxes` (decode or mixed workers, indexed by GenerateReq.decode_idx),
-    `launcher_inbox` (None: no Ready sent), `max_context_len` (0: the model's own), and
-    optionally `trust_remote_code`.
-    """
-    idx = int(spec["idx"])
-    name = f"tokenizer{idx}"
-    tokenizer = load_tokenizer(spec["model_path"], bool(spec.get("trust_remote_code", False)))
-    max_context_len = int(spec.get("max_context_len") or 0)
-    max_context_len = max_context_len or model_context_len(spec["model_path"], tokenizer)
-    core = TokenizerCore(tokenizer, idx, max_context_len, len(spec["worker_inboxes"]))
+async def serve(spec: TokenizerSpec) -> None:
+    """Run the tokenizer process until Shutdown."""
+    name = spec.name
+    tokenizer = load_tokenizer(spec.model_path, spec.trust_remote_code)
+    max_context_len = spec.max_context_len or model_context_len(spec.model_path, tokenizer)
+    core = TokenizerCore(tokenizer, spec.idx, max_context_len, len(spec.worker_inboxes))
 
     ctx = zmq.asyncio.Context()
-    from_peers = AsyncInbox(spec["inbox"], ctx)
-    to_router = AsyncOutbox(spec["router_inbox"], ctx)
-    to_workers = [AsyncOutbox(address, ctx) for address in spec["worker_inboxes"]]
+    from_peers = AsyncInbox(spec.inbox, ctx)
+    to_router = AsyncOutbox(spec.router_inbox, ctx)
+    to_workers = [AsyncOutbox(address, ctx) for address in spec.worker_inboxes]
     sockets: list[AsyncInbox | AsyncOutbox] = [from_peers, to_router, *to_workers]
-    if spec.get("launcher_inbox"):
-        to_launcher = AsyncOutbox(spec["launcher_inbox"], ctx)
+    if spec.launcher_inbox:
+        to_launcher = AsyncOutbox(spec.launcher_inbox, ctx)
         sockets.append(to_launcher)
         to_launcher.send(
             Ready(
                 name=name, info={"vocab_size": core.vocab_size, "max_context_len": max_context_len}
             )
         )
-    logger.info("%s ready (%s, context %d)", name, spec["model_path"], max_context_len)
+    logger.info("%s ready (%s, context %d)", name, spec.model_path, max_context_len)
     try:
         while True:
             try:
@@ -412,9 +391,10 @@ def _dispatch(
 
 def main(spec: dict[str, Any]) -> None:
     """Process entry point: run `serve` on uvloop when it is installed."""
+    tokenizer_spec = TokenizerSpec.from_dict(spec)
     try:
         import uvloop
     except ImportError:
-        asyncio.run(serve(spec))
+        asyncio.run(serve(tokenizer_spec))
     else:
-        uvloop.run(serve(spec))
+        uvloop.run(serve(tokenizer_spec))

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pdserve import protocol
-from pdserve.config.engine_config import EngineConfig, SchedulerConfig
+from pdserve.config.process_specs import KVTransferSpec, WorkerSpec
 from pdserve.config.sampling_params import SamplingParams
 from pdserve.ipc import Inbox, Outbox
 from pdserve.protocol import Finish
@@ -50,50 +50,46 @@ class ReqMeta:
 
 
 class WorkerProcess:
-    def __init__(self, spec: dict[str, Any]) -> None:
+    def __init__(self, spec: WorkerSpec) -> None:
         from transformers import AutoTokenizer
 
         from pdserve.worker.worker_core import WorkerCore
 
         self.spec = spec
-        self.name: str = spec["name"]
-        self.role: str = spec["role"]
-        sched = SchedulerConfig(**spec["engine"].pop("scheduler"))
-        config = EngineConfig(scheduler=sched, **spec["engine"])
-        tokenizer = AutoTokenizer.from_pretrained(config.model_path)
+        self.name = spec.name
+        self.role = spec.role
+        tokenizer = AutoTokenizer.from_pretrained(spec.engine.model_path)
         self.core = WorkerCore(
-            config, decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+            spec.engine, decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
         )
         self.scheduler = self.core.scheduler
-        self.inbox = Inbox(spec["inbox"])
-        self.to_tokenizers = [Outbox(a) for a in spec["tokenizer_inboxes"]]
-        self.to_router = Outbox(spec["router_inbox"]) if spec.get("router_inbox") else None
-        self.to_prefills = [Outbox(a) for a in spec.get("prefill_inboxes", [])]
-        self.to_decodes = [Outbox(a) for a in spec.get("decode_inboxes", [])]
-        self.kv_timeout_s: float = spec.get("kv_timeout_s", 30.0)
-        self.report_interval_s: float = spec.get("report_interval_s", 0.2)
+        self.inbox = Inbox(spec.inbox)
+        self.to_tokenizers = [Outbox(a) for a in spec.tokenizer_inboxes]
+        self.to_router = Outbox(spec.router_inbox) if spec.router_inbox else None
+        self.to_prefills = [Outbox(a) for a in spec.prefill_inboxes]
+        self.to_decodes = [Outbox(a) for a in spec.decode_inboxes]
+        self.kv_timeout_s = spec.kv.timeout_s
+        self.report_interval_s = spec.report_interval_s
         self.pending_admission: list[Request] = []  # decode: waiting for pages
         self.orphans: dict[str, Request] = {}  # decode: ended, pages held until prefill lets go
         self.aborted_rids: deque[str] = deque(maxlen=4096)  # prefill: aborted before arrival
         self.kv_receiver = None
         self.kv_sender = None
         self.kv_handshake: dict[str, Any] | None = None
-        self._setup_kv_transfer(spec.get("kv_transfer") or {})
+        self._setup_kv_transfer(spec.kv)
         self._last_report = 0.0
         self._running = True
 
-    def _setup_kv_transfer(self, kv: dict[str, Any]) -> None:
+    def _setup_kv_transfer(self, kv: KVTransferSpec) -> None:
         from pdserve import kv_transfer
 
         pool = self.core.runner.kv_pool
         if self.role == "decode":
-            options = {"host": kv["host"]} if kv.get("host") else {}
-            self.kv_receiver = kv_transfer.make_receiver(
-                kv["backend"], pool, kv.get("address"), **options
-            )
+            options = {"host": kv.host} if kv.host else {}
+            self.kv_receiver = kv_transfer.make_receiver(kv.backend, pool, kv.address, **options)
             self.kv_handshake = self.kv_receiver.handshake()  # rides on every PrefillTask
         elif self.role == "prefill":
-            self.kv_sender = kv_transfer.make_sender(kv["backend"], pool)
+            self.kv_sender = kv_transfer.make_sender(kv.backend, pool)
 
     def ready_info(self) -> dict[str, Any]:
         return {"num_pages": self.core.runner.num_pages}
@@ -255,7 +251,7 @@ class WorkerProcess:
                     input_ids=req.prompt_ids,
                     sampling=req.sampling.to_dict(),
                     tokenizer_idx=meta.tokenizer_idx,
-                    decode_idx=self.spec["idx"],
+                    decode_idx=self.spec.idx,
                     dst_pages=pages,
                     return_logprob=req.return_logprob,
                     top_logprobs_num=req.top_logprobs_num,
@@ -459,13 +455,14 @@ class WorkerProcess:
         self.inbox.close()
 
 
-def main(spec: dict[str, Any]) -> None:
+def main(spec_dict: dict[str, Any]) -> None:
     """Process entry: build the worker, tell the launcher it is ready, then loop."""
+    spec = WorkerSpec.from_dict(spec_dict)
     worker = WorkerProcess(spec)
     signal.signal(signal.SIGTERM, lambda *_: setattr(worker, "_running", False))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher decides when children stop
-    if spec.get("launcher_inbox"):
-        Outbox(spec["launcher_inbox"]).send(
+    if spec.launcher_inbox:
+        Outbox(spec.launcher_inbox).send(
             protocol.Ready(name=worker.name, info=worker.ready_info())
         )
     logger.info("worker %s (%s) ready", worker.name, worker.role)

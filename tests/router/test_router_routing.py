@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from pdserve.config.router_spec import RouterSpec, WorkerSpec
+from pdserve.config.router_spec import RouterSpec, WorkerEntry
 from pdserve.protocol import Finish, LoadReport, ReqOutput
 from pdserve.router.request_tracker import RequestGroup, RequestTracker, Tracked
 from pdserve.router.router import Router, finish_label
@@ -14,13 +14,13 @@ from pdserve.router.routing import LeastLoad, RoundRobin, make_policy
 from pdserve.router.worker_registry import WorkerRegistry
 
 
-def _workers() -> tuple[WorkerSpec, ...]:
+def _workers() -> tuple[WorkerEntry, ...]:
     return (
-        WorkerSpec("p0", "prefill", 0, "ipc://p0"),
-        WorkerSpec("p1", "prefill", 1, "ipc://p1"),
-        WorkerSpec("d0", "decode", 0, "ipc://d0"),
-        WorkerSpec("d1", "decode", 1, "ipc://d1"),
-        WorkerSpec("d2", "decode", 2, "ipc://d2"),
+        WorkerEntry("p0", "prefill", 0, "ipc://p0"),
+        WorkerEntry("p1", "prefill", 1, "ipc://p1"),
+        WorkerEntry("d0", "decode", 0, "ipc://d0"),
+        WorkerEntry("d1", "decode", 1, "ipc://d1"),
+        WorkerEntry("d2", "decode", 2, "ipc://d2"),
     )
 
 

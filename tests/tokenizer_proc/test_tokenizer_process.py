@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import zmq.asyncio
 
+from pdserve.config.process_specs import TokenizerSpec
 from pdserve.config.sampling_params import SamplingParams
 from pdserve.ipc import AsyncInbox, AsyncOutbox, new_ipc_address
 from pdserve.protocol import (
@@ -170,15 +171,16 @@ async def running_tokenizer(model_dir: Path, max_context_len: int = 256) -> Asyn
     addresses = {n: new_ipc_address(n) for n in ("tok", "router", "w0", "w1", "launcher")}
     router, launcher = AsyncInbox(addresses["router"], ctx), AsyncInbox(addresses["launcher"], ctx)
     workers = [AsyncInbox(addresses["w0"], ctx), AsyncInbox(addresses["w1"], ctx)]
-    spec = {
-        "idx": 0,
-        "model_path": str(model_dir),
-        "inbox": addresses["tok"],
-        "router_inbox": addresses["router"],
-        "worker_inboxes": [addresses["w0"], addresses["w1"]],
-        "launcher_inbox": addresses["launcher"],
-        "max_context_len": max_context_len,
-    }
+    spec = TokenizerSpec(
+        name="tokenizer0",
+        idx=0,
+        model_path=str(model_dir),
+        inbox=addresses["tok"],
+        router_inbox=addresses["router"],
+        worker_inboxes=(addresses["w0"], addresses["w1"]),
+        launcher_inbox=addresses["launcher"],
+        max_context_len=max_context_len,
+    )
     task = asyncio.create_task(serve(spec))
     ready = await asyncio.wait_for(launcher.recv(), TIMEOUT_S)
     assert ready == Ready(name="tokenizer0", info=ready.info)

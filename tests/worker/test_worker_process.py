@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import pytest
 
 from pdserve import protocol
 from pdserve.config.engine_config import EngineConfig, SchedulerConfig
+from pdserve.config.process_specs import KVTransferSpec, WorkerSpec
 from pdserve.ipc import Inbox, Outbox, new_ipc_address
 from pdserve.protocol import Finish
 from pdserve.worker.worker_process import WorkerProcess
@@ -22,22 +22,20 @@ def worker(tiny_llama: Path):  # type: ignore[no-untyped-def]
         device="cpu",
         scheduler=SchedulerConfig(num_pages=256, page_size=4),
     )
-    engine_dict = dataclasses.asdict(engine)
     tokenizer_inbox = Inbox(new_ipc_address("test-tok"))
-    spec = {
-        "name": "mixed0",
-        "role": "mixed",
-        "idx": 0,
-        "engine": engine_dict,
-        "inbox": new_ipc_address("test-worker"),
-        "tokenizer_inboxes": [tokenizer_inbox.address],
-        "router_inbox": None,
-        "kv_transfer": {"backend": "tcp"},
-    }
+    spec = WorkerSpec(
+        name="mixed0",
+        role="mixed",
+        idx=0,
+        engine=engine,
+        inbox=new_ipc_address("test-worker"),
+        tokenizer_inboxes=(tokenizer_inbox.address,),
+        kv=KVTransferSpec(backend="tcp", timeout_s=30.0),
+    )
     proc = WorkerProcess(spec)
     thread = threading.Thread(target=proc.run, daemon=True)
     thread.start()
-    to_worker = Outbox(spec["inbox"])
+    to_worker = Outbox(spec.inbox)
     yield proc, to_worker, tokenizer_inbox
     to_worker.send(protocol.Shutdown())
     thread.join(timeout=10)
