@@ -1,7 +1,10 @@
 """The offline Engine: SGLang's `Engine` API over pdserve's engine core.
 
-`Engine(model_path, **options)` runs one mixed worker in this process; `generate` takes one prompt or
-a list (text or token ids) and returns SGLang-shaped dicts.
+`Engine(model_path, **options)` starts the server's own processes (`process_engine.py`) and drives
+them over `/generate`; `Engine(model_path, in_process=True, **options)` steps one mixed worker in
+this process. Either way `generate` takes one prompt or a list (text or token ids) and returns the
+same SGLang-shaped dicts: the in-process engine turns ids into text with the tokenizer process's
+detokenizer and shapes results with the router's `generate_result`.
 """
 
 from __future__ import annotations
@@ -10,12 +13,20 @@ import logging
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pdserve.config.engine_config import EngineConfig
 from pdserve.config.sampling_params import SamplingParams
+from pdserve.protocol import ReqOutput
+from pdserve.router.choice_state import ChoiceState
+from pdserve.router.generate_result import generate_result
 from pdserve.scheduler.request import Request
-from pdserve.tokenizer_proc.incremental_detokenizer import text_ids
+from pdserve.tokenizer_proc.incremental_detokenizer import (
+    IncrementalDetokenizer,
+    token_texts,
+    top_token_texts,
+)
 
 if TYPE_CHECKING:
     from pdserve.entrypoints.process_engine import ProcessEngine
@@ -41,6 +52,17 @@ def Engine(  # noqa: N802 - a factory named like SGLang's class, so its users' c
     from pdserve.entrypoints.process_engine import ProcessEngine
 
     return ProcessEngine(model_path, topology=topology, **options)
+
+
+@dataclass
+class _Tracked:
+    """One request of the in-process engine, and what has been turned into its result so far."""
+
+    req: Request
+    detok: IncrementalDetokenizer
+    choice: ChoiceState  # the router's record of a request's outputs, filled the same way
+    started: float  # time.perf_counter() at submission
+    num_fed: int = 0  # output ids already given to `choice`
 
 
 class InProcessEngine:
@@ -74,16 +96,19 @@ class InProcessEngine:
         stream=True (one prompt) gives an iterator of dicts whose text is cumulative."""
         self._check_open()
         is_batch, prompts_ids, params = self._normalize(prompt, input_ids, sampling_params)
-        reqs = [
+        if stream and is_batch:
+            raise ValueError("stream=True takes one prompt, not a list")
+        tracked = [
             self._new_request(ids, p, return_logprob, top_logprobs_num)
             for ids, p in zip(prompts_ids, params)
         ]
         if stream:
-            if is_batch:
-                raise ValueError("stream=True takes one prompt, not a list")
-            return self._stream(reqs[0])
-        self._run(reqs, progress=len(reqs) >= _PROGRESS_MIN_PROMPTS)
-        results = [self._result(r) for r in reqs]
+            return self._stream(tracked[0])
+        self._run([t.req for t in tracked], progress=len(tracked) >= _PROGRESS_MIN_PROMPTS)
+        results = []
+        for t in tracked:
+            self._feed(t)
+            results.append(self._result(t))
         return results if is_batch else results[0]
 
     def shutdown(self) -> None:
@@ -130,7 +155,7 @@ class InProcessEngine:
 
     def _new_request(
         self, ids: list[int], params: SamplingParams, return_logprob: bool, top_logprobs_num: int
-    ) -> Request:
+    ) -> _Tracked:
         req = Request(
             rid=uuid.uuid4().hex,
             prompt_ids=ids,
@@ -138,9 +163,9 @@ class InProcessEngine:
             return_logprob=return_logprob or top_logprobs_num > 0,
             top_logprobs_num=top_logprobs_num,
         )
-        req.user_data = time.perf_counter()
         self.core.add(req)
-        return req
+        detok = IncrementalDetokenizer.for_request(self.tokenizer, ids, params)
+        return _Tracked(req, detok, ChoiceState(0, req.rid), time.perf_counter())
 
     def _run(self, reqs: list[Request], progress: bool) -> None:
         pending = {r.rid for r in reqs}
@@ -160,43 +185,47 @@ class InProcessEngine:
         if bar is not None:
             bar.close()
 
-    def _stream(self, req: Request) -> Iterator[dict[str, Any]]:
-        sent = 0
+    def _stream(self, t: _Tracked) -> Iterator[dict[str, Any]]:
         while True:
             touched = self.core.step()
-            if req in touched and (len(req.output_ids) > sent or req.is_finished):
-                sent = len(req.output_ids)
-                result = self._result(req)
-                if not result["text"].endswith("\ufffd") or req.is_finished:
-                    yield result
-            if req.is_finished:
+            if t.req in touched and self._feed(t):
+                yield self._result(t)
+            if t.req.is_finished:
                 return
             if not self.core.has_work():
                 raise RuntimeError("engine stalled while streaming")
 
-    def _result(self, req: Request) -> dict[str, Any]:
-        ids = list(req.output_ids)
-        finish = req.finish
-        matched = finish.matched if finish is not None and finish.kind == "stop" else None
-        params = req.sampling
-        shown = text_ids(ids, matched, params.no_stop_trim)
-        text = self.tokenizer.decode(shown, skip_special_tokens=params.skip_special_tokens)
-        if isinstance(matched, str) and not params.no_stop_trim and matched in text:
-            text = text[: text.index(matched)]
-        meta: dict[str, Any] = {
-            "id": req.rid,
-            "finish_reason": finish.to_api() if finish is not None else None,
-            "prompt_tokens": len(req.prompt_ids),
-            "completion_tokens": len(ids),
-            "cached_tokens": req.num_cached_tokens,
-            "e2e_latency": time.perf_counter() - req.user_data,
-        }
-        if req.return_logprob:
-            meta["output_token_logprobs"] = [
-                [lp, tid, None] for lp, tid in zip(req.output_logprobs, ids)
-            ]
-            if req.top_logprobs_num:
-                meta["output_top_logprobs"] = [
-                    [[lp, tid, None] for tid, lp in top] for top in req.output_top_logprobs
-                ]
-        return {"text": text, "output_ids": ids, "meta_info": meta}
+    def _feed(self, t: _Tracked) -> bool:
+        """Give `t.choice` the output the tokenizer process would send for the ids (and finish)
+        produced since the last call; False if there was nothing new."""
+        req, start = t.req, t.num_fed
+        end = len(req.output_ids)
+        ids = req.output_ids[start:end]
+        if t.choice.finish is not None or (not ids and req.finish is None):
+            return False
+        t.num_fed = end
+        top = req.output_top_logprobs[start:end] if req.top_logprobs_num else None
+        t.choice.add(
+            ReqOutput(
+                rid=req.rid,
+                text_delta=t.detok.add_output(ids, req.finish),
+                output_ids=ids,
+                finish=req.finish,
+                prompt_tokens=len(req.prompt_ids),
+                completion_tokens=end,
+                cached_tokens=req.num_cached_tokens,
+                logprobs=req.output_logprobs[start:end] if req.return_logprob else None,
+                top_logprobs=top,
+                token_texts=token_texts(self.tokenizer, ids) if req.return_logprob else None,
+                top_token_texts=top_token_texts(self.tokenizer, top) if top is not None else None,
+            )
+        )
+        return True
+
+    def _result(self, t: _Tracked) -> dict[str, Any]:
+        return generate_result(
+            t.choice,
+            e2e_latency=time.perf_counter() - t.started,
+            return_logprob=t.req.return_logprob,
+            top_logprobs_num=t.req.top_logprobs_num,
+        )

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import TypeVar
 
 from starlette.requests import Request
 
-from pdserve.protocol import Finish, ReqOutput
-from pdserve.router.errors import APIError
+from pdserve.protocol import ReqOutput
+from pdserve.router.choice_state import ChoiceState
+from pdserve.router.errors import APIError, tokenizer_error
 from pdserve.router.request_tracker import RequestGroup
 from pdserve.router.router import Router
 
@@ -26,43 +26,6 @@ class ClientGone(Exception):
     """The client disconnected before the response started."""
 
 
-@dataclass
-class ChoiceState:
-    """Everything received so far for one choice (one sub-request)."""
-
-    index: int
-    rid: str
-    text: str = ""
-    output_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    top_logprobs: list[list[list[float]]] = field(default_factory=list)
-    token_texts: list[str] = field(default_factory=list)
-    finish: Finish | None = None
-    error: str | None = None
-    prompt_text: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-
-    def add(self, out: ReqOutput) -> None:
-        self.text += out.text_delta
-        self.output_ids.extend(out.output_ids)
-        self.logprobs.extend(out.logprobs or ())
-        self.top_logprobs.extend(out.top_logprobs or ())
-        self.token_texts.extend(out.token_texts or ())
-        if out.prompt_text is not None:
-            self.prompt_text = out.prompt_text
-        self.prompt_tokens = max(self.prompt_tokens, out.prompt_tokens)
-        self.cached_tokens = max(self.cached_tokens, out.cached_tokens)
-        self.completion_tokens = max(out.completion_tokens, len(self.output_ids))
-        self.finish = out.finish if out.finish is not None else self.finish
-        self.error = out.error if out.error is not None else self.error
-
-    def final_output(self) -> ReqOutput:
-        """An output carrying just the choice's end (finish or error), for `failure_of`."""
-        return ReqOutput(self.rid, "", [], self.finish, error=self.error)
-
-
 def failure_of(out: ReqOutput, abort_is_error: bool = True) -> APIError | None:
     """The HTTP error a final output stands for, if any.
 
@@ -70,7 +33,7 @@ def failure_of(out: ReqOutput, abort_is_error: bool = True) -> APIError | None:
     for a lost worker, 504 for a timeout, 400 otherwise, as SGLang); /generate passes client-side
     aborts (`abort_is_error=False`) through as finish_reason "abort" instead."""
     if out.error is not None:
-        return APIError(out.error, 400)
+        return tokenizer_error(out.error)
     finish = out.finish
     if finish is None or not finish.is_abort:
         return None

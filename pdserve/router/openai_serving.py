@@ -6,13 +6,13 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from pdserve.config.router_spec import RouterSpec
 from pdserve.config.sampling_params import SamplingParams
 from pdserve.protocol import Finish, GenerateReq, ReqOutput
+from pdserve.router.choice_state import ChoiceState
 from pdserve.router.errors import APIError, bad_request, sampling_error
-from pdserve.router.group_reader import ChoiceState
 from pdserve.router.openai_models import SamplingFields
 
 
@@ -130,39 +130,43 @@ def check_logprob_request(top_n: int | None, echo: bool = False) -> None:
         raise bad_request("echo with logprobs is not supported (no prompt logprobs)", "echo")
 
 
-def _top_text(token_id: int, chosen_id: int | None, chosen_text: str | None) -> str:
-    # ReqOutput carries the text of the chosen token only; an alternative is named by its id
-    # (vLLM's `token_id:N` form).
-    if chosen_text is not None and token_id == chosen_id:
-        return chosen_text
-    return f"token_id:{token_id}"
+class _TokenRow(NamedTuple):
+    """One generated token as both OpenAI logprobs shapes show it."""
+
+    text: str
+    logprob: float
+    top: list[tuple[str, float]]  # (text, logprob) of each alternative, most likely first
 
 
-def _token_rows(out: ReqOutput | ChoiceState) -> list[tuple[int, str, float, list]]:
-    """(token id, text, logprob, [[id, logprob], ...]) per generated token."""
+def _name(texts: list[str], j: int, token_id: int) -> str:
+    # Without the tokenizer's texts (token in, token out) a token is named by its id, as in vLLM.
+    return texts[j] if j < len(texts) else f"token_id:{token_id}"
+
+
+def _token_rows(out: ReqOutput | ChoiceState) -> list[_TokenRow]:
     texts = list(out.token_texts or ())
-    logprobs = list(out.logprobs or ())
     tops = list(out.top_logprobs or ())
+    top_texts = list(out.top_token_texts or ())
     rows = []
-    for j, logprob in enumerate(logprobs):
+    for j, logprob in enumerate(out.logprobs or ()):
         token_id = out.output_ids[j] if j < len(out.output_ids) else -1
-        text = texts[j] if j < len(texts) else f"token_id:{token_id}"
-        rows.append((token_id, text, float(logprob), tops[j] if j < len(tops) else []))
+        top = tops[j] if j < len(tops) else []
+        alt_texts = top_texts[j] if j < len(top_texts) else []
+        alts = [(_name(alt_texts, k, int(alt_id)), float(lp)) for k, (alt_id, lp) in enumerate(top)]
+        rows.append(_TokenRow(_name(texts, j, token_id), float(logprob), alts))
     return rows
 
 
 def chat_logprobs(out: ReqOutput | ChoiceState, top_n: int) -> dict[str, Any]:
+    """Chat's logprobs: each token and each alternative with its text and that text's UTF-8 bytes."""
     content = []
-    for token_id, text, logprob, top in _token_rows(out):
-        alternatives = []
-        for alt_id, alt_logprob in top[:top_n]:
-            alt_text = _top_text(int(alt_id), token_id, text)
-            alternatives.append(
-                {"token": alt_text, "logprob": float(alt_logprob),
-                 "bytes": list(alt_text.encode())}
-            )  # fmt: skip
+    for row in _token_rows(out):
+        alternatives = [
+            {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+            for text, logprob in row.top[:top_n]
+        ]
         content.append(
-            {"token": text, "logprob": logprob, "bytes": list(text.encode()),
+            {"token": row.text, "logprob": row.logprob, "bytes": list(row.text.encode()),
              "top_logprobs": alternatives}
         )  # fmt: skip
     return {"content": content}
@@ -173,12 +177,15 @@ def completion_logprobs(
 ) -> tuple[dict[str, Any], int]:
     """OpenAI's legacy logprobs shape, and the text offset after these tokens."""
     tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
-    for token_id, text, logprob, top in _token_rows(out):
-        tokens.append(text)
-        token_logprobs.append(logprob)
-        top_logprobs.append({_top_text(int(a), token_id, text): float(lp) for a, lp in top[:top_n]})
+    for row in _token_rows(out):
+        tokens.append(row.text)
+        token_logprobs.append(row.logprob)
+        alternatives: dict[str, float] = {}
+        for text, logprob in row.top[:top_n]:
+            alternatives.setdefault(text, logprob)  # ids sharing a text: the likelier one shows
+        top_logprobs.append(alternatives)
         offsets.append(text_offset)
-        text_offset += len(text)
+        text_offset += len(row.text)
     shape = {
         "tokens": tokens,
         "token_logprobs": token_logprobs,

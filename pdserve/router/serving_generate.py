@@ -18,9 +18,11 @@ from starlette.responses import Response
 
 from pdserve.config.sampling_params import SamplingParams
 from pdserve.protocol import GenerateReq, ReqOutput
+from pdserve.router.admission import admit, build_checked
+from pdserve.router.choice_state import ChoiceState
 from pdserve.router.errors import bad_request, sampling_error
+from pdserve.router.generate_result import generate_result
 from pdserve.router.group_reader import (
-    ChoiceState,
     failure_of,
     guarded,
     iter_outputs,
@@ -123,7 +125,8 @@ def _rids(rid: str | list[str] | None, num_subs: int, is_list: bool) -> tuple[st
 
 
 async def generate(router: Router, request: Request, body: GenerateRequest) -> Response:
-    fan, is_list = build_generate(body, router.spec.default_max_tokens)
+    fan, is_list = build_checked(lambda: build_generate(body, router.spec.default_max_tokens))
+    admit(router, fan, "text")
     group = router.submit(fan.group_id, fan.reqs, fan.route_keys)
     if body.stream:
         buffered = await open_stream(router, request, group, abort_is_error=False)
@@ -138,34 +141,13 @@ async def generate(router: Router, request: Request, body: GenerateRequest) -> R
 
 
 def _item(c: ChoiceState, body: GenerateRequest, group: RequestGroup) -> dict[str, Any]:
-    finish = c.finish.to_api() if c.finish is not None else None
-    meta: dict[str, Any] = {
-        "id": c.rid,
-        "finish_reason": finish,
-        "prompt_tokens": c.prompt_tokens,
-        "completion_tokens": c.completion_tokens,
-        "cached_tokens": c.cached_tokens,
-        "e2e_latency": round(time.monotonic() - group.created, 6),
-    }
-    if body.return_logprob:
-        meta.update(_logprob_meta(c, body.return_text_in_logprobs))
-    return {"text": c.text, "output_ids": list(c.output_ids), "meta_info": meta}
-
-
-def _logprob_meta(c: ChoiceState, with_text: bool) -> dict[str, Any]:
-    def text_of(j: int) -> str | None:
-        return c.token_texts[j] if with_text and j < len(c.token_texts) else None
-
-    token_logprobs = [
-        [float(lp), c.output_ids[j] if j < len(c.output_ids) else None, text_of(j)]
-        for j, lp in enumerate(c.logprobs)
-    ]
-    top = [[[float(lp), int(tid), None] for tid, lp in row] for row in c.top_logprobs]
-    return {
-        "input_token_logprobs": [],
-        "output_token_logprobs": token_logprobs,
-        "output_top_logprobs": top,
-    }
+    return generate_result(
+        c,
+        e2e_latency=time.monotonic() - group.created,
+        return_logprob=body.return_logprob,
+        top_logprobs_num=body.top_logprobs_num,
+        return_text_in_logprobs=body.return_text_in_logprobs,
+    )
 
 
 async def _generate_events(

@@ -32,6 +32,7 @@ MODEL = "tiny-llama"
 WORDS = ["Hello", " world", "!"]
 PROMPT_TOKENS = 7
 CACHED_TOKENS = 2
+ALT_TEXT = "é"  # the text of id 7, every token's second most likely alternative
 
 
 def prompt_of(req: GenerateReq) -> str:
@@ -143,6 +144,7 @@ def script(req: GenerateReq) -> list[tuple[float, ReqOutput]]:
             out.logprobs = [-0.5 - k]
             out.token_texts = [text]
             out.top_logprobs = [[[100 + k, -0.5 - k], [7, -2.0]][: max(req.top_logprobs_num, 1)]]
+            out.top_token_texts = [[text, ALT_TEXT][: len(out.top_logprobs[0])]]
         if req.echo and k == 0:
             out.prompt_text = prompt
         outs.append((0.1 * k if "SLOW" in prompt else 0.0, out))

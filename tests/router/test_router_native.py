@@ -6,7 +6,7 @@ import json
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
-from router_fakes import MODEL, PROMPT_TOKENS, Cluster, wait_until
+from router_fakes import ALT_TEXT, MODEL, PROMPT_TOKENS, Cluster, wait_until
 
 from pdserve.protocol import FlushCache
 
@@ -44,10 +44,31 @@ def test_generate_batch_of_input_ids_returns_a_list_with_logprobs(
         [-0.5, 100, "Hello"],
         [-1.5, 101, " world"],
     ]
-    assert outs[0]["meta_info"]["output_top_logprobs"][0] == [[-0.5, 100, None], [-2.0, 7, None]]
+    assert outs[0]["meta_info"]["output_top_logprobs"][0] == [
+        [-0.5, 100, "Hello"],
+        [-2.0, 7, ALT_TEXT],
+    ]
     reqs = [cluster.find_req(lambda r, o=o: r.rid == o["meta_info"]["id"]) for o in outs]
     assert [r.input_ids for r in reqs] == [[1, 2, 3], [4, 5]]
     assert all(r.return_text for r in reqs)
+
+
+def test_generate_logprobs_without_texts_or_top_alternatives(
+    cluster: Cluster, auth: dict[str, str]
+) -> None:
+    body = {
+        "text": "hi",
+        "return_logprob": True,
+        "return_text_in_logprobs": False,
+        "top_logprobs_num": 2,
+    }
+    meta = _post(cluster, "/generate", body, auth).json()["meta_info"]
+    assert meta["output_token_logprobs"][:2] == [[-0.5, 100, None], [-1.5, 101, None]]
+    assert meta["output_top_logprobs"][0] == [[-0.5, 100, None], [-2.0, 7, None]]
+    body = {"text": "hi", "return_logprob": True}  # no top_logprobs_num: no top alternatives
+    meta = _post(cluster, "/generate", body, auth).json()["meta_info"]
+    assert meta["output_token_logprobs"][0] == [-0.5, 100, "Hello"]
+    assert "output_top_logprobs" not in meta
 
 
 def test_generate_stream_sends_cumulative_text(cluster: Cluster, auth: dict[str, str]) -> None:

@@ -7,7 +7,7 @@ import json
 import httpx
 import openai
 import pytest
-from router_fakes import API_KEY, CACHED_TOKENS, MODEL, PROMPT_TOKENS, Cluster
+from router_fakes import ALT_TEXT, API_KEY, CACHED_TOKENS, MODEL, PROMPT_TOKENS, Cluster
 
 from pdserve.protocol import GenerateReq
 
@@ -107,7 +107,8 @@ def test_chat_logprobs_shape(client: openai.OpenAI) -> None:
     assert [t.token for t in content] == ["Hello", " world", "!"]
     assert [t.logprob for t in content] == [-0.5, -1.5, -2.5]
     assert content[0].bytes == list(b"Hello")
-    assert [a.token for a in content[0].top_logprobs] == ["Hello", "token_id:7"]
+    assert [a.token for a in content[0].top_logprobs] == ["Hello", ALT_TEXT]
+    assert content[0].top_logprobs[1].bytes == list(ALT_TEXT.encode())
     assert content[0].top_logprobs[1].logprob == -2.0
 
 

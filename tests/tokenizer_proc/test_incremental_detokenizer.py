@@ -7,10 +7,13 @@ from typing import Any
 
 import pytest
 
+from pdserve.config.sampling_params import SamplingParams
+from pdserve.protocol import Finish
 from pdserve.tokenizer_proc.incremental_detokenizer import (
     IncrementalDetokenizer,
     text_ids,
     token_texts,
+    top_token_texts,
 )
 
 TEXTS = [
@@ -170,6 +173,47 @@ def test_token_texts_decode_each_id_alone(tokenizer: Any):
     assert texts[-1] == "<|im_end|>" and "\ufffd" in texts
 
 
+def test_top_token_texts_decode_each_alternative_alone(tokenizer: Any):
+    ids = tokenizer.encode("Hi é<|im_end|>")
+    top = [[[i, -0.5], [ids[0], -1.0], [ids[-1], -2.0]] for i in ids] + [[], [[ids[1], -0.1]]]
+    texts = top_token_texts(tokenizer, top)
+    assert texts == [[tokenizer.decode([int(a)]) for a, _ in row] for row in top]
+    assert [len(row) for row in texts] == [3] * len(ids) + [0, 1]
+    assert texts[0][2] == "<|im_end|>" and any("\ufffd" in row[0] for row in texts[:-2])
+
+
+@pytest.mark.parametrize("no_stop_trim", [False, True])
+def test_add_output_leaves_out_a_matched_stop_token(tokenizer: Any, no_stop_trim: bool):
+    eos = tokenizer.eos_token_id
+    ids = tokenizer.encode("Hi there, ça va")
+    params = SamplingParams(skip_special_tokens=False, no_stop_trim=no_stop_trim)
+    detok = IncrementalDetokenizer.for_request(tokenizer, [], params)
+    text = detok.add_output(ids[:3], None) + detok.add_output(ids[3:] + [eos], Finish.stop(eos))
+    shown = ids + [eos] if no_stop_trim else ids
+    assert text == tokenizer.decode(shown, skip_special_tokens=False)
+
+
+@pytest.mark.parametrize("no_stop_trim", [False, True])
+def test_add_output_cuts_at_a_matched_stop_string(tokenizer: Any, no_stop_trim: bool):
+    ids = tokenizer.encode("The keeper climbed the stairs")
+    full = tokenizer.decode(ids)
+    params = SamplingParams(stop=("climb",), no_stop_trim=no_stop_trim)
+    detok = IncrementalDetokenizer.for_request(tokenizer, [], params)
+    streamed = detok.add_output(ids[:-1], None)
+    assert "climb" not in streamed
+    text = streamed + detok.add_output(ids[-1:], Finish.stop("climb"))
+    end = full.index("climb") + (len("climb") if no_stop_trim else 0)
+    assert text == full[:end]
+
+
+def test_add_output_flushes_everything_on_length_or_abort(tokenizer: Any):
+    ids = tokenizer.encode("emoji 😀 at the end 😀")
+    for finish in (Finish.at_length(len(ids)), Finish.abort("gone")):
+        detok = IncrementalDetokenizer.for_request(tokenizer, [], SamplingParams())
+        text = "".join(detok.add_output([i], None) for i in ids[:-1])
+        assert text + detok.add_output(ids[-1:], finish) == tokenizer.decode(ids)
+
+
 def test_add_after_finish_is_refused(tokenizer: Any):
     detok = IncrementalDetokenizer(tokenizer, None, True, True, (), False)
     detok.finish()
@@ -198,3 +242,5 @@ def test_leading_space_kept_after_a_prompt_with_sentencepiece_style_decoding():
     assert "".join(run(with_prompt, [[i] for i in output])) == " world says"
     alone = IncrementalDetokenizer(tok, None, True, True, (), False)
     assert "".join(run(alone, [[i] for i in output])) == "world says"
+    for_request = IncrementalDetokenizer.for_request(tok, prompt, SamplingParams())
+    assert "".join(run(for_request, [[i] for i in output])) == " world says"
