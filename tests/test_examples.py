@@ -37,10 +37,11 @@ def run_example(script: str, *args: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def pd_url(tiny_llama: Path) -> Iterator[str]:
+def pd_url(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    data_dir = str(tmp_path_factory.mktemp("examples-data"))  # the batch examples' files
     topology = Topology.for_model(
         str(tiny_llama), mode="pd", device="cpu", port=_free_port(), kv_transfer="tcp",
-        num_pages=1024,
+        num_pages=1024, router={"data_dir": data_dir},
     )  # fmt: skip
     cluster = Cluster(topology, log_level="warning", start_timeout_s=120).start()
     yield cluster.url
@@ -110,3 +111,23 @@ def test_openai_chat_with_response_prefill(tiny_llama: Path, pd_url: str) -> Non
     script = "openai_chat_with_response_prefill.py"
     out = run_example(script, "--base-url", pd_url, "--model", str(tiny_llama), "--device", "cpu")
     assert "Continuation: '" in out and "Full answer:\n{\n" in out, out
+
+
+def test_openai_batch_chat(pd_url: str) -> None:
+    out = run_example("openai_batch_chat.py", "--base-url", pd_url, "--max-tokens", "8",
+                      "--poll-interval", "0.2")  # fmt: skip
+    assert "Batch job status: completed" in out, out
+    assert "request-1: '" in out and "request-2: '" in out, out
+
+
+def test_openai_batch_complete(pd_url: str) -> None:
+    out = run_example("openai_batch_complete.py", "--base-url", pd_url, "--max-tokens", "8",
+                      "--poll-interval", "0.2")  # fmt: skip
+    assert "Batch job status: completed" in out, out
+    assert all(f"request-{i}: '" in out for i in (1, 2, 3)), out
+    assert "Cancelled batch: cancelled, " in out and " of 20 answered" in out, out
+
+
+def test_vertex_predict(pd_url: str) -> None:
+    out = run_example("vertex_predict.py", "--base-url", pd_url)
+    assert out.count("Prediction: '") == 2 and "({'type': '" in out, out

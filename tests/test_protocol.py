@@ -1,6 +1,9 @@
-"""Every message survives the msgpack codec unchanged; nothing else can be decoded."""
+"""Every message survives the msgpack codec unchanged; nothing else can be decoded: not garbage,
+and not a message whose fields hold values of the wrong types."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import msgpack
 import pytest
@@ -64,6 +67,8 @@ SAMPLES = [
         num_preemptions=4,
     ),
     p.WorkerDied(name="decode0", exit_code=-9),
+    p.Heartbeat(name="tokenizer1", pid=4242),
+    p.ProcessExited(name="prefill0", pid=4243, exit_code=-9, restarting=True),
     p.Ready(name="router", info={"kv_handshake": {"fields": [b"\x00\x01", 3, True]}}),
     p.TokenizedReq(
         rid="r",
@@ -89,11 +94,10 @@ SAMPLES = [
         rid="r",
         first_token=42,
         cached_tokens=16,
-        ok=False,
-        error="boom",
         logprob=-0.2,
         top_logprobs=[[42, -0.2]],
     ),
+    p.KVFailed(rid="r", error="KV transfer failed: boom", status_code=504),
     p.Abort(rid="r", abort_all=True, message="client gone"),
     p.FlushCache(),
     p.Shutdown(grace_s=2.5),
@@ -106,6 +110,24 @@ SAMPLES = [
         is_last=False,
     ),
     p.Finish.abort("worker lost", 500),
+    p.TokenizeReq(
+        rid="tok-1",
+        texts=["héllo", "東京"],
+        messages=[{"role": "user", "content": "hi"}],
+        add_special_tokens=False,
+        add_generation_prompt=False,
+        continue_final_message=True,
+        return_token_strs=True,
+    ),
+    p.DetokenizeReq(rid="detok-1", token_ids=[[1, 2], []], skip_special_tokens=False),
+    p.TokenizeOut(
+        rid="tok-1",
+        token_ids=[[1, 2], [3]],
+        token_strs=[["h", "é"], ["東"]],
+        texts=["hé", ""],
+        max_context_len=4096,
+        error="messages[0] has no 'role'",
+    ),
 ]
 
 
@@ -139,8 +161,95 @@ def test_a_nested_finish_comes_back_as_a_finish_and_speaks_sglangs_shape() -> No
 
 
 @pytest.mark.parametrize(
-    "frame", [b"", b"\x01\x02", msgpack.packb([1]), msgpack.packb(["x", []]), msgpack.packb([1, 5])]
+    "frame",
+    [
+        b"",
+        b"\x01\x02",
+        b"\xc1",  # never used in msgpack
+        msgpack.packb([1]),
+        msgpack.packb(["x", []]),
+        msgpack.packb([1, 5]),
+        msgpack.packb([True, []]),  # a bool is not a tag
+        msgpack.packb({"rid": "x"}),
+        b"\x91" * 5000 + b"\xc0",  # nested too deep for msgpack
+        msgpack.packb([1, []]) + b"trailing",
+        msgpack.packb(msgpack.ExtType(7, b"x")),
+        msgpack.packb([9, ["r"]], use_bin_type=True)[:-1],  # cut short
+    ],
 )
-def test_garbage_frames_raise_value_or_msgpack_errors_only(frame: bytes) -> None:
-    with pytest.raises((ValueError, msgpack.UnpackException, TypeError)):
+def test_garbage_frames_raise_value_error_only(frame: bytes) -> None:
+    with pytest.raises(ValueError):
         p.decode(frame)
+
+
+def _tag(cls: type) -> int:
+    return p.message_types().index(cls) + 1
+
+
+def _frame(cls: type, values: list) -> bytes:
+    return msgpack.packb([_tag(cls), values], use_bin_type=True)
+
+
+def _wrong_value(annotation: str) -> object:
+    """A value no field of this annotation accepts (a dict for anything but dict fields)."""
+    return [1] if annotation.startswith("dict") else {"wrong": 1}
+
+
+@pytest.mark.parametrize("msg", SAMPLES, ids=[type(m).__name__ for m in SAMPLES])
+def test_a_wrongly_typed_field_of_any_message_is_refused_by_name(msg: object) -> None:
+    for f in dataclasses.fields(msg):
+        bad = dataclasses.replace(msg, **{f.name: _wrong_value(str(f.type))})
+        with pytest.raises(ValueError, match=rf"^{type(msg).__name__}\.{f.name}: expected"):
+            p.decode(p.encode(bad))
+
+
+@pytest.mark.parametrize(
+    ("cls", "values", "field"),
+    [
+        (p.TokenizedReq, ["r", [1, "2"], {}, 0], "input_ids"),  # a str among ints
+        (p.TokenizedReq, ["r", [1, 2], {}, True], "tokenizer_idx"),  # a bool is not an int
+        (p.TokenizedReq, ["r", [1.0], {}, 0], "input_ids"),  # a float is not an int
+        (p.TokenizedReq, ["r", [1], {1: "x"}, 0], "sampling"),  # dict keys must be str
+        (p.Abort, ["r", 1], "abort_all"),  # an int is not a bool
+        (p.Shutdown, ["soon"], "grace_s"),
+        (p.KVChunk, ["r", [1], "bfloat16", [1, 2], "text", True], "data"),  # str for bytes
+        (p.TokenOut, [["a"], [[1], 2], [0], [None]], "token_ids"),  # ragged nesting
+        (p.TokenOut, [["a"], [[1]], [0], [None], [[-0.5]], [[[["x", -0.5]]]]], "top_logprobs"),
+    ],
+)
+def test_wrong_types_deep_inside_a_field_are_refused(cls: type, values: list, field: str) -> None:
+    with pytest.raises(ValueError, match=rf"^{cls.__name__}\.{field}: expected"):
+        p.decode(_frame(cls, values))
+
+
+def test_records_are_only_accepted_where_the_annotation_names_them() -> None:
+    nested_finish = p.encode(p.GenerateReq(rid="r", sampling={"x": p.Finish.stop(1)}))
+    with pytest.raises(ValueError, match=r"^GenerateReq\.sampling"):
+        p.decode(nested_finish)
+    wrong_record = p.encode(p.ReqOutput("r", "", [], finish=p.Shutdown()))
+    with pytest.raises(ValueError, match=r"^ReqOutput\.finish"):
+        p.decode(wrong_record)
+    bad_kind = p.encode(p.ReqOutput("r", "", [], finish=p.Finish("done")))  # not a FinishKind
+    with pytest.raises(ValueError, match=r"^Finish\.kind"):
+        p.decode(bad_kind)
+
+
+def test_too_many_or_too_few_values_are_refused_and_defaults_fill_the_rest() -> None:
+    with pytest.raises(ValueError, match="TokenizedReq: 3 values, expected 4..7"):
+        p.decode(_frame(p.TokenizedReq, ["r", [1], {}]))
+    with pytest.raises(ValueError, match="Shutdown: 2 values"):
+        p.decode(_frame(p.Shutdown, [1.0, 2.0]))
+    assert p.decode(_frame(p.Abort, ["r"])) == p.Abort(rid="r")  # an older sender's frame
+
+
+def test_floats_accept_ints_and_optional_fields_accept_none() -> None:
+    assert p.decode(_frame(p.Shutdown, [3])) == p.Shutdown(grace_s=3)
+    out = p.decode(_frame(p.KVReady, ["r", 5, 0, None, None]))
+    assert out.logprob is None and out.top_logprobs is None
+
+
+def test_an_annotation_the_codec_cannot_carry_is_refused_at_compile_time() -> None:
+    with pytest.raises(TypeError, match="cannot travel"):
+        p._checker(tuple[int, ...], "X.f")
+    with pytest.raises(TypeError, match="dict keys"):
+        p._checker(dict[tuple, int], "X.f")

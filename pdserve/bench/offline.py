@@ -9,7 +9,7 @@ import json
 import logging
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from pdserve.bench.datasets import BenchRequest, load_tokenizer, random_token_requests, token_pool
@@ -114,7 +114,7 @@ def handle(args: Any) -> int:
     print(format_offline_table(summary))
     if args.output_json:
         result = {
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "config": asdict(config),
             "engine_options": engine_options,
             **asdict(summary),

@@ -11,7 +11,7 @@ import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -287,7 +287,7 @@ def _jsonable(value: Any) -> Any:
 def run_json(run: ServeRun) -> dict[str, Any]:
     """Everything about a run: config, summary numbers, and per-request lists."""
     return {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "model_id": run.model,
         "tokenizer": run.tokenizer,
         "config": {k: _jsonable(v) for k, v in asdict(run.config).items()},

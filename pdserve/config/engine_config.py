@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -209,14 +210,17 @@ class EngineConfig:
 
     @classmethod
     def from_options(cls, model_path: str, **options: Any) -> EngineConfig:
-        """Build from flat keyword options (Engine(...) and CLI flags); scheduler keys go below."""
+        """Build from flat keyword options (Engine(...) and CLI flags); scheduler keys go below.
+        SGLang's names for the same settings are accepted too (`SGLANG_ALIASES`)."""
+        options = translate_options(options)
         sched_opts = {k: options.pop(k) for k in list(options) if k in SCHEDULER_KEYS}
         engine_keys = {f.name for f in dataclasses.fields(cls)} - {"model_path", "scheduler"}
         unknown = sorted(set(options) - engine_keys)
         if unknown:
             raise ValueError(
                 f"unknown option(s) {unknown}: expected some of "
-                f"{sorted(engine_keys | set(SCHEDULER_KEYS))}"
+                f"{sorted(engine_keys | set(SCHEDULER_KEYS))} (or SGLang's names "
+                f"{sorted(SGLANG_ALIASES)})"
             )
         return cls(model_path=str(model_path), scheduler=SchedulerConfig(**sched_opts), **options)
 
@@ -244,3 +248,120 @@ class EngineConfig:
             attention_backend=backend,
             cuda_graph=self.cuda_graph and device == "cuda",
         )
+
+
+# ---------------------------------------------------------------------------------- SGLang's names
+# SGLang's Engine and server options that mean what a pdserve option means, so SGLang's users' code
+# runs as is. The names both projects share (max_running_requests, page_size, dtype, device,
+# attention_backend) need no entry. Used by both Engines and by `pdserve launch`'s flags.
+
+
+@dataclass(frozen=True)
+class OptionAlias:
+    """One SGLang option and the pdserve option it sets."""
+
+    target: str  # pdserve's name
+    negate: bool = False  # SGLang's `disable_x` sets pdserve's `x` (or `enable_x`) to its opposite
+
+
+SGLANG_ALIASES: dict[str, OptionAlias] = {
+    "mem_fraction_static": OptionAlias("mem_fraction"),
+    "chunked_prefill_size": OptionAlias("chunk_size"),  # SGLang's -1 (no chunking): the default
+    "max_prefill_tokens": OptionAlias("max_batch_tokens"),
+    "disable_radix_cache": OptionAlias("enable_prefix_cache", negate=True),
+    "context_length": OptionAlias("max_context_len"),
+    "random_seed": OptionAlias("seed"),
+    "disable_cuda_graph": OptionAlias("cuda_graph", negate=True),
+    "cuda_graph_max_bs": OptionAlias("cuda_graph_max_batch"),
+}
+# Parallelism SGLang sizes by option; pdserve runs one worker per device (more workers come from
+# the topology), so only 1 is accepted.
+PARALLEL_SIZE_OPTIONS = ("tp_size", "dp_size", "pp_size")
+
+
+def aliases_of(target: str, negate: bool = False) -> list[str]:
+    """SGLang's names for pdserve option `target` (negated ones only with `negate`)."""
+    return [k for k, a in SGLANG_ALIASES.items() if a.target == target and a.negate == negate]
+
+
+def translate_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """`options` with SGLang's names (`SGLANG_ALIASES`) turned into pdserve's. tp_size, dp_size
+    and pp_size are checked to be 1 and dropped; None values are dropped (not given, as from an
+    unset CLI flag). ValueError naming the key for another size, a `disable_*` that is not a
+    boolean, or one setting given under two names."""
+    out: dict[str, Any] = {}
+    given_as: dict[str, str] = {}  # pdserve's name -> the key it was given under
+    for key, value in options.items():
+        if value is None:
+            continue
+        if key in PARALLEL_SIZE_OPTIONS:
+            _require(
+                type(value) is int and value == 1,
+                key,
+                value,
+                "1: pdserve runs each worker on one device (tensor and data parallelism are not "
+                "supported yet; add workers to the topology instead)",
+            )
+            continue
+        alias = SGLANG_ALIASES.get(key)
+        if alias is not None and alias.negate:
+            _require(isinstance(value, bool), key, value, "true or false")
+            value = not value
+        if key == "chunked_prefill_size" and value == -1:
+            continue  # SGLang's "no chunked prefill": chunking changes no token, keep the default
+        name = alias.target if alias is not None else key
+        if name in given_as:
+            raise ValueError(
+                f"{given_as[name]} and {key} set the same option ({name}): expected one of them"
+            )
+        given_as[name] = key
+        out[name] = value
+    return out
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """The options of the Engine object itself, beside its workers' settings (SGLang's names)."""
+
+    skip_tokenizer_init: bool = False  # token ids in, token ids out: no text prompts, no `text`
+    log_level: str | None = None  # None: the in-process engine leaves logging alone
+
+    def __post_init__(self) -> None:
+        _require(
+            isinstance(self.skip_tokenizer_init, bool),
+            "skip_tokenizer_init",
+            self.skip_tokenizer_init,
+            "true or false",
+        )
+        _require(
+            self.log_level is None or self.log_level in LOG_LEVELS,
+            "log_level",
+            self.log_level,
+            f"one of {list(LOG_LEVELS)}",
+        )
+
+    @classmethod
+    def split(cls, options: Mapping[str, Any]) -> tuple[EngineOptions, dict[str, Any]]:
+        """(the Engine's own options, the rest with SGLang's names translated)."""
+        rest = translate_options(options)
+        own = {f.name: rest.pop(f.name) for f in dataclasses.fields(cls) if f.name in rest}
+        return cls(**own), rest
+
+    def check_inputs(self, prompt: Any, sampling_params: Any) -> None:
+        """Refuse what needs the tokenizer when it is skipped: text prompts and stop strings."""
+        if not self.skip_tokenizer_init:
+            return
+        if prompt is not None:
+            raise ValueError(
+                "prompt is invalid with skip_tokenizer_init=True: expected input_ids (the "
+                "engine has no tokenizer)"
+            )
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params]
+        if any(isinstance(p, dict) and p.get("stop") for p in params):
+            raise ValueError(
+                "sampling_params.stop is invalid with skip_tokenizer_init=True: expected "
+                "stop_token_ids (stop strings need the tokenizer)"
+            )

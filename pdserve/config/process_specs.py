@@ -8,10 +8,11 @@ inside a process they are frozen dataclasses. Defaults live in the topology sect
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pdserve.config.engine_config import EngineConfig, SchedulerConfig
+from pdserve.config.topology_sections import FaultInjectionConfig, SupervisionConfig
 
 Role = Literal["prefill", "decode", "mixed"]
 _ROLES = ("prefill", "decode", "mixed")
@@ -54,6 +55,8 @@ class WorkerSpec:
     launcher_inbox: str | None = None
     decode_inboxes: tuple[str, ...] = ()  # decode-side workers, by idx (a prefill pushes to them)
     prefill_inboxes: tuple[str, ...] = ()  # prefill workers, by idx (a decode asks them)
+    fault_injection: FaultInjectionConfig = field(default_factory=FaultInjectionConfig)  # tests
+    heartbeat_interval_s: float = SupervisionConfig.heartbeat_interval_s  # to the router
 
     def __post_init__(self) -> None:
         if self.role not in _ROLES:
@@ -62,6 +65,9 @@ class WorkerSpec:
             raise _bad(f"worker {self.name}", "idx", self.idx, "an integer >= 0")
         if self.report_interval_s <= 0:
             raise _bad(f"worker {self.name}", "report_interval_s", self.report_interval_s, "> 0")
+        if self.heartbeat_interval_s <= 0:
+            what = f"worker {self.name}"
+            raise _bad(what, "heartbeat_interval_s", self.heartbeat_interval_s, "> 0")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -73,11 +79,14 @@ class WorkerSpec:
         _check_keys(EngineConfig, engine, "worker spec: engine")
         engine["scheduler"] = SchedulerConfig(**engine["scheduler"])
         _check_keys(KVTransferSpec, d["kv"], "worker spec: kv")
+        faults = d.get("fault_injection", {})
+        _check_keys(FaultInjectionConfig, faults, "worker spec: fault_injection")
         return cls(
             **{
                 **d,
                 "engine": EngineConfig(**engine),
                 "kv": KVTransferSpec(**d["kv"]),
+                "fault_injection": FaultInjectionConfig(**faults),
                 "tokenizer_inboxes": tuple(d["tokenizer_inboxes"]),
                 "decode_inboxes": tuple(d.get("decode_inboxes", ())),
                 "prefill_inboxes": tuple(d.get("prefill_inboxes", ())),
@@ -98,12 +107,16 @@ class TokenizerSpec:
     max_context_len: int  # 0: the model's own limit
     launcher_inbox: str | None = None
     trust_remote_code: bool = False
+    heartbeat_interval_s: float = SupervisionConfig.heartbeat_interval_s  # to the router
 
     def __post_init__(self) -> None:
         if self.idx < 0:
             raise _bad(f"tokenizer {self.name}", "idx", self.idx, "an integer >= 0")
         if not self.worker_inboxes:
             raise _bad(f"tokenizer {self.name}", "worker_inboxes", (), "at least one worker")
+        if self.heartbeat_interval_s <= 0:
+            what = f"tokenizer {self.name}"
+            raise _bad(what, "heartbeat_interval_s", self.heartbeat_interval_s, "> 0")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

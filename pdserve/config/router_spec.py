@@ -39,13 +39,18 @@ class RouterSpec:
     tokenizer_path: str = ""  # "" -> model_path
     routing_policy: str = "round_robin"
     max_context_len: int = 0  # 0: the model's own limit (the tokenizer knows it)
-    report_timeout_s: float = 5.0
+    report_timeout_s: float = 5.0  # a process silent (no heartbeat, no load report) this long: down
     request_timeout_s: float = 0.0  # 0: no limit; else a request still running is aborted
     health_generate_timeout_s: float = 20.0
     launcher_inbox: str | None = None
     topology: dict[str, Any] = field(default_factory=dict)
     default_max_tokens: int = 128
     limits: RequestLimits = field(default_factory=RequestLimits)
+    data_dir: str = ""  # files and batches; "": $XDG_CACHE_HOME/pdserve/data (pdserve.env)
+    max_file_bytes: int = 200 * 10**6  # one uploaded file (/v1/files); 413 above
+    max_running_batch_lines: int = 64  # batch lines running at once, all batches together
+    tokenizer_names: tuple[str, ...] = ()  # by idx, as in heartbeats; (): tokenizer0, ..
+    progress_timeout_s: float = 0.0  # a request with no new output this long ends; 0: never
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "limits", RequestLimits.from_dict(self.limits))
@@ -65,8 +70,16 @@ class RouterSpec:
             raise bad("report_timeout_s", "expected a number > 0")
         if self.request_timeout_s < 0:
             raise bad("request_timeout_s", "expected a number >= 0")
+        if self.progress_timeout_s < 0:
+            raise bad("progress_timeout_s", "expected a number >= 0")
+        if self.tokenizer_names and len(self.tokenizer_names) != len(self.tokenizer_inboxes):
+            raise bad("tokenizer_names", "expected one name per tokenizer inbox")
         if self.default_max_tokens < 0 or self.max_context_len < 0:
             raise bad("default_max_tokens", "expected default_max_tokens and max_context_len >= 0")
+        if self.max_file_bytes < 1:
+            raise bad("max_file_bytes", "expected a number of bytes >= 1")
+        if self.max_running_batch_lines < 1:
+            raise bad("max_running_batch_lines", "expected an integer >= 1")
         names = [w.name for w in self.workers]
         if len(set(names)) != len(names):
             raise bad("workers", "expected unique worker names")
@@ -83,6 +96,7 @@ class RouterSpec:
         if unknown:
             raise ValueError(f"router spec: unknown key(s) {unknown}")
         d["tokenizer_inboxes"] = tuple(d.get("tokenizer_inboxes") or ())
+        d["tokenizer_names"] = tuple(d.get("tokenizer_names") or ())
         d["workers"] = tuple(_worker_from_dict(w) for w in d.get("workers") or ())
         d = {k: v for k, v in d.items() if v is not None or k in ("api_key", "launcher_inbox")}
         return cls(**d)
@@ -95,6 +109,7 @@ class RouterSpec:
         """JSON-able again; the api key is left out unless `secrets` (the launcher's copy)."""
         d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "api_key" or secrets}
         d["tokenizer_inboxes"] = list(self.tokenizer_inboxes)
+        d["tokenizer_names"] = list(self.tokenizer_names)
         d["workers"] = [w.__dict__.copy() for w in self.workers]
         d["limits"] = self.limits.to_dict()
         return d

@@ -3,10 +3,29 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 _EPS = 1e-6
+_INT32_END = 2**31  # counts and token ids stay below it (tensors, msgpack)
+_INT_RANGES = {  # key: (lowest, end), end excluded
+    "max_new_tokens": (0, _INT32_END),
+    "min_new_tokens": (0, _INT32_END),
+    "top_k": (-1, _INT32_END),
+    "n": (1, 129),
+    "seed": (-(2**63), 2**64),  # anything int64 or uint64 (seed + i of n copies)
+}
+_FLOAT_RANGES = {  # key: (low, high, whether low itself is allowed)
+    "temperature": (0.0, 100.0, True),
+    "top_p": (0.0, 1.0, False),
+    "min_p": (0.0, 1.0, True),
+    "repetition_penalty": (0.0, 2.0, False),
+    "frequency_penalty": (-2.0, 2.0, True),
+    "presence_penalty": (-2.0, 2.0, True),
+}
+_BOOL_KEYS = ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim")
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range: [-100, 100]
 
 
 @dataclass(frozen=True)
@@ -31,35 +50,25 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        def bad(key: str, expected: str) -> ValueError:
-            return ValueError(f"{key}={getattr(self, key)!r} is invalid: expected {expected}")
-
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
-            raise bad("max_new_tokens", "an integer >= 0")
-        if not isinstance(self.min_new_tokens, int) or self.min_new_tokens < 0:
-            raise bad("min_new_tokens", "an integer >= 0")
+        """Types checked and normalized (lists to tuples, ints to floats), ranges checked; every
+        refusal is a ValueError that starts with `key=`."""
+        for key in _INT_RANGES:
+            if key != "seed" or self.seed is not None:
+                _check_int(self, key)
+        for key in _FLOAT_RANGES:
+            _set(self, key, _checked_float(self, key))
+        for key in _BOOL_KEYS:
+            if not isinstance(getattr(self, key), bool):
+                raise _bad(key, getattr(self, key), "true or false")
         if self.min_new_tokens > self.max_new_tokens:
-            raise bad("min_new_tokens", f"<= max_new_tokens={self.max_new_tokens}")
-        if not 0.0 <= self.temperature <= 100.0:
-            raise bad("temperature", "a number in [0, 100]")
-        if not 0.0 < self.top_p <= 1.0:
-            raise bad("top_p", "a number in (0, 1]")
-        if not isinstance(self.top_k, int) or (self.top_k < 1 and self.top_k not in (-1, 0)):
-            raise bad("top_k", "-1 (off) or an integer >= 1")
-        if not 0.0 <= self.min_p <= 1.0:
-            raise bad("min_p", "a number in [0, 1]")
-        if not 0.0 < self.repetition_penalty <= 2.0:
-            raise bad("repetition_penalty", "a number in (0, 2]")
-        if not -2.0 <= self.frequency_penalty <= 2.0:
-            raise bad("frequency_penalty", "a number in [-2, 2]")
-        if not -2.0 <= self.presence_penalty <= 2.0:
-            raise bad("presence_penalty", "a number in [-2, 2]")
-        if not isinstance(self.n, int) or not 1 <= self.n <= 128:
-            raise bad("n", "an integer in [1, 128]")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise bad("stop", "non-empty strings")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
-            raise bad("stop_token_ids", "non-negative integers")
+            raise _bad(
+                "min_new_tokens", self.min_new_tokens, f"<= max_new_tokens={self.max_new_tokens}"
+            )
+        if self.top_k < 1 and self.top_k not in (-1, 0):
+            raise _bad("top_k", self.top_k, "-1 (off) or an integer >= 1")
+        _set(self, "stop", _checked_stop(self.stop))
+        _set(self, "stop_token_ids", _checked_token_ids("stop_token_ids", self.stop_token_ids))
+        _set(self, "logit_bias", _checked_logit_bias(self.logit_bias))
 
     @property
     def is_greedy(self) -> bool:
@@ -75,34 +84,16 @@ class SamplingParams:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> SamplingParams:
-        """From a request's JSON dict; unknown keys are refused with their names."""
+        """From a request's JSON dict; unknown keys are refused with their names, None means
+        the default, and every bad value is a ValueError naming its key."""
+        if d is not None and not isinstance(d, dict):
+            raise ValueError(f"sampling_params={_short(d)} is invalid: expected an object")
         d = dict(d or {})
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
+        unknown = sorted(set(d) - names, key=str)
         if unknown:
-            raise ValueError(f"unknown sampling parameter(s) {unknown}")
-        d = {k: v for k, v in d.items() if v is not None}
-        if isinstance(d.get("stop"), str):
-            d["stop"] = (d["stop"],)
-        for key in ("stop", "stop_token_ids"):
-            if key in d:
-                d[key] = tuple(d[key])
-        if "logit_bias" in d:
-            d["logit_bias"] = {int(k): float(v) for k, v in d["logit_bias"].items()}
-        for key in (
-            "temperature",
-            "top_p",
-            "min_p",
-            "repetition_penalty",
-            "frequency_penalty",
-            "presence_penalty",
-        ):
-            if key in d and isinstance(d[key], int) and not isinstance(d[key], bool):
-                d[key] = float(d[key])
-        try:
-            return cls(**d)
-        except TypeError as e:
-            raise ValueError(str(e)) from None
+            raise ValueError(f"unknown sampling parameter(s) {_short(unknown)}")
+        return cls(**{k: v for k, v in d.items() if v is not None})
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -110,3 +101,94 @@ class SamplingParams:
         d["stop_token_ids"] = list(self.stop_token_ids)
         d["logit_bias"] = {str(k): v for k, v in self.logit_bias.items()}
         return d
+
+
+# ---------------------------------------------------------------------- checks
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """repr(value), cut (a refused value may be megabytes) and safe to encode (surrogates)."""
+    text = repr(value)
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _bad(key: str, value: Any, expected: str) -> ValueError:
+    return ValueError(f"{key}={_short(value)} is invalid: expected {expected}")
+
+
+def _set(params: SamplingParams, key: str, value: Any) -> None:
+    object.__setattr__(params, key, value)  # normalizing a frozen instance in __post_init__
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def has_surrogates(text: str) -> bool:
+    """True for a str that is not valid Unicode text (a lone UTF-16 surrogate, from JSON)."""
+    if text.isascii():
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _check_int(params: SamplingParams, key: str) -> None:
+    value = getattr(params, key)
+    low, end = _INT_RANGES[key]
+    if not is_int(value) or not low <= value < end:
+        raise _bad(key, value, f"an integer in [{low}, {end - 1}]")
+
+
+def _checked_float(params: SamplingParams, key: str) -> float:
+    value = getattr(params, key)
+    low, high, low_ok = _FLOAT_RANGES[key]
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise _bad(key, value, "a finite number")
+    if not (low <= value if low_ok else low < value) or value > high:
+        raise _bad(key, value, f"a number in {'[' if low_ok else '('}{low:g}, {high:g}]")
+    return float(value)
+
+
+def _checked_stop(stop: Any) -> tuple[str, ...]:
+    if isinstance(stop, str):
+        stop = (stop,)
+    if not isinstance(stop, (list, tuple)):
+        raise _bad("stop", stop, "a string or a list of strings")
+    for s in stop:
+        if not isinstance(s, str) or not s or has_surrogates(s):
+            raise _bad("stop", stop, "non-empty strings of valid Unicode text")
+    return tuple(stop)
+
+
+def _checked_token_ids(key: str, ids: Any) -> tuple[int, ...]:
+    if not isinstance(ids, (list, tuple)):
+        raise _bad(key, ids, "a list of token ids")
+    for t in ids:
+        if not is_int(t) or not 0 <= t < _INT32_END:
+            raise _bad(key, ids, f"token ids (integers in [0, {_INT32_END - 1}])")
+    return tuple(ids)
+
+
+def _checked_logit_bias(bias: Any) -> dict[int, float]:
+    """{token id: bias}; JSON's string keys ("42") become ints."""
+    if not isinstance(bias, dict):
+        raise _bad("logit_bias", bias, "an object mapping token ids to numbers")
+    out = {}
+    for key, value in bias.items():
+        token_id = (
+            int(key)
+            if isinstance(key, str) and key.isascii() and key.isdigit() and len(key) < 12
+            else key
+        )
+        if not is_int(token_id) or not 0 <= token_id < _INT32_END:
+            raise _bad("logit_bias", {key: value}, f"token ids in [0, {_INT32_END - 1}] as keys")
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok or not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+            raise _bad("logit_bias", {key: value}, "biases in [-100, 100]")
+        out[token_id] = float(value)
+    return out

@@ -9,20 +9,26 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator
+import os
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pdserve import env
 from pdserve.config.engine_config import SCHEDULER_KEYS, EngineConfig, SchedulerConfig
 from pdserve.config.topology_sections import (
+    FaultInjectionConfig,
     KVTransferConfig,
     NodeConfig,
     Role,
     RouterConfig,
+    SecurityConfig,
+    SupervisionConfig,
     TokenizerConfig,
     WorkerConfig,
     WorkerPlan,
+    check_cluster_secret,
     check_value,
     is_int,
     is_name,
@@ -61,12 +67,18 @@ class Topology:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     nodes: tuple[NodeConfig, ...] = ()  # more than one machine
     bind_host: str = "127.0.0.1"  # internal sockets; see bind_address()
+    security: SecurityConfig = field(default_factory=SecurityConfig)  # see cluster_secret()
+    fault_injection: FaultInjectionConfig = field(default_factory=FaultInjectionConfig)  # tests
+    supervision: SupervisionConfig = field(default_factory=SupervisionConfig)  # restarts, liveness
 
     def __post_init__(self) -> None:
-        # Normalize before the object is used: lists from YAML become tuples, and no workers at
-        # all means the default one prefill + one decode.
+        # Normalize before the object is used: lists from YAML become tuples, no workers at
+        # all means the default one prefill + one decode, and a model path under `~` is the
+        # user's home, as a shell would expand it (deploy/topologies/1p1d-cpu.yaml uses one).
         for key in ("prefill", "decode", "mixed", "nodes"):
             object.__setattr__(self, key, tuple(getattr(self, key)))
+        if isinstance(self.model, str) and self.model.startswith("~"):
+            object.__setattr__(self, "model", os.path.expanduser(self.model))
         if not (self.prefill or self.decode or self.mixed):
             object.__setattr__(self, "prefill", (WorkerConfig(),))
             object.__setattr__(self, "decode", (WorkerConfig(),))
@@ -143,6 +155,19 @@ class Topology:
                 section, sub = _FLAT_OVERRIDES[key]
                 d[section] = {**d.get(section, {}), sub: value}
         return cls.from_dict(d)
+
+    def with_router_address(self, host: str | None = None, port: int | None = None) -> Topology:
+        """This topology with its router on `host` and `port` instead of the file's (None keeps
+        the file's): `pdserve launch --topology FILE --port N`, `Engine(topology=..., port=N)`.
+        ValueError naming router.host or router.port for a bad value."""
+        changes = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+        if not changes:
+            return self
+        try:
+            router = dataclasses.replace(self.router, **changes)
+        except ValueError as e:
+            raise ValueError(f"router.{e}") from None
+        return dataclasses.replace(self, router=router)
 
     # ------------------------------------------------------------------ resolving
 
@@ -281,7 +306,26 @@ class Topology:
         d = _jsonable(dataclasses.asdict(self))
         if redact and self.router.api_key is not None:
             d["router"]["api_key"] = "<redacted>"
+        if redact and self.security.cluster_secret is not None:
+            d["security"]["cluster_secret"] = "<redacted>"
         return d
+
+    def cluster_secret(self, environ: Mapping[str, str] = os.environ) -> str | None:
+        """The secret keying the CURVE authentication of internal tcp sockets:
+        security.cluster_secret, else $PDSERVE_CLUSTER_SECRET; None on one machine without
+        either (its sockets are ipc://). Required with nodes: ValueError naming the key."""
+        secret = self.security.cluster_secret
+        if secret is None:
+            secret = env.cluster_secret(environ)
+            if secret is not None:
+                check_cluster_secret(secret, f"${env.CLUSTER_SECRET_VAR}")
+        if secret is None and self.is_multi_node:
+            raise ValueError(
+                "security.cluster_secret: missing: a topology with nodes carries every internal "
+                "message over tcp, which must be authenticated: set "
+                f"${env.CLUSTER_SECRET_VAR} (the same on every node) or security.cluster_secret"
+            )
+        return secret
 
     # ------------------------------------------------------------------ checks
 
@@ -423,6 +467,9 @@ _SECTIONS: dict[str, type] = {
     "tokenizer": TokenizerConfig,
     "kv_transfer": KVTransferConfig,
     "scheduler": SchedulerConfig,
+    "security": SecurityConfig,
+    "fault_injection": FaultInjectionConfig,
+    "supervision": SupervisionConfig,
 }
 
 # Flat for_model() options (CLI flags, Engine keyword arguments) -> (section, key).

@@ -1,4 +1,5 @@
-"""The sections of a topology file: router, tokenizer, kv_transfer, nodes and one worker entry.
+"""The sections of a topology file: router, tokenizer, kv_transfer, nodes, security,
+fault_injection, supervision and one worker entry.
 
 Each is a frozen dataclass validated in `__post_init__`; `topology.py` assembles them.
 """
@@ -39,9 +40,18 @@ class RouterConfig:
     routing_policy: str = "round_robin"  # round_robin | least_load
     node: str | None = None  # where the router and tokenizers run; resolved(): the first node
     limits: RequestLimits = field(default_factory=RequestLimits)  # YAML: a mapping
+    data_dir: str | None = None  # files and batches (--data-dir); None: ~/.cache/pdserve/data
+    max_file_bytes: int = 200 * 10**6  # largest upload to /v1/files
+    max_running_batch_lines: int = 64  # batch lines running at once (online traffic goes first)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "limits", RequestLimits.from_dict(self.limits))
+        check_value(
+            self.data_dir is None or is_name(self.data_dir), "data_dir", self.data_dir, "a path"
+        )
+        for key in ("max_file_bytes", "max_running_batch_lines"):
+            value = getattr(self, key)
+            check_value(is_int(value) and value >= 1, key, value, "an integer >= 1")
         check_value(is_name(self.host), "host", self.host, "a host name or address")
         check_value(is_int(self.port) and 0 <= self.port <= 65535, "port", self.port, "0..65535")
         check_value(
@@ -85,6 +95,58 @@ class NodeConfig:
     def __post_init__(self) -> None:
         check_value(is_name(self.name), "name", self.name, "a non-empty node name")
         check_value(is_name(self.address), "address", self.address, "a host name or address")
+
+
+MIN_SECRET_LEN = 16
+
+
+def check_cluster_secret(value: Any, key: str) -> None:
+    """ValueError naming `key` unless `value` is long enough to be a shared secret."""
+    if not isinstance(value, str) or len(value.strip()) < MIN_SECRET_LEN:
+        shown = f"{len(value)} characters" if isinstance(value, str) else type(value).__name__
+        raise ValueError(
+            f"{key} is invalid ({shown}): expected a shared secret of at least "
+            f"{MIN_SECRET_LEN} characters (e.g. `openssl rand -hex 32`)"
+        )
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    """`security:`. With nodes, every internal socket is tcp; a cluster secret (this key, or
+    `$PDSERVE_CLUSTER_SECRET`, which keeps it out of the file) keys their CURVE authentication."""
+
+    cluster_secret: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.cluster_secret is not None:
+            check_cluster_secret(self.cluster_secret, "cluster_secret")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class FaultInjectionConfig:
+    """`fault_injection:`, for tests (default off): KV pushes fail or lag and worker steps fail
+    on purpose, so a test can prove every request still ends and every page comes back."""
+
+    kv_failure_prob: float = 0.0  # a KV push fails with this probability
+    kv_delay_s: float = 0.0  # a KV push first waits U(0, kv_delay_s) (part of its timeout)
+    step_failure_prob: float = 0.0  # a worker's forward step fails with this probability
+    seed: int | None = None  # None: a different sequence each run
+
+    def __post_init__(self) -> None:
+        for key in ("kv_failure_prob", "step_failure_prob"):
+            value = getattr(self, key)
+            check_value(_is_number(value) and 0 <= value <= 1, key, value, "a number in [0, 1]")
+        ok = _is_number(self.kv_delay_s) and self.kv_delay_s >= 0
+        check_value(ok, "kv_delay_s", self.kv_delay_s, "a number of seconds >= 0")
+        check_value(self.seed is None or is_int(self.seed), "seed", self.seed, "an integer")
+
+    @property
+    def is_enabled(self) -> bool:
+        return bool(self.kv_failure_prob or self.kv_delay_s or self.step_failure_prob)
 
 
 @dataclass(frozen=True)
@@ -132,3 +194,40 @@ class WorkerPlan:
     @property
     def is_decode_side(self) -> bool:
         return self.role in ("decode", "mixed")
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class SupervisionConfig:
+    """How the launcher keeps processes alive and how the router judges them (`supervision:`)."""
+
+    max_restarts: int = 5  # restarts of one process within restart_window_s; then it stays down
+    restart_window_s: float = 600.0
+    restart_backoff_s: float = 1.0  # wait before a restart; doubles per restart in the window
+    heartbeat_interval_s: float = 1.0  # each tokenizer and worker tells the router it is alive
+    heartbeat_timeout_s: float = 5.0  # a process silent this long is unhealthy; its requests end
+    progress_timeout_s: float = 300.0  # a request with no new output this long ends; 0: never
+
+    def __post_init__(self) -> None:
+        check_value(
+            is_int(self.max_restarts) and self.max_restarts >= 0,
+            "max_restarts",
+            self.max_restarts,
+            "an integer >= 0 (0: never restart)",
+        )
+        for key in ("restart_window_s", "heartbeat_interval_s", "heartbeat_timeout_s"):
+            value = getattr(self, key)
+            check_value(is_number(value) and value > 0, key, value, "a number > 0")
+        for key in ("restart_backoff_s", "progress_timeout_s"):
+            value = getattr(self, key)
+            check_value(is_number(value) and value >= 0, key, value, "a number >= 0")
+        check_value(
+            self.heartbeat_timeout_s >= 2 * self.heartbeat_interval_s,
+            "heartbeat_timeout_s",
+            self.heartbeat_timeout_s,
+            f"at least twice heartbeat_interval_s={self.heartbeat_interval_s!r} "
+            "(one late heartbeat must not look like a dead process)",
+        )

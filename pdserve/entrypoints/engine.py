@@ -9,14 +9,17 @@ detokenizer and shapes results with the router's `generate_result`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pdserve.config.engine_config import EngineConfig
+import pdserve
+from pdserve.config.engine_config import EngineConfig, EngineOptions
 from pdserve.config.sampling_params import SamplingParams
 from pdserve.protocol import ReqOutput
 from pdserve.router.choice_state import ChoiceState
@@ -37,17 +40,25 @@ _PROGRESS_MIN_PROMPTS = 8  # a tqdm bar for batches at least this large
 
 
 def Engine(  # noqa: N802 - a factory named like SGLang's class, so its users' code runs as is
-    model_path: str, *, in_process: bool = False, topology: Any = None, **options: Any
+    model_path: str | None = None,
+    *,
+    in_process: bool = False,
+    topology: Any = None,
+    **options: Any,
 ) -> InProcessEngine | ProcessEngine:
     """SGLang's `Engine(model_path=..., **options)`.
 
     By default it starts the server's own processes (one mixed worker, or `topology=` a YAML path
     or a Topology) and talks to them; `in_process=True` runs the engine core inside this process
-    (no child processes, no HTTP: the quickest start, used by the correctness tests).
+    (no child processes, no HTTP: the quickest start, used by the correctness tests). Options take
+    pdserve's names or SGLang's for the same setting (`engine_config.SGLANG_ALIASES`), plus
+    `skip_tokenizer_init` and `log_level` (`EngineOptions`).
     """
     if in_process:
-        if topology is not None:
-            raise ValueError("topology= needs processes: drop in_process=True")
+        if topology is not None or model_path is None:
+            raise ValueError(
+                "in_process=True takes model_path, not topology= (that needs processes)"
+            )
         return InProcessEngine(model_path, **options)
     from pdserve.entrypoints.process_engine import ProcessEngine
 
@@ -59,7 +70,7 @@ class _Tracked:
     """One request of the in-process engine, and what has been turned into its result so far."""
 
     req: Request
-    detok: IncrementalDetokenizer
+    detok: IncrementalDetokenizer | None  # None: the tokenizer is skipped (ids only)
     choice: ChoiceState  # the router's record of a request's outputs, filled the same way
     started: float  # time.perf_counter() at submission
     num_fed: int = 0  # output ids already given to `choice`
@@ -73,9 +84,14 @@ class InProcessEngine:
 
         from pdserve.worker.worker_core import WorkerCore
 
-        self.config = EngineConfig.from_options(model_path, **options).resolved()
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.core = WorkerCore(self.config, decode=self._decode)
+        self.options, config_options = EngineOptions.split(options)
+        if self.options.log_level is not None:
+            logging.getLogger("pdserve").setLevel(self.options.log_level.upper())
+        self.config = EngineConfig.from_options(model_path, **config_options).resolved()
+        self.tokenizer: Any = None
+        if not self.options.skip_tokenizer_init:
+            self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.core = WorkerCore(self.config, decode=self._decode if self.tokenizer else None)
         self._closed = False
 
     def _decode(self, ids: Any) -> str:
@@ -95,6 +111,7 @@ class InProcessEngine:
         """SGLang's Engine.generate: one prompt gives a dict, a list gives a list of dicts.
         stream=True (one prompt) gives an iterator of dicts whose text is cumulative."""
         self._check_open()
+        self.options.check_inputs(prompt, sampling_params)
         is_batch, prompts_ids, params = self._normalize(prompt, input_ids, sampling_params)
         if stream and is_batch:
             raise ValueError("stream=True takes one prompt, not a list")
@@ -110,6 +127,41 @@ class InProcessEngine:
             self._feed(t)
             results.append(self._result(t))
         return results if is_batch else results[0]
+
+    def get_server_info(self) -> dict[str, Any]:
+        """What the server's `/server_info` reports, answered from this engine's core: the model,
+        the context length, requests in flight, and the one (mixed) worker's load and pages."""
+        stats = self.core.scheduler.stats()
+        worker = {
+            "name": "mixed0",
+            "role": "mixed",
+            "idx": 0,
+            "healthy": True,
+            "num_running_reqs": stats["num_running"],
+            "num_queue_reqs": stats["num_queued"],
+            "num_free_pages": stats["num_free_pages"],
+            "num_total_pages": stats["num_total_pages"],
+            "num_cached_pages": stats["num_cached_pages"],
+            "cache_hit_rate": self.core.scheduler.cache.hit_rate,
+            "step_time_ms": self.core.last_step_ms,
+            "num_preemptions": stats["num_preemptions"],
+        }
+        return {
+            "model_name": Path(self.config.model_path).resolve().name,
+            "model_path": self.config.model_path,
+            "max_context_len": self.core.max_context_len,
+            "num_requests_in_flight": stats["num_running"] + stats["num_queued"],
+            "engine_config": dataclasses.asdict(self.config),
+            "workers": [worker],
+            "version": pdserve.__version__,
+        }
+
+    def flush_cache(self) -> bool:
+        """Drop every prefix-cache page no running request holds (the server's `/flush_cache`).
+        True when done, as SGLang's `flush_cache().success`."""
+        self._check_open()
+        self.core.scheduler.cache.reset()
+        return True
 
     def shutdown(self) -> None:
         self._closed = True
@@ -134,7 +186,7 @@ class InProcessEngine:
     ) -> tuple[bool, list[list[int]], list[SamplingParams]]:
         if (prompt is None) == (input_ids is None):
             raise ValueError("give exactly one of prompt or input_ids")
-        if prompt is not None:
+        if prompt is not None:  # check_inputs refused it without a tokenizer
             is_batch = isinstance(prompt, list)
             texts = prompt if is_batch else [prompt]
             ids = [self.tokenizer.encode(t) for t in texts]
@@ -164,7 +216,9 @@ class InProcessEngine:
             top_logprobs_num=top_logprobs_num,
         )
         self.core.add(req)
-        detok = IncrementalDetokenizer.for_request(self.tokenizer, ids, params)
+        detok = None
+        if self.tokenizer is not None:
+            detok = IncrementalDetokenizer.for_request(self.tokenizer, ids, params)
         return _Tracked(req, detok, ChoiceState(0, req.rid), time.perf_counter())
 
     def _run(self, reqs: list[Request], progress: bool) -> None:
@@ -205,10 +259,11 @@ class InProcessEngine:
             return False
         t.num_fed = end
         top = req.output_top_logprobs[start:end] if req.top_logprobs_num else None
+        with_texts = req.return_logprob and self.tokenizer is not None
         t.choice.add(
             ReqOutput(
                 rid=req.rid,
-                text_delta=t.detok.add_output(ids, req.finish),
+                text_delta=t.detok.add_output(ids, req.finish) if t.detok is not None else "",
                 output_ids=ids,
                 finish=req.finish,
                 prompt_tokens=len(req.prompt_ids),
@@ -216,16 +271,21 @@ class InProcessEngine:
                 cached_tokens=req.num_cached_tokens,
                 logprobs=req.output_logprobs[start:end] if req.return_logprob else None,
                 top_logprobs=top,
-                token_texts=token_texts(self.tokenizer, ids) if req.return_logprob else None,
-                top_token_texts=top_token_texts(self.tokenizer, top) if top is not None else None,
+                token_texts=token_texts(self.tokenizer, ids) if with_texts else None,
+                top_token_texts=(
+                    top_token_texts(self.tokenizer, top) if top is not None and with_texts else None
+                ),
             )
         )
         return True
 
     def _result(self, t: _Tracked) -> dict[str, Any]:
-        return generate_result(
+        result = generate_result(
             t.choice,
             e2e_latency=time.perf_counter() - t.started,
             return_logprob=t.req.return_logprob,
             top_logprobs_num=t.req.top_logprobs_num,
         )
+        if self.tokenizer is None:  # SGLang leaves `text` out when the tokenizer is skipped
+            del result["text"]
+        return result

@@ -4,6 +4,11 @@ The only module that knows every process. `Cluster` is a context manager, used b
 process-backed Engine and the end-to-end tests alike. Children are plain `python -m pdserve.entrypoints.launch
 --child KIND` processes that read their spec as msgpack on stdin (the CUDA IPC handle holds
 bytes): no pickle crosses the boundary.
+
+While the cluster runs, a watcher thread supervises the children (`supervisor.py`): a tokenizer or
+worker that exits is reported to the router (its requests end with an error) and restarted; a router
+that exits has every request aborted on every process, then is restarted too. Every child exits
+with the launcher, even after `kill -9` of it (`parent_watch.py`).
 """
 
 from __future__ import annotations
@@ -20,16 +25,19 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 
-from pdserve import protocol
+from pdserve import curve_auth, protocol
 from pdserve.config.process_specs import KVTransferSpec, TokenizerSpec, WorkerSpec
 from pdserve.config.router_spec import RouterSpec, WorkerEntry
 from pdserve.config.topology import Topology
 from pdserve.config.topology_sections import WorkerPlan
+from pdserve.entrypoints.parent_watch import exit_with_parent
+from pdserve.entrypoints.supervisor import Child, ChildKind, Supervisor
 from pdserve.ipc import Inbox, Outbox, new_ipc_address, new_socket_dir
 
 logger = logging.getLogger(__name__)
@@ -40,14 +48,7 @@ _ENTRIES = {
     "worker": "pdserve.worker.worker_process:main",
 }
 _POLL_S = 0.2
-
-
-@dataclass
-class Child:
-    name: str
-    kind: str
-    proc: subprocess.Popen
-    inbox: str
+_ROUTER_EXIT_S = 5.0  # past the grace period: the router ends what is left, then exits
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,9 @@ class Cluster:
         if not topology.is_multi_node and node is not None:
             raise ValueError(f"--node {node!r}: the topology declares no nodes")
         self.topology = topology.resolved()
+        # tcp sockets across nodes are CURVE-authenticated with it: this process's, children's
+        self.cluster_secret = self.topology.cluster_secret()  # required with nodes
+        curve_auth.set_cluster_secret(self.cluster_secret)
         self.node = node
         self.log_level = log_level
         self.start_timeout_s = start_timeout_s
@@ -119,6 +123,13 @@ class Cluster:
         self._launcher_inbox_addr = new_ipc_address("launcher", self._socket_dir)
         self._launcher_inbox: Inbox | None = None
         self.port = self.topology.router.port or _free_port()
+        self._router_inbox = ""  # where the router is reached (it may be on another node)
+        self._peer_inboxes: dict[str, str] = {}  # every tokenizer and worker of the cluster
+        self._watcher: threading.Thread | None = None
+        self.router_lost = threading.Event()  # the router exited past its restart cap
+        # Children are spawned from this one thread, which lives until stop(): their parent-death
+        # signal fires when the spawning *thread* ends (parent_watch.py).
+        self._spawner = ThreadPoolExecutor(1, thread_name_prefix="pdserve-spawn")
 
     @property
     def url(self) -> str:
@@ -139,7 +150,8 @@ class Cluster:
             self._start_all()
             if self._is_local(self.topology.router.node):
                 self._wait_healthy()
-            threading.Thread(target=self._watch, name="pdserve-watch", daemon=True).start()
+            self._watcher = threading.Thread(target=self._watch, name="pdserve-watch", daemon=True)
+            self._watcher.start()
         except BaseException:
             self.stop(grace_s=0)
             raise
@@ -161,6 +173,9 @@ class Cluster:
             "decode_inboxes": [ep[w.name].connect for w in decode_side],
             "prefill_inboxes": [ep[w.name].connect for w in prefills],
         }
+        self._router_inbox = ep["router"].connect
+        self._peer_inboxes = {name: ep[name].connect for name in tokenizers}
+        self._peer_inboxes.update({w.name: ep[w.name].connect for w in workers})
         for w in workers:
             if self._is_local(w.node):
                 self._spawn_worker(w, ep, wiring)
@@ -175,6 +190,7 @@ class Cluster:
                     worker_inboxes=tuple(wiring["decode_inboxes"]),
                     launcher_inbox=self._launcher_inbox_addr,
                     max_context_len=self._max_context_len(),
+                    heartbeat_interval_s=topo.supervision.heartbeat_interval_s,
                 )
                 self._spawn("tokenizer", name, ep[name].connect, spec.to_dict())
             router_spec = self._router_spec(ep, tokenizers, workers)
@@ -199,6 +215,8 @@ class Cluster:
             launcher_inbox=wiring["launcher_inbox"],
             decode_inboxes=tuple(wiring["decode_inboxes"]),
             prefill_inboxes=tuple(wiring["prefill_inboxes"]),
+            fault_injection=topo.fault_injection,
+            heartbeat_interval_s=topo.supervision.heartbeat_interval_s,
         )
         env = {}
         if w.gpus:
@@ -219,9 +237,15 @@ class Cluster:
                 "model_path": topo.model,
                 "inbox": ep["router"].bind,
                 "tokenizer_inboxes": [ep[t].connect for t in tokenizers],
+                "tokenizer_names": tokenizers,
                 "workers": [dataclasses.asdict(e) for e in entries],
+                "report_timeout_s": topo.supervision.heartbeat_timeout_s,
+                "progress_timeout_s": topo.supervision.progress_timeout_s,
                 "routing_policy": topo.router.routing_policy,
                 "limits": topo.router.limits.to_dict(),
+                "data_dir": topo.router.data_dir,
+                "max_file_bytes": topo.router.max_file_bytes,
+                "max_running_batch_lines": topo.router.max_running_batch_lines,
                 "max_context_len": self._max_context_len(),
                 "launcher_inbox": self._launcher_inbox_addr,
                 "topology": topo.to_dict(),
@@ -236,12 +260,19 @@ class Cluster:
 
     def _spawn(
         self,
-        kind: str,
+        kind: ChildKind,
         name: str,
         inbox: str,
         spec: dict[str, Any],
         env: dict[str, str] | None = None,
     ) -> None:
+        proc = self._start_process(kind, spec, env or {})
+        self.children.append(Child(name, kind, proc, inbox, spec, env or {}))
+        logger.info("started %s (pid %d)", name, proc.pid)
+
+    def _start_process(
+        self, kind: ChildKind, spec: dict[str, Any], env: dict[str, str]
+    ) -> subprocess.Popen:
         cmd = [
             sys.executable,
             "-m",
@@ -250,16 +281,18 @@ class Cluster:
             kind,
             "--log-level",
             self.log_level,
+            "--parent-pid",
+            str(os.getpid()),
         ]
         # PYTHONSAFEPATH: `-m` would otherwise put the working directory first on the import
         # path, and a folder named `pdserve` there would shadow the package.
-        env = {**os.environ, "PYTHONSAFEPATH": "1", **(env or {})}
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, env=env, start_new_session=True)
-        assert proc.stdin is not None
-        proc.stdin.write(msgpack.packb(spec, use_bin_type=True))
-        proc.stdin.close()
-        self.children.append(Child(name, kind, proc, inbox))
-        logger.info("started %s (pid %d)", name, proc.pid)
+        secret_env = curve_auth.child_env(self.cluster_secret)
+        env = {**os.environ, "PYTHONSAFEPATH": "1", **secret_env, **env}
+        return self._spawner.submit(_popen, cmd, env, spec).result()
+
+    def _respawn(self, child: Child) -> subprocess.Popen:
+        """The same spec again, so the same inbox: peers' sockets reconnect by themselves."""
+        return self._start_process(child.kind, child.spec, child.env)
 
     def _wait_ready(self, names: list[str]) -> None:
         """Block until every named child said Ready; fail fast if one of them exits."""
@@ -301,45 +334,34 @@ class Cluster:
 
     # ------------------------------------------------------------------ run and stop
 
-    def dead_children(self) -> list[Child]:
-        return [c for c in self.children if c.proc.poll() is not None]
-
     def stop(self, grace_s: float = 10.0) -> None:
         """Router first (stop accepting, finish running requests within grace_s), then the rest."""
         self._stopping.set()
-        alive = [c for c in self.children if c.proc.poll() is None]
+        if self._watcher is not None and self._watcher is not threading.current_thread():
+            self._watcher.join()  # no restart may start while the children are stopped
+        self._watcher = None
+        alive = [c for c in self.children if c.is_running]
         router = [c for c in alive if c.kind == "router"]
         for child in router:
-            self._send(child, protocol.Shutdown(grace_s=grace_s))
-        _wait_exit(router, grace_s + 2.0)
+            self._send(child.inbox, protocol.Shutdown(grace_s=grace_s))
+        _wait_exit(router, grace_s + _ROUTER_EXIT_S)
         rest = [c for c in alive if c.kind != "router"]
         for child in rest:
-            self._send(child, protocol.Shutdown())
+            self._send(child.inbox, protocol.Shutdown())
         _wait_exit(rest, 5.0)
         for child in self.children:
-            if child.proc.poll() is None:
+            if child.is_running:
                 child.proc.kill()
                 child.proc.wait()
         self.children = []
         if self._launcher_inbox is not None:
             self._launcher_inbox.close()
             self._launcher_inbox = None
+        self._spawner.shutdown(wait=True)
         shutil.rmtree(self._socket_dir, ignore_errors=True)
 
-    def _report_death(self, child: Child) -> None:
-        logger.error(
-            "%s exited with code %s; its requests end with an error",
-            child.name,
-            child.proc.returncode,
-        )
-        router = next((c for c in self.children if c.kind == "router"), None)
-        if router is not None and router is not child:
-            self._send(
-                router, protocol.WorkerDied(name=child.name, exit_code=child.proc.returncode or 0)
-            )
-
-    def _send(self, child: Child, msg: Any) -> None:
-        out = Outbox(child.inbox)
+    def _send(self, address: str, msg: Any) -> None:
+        out = Outbox(address)
         out.send(msg)
         out.close()
 
@@ -349,25 +371,55 @@ class Cluster:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def serve_forever(self, grace_s: float = 30.0) -> None:
-        """Block until SIGINT/SIGTERM (the watcher thread reports dying children meanwhile);
-        then stop gracefully."""
+    def serve_forever(self, grace_s: float = 30.0) -> int:
+        """Block until SIGINT/SIGTERM, then stop gracefully: 0. Or until the router is gone for
+        good (it exited past its restart cap, so nothing would ever answer): stop, 1."""
         stop = threading.Event()
         signal.signal(signal.SIGINT, lambda *_: stop.set())
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         while not stop.wait(_POLL_S):
-            pass
+            if self.router_lost.is_set():
+                logger.error("the router is gone for good: stopping every process")
+                self.stop(grace_s=0)
+                return 1
         logger.info("stopping: letting running requests finish (up to %.0f s)", grace_s)
         self.stop(grace_s)
+        return 0
+
+    # ------------------------------------------------------------------ supervision
 
     def _watch(self) -> None:
-        """Watcher thread: a child that exits while the cluster runs is reported to the router."""
-        reported: set[str] = set()
+        """Watcher thread: reports and restarts the children that exit while the cluster runs."""
+        supervisor = Supervisor(self.topology.supervision, self._respawn, self._on_child_exit)
         while not self._stopping.wait(_POLL_S):
-            for child in self.dead_children():
-                if child.name not in reported:
-                    reported.add(child.name)
-                    self._report_death(child)
+            try:
+                self._note_ready()
+                supervisor.poll(self.children, time.monotonic())
+            except Exception:
+                logger.exception("supervising the children failed")
+
+    def _note_ready(self) -> None:
+        """Restarted children say Ready again; the router learns it from their heartbeats."""
+        if self._launcher_inbox is None:
+            return
+        for msg in self._launcher_inbox.recv_all():
+            if isinstance(msg, protocol.Ready):
+                self.ready_info[msg.name] = msg.info
+                logger.info("%s is ready again", msg.name)
+
+    def _on_child_exit(self, child: Child, restarting: bool) -> None:
+        """A tokenizer's or worker's exit goes to the router, which ends its requests. A router's
+        exit orphans every request in flight (nobody can answer them): abort them everywhere."""
+        code = child.proc.returncode or 0
+        if child.kind != "router":
+            exited = protocol.ProcessExited(child.name, child.proc.pid, code, restarting)
+            self._send(self._router_inbox, exited)
+            return
+        abort = protocol.Abort(abort_all=True, message=f"the router exited (code {code})")
+        for address in self._peer_inboxes.values():
+            self._send(address, abort)
+        if not restarting:
+            self.router_lost.set()
 
 
 def _wait_exit(children: list[Child], timeout_s: float) -> None:
@@ -377,6 +429,14 @@ def _wait_exit(children: list[Child], timeout_s: float) -> None:
             child.proc.wait(max(deadline - time.monotonic(), 0.01))
         except subprocess.TimeoutExpired:
             child.proc.terminate()
+
+
+def _popen(cmd: list[str], env: dict[str, str], spec: dict[str, Any]) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, env=env, start_new_session=True)
+    assert proc.stdin is not None
+    proc.stdin.write(msgpack.packb(spec, use_bin_type=True))
+    proc.stdin.close()
+    return proc
 
 
 def _free_port() -> int:
@@ -389,12 +449,15 @@ def _child_main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--child", choices=sorted(_ENTRIES), required=True)
     parser.add_argument("--log-level", default="info")
+    parser.add_argument("--parent-pid", type=int, default=0, help="exit when it is gone")
     args = parser.parse_args()
-    spec = msgpack.unpackb(sys.stdin.buffer.read(), raw=False)
     logging.basicConfig(
         level=args.log_level.upper(),
         format=f"%(asctime)s %(levelname)s [{args.child}] %(name)s: %(message)s",
     )
+    if args.parent_pid:
+        exit_with_parent(args.parent_pid)
+    spec = msgpack.unpackb(sys.stdin.buffer.read(), raw=False)
     module, func = _ENTRIES[args.child].split(":")
     getattr(importlib.import_module(module), func)(spec)
 

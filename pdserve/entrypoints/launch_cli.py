@@ -9,7 +9,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pdserve.config.engine_config import SchedulerConfig
+from pdserve import env
+from pdserve.config.engine_config import (
+    LOG_LEVELS,
+    PARALLEL_SIZE_OPTIONS,
+    SchedulerConfig,
+    aliases_of,
+    translate_options,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -24,12 +31,23 @@ _SCHED_HELP = {
 }
 
 
+# Options beside the scheduler's that the launch flags set (all None unless given).
+_ENGINE_FLAG_KEYS = ("seed", "cuda_graph", "cuda_graph_max_batch", *PARALLEL_SIZE_OPTIONS)
+
+
+def _flags(name: str, negate: bool = False) -> list[str]:
+    """`--name` and its SGLang spellings (engine_config.SGLANG_ALIASES), e.g. --mem-fraction and
+    --mem-fraction-static; with `negate`, only the aliases that switch `name` off."""
+    names = ([] if negate else [name]) + aliases_of(name, negate)
+    return ["--" + n.replace("_", "-") for n in names]
+
+
 def _add_scheduler_flags(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(SchedulerConfig):
-        flag = "--" + f.name.replace("_", "-")
         if f.name == "enable_prefix_cache":
             parser.add_argument(
                 "--no-prefix-cache",
+                *_flags(f.name, negate=True),
                 dest="enable_prefix_cache",
                 action="store_false",
                 default=None,
@@ -38,11 +56,39 @@ def _add_scheduler_flags(parser: argparse.ArgumentParser) -> None:
             continue
         kind = float if f.name == "mem_fraction" else int
         parser.add_argument(
-            flag,
+            *_flags(f.name),
+            dest=f.name,
             type=kind,
             default=None,
             help=f"{_SCHED_HELP.get(f.name, f.name)} (default: {f.default})",
         )
+
+
+def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    """Worker settings beside the scheduler's, and SGLang's flags pdserve takes as they are."""
+    parser.add_argument(*_flags("seed"), dest="seed", type=int, default=None, help="sampling seed")
+    parser.add_argument(
+        "--no-cuda-graph",
+        *_flags("cuda_graph", negate=True),
+        dest="cuda_graph",
+        action="store_false",
+        default=None,
+        help="run decode steps eagerly (no CUDA graphs)",
+    )
+    parser.add_argument(
+        *_flags("cuda_graph_max_batch"),
+        dest="cuda_graph_max_batch",
+        type=int,
+        default=None,
+        help="largest decode batch captured in a CUDA graph",
+    )
+    for name in PARALLEL_SIZE_OPTIONS:
+        parser.add_argument(
+            *_flags(name), type=int, default=None, help="SGLang's flag; only 1 is supported"
+        )
+    parser.add_argument(  # also here, so that SGLang's `launch ... --log-level X` works
+        "--log-level", choices=list(LOG_LEVELS), default=argparse.SUPPRESS, help="logging level"
+    )
 
 
 def add_launch_parser(sub: argparse._SubParsersAction) -> None:
@@ -56,6 +102,8 @@ def add_launch_parser(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--topology", type=Path, help="topology YAML (see deploy/topologies/)")
     src.add_argument(
         "--model",
+        "--model-path",
+        dest="model",
         help="a Hugging Face model directory: one prefill + one decode "
         "worker on what this machine has",
     )
@@ -70,11 +118,19 @@ def add_launch_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--host", default=None, help="router address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="router port (default 8000)")
-    p.add_argument(
+    key = p.add_mutually_exclusive_group()
+    key.add_argument(
+        "--api-key-file",
+        type=Path,
+        default=None,
+        help="require the bearer token in this file (its first line) on every route but /health "
+        "(default: $PDSERVE_API_KEY; with --topology: router.api_key, else $PDSERVE_API_KEY)",
+    )
+    key.add_argument(
         "--api-key",
         default=None,
-        help="require this bearer token on every route but /health (default: $PDSERVE_API_KEY; "
-        "with --topology: router.api_key in the file, else $PDSERVE_API_KEY)",
+        help="the bearer token itself; every user of the machine sees it in `ps`: prefer "
+        "--api-key-file or $PDSERVE_API_KEY",
     )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
     p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default=None)
@@ -85,14 +141,24 @@ def add_launch_parser(sub: argparse._SubParsersAction) -> None:
         default=30.0,
         help="seconds running requests get to finish on shutdown",
     )
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="where uploaded files, batches and their database live; a restart with the same "
+        "directory resumes unfinished batches (default: router.data_dir, else "
+        "~/.cache/pdserve/data)",
+    )
     _add_scheduler_flags(p)
+    _add_engine_flags(p)
     p.set_defaults(handler=run_launch)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ["host", "port", "api_key", "device", "dtype", "kv_transfer"]
+    """The flags given, as Topology.for_model options (a parallel size is checked to be 1)."""
+    keys = ["host", "port", "api_key", "device", "dtype", "kv_transfer", *_ENGINE_FLAG_KEYS]
     keys += [f.name for f in dataclasses.fields(SchedulerConfig)]
-    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    return translate_options({k: getattr(args, k, None) for k in keys})
 
 
 def run_launch(args: argparse.Namespace) -> int:
@@ -103,28 +169,67 @@ def run_launch(args: argparse.Namespace) -> int:
         if not args.topology.is_file():
             raise ValueError(f"--topology {str(args.topology)!r}: no such file")
         topology = Topology.from_yaml(args.topology)
-        if _overrides(args):
+        overrides = _overrides(args)
+        address = {k: overrides.pop(k) for k in ("host", "port") if k in overrides}
+        if overrides:
             raise ValueError(
-                "with --topology, set options in the file, not as flags: "
-                f"{sorted(_overrides(args))}"
+                "with --topology, set options in the file, not as flags (only --host and "
+                f"--port override its router section): {sorted(overrides)}"
             )
-        env_key = os.environ.get("PDSERVE_API_KEY")
-        if env_key and topology.router.api_key is None:
-            router = dataclasses.replace(topology.router, api_key=env_key)
+        topology = topology.with_router_address(**address)
+        file_key = _read_api_key_file(args.api_key_file)
+        if file_key and topology.router.api_key is not None:
+            raise ValueError("--api-key-file is given and router.api_key is set: expected one")
+        key = topology.router.api_key or file_key or env.api_key()
+        if key != topology.router.api_key:
+            router = dataclasses.replace(topology.router, api_key=key)
             topology = dataclasses.replace(topology, router=router)
     else:
         mode = "mixed" if args.mixed else "pd"
         overrides = _overrides(args)
-        overrides.setdefault("api_key", os.environ.get("PDSERVE_API_KEY"))
+        overrides.setdefault("api_key", _read_api_key_file(args.api_key_file) or env.api_key())
         topology = Topology.for_model(args.model, mode=mode, **overrides)
+    topology = _with_router_environment(topology, args)
     return _serve(Cluster(topology, node=args.node, log_level=args.log_level), args.grace_period)
+
+
+def _read_api_key_file(path: Path | None) -> str | None:
+    """The API key in `path` (its first line, stripped); None without a path."""
+    if path is None:
+        return None
+    try:
+        lines = path.read_text().strip().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--api-key-file {str(path)!r}: cannot read it: {e}") from None
+    if not lines or not lines[0].strip():
+        raise ValueError(
+            f"--api-key-file {str(path)!r} is empty: expected the key on its first line"
+        )
+    return lines[0].strip()
+
+
+def _with_router_environment(topology: Any, args: argparse.Namespace) -> Any:
+    """The topology with this machine's router settings: --data-dir, and the port Vertex AI
+    gives a serving container (AIP_HTTP_PORT) unless --port says otherwise."""
+    from pdserve.env import vertex_env
+
+    changes: dict[str, Any] = {}
+    if args.data_dir is not None:
+        changes["data_dir"] = str(args.data_dir)
+    vertex_port = vertex_env().http_port
+    if vertex_port is not None and args.port is None:
+        logger.info("router port %d from AIP_HTTP_PORT", vertex_port)
+        changes["port"] = vertex_port
+    if not changes:
+        return topology
+    router = dataclasses.replace(topology.router, **changes)
+    return dataclasses.replace(topology, router=router)
 
 
 def _serve(cluster: Any, grace_s: float) -> int:
     cluster.start()
     print(f"pdserve is ready at {cluster.url}  (OpenAI base URL: {cluster.url}/v1)", flush=True)
-    cluster.serve_forever(grace_s)
-    return 0
+    return cluster.serve_forever(grace_s)  # 1: the router was lost for good
 
 
 def add_demo_parser(sub: argparse._SubParsersAction) -> None:
@@ -166,5 +271,4 @@ def run_demo(args: argparse.Namespace) -> int:
         "(random weights: the text is gibberish; the serving path is real)\n",
         flush=True,
     )
-    cluster.serve_forever(grace_s=10.0)
-    return 0
+    return cluster.serve_forever(grace_s=10.0)

@@ -1,6 +1,7 @@
 """The Engine over the server's own processes: a Cluster started on loopback, driven over /generate.
 
-Same arguments and result shapes as the in-process engine (SGLang's), plus `async_generate`.
+Same arguments and result shapes as the in-process engine (SGLang's), plus `async_generate`;
+`get_server_info` and `flush_cache` ask the router's `/server_info` and `/flush_cache`.
 """
 
 from __future__ import annotations
@@ -14,8 +15,11 @@ from typing import Any
 
 import httpx
 
+from pdserve.config.engine_config import EngineOptions
+
 _PROGRESS_MIN_PROMPTS = 8
 _TIMEOUT = httpx.Timeout(None, connect=10.0)
+_ROUTER_ADDRESS = ("host", "port")  # the options a topology= engine takes beside the file
 
 
 class ProcessEngine:
@@ -23,6 +27,7 @@ class ProcessEngine:
         from pdserve.config.topology import Topology
         from pdserve.entrypoints.launch import Cluster, _free_port
 
+        self.options, options = EngineOptions.split(options)
         if isinstance(topology, (str, os.PathLike)):
             topology = Topology.from_yaml(Path(topology))
         if topology is None:
@@ -30,11 +35,23 @@ class ProcessEngine:
                 raise ValueError("give model_path or topology")
             options.setdefault("port", _free_port())
             topology = Topology.for_model(model_path, mode="mixed", **options)
-        elif options:
-            raise ValueError(f"with topology=, set options in the topology: {sorted(options)}")
-        self.cluster = Cluster(topology, log_level="warning").start()
+        else:
+            others = sorted(set(options) - set(_ROUTER_ADDRESS))
+            if others:
+                raise ValueError(
+                    f"with topology=, set options in the topology: {others} (only host and "
+                    "port may override its router section)"
+                )
+            topology = topology.with_router_address(options.get("host"), options.get("port"))
+        self.cluster = Cluster(topology, log_level=self.options.log_level or "warning").start()
         self.url = self.cluster.url
-        self._client = httpx.Client(base_url=self.url, timeout=_TIMEOUT)
+        api_key = self.cluster.topology.router.api_key
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._client = self._http(httpx.Client)
+
+    def _http(self, client_class: type[Any]) -> Any:
+        """An httpx client (sync or async) of the router, with its API key when it has one."""
+        return client_class(base_url=self.url, timeout=_TIMEOUT, headers=self._headers)
 
     # ------------------------------------------------------------------ sync
 
@@ -47,9 +64,11 @@ class ProcessEngine:
         top_logprobs_num: int = 0,
         stream: bool = False,
     ) -> Any:
-        body = _body(prompt, input_ids, sampling_params, return_logprob, top_logprobs_num, stream)
+        body = self._request_body(
+            prompt, input_ids, sampling_params, return_logprob, top_logprobs_num
+        )
         if stream:
-            return self._stream(body)
+            return self._stream({**body, "stream": True})
         items = prompt if prompt is not None else input_ids
         is_batch = (
             isinstance(items, list)
@@ -57,8 +76,8 @@ class ProcessEngine:
             and (prompt is not None or isinstance(items[0], list))
         )
         if is_batch and len(items) >= _PROGRESS_MIN_PROMPTS:
-            return asyncio.run(self._generate_many(body, len(items)))
-        return _check(self._client.post("/generate", json=body))
+            return self._shaped(asyncio.run(self._generate_many(body, len(items))))
+        return self._shaped(_check(self._client.post("/generate", json=body)))
 
     def _stream(self, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
         with self._client.stream("POST", "/generate", json=body) as resp:
@@ -68,13 +87,13 @@ class ProcessEngine:
             for line in resp.iter_lines():
                 chunk = _sse_data(line)
                 if chunk is not None:
-                    yield chunk
+                    yield self._shaped(chunk)
 
     async def _generate_many(self, body: dict[str, Any], num: int) -> list[dict[str, Any]]:
         from tqdm import tqdm
 
         bar = tqdm(total=num, desc="generate", unit="req")
-        async with httpx.AsyncClient(base_url=self.url, timeout=_TIMEOUT) as client:
+        async with self._http(httpx.AsyncClient) as client:
 
             async def one(i: int) -> dict[str, Any]:
                 res = await client.post("/generate", json=_pick(body, i))
@@ -97,14 +116,16 @@ class ProcessEngine:
         stream: bool = False,
     ) -> Any:
         """A result dict (or list); with stream=True an async iterator of chunks."""
-        body = _body(prompt, input_ids, sampling_params, return_logprob, top_logprobs_num, stream)
+        body = self._request_body(
+            prompt, input_ids, sampling_params, return_logprob, top_logprobs_num
+        )
         if stream:
-            return self._astream(body)
-        async with httpx.AsyncClient(base_url=self.url, timeout=_TIMEOUT) as client:
-            return _check(await client.post("/generate", json=body))
+            return self._astream({**body, "stream": True})
+        async with self._http(httpx.AsyncClient) as client:
+            return self._shaped(_check(await client.post("/generate", json=body)))
 
     async def _astream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        async with httpx.AsyncClient(base_url=self.url, timeout=_TIMEOUT) as client:
+        async with self._http(httpx.AsyncClient) as client:
             async with client.stream("POST", "/generate", json=body) as resp:
                 if resp.status_code != 200:
                     await resp.aread()
@@ -112,7 +133,43 @@ class ProcessEngine:
                 async for line in resp.aiter_lines():
                     chunk = _sse_data(line)
                     if chunk is not None:
-                        yield chunk
+                        yield self._shaped(chunk)
+
+    # ------------------------------------------------------------------ server state
+
+    def get_server_info(self) -> dict[str, Any]:
+        """The router's `/server_info`: model, context length, topology, each process's load."""
+        return _check(self._client.get("/server_info"))
+
+    def flush_cache(self) -> bool:
+        """Drop every unlocked prefix-cache page on every worker (the router's `/flush_cache`).
+        True when the router sent the flush, as SGLang's `flush_cache().success`."""
+        _check(self._client.post("/flush_cache"), is_json=False)
+        return True
+
+    # ------------------------------------------------------------------ request shapes
+
+    def _request_body(
+        self,
+        prompt: Any,
+        input_ids: Any,
+        sampling_params: Any,
+        return_logprob: bool,
+        top_logprobs_num: int,
+    ) -> dict[str, Any]:
+        self.options.check_inputs(prompt, sampling_params)
+        body = _body(prompt, input_ids, sampling_params, return_logprob, top_logprobs_num, False)
+        if self.options.skip_tokenizer_init:  # logprob entries carry no text either
+            body["return_text_in_logprobs"] = False
+        return body
+
+    def _shaped(self, result: Any) -> Any:
+        """A result (or list of results, or chunk) as this engine returns it: without `text`
+        when the tokenizer is skipped, as SGLang's."""
+        if self.options.skip_tokenizer_init:
+            for one in result if isinstance(result, list) else [result]:
+                one.pop("text", None)
+        return result
 
     # ------------------------------------------------------------------ lifetime
 
@@ -172,9 +229,9 @@ def _sse_data(line: str) -> dict[str, Any] | None:
     return chunk
 
 
-def _check(resp: httpx.Response) -> Any:
+def _check(resp: httpx.Response, is_json: bool = True) -> Any:
     if resp.status_code == 400:
         raise ValueError(resp.json().get("error", {}).get("message", resp.text))
     if resp.status_code != 200:
         raise RuntimeError(f"HTTP {resp.status_code}: {resp.text}")
-    return resp.json()
+    return resp.json() if is_json else resp.text

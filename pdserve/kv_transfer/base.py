@@ -15,6 +15,7 @@ from typing import Any, Literal, NamedTuple, Protocol
 
 import torch
 
+from pdserve.fault_injection import NO_FAULTS, FaultInjector, InjectedFault
 from pdserve.kernels.page_copy_ref import copy_pages_ref, gather_pages_ref, scatter_pages_ref
 
 logger = logging.getLogger(__name__)
@@ -22,28 +23,10 @@ logger = logging.getLogger(__name__)
 Backend = Literal["nccl", "cuda_ipc", "tcp"]
 BACKENDS: tuple[str, ...] = ("nccl", "cuda_ipc", "tcp")
 
-# Page ownership of one disaggregated request (src: prefill pool pages; dst: decode pool pages).
-#
-# | step                            | prefill worker: src pages   | decode worker: dst pages        |
-# |---------------------------------|-----------------------------|---------------------------------|
-# | 1 admit; receiver.expect(rid)   | -                           | allocated, reserved (no reader) |
-# | 2 PrefillTask{dst_pages} sent   | -                           | reserved                        |
-# | 3 prompt computed               | the request's, pinned       | reserved                        |
-# | 4 sender.send() running         | pinned: not freed, evicted  | cuda_ipc: written by prefill;   |
-# |                                 | or written                  | tcp/nccl: bytes in flight       |
-# | 5 send() returned               | released by prefill (freed  | cuda_ipc: written; tcp/nccl:    |
-# |                                 | or kept by its radix cache) | landed once poll() lists rid    |
-# | 6 KVReady(ok) received          | -                           | commit when KVReady is in and,  |
-# |                                 |                             | if needs_arrival, poll() listed |
-# | send() raised                   | released; KVReady(ok=False) | cancel(rid), free, end request  |
-# | take_failures() lists rid       | -                           | cancel(rid), free, end request  |
-# | abort, or KV timeout at decode  | drops the task; a task it   | cancel(rid); free at once if    |
-# |                                 | received is still answered  | frees_on_cancel (tcp, nccl drop |
-# |                                 | with KVReady (ok=False)     | late bytes). cuda_ipc: keep the |
-# |                                 |                             | pages reserved until KVReady    |
-# |                                 |                             | for rid (any ok) or the prefill |
-# |                                 |                             | worker is lost: a send already  |
-# |                                 |                             | running writes them directly    |
+# Who owns the src pages (prefill pool) and the dst pages (decode pool) of one request at each
+# step, including the dst pages a cancelled cuda_ipc transfer keeps reserved (`frees_on_cancel`):
+# the one table in docs/ARCHITECTURE.md, "KV page ownership". The decode side's states over them
+# are scheduler/kv_handoff.py's (KVHandoff); the prefill side's is worker/prefill_role.py.
 
 
 class KVTransferError(RuntimeError):
@@ -280,7 +263,11 @@ class KVReceiver(ABC):
 
 
 class KVSender(ABC):
-    """In the prefill worker; owns the source pool. One sender reaches every decode worker."""
+    """In the prefill worker; owns the source pool. One sender reaches every decode worker.
+
+    faults: the worker's FaultInjector when the topology's fault_injection is on (tests)."""
+
+    faults: FaultInjector = NO_FAULTS
 
     def __init__(
         self, pool: torch.Tensor | HasKVBuffer, peers_info: list[dict[str, Any] | None] | tuple = ()
@@ -293,8 +280,10 @@ class KVSender(ABC):
         self._connected: dict[int, dict[str, Any]] = {}
 
     def connect(self, decode_idx: int, handshake: dict[str, Any]) -> None:
-        """Open the way to decode worker `decode_idx` (its receiver's handshake()). Idempotent."""
-        if decode_idx in self._connected:
+        """Open the way to decode worker `decode_idx` (its receiver's handshake()). Idempotent; a
+        changed handshake (the decode worker was restarted: a new pool, store or address) opens
+        the way anew, so pages never go to the dead process's pool."""
+        if self._connected.get(decode_idx) == handshake:
             return
         backend = handshake.get("backend")
         if backend != self.backend_name:
@@ -332,10 +321,8 @@ class KVSender(ABC):
         check_pages(dst_pages, peer_pages, f"request {rid}: dst_pages")
         start = time.perf_counter()
         try:
-            num_bytes = (
-                self._send(rid, decode_idx, list(src_pages), list(dst_pages), start + timeout_s)
-                if src_pages
-                else 0
+            num_bytes = self._push(
+                rid, decode_idx, list(src_pages), list(dst_pages), start + timeout_s
             )
         except Exception as e:
             self.stats.num_failures += 1
@@ -349,6 +336,22 @@ class KVSender(ABC):
         self.stats.seconds += seconds
         self.stats.num_transfers += 1
         return TransferResult(num_bytes, seconds)
+
+    def _push(
+        self, rid: str, decode_idx: int, src_pages: list[int], dst_pages: list[int], deadline: float
+    ) -> int:
+        """_send, with this push's injected faults (none unless fault_injection is on). A delay
+        counts against the deadline; a failure after the bytes moved leaves them landed on
+        decode, which must drop them when KVReady(ok=False) comes."""
+        fault = self.faults.kv_push()
+        if fault.delay_s:
+            time.sleep(fault.delay_s)
+        if fault.fail_before:
+            raise InjectedFault("injected KV transfer failure before the push")
+        num_bytes = self._send(rid, decode_idx, src_pages, dst_pages, deadline) if src_pages else 0
+        if fault.fail_after:
+            raise InjectedFault("injected KV transfer failure after the push")
+        return num_bytes
 
     @property
     @abstractmethod

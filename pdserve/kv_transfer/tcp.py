@@ -2,6 +2,8 @@
 
 The sender gathers pages, copies them to the host and pushes `KVChunk` messages (whole pages, at most
 `CHUNK_BYTES` each) to the receiver's own PULL socket; the receiver checks and scatters them in poll().
+Across nodes the socket is CURVE authenticated like every internal tcp socket (`ipc.py`); a frame
+that is not a valid chunk is dropped and counted (`num_dropped`), never raised into the worker loop.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 import zmq
 
 from pdserve import protocol
-from pdserve.ipc import new_ipc_address, pull_socket, push_socket
+from pdserve.ipc import DroppedFrames, decode_or_drop, new_ipc_address, pull_socket, push_socket
 from pdserve.kv_transfer.base import (
     HasKVBuffer,
     KVReceiver,
@@ -72,10 +74,16 @@ class TcpReceiver(KVReceiver):
     ) -> None:
         super().__init__(pool)
         self._sock, self.address = bind_pull(address, host, "kv")
+        self.dropped = DroppedFrames(f"KV socket {self.address}")
         self._page_nbytes = self.buffer[:, :, 0].numel() * self.buffer.element_size()
 
     def handshake(self) -> dict[str, Any]:
         return {"backend": "tcp", "address": self.address, **layout_of(self.buffer)}
+
+    @property
+    def num_dropped(self) -> int:
+        """Frames refused on the KV socket: undecodable, not a KVChunk, or unusable."""
+        return self.dropped.num_dropped
 
     def _drain(self) -> None:
         while True:
@@ -83,19 +91,22 @@ class TcpReceiver(KVReceiver):
                 raw = self._sock.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            try:
-                msg = protocol.decode(raw)
-            except Exception as e:  # a peer's garbage must not kill the decode worker
-                logger.warning("dropping an undecodable KV message: %s", e)
+            msg = decode_or_drop(raw, self.dropped)
+            if msg is None:
                 continue
             if not isinstance(msg, protocol.KVChunk):
-                logger.warning("dropping a %s on the KV socket", type(msg).__name__)
+                self.dropped.drop(f"a {type(msg).__name__} is not a KVChunk")
                 continue
-            self._on_chunk(msg)
+            try:
+                self._on_chunk(msg)
+            except Exception as e:  # a peer's bytes must never kill the decode worker
+                self.dropped.drop(f"request {msg.rid}: {type(e).__name__}: {e}")
+                self._fail(msg.rid, f"KV chunk unusable: {type(e).__name__}: {e}")
 
     def _on_chunk(self, msg: protocol.KVChunk) -> None:
         error = self._check_chunk(msg)
         if error:
+            self.dropped.drop(f"request {msg.rid}: {error}")
             self._fail(msg.rid, f"KV chunk refused: {error}")
             return
         if not self.is_expecting(msg.rid):

@@ -17,7 +17,8 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import pdserve
 from pdserve.config.sampling_params import SamplingParams
@@ -30,34 +31,76 @@ from pdserve.router.openai_models import (
     CompletionRequest,
     GenerateRequest,
 )
+from pdserve.router.platform_routes import register_platform_routes
 from pdserve.router.router import Router
 from pdserve.router.serving_chat import create_chat_completion
 from pdserve.router.serving_completions import create_completion
 from pdserve.router.serving_generate import generate
+from pdserve.router.serving_tokenize import add_tokenize_routes
 
 logger = logging.getLogger(__name__)
 
 OPEN_PATHS = frozenset({"/health"})
+UPLOAD_PATHS = frozenset({"/v1/files"})  # BodyLimit-free: router.max_file_bytes applies
 _CLIENT_CLOSED = 499  # nginx's "client closed request": nobody reads it
 
 
 class BearerAuth:
-    """`Authorization: Bearer <api_key>` on every route but /health (pure ASGI: streams untouched)."""
+    """`Authorization: Bearer <api_key>` on every route but /health (pure ASGI: streams untouched).
+    The scheme is case-insensitive (RFC 7235); the key is compared in constant time."""
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        self.expected = api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
         given = dict(scope["headers"]).get(b"authorization", b"")
-        if secrets.compare_digest(given, self.expected):
+        scheme, _, token = given.partition(b" ")
+        is_key = secrets.compare_digest(token.strip(b" "), self.expected)
+        if is_key and scheme.lower() == b"bearer":
             await self.app(scope, receive, send)
             return
         err = APIError("Incorrect API key provided.", 401, code="invalid_api_key")
         await err.response()(scope, receive, send)
+
+
+class BodyLimit:
+    """413 with OpenAI's error body for a request body over `max_bytes`: at once when the
+    Content-Length says so, else as soon as the streamed (chunked) body passes the limit."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in UPLOAD_PATHS:
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            await self._too_large().response()(scope, receive, send)
+            return
+        num_received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal num_received
+            message = await receive()
+            num_received += len(message.get("body", b""))
+            if num_received > self.max_bytes:  # an HTTPException passes FastAPI's body reader
+                raise HTTPException(413, self._too_large().message)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+    def _too_large(self) -> APIError:
+        return APIError(
+            f"the request body is larger than {self.max_bytes} bytes (router.limits.max_body_bytes)",
+            413,
+            code="request_too_large",
+        )
 
 
 def build_app(router: Router) -> FastAPI:
@@ -81,6 +124,9 @@ def build_app(router: Router) -> FastAPI:
     _add_generation_routes(app, router)
     _add_control_routes(app, router)
     _add_info_routes(app, router)
+    add_tokenize_routes(app, router)
+    register_platform_routes(app, router)
+    app.add_middleware(BodyLimit, max_bytes=router.spec.limits.max_body_bytes)
     if router.spec.api_key:
         app.add_middleware(BearerAuth, api_key=router.spec.api_key)
     return app
@@ -103,12 +149,8 @@ def _add_generation_routes(app: FastAPI, router: Router) -> None:
 def _add_control_routes(app: FastAPI, router: Router) -> None:
     @app.get("/health")
     async def health() -> Response:
-        if router.is_ready():
-            return JSONResponse({"status": "ok"})
-        unhealthy = [s.name for s in router.workers if not s.is_healthy]
-        body = {"status": "starting" if not router.is_started else "unhealthy",
-                "unhealthy_workers": unhealthy}  # fmt: skip
-        return JSONResponse(body, status_code=503)
+        is_ready, body = router.health()  # every tokenizer and worker, by name
+        return JSONResponse(body, status_code=200 if is_ready else 503)
 
     @app.get("/health_generate")
     async def health_generate() -> Response:
@@ -184,7 +226,7 @@ async def _generate_one_token(router: Router) -> str | None:
         choices = await asyncio.wait_for(
             collect(group), timeout=router.spec.health_generate_timeout_s
         )
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return f"no answer within {router.spec.health_generate_timeout_s:g} s"
     finally:
         router.cancel(group, "health check over")

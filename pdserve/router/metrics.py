@@ -2,7 +2,8 @@
 
 Request metrics are observed as outputs pass through the router. Per-worker numbers (load, pages,
 health, KV transfer totals) are read from the latest load reports at scrape time by a collector,
-so cumulative counters from the workers are exposed as they are, never re-added.
+so cumulative counters from the workers are exposed as they are, never re-added. Every supervised
+process (tokenizers included) has a health gauge and a count of the exits the launcher reported.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from pdserve.router.worker_registry import WorkerState
+from pdserve.router.worker_registry import ProcessState, WorkerState
 
 FINISH_LABELS = ("stop", "length", "abort", "error")
 _TTFT_BUCKETS = (
@@ -127,8 +128,30 @@ class WorkerCollector(Collector):
         yield from (tx_bytes, tx_seconds, tx_count)
 
 
+class ProcessCollector(Collector):
+    """Health of every tokenizer and worker, from the router's liveness view."""
+
+    def __init__(self, processes: Callable[[], Iterable[ProcessState]]) -> None:
+        self.processes = processes
+
+    def collect(self) -> Iterator[Metric]:
+        healthy = GaugeMetricFamily(
+            "pdserve_process_healthy",
+            "1 while the process is heard from (heartbeats), 0 while starting, lost or restarting",
+            labels=["process", "kind"],
+        )
+        for state in self.processes():
+            healthy.add_metric([state.name, state.kind], 1.0 if state.is_healthy else 0.0)
+        yield healthy
+
+
 class RouterMetrics:
-    def __init__(self, model_name: str, workers: Callable[[], Iterable[WorkerState]]) -> None:
+    def __init__(
+        self,
+        model_name: str,
+        workers: Callable[[], Iterable[WorkerState]],
+        processes: Callable[[], Iterable[ProcessState]] = tuple,
+    ) -> None:
         self.model_name = model_name
         self.registry = CollectorRegistry(auto_describe=True)
         reg, lbl = self.registry, ["model_name"]
@@ -157,7 +180,12 @@ class RouterMetrics:
         )  # fmt: skip
         for reason in FINISH_LABELS:
             self.requests.labels(model_name, reason)  # present at 0 from the start
+        self.process_exits = Counter(
+            "pdserve_process_exits", "Tokenizer and worker exits the launcher reported",
+            ["process"], registry=reg,
+        )  # fmt: skip
         self.registry.register(WorkerCollector(workers))
+        self.registry.register(ProcessCollector(processes))
 
     def observe_first_token(self, seconds: float) -> None:
         self.ttft.labels(self.model_name).observe(seconds)
@@ -181,6 +209,9 @@ class RouterMetrics:
         self.prompt_tokens.labels(m).inc(prompt_tokens)
         self.generation_tokens.labels(m).inc(completion_tokens)
         self.cached_tokens.labels(m).inc(cached_tokens)
+
+    def observe_process_exit(self, name: str) -> None:
+        self.process_exits.labels(name).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

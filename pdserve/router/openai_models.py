@@ -7,13 +7,46 @@ values are checked again by `SamplingParams` when the route builds them.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from pdserve.config.sampling_params import has_surrogates
+
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]  # the tokenizer checks the model's vocabulary
+Int64 = Annotated[int, Field(ge=-(2**63), lt=2**63)]
 
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+
+class _Request(_Body):
+    """A request body: no field may hold text that is not valid Unicode (a lone surrogate such
+    as "\\ud800" is legal JSON but cannot be encoded, tokenized or sent on)."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _valid_unicode(cls, value: Any) -> Any:
+        if _holds_surrogate(value):
+            raise ValueError("holds a lone UTF-16 surrogate: expected valid Unicode text")
+        return value
+
+
+def _holds_surrogate(value: Any) -> bool:
+    """Whether any string in a JSON value (keys included) is not valid Unicode text."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if has_surrogates(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 class StreamOptions(_Body):
@@ -45,7 +78,7 @@ class ChatMessage(_Body):
         return out
 
 
-class SamplingFields(_Body):
+class SamplingFields(_Request):
     """Fields shared by chat and completions; OpenAI's names plus vLLM/SGLang extras."""
 
     model: str | None = None
@@ -55,12 +88,12 @@ class SamplingFields(_Body):
     top_p: float | None = None
     top_k: int | None = None
     min_p: float | None = None
-    seed: int | None = None
+    seed: Int64 | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
     skip_special_tokens: bool = True
@@ -87,7 +120,7 @@ class ChatCompletionRequest(SamplingFields):
     response_format: dict[str, Any] | None = None
 
 
-PromptType = str | list[str] | list[int] | list[list[int]]
+PromptType = str | list[str] | list[TokenId] | list[list[TokenId]]
 
 
 class CompletionRequest(SamplingFields):
@@ -98,16 +131,16 @@ class CompletionRequest(SamplingFields):
     best_of: int | None = Field(None, ge=1)
 
 
-class GenerateRequest(_Body):
+class GenerateRequest(_Request):
     """Native `/generate`, in SGLang's shapes."""
 
     text: str | list[str] | None = None
-    input_ids: list[int] | list[list[int]] | None = None
+    input_ids: list[TokenId] | list[list[TokenId]] | None = None
     sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None
     stream: bool = False
     rid: str | list[str] | None = None
     return_logprob: bool = False
-    logprob_start_len: int = -1
+    logprob_start_len: int = Field(-1, ge=-1, lt=2**31)
     top_logprobs_num: int = Field(0, ge=0, le=20)
     return_text_in_logprobs: bool = True
     return_hidden_states: bool = False
@@ -115,6 +148,6 @@ class GenerateRequest(_Body):
     image_data: Any = None
 
 
-class AbortRequest(_Body):
+class AbortRequest(_Request):
     rid: str = ""
     abort_all: bool = False

@@ -58,6 +58,13 @@ class Tracked:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     num_output_tokens: int = 0
+    progress_at: float = field(default_factory=time.monotonic)  # created, or its latest output
+
+    @property
+    def has_left_prefill(self) -> bool:
+        """A token from the decode worker arrived, so its KV is there: the prefill's part is done.
+        The first token alone proves nothing: prefill sends it before it pushes the KV."""
+        return self.prefill is None or self.num_output_tokens >= 2
 
 
 class RequestTracker:
@@ -95,8 +102,19 @@ class RequestTracker:
         group = self.groups.get(rid_or_group)
         return [r for r in group.rids if r in self.by_rid] if group else []
 
-    def on_worker(self, name: str) -> list[Tracked]:
-        return [t for t in self.by_rid.values() if name in (t.decode, t.prefill)]
+    def lost_with_tokenizer(self, idx: int) -> list[Tracked]:
+        return [t for t in self.by_rid.values() if t.tokenizer_idx == idx]
+
+    def lost_with_worker(self, name: str, role: str) -> list[Tracked]:
+        """The requests a dead worker takes down: all of a decode or mixed worker's; of a prefill
+        worker's, those it has not handed to their decode worker yet (the others decode on)."""
+        if role == "prefill":
+            return [t for t in self.by_rid.values() if t.prefill == name and not t.has_left_prefill]
+        return [t for t in self.by_rid.values() if t.decode == name]
 
     def older_than(self, created_before: float) -> list[Tracked]:
         return [t for t in self.by_rid.values() if t.created < created_before]
+
+    def stalled_since(self, progress_before: float) -> list[Tracked]:
+        """Requests with no output since `progress_before` (nor creation)."""
+        return [t for t in self.by_rid.values() if t.progress_at < progress_before]

@@ -1,14 +1,25 @@
 """The router's state and sockets: routing, in-flight requests, worker health, aborts.
 
 Wiring (built in `start`, one asyncio loop):
-    from_peers       PULL  ReqOutput from tokenizers, LoadReport from workers, control messages
-    to_tokenizers[i] PUSH  GenerateReq, Abort
+    from_peers       PULL  ReqOutput, TokenizeOut from tokenizers, LoadReport from workers, control
+    to_tokenizers[i] PUSH  GenerateReq, Abort, TokenizeReq, DetokenizeReq (serving_tokenize.py)
     to_workers[name] PUSH  Abort, FlushCache
     to_launcher      PUSH  Ready (once listening)
 
 Every request ends: a final output from the tokenizer, or a synthetic one made here when the client
-leaves (`cancel`), `/abort_request` (`abort`), a worker is lost (`mark_unhealthy` or missing load
-reports) or the request runs past `request_timeout_s`.
+leaves (`cancel`), `/abort_request` (`abort`), a process it depends on is lost, it makes no progress
+for `progress_timeout_s`, or it runs past `request_timeout_s`.
+
+Which requests a lost process takes down (it exited, `ProcessExited` from the launcher, or went
+silent: no heartbeat nor load report for `report_timeout_s`):
+
+| lost process        | its requests that end with an error (500)                     |
+|---------------------|---------------------------------------------------------------|
+| tokenizer i         | every request routed through tokenizer i                      |
+| decode/mixed worker | every request decoding (or waiting to) there                  |
+| prefill worker      | those not handed over yet: no token from decode has arrived   |
+
+Routing skips a lost process until it is heard from again (a restarted one: a new pid).
 """
 
 from __future__ import annotations
@@ -29,18 +40,22 @@ from pdserve.protocol import (
     Finish,
     FlushCache,
     GenerateReq,
+    Heartbeat,
     LoadReport,
     Message,
+    ProcessExited,
     Ready,
     ReqOutput,
     Shutdown,
+    TokenizeOut,
     WorkerDied,
 )
 from pdserve.router.errors import APIError
 from pdserve.router.metrics import RouterMetrics
+from pdserve.router.pending_replies import PendingReplies
 from pdserve.router.request_tracker import RequestGroup, RequestTracker, Tracked, is_terminal
 from pdserve.router.routing import make_policy
-from pdserve.router.worker_registry import WorkerRegistry, WorkerState
+from pdserve.router.worker_registry import ProcessState, WorkerRegistry, WorkerState
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +79,17 @@ def abort_output(rid: str, message: str, status_code: int) -> ReqOutput:
 class Router:
     def __init__(self, spec: RouterSpec | dict[str, Any]) -> None:
         self.spec = spec if isinstance(spec, RouterSpec) else RouterSpec.from_dict(spec)
-        self.workers = WorkerRegistry(self.spec.workers, self.spec.report_timeout_s)
+        tokenizer_names = self.spec.tokenizer_names or tuple(
+            f"tokenizer{i}" for i in range(len(self.spec.tokenizer_inboxes))
+        )
+        self.workers = WorkerRegistry(
+            self.spec.workers, self.spec.report_timeout_s, tokenizer_names
+        )
         self.tracker = RequestTracker()
-        self.metrics = RouterMetrics(self.spec.model_name, lambda: list(self.workers))
+        self.replies = PendingReplies()  # /tokenize, /detokenize: answered by rid
+        self.metrics = RouterMetrics(
+            self.spec.model_name, lambda: list(self.workers), self.workers.processes
+        )
         self._decode_policy = make_policy(self.spec.routing_policy)
         self._prefill_policy = make_policy(self.spec.routing_policy)
         self._num_tokenizer_picks = 0
@@ -109,8 +132,7 @@ class Router:
         if not self.is_started:
             return
         self.is_started = False
-        for tracked in list(self.tracker.by_rid.values()):
-            self._fail(tracked, "server is shutting down", 503)
+        self.end_all("server is shutting down", 503)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -141,21 +163,35 @@ class Router:
             if key not in routes:
                 routes[key] = self._route()  # all routes first: a 503 leaves nothing behind
         group = RequestGroup(group_id=group_id, rids=rids)
-        for index, (req, key) in enumerate(zip(reqs, keys)):
-            tok_idx, decode, prefill = routes[key]
-            req.decode_idx = decode.spec.idx
-            req.prefill_idx = prefill.spec.idx if prefill else 0
-            req.max_context_len = self.spec.max_context_len
-            prefill_name = prefill.name if prefill else None
-            self.tracker.add(Tracked(req.rid, group, index, tok_idx, decode.name, prefill_name))
-            self.workers.note_sent(decode.name)
-            if prefill_name:
-                self.workers.note_sent(prefill_name)
-            self.to_tokenizers[tok_idx].send(req)
-            logger.debug(
-                "rid %s -> tokenizer %d, %s, %s", req.rid, tok_idx, prefill_name, decode.name
-            )
+        try:
+            for index, (req, key) in enumerate(zip(reqs, keys)):
+                self._send(req, group, index, routes[key])
+        except Exception as e:  # nothing may stay tracked: untrack it all, abort what was sent
+            self.tracker.pop(req.rid)  # never sent (its rid may be what cannot be encoded)
+            self.cancel(group, "the request could not be sent")
+            if isinstance(e, (ValueError, TypeError, OverflowError)):  # the codec refused a value
+                raise APIError(f"the request could not be encoded: {e}", 400) from None
+            raise
         return group
+
+    def _send(
+        self,
+        req: GenerateReq,
+        group: RequestGroup,
+        index: int,
+        route: tuple[int, WorkerState, WorkerState | None],
+    ) -> None:
+        tok_idx, decode, prefill = route
+        req.decode_idx = decode.spec.idx
+        req.prefill_idx = prefill.spec.idx if prefill else 0
+        req.max_context_len = self.spec.max_context_len
+        prefill_name = prefill.name if prefill else None
+        self.tracker.add(Tracked(req.rid, group, index, tok_idx, decode.name, prefill_name))
+        self.workers.note_sent(decode.name)
+        if prefill_name:
+            self.workers.note_sent(prefill_name)
+        self.to_tokenizers[tok_idx].send(req)
+        logger.debug("rid %s -> tokenizer %d, %s, %s", req.rid, tok_idx, prefill_name, decode.name)
 
     def _route(self) -> tuple[int, WorkerState, WorkerState | None]:
         decode_side = self.workers.decode_side()
@@ -168,9 +204,12 @@ class Router:
             if not prefills:
                 raise APIError("no healthy prefill worker", 503)
             prefill = self._prefill_policy.pick(prefills)
-        tok_idx = self._num_tokenizer_picks % len(self.to_tokenizers)
+        tokenizers = self.workers.healthy_tokenizers()
+        if not tokenizers:
+            raise APIError("no healthy tokenizer", 503)
+        tokenizer = tokenizers[self._num_tokenizer_picks % len(tokenizers)]
         self._num_tokenizer_picks += 1
-        return tok_idx, decode, prefill
+        return tokenizer.idx, decode, prefill
 
     def cancel(self, group: RequestGroup, message: str = "client disconnected") -> int:
         """Abort the group's unfinished sub-requests (the client is gone): nobody reads them."""
@@ -193,9 +232,13 @@ class Router:
         return len(rids)
 
     def abort_all(self, message: str = "aborted by /abort_request") -> int:
+        return self.end_all(message, 400)
+
+    def end_all(self, message: str, status_code: int) -> int:
+        """End every request in flight: each client gets a final event with `message`."""
         rids = list(self.tracker.by_rid)
         for r in rids:
-            self._fail(self.tracker.by_rid[r], message, 400)
+            self._fail(self.tracker.by_rid[r], message, status_code)
         return len(rids)
 
     def flush_cache(self) -> int:
@@ -205,21 +248,36 @@ class Router:
 
     # ------------------------------------------------------------------ health
 
-    def mark_unhealthy(self, worker: str, reason: str = "") -> None:
-        """The worker is gone (the launcher saw it die): fail its requests, route around it.
+    def mark_unhealthy(self, name: str, reason: str = "") -> None:
+        """The process is gone for good: fail its requests, route around it.
 
         Safe to call from another thread."""
         if self._loop is not None and threading.get_ident() != self._loop_thread:
-            self._loop.call_soon_threadsafe(self.mark_unhealthy, worker, reason)
+            self._loop.call_soon_threadsafe(self.mark_unhealthy, name, reason)
             return
-        self.workers.mark_dead(worker)
-        logger.warning("worker %s marked unhealthy: %s", worker, reason or "by the launcher")
-        message = f"worker {worker} is unavailable" + (f": {reason}" if reason else "")
-        self._fail_worker(worker, message)
+        self._on_exit(ProcessExited(name=name, pid=0, exit_code=0), reason or "lost")
+
+    def _on_exit(self, msg: ProcessExited, reason: str) -> None:
+        state = self.workers.mark_down(msg.name, msg.pid, msg.restarting)
+        if state is None:
+            return
+        then = "; restarting it" if msg.restarting else ""
+        logger.warning("%s marked down: %s%s", msg.name, reason, then)
+        self.metrics.observe_process_exit(msg.name)
+        self._fail_process(state, f"{msg.name} is unavailable: {reason}")
 
     def is_ready(self) -> bool:
-        """Started, and every worker healthy (what /health reports)."""
+        """Started, and every tokenizer and worker healthy (what /health reports)."""
         return self.is_started and self.workers.all_healthy()
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """(is ready, the /health body): every process by name with its status."""
+        processes = {p.name: p.live.status for p in self.workers.processes()}
+        if self.is_ready():
+            return True, {"status": "ok", "processes": processes}
+        unhealthy = [name for name, status in processes.items() if status != "healthy"]
+        status = "starting" if not self.is_started else "unhealthy"
+        return False, {"status": status, "unhealthy": unhealthy, "processes": processes}
 
     def can_serve(self) -> bool:
         """Started, and at least one complete route (a decode-side worker, and prefill if needed)."""
@@ -237,9 +295,15 @@ class Router:
             raise APIError("no healthy decode worker", 503)
         if all(s.spec.role == "decode" for s in decode_side) and not self.workers.prefill():
             raise APIError("no healthy prefill worker", 503)
+        if not self.workers.healthy_tokenizers():
+            raise APIError("no healthy tokenizer", 503)
 
-    def _fail_worker(self, worker: str, message: str) -> None:
-        for tracked in self.tracker.on_worker(worker):
+    def _fail_process(self, state: ProcessState, message: str) -> None:
+        if isinstance(state, WorkerState):
+            lost = self.tracker.lost_with_worker(state.name, state.spec.role)
+        else:
+            lost = self.tracker.lost_with_tokenizer(state.idx)
+        for tracked in lost:
             self._fail(tracked, message, 500)
 
     def _fail(self, tracked: Tracked, message: str, status_code: int) -> None:
@@ -274,12 +338,18 @@ class Router:
     def _dispatch(self, msg: Message) -> None:
         if isinstance(msg, ReqOutput):
             self._deliver(msg)
+        elif isinstance(msg, Heartbeat):
+            self.workers.on_heartbeat(msg, time.monotonic())
         elif isinstance(msg, LoadReport):
             self.workers.on_report(msg, time.monotonic())
         elif isinstance(msg, Abort):
             self._on_control_abort(msg)
-        elif isinstance(msg, WorkerDied):
-            self.mark_unhealthy(msg.name, f"worker {msg.name} died (exit code {msg.exit_code})")
+        elif isinstance(msg, ProcessExited):
+            self._on_exit(msg, f"the process exited (code {msg.exit_code})")
+        elif isinstance(msg, WorkerDied):  # from a launcher older than ProcessExited
+            self._on_exit(ProcessExited(msg.name, 0, msg.exit_code), f"code {msg.exit_code}")
+        elif isinstance(msg, TokenizeOut):
+            self.replies.deliver(msg)
         elif isinstance(msg, Shutdown):
             logger.info("shutdown requested (grace %.1f s)", msg.grace_s)
             self.shutdown_grace_s = msg.grace_s
@@ -299,6 +369,7 @@ class Router:
             return  # finished or aborted already: a late output
         now = time.monotonic()
         self._observe_tokens(tracked, out, now)
+        tracked.progress_at = now
         tracked.group.queue.put_nowait((tracked.index, out))
         if is_terminal(out):
             self.tracker.pop(out.rid)
@@ -329,17 +400,33 @@ class Router:
 
     async def _check_loop(self) -> None:
         interval = min(0.5, self.spec.report_timeout_s / 4)
+        due = time.monotonic() + interval
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(max(due - time.monotonic(), 0.0))
+            now = time.monotonic()
+            # This loop ran late: the router itself was busy (a huge request list), so the
+            # heartbeats waiting in its inbox are not read yet. Judge no one this round.
+            lag_s = now - due
+            due = now + interval
+            if lag_s > interval:
+                logger.warning("router loop held up for %.1f s: liveness check skipped", lag_s)
+                continue
             try:
-                self._check(time.monotonic())
+                self._check(now)
             except Exception:
                 logger.exception("health check failed")
 
     def _check(self, now: float) -> None:
+        timeout = self.spec.report_timeout_s
         for name in self.workers.expire(now):
-            timeout = self.spec.report_timeout_s
-            self._fail_worker(name, f"worker {name} sent no load report for {timeout:g} s")
+            state = self.workers.process(name)
+            message = f"{name} is unresponsive: no heartbeat and no load report for {timeout:g} s"
+            if state is not None:
+                self._fail_process(state, message)
+        if self.spec.progress_timeout_s > 0:
+            limit = self.spec.progress_timeout_s
+            for tracked in self.tracker.stalled_since(now - limit):
+                self._fail(tracked, f"request made no progress for {limit:g} s", 504)
         if self.spec.request_timeout_s > 0:
             for tracked in self.tracker.older_than(now - self.spec.request_timeout_s):
                 limit = self.spec.request_timeout_s
@@ -358,6 +445,10 @@ class Router:
             "num_requests_in_flight": len(self.tracker),
             "topology": self.spec.topology,
             "workers": [_worker_info(s, now) for s in self.workers],
+            "tokenizers": [
+                {"name": t.name, "idx": t.idx, "status": t.live.status, "pid": t.live.pid}
+                for t in self.workers.tokenizers
+            ],
         }
 
 
@@ -367,6 +458,8 @@ def _worker_info(state: WorkerState, now: float) -> dict[str, Any]:
         "role": state.spec.role,
         "idx": state.spec.idx,
         "healthy": state.is_healthy,
+        "status": state.live.status,
+        "pid": state.live.pid,
         "last_report_age_s": round(now - state.report_at, 3) if state.report_at else None,
     }
     r = state.report

@@ -1,6 +1,8 @@
 """The router process: `main(spec)` serves the HTTP API until Shutdown (or a signal).
 
-It tells the launcher `Ready(name="router")` once uvicorn is listening, not before.
+It tells the launcher `Ready(name="router")` once uvicorn is listening, not before. On Shutdown it
+stops accepting, lets running requests finish within the grace period, then ends the rest with an
+error event each (a stream is never cut without one).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from pdserve.router.app import build_app
 from pdserve.router.router import Router
 
 logger = logging.getLogger(__name__)
+
+_FLUSH_S = 2.0  # after the grace period: time for streams to write their error event and close
 
 
 def main(spec: dict[str, Any]) -> None:
@@ -46,9 +50,18 @@ async def serve(router: Router) -> None:
     shutdown = asyncio.create_task(router.shutdown_requested.wait())
     await asyncio.wait({serving, shutdown}, return_when=asyncio.FIRST_COMPLETED)
     if not serving.done():
-        # uvicorn stops accepting, lets open requests run up to the grace period, then the
-        # app's lifespan stops the router, which ends whatever is left with an error.
-        server.config.timeout_graceful_shutdown = max(router.shutdown_grace_s, 0.1)
-        server.should_exit = True
-        await serving
+        await _shut_down(server, serving, router)
     shutdown.cancel()
+
+
+async def _shut_down(server: uvicorn.Server, serving: asyncio.Task[None], router: Router) -> None:
+    """uvicorn stops accepting and waits for open requests; when the grace period is over, the
+    router ends what is left with an error, and the streams get _FLUSH_S to write it."""
+    grace_s = max(router.shutdown_grace_s, 0.0)
+    server.config.timeout_graceful_shutdown = grace_s + _FLUSH_S
+    server.should_exit = True
+    done, _ = await asyncio.wait({serving}, timeout=grace_s)
+    if not done:
+        num = router.end_all("the server is shutting down: the grace period is over", 503)
+        logger.info("grace period over: %d request(s) ended with an error", num)
+        await serving

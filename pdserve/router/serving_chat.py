@@ -11,6 +11,7 @@ from starlette.responses import Response
 
 from pdserve.config.router_spec import RouterSpec
 from pdserve.protocol import ReqOutput
+from pdserve.router.admission import admit, build_checked
 from pdserve.router.errors import bad_request
 from pdserve.router.group_reader import (
     ChoiceState,
@@ -74,7 +75,8 @@ def build_chat(spec: RouterSpec, body: ChatCompletionRequest) -> Fanout:
 async def create_chat_completion(
     router: Router, request: Request, body: ChatCompletionRequest
 ) -> Response:
-    fan = build_chat(router.spec, body)
+    fan = build_checked(lambda: build_chat(router.spec, body))
+    admit(router, fan, "messages")
     group = router.submit(fan.group_id, fan.reqs, fan.route_keys)
     if body.stream:
         buffered = await open_stream(router, request, group)

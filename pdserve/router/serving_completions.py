@@ -11,6 +11,7 @@ from starlette.responses import Response
 
 from pdserve.config.router_spec import RouterSpec
 from pdserve.protocol import ReqOutput
+from pdserve.router.admission import admit, build_checked
 from pdserve.router.errors import bad_request
 from pdserve.router.group_reader import (
     ChoiceState,
@@ -73,7 +74,8 @@ def build_completion(spec: RouterSpec, body: CompletionRequest) -> Fanout:
 
 
 async def create_completion(router: Router, request: Request, body: CompletionRequest) -> Response:
-    fan = build_completion(router.spec, body)
+    fan = build_checked(lambda: build_completion(router.spec, body))
+    admit(router, fan, "prompt")
     group = router.submit(fan.group_id, fan.reqs, fan.route_keys)
     if body.stream:
         buffered = await open_stream(router, request, group)

@@ -7,7 +7,7 @@ Who owns a KV page, and when it changes hands (`n` = the value `insert` returns)
 | `allocator.alloc`          | the request's new pages               | request                   |
 | `match_prefix`, `lock`     | the matched pages                     | tree, pinned and shared   |
 | `insert` returns n         | `page_ids[n // page_size:]`           | tree                      |
-|                            | those of `page_ids[:n // page_size]`  | request, which must free  |
+|  (`num_present_tokens`)    | those of `page_ids[:n // page_size]`  | request, which must free  |
 |                            | the request allocated itself          | them (duplicates)         |
 | `unlock`                   | the matched pages                     | tree, evictable again     |
 | `evict`, `reset`           | least recently used unlocked pages    | free                      |
@@ -50,6 +50,12 @@ class MatchResult(NamedTuple):
     node: Node  # deepest matched node (the root if nothing matched); pass it to lock/unlock
 
 
+class InsertResult(NamedTuple):
+    num_present_tokens: int  # leading tokens the cache held before: the caller's pages for them
+    #                          are duplicates, which the caller frees
+    match: MatchResult  # the cache's pages now holding the inserted tokens (lock match.node first)
+
+
 class PrefixCache(Protocol):
     """The contract the scheduler relies on; `RadixCache` and `NoPrefixCache` implement it."""
 
@@ -69,14 +75,16 @@ class PrefixCache(Protocol):
         """Undo one `lock(node)`. Raises ValueError if `node` is not locked."""
         ...
 
-    def insert(self, token_ids: Sequence[int], page_ids: Sequence[int]) -> int:
-        """Cache `page_ids`, which hold the KV of `token_ids` (len(token_ids) ==
-        len(page_ids) * page_size), and return n, the number of leading tokens the cache already
-        held. The cache takes ownership of `page_ids[n // page_size:]`. It keeps its own pages for
-        the first n tokens and never frees the caller's: the caller still owns those of
-        `page_ids[:n // page_size]` that it allocated itself (as opposed to got from a locked
-        `match_prefix`) and must free them, after pointing its page table at the cache's pages
-        (a fresh `match_prefix`) if it keeps running."""
+    def insert(self, token_ids: Sequence[int], page_ids: Sequence[int]) -> InsertResult:
+        """Offer `page_ids`, which hold the KV of `token_ids` (len(token_ids) ==
+        len(page_ids) * page_size). n = `num_present_tokens` leading tokens were cached already:
+        the cache keeps its own pages for them and never frees the caller's, so the caller still
+        owns those of `page_ids[:n // page_size]` that it allocated itself (as opposed to got from
+        a locked `match_prefix`) and must free them. `match` is what the cache holds of
+        `token_ids` now: the cache owns `page_ids[n // page_size : len(match.page_ids)]`, and the
+        caller keeps the pages after `len(match.page_ids)` (all of them when nothing is cached).
+        A caller that keeps running locks `match.node` and points its page table at
+        `match.page_ids`; hit-rate counters do not count this as a query."""
         ...
 
     def evict(self, num_pages: int) -> int:
@@ -93,6 +101,12 @@ class PrefixCache(Protocol):
 
     @property
     def num_evictable_pages(self) -> int: ...
+
+    @property
+    def num_locked_pages(self) -> int: ...
+
+    @property
+    def hit_rate(self) -> float: ...
 
     def check_integrity(self) -> None:
         """Raise RuntimeError naming the violated invariant if the cache is corrupt."""
@@ -164,7 +178,7 @@ class RadixCache:
             if path_node.ref_count == 0:
                 self._num_evictable_pages += len(path_node.page_ids)
 
-    def insert(self, token_ids: Sequence[int], page_ids: Sequence[int]) -> int:
+    def insert(self, token_ids: Sequence[int], page_ids: Sequence[int]) -> InsertResult:
         """See `PrefixCache.insert`: the caller frees its duplicate pages, never the cache.
         Raises ValueError, before taking any page, if the lengths disagree, a page is free in the
         allocator or repeated, or a page the cache already holds is passed at another position."""
@@ -184,7 +198,9 @@ class RadixCache:
             node.children[leaf.key[: self.page_size]] = leaf
             self._tree_page_ids.update(new_page_ids)
             self._num_evictable_pages += len(new_page_ids)
-        return num_cached_tokens
+            node = leaf
+        match = MatchResult(tree_page_ids + new_page_ids, len(key), node)
+        return InsertResult(num_cached_tokens, match)
 
     def evict(self, num_pages: int) -> int:
         """See `PrefixCache.evict`. Trims a leaf page by page from its end when only part of it is
@@ -361,9 +377,9 @@ class RadixCache:
 
 
 class NoPrefixCache:
-    """`PrefixCache` with caching disabled: never matches, and frees what it is given on insert,
-    so the scheduler's code path is the same with and without a prefix cache. Insert only what
-    is done with (a finished request): the pages go straight back to the allocator."""
+    """`PrefixCache` with caching disabled: it never matches and never takes a page (`insert`
+    leaves every page with the caller), so the scheduler runs one path with or without a prefix
+    cache, and a finished request frees all of its pages itself."""
 
     def __init__(self, page_size: int, allocator: PageAllocator) -> None:
         self.page_size = page_size
@@ -374,6 +390,7 @@ class NoPrefixCache:
 
     num_cached_pages = 0
     num_evictable_pages = 0
+    num_locked_pages = 0
     hit_rate = 0.0
 
     def match_prefix(self, token_ids: Sequence[int]) -> MatchResult:
@@ -386,15 +403,14 @@ class NoPrefixCache:
     def unlock(self, node: Node) -> None:
         pass
 
-    def insert(self, token_ids: Sequence[int], page_ids: Sequence[int]) -> int:
-        """Takes ownership of all of `page_ids` and frees them at once; returns 0."""
+    def insert(self, token_ids: Sequence[int], page_ids: Sequence[int]) -> InsertResult:
+        """Takes none of `page_ids`: nothing was present and nothing is held now."""
         if len(token_ids) != len(page_ids) * self.page_size:
             raise ValueError(
                 f"insert needs len(token_ids) == len(page_ids) * page_size, got {len(token_ids)} "
                 f"tokens, {len(page_ids)} pages, page_size {self.page_size}"
             )
-        self.allocator.free(page_ids)
-        return 0
+        return InsertResult(0, MatchResult([], 0, self._root))
 
     def evict(self, num_pages: int) -> int:
         return 0

@@ -11,9 +11,9 @@ from pdserve.protocol import Finish
 
 
 class Status(enum.Enum):
-    WAITING = "waiting"  # queued for admission (new, or preempted and to be recomputed)
-    WAITING_KV = "waiting_kv"  # decode role: pages reserved, KV being pushed by a prefill worker
-    RUNNING = "running"  # holds pages; prefilling in chunks or decoding
+    WAITING = "waiting"  # queued for admission (new, or preempted and to be recomputed), or
+    #                      on a decode worker, waiting for its KV in the KV handoff
+    RUNNING = "running"  # in Scheduler.running: holds pages; prefilling in chunks or decoding
     PREFILLED = "prefilled"  # prefill role: first token sampled, pages pinned until the KV is sent
     FINISHED = "finished"
 
@@ -32,7 +32,7 @@ class Request:
     # cache_node); the rest are owned by this request alone.
     page_ids: list[int] = field(default_factory=list)
     num_shared_pages: int = 0
-    cache_node: Any = None
+    cache_node: Any = None  # the prefix-cache node it holds a lock on while it runs
     num_computed: int = 0  # tokens of all_ids whose KV is in page_ids
     num_cached_tokens: int = 0  # prompt tokens reused from the prefix cache (reported to clients)
     admit_seq: int = 0  # admission order; the newest is preempted first

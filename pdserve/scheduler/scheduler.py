@@ -7,7 +7,10 @@ When a decode cannot get a page, the newest request is preempted: its pages are 
 recomputed later from its prompt and the tokens it already produced.
 
 Page ownership (see request.py): pages are free in the allocator, owned by one request, or owned by
-the radix cache (shared by requests that lock the node).
+the prefix cache (shared by requests that lock the node). With prefix caching off the cache is a
+`NoPrefixCache`, which never takes a page, so there is one path either way. A decode worker's
+requests wait for their KV outside the scheduler (`kv_handoff.KVHandoff`) and join `running` through
+`commit_transferred`: `running` holds only requests that run.
 """
 
 from __future__ import annotations
@@ -19,10 +22,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from pdserve.config.engine_config import SchedulerConfig
-from pdserve.protocol import Finish
+from pdserve.protocol import Finish, KVReady
 from pdserve.scheduler.finish_checker import FinishChecker
 from pdserve.scheduler.page_allocator import PageAllocator
-from pdserve.scheduler.radix_cache import RadixCache
+from pdserve.scheduler.radix_cache import NoPrefixCache, PrefixCache, RadixCache
 from pdserve.scheduler.request import Request, Status
 
 logger = logging.getLogger(__name__)
@@ -64,13 +67,12 @@ class Scheduler:
         self.config = config
         self.page_size = config.page_size
         self.allocator = PageAllocator(num_pages)
-        self.cache = (
-            RadixCache(config.page_size, self.allocator) if config.enable_prefix_cache else None
-        )
+        cache_class = RadixCache if config.enable_prefix_cache else NoPrefixCache
+        self.cache: PrefixCache = cache_class(config.page_size, self.allocator)
         self.finish_checker = finish_checker
         self.max_context_len = max_context_len
         self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []  # admission order
+        self.running: list[Request] = []  # admission order; every one holds pages and runs
         self.requests: dict[str, Request] = {}
         self._admit_counter = itertools.count()
         self.num_preemptions = 0
@@ -113,7 +115,7 @@ class Scheduler:
         return len(self.waiting)
 
     def has_work(self) -> bool:
-        return bool(self.waiting) or any(r.status == Status.RUNNING for r in self.running)
+        return bool(self.waiting or self.running)
 
     # ------------------------------------------------------------------ one step
 
@@ -143,7 +145,7 @@ class Scheduler:
         for req in self.running:
             if budget <= 0:
                 break
-            if req.status != Status.RUNNING or req.num_pending <= 1 or id(req) in scheduled:
+            if req.num_pending <= 1 or id(req) in scheduled:
                 continue
             budget -= self._schedule_chunk(req, items, budget)
         return budget
@@ -209,36 +211,39 @@ class Scheduler:
 
     # ------------------------------------------------------------------ decode role
 
-    def reserve_for_transfer(self, req: Request) -> list[int] | None:
-        """Decode role: allocate pages for the whole prompt before prefill pushes its KV."""
-        if len(self.running) >= self.config.max_running_requests:
+    def reserve_for_transfer(self, req: Request, num_in_flight: int) -> list[int] | None:
+        """Decode role: pages for the whole prompt, for a prefill worker to push its KV into; None
+        when there is no room. The request stays outside the scheduler (in the KV handoff) until
+        `commit_transferred`; `num_in_flight` such requests already hold pages and count against
+        max_running_requests."""
+        if len(self.running) + num_in_flight >= self.config.max_running_requests:
             return None
-        need = self._pages_for(len(req.prompt_ids))
-        pages = self._alloc(need)
+        pages = self._alloc(self._pages_for(len(req.prompt_ids)))
         if pages is None:
             return None
-        self.requests[req.rid] = req
         req.page_ids = pages
-        req.status = Status.WAITING_KV
-        req.admit_seq = next(self._admit_counter)
-        self.running.append(req)
         return pages
 
-    def commit_transferred(
-        self,
-        req: Request,
-        first_token: int,
-        cached_tokens: int,
-        logprob: float | None,
-        top_logprobs: list[list[float]] | None,
-    ) -> None:
-        """Decode role: the prompt's KV has landed; the request joins the decode batch."""
+    def free_reserved(self, req: Request) -> None:
+        """Decode role: give back the pages of a request that never joined (its KV never came)."""
+        self.allocator.free(req.page_ids)
+        req.page_ids = []
+        req.status = Status.FINISHED
+
+    def commit_transferred(self, req: Request, ready: KVReady) -> None:
+        """Decode role: the prompt's KV has landed in the reserved pages; the request joins the
+        running batch with the prefill's first token (which may already end it)."""
+        root = self.cache.match_prefix([]).node  # nothing shared; holds a lock like every runner
+        self.cache.lock(root)
+        self.requests[req.rid] = req
+        req.cache_node = root
         req.num_computed = len(req.prompt_ids)
-        req.num_cached_tokens = cached_tokens
+        req.num_cached_tokens = ready.cached_tokens
         req.status = Status.RUNNING
-        self.process_sampled(
-            BatchItem(req, req.num_computed, 0), first_token, logprob, top_logprobs
-        )
+        req.admit_seq = next(self._admit_counter)
+        self.running.append(req)
+        item = BatchItem(req, req.num_computed, 0)
+        self.process_sampled(item, ready.first_token, ready.logprob, ready.top_logprobs)
 
     # ------------------------------------------------------------------ pages
 
@@ -246,13 +251,12 @@ class Scheduler:
         return (num_tokens + self.page_size - 1) // self.page_size
 
     def _num_available_pages(self) -> int:
-        evictable = self.cache.num_evictable_pages if self.cache else 0
-        return self.allocator.num_free + evictable
+        return self.allocator.num_free + self.cache.num_evictable_pages
 
     def _alloc(self, num: int) -> list[int] | None:
         if num <= 0:
             return []
-        if self.allocator.num_free < num and self.cache is not None:
+        if self.allocator.num_free < num:
             self.cache.evict(num - self.allocator.num_free)
         return self.allocator.alloc(num)
 
@@ -267,7 +271,7 @@ class Scheduler:
                 return True
             if not preempt:
                 return False
-            others = [r for r in self.running if r.status == Status.RUNNING and r is not req]
+            others = [r for r in self.running if r is not req]
             if not others:
                 # Alone and still out of pages: the pool cannot hold this sequence at all.
                 self.running.remove(req)
@@ -295,8 +299,6 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     def _match_prefix(self, req: Request) -> None:
-        if self.cache is None:
-            return
         # Keep at least one token to compute: its logits give the next token.
         match = self.cache.match_prefix(req.all_ids[: req.seq_len - 1])
         self.cache.lock(match.node)
@@ -307,64 +309,55 @@ class Scheduler:
         req.num_cached_tokens = min(match.num_tokens, len(req.prompt_ids))
 
     def _cache_prompt_pages(self, req: Request) -> None:
-        """Share the full pages computed so far through the radix cache (req keeps using them)."""
-        if self.cache is None:
-            return
-        num_full = req.num_computed // self.page_size
+        """Share the full pages computed so far through the prefix cache (req keeps using them)."""
+        self._share_full_pages(req, req.num_computed // self.page_size)
+
+    def _share_full_pages(self, req: Request, num_full: int) -> None:
+        """Offer req's first num_full pages to the prefix cache; req goes on reading them through
+        a lock on the cache's node. Its pages the cache already held under other ids go back."""
         if num_full <= req.num_shared_pages:
             return
-        tokens = req.all_ids[: num_full * self.page_size]
-        self._insert_pages(tokens, req.page_ids[:num_full], req.num_shared_pages)
-        match = self.cache.match_prefix(tokens)
+        inserted = self.cache.insert(
+            req.all_ids[: num_full * self.page_size], req.page_ids[:num_full]
+        )
+        duplicates = req.page_ids[
+            req.num_shared_pages : inserted.num_present_tokens // self.page_size
+        ]
+        match = inserted.match
         self.cache.lock(match.node)
         self.cache.unlock(req.cache_node)
         req.cache_node = match.node
         req.page_ids[: len(match.page_ids)] = match.page_ids
         req.num_shared_pages = len(match.page_ids)
-
-    def _insert_pages(self, tokens: list[int], pages: list[int], num_shared: int) -> None:
-        """Insert; pages the tree already held under other ids are duplicates and go back."""
-        num_present = self.cache.insert(tokens, pages) // self.page_size
-        duplicates = pages[num_shared:num_present]
         if duplicates:
             self.allocator.free(duplicates)
 
     def release(self, req: Request) -> None:
-        """A finished or aborted request gives back its pages (full ones to the cache)."""
+        """A finished or aborted request gives back its pages (full ones to the cache, unless it
+        was aborted: its last tokens may never have been computed)."""
         req.status = Status.FINISHED
         self.requests.pop(req.rid, None)
-        if (
-            self.cache is not None
-            and req.num_computed > 0
-            and req.finish is not None
-            and not req.finish.is_abort
-        ):
-            num_full = req.num_computed // self.page_size
-            if num_full > req.num_shared_pages:
-                tokens = req.all_ids[: num_full * self.page_size]
-                self._insert_pages(tokens, req.page_ids[:num_full], req.num_shared_pages)
-                req.num_shared_pages = num_full
+        if req.num_computed > 0 and req.finish is not None and not req.finish.is_abort:
+            self._share_full_pages(req, req.num_computed // self.page_size)
         self._free_pages(req)
 
     def _free_pages(self, req: Request) -> None:
         owned = req.page_ids[req.num_shared_pages :]
         if owned:
             self.allocator.free(owned)
-        if self.cache is not None and req.cache_node is not None:
+        if req.cache_node is not None:  # None while waiting (new or preempted)
             self.cache.unlock(req.cache_node)
         req.cache_node = None
         req.page_ids = []
         req.num_shared_pages = 0
 
     def stats(self) -> dict[str, Any]:
-        cache = self.cache
         return {
-            "num_running": sum(1 for r in self.running if r.status == Status.RUNNING),
-            "num_queued": len(self.waiting)
-            + sum(1 for r in self.running if r.status == Status.WAITING_KV),
+            "num_running": len(self.running),
+            "num_queued": len(self.waiting),
             "num_free_pages": self.allocator.num_free,
             "num_total_pages": self.allocator.num_total,
-            "num_cached_pages": cache.num_cached_pages if cache else 0,
-            "num_evictable_pages": cache.num_evictable_pages if cache else 0,
+            "num_cached_pages": self.cache.num_cached_pages,
+            "num_evictable_pages": self.cache.num_evictable_pages,
             "num_preemptions": self.num_preemptions,
         }

@@ -1,7 +1,8 @@
 """The tokenizer process: prompts -> token ids for workers, token ids -> text deltas for the router.
 
 Messages in (one inbox): GenerateReq and Abort from the router, TokenOut from prefill (a request's
-first token) and from decode/mixed workers (the rest), Shutdown from the launcher.
+first token) and from decode/mixed workers (the rest), Shutdown from the launcher; TokenizeReq and
+DetokenizeReq from the router (/tokenize, /detokenize), answered at once with a TokenizeOut.
 Messages out: TokenizedReq to `worker_inboxes[req.decode_idx]`, ReqOutput to the router, Ready
 to the launcher. Tokens of one request can arrive out of order (prefill's first token races the
 decode worker's later ones, and a finish can come first): they are released in index order.
@@ -12,17 +13,21 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import zmq.asyncio
 
 from pdserve.config.process_specs import TokenizerSpec
 from pdserve.config.sampling_params import SamplingParams
+from pdserve.heartbeat import HeartbeatSender
 from pdserve.ipc import AsyncInbox, AsyncOutbox
 from pdserve.protocol import (
     Abort,
+    DetokenizeReq,
     Finish,
     GenerateReq,
     Message,
@@ -30,9 +35,11 @@ from pdserve.protocol import (
     ReqOutput,
     Shutdown,
     TokenizedReq,
+    TokenizeOut,
+    TokenizeReq,
     TokenOut,
 )
-from pdserve.tokenizer_proc.chat_template import apply_chat_template
+from pdserve.tokenizer_proc.chat_template import render_chat
 from pdserve.tokenizer_proc.incremental_detokenizer import (
     IncrementalDetokenizer,
     token_texts,
@@ -41,6 +48,12 @@ from pdserve.tokenizer_proc.incremental_detokenizer import (
 
 logger = logging.getLogger(__name__)
 
+# Prompts longer than this are tokenized in a thread, so other streams keep flowing.
+_INLINE_MAX_CHARS = 8192
+_INLINE_MAX_IDS = 32768
+# A text over this many characters per allowed token is first tokenized in part (a probe).
+_PROBE_CHARS_PER_TOKEN = 8
+_PROBE_SLACK = 16
 _CONFIG_LEN_KEYS = ("max_position_embeddings", "max_sequence_length", "max_seq_len", "n_positions")
 
 
@@ -60,6 +73,22 @@ def model_context_len(model_path: str, tokenizer: Any) -> int:
                 return config[key]
     limit = getattr(tokenizer, "model_max_length", 0)
     return limit if isinstance(limit, int) and 0 < limit < 10**9 else 0
+
+
+class Prepared(NamedTuple):
+    """A request checked and tokenized, not yet registered."""
+
+    sampling: SamplingParams
+    input_ids: list[int]
+    prompt_text: str | None  # echo: the prompt's text
+
+
+def prompt_too_long(num_tokens: int, limit: int, is_lower_bound: bool = False) -> ValueError:
+    at_least = "at least " if is_lower_bound else ""
+    return ValueError(
+        f"prompt has {at_least}{num_tokens} tokens: expected at most {limit} "
+        "(the context length or router.limits.max_prompt_tokens)"
+    )
 
 
 @dataclass
@@ -100,24 +129,36 @@ class TokenizerCore:
         self.vocab_size = len(tokenizer)
         self.bos_token_id = getattr(tokenizer, "bos_token_id", None)
         self.states: dict[str, _ReqState] = {}
+        self.tokenizing: set[str] = set()  # rids being tokenized off the loop
 
     # ------------------------------------------------------------------ requests in
 
     def on_generate(self, req: GenerateReq) -> tuple[int, TokenizedReq]:
         """Tokenize and check a request; returns (worker index, message). Raises ValueError."""
+        return self.admit(req, self.prepare(req))
+
+    def prepare(self, req: GenerateReq) -> Prepared:
+        """Every check of the request and its tokenization, without touching `states`: safe to
+        run in a worker thread while the loop serves other requests. Raises ValueError."""
         if not 0 <= req.decode_idx < self.num_workers:
             raise ValueError(f"decode_idx={req.decode_idx} is out of range (0..{self.num_workers})")
-        if req.rid in self.states:
-            raise ValueError(f"rid {req.rid!r} is already in flight")
         sampling = SamplingParams.from_dict(req.sampling)
+        self.check_vocab(sampling)
         input_ids = self.prompt_ids(req)
         self.check_length(req, len(input_ids), sampling.max_new_tokens)
-        detok = None
-        if req.return_text:
-            detok = IncrementalDetokenizer.for_request(self.tokenizer, input_ids, sampling)
         prompt_text = None
         if req.echo:
             prompt_text = req.text if req.text is not None else self.tokenizer.decode(input_ids)
+        return Prepared(sampling, input_ids, prompt_text)
+
+    def admit(self, req: GenerateReq, prepared: Prepared) -> tuple[int, TokenizedReq]:
+        """Register a prepared request (on the loop); returns (worker index, message)."""
+        if req.rid in self.states or req.rid in self.tokenizing:
+            raise ValueError(f"rid {req.rid!r} is already in flight")
+        sampling, input_ids, prompt_text = prepared
+        detok = None
+        if req.return_text:
+            detok = IncrementalDetokenizer.for_request(self.tokenizer, input_ids, sampling)
         self.states[req.rid] = _ReqState(
             rid=req.rid,
             prompt_len=len(input_ids),
@@ -137,27 +178,72 @@ class TokenizerCore:
         )
         return req.decode_idx, msg
 
+    def is_long(self, req: GenerateReq) -> bool:
+        """Whether tokenizing the request takes long enough to move it off the event loop."""
+        if req.input_ids is not None:
+            return len(req.input_ids) > _INLINE_MAX_IDS
+        if req.text is not None:
+            return len(req.text) > _INLINE_MAX_CHARS
+        content = (m.get("content") if isinstance(m, dict) else "" for m in req.messages or ())
+        return sum(len(c) for c in content if isinstance(c, str)) > _INLINE_MAX_CHARS
+
+    def check_vocab(self, sampling: SamplingParams) -> None:
+        """Token ids the sampler would index with must be in the vocabulary."""
+        for key, ids in (
+            ("stop_token_ids", sampling.stop_token_ids),
+            ("logit_bias", sampling.logit_bias),
+        ):
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(
+                    f"{key}={bad[:8]} is invalid: expected token ids in [0, {self.vocab_size})"
+                )
+
+    def prompt_limit(self, req: GenerateReq) -> int:
+        """The most tokens the prompt may have (0: no limit known)."""
+        limits = [
+            n for n in (req.max_prompt_tokens, self.max_context_len, req.max_context_len) if n > 0
+        ]
+        return min(limits, default=0)
+
     def prompt_ids(self, req: GenerateReq) -> list[int]:
         given = [
             name for name in ("text", "messages", "input_ids") if getattr(req, name) is not None
         ]
         if len(given) != 1:
             raise ValueError(f"exactly one of text, messages, input_ids must be given, got {given}")
+        limit = self.prompt_limit(req)
         if req.messages is not None:
-            return apply_chat_template(
+            prompt = render_chat(
                 self.tokenizer,
                 req.messages,
                 add_generation_prompt=req.add_generation_prompt,
                 continue_final_message=req.continue_final_message,
             )
-        if req.text is not None:
-            return self.encode_text(req.text)
-        return self.check_input_ids(req.input_ids)
+            # The template writes its own BOS: adding one more would double it.
+            ids = self.encode(prompt, add_special_tokens=False, limit=limit)
+        elif req.text is not None:
+            ids = self.encode_text(req.text, limit)
+        else:
+            ids = self.check_input_ids(req.input_ids)
+        if req.max_prompt_tokens and len(ids) > req.max_prompt_tokens:
+            raise prompt_too_long(len(ids), req.max_prompt_tokens)
+        return ids
 
-    def encode_text(self, text: Any) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool, limit: int = 0) -> list[int]:
+        """`text`'s token ids. A text far longer than `limit` tokens is refused after
+        tokenizing only a prefix, so an oversized prompt costs little."""
+        probe_chars = _PROBE_CHARS_PER_TOKEN * limit
+        if limit and len(text) > probe_chars:
+            num_probe = len(self.tokenizer.encode(text[:probe_chars], add_special_tokens=False))
+            if num_probe > limit + _PROBE_SLACK:  # the cut may split a word: a few tokens slack
+                raise prompt_too_long(num_probe - _PROBE_SLACK, limit, is_lower_bound=True)
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def encode_text(self, text: Any, limit: int = 0) -> list[int]:
         if not isinstance(text, str):
             raise ValueError(f"text must be a string, got {type(text).__name__}")
-        ids = list(self.tokenizer.encode(text, add_special_tokens=True))
+        ids = self.encode(text, add_special_tokens=True, limit=limit)
         # Text that was chat-templated by the caller already starts with BOS: keep just one.
         bos = self.bos_token_id
         if bos is not None and ids[:2] == [bos, bos] and text.startswith(self.tokenizer.bos_token):
@@ -196,8 +282,63 @@ class TokenizerCore:
     def on_abort(self, msg: Abort) -> None:
         if msg.abort_all:
             self.states.clear()
+            self.tokenizing.clear()
         else:
             self.states.pop(msg.rid, None)
+            self.tokenizing.discard(msg.rid)
+
+    def start_tokenizing(self, rid: str) -> None:
+        """Note a request handed to the tokenizing thread (an Abort may come meanwhile)."""
+        if rid in self.states or rid in self.tokenizing:
+            raise ValueError(f"rid {rid!r} is already in flight")
+        self.tokenizing.add(rid)
+
+    def end_tokenizing(self, rid: str) -> bool:
+        """False when the request was aborted while it was being tokenized: drop it."""
+        if rid not in self.tokenizing:
+            return False
+        self.tokenizing.discard(rid)
+        return True
+
+    def on_tokenize(self, msg: TokenizeReq | DetokenizeReq) -> TokenizeOut:
+        """Answer /tokenize (texts, or one chat through its template, to ids as /generate would
+        tokenize them) or /detokenize (id lists to texts). Never raises: a bad request is
+        answered with `error`."""
+        try:
+            if isinstance(msg, DetokenizeReq):
+                bad = [t for ids in msg.token_ids for t in ids if not 0 <= t < self.vocab_size]
+                if bad:
+                    raise ValueError(
+                        f"tokens={bad[:8]} is invalid: expected token ids in [0, {self.vocab_size})"
+                    )
+                skip = msg.skip_special_tokens
+                texts = [
+                    self.tokenizer.decode(ids, skip_special_tokens=skip) for ids in msg.token_ids
+                ]
+                return TokenizeOut(rid=msg.rid, texts=texts, max_context_len=self.max_context_len)
+            if msg.messages is not None:
+                chat = render_chat(
+                    self.tokenizer,
+                    msg.messages,
+                    add_generation_prompt=msg.add_generation_prompt,
+                    continue_final_message=msg.continue_final_message,
+                )
+                ids = [self.encode(chat, add_special_tokens=msg.add_special_tokens)]
+            elif msg.add_special_tokens:  # with BOS kept single, as /generate and completions do
+                ids = [self.encode_text(text) for text in msg.texts or []]
+            else:
+                ids = [self.encode(text, add_special_tokens=False) for text in msg.texts or []]
+            strs = None
+            if msg.return_token_strs:
+                strs = [list(self.tokenizer.convert_ids_to_tokens(x)) for x in ids]
+        except ValueError as e:
+            return TokenizeOut(rid=msg.rid, error=str(e))
+        except Exception as e:  # a tokenizer's own failure: still an answer, never a hang
+            logger.exception("rid=%s: tokenize failed", msg.rid)
+            return TokenizeOut(rid=msg.rid, error=f"internal error in tokenizer{self.idx}: {e!r}")
+        return TokenizeOut(
+            rid=msg.rid, token_ids=ids, token_strs=strs, max_context_len=self.max_context_len
+        )
 
     # ------------------------------------------------------------------ tokens in
 
@@ -348,6 +489,10 @@ async def serve(spec: TokenizerSpec) -> None:
             )
         )
     logger.info("%s ready (%s, context %d)", name, spec.model_path, max_context_len)
+    # One thread for long prompts: the loop keeps streaming others' tokens meanwhile (the fast
+    # tokenizer releases the GIL while it encodes).
+    encoder = ThreadPoolExecutor(1, thread_name_prefix=f"{name}-encode")
+    heartbeat = HeartbeatSender(name, spec.router_inbox, spec.heartbeat_interval_s).start()
     try:
         while True:
             try:
@@ -357,8 +502,10 @@ async def serve(spec: TokenizerSpec) -> None:
                 continue
             if isinstance(msg, Shutdown):
                 break
-            _dispatch(core, msg, to_router, to_workers)
+            _dispatch(core, msg, to_router, to_workers, encoder)
     finally:
+        heartbeat.stop()
+        encoder.shutdown(wait=False, cancel_futures=True)
         for sock in sockets:
             sock.close()
         ctx.term()
@@ -366,27 +513,72 @@ async def serve(spec: TokenizerSpec) -> None:
 
 
 def _dispatch(
-    core: TokenizerCore, msg: Message, to_router: AsyncOutbox, to_workers: list[AsyncOutbox]
+    core: TokenizerCore,
+    msg: Message,
+    to_router: AsyncOutbox,
+    to_workers: list[AsyncOutbox],
+    encoder: Executor | None = None,
 ) -> None:
-    """Handle one message; a bad request is answered with an error, never raised."""
+    """Handle one message; a bad request is answered with an error, never raised. A long
+    prompt is tokenized on `encoder` (None: everything inline)."""
     if isinstance(msg, TokenOut):
         for out in core.on_token_out(msg):
             to_router.send(out)
     elif isinstance(msg, GenerateReq):
-        try:
-            worker_idx, tokenized = core.on_generate(msg)
-        except ValueError as e:
-            logger.info("rid=%s: refused: %s", msg.rid, e)
-            to_router.send(error_output(msg.rid, str(e)))
-        except Exception as e:
-            logger.exception("rid=%s: tokenization failed", msg.rid)
-            to_router.send(error_output(msg.rid, f"internal error in tokenizer{core.idx}: {e!r}"))
+        if encoder is not None and core.is_long(msg):
+            _tokenize_off_loop(core, msg, to_router, to_workers, encoder)
         else:
-            to_workers[worker_idx].send(tokenized)
+            _answer(core, msg, to_router, to_workers, core.on_generate)
     elif isinstance(msg, Abort):
         core.on_abort(msg)
+    elif isinstance(msg, (TokenizeReq, DetokenizeReq)):
+        to_router.send(core.on_tokenize(msg))
     else:
         logger.warning("tokenizer%d: unexpected %s dropped", core.idx, type(msg).__name__)
+
+
+def _answer(
+    core: TokenizerCore,
+    req: GenerateReq,
+    to_router: AsyncOutbox,
+    to_workers: list[AsyncOutbox],
+    handle: Callable[[GenerateReq], tuple[int, TokenizedReq]],
+) -> None:
+    """Send the tokenized request on to its worker, or its refusal to the router."""
+    try:
+        worker_idx, tokenized = handle(req)
+    except ValueError as e:
+        logger.info("rid=%s: refused: %s", req.rid, e)
+        to_router.send(error_output(req.rid, str(e)))
+    except Exception as e:
+        logger.exception("rid=%s: tokenization failed", req.rid)
+        to_router.send(error_output(req.rid, f"internal error in tokenizer{core.idx}: {e!r}"))
+    else:
+        to_workers[worker_idx].send(tokenized)
+
+
+def _tokenize_off_loop(
+    core: TokenizerCore,
+    req: GenerateReq,
+    to_router: AsyncOutbox,
+    to_workers: list[AsyncOutbox],
+    encoder: Executor,
+) -> None:
+    """`core.prepare` in the encoder thread, then `core.admit` back on the loop; a request
+    aborted meanwhile is dropped (the router has answered it already)."""
+    try:
+        core.start_tokenizing(req.rid)
+    except ValueError as e:
+        to_router.send(error_output(req.rid, str(e)))
+        return
+    future = asyncio.get_running_loop().run_in_executor(encoder, core.prepare, req)
+
+    def done(fut: asyncio.Future[Prepared]) -> None:
+        if fut.cancelled() or not core.end_tokenizing(req.rid):
+            return
+        _answer(core, req, to_router, to_workers, lambda r: core.admit(r, fut.result()))
+
+    future.add_done_callback(done)
 
 
 def main(spec: dict[str, Any]) -> None:

@@ -22,6 +22,7 @@ generator for the batch (the caller's, or torch's default for the device).
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -50,6 +51,36 @@ class SamplingRow:
     eos_token_ids: Sequence[int] = ()  # masked (with stop_token_ids) before min_new_tokens
     return_logprob: bool = False
     top_logprobs_num: int = 0  # 0..MAX_TOP_LOGPROBS
+
+
+class BadRow(NamedTuple):
+    """A row whose own parameters cannot be sampled with, and why."""
+
+    row_idx: int  # index into the rows given (and the logits' rows)
+    message: str
+
+
+class SamplingRowError(ValueError):
+    """Some rows cannot be sampled with; the batch's other rows are fine. The worker ends just
+    those requests (`bad_rows`) and samples the rest (see `build_skipping_bad_rows`)."""
+
+    def __init__(self, bad_rows: list[BadRow]) -> None:
+        if not bad_rows:
+            raise ValueError("SamplingRowError needs at least one bad row")
+        self.bad_rows = bad_rows
+        super().__init__("; ".join(f"row {r.row_idx}: {r.message}" for r in bad_rows))
+
+    @property
+    def row_indices(self) -> list[int]:
+        return [r.row_idx for r in self.bad_rows]
+
+
+class PartialBatch(NamedTuple):
+    """A batch of the good rows, and the rows left out."""
+
+    batch: SamplingBatch | None  # None when no row was good
+    row_indices: list[int]  # the rows the batch holds, in order (select these logits' rows)
+    bad_rows: list[BadRow]
 
 
 class SampleOutput(NamedTuple):
@@ -98,14 +129,12 @@ class SamplingBatch:
     def build(
         cls, rows: Sequence[SamplingRow], vocab_size: int, device: torch.device | str
     ) -> SamplingBatch:
+        """Raises SamplingRowError naming every row whose own parameters are bad."""
         if not rows:
             raise ValueError("SamplingBatch.build got no rows: expected at least one")
-        for row in rows:
-            if not 0 <= row.top_logprobs_num <= MAX_TOP_LOGPROBS:
-                raise ValueError(
-                    f"top_logprobs_num={row.top_logprobs_num} is invalid: "
-                    f"expected 0..{MAX_TOP_LOGPROBS}"
-                )
+        bad_rows = find_bad_rows(rows, vocab_size)
+        if bad_rows:
+            raise SamplingRowError(bad_rows)
         params = [row.params for row in rows]
         sampled = [p for p in params if not p.is_greedy]
 
@@ -113,7 +142,9 @@ class SamplingBatch:
             vocab_size=vocab_size,
             temperatures=_column([1.0 if p.is_greedy else p.temperature for p in params], device),
             top_ks=_column(
-                [p.top_k if p.top_k > 0 else vocab_size for p in params], device, torch.int64
+                [min(p.top_k, vocab_size) if p.top_k > 0 else vocab_size for p in params],
+                device,
+                torch.int64,
             ),
             top_ps=_column([p.top_p for p in params], device),
             min_ps=_column([p.min_p for p in params], device),
@@ -130,6 +161,65 @@ class SamplingBatch:
         )
 
 
+def build_skipping_bad_rows(
+    rows: Sequence[SamplingRow], vocab_size: int, device: torch.device | str
+) -> PartialBatch:
+    """`SamplingBatch.build` over the rows that can be sampled: one request's bad parameter
+    never fails the others. Sample `logits[row_indices]` with the batch; end `bad_rows`."""
+    kept = list(range(len(rows)))
+    bad: list[BadRow] = []
+    while kept:
+        try:
+            batch = SamplingBatch.build([rows[i] for i in kept], vocab_size, device)
+        except SamplingRowError as e:  # each round drops at least one row
+            dropped = {kept[r.row_idx] for r in e.bad_rows}
+            bad += [BadRow(kept[r.row_idx], r.message) for r in e.bad_rows]
+            kept = [i for i in kept if i not in dropped]
+        else:
+            return PartialBatch(batch, kept, sorted(bad))
+    return PartialBatch(None, [], sorted(bad))
+
+
+def find_bad_rows(rows: Sequence[SamplingRow], vocab_size: int) -> list[BadRow]:
+    """The rows whose parameters would fail the batch, with why. Checks what is cheap per step
+    (numbers, logit_bias, stop and EOS ids); prompt and output ids are checked, vectorized,
+    while the batch is built (`_ids_by_row`, also raising SamplingRowError)."""
+    bad = []
+    for i, row in enumerate(rows):
+        message = row_problem(row, vocab_size)
+        if message is not None:
+            bad.append(BadRow(i, message))
+    return bad
+
+
+def row_problem(row: SamplingRow, vocab_size: int) -> str | None:
+    """Why `row` cannot be sampled with, or None."""
+    p = row.params
+    if not 0 <= row.top_logprobs_num <= MAX_TOP_LOGPROBS:
+        return f"top_logprobs_num={row.top_logprobs_num} is invalid: expected 0..{MAX_TOP_LOGPROBS}"
+    numbers = (p.temperature, p.top_p, p.min_p, p.repetition_penalty, p.frequency_penalty,
+               p.presence_penalty)  # fmt: skip
+    if not all(isinstance(x, float) and math.isfinite(x) for x in numbers):
+        return f"sampling numbers {numbers} are invalid: expected finite floats"
+    if p.top_p <= 0.0 or p.repetition_penalty <= 0.0:
+        return f"top_p={p.top_p}, repetition_penalty={p.repetition_penalty}: expected both > 0"
+    if not _is_int(p.top_k) or (p.seed is not None and not _is_int(p.seed)):
+        return f"top_k={p.top_k!r}, seed={p.seed!r}: expected integers"
+    if not all(_is_int(t) and 0 <= t < vocab_size for t in p.logit_bias):
+        return f"logit_bias has a token id outside [0, {vocab_size})"
+    if not all(isinstance(v, float) and math.isfinite(v) for v in p.logit_bias.values()):
+        return "logit_bias has a bias that is not a finite float"
+    if len(row.output_ids) < p.min_new_tokens:  # these ids index the logits only then
+        ids = (*p.stop_token_ids, *row.eos_token_ids)
+        if not all(_is_int(t) and 0 <= t < vocab_size for t in ids):
+            return f"stop_token_ids/eos ids {list(ids)[:8]} are invalid: expected [0, {vocab_size})"
+    return None
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 # ---- building the batch ------------------------------------------------------------------
 
 
@@ -137,16 +227,37 @@ def _ids_by_row(
     id_lists: Sequence[Sequence[int]], vocab_size: int, what: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(row, token id) pairs, CPU int64 [N] each, for the ids id_lists[row] of every row;
-    token ids are checked against the vocab. numpy reads Python ints ~6x faster than
-    torch.tensor, which matters for long prompts under repetition_penalty."""
+    token ids are checked against the vocab (SamplingRowError names the rows with bad ones).
+    numpy reads Python ints ~6x faster than torch.tensor, which matters for long prompts under
+    repetition_penalty."""
     lengths = torch.tensor([len(ids) for ids in id_lists], dtype=torch.int64)  # [B]
-    flat = np.fromiter(itertools.chain.from_iterable(id_lists), np.int64, int(lengths.sum()))
+    try:
+        flat = np.fromiter(itertools.chain.from_iterable(id_lists), np.int64, int(lengths.sum()))
+    except (OverflowError, TypeError, ValueError):  # not an int64: find the rows, id by id
+        return _ids_by_row(_ints_or_minus_one(id_lists), vocab_size, what)
     token_ids = torch.from_numpy(flat)  # [N]
-    if token_ids.numel() and (token_ids.min() < 0 or token_ids.max() >= vocab_size):
-        bad = token_ids[(token_ids < 0) | (token_ids >= vocab_size)][0].item()
-        raise ValueError(f"{what} has token id {bad}: expected 0 <= id < {vocab_size}")
     rows = torch.repeat_interleave(torch.arange(len(id_lists)), lengths)  # [N]
+    if token_ids.numel() and (token_ids.min() < 0 or token_ids.max() >= vocab_size):
+        is_bad = (token_ids < 0) | (token_ids >= vocab_size)  # [N] bool
+        bad_rows = [
+            BadRow(int(r), f"{what} has token id {int(t)}: expected 0 <= id < {vocab_size}")
+            for r, t in _first_per_row(rows[is_bad], token_ids[is_bad])
+        ]
+        raise SamplingRowError(bad_rows)
     return rows, token_ids
+
+
+def _first_per_row(rows: torch.Tensor, token_ids: torch.Tensor) -> list[tuple[int, int]]:
+    """(row, its first token id) for each distinct row of the (row, token id) pairs."""
+    first: dict[int, int] = {}
+    for r, t in zip(rows.tolist(), token_ids.tolist()):
+        first.setdefault(r, t)
+    return sorted(first.items())
+
+
+def _ints_or_minus_one(id_lists: Sequence[Sequence[int]]) -> list[list[int]]:
+    """Each id that is no int64 (a huge int, a float) replaced by -1, so it reads as out of range."""
+    return [[t if _is_int(t) and -(2**63) <= t < 2**63 else -1 for t in ids] for ids in id_lists]
 
 
 def _column(

@@ -17,7 +17,13 @@ from pdserve.scheduler.finish_checker import FinishChecker
 from pdserve.scheduler.request import Request
 from pdserve.scheduler.scheduler import BatchItem, Scheduler
 from pdserve.worker.model_runner import ModelRunner
-from pdserve.worker.sampler import SamplingBatch, SamplingRow, is_plain_greedy, sample
+from pdserve.worker.sampler import (
+    SamplingRow,
+    build_skipping_bad_rows,
+    is_plain_greedy,
+    row_problem,
+    sample,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -66,24 +72,36 @@ class WorkerCore:
         self.num_steps += 1
         return touched
 
+    def _sampling_row(self, req: Request) -> SamplingRow:
+        return SamplingRow(
+            params=req.sampling,
+            prompt_ids=req.prompt_ids,
+            output_ids=req.output_ids,
+            eos_token_ids=self.eos_token_ids,
+            return_logprob=req.return_logprob,
+            top_logprobs_num=req.top_logprobs_num,
+        )
+
     def _sample_and_record(self, logits: torch.Tensor, items: list[BatchItem]) -> None:
-        rows = [
-            SamplingRow(
-                params=item.req.sampling,
-                prompt_ids=item.req.prompt_ids,
-                output_ids=item.req.output_ids,
-                eos_token_ids=self.eos_token_ids,
-                return_logprob=item.req.return_logprob,
-                top_logprobs_num=item.req.top_logprobs_num,
-            )
-            for item in items
-        ]
+        """Sample a token for each item (logits: [len(items), V]). A row whose own parameters
+        cannot be sampled with ends its request alone; the other rows go on."""
+        rows = [self._sampling_row(item.req) for item in items]
         if all(is_plain_greedy(row) for row in rows):
             # The common benchmark and eval case: one argmax, one device-to-host copy.
             for item, token_id in zip(items, logits.argmax(dim=-1).tolist()):
                 self.scheduler.process_sampled(item, token_id)
             return
-        out = sample(logits, SamplingBatch.build(rows, logits.shape[-1], logits.device))
+        partial = build_skipping_bad_rows(rows, logits.shape[-1], logits.device)
+        for bad in partial.bad_rows:
+            rid = items[bad.row_idx].req.rid
+            logger.warning("request %s: cannot sample: %s", rid, bad.message)
+            self.scheduler.abort(rid, f"cannot sample: {bad.message}")
+        if partial.batch is None:
+            return
+        if partial.bad_rows:
+            items = [items[i] for i in partial.row_indices]
+            logits = logits.index_select(0, torch.tensor(partial.row_indices, device=logits.device))
+        out = sample(logits, partial.batch)
         for i, item in enumerate(items):
             logprob = None
             if out.logprobs is not None and item.req.return_logprob:
@@ -94,12 +112,20 @@ class WorkerCore:
                 top = [[tid, lp] for tid, lp in zip(ids, lps)]
             self.scheduler.process_sampled(item, out.token_ids[i], logprob, top)
 
-    def add(self, req: Request) -> None:
-        """Queue a request; ValueError (naming the problem) if it can never run."""
+    def check_request(self, req: Request) -> None:
+        """ValueError naming the problem if this model cannot serve the request: a prompt token
+        or a sampling parameter (a logit_bias id) outside its vocabulary."""
         vocab = self.model_config.vocab_size
         bad = [t for t in req.prompt_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"token id {bad[0]} is out of range: expected 0..{vocab - 1}")
+        problem = row_problem(self._sampling_row(req), vocab)
+        if problem is not None:
+            raise ValueError(problem)
+
+    def add(self, req: Request) -> None:
+        """Queue a request; ValueError (naming the problem) if it can never run."""
+        self.check_request(req)
         self.scheduler.add(req)
 
     def abort(self, rid: str, message: str = "aborted") -> Request | None:

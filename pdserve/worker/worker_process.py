@@ -1,18 +1,5 @@
-"""A worker process: the scheduler loop of one prefill, decode or mixed worker.
-
-Loop: drain the inbox -> (decode) admit requests into reserved pages and ask prefill for their KV
--> one forward step -> send new tokens to the tokenizers -> (prefill) push KV and report KVReady
--> a load report to the router every interval.
-
-KV page ownership across the two workers of one request (disaggregated):
-
-| when                          | prefill worker                     | decode worker                   |
-|-------------------------------|------------------------------------|---------------------------------|
-| TokenizedReq admitted         | -                                  | allocates dst pages (reserved)  |
-| PrefillTask computed          | owns src pages (pinned, PREFILLED) | reserved                        |
-| KV pushed, KVReady sent       | releases src pages (to its cache)  | reserved, bytes landing         |
-| KVReady (+ bytes) received    | -                                  | pages join the running request  |
-| failure / timeout / abort     | releases src pages                 | frees dst pages, ends request   |
+"""A worker process: the loop of one prefill, decode or mixed worker (receive, schedule and run a
+step, send), with what differs by role in a role object (`prefill_role`, `decode_role`, `mixed_role`).
 """
 
 from __future__ import annotations
@@ -20,44 +7,30 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 from pdserve import protocol
-from pdserve.config.process_specs import KVTransferSpec, WorkerSpec
-from pdserve.config.sampling_params import SamplingParams
+from pdserve.config.process_specs import WorkerSpec
+from pdserve.fault_injection import FaultInjector
 from pdserve.ipc import Inbox, Outbox
+from pdserve.kv_transfer.base import TransferStats
 from pdserve.protocol import Finish
-from pdserve.scheduler.request import Request, Status
+from pdserve.scheduler.request import Request
+from pdserve.worker.worker_core import WorkerCore
+from pdserve.worker.worker_role import Handler, ReqMeta, WorkerRole
 
 logger = logging.getLogger(__name__)
 
 _IDLE_POLL_MS = 5
 
 
-@dataclass
-class ReqMeta:
-    """What the worker process keeps beside a Request (in Request.user_data)."""
-
-    tokenizer_idx: int
-    peer_idx: int = 0  # prefill: the decode worker to push to; decode: the prefill worker asked
-    dst_pages: list[int] = field(default_factory=list)
-    num_emitted: int = 0  # output tokens already sent to the tokenizer
-    deadline: float = 0.0  # decode: when waiting for KV gives up
-    kv_ready: protocol.KVReady | None = None
-    kv_arrived: bool = False
-
-
 class WorkerProcess:
     def __init__(self, spec: WorkerSpec) -> None:
         from transformers import AutoTokenizer
 
-        from pdserve.worker.worker_core import WorkerCore
-
         self.spec = spec
         self.name = spec.name
-        self.role = spec.role
         tokenizer = AutoTokenizer.from_pretrained(spec.engine.model_path)
         self.core = WorkerCore(
             spec.engine, decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
@@ -68,28 +41,16 @@ class WorkerProcess:
         self.to_router = Outbox(spec.router_inbox) if spec.router_inbox else None
         self.to_prefills = [Outbox(a) for a in spec.prefill_inboxes]
         self.to_decodes = [Outbox(a) for a in spec.decode_inboxes]
-        self.kv_timeout_s = spec.kv.timeout_s
-        self.report_interval_s = spec.report_interval_s
-        self.pending_admission: list[Request] = []  # decode: waiting for pages
-        self.orphans: dict[str, Request] = {}  # decode: ended, pages held until prefill lets go
-        self.aborted_rids: deque[str] = deque(maxlen=4096)  # prefill: aborted before arrival
-        self.kv_receiver = None
-        self.kv_sender = None
-        self.kv_handshake: dict[str, Any] | None = None
-        self._setup_kv_transfer(spec.kv)
+        self.faults = FaultInjector(spec.fault_injection, spec.name)  # tests; off by default
+        self.role: WorkerRole = _ROLES[spec.role](self)
+        self._handlers: dict[type, Handler] = {
+            protocol.Abort: self._on_abort,
+            protocol.FlushCache: self._on_flush_cache,
+            protocol.Shutdown: self._on_shutdown,
+            **self.role.handlers(),
+        }
         self._last_report = 0.0
         self._running = True
-
-    def _setup_kv_transfer(self, kv: KVTransferSpec) -> None:
-        from pdserve import kv_transfer
-
-        pool = self.core.runner.kv_pool
-        if self.role == "decode":
-            options = {"host": kv.host} if kv.host else {}
-            self.kv_receiver = kv_transfer.make_receiver(kv.backend, pool, kv.address, **options)
-            self.kv_handshake = self.kv_receiver.handshake()  # rides on every PrefillTask
-        elif self.role == "prefill":
-            self.kv_sender = kv_transfer.make_sender(kv.backend, pool)
 
     def ready_info(self) -> dict[str, Any]:
         return {"num_pages": self.core.runner.num_pages}
@@ -98,268 +59,74 @@ class WorkerProcess:
 
     def run(self) -> None:
         while self._running:
-            self._drain_inbox()
-            if self.role == "decode":
-                self._admit_pending()
-                self._collect_transfers()
-            touched = self._step()
+            touched = self._receive()
+            touched += self.role.before_step(time.monotonic())
+            touched += self._step()
             self._emit(touched)
-            if self.role == "prefill":
-                self._push_prefilled(touched)
+            self.role.after_step(touched)
             self._maybe_report()
         self.close()
+
+    def _receive(self) -> list[Request]:
+        """Handle every message in the inbox (waiting a little first when idle)."""
+        busy = self.core.has_work() or self.role.has_work()
+        first = self.inbox.recv(timeout_ms=0 if busy else _IDLE_POLL_MS)
+        msgs = ([first] if first is not None else []) + self.inbox.recv_all()
+        touched: list[Request] = []
+        for msg in msgs:
+            handler = self._handlers.get(type(msg))
+            if handler is None:
+                logger.warning("worker %s: unexpected message %s", self.name, type(msg).__name__)
+                continue
+            try:
+                touched += handler(msg)
+            except Exception as e:  # a bad message must not kill the worker
+                rid = getattr(msg, "rid", "?")
+                logger.exception("worker %s: request %s failed: %s", self.name, rid, e)
+                self._fail(msg, str(e))
+        return touched
 
     def _step(self) -> list[Request]:
         """One forward step. If it fails (a bug, device out of memory), the requests it held end
         with an error and the worker keeps serving: a failure must not become a dead process."""
         try:
+            self.faults.before_step(self.core.has_work())
             return self.core.step()
         except Exception as e:
             logger.exception("worker %s: step failed; ending its running requests", self.name)
             message = f"internal error in worker {self.name}: {type(e).__name__}: {e}"
-            failed = [r for r in self.scheduler.running if r.status == Status.RUNNING]
+            failed = list(self.scheduler.running)
             for req in failed:
                 self.scheduler.abort(req.rid, message)
             return failed
 
-    def _drain_inbox(self) -> None:
-        busy = self.core.has_work() or self.pending_admission or self._waiting_kv()
-        first = self.inbox.recv(timeout_ms=0 if busy else _IDLE_POLL_MS)
-        msgs = ([first] if first is not None else []) + self.inbox.recv_all()
-        for msg in msgs:
-            try:
-                self._handle(msg)
-            except Exception as e:  # a bad message must not kill the worker
-                rid = getattr(msg, "rid", "?")
-                logger.exception("worker %s: request %s failed: %s", self.name, rid, e)
-                self._fail(msg, str(e))
+    # ------------------------------------------------------------------ messages for any role
 
-    def _handle(self, msg: Any) -> None:
-        if isinstance(msg, protocol.TokenizedReq):
-            self._on_tokenized(msg)
-        elif isinstance(msg, protocol.PrefillTask):
-            self._on_prefill_task(msg)
-        elif isinstance(msg, protocol.KVReady):
-            self._on_kv_ready(msg)
-        elif isinstance(msg, protocol.Abort):
-            self._on_abort(msg)
-        elif isinstance(msg, protocol.FlushCache):
-            if self.scheduler.cache is not None:
-                self.scheduler.cache.reset()
-        elif isinstance(msg, protocol.Shutdown):
-            self._running = False
-        else:
-            logger.warning("worker %s: unexpected message %s", self.name, type(msg).__name__)
-
-    # ------------------------------------------------------------------ intake
-
-    def _new_request(
-        self,
-        rid: str,
-        input_ids: list[int],
-        sampling: dict[str, Any],
-        return_logprob: bool,
-        top_logprobs_num: int,
-        meta: ReqMeta,
-        prefill_only: bool = False,
-    ) -> Request:
-        req = Request(
-            rid=rid,
-            prompt_ids=list(input_ids),
-            sampling=SamplingParams.from_dict(sampling),
-            return_logprob=return_logprob or top_logprobs_num > 0,
-            top_logprobs_num=top_logprobs_num,
-            prefill_only=prefill_only,
-        )
-        req.user_data = meta
-        return req
-
-    def _on_tokenized(self, msg: protocol.TokenizedReq) -> None:
-        meta = ReqMeta(tokenizer_idx=msg.tokenizer_idx, peer_idx=msg.prefill_idx)
-        req = self._new_request(
-            msg.rid, msg.input_ids, msg.sampling, msg.return_logprob, msg.top_logprobs_num, meta
-        )
-        if self.role == "decode":
-            meta.num_emitted = 1  # the first token goes from prefill to the tokenizer directly
-            self.scheduler.check_fits(req)
-            self.pending_admission.append(req)
-        else:
-            self.core.add(req)
-
-    def _on_prefill_task(self, msg: protocol.PrefillTask) -> None:
-        if msg.kv_handshake is not None:  # a no-op once this decode worker is connected
-            self.kv_sender.connect(msg.decode_idx, msg.kv_handshake)
-        if msg.rid in self.aborted_rids:
-            self.to_decodes[msg.decode_idx].send(
-                protocol.KVReady(
-                    rid=msg.rid, first_token=-1, cached_tokens=0, ok=False, error="aborted"
-                )
-            )
-            return
-        meta = ReqMeta(
-            tokenizer_idx=msg.tokenizer_idx, peer_idx=msg.decode_idx, dst_pages=list(msg.dst_pages)
-        )
-        req = self._new_request(
-            msg.rid,
-            msg.input_ids,
-            msg.sampling,
-            msg.return_logprob,
-            msg.top_logprobs_num,
-            meta,
-            prefill_only=True,
-        )
-        self.core.add(req)
-
-    def _on_abort(self, msg: protocol.Abort) -> None:
-        if msg.abort_all:
-            rids = list(self.scheduler.requests) + [r.rid for r in self.pending_admission]
-        else:
-            rids = [msg.rid]
+    def _on_abort(self, msg: protocol.Abort) -> list[Request]:
+        rids = self.role.rids() if msg.abort_all else [msg.rid]
+        touched: list[Request] = []
         for rid in rids:
-            self.pending_admission = [r for r in self.pending_admission if r.rid != rid]
-            req = self.scheduler.requests.get(rid)
-            if req is None:
-                if self.role == "prefill":
-                    self.aborted_rids.append(rid)  # its PrefillTask may still be on the way
-                continue
-            if req.status == Status.WAITING_KV:
-                self._drop_waiting_kv(req, msg.message, notify=False)
-                continue
-            self.scheduler.abort(rid, msg.message)
-            if self.role == "prefill":  # decode holds pages for it: tell it to let them go
-                self.to_decodes[req.user_data.peer_idx].send(
-                    protocol.KVReady(
-                        rid=rid, first_token=-1, cached_tokens=0, ok=False, error=msg.message
-                    )
-                )
+            touched += self.role.on_abort(rid, msg.message)
+        return touched
 
-    # ------------------------------------------------------------------ decode role
+    def _on_flush_cache(self, msg: protocol.FlushCache) -> list[Request]:
+        self.scheduler.cache.reset()
+        return []
 
-    def _admit_pending(self) -> None:
-        while self.pending_admission:
-            req = self.pending_admission[0]
-            pages = self.scheduler.reserve_for_transfer(req)
-            if pages is None:
-                return  # backpressure: wait for pages to free up
-            self.pending_admission.pop(0)
-            meta: ReqMeta = req.user_data
-            meta.deadline = time.monotonic() + self.kv_timeout_s
-            self.kv_receiver.expect(req.rid, pages)
-            self.to_prefills[meta.peer_idx].send(
-                protocol.PrefillTask(
-                    rid=req.rid,
-                    input_ids=req.prompt_ids,
-                    sampling=req.sampling.to_dict(),
-                    tokenizer_idx=meta.tokenizer_idx,
-                    decode_idx=self.spec.idx,
-                    dst_pages=pages,
-                    return_logprob=req.return_logprob,
-                    top_logprobs_num=req.top_logprobs_num,
-                    kv_handshake=self.kv_handshake,
+    def _on_shutdown(self, msg: protocol.Shutdown) -> list[Request]:
+        self._running = False
+        return []
+
+    def _fail(self, msg: Any, message: str) -> None:
+        """End the request a message was about with an error, wherever its client waits."""
+        if isinstance(msg, protocol.PrefillTask):
+            self.to_decodes[msg.decode_idx].send(protocol.KVFailed(msg.rid, message, 400))
+        elif isinstance(msg, protocol.TokenizedReq):
+            self.to_tokenizers[msg.tokenizer_idx].send(
+                protocol.TokenOut(
+                    rids=[msg.rid], token_ids=[[]], first_idx=[0], finish=[Finish.abort(message)]
                 )
             )
-
-    def _waiting_kv(self) -> bool:
-        return any(r.status == Status.WAITING_KV for r in self.scheduler.running)
-
-    def _on_kv_ready(self, msg: protocol.KVReady) -> None:
-        if msg.rid in self.orphans:  # ended already; the prefill is done with its pages now
-            self.scheduler.abort(self.orphans.pop(msg.rid).rid, "aborted")
-            return
-        req = self.scheduler.requests.get(msg.rid)
-        if req is None or req.status != Status.WAITING_KV:
-            return  # aborted meanwhile
-        if not msg.ok:
-            self._drop_waiting_kv(
-                req, msg.error or "prefill failed", notify=True, prefill_done=True
-            )
-            return
-        req.user_data.kv_ready = msg
-        self._maybe_commit(req)
-
-    def _collect_transfers(self) -> None:
-        for rid in self.kv_receiver.poll():
-            req = self.scheduler.requests.get(rid)
-            if req is not None and req.status == Status.WAITING_KV and rid not in self.orphans:
-                req.user_data.kv_arrived = True
-                self._maybe_commit(req)
-        for failure in self.kv_receiver.take_failures():
-            req = self.scheduler.requests.get(failure.rid)
-            if req is not None and req.status == Status.WAITING_KV:
-                self._drop_waiting_kv(req, f"KV transfer failed: {failure.error}", notify=True)
-        now = time.monotonic()
-        for req in [r for r in self.scheduler.running if r.status == Status.WAITING_KV]:
-            if req.rid in self.orphans:
-                if now > req.user_data.deadline + self.kv_timeout_s:  # the prefill is gone
-                    self.scheduler.abort(self.orphans.pop(req.rid).rid, "aborted")
-            elif now > req.user_data.deadline:
-                self.to_prefills[req.user_data.peer_idx].send(protocol.Abort(rid=req.rid))
-                message = f"KV transfer timed out after {self.kv_timeout_s:.0f} s"
-                self._drop_waiting_kv(req, message, notify=True)
-
-    def _maybe_commit(self, req: Request) -> None:
-        meta: ReqMeta = req.user_data
-        if meta.kv_ready is None or (self.kv_receiver.needs_arrival and not meta.kv_arrived):
-            return
-        ready = meta.kv_ready
-        self.scheduler.commit_transferred(
-            req, ready.first_token, ready.cached_tokens, ready.logprob, ready.top_logprobs
-        )
-        if req.is_finished:  # the first token already ended it
-            self._emit([req])
-
-    def _drop_waiting_kv(
-        self, req: Request, message: str, notify: bool, prefill_done: bool = False
-    ) -> None:
-        """End a request whose KV has not landed. With cuda_ipc the prefill may still be writing
-        into its pages, so they stay reserved (an orphan) until its KVReady, or a second timeout,
-        says the prefill is done with them."""
-        logger.warning("worker %s: request %s: %s", self.name, req.rid, message)
-        self.kv_receiver.cancel(req.rid)
-        if prefill_done or self.kv_receiver.frees_on_cancel:
-            self.scheduler.abort(req.rid, message)
-        else:
-            self.orphans[req.rid] = req
-            req.finish = Finish.abort(message)
-        if notify:  # the router asked for it otherwise, and already ended the client
-            self._emit([req])
-
-    # ------------------------------------------------------------------ prefill role
-
-    def _push_prefilled(self, touched: list[Request]) -> None:
-        for req in touched:
-            meta: ReqMeta = req.user_data
-            if req.finish is not None:  # failed here (e.g. too large): decode ends it
-                message = req.finish.message or "prefill failed"
-                self.to_decodes[meta.peer_idx].send(
-                    protocol.KVReady(
-                        rid=req.rid, first_token=-1, cached_tokens=0, ok=False, error=message
-                    )
-                )
-                continue
-            if req.status != Status.PREFILLED:
-                continue
-            num_pages = len(meta.dst_pages)
-            ready = protocol.KVReady(
-                rid=req.rid,
-                first_token=req.output_ids[0],
-                cached_tokens=req.num_cached_tokens,
-                logprob=req.output_logprobs[0] if req.output_logprobs else None,
-                top_logprobs=req.output_top_logprobs[0] if req.output_top_logprobs else None,
-            )
-            try:
-                self.kv_sender.send(
-                    req.rid,
-                    meta.peer_idx,
-                    req.page_ids[:num_pages],
-                    meta.dst_pages,
-                    timeout_s=self.kv_timeout_s,
-                )
-            except Exception as e:
-                logger.exception("worker %s: KV push of %s failed", self.name, req.rid)
-                ready.ok, ready.error = False, f"KV transfer failed: {e}"
-            self.scheduler.release(req)
-            self.to_decodes[meta.peer_idx].send(ready)
 
     # ------------------------------------------------------------------ outputs
 
@@ -369,9 +136,7 @@ class WorkerProcess:
         for req in touched:
             meta: ReqMeta = req.user_data
             new_ids = req.output_ids[meta.num_emitted :]
-            finish = req.finish
-            if self.role == "prefill":  # only the first token; decode reports the end
-                new_ids, finish = new_ids[:1], None
+            finish = req.finish if self.role.reports_finish else None
             if not new_ids and finish is None:
                 continue
             out = batches.setdefault(
@@ -380,79 +145,91 @@ class WorkerProcess:
                     rids=[], token_ids=[], first_idx=[], finish=[], logprobs=[], top_logprobs=[]
                 ),
             )
-            self._append_out(out, req, meta, new_ids, finish)
+            _append_out(out, req, meta, new_ids, finish)
         for idx, out in batches.items():
             self.to_tokenizers[idx].send(out)
 
-    def _append_out(
-        self,
-        out: protocol.TokenOut,
-        req: Request,
-        meta: ReqMeta,
-        new_ids: list[int],
-        finish: Finish | None,
-    ) -> None:
-        start = meta.num_emitted
-        out.rids.append(req.rid)
-        out.token_ids.append(list(new_ids))
-        out.first_idx.append(start)
-        out.finish.append(finish)
-        end = start + len(new_ids)
-        out.logprobs.append(req.output_logprobs[start:end] if req.return_logprob else [])
-        out.top_logprobs.append(req.output_top_logprobs[start:end] if req.top_logprobs_num else [])
-        out.prompt_tokens.append(len(req.prompt_ids))
-        out.cached_tokens.append(req.num_cached_tokens)
-        meta.num_emitted = end
-
-    def _fail(self, msg: Any, message: str) -> None:
-        """End the request a message was about with an error, wherever its client waits."""
-        if isinstance(msg, protocol.PrefillTask):
-            self.to_decodes[msg.decode_idx].send(
-                protocol.KVReady(
-                    rid=msg.rid, first_token=-1, cached_tokens=0, ok=False, error=message
-                )
-            )
-        elif isinstance(msg, protocol.TokenizedReq):
-            self.to_tokenizers[msg.tokenizer_idx].send(
-                protocol.TokenOut(
-                    rids=[msg.rid],
-                    token_ids=[[]],
-                    first_idx=[0],
-                    finish=[Finish.abort(message)],
-                )
-            )
-
     def _maybe_report(self) -> None:
         now = time.monotonic()
-        if self.to_router is None or now - self._last_report < self.report_interval_s:
+        if self.to_router is None or now - self._last_report < self.spec.report_interval_s:
             return
         self._last_report = now
         stats = self.scheduler.stats()
-        cache = self.scheduler.cache
-        sender = self.kv_sender
+        transfers = self.role.transfer_stats or TransferStats()
         self.to_router.send(
             protocol.LoadReport(
                 worker=self.name,
-                role=self.role,
+                role=self.spec.role,
                 num_running=stats["num_running"],
-                num_queued=stats["num_queued"] + len(self.pending_admission),
+                num_queued=stats["num_queued"] + self.role.num_waiting,
                 num_free_pages=stats["num_free_pages"] + stats["num_evictable_pages"],
                 num_total_pages=stats["num_total_pages"],
                 num_cached_pages=stats["num_cached_pages"],
-                cache_hit_rate=cache.hit_rate if cache is not None else 0.0,
+                cache_hit_rate=self.scheduler.cache.hit_rate,
                 step_time_ms=self.core.last_step_ms,
-                kv_transfer_bytes=sender.stats.bytes_sent if sender else 0,
-                kv_transfer_seconds=sender.stats.seconds if sender else 0.0,
-                num_kv_transfers=sender.stats.num_transfers if sender else 0,
+                kv_transfer_bytes=transfers.bytes_sent,
+                kv_transfer_seconds=transfers.seconds,
+                num_kv_transfers=transfers.num_transfers,
                 num_preemptions=stats["num_preemptions"],
             )
         )
 
     def close(self) -> None:
-        for closer in (self.kv_sender, self.kv_receiver):
-            if closer is not None:
-                closer.close()
+        self.role.close()
         self.inbox.close()
+
+
+def _append_out(
+    out: protocol.TokenOut, req: Request, meta: ReqMeta, new_ids: list[int], finish: Finish | None
+) -> None:
+    start = meta.num_emitted
+    end = start + len(new_ids)
+    out.rids.append(req.rid)
+    out.token_ids.append(list(new_ids))
+    out.first_idx.append(start)
+    out.finish.append(finish)
+    out.logprobs.append(req.output_logprobs[start:end] if req.return_logprob else [])
+    out.top_logprobs.append(req.output_top_logprobs[start:end] if req.top_logprobs_num else [])
+    out.prompt_tokens.append(len(req.prompt_ids))
+    out.cached_tokens.append(req.num_cached_tokens)
+    meta.num_emitted = end
+
+
+# ---------------------------------------------------------------------------- roles
+
+
+def _mixed_role(worker: WorkerProcess) -> WorkerRole:
+    from pdserve.worker.mixed_role import MixedRole
+
+    return MixedRole(worker.core)
+
+
+def _prefill_role(worker: WorkerProcess) -> WorkerRole:
+    from pdserve import kv_transfer
+    from pdserve.worker.prefill_role import PrefillRole
+
+    kv = worker.spec.kv
+    sender = kv_transfer.make_sender(kv.backend, worker.core.runner.kv_pool)
+    sender.faults = worker.faults
+    return PrefillRole(worker.core, sender, worker.to_decodes, kv.timeout_s)
+
+
+def _decode_role(worker: WorkerProcess) -> WorkerRole:
+    from pdserve import kv_transfer
+    from pdserve.worker.decode_role import DecodeRole
+
+    kv = worker.spec.kv
+    options = {"host": kv.host} if kv.host else {}
+    pool = worker.core.runner.kv_pool
+    receiver = kv_transfer.make_receiver(kv.backend, pool, kv.address, **options)
+    return DecodeRole(worker.core, receiver, worker.to_prefills, worker.spec.idx, kv.timeout_s)
+
+
+_ROLES: dict[str, Callable[[WorkerProcess], WorkerRole]] = {
+    "mixed": _mixed_role,
+    "prefill": _prefill_role,
+    "decode": _decode_role,
+}
 
 
 def main(spec_dict: dict[str, Any]) -> None:
@@ -462,8 +239,16 @@ def main(spec_dict: dict[str, Any]) -> None:
     signal.signal(signal.SIGTERM, lambda *_: setattr(worker, "_running", False))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher decides when children stop
     if spec.launcher_inbox:
-        Outbox(spec.launcher_inbox).send(
-            protocol.Ready(name=worker.name, info=worker.ready_info())
-        )
-    logger.info("worker %s (%s) ready", worker.name, worker.role)
-    worker.run()
+        Outbox(spec.launcher_inbox).send(protocol.Ready(name=worker.name, info=worker.ready_info()))
+    logger.info("worker %s (%s) ready", worker.name, spec.role)
+    from pdserve.heartbeat import HeartbeatSender  # here: this file's imports are in flux
+
+    heartbeat = None
+    if spec.router_inbox:  # from a thread: a long step never looks like a dead worker
+        heartbeat = HeartbeatSender(worker.name, spec.router_inbox, spec.heartbeat_interval_s)
+        heartbeat.start()
+    try:
+        worker.run()
+    finally:
+        if heartbeat is not None:
+            heartbeat.stop()

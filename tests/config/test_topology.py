@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from pdserve.config.engine_config import EngineConfig, SchedulerConfig
+from pdserve.config.request_limits import RequestLimits
 from pdserve.config.topology import Topology, WorkerConfig
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -348,7 +349,7 @@ def test_to_dict_is_json_and_round_trips(model: str) -> None:
     assert public["router"]["api_key"] == "<redacted>"
     assert public["prefill"] == [{"gpus": [0], "tp": 1, "node": None}]
     assert public["kv_transfer"]["backend"] == "nccl"
-    assert "secret" not in json.dumps(public)
+    assert '"secret"' not in json.dumps(public)  # the api key's value
     assert Topology.from_dict(t.to_dict(redact=False)) == t
 
 
@@ -398,6 +399,39 @@ def test_for_model_refuses_unknown_options_and_modes(model: str) -> None:
         Topology.for_model(model, mode="both")
     with pytest.raises(ValueError, match=r"^router\.port=0\.5 is invalid"):
         Topology.for_model(model, port=0.5)
+
+
+# ---------------------------------------------------------------------------------- supervision
+
+
+def test_supervision_defaults_reach_for_model_and_a_section_overrides_them(model: str) -> None:
+    default = Topology.for_model(model).supervision
+    assert (default.max_restarts, default.heartbeat_interval_s) == (5, 1.0)
+    assert (default.heartbeat_timeout_s, default.progress_timeout_s) == (5.0, 300.0)
+    t = topo(model, supervision={"max_restarts": 0, "progress_timeout_s": 0})
+    assert (t.supervision.max_restarts, t.supervision.progress_timeout_s) == (0, 0)
+    t = Topology.for_model(model, supervision={"restart_backoff_s": 0.5})
+    assert t.supervision.restart_backoff_s == 0.5 and t.supervision.max_restarts == 5
+    assert Topology.from_dict(t.to_dict(redact=False)) == t
+
+
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ({"max_restarts": -1}, "supervision.max_restarts=-1 is invalid"),
+        ({"heartbeat_interval_s": 0}, "supervision.heartbeat_interval_s=0 is invalid"),
+        ({"heartbeat_timeout_s": 1.5}, "supervision.heartbeat_timeout_s=1.5 is invalid"),
+        ({"progress_timeout_s": "soon"}, "supervision.progress_timeout_s='soon' is invalid"),
+        ({"restart_window_s": True}, "supervision.restart_window_s=True is invalid"),
+        ({"restarts": 3}, "supervision: unknown key(s) ['restarts']"),
+    ],
+)
+def test_invalid_supervision_is_refused_naming_the_key(
+    model: str, section: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValueError) as info:
+        topo(model, supervision=section)
+    assert message in str(info.value)
 
 
 # ---------------------------------------------------------------------------------- YAML
@@ -536,3 +570,101 @@ def test_workers_sharing_one_gpu_each_take_a_smaller_memory_fraction(model: str)
         0.85,
         0.85,
     ]
+
+
+# ---------------------------------------------------------------------------------- router limits
+
+
+def test_router_limits_default_to_production_values(model: str) -> None:
+    limits = topo(model).router.limits
+    assert limits == RequestLimits()
+    assert (limits.max_body_bytes, limits.max_prompt_chars, limits.max_prompt_tokens) == (
+        16 * 2**20,
+        1_000_000,
+        0,
+    )
+    assert (limits.max_prompts, limits.max_choices, limits.max_in_flight) == (1024, 1024, 4096)
+    assert (limits.max_stop_strings, limits.max_stop_chars) == (32, 256)
+    assert (limits.max_stop_token_ids, limits.max_logit_bias, limits.retry_after_s) == (
+        256,
+        1024,
+        1,
+    )
+
+
+def test_router_limits_are_read_from_the_router_section_and_round_trip(model: str) -> None:
+    t = topo(model, router={"limits": {"max_body_bytes": 1024, "max_in_flight": 8}})
+    assert t.router.limits.max_body_bytes == 1024 and t.router.limits.max_in_flight == 8
+    assert t.router.limits.max_prompts == 1024  # the rest keep their defaults
+    assert json.loads(json.dumps(t.to_dict()))["router"]["limits"]["max_in_flight"] == 8
+    assert Topology.from_dict(t.to_dict(redact=False)) == t
+    merged = Topology.for_model(model, router={"limits": {"max_prompts": 3}}, port=7000)
+    assert merged.router.limits.max_prompts == 3 and merged.router.port == 7000
+
+
+@pytest.mark.parametrize(
+    ("limits", "error"),
+    [
+        (
+            {"max_body_bytes": 0},
+            r"router\.limits\.max_body_bytes=0 is invalid: expected an integer >= 1",
+        ),
+        ({"max_in_flight": "10"}, r"router\.limits\.max_in_flight='10' is invalid"),
+        ({"max_prompt_tokens": -1}, r"router\.limits\.max_prompt_tokens=-1 is invalid: .* >= 0"),
+        ({"max_stop": 3}, r"router\.limits: unknown key\(s\) \['max_stop'\]"),
+        ([1], r"router\.limits: expected a mapping"),
+    ],
+)
+def test_bad_router_limits_are_refused_naming_the_key(model: str, limits: Any, error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        topo(model, router={"limits": limits})
+
+
+def test_the_router_spec_carries_the_limits(model: str) -> None:
+    from pdserve.config.router_spec import RouterSpec
+
+    spec = {"model_name": "m", "inbox": "ipc://r", "tokenizer_inboxes": ["ipc://t"],
+            "workers": [{"name": "mixed0", "role": "mixed", "idx": 0, "inbox": "ipc://w"}],
+            "limits": {"max_prompts": 7}}  # fmt: skip
+    router_spec = RouterSpec.from_dict(spec)
+    assert router_spec.limits == RequestLimits(max_prompts=7)
+    assert RouterSpec.from_dict(router_spec.to_dict()).limits == router_spec.limits
+
+
+# ---------------------------------------------------------------------------------- launch overrides
+
+
+def test_host_and_port_override_only_the_router_address(model: str) -> None:
+    t = topo(model, router={"host": "127.0.0.1", "port": 8000, "api_key": "k" * 16})
+    moved = t.with_router_address(host="0.0.0.0", port=9123)
+    assert (moved.router.host, moved.router.port) == ("0.0.0.0", 9123)
+    assert dataclasses.replace(moved, router=t.router) == t  # nothing else changed
+    assert moved.router.api_key == t.router.api_key
+    assert t.with_router_address(port=0).router.host == "127.0.0.1"  # None keeps the file's
+    assert t.with_router_address() is t
+
+
+@pytest.mark.parametrize(
+    ("address", "error"),
+    [
+        ({"port": 70000}, r"^router\.port=70000 is invalid: expected 0\.\.65535"),
+        ({"host": " "}, r"^router\.host=' ' is invalid"),
+    ],
+)
+def test_a_bad_override_is_refused_naming_the_router_key(
+    model: str, address: dict[str, Any], error: str
+) -> None:
+    with pytest.raises(ValueError, match=error):
+        topo(model).with_router_address(**address)
+
+
+def test_a_model_path_under_home_is_expanded(
+    model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = Path(model).parent
+    monkeypatch.setenv("HOME", str(home))
+    t = topo(f"~/{Path(model).name}")
+    assert t.model == model and t.model_name == Path(model).name
+    path = tmp_path / "t.yaml"
+    path.write_text(f"model: ~/{Path(model).name}\n")
+    assert Topology.from_yaml(path).model == model

@@ -1,5 +1,6 @@
 """Two launchers, one per node of a two-node topology (both on this machine's loopback): prefill on
-node a with the router, decode on node b; every socket is tcp. Outputs equal the in-process engine."""
+node a with the router, decode on node b; every socket is tcp, CURVE-authenticated with the
+cluster secret. Outputs equal the in-process engine."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ def test_prefill_and_decode_on_two_nodes_over_tcp(tiny_llama: Path) -> None:
             "decode": [{"node": "b"}],
             "kv_transfer": {"backend": "tcp"},
             "scheduler": {"num_pages": 256, "page_size": 4},
+            "security": {"cluster_secret": "two-nodes-test-secret"},  # CURVE on every tcp socket
         }
     )
     ref = Engine(str(tiny_llama), in_process=True, device="cpu", num_pages=256)

@@ -10,6 +10,8 @@ import zmq
 
 from pdserve import protocol
 from pdserve.config.engine_config import ModelConfig
+from pdserve.config.topology_sections import FaultInjectionConfig
+from pdserve.fault_injection import FaultInjector
 from pdserve.kv_transfer import KVTransferError, make_receiver, make_sender
 from pdserve.kv_transfer.tcp import TcpSender
 from pdserve.worker.kv_pool import KVPool
@@ -281,3 +283,48 @@ def test_duplicate_expect_is_refused(pair):
     receiver.expect("r", [1])
     with pytest.raises(ValueError, match="already"):
         receiver.expect("r", [2])
+
+
+# ---------------------------------------------------------------- hostile frames, injected faults
+
+
+def test_garbage_on_the_kv_socket_is_dropped_and_counted_and_transfers_still_land(pair):
+    src, dst, receiver, sender = pair
+    before = dst.clone()
+    receiver.expect("r", [3, 4])
+    wrong_types = protocol.KVChunk(rid="r", dst_pages=["3"], dtype=1, shape=[], data="x")
+    garbage = [
+        b"\x01\x02",
+        b"",
+        protocol.encode(protocol.Shutdown()),  # a valid message, but not a KVChunk
+        protocol.encode(wrong_types),
+    ]
+    _forward(garbage, receiver.address)
+    sender.send("r", 0, [10, 11], [3, 4], timeout_s=5)
+    assert poll_until(receiver, {"r"}) == {"r"}
+    assert receiver.num_dropped == len(garbage)
+    assert receiver.take_failures() == []
+    assert_moved(src, dst, before, [([10, 11], [3, 4])])
+
+
+def test_injected_kv_failures_hit_about_their_share_and_raise_transfer_errors(pair):
+    src, dst, receiver, sender = pair
+    sender.faults = FaultInjector(FaultInjectionConfig(kv_failure_prob=0.1, seed=3), "prefill0")
+    num_failed = 0
+    for i in range(200):
+        try:
+            sender.send(f"r{i}", 0, [i % 24], [i % 32], timeout_s=5)
+        except KVTransferError as e:
+            assert "injected KV transfer failure" in str(e)
+            num_failed += 1
+    assert 8 <= num_failed <= 35
+    assert num_failed == sender.faults.num_kv_failures == sender.stats.num_failures
+    assert sender.stats.num_transfers == 200 - num_failed
+
+
+def test_an_injected_delay_counts_against_the_transfer_timeout(pair):
+    src, dst, receiver, sender = pair
+    sender.faults = FaultInjector(FaultInjectionConfig(kv_delay_s=0.2, seed=0))
+    with pytest.raises(KVTransferError, match="timed out"):
+        sender.send("r", 0, [1], [2], timeout_s=0.001)
+    assert sender.stats.num_failures == 1

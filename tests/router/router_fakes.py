@@ -5,12 +5,14 @@ FakeTokenizer answers each GenerateReq with scripted ReqOutputs, chosen by a wor
   HANG      -> one delta, then nothing until aborted
   SLOW      -> a delta every 0.1 s, 100 of them
   otherwise -> "Hello", " world", "!" (cut at max_new_tokens; finish length if cut, else stop)
-and answers an Abort with a final abort output, as the real one does. FakeWorker records what
-reaches its inbox and sends LoadReports every 0.1 s while `reporting` is set.
+and answers an Abort with a final abort output, as the real one does, and sends a Heartbeat every
+0.1 s while `beating` is set. FakeWorker records what reaches its inbox and sends LoadReports every
+0.1 s while `reporting` is set.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -23,7 +25,7 @@ import zmq
 
 from pdserve import protocol
 from pdserve.ipc import new_ipc_address
-from pdserve.protocol import Abort, Finish, GenerateReq, LoadReport, ReqOutput
+from pdserve.protocol import Abort, Finish, GenerateReq, Heartbeat, LoadReport, ReqOutput
 from pdserve.router.app import build_app
 from pdserve.router.router import Router
 
@@ -96,13 +98,20 @@ class FakePeer:
 
 
 class FakeTokenizer(FakePeer):
-    def __init__(self, inbox: str, router_inbox: str) -> None:
+    def __init__(self, inbox: str, router_inbox: str, name: str = "tokenizer0") -> None:
         super().__init__(inbox, router_inbox)
         self.scheduled: list[tuple[float, ReqOutput]] = []  # (due time, output), this thread only
         self.live: set[str] = set()
+        self.name = name
+        self.beating = threading.Event()
+        self.beating.set()
+        self._next_beat = 0.0
 
     def tick(self) -> None:
         now = time.monotonic()
+        if self.beating.is_set() and now >= self._next_beat:
+            self._next_beat = now + 0.1
+            self.send(Heartbeat(self.name, pid=os.getpid()))
         due = [item for item in self.scheduled if item[0] <= now]
         self.scheduled = [item for item in self.scheduled if item[0] > now]
         for _, out in due:
@@ -129,6 +138,9 @@ def script(req: GenerateReq) -> list[tuple[float, ReqOutput]]:
         error = f"prompt has 9000 tokens, more than max_context_len={req.max_context_len}"
         return [(0.0, ReqOutput(req.rid, "", [], None, error=error))]
     max_new = req.sampling["max_new_tokens"]
+    if max_new == 0 and "HANG" not in prompt:  # nothing to generate: just the finish
+        done = ReqOutput(req.rid, "", [], Finish.at_length(0), prompt_tokens=PROMPT_TOKENS)
+        return [(0.0, done)]
     num = 100 if "SLOW" in prompt else (1 if "HANG" in prompt else min(len(WORDS), max_new))
     outs = []
     for k in range(num):
@@ -236,7 +248,9 @@ def start_cluster(**spec_overrides: Any) -> Cluster:
         "health_generate_timeout_s": 2.0,
     }  # fmt: skip
     spec.update(spec_overrides)
-    tokenizers = [FakeTokenizer(a, router_inbox) for a in tok_inboxes]
+    tokenizers = [
+        FakeTokenizer(a, router_inbox, f"tokenizer{i}") for i, a in enumerate(tok_inboxes)
+    ]
     workers = {
         w["name"]: FakeWorker(w["name"], w["role"], w["inbox"], router_inbox) for w in worker_specs
     }

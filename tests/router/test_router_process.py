@@ -10,10 +10,10 @@ import time
 
 import httpx
 import zmq.asyncio
-from router_fakes import FakeWorker, free_port, wait_until
+from router_fakes import FakeTokenizer, FakeWorker, free_port, wait_until
 
 from pdserve.ipc import AsyncInbox, AsyncOutbox, Inbox, Outbox, new_ipc_address
-from pdserve.protocol import Finish, LoadReport, Ready, ReqOutput, Shutdown
+from pdserve.protocol import Finish, Heartbeat, LoadReport, Ready, ReqOutput, Shutdown
 from pdserve.router.app import build_app
 from pdserve.router.router import Router
 
@@ -23,10 +23,12 @@ def test_router_process_says_ready_serves_and_exits_on_shutdown() -> None:
     launcher = Inbox(new_ipc_address("test-launcher"))
     worker_inbox = new_ipc_address("test-mixed0")
     worker = FakeWorker("mixed0", "mixed", worker_inbox, router_inbox)
+    tok_inbox = new_ipc_address("test-tok")
+    tokenizer = FakeTokenizer(tok_inbox, router_inbox)  # its heartbeats: the router needs them
     port = free_port()
     spec = {
         "host": "127.0.0.1", "port": port, "api_key": None, "model_name": "m",
-        "inbox": router_inbox, "tokenizer_inboxes": [new_ipc_address("test-tok")],
+        "inbox": router_inbox, "tokenizer_inboxes": [tok_inbox],
         "workers": [{"name": "mixed0", "role": "mixed", "idx": 0, "inbox": worker_inbox}],
         "launcher_inbox": launcher.address, "report_timeout_s": 1.0,
     }  # fmt: skip
@@ -39,6 +41,7 @@ def test_router_process_says_ready_serves_and_exits_on_shutdown() -> None:
         url = msg.info["url"]
         assert httpx.get(url + "/health").status_code == 503  # no load report yet
         worker.start()
+        tokenizer.start()
         wait_until(lambda: httpx.get(url + "/health").status_code == 200, 5.0)
         info = httpx.get(url + "/server_info").json()
         assert info["workers"][0]["name"] == "mixed0" and info["workers"][0]["healthy"]
@@ -51,6 +54,7 @@ def test_router_process_says_ready_serves_and_exits_on_shutdown() -> None:
             proc.kill()
             proc.wait()
         worker.close()
+        tokenizer.close()
         launcher.close()
 
 
@@ -74,6 +78,7 @@ def test_router_in_process_with_asgi_transport_and_an_async_fake_tokenizer() -> 
         router.workers.on_report(
             LoadReport("mixed0", "mixed", 0, 0, 9, 10, 0, 0.0, 1.0), time.monotonic()
         )
+        router.workers.on_heartbeat(Heartbeat("tokenizer0", pid=1), time.monotonic())
         ctx = zmq.asyncio.Context()
         task = asyncio.create_task(fake_tokenizer(ctx))
         transport = httpx.ASGITransport(app=build_app(router))

@@ -1,4 +1,5 @@
-"""Routing policies, worker health bookkeeping, the request tracker and the spec, without sockets."""
+"""Routing policies, process liveness bookkeeping, the request tracker and the spec, without
+sockets; and which requests each kind of lost process takes down."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import asyncio
 import pytest
 
 from pdserve.config.router_spec import RouterSpec, WorkerEntry
-from pdserve.protocol import Finish, LoadReport, ReqOutput
+from pdserve.protocol import Finish, Heartbeat, LoadReport, ProcessExited, ReqOutput
+from pdserve.router.errors import APIError
 from pdserve.router.request_tracker import RequestGroup, RequestTracker, Tracked
 from pdserve.router.router import Router, finish_label
 from pdserve.router.routing import LeastLoad, RoundRobin, make_policy
-from pdserve.router.worker_registry import WorkerRegistry
+from pdserve.router.worker_registry import Liveness, WorkerRegistry
 
 
 def _workers() -> tuple[WorkerEntry, ...]:
@@ -42,7 +44,7 @@ def test_round_robin_cycles_each_side_independently_over_healthy_workers() -> No
     prefills = [prefill_rr.pick(reg.prefill()).name for _ in range(4)]
     assert decodes == ["d0", "d1", "d2", "d0", "d1", "d2"]
     assert prefills == ["p0", "p1", "p0", "p1"]
-    reg.mark_dead("d1")
+    reg.mark_down("d1")
     picked = {decode_rr.pick(reg.decode_side()).name for _ in range(4)}
     assert picked == {"d0", "d2"}
 
@@ -94,14 +96,41 @@ def test_missing_reports_make_a_worker_unhealthy_until_reports_resume() -> None:
     assert reg.get("d1").is_healthy
 
 
-def test_a_worker_marked_dead_stays_unhealthy_despite_late_reports() -> None:
+def test_an_exited_worker_stays_down_until_a_new_process_beats() -> None:
     reg = _registry()
-    assert reg.mark_dead("p0") is True
-    reg.on_report(_report("p0", "prefill", 0), 0.1)
-    assert not reg.get("p0").is_healthy
+    reg.on_heartbeat(Heartbeat("p0", pid=100), 0.0)
+    assert reg.mark_down("p0", pid=100, restarting=True) is not None
+    reg.on_report(_report("p0", "prefill", 0), 0.1)  # queued before the exit
+    reg.on_heartbeat(Heartbeat("p0", pid=100), 0.2)
+    assert reg.get("p0").live.status == "restarting" and reg.get("p0").report is None
     assert [s.name for s in reg.prefill()] == ["p1"]
-    with pytest.raises(KeyError):
-        reg.mark_dead("nope")
+    reg.on_heartbeat(Heartbeat("p0", pid=101), 0.3)  # the restarted process
+    assert reg.get("p0").is_healthy and reg.get("p0").live.pid == 101
+    assert reg.mark_down("nope") is None  # unknown names are logged, never raised
+
+
+def test_liveness_ignores_the_exit_of_a_process_whose_successor_is_up() -> None:
+    live = Liveness()
+    assert live.heard(0.0, pid=7) is True
+    assert live.exited(7, restarting=True) is True
+    assert live.heard(0.5, pid=8) is True
+    assert live.exited(7, restarting=True) is False  # reported twice, or late
+    assert live.is_healthy
+    assert live.expire(5.0, timeout_s=1.0) is True and live.status == "unresponsive"
+    assert live.heard(5.1) is True  # a load report: an unresponsive process is back
+
+
+def test_tokenizers_are_tracked_like_workers() -> None:
+    reg = WorkerRegistry(_workers(), report_timeout_s=1.0, tokenizer_names=("t0", "t1"))
+    for w in _workers():
+        reg.on_report(_report(w.name, w.role, 0), 0.0)
+    assert not reg.all_healthy()  # the tokenizers have not been heard from
+    reg.on_heartbeat(Heartbeat("t0", pid=1), 0.0)
+    reg.on_heartbeat(Heartbeat("t1", pid=2), 0.5)
+    assert reg.all_healthy()
+    assert sorted(reg.expire(1.2)) == ["d0", "d1", "d2", "p0", "p1", "t0"]
+    assert [t.name for t in reg.healthy_tokenizers()] == ["t1"]
+    assert [p.name for p in reg.processes()][:2] == ["t0", "t1"]
 
 
 def test_tracker_finds_requests_by_rid_group_and_worker() -> None:
@@ -112,8 +141,11 @@ def test_tracker_finds_requests_by_rid_group_and_worker() -> None:
         tracker.add(Tracked("g-1", group, 1, 1, "d1", "p0"))
         assert tracker.rids_of("g") == ["g-0", "g-1"]
         assert tracker.rids_of("g-1") == ["g-1"]
-        assert [t.rid for t in tracker.on_worker("p0")] == ["g-0", "g-1"]
-        assert [t.rid for t in tracker.on_worker("d1")] == ["g-1"]
+        assert [t.rid for t in tracker.lost_with_worker("p0", "prefill")] == ["g-0", "g-1"]
+        tracker.get("g-0").num_output_tokens = 2  # a token from decode: handed over
+        assert [t.rid for t in tracker.lost_with_worker("p0", "prefill")] == ["g-1"]
+        assert [t.rid for t in tracker.lost_with_worker("d1", "decode")] == ["g-1"]
+        assert [t.rid for t in tracker.lost_with_tokenizer(1)] == ["g-1"]
         with pytest.raises(ValueError, match="in flight"):
             tracker.add(Tracked("g-0", group, 0, 0, "d0", "p0"))
         tracker.pop("g-0")
@@ -166,6 +198,101 @@ def test_spec_errors_name_the_bad_key() -> None:
 def test_router_routes_mixed_workers_without_prefill() -> None:
     router = Router(_spec_dict())
     router.workers.on_report(_report("d0", "mixed", 0), 0.0)
-    router.to_tokenizers = [object()]  # only counted by _route
+    router.workers.on_heartbeat(Heartbeat("tokenizer0", pid=1), 0.0)
     tok_idx, decode, prefill = router._route()
     assert (tok_idx, decode.name, prefill) == (0, "d0", None)
+
+
+class _Recorder:
+    """Stands in for an outbox: keeps what was sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[object] = []
+
+    def send(self, msg: object) -> None:
+        self.sent.append(msg)
+
+
+def _pd_router(**spec: object) -> Router:
+    """A started-looking router over p0, d0, d1 and two tokenizers, all healthy, no sockets."""
+    workers = [
+        {"name": "p0", "role": "prefill", "idx": 0, "inbox": "ipc://p0"},
+        {"name": "d0", "role": "decode", "idx": 0, "inbox": "ipc://d0"},
+        {"name": "d1", "role": "decode", "idx": 1, "inbox": "ipc://d1"},
+    ]
+    router = Router(_spec_dict(workers=workers, tokenizer_inboxes=["ipc://t0", "ipc://t1"], **spec))
+    router.is_started = True
+    router.to_tokenizers = [_Recorder(), _Recorder()]
+    router.to_workers = {w["name"]: _Recorder() for w in workers}
+    for w in workers:
+        router.workers.on_heartbeat(Heartbeat(w["name"], pid=10 + w["idx"]), 0.0)
+    for i in range(2):
+        router.workers.on_heartbeat(Heartbeat(f"tokenizer{i}", pid=20 + i), 0.0)
+    return router
+
+
+def _track(router: Router, rid: str, tok: int, decode: str, num_tokens: int) -> RequestGroup:
+    group = RequestGroup(rid, [rid])
+    router.tracker.add(Tracked(rid, group, 0, tok, decode, "p0", num_output_tokens=num_tokens))
+    return group
+
+
+def _ended_with(group: RequestGroup) -> str | None:
+    if group.queue.empty():
+        return None
+    _, out = group.queue.get_nowait()
+    assert out.finish is not None and out.finish.is_error
+    return out.finish.message
+
+
+def test_a_dead_prefill_ends_only_the_requests_it_has_not_handed_over() -> None:
+    router = _pd_router()
+    waiting = _track(router, "waiting", 0, "d0", num_tokens=0)
+    first_only = _track(router, "first-only", 1, "d1", num_tokens=1)  # KV may be in flight
+    decoding = _track(router, "decoding", 0, "d1", num_tokens=5)
+    router._on_exit(ProcessExited("p0", pid=10, exit_code=-9, restarting=True), "killed")
+    assert "p0" in _ended_with(waiting) and "p0" in _ended_with(first_only)
+    assert _ended_with(decoding) is None and "decoding" in router.tracker
+    aborted = {m.rid for m in router.to_workers["d0"].sent + router.to_workers["d1"].sent}
+    assert aborted == {"waiting", "first-only"}  # decode frees the pages it reserved
+    is_ready, body = router.health()
+    assert not is_ready and body["unhealthy"] == ["p0"]
+    assert body["processes"]["p0"] == "restarting" and body["processes"]["tokenizer1"] == "healthy"
+
+
+def test_a_dead_decode_or_tokenizer_ends_every_request_it_holds() -> None:
+    router = _pd_router()
+    on_d0 = _track(router, "a", 0, "d0", num_tokens=9)
+    on_d1_t1 = _track(router, "b", 1, "d1", num_tokens=9)
+    on_d1_t0 = _track(router, "c", 0, "d1", num_tokens=9)
+    router._on_exit(ProcessExited("d0", pid=10, exit_code=-9), "killed")
+    assert _ended_with(on_d0) and _ended_with(on_d1_t1) is None
+    router._on_exit(ProcessExited("tokenizer1", pid=21, exit_code=-9), "killed")
+    assert "tokenizer1" in _ended_with(on_d1_t1) and _ended_with(on_d1_t0) is None
+    assert router.health()[1]["processes"]["d0"] == "down"
+
+
+def test_routing_goes_around_a_dead_tokenizer_and_refuses_without_any() -> None:
+    router = _pd_router()
+    router.mark_unhealthy("tokenizer0", "killed")
+    assert {router._route()[0] for _ in range(4)} == {1}
+    router.mark_unhealthy("tokenizer1", "killed")
+    with pytest.raises(APIError, match="no healthy tokenizer"):
+        router._route()
+    assert not router.can_serve()
+    router.workers.on_heartbeat(Heartbeat("tokenizer0", pid=99), 1.0)  # restarted
+    assert router._route()[0] == 0
+
+
+def test_a_request_without_progress_ends_with_504_and_one_with_progress_does_not() -> None:
+    router = _pd_router(progress_timeout_s=10.0)
+    stalled = _track(router, "stalled", 0, "d0", num_tokens=0)
+    moving = _track(router, "moving", 0, "d0", num_tokens=0)
+    now = router.tracker.get("stalled").created + 11.0
+    router.tracker.get("moving").progress_at = now - 1.0
+    for name in ("p0", "d0", "d1", "tokenizer0", "tokenizer1"):  # alive throughout
+        router.workers.process(name).live.heard_at = now
+    router._check(now)
+    _, out = stalled.queue.get_nowait()
+    assert out.finish.status_code == 504 and "no progress for 10 s" in out.finish.message
+    assert moving.queue.empty() and "moving" in router.tracker

@@ -21,7 +21,7 @@ def cache_tokens(cache: RadixCache, token_ids: list[int]) -> list[int]:
     """Allocate pages for `token_ids` (whole pages) and insert them, as a finished request would."""
     page_ids = cache.allocator.alloc(len(token_ids) // cache.page_size)
     assert page_ids is not None
-    num_cached = cache.insert(token_ids, page_ids)
+    num_cached = cache.insert(token_ids, page_ids).num_present_tokens
     cache.allocator.free(page_ids[: num_cached // cache.page_size])
     return page_ids
 
@@ -58,10 +58,11 @@ def test_insert_returns_cached_length_and_caller_frees_duplicates() -> None:
     first = cache_tokens(cache, [1, 2, 3, 4])
     second = allocator.alloc(3)
     assert second is not None
-    num_cached = cache.insert([1, 2, 3, 4, 5, 6], second)
-    assert num_cached == 4
+    inserted = cache.insert([1, 2, 3, 4, 5, 6], second)
+    assert inserted.num_present_tokens == 4
     # The tree kept its own pages for the shared prefix and took only the new one.
-    assert cache.match_prefix([1, 2, 3, 4, 5, 6]).page_ids == first + second[2:]
+    assert inserted.match.page_ids == first + second[2:] and inserted.match.num_tokens == 6
+    assert cache.match_prefix([1, 2, 3, 4, 5, 6]) == inserted.match
     assert all(allocator.is_allocated(p) for p in second[:2])  # still the caller's
     allocator.free(second[:2])
     assert cache.num_cached_pages == 3
@@ -76,7 +77,7 @@ def test_insert_of_pages_from_a_locked_match_shares_them() -> None:
     cache.lock(match.node)
     new_pages = allocator.alloc(1)
     assert new_pages is not None
-    assert cache.insert([7, 8, 9], match.page_ids + new_pages) == 2
+    assert cache.insert([7, 8, 9], match.page_ids + new_pages).num_present_tokens == 2
     cache.unlock(match.node)
     # The caller allocated none of page_ids[:2], so it frees nothing.
     assert cache.match_prefix([7, 8, 9]).page_ids == prefix_pages + new_pages
@@ -231,18 +232,21 @@ def test_check_integrity_detects_corruption(corrupt, message: str) -> None:
         cache.check_integrity()
 
 
-def test_no_prefix_cache_never_matches_and_frees_on_insert() -> None:
+def test_no_prefix_cache_never_matches_and_leaves_every_page_with_the_caller() -> None:
     allocator = PageAllocator(8)
     cache = NoPrefixCache(2, allocator)
     page_ids = allocator.alloc(2)
     assert page_ids is not None
-    assert cache.insert([1, 2, 3, 4], page_ids) == 0
-    assert allocator.num_free == allocator.num_total
+    inserted = cache.insert([1, 2, 3, 4], page_ids)
+    assert inserted.num_present_tokens == 0 and inserted.match.page_ids == []
+    assert all(allocator.is_allocated(p) for p in page_ids)  # still the caller's to free
     result = cache.match_prefix([1, 2, 3, 4])
     assert (result.page_ids, result.num_tokens) == ([], 0)
     cache.lock(result.node)
     cache.unlock(result.node)
-    assert cache.evict(5) == 0 and cache.num_cached_pages == 0
+    assert cache.evict(5) == 0 and cache.num_cached_pages == cache.num_locked_pages == 0
+    with pytest.raises(ValueError, match="page_size"):
+        cache.insert([1, 2, 3], page_ids)
 
 
 # --- randomized comparison with a brute-force model ---
@@ -322,11 +326,17 @@ class Model:
         page_ids = request.match.page_ids + request.private_page_ids
         expected = self.longest_prefix(request.token_ids)
         assert expected >= request.match.num_tokens
-        num_cached = self.cache.insert(request.token_ids, page_ids)
+        inserted = self.cache.insert(request.token_ids, page_ids)
+        num_cached = inserted.num_present_tokens
         assert num_cached == expected
         self.allocator.free(page_ids[len(request.match.page_ids) : num_cached // ps])
         for i in range(num_cached // ps, len(page_ids)):
             self.page_prefix[page_ids[i]] = tuple(request.token_ids[: (i + 1) * ps])
+        # What the cache holds of the sequence now: its older pages, then the ones it just took.
+        assert inserted.match.num_tokens == len(request.token_ids)
+        assert inserted.match.page_ids[num_cached // ps :] == page_ids[num_cached // ps :]
+        for i, page_id in enumerate(inserted.match.page_ids):
+            assert self.page_prefix[page_id] == tuple(request.token_ids[: (i + 1) * ps])
         self.cache.unlock(request.match.node)
         self.running.remove(request)
 

@@ -23,18 +23,17 @@ def make_scheduler(num_pages: int, prefix_cache: bool = True, **kw: int) -> Sche
 
 
 def check_pages(sched: Scheduler) -> None:
-    """Every usable page is free, owned by exactly one request, or held by the radix cache."""
+    """Every usable page is free, owned by exactly one request, or held by the prefix cache."""
     owned: list[int] = []
     for req in sched.requests.values():
         owned += req.page_ids[req.num_shared_pages :]
         shared = req.page_ids[: req.num_shared_pages]
-        if sched.cache is not None:
-            assert all(p in sched.cache._tree_page_ids for p in shared)
+        if shared:  # only a RadixCache shares pages
+            assert set(shared) <= sched.cache._tree_page_ids
     assert len(owned) == len(set(owned))
-    cached = sched.cache.num_cached_pages if sched.cache else 0
+    cached = sched.cache.num_cached_pages
     assert sched.allocator.num_free + cached + len(owned) == sched.allocator.num_total
-    if sched.cache is not None:
-        sched.cache.check_integrity()
+    sched.cache.check_integrity()
 
 
 def step(sched: Scheduler, rng: random.Random) -> list[Request]:
@@ -93,10 +92,8 @@ def test_random_aborts_and_preemption_keep_every_page_accounted(
         assert req.status == Status.FINISHED and not req.page_ids
         if req.finish.kind == "length":
             assert len(req.output_ids) == req.sampling.max_new_tokens
-    if sched.cache is not None:
-        assert sched.cache.num_locked_pages == 0
-    cached = sched.cache.num_cached_pages if sched.cache else 0
-    assert sched.allocator.num_free + cached == sched.allocator.num_total
+    assert sched.cache.num_locked_pages == 0
+    assert sched.allocator.num_free + sched.cache.num_cached_pages == sched.allocator.num_total
     assert sched.num_preemptions > 0 or seed > 2  # a 40-page pool is small enough to preempt
 
 

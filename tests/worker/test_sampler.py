@@ -9,7 +9,16 @@ import pytest
 import torch
 
 from pdserve.config.sampling_params import SamplingParams
-from pdserve.worker.sampler import SamplingBatch, SamplingRow, process_logits, sample
+from pdserve.worker.sampler import (
+    BadRow,
+    SamplingBatch,
+    SamplingRow,
+    SamplingRowError,
+    build_skipping_bad_rows,
+    find_bad_rows,
+    process_logits,
+    sample,
+)
 
 V = 32
 NUM_DRAWS = 4000
@@ -332,3 +341,68 @@ def test_seeded_rows_match_between_cpu_and_cuda() -> None:
     cpu = run(rows, logits).token_ids
     batch = SamplingBatch.build(rows, 1000, "cuda")
     assert sample(logits.cuda(), batch).token_ids == cpu
+
+
+# ---- one row's bad parameter never fails the batch ----------------------------------------
+
+
+def forced(params: SamplingParams, **bad: object) -> SamplingParams:
+    """Params carrying values validation would refuse: what a bug upstream could let through."""
+    for key, value in bad.items():
+        object.__setattr__(params, key, value)
+    return params
+
+
+def poisoned_rows() -> dict[str, SamplingRow]:
+    greedy = SamplingParams(temperature=0.0)
+    return {
+        "logit_bias past vocab": row(temperature=0.0, logit_bias={V + 5: 5.0}),
+        "negative logit_bias id": SamplingRow(forced(greedy, logit_bias={-1: 5.0}), (), ()),
+        "stop id past vocab": row(temperature=0.0, min_new_tokens=3, stop_token_ids=(V,)),
+        "prompt id past vocab": row(prompt_ids=[1, V + 1], temperature=0.0, repetition_penalty=1.3),
+        "output id past int64": row(
+            output_ids=[2, 2**70], temperature=0.0, frequency_penalty=0.5, max_new_tokens=9
+        ),
+        "nan temperature": SamplingRow(forced(SamplingParams(), temperature=math.nan), (), ()),
+        "top_logprobs 21": row(temperature=0.0, top_logprobs_num=21),
+    }
+
+
+@pytest.mark.parametrize("name", list(poisoned_rows()))
+def test_a_bad_row_is_named_and_the_others_sample_as_alone(name: str) -> None:
+    good = [
+        row(temperature=0.0, presence_penalty=0.5, output_ids=[3]),
+        row(temperature=0.7, seed=5),
+    ]
+    rows = [good[0], poisoned_rows()[name], good[1]]
+    logits = random_logits(3, seed=4)
+    with pytest.raises(SamplingRowError) as info:
+        SamplingBatch.build(rows, V, "cpu")
+    assert info.value.row_indices == [1]
+
+    part = build_skipping_bad_rows(rows, V, "cpu")
+    assert part.row_indices == [0, 2]
+    assert [r.row_idx for r in part.bad_rows] == [1] and part.bad_rows[0].message
+    assert part.batch is not None
+    out = sample(logits[part.row_indices], part.batch)
+    alone = run(good, logits[[0, 2]])
+    assert out.token_ids == alone.token_ids
+
+
+def test_every_bad_row_is_reported_and_an_all_bad_batch_gives_none() -> None:
+    names = list(poisoned_rows())
+    bad = list(poisoned_rows().values())
+    # The per-step check covers numbers, logit_bias and stop ids; prompt/output ids are checked
+    # (vectorized) while the batch is built.
+    cheap = [names[r.row_idx] for r in find_bad_rows(bad, V)]
+    assert cheap == [n for n in names if not n.startswith(("prompt id", "output id"))]
+    part = build_skipping_bad_rows(bad, V, "cpu")
+    assert part.batch is None and part.row_indices == []
+    assert [r.row_idx for r in part.bad_rows] == list(range(len(bad)))
+    assert all(isinstance(r, BadRow) and r.message for r in part.bad_rows)
+
+
+def test_top_k_past_the_vocab_means_no_truncation() -> None:
+    logits = random_logits(1, seed=9)
+    huge = run([row(top_k=2**31 - 1, seed=3)], logits).token_ids
+    assert huge == run([row(top_k=-1, seed=3)], logits).token_ids

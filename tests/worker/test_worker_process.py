@@ -1,4 +1,5 @@
-"""A mixed worker process loop, driven in this process over real ZeroMQ sockets."""
+"""Worker process loops driven in this process over real ZeroMQ sockets: a mixed worker, and a
+decode worker whose prefill peer is the test itself."""
 
 from __future__ import annotations
 
@@ -100,3 +101,83 @@ def test_a_prompt_too_large_for_the_pool_is_refused_without_killing_the_worker(
     assert finish.kind == "abort" and "does not fit" in finish.message
     to_worker.send(_req("after", 2))
     assert _collect(tokenizer_inbox, "after")[1].kind == "length"
+
+
+@pytest.fixture
+def decode_worker(tiny_llama: Path):  # type: ignore[no-untyped-def]
+    """A decode worker (tcp KV, 0.5 s KV timeout); the test plays its prefill worker."""
+    engine = EngineConfig(
+        model_path=str(tiny_llama),
+        device="cpu",
+        scheduler=SchedulerConfig(num_pages=64, page_size=4, enable_prefix_cache=False),
+    )
+    tokenizer_inbox = Inbox(new_ipc_address("test-tok"))
+    prefill_inbox = Inbox(new_ipc_address("test-prefill"))
+    spec = WorkerSpec(
+        name="decode0",
+        role="decode",
+        idx=0,
+        engine=engine,
+        inbox=new_ipc_address("test-decode"),
+        tokenizer_inboxes=(tokenizer_inbox.address,),
+        prefill_inboxes=(prefill_inbox.address,),
+        kv=KVTransferSpec(backend="tcp", timeout_s=0.5),
+    )
+    proc = WorkerProcess(spec)
+    thread = threading.Thread(target=proc.run, daemon=True)
+    thread.start()
+    to_worker = Outbox(spec.inbox)
+    yield proc, to_worker, tokenizer_inbox, prefill_inbox
+    to_worker.send(protocol.Shutdown())
+    thread.join(timeout=10)
+    tokenizer_inbox.close()
+    prefill_inbox.close()
+
+
+def _all_pages_free(proc: WorkerProcess) -> bool:
+    allocator = proc.scheduler.allocator
+    return allocator.num_free == allocator.num_total
+
+
+def test_a_decode_worker_reserves_pages_asks_the_prefill_and_frees_them_when_it_fails(
+    decode_worker,  # type: ignore[no-untyped-def]
+) -> None:
+    proc, to_worker, tokenizer_inbox, prefill_inbox = decode_worker
+    to_worker.send(_req("r1", 4))
+    task = prefill_inbox.recv(timeout_ms=5000)
+    assert isinstance(task, protocol.PrefillTask) and task.rid == "r1"
+    assert len(task.dst_pages) == 2 and task.kv_handshake["backend"] == "tcp"
+    assert not _all_pages_free(proc)  # reserved for the transfer
+    to_worker.send(protocol.KVFailed("r1", "prompt too long for prefill", 400))
+    tokens, finish = _collect(tokenizer_inbox, "r1")
+    assert tokens == [] and finish == Finish.abort("prompt too long for prefill", 400)
+    assert _all_pages_free(proc) and "r1" not in proc.role.handoff
+
+
+def test_a_decode_worker_times_out_a_transfer_and_tells_the_prefill_to_drop_it(
+    decode_worker,  # type: ignore[no-untyped-def]
+) -> None:
+    proc, to_worker, tokenizer_inbox, prefill_inbox = decode_worker
+    to_worker.send(_req("slow", 4))
+    assert isinstance(prefill_inbox.recv(timeout_ms=5000), protocol.PrefillTask)
+    _, finish = _collect(tokenizer_inbox, "slow")  # no KVReady: 0.5 s later it gives up
+    assert finish.is_abort and finish.status_code == 504 and "timed out" in finish.message
+    assert prefill_inbox.recv(timeout_ms=5000) == protocol.Abort(rid="slow")
+    assert _all_pages_free(proc)
+    to_worker.send(protocol.KVReady("slow", first_token=3, cached_tokens=0))  # late: ignored
+    to_worker.send(_req("next", 4))
+    assert prefill_inbox.recv(timeout_ms=5000).rid == "next"
+
+
+def test_an_abort_while_waiting_for_kv_frees_the_pages_without_notifying_the_client(
+    decode_worker,  # type: ignore[no-untyped-def]
+) -> None:
+    proc, to_worker, tokenizer_inbox, prefill_inbox = decode_worker
+    to_worker.send(_req("gone", 4))
+    assert isinstance(prefill_inbox.recv(timeout_ms=5000), protocol.PrefillTask)
+    to_worker.send(protocol.Abort(rid="gone", message="client gone"))
+    to_worker.send(_req("probe", 4))  # handled after the abort, in order
+    assert prefill_inbox.recv(timeout_ms=5000).rid == "probe"
+    assert "gone" not in proc.role.handoff
+    msg = tokenizer_inbox.recv(timeout_ms=200)
+    assert msg is None or "gone" not in msg.rids  # the router ended that client itself

@@ -1,0 +1,211 @@
+"""Fuzz soak: N hostile or odd requests against a pdserve server, counting what came back.
+
+    python benchmarks/fuzz_soak.py --url http://127.0.0.1:8000 --api-key KEY -n 5000
+    python benchmarks/fuzz_soak.py --tiny -n 5000        # starts a CPU prefill+decode cluster
+
+Bodies for /v1/chat/completions, /v1/completions and /generate mix plausible values with hostile
+ones (lone surrogates, ints past int64, NaN, wrong types, out-of-vocabulary ids, oversized lists).
+Prints the counts of 2xx/4xx/5xx, hangs (no answer within --timeout-s), error bodies that are not
+OpenAI's, and the requests still in flight afterwards; exits 1 if any 5xx, hang, malformed error
+body or leftover request was seen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import random
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+PATHS = ("/v1/chat/completions", "/v1/completions", "/generate")
+HOSTILE: list[Any] = [
+    None, True, False, 0, -1, 2**31, 2**63, 2**64, -(2**63) - 1, 10**30, 0.5, 1e308,
+    float("nan"), float("inf"), "", "ok \ud800", "\udfff", "\x00", "x" * 300, [], {}, [[]],
+    {"a": "\ud800"},
+]  # fmt: skip
+WORDS = ["hi", "the keeper", "lighthouse", "é東", "ok \ud800", "a\x00b", "stairs", "🙂"]
+BIG_INTS = [2**31, 2**63 - 1, 2**63, 2**64, 2**70, -(2**63) - 1]
+
+
+class Fuzzer:
+    """Random request bodies; each field is plausible most of the time, hostile otherwise."""
+
+    def __init__(self, seed: int, model: str) -> None:
+        self.rng = random.Random(seed)
+        self.model = model
+
+    def pick(self, plausible: Any, hostile_rate: float = 0.15) -> Any:
+        if self.rng.random() < hostile_rate:
+            return self.rng.choice(HOSTILE)
+        return plausible() if callable(plausible) else plausible
+
+    def text(self) -> str:
+        return " ".join(self.rng.choice(WORDS) for _ in range(self.rng.randint(0, 6)))
+
+    def int_(self, low: int = -3, high: int = 300) -> int:
+        if self.rng.random() < 0.1:
+            return self.rng.choice(BIG_INTS)
+        return self.rng.randint(low, high)
+
+    def float_(self) -> float:
+        return self.rng.choice([0.0, 0.5, 1.0, 1.5, -1.0, 3.0, 1e-9, float("nan")])
+
+    def token_ids(self) -> list[int]:
+        return [self.int_(-2, 600) for _ in range(self.rng.randint(0, 5))]
+
+    def logit_bias(self) -> dict[str, Any]:
+        keys = ["0", "5", "511", "512", "100000", "-1", "x", "1e3", "\ud800"]
+        return {
+            self.rng.choice(keys): self.rng.choice([1, -1, 100, 1e9, float("nan")])
+            for _ in range(self.rng.randint(0, 3))
+        }
+
+    def sampling(self) -> dict[str, Any]:
+        fields = {
+            "temperature": self.float_, "top_p": self.float_, "top_k": self.int_,
+            "min_p": self.float_, "seed": self.int_, "presence_penalty": self.float_,
+            "frequency_penalty": self.float_, "repetition_penalty": self.float_,
+            "stop": lambda: self.rng.choice([self.text(), [self.text(), self.text()]]),
+            "stop_token_ids": self.token_ids, "logit_bias": self.logit_bias,
+            "ignore_eos": lambda: self.rng.random() < 0.5,
+        }  # fmt: skip
+        chosen = self.rng.sample(sorted(fields), self.rng.randint(0, 4))
+        return {key: self.pick(fields[key]) for key in chosen}
+
+    def body(self, path: str) -> dict[str, Any]:
+        """One body for `path` (max_tokens kept small: this is about the edge, not speed)."""
+        max_tokens = self.pick(lambda: self.rng.randint(1, 8), 0.05)
+        if path == "/generate":
+            sampling = {**self.sampling(), "max_new_tokens": max_tokens}
+            if self.rng.random() < 0.1:
+                sampling["min_new_tokens"] = self.int_(0, 10)
+            body: dict[str, Any] = {"sampling_params": self.pick(sampling, 0.05)}
+            if self.rng.random() < 0.5:
+                body["text"] = self.pick(lambda: self.rng.choice([self.text(), [self.text()] * 2]))
+            else:
+                body["input_ids"] = self.pick(lambda: [5, *self.token_ids()])
+            body["stream"] = self.rng.random() < 0.3
+            return body
+        body = {**self.sampling(), "max_tokens": max_tokens, "stream": self.rng.random() < 0.3}
+        body["model"] = self.pick(self.model, 0.05)
+        body["n"] = self.pick(lambda: self.rng.randint(1, 3), 0.05)
+        if self.rng.random() < 0.1:
+            body["min_tokens"] = self.int_(0, 10)
+        if path == "/v1/chat/completions":
+            message = {"role": self.pick("user", 0.1), "content": self.pick(self.text, 0.1)}
+            body["messages"] = self.pick([message], 0.1)
+        else:
+            prompt = self.rng.choice([self.text, lambda: [self.text(), self.text()],
+                                      lambda: [5, *self.token_ids()]])  # fmt: skip
+            body["prompt"] = self.pick(prompt, 0.1)
+        return body
+
+
+async def one(client: httpx.AsyncClient, path: str, body: dict[str, Any], counts: Counter) -> None:
+    raw = json.dumps(body).encode()  # ASCII: lone surrogates travel escaped
+    try:
+        resp = await client.post(path, content=raw)
+    except httpx.TimeoutException:
+        counts["hang"] += 1
+        return
+    except httpx.HTTPError as e:
+        counts[f"transport error {type(e).__name__}"] += 1
+        return
+    counts[f"{resp.status_code // 100}xx"] += 1
+    if resp.status_code >= 500:
+        print(f"5xx on {path}: {body!r:.300} -> {resp.text[:300]}", file=sys.stderr)
+    if resp.status_code >= 400:
+        try:
+            err = resp.json()["error"]
+            ok = set(err) == {"message", "type", "param", "code"} and err["message"]
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        if not ok:
+            counts["malformed error body"] += 1
+
+
+async def soak(url: str, api_key: str | None, num: int, concurrency: int, args: Any) -> Counter:
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=args.timeout_s) as client:
+        model = (await client.get("/v1/models")).json()["data"][0]["id"]
+        fuzzer = Fuzzer(args.seed, model)
+        bodies = [(p := fuzzer.rng.choice(PATHS), fuzzer.body(p)) for _ in range(num)]
+        counts: Counter = Counter()
+        gate = asyncio.Semaphore(concurrency)
+
+        async def gated(path: str, body: dict[str, Any]) -> None:
+            async with gate:
+                await one(client, path, body, counts)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(gated(p, b) for p, b in bodies))
+        counts["seconds"] = round(time.perf_counter() - start, 1)
+        counts["in_flight_after"] = await _in_flight_after(client, args.settle_s)
+    return counts
+
+
+async def _in_flight_after(client: httpx.AsyncClient, settle_s: float) -> int:
+    """Requests still in flight once the server had `settle_s` to finish aborted ones."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        num = (await client.get("/server_info")).json()["num_requests_in_flight"]
+        if num == 0 or time.monotonic() > deadline:
+            return num
+        await asyncio.sleep(0.2)
+
+
+@contextlib.contextmanager
+def tiny_cluster() -> Iterator[tuple[str, str | None]]:
+    """A CPU prefill + decode cluster (tcp KV transfer) on a tiny model built here."""
+    from pdserve.config.topology import Topology
+    from pdserve.entrypoints.launch import Cluster, _free_port
+    from pdserve.tiny_model.build import build_tiny_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = build_tiny_model(Path(tmp) / "tiny", arch="llama", seed=1)
+        topology = Topology.for_model(
+            str(model), mode="pd", device="cpu", port=_free_port(), kv_transfer="tcp",
+            num_pages=1024, page_size=4,
+        )  # fmt: skip
+        with Cluster(topology, log_level="warning", start_timeout_s=180) as cluster:
+            yield cluster.url, None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", help="a running server (else --tiny starts one)")
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--tiny", action="store_true", help="start a CPU cluster on a tiny model")
+    parser.add_argument("-n", "--num-requests", type=int, default=5000)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--timeout-s", type=float, default=60.0, help="slower than this: a hang")
+    parser.add_argument("--settle-s", type=float, default=10.0)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if not args.url and not args.tiny:
+        parser.error("give --url or --tiny")
+    with contextlib.ExitStack() as stack:
+        url, api_key = (args.url, args.api_key) if args.url else stack.enter_context(tiny_cluster())
+        counts = asyncio.run(soak(url, api_key, args.num_requests, args.concurrency, args))
+    print(json.dumps(dict(sorted(counts.items())), indent=1))
+    bad = (
+        counts["5xx"] + counts["hang"] + counts["malformed error body"] + counts["in_flight_after"]
+    )
+    bad += sum(v for k, v in counts.items() if k.startswith("transport error"))
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""The prefill worker's role: compute prompts for decode workers, then push each prompt's KV into
+the decode worker's reserved pages and report KVReady, or KVFailed (who owns which page when:
+docs/ARCHITECTURE.md, "KV page ownership")."""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+
+from pdserve import protocol
+from pdserve.ipc import Outbox
+from pdserve.kv_transfer.base import KVSender, TransferStats
+from pdserve.scheduler.request import Request, Status
+from pdserve.worker.worker_core import WorkerCore
+from pdserve.worker.worker_role import Handler, KVPush, ReqMeta, new_request
+
+logger = logging.getLogger(__name__)
+
+
+class PrefillRole:
+    reports_finish = False  # only the first token goes out here; the decode worker reports the end
+
+    def __init__(
+        self, core: WorkerCore, sender: KVSender, to_decodes: list[Outbox], timeout_s: float
+    ) -> None:
+        self.core = core
+        self.scheduler = core.scheduler
+        self.sender = sender
+        self.to_decodes = to_decodes
+        self.timeout_s = timeout_s
+        self.aborted_rids: deque[str] = deque(maxlen=4096)  # aborted before their task came
+
+    def handlers(self) -> dict[type, Handler]:
+        return {protocol.PrefillTask: self.on_prefill_task}
+
+    def on_prefill_task(self, msg: protocol.PrefillTask) -> list[Request]:
+        if msg.kv_handshake is not None:  # a no-op once this decode worker is connected
+            self.sender.connect(msg.decode_idx, msg.kv_handshake)
+        if msg.rid in self.aborted_rids:
+            self.to_decodes[msg.decode_idx].send(protocol.KVFailed(msg.rid, "aborted", 400))
+            return []
+        meta = ReqMeta(msg.tokenizer_idx, push=KVPush(msg.decode_idx, list(msg.dst_pages)))
+        self.core.add(new_request(msg, meta, prefill_only=True))
+        return []
+
+    def on_abort(self, rid: str, message: str) -> list[Request]:
+        req = self.scheduler.abort(rid, message)
+        if req is None:
+            self.aborted_rids.append(rid)  # its PrefillTask may still be on the way
+            return []
+        return [req]  # after_step tells the decode worker to let its pages go
+
+    def rids(self) -> list[str]:
+        return list(self.scheduler.requests)
+
+    def before_step(self, now: float) -> list[Request]:
+        return []
+
+    def after_step(self, touched: list[Request]) -> None:
+        """Push the KV of every request whose prompt is done; report the ones that failed here
+        (aborted, too large, a failed step) so the decode worker ends them and frees their pages."""
+        for req in touched:
+            if req.finish is not None:
+                message = req.finish.message or "prefill failed"
+                self._reply(req, protocol.KVFailed(req.rid, message, req.finish.status_code))
+            elif req.status == Status.PREFILLED:
+                self._push(req)
+
+    def _push(self, req: Request) -> None:
+        push: KVPush = req.user_data.push
+        src_pages = req.page_ids[: len(push.dst_pages)]
+        reply: protocol.KVReady | protocol.KVFailed
+        try:
+            self.sender.send(
+                req.rid, push.decode_idx, src_pages, push.dst_pages, timeout_s=self.timeout_s
+            )
+        except Exception as e:
+            logger.exception("request %s: KV push to decode %d failed", req.rid, push.decode_idx)
+            reply = protocol.KVFailed(req.rid, f"KV transfer failed: {e}", 500)
+        else:
+            reply = protocol.KVReady(
+                rid=req.rid,
+                first_token=req.output_ids[0],
+                cached_tokens=req.num_cached_tokens,
+                logprob=req.output_logprobs[0] if req.output_logprobs else None,
+                top_logprobs=req.output_top_logprobs[0] if req.output_top_logprobs else None,
+            )
+        self.scheduler.release(req)  # the src pages: full ones stay in the prefix cache
+        self._reply(req, reply)
+
+    def _reply(self, req: Request, reply: protocol.KVReady | protocol.KVFailed) -> None:
+        self.to_decodes[req.user_data.push.decode_idx].send(reply)
+
+    def has_work(self) -> bool:
+        return False
+
+    @property
+    def num_waiting(self) -> int:
+        return 0
+
+    @property
+    def transfer_stats(self) -> TransferStats | None:
+        return self.sender.stats
+
+    def close(self) -> None:
+        self.sender.close()
