@@ -66,6 +66,9 @@ class Finish:
 
 # ---------------------------------------------------------------- to the tokenizer process
 
+# Every online request's priority; a higher one is served first (scheduler/waiting_queue.py).
+ONLINE_PRIORITY = 0
+
 
 @dataclass
 class GenerateReq:
@@ -86,7 +89,10 @@ class GenerateReq:
     max_context_len: int = 0  # 0: the model's own limit
     max_prompt_tokens: int = 0  # 0: no limit but the context length (router.limits)
     echo: bool = False  # send the prompt's text back with the first delta (completions echo)
-    priority: int = 0  # waiting-queue priority, higher first: online 0, batch API lines -1
+    priority: int = ONLINE_PRIORITY  # batch API lines: lower (router/batch_line.py)
+    return_hidden_states: bool = False  # final-layer hidden states of prompt and output
+    logprob_start_len: int = -1  # first prompt token with an input logprob; -1: none
+    embed: bool = False  # an embedding / score request: one forward pass, no decode
 
 
 @dataclass
@@ -101,6 +107,11 @@ class TokenOut:
     top_logprobs: list[list[list[list[float]]]] | None = None  # [req][tok] -> [[id, logprob], ...]
     prompt_tokens: list[int] = field(default_factory=list)
     cached_tokens: list[int] = field(default_factory=list)
+    # Per request, when asked for (else [] or None):
+    hidden_states: list[list[list[float]]] | None = None  # new rows [n][hidden], position order
+    input_token_logprobs: list[list[list[float | None]]] | None = None  # [[token_id, lp|None]]
+    input_top_logprobs: list[list[list[list[float]]]] | None = None  # per prompt token [[id, lp]]
+    embeddings: list[list[float]] | None = None  # pooled vector or scores ([] for a generation)
 
 
 # ---------------------------------------------------------------- to the router
@@ -123,6 +134,10 @@ class ReqOutput:
     error: str | None = None  # request failed before generating (400-class message)
     prompt_text: str | None = None  # sent once, with the first delta, when echo was asked
     top_token_texts: list[list[str]] | None = None  # per token: texts of its top_logprobs ids
+    hidden_states: list[list[float]] | None = None  # new rows: prompt tokens, then fed outputs
+    input_token_logprobs: list[list[Any]] | None = None  # SGLang's [logprob|None, id, text]
+    input_top_logprobs: list[Any] | None = None  # per prompt token: [[lp, id, text]...] or None
+    embedding: list[float] | None = None  # an embedding / score request's result
 
 
 @dataclass
@@ -174,6 +189,10 @@ class TokenizedReq:
     prefill_idx: int = 0
     return_logprob: bool = False
     top_logprobs_num: int = 0
+    priority: int = ONLINE_PRIORITY  # GenerateReq.priority
+    return_hidden_states: bool = False  # final-layer hidden states of prompt and output
+    logprob_start_len: int = -1  # first prompt token with an input logprob; -1: none
+    embed: bool = False  # an embedding / score request: one forward pass, no decode
 
 
 @dataclass
@@ -189,6 +208,10 @@ class PrefillTask:
     return_logprob: bool = False
     top_logprobs_num: int = 0
     kv_handshake: dict[str, Any] | None = None  # how to reach decode's pool (KVReceiver.handshake)
+    priority: int = ONLINE_PRIORITY  # GenerateReq.priority
+    return_hidden_states: bool = False  # final-layer hidden states of prompt and output
+    logprob_start_len: int = -1  # first prompt token with an input logprob; -1: none
+    embed: bool = False  # an embedding / score request: no decode, no KV goes back
 
 
 @dataclass
@@ -481,7 +504,8 @@ def _checker(tp: Any, where: str) -> Check:
         return _is_plain
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is Literal:
-        return lambda v: type(v) in _PLAIN and v in args
+        kinds = frozenset(type(a) for a in args)  # exact: True is not Literal[1]
+        return lambda v: type(v) in kinds and v in args
     if origin in (typing.Union, types.UnionType):
         checks = [_checker(a, where) for a in args if a is not _NONE]
         if _NONE in args and len(checks) == 1:

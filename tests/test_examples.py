@@ -54,13 +54,15 @@ def pd_url(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         ("engine/launch_engine.py", ["Generated text: '", "Finish reason: {'type'"]),
         ("engine/offline_batch_inference.py", ["Prompt: The future of AI is\nGenerated text:"]),
         ("token_in_token_out/token_in_token_out_llm_engine.py", ["Generated token ids: ["]),
+        ("engine/embedding.py", ["Embedding vector: [", "Dimensions: 64"]),  # a causal LM pooled
+        ("hidden_states/hidden_states_engine.py", ["Hidden states: (", "Prompt_Tokens: "]),
     ],
 )
 def test_engine_example(tiny_llama: Path, script: str, markers: list[str]) -> None:
     out = run_example(script, "--model", str(tiny_llama), "--device", "cpu", "--in-process")
     for marker in markers:
         assert marker in out, out
-    if "offline_batch" in script or "token_in_token_out" in script:
+    if "offline_batch" in script or "token_in_token_out" in script or "embedding" in script:
         assert out.count("===============================") == 4, out
 
 
@@ -131,3 +133,18 @@ def test_openai_batch_complete(pd_url: str) -> None:
 def test_vertex_predict(pd_url: str) -> None:
     out = run_example("vertex_predict.py", "--base-url", pd_url)
     assert out.count("Prediction: '") == 2 and "({'type': '" in out, out
+
+
+def test_hidden_states_server(pd_url: str) -> None:
+    out = run_example("hidden_states/hidden_states_server.py", "--base-url", pd_url)
+    assert out.count("Hidden states: (") == 2 and "Prompt_Tokens: " in out, out
+
+
+def test_reward_model(tmp_path: Path) -> None:
+    from pdserve.tiny_model.pooling_models import build_tiny_reward_model
+
+    model = build_tiny_reward_model(tmp_path / "reward")
+    url = f"http://127.0.0.1:{_free_port()}"
+    out = run_example("reward_model.py", "--launch", "--base-url", url, "--model", str(model),
+                      "--device", "cpu")  # fmt: skip
+    assert out.count("reward: ") == 2, out

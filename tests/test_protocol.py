@@ -4,6 +4,7 @@ and not a message whose fields hold values of the wrong types."""
 from __future__ import annotations
 
 import dataclasses
+import random
 
 import msgpack
 import pytest
@@ -25,6 +26,10 @@ SAMPLES = [
         prefill_idx=2,
         max_context_len=77,
         echo=True,
+        priority=-1,
+        return_hidden_states=True,
+        logprob_start_len=2,
+        embed=True,
     ),
     p.TokenOut(
         rids=["a", "b"],
@@ -35,6 +40,10 @@ SAMPLES = [
         top_logprobs=[[[[1, -0.5]], [[2, -1.0]]], []],
         prompt_tokens=[3, 4],
         cached_tokens=[0, 2],
+        hidden_states=[[[0.5, -1.0], [2.0, 0.25]], []],
+        input_token_logprobs=[[[5, None], [6, -1.5]], []],
+        input_top_logprobs=[[[], [[6, -1.5], [9, -2.0]]], []],
+        embeddings=[[], [0.6, 0.8]],
     ),
     p.ReqOutput(
         rid="r",
@@ -50,6 +59,10 @@ SAMPLES = [
         error=None,
         prompt_text="p",
         top_token_texts=[["d"]],
+        hidden_states=[[0.5, -1.0]],
+        input_token_logprobs=[[None, 5, "a"], [-1.5, 6, "b"]],
+        input_top_logprobs=[None, [[-1.5, 6, "b"]]],
+        embedding=[0.6, 0.8],
     ),
     p.LoadReport(
         worker="decode0",
@@ -78,6 +91,10 @@ SAMPLES = [
         prefill_idx=0,
         return_logprob=True,
         top_logprobs_num=2,
+        priority=-1,
+        return_hidden_states=True,
+        logprob_start_len=0,
+        embed=True,
     ),
     p.PrefillTask(
         rid="r",
@@ -89,6 +106,10 @@ SAMPLES = [
         return_logprob=False,
         top_logprobs_num=0,
         kv_handshake={"backend": "tcp", "address": "ipc:///x", "shape": [1, 2]},
+        priority=-1,
+        return_hidden_states=True,
+        logprob_start_len=1,
+        embed=True,
     ),
     p.KVReady(
         rid="r",
@@ -235,7 +256,7 @@ def test_records_are_only_accepted_where_the_annotation_names_them() -> None:
 
 
 def test_too_many_or_too_few_values_are_refused_and_defaults_fill_the_rest() -> None:
-    with pytest.raises(ValueError, match="TokenizedReq: 3 values, expected 4..7"):
+    with pytest.raises(ValueError, match="TokenizedReq: 3 values, expected 4..11"):
         p.decode(_frame(p.TokenizedReq, ["r", [1], {}]))
     with pytest.raises(ValueError, match="Shutdown: 2 values"):
         p.decode(_frame(p.Shutdown, [1.0, 2.0]))
@@ -253,3 +274,26 @@ def test_an_annotation_the_codec_cannot_carry_is_refused_at_compile_time() -> No
         p._checker(tuple[int, ...], "X.f")
     with pytest.raises(TypeError, match="dict keys"):
         p._checker(dict[tuple, int], "X.f")
+
+
+def test_mutated_frames_decode_to_a_message_or_raise_value_error_only() -> None:
+    rng = random.Random(0)
+    frames = [p.encode(m) for m in SAMPLES]
+    for _ in range(3000):
+        data = bytearray(rng.choice(frames))
+        for _ in range(rng.randint(1, 4)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        if rng.random() < 0.3:
+            data = data[: rng.randrange(len(data) + 1)]
+        try:
+            msg = p.decode(bytes(data))
+        except ValueError:
+            continue
+        assert type(msg) in p.message_types()
+        p.decode(p.encode(msg))  # what decoded once re-encodes and passes the checks again
+
+
+@pytest.mark.parametrize("cls", p.message_types(), ids=lambda c: c.__name__)
+def test_every_registered_message_has_annotations_the_codec_can_check(cls: type) -> None:
+    spec = p._record_spec(cls)  # TypeError for a field type that cannot travel
+    assert spec.names == tuple(f.name for f in dataclasses.fields(cls))

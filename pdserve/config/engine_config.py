@@ -13,8 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from pdserve.config.lora_config import LORA_KEYS, LoraConfig
+
 DeviceName = Literal["auto", "cpu", "cuda"]
 DTypeName = Literal["auto", "float32", "float16", "bfloat16"]
+PoolingKind = Literal["last", "mean", "cls"]
+_FAMILIES = ("Llama", "Mistral", "Qwen2", "Qwen3")
+_HEADS = ("ForCausalLM", "Model", "ForSequenceClassification")
 AttentionBackend = Literal["auto", "torch", "triton", "flashinfer"]
 
 
@@ -55,6 +60,22 @@ class ModelConfig:
     rope_scaling: RopeScaling = field(default_factory=RopeScaling)
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str = "float32"
+    # Pooling models (embeddings, rewards): one forward pass, a vector out, nothing decoded.
+    is_embedding: bool = False
+    pooling: PoolingKind = "last"  # which prompt positions make the vector
+    normalize: bool = True  # L2-normalize the pooled vector (embeddings; never a score head)
+    num_labels: int = 0  # > 0: a sequence-classification score head [num_labels, hidden]
+    matryoshka_dims: tuple[int, ...] = ()  # output sizes `dimensions` may truncate to
+
+    @property
+    def family(self) -> str:
+        """The decoder family: 'Llama', 'Mistral', 'Qwen2' or 'Qwen3'."""
+        return _split_architecture(self.architecture)[0]
+
+    @property
+    def has_lm_head(self) -> bool:
+        """The checkpoint holds an lm_head (a *ForCausalLM directory)."""
+        return self.architecture.endswith("ForCausalLM")
 
     def __post_init__(self) -> None:
         _require(
@@ -66,7 +87,7 @@ class ModelConfig:
         _require(self.head_dim > 0, "head_dim", self.head_dim, "> 0")
 
     @classmethod
-    def from_hf(cls, model_path: str | Path) -> ModelConfig:
+    def from_hf(cls, model_path: str | Path, is_embedding: bool | None = None) -> ModelConfig:
         path = Path(model_path)
         config_file = path / "config.json"
         if not config_file.is_file():
@@ -75,22 +96,16 @@ class ModelConfig:
                 "model directory"
             )
         hf = json.loads(config_file.read_text())
-        return cls.from_hf_dict(hf, path)
+        config = cls.from_hf_dict(hf, path)
+        from pdserve.config.pooling_config import pooling_fields
+
+        return dataclasses.replace(config, **pooling_fields(path, config, is_embedding))
 
     @classmethod
     def from_hf_dict(cls, hf: dict[str, Any], path: Path | None = None) -> ModelConfig:
         archs = hf.get("architectures") or [hf.get("model_type", "LlamaForCausalLM")]
         arch = archs[0]
-        supported = (
-            "LlamaForCausalLM",
-            "MistralForCausalLM",
-            "Qwen2ForCausalLM",
-            "Qwen3ForCausalLM",
-        )
-        if arch not in supported:
-            raise ValueError(
-                f"architectures={arch!r} is not supported: expected one of {supported}"
-            )
+        _split_architecture(arch)  # ValueError for an unsupported one
         num_heads = hf["num_attention_heads"]
         hidden = hf["hidden_size"]
         head_dim = hf.get("head_dim") or hidden // num_heads
@@ -127,12 +142,30 @@ class ModelConfig:
             rope_theta=float(rope_theta),
             max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            attention_bias=bool(hf.get("attention_bias", arch == "Qwen2ForCausalLM")),
-            qk_norm=arch == "Qwen3ForCausalLM",
+            attention_bias=bool(hf.get("attention_bias", arch.startswith("Qwen2"))),
+            qk_norm=arch.startswith("Qwen3"),
             rope_scaling=scaling,
             eos_token_ids=eos_ids,
             torch_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "float32"),
+            num_labels=_num_labels(hf) if arch.endswith("ForSequenceClassification") else 0,
         )
+
+
+def _split_architecture(arch: str) -> tuple[str, str]:
+    """('Qwen2', 'ForCausalLM') for 'Qwen2ForCausalLM'; ValueError for one pdserve lacks."""
+    for family in _FAMILIES:
+        head = arch[len(family) :]
+        if arch.startswith(family) and head in _HEADS:
+            return family, head
+    supported = [f + h for f in _FAMILIES for h in _HEADS]
+    raise ValueError(f"architectures={arch!r} is not supported: expected one of {supported}")
+
+
+def _num_labels(hf: dict[str, Any]) -> int:
+    """A classification head's size: num_labels, else the id2label map's (transformers' rule)."""
+    if hf.get("num_labels"):
+        return int(hf["num_labels"])
+    return len(hf.get("id2label") or {0: "LABEL_0", 1: "LABEL_1"})
 
 
 def _eos_ids(eos: Any) -> tuple[int, ...]:
@@ -190,6 +223,8 @@ class EngineConfig:
     cuda_graph_max_batch: int = 256
     seed: int = 0
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    is_embedding: bool | None = None  # None: detected from the model directory
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
         _require(
@@ -214,15 +249,25 @@ class EngineConfig:
         SGLang's names for the same settings are accepted too (`SGLANG_ALIASES`)."""
         options = translate_options(options)
         sched_opts = {k: options.pop(k) for k in list(options) if k in SCHEDULER_KEYS}
-        engine_keys = {f.name for f in dataclasses.fields(cls)} - {"model_path", "scheduler"}
+        lora = LoraConfig.from_options({k: options.pop(k) for k in list(options) if k in LORA_KEYS})
+        engine_keys = {f.name for f in dataclasses.fields(cls)} - {
+            "model_path",
+            "scheduler",
+            "lora",
+        }
         unknown = sorted(set(options) - engine_keys)
         if unknown:
             raise ValueError(
                 f"unknown option(s) {unknown}: expected some of "
-                f"{sorted(engine_keys | set(SCHEDULER_KEYS))} (or SGLang's names "
-                f"{sorted(SGLANG_ALIASES)})"
+                f"{sorted(engine_keys | set(SCHEDULER_KEYS) | set(LORA_KEYS))} (or SGLang's "
+                f"names {sorted(SGLANG_ALIASES)})"
             )
-        return cls(model_path=str(model_path), scheduler=SchedulerConfig(**sched_opts), **options)
+        return cls(
+            model_path=str(model_path),
+            scheduler=SchedulerConfig(**sched_opts),
+            lora=lora,
+            **options,
+        )
 
     def resolved(self) -> EngineConfig:
         """Resolve `auto` device, dtype and attention backend against this machine."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pdserve.config.engine_config import EngineConfig, SchedulerConfig
+from pdserve.config.lora_config import LoraConfig
 from pdserve.config.topology_sections import FaultInjectionConfig, SupervisionConfig
 
 Role = Literal["prefill", "decode", "mixed"]
@@ -78,6 +79,7 @@ class WorkerSpec:
         engine = dict(d["engine"])
         _check_keys(EngineConfig, engine, "worker spec: engine")
         engine["scheduler"] = SchedulerConfig(**engine["scheduler"])
+        engine["lora"] = LoraConfig.from_options(engine.get("lora") or {})
         _check_keys(KVTransferSpec, d["kv"], "worker spec: kv")
         faults = d.get("fault_injection", {})
         _check_keys(FaultInjectionConfig, faults, "worker spec: fault_injection")

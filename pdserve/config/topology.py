@@ -58,6 +58,7 @@ class Topology:
     cuda_graph: bool = _ENGINE_DEFAULTS["cuda_graph"]
     cuda_graph_max_batch: int = _ENGINE_DEFAULTS["cuda_graph_max_batch"]
     seed: int = _ENGINE_DEFAULTS["seed"]
+    is_embedding: bool | None = None  # embeddings/rewards; None: detected (resolved() decides)
     router: RouterConfig = field(default_factory=RouterConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     prefill: tuple[WorkerConfig, ...] = ()
@@ -199,11 +200,22 @@ class Topology:
         return dataclasses.replace(
             self,
             served_model_name=self.model_name,
+            is_embedding=self._detected_is_embedding(),
             device=device,
             router=dataclasses.replace(self.router, node=router_node),
             kv_transfer=dataclasses.replace(self.kv_transfer, backend=backend),
             **workers,
         )
+
+    def _detected_is_embedding(self) -> bool:
+        """is_embedding as the workers will decide it (config/pooling_config.py), so the router
+        knows which routes the model serves."""
+        from pdserve.config.engine_config import ModelConfig
+
+        try:
+            return ModelConfig.from_hf(self.model, is_embedding=self.is_embedding).is_embedding
+        except (KeyError, ValueError, OSError):  # the workers refuse such a model, naming why
+            return bool(self.is_embedding)
 
     def _resolved_workers(self, device: str, num_gpus: int) -> dict[str, tuple[WorkerConfig, ...]]:
         if device == "cpu":
@@ -274,6 +286,7 @@ class Topology:
             cuda_graph_max_batch=self.cuda_graph_max_batch,
             seed=self.seed,
             scheduler=scheduler,
+            is_embedding=self.is_embedding,
         )
 
     def _num_sharing(self, worker: WorkerPlan) -> int:
@@ -360,6 +373,12 @@ class Topology:
             "an integer >= 1",
         )
         check_value(is_int(self.seed), "seed", self.seed, "an integer")
+        check_value(
+            self.is_embedding in (None, True, False),
+            "is_embedding",
+            self.is_embedding,
+            "true, false or null (detect)",
+        )
         check_value(is_name(self.bind_host), "bind_host", self.bind_host, "a host name or address")
         self.engine_config()  # device, dtype, attention_backend: EngineConfig's own checks
         if self.device == "cpu" and self.attention_backend not in ("auto", "torch"):

@@ -209,7 +209,7 @@ class SupervisionConfig:
     restart_backoff_s: float = 1.0  # wait before a restart; doubles per restart in the window
     heartbeat_interval_s: float = 1.0  # each tokenizer and worker tells the router it is alive
     heartbeat_timeout_s: float = 5.0  # a process silent this long is unhealthy; its requests end
-    progress_timeout_s: float = 300.0  # a request with no new output this long ends; 0: never
+    progress_timeout_s: float = 300.0  # no new output this long (not queued): it ends; 0: never
 
     def __post_init__(self) -> None:
         check_value(

@@ -23,13 +23,14 @@ from pdserve.config.engine_config import EngineConfig, EngineOptions
 from pdserve.config.sampling_params import SamplingParams
 from pdserve.protocol import ReqOutput
 from pdserve.router.choice_state import ChoiceState
-from pdserve.router.generate_result import generate_result
+from pdserve.router.generate_result import encode_result, generate_result
 from pdserve.scheduler.request import Request
 from pdserve.tokenizer_proc.incremental_detokenizer import (
     IncrementalDetokenizer,
     token_texts,
     top_token_texts,
 )
+from pdserve.worker.extra_outputs import ExtraOutputs
 
 if TYPE_CHECKING:
     from pdserve.entrypoints.process_engine import ProcessEngine
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _PROGRESS_MIN_PROMPTS = 8  # a tqdm bar for batches at least this large
+_POOLED_SAMPLING = SamplingParams(max_new_tokens=0)  # an embedding: one forward pass, no token
 
 
 def Engine(  # noqa: N802 - a factory named like SGLang's class, so its users' code runs as is
@@ -107,16 +109,18 @@ class InProcessEngine:
         return_logprob: bool = False,
         top_logprobs_num: int = 0,
         stream: bool = False,
+        return_hidden_states: bool = False,
     ) -> dict[str, Any] | list[dict[str, Any]] | Iterator[dict[str, Any]]:
         """SGLang's Engine.generate: one prompt gives a dict, a list gives a list of dicts.
-        stream=True (one prompt) gives an iterator of dicts whose text is cumulative."""
+        stream=True (one prompt) gives an iterator of dicts whose text is cumulative.
+        return_hidden_states: `meta_info.hidden_states`, the prompt's final-layer rows first."""
         self._check_open()
         self.options.check_inputs(prompt, sampling_params)
         is_batch, prompts_ids, params = self._normalize(prompt, input_ids, sampling_params)
         if stream and is_batch:
             raise ValueError("stream=True takes one prompt, not a list")
         tracked = [
-            self._new_request(ids, p, return_logprob, top_logprobs_num)
+            self._new_request(ids, p, return_logprob, top_logprobs_num, return_hidden_states)
             for ids, p in zip(prompts_ids, params)
         ]
         if stream:
@@ -126,6 +130,26 @@ class InProcessEngine:
         for t in tracked:
             self._feed(t)
             results.append(self._result(t))
+        return results if is_batch else results[0]
+
+    def encode(
+        self,
+        prompt: str | list[str] | None = None,
+        input_ids: list[int] | list[list[int]] | None = None,
+    ) -> dict[str, Any] | list[dict[str, Any]]:
+        """SGLang's Engine.encode on an embedding or reward model: `{"embedding": [...],
+        "meta_info": {...}}` for one prompt, a list of them for a list."""
+        self._check_open()
+        self.options.check_inputs(prompt, None)
+        is_batch, prompts_ids, _ = self._normalize(prompt, input_ids, None)
+        started = time.perf_counter()
+        reqs = []
+        for ids in prompts_ids:
+            req = Request(rid=uuid.uuid4().hex, prompt_ids=ids, sampling=_POOLED_SAMPLING)
+            self.core.add_pooled(req)
+            reqs.append(req)
+        self._run(reqs, progress=len(reqs) >= _PROGRESS_MIN_PROMPTS)
+        results = [_encode_result(req, time.perf_counter() - started) for req in reqs]
         return results if is_batch else results[0]
 
     def get_server_info(self) -> dict[str, Any]:
@@ -206,7 +230,12 @@ class InProcessEngine:
         return is_batch, ids, params
 
     def _new_request(
-        self, ids: list[int], params: SamplingParams, return_logprob: bool, top_logprobs_num: int
+        self,
+        ids: list[int],
+        params: SamplingParams,
+        return_logprob: bool,
+        top_logprobs_num: int,
+        return_hidden_states: bool = False,
     ) -> _Tracked:
         req = Request(
             rid=uuid.uuid4().hex,
@@ -215,6 +244,8 @@ class InProcessEngine:
             return_logprob=return_logprob or top_logprobs_num > 0,
             top_logprobs_num=top_logprobs_num,
         )
+        if return_hidden_states:
+            req.outputs = ExtraOutputs(return_hidden_states=True)
         self.core.add(req)
         detok = None
         if self.tokenizer is not None:
@@ -260,8 +291,12 @@ class InProcessEngine:
         t.num_fed = end
         top = req.output_top_logprobs[start:end] if req.top_logprobs_num else None
         with_texts = req.return_logprob and self.tokenizer is not None
+        hidden = None
+        if isinstance(req.outputs, ExtraOutputs):
+            hidden = req.outputs.take_hidden(req.num_computed)
         t.choice.add(
             ReqOutput(
+                hidden_states=hidden,
                 rid=req.rid,
                 text_delta=t.detok.add_output(ids, req.finish) if t.detok is not None else "",
                 output_ids=ids,
@@ -285,7 +320,27 @@ class InProcessEngine:
             e2e_latency=time.perf_counter() - t.started,
             return_logprob=t.req.return_logprob,
             top_logprobs_num=t.req.top_logprobs_num,
+            return_hidden_states=isinstance(t.req.outputs, ExtraOutputs),
         )
         if self.tokenizer is None:  # SGLang leaves `text` out when the tokenizer is skipped
             del result["text"]
         return result
+
+
+def _encode_result(req: Request, e2e_latency: float) -> dict[str, Any]:
+    """A finished pooled request as the server's /encode shapes it."""
+    choice = ChoiceState(0, req.rid)
+    if req.finish is not None and req.finish.is_abort:
+        raise ValueError(f"request {req.rid} failed: {req.finish.message}")
+    choice.add(
+        ReqOutput(
+            rid=req.rid,
+            text_delta="",
+            output_ids=[],
+            finish=req.finish,
+            prompt_tokens=len(req.prompt_ids),
+            cached_tokens=req.num_cached_tokens,
+            embedding=req.outputs.embedding,
+        )
+    )
+    return encode_result(choice, e2e_latency)

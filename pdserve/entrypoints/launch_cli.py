@@ -32,7 +32,13 @@ _SCHED_HELP = {
 
 
 # Options beside the scheduler's that the launch flags set (all None unless given).
-_ENGINE_FLAG_KEYS = ("seed", "cuda_graph", "cuda_graph_max_batch", *PARALLEL_SIZE_OPTIONS)
+_ENGINE_FLAG_KEYS = (
+    "seed",
+    "cuda_graph",
+    "cuda_graph_max_batch",
+    "is_embedding",
+    *PARALLEL_SIZE_OPTIONS,
+)
 
 
 def _flags(name: str, negate: bool = False) -> list[str]:
@@ -82,12 +88,37 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="largest decode batch captured in a CUDA graph",
     )
+    parser.add_argument(
+        "--is-embedding",
+        dest="is_embedding",
+        action="store_true",
+        default=None,
+        help="serve the model as an embedding or reward model (/v1/embeddings, /encode, "
+        "/classify; no generation); default: detected from the model directory",
+    )
     for name in PARALLEL_SIZE_OPTIONS:
         parser.add_argument(
             *_flags(name), type=int, default=None, help="SGLang's flag; only 1 is supported"
         )
     parser.add_argument(  # also here, so that SGLang's `launch ... --log-level X` works
         "--log-level", choices=list(LOG_LEVELS), default=argparse.SUPPRESS, help="logging level"
+    )
+
+
+def _add_api_key_flags(parser: argparse.ArgumentParser) -> None:
+    key = parser.add_mutually_exclusive_group()
+    key.add_argument(
+        "--api-key-file",
+        type=Path,
+        default=None,
+        help="require the bearer token in this file (its first line) on every route but /health "
+        "(default: $PDSERVE_API_KEY; with --topology: router.api_key, else $PDSERVE_API_KEY)",
+    )
+    key.add_argument(
+        "--api-key",
+        default=None,
+        help="the bearer token itself; every user of the machine sees it in `ps`: prefer "
+        "--api-key-file or $PDSERVE_API_KEY",
     )
 
 
@@ -118,20 +149,7 @@ def add_launch_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--host", default=None, help="router address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="router port (default 8000)")
-    key = p.add_mutually_exclusive_group()
-    key.add_argument(
-        "--api-key-file",
-        type=Path,
-        default=None,
-        help="require the bearer token in this file (its first line) on every route but /health "
-        "(default: $PDSERVE_API_KEY; with --topology: router.api_key, else $PDSERVE_API_KEY)",
-    )
-    key.add_argument(
-        "--api-key",
-        default=None,
-        help="the bearer token itself; every user of the machine sees it in `ps`: prefer "
-        "--api-key-file or $PDSERVE_API_KEY",
-    )
+    _add_api_key_flags(p)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
     p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default=None)
     p.add_argument("--kv-transfer", choices=["auto", "tcp", "cuda_ipc", "nccl"], default=None)
@@ -211,12 +229,10 @@ def _read_api_key_file(path: Path | None) -> str | None:
 def _with_router_environment(topology: Any, args: argparse.Namespace) -> Any:
     """The topology with this machine's router settings: --data-dir, and the port Vertex AI
     gives a serving container (AIP_HTTP_PORT) unless --port says otherwise."""
-    from pdserve.env import vertex_env
-
     changes: dict[str, Any] = {}
     if args.data_dir is not None:
         changes["data_dir"] = str(args.data_dir)
-    vertex_port = vertex_env().http_port
+    vertex_port = env.vertex_env().http_port
     if vertex_port is not None and args.port is None:
         logger.info("router port %d from AIP_HTTP_PORT", vertex_port)
         changes["port"] = vertex_port

@@ -63,10 +63,12 @@ class ProcessEngine:
         return_logprob: bool = False,
         top_logprobs_num: int = 0,
         stream: bool = False,
+        return_hidden_states: bool = False,
     ) -> Any:
         body = self._request_body(
             prompt, input_ids, sampling_params, return_logprob, top_logprobs_num
         )
+        body["return_hidden_states"] = return_hidden_states
         if stream:
             return self._stream({**body, "stream": True})
         items = prompt if prompt is not None else input_ids
@@ -114,11 +116,13 @@ class ProcessEngine:
         return_logprob: bool = False,
         top_logprobs_num: int = 0,
         stream: bool = False,
+        return_hidden_states: bool = False,
     ) -> Any:
         """A result dict (or list); with stream=True an async iterator of chunks."""
         body = self._request_body(
             prompt, input_ids, sampling_params, return_logprob, top_logprobs_num
         )
+        body["return_hidden_states"] = return_hidden_states
         if stream:
             return self._astream({**body, "stream": True})
         async with self._http(httpx.AsyncClient) as client:
@@ -134,6 +138,26 @@ class ProcessEngine:
                     chunk = _sse_data(line)
                     if chunk is not None:
                         yield self._shaped(chunk)
+
+    # ------------------------------------------------------------------ embeddings
+
+    def encode(self, prompt: Any = None, input_ids: Any = None) -> Any:
+        """SGLang's Engine.encode (an embedding or reward model), over the router's `/encode`:
+        `{"embedding": [...], "meta_info": {...}}` for one prompt, a list for a list."""
+        body = self._encode_body(prompt, input_ids)
+        return _check(self._client.post("/encode", json=body))
+
+    async def async_encode(self, prompt: Any = None, input_ids: Any = None) -> Any:
+        """`encode`, awaited."""
+        body = self._encode_body(prompt, input_ids)
+        async with self._http(httpx.AsyncClient) as client:
+            return _check(await client.post("/encode", json=body))
+
+    def _encode_body(self, prompt: Any, input_ids: Any) -> dict[str, Any]:
+        self.options.check_inputs(prompt, None)
+        if (prompt is None) == (input_ids is None):
+            raise ValueError("give exactly one of prompt or input_ids")
+        return {"text": prompt} if prompt is not None else {"input_ids": input_ids}
 
     # ------------------------------------------------------------------ server state
 

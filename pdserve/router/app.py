@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import pdserve
 from pdserve.config.sampling_params import SamplingParams
+from pdserve.env import vertex_env
 from pdserve.protocol import GenerateReq
 from pdserve.router.errors import APIError, install_error_handlers
 from pdserve.router.group_reader import ClientGone, collect, failure_of
@@ -35,6 +36,7 @@ from pdserve.router.platform_routes import register_platform_routes
 from pdserve.router.router import Router
 from pdserve.router.serving_chat import create_chat_completion
 from pdserve.router.serving_completions import create_completion
+from pdserve.router.serving_embeddings import is_embedding_model, register_embedding_routes
 from pdserve.router.serving_generate import generate
 from pdserve.router.serving_tokenize import add_tokenize_routes
 
@@ -49,12 +51,13 @@ class BearerAuth:
     """`Authorization: Bearer <api_key>` on every route but /health (pure ASGI: streams untouched).
     The scheme is case-insensitive (RFC 7235); the key is compared in constant time."""
 
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
+    def __init__(self, app: ASGIApp, api_key: str, open_paths: frozenset[str] = OPEN_PATHS) -> None:
         self.app = app
         self.expected = api_key.encode()
+        self.open_paths = open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or scope["path"] in self.open_paths:
             await self.app(scope, receive, send)
             return
         given = dict(scope["headers"]).get(b"authorization", b"")
@@ -126,9 +129,13 @@ def build_app(router: Router) -> FastAPI:
     _add_info_routes(app, router)
     add_tokenize_routes(app, router)
     register_platform_routes(app, router)
+    register_embedding_routes(app, router)
     app.add_middleware(BodyLimit, max_bytes=router.spec.limits.max_body_bytes)
     if router.spec.api_key:
-        app.add_middleware(BearerAuth, api_key=router.spec.api_key)
+        # Vertex AI probes its health route without credentials, as load balancers probe /health.
+        health = vertex_env().health_route
+        open_paths = OPEN_PATHS | {health} if health else OPEN_PATHS
+        app.add_middleware(BearerAuth, api_key=router.spec.api_key, open_paths=open_paths)
     return app
 
 
@@ -154,7 +161,7 @@ def _add_control_routes(app: FastAPI, router: Router) -> None:
 
     @app.get("/health_generate")
     async def health_generate() -> Response:
-        message = await _generate_one_token(router)
+        message = await _run_health_request(router)
         if message is None:
             return JSONResponse({"status": "ok"})
         return APIError(f"health generation failed: {message}", 503).response()
@@ -197,7 +204,7 @@ def _add_info_routes(app: FastAPI, router: Router) -> None:
         info = {
             "model_path": spec.model_path,
             "tokenizer_path": spec.tokenizer_path_or_model,
-            "is_generation": True,
+            "is_generation": not is_embedding_model(spec),
             "served_model_name": spec.model_name,
         }
         return JSONResponse(info)
@@ -212,14 +219,23 @@ def _add_info_routes(app: FastAPI, router: Router) -> None:
         return Response(router.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-async def _generate_one_token(router: Router) -> str | None:
-    """Generate one token through tokenizer, prefill and decode; None when it worked."""
+def _health_request(router: Router, rid: str) -> GenerateReq:
+    """One generated token; an embedding model cannot generate, so for it one pooled forward."""
+    if is_embedding_model(router.spec):
+        sampling = SamplingParams(max_new_tokens=0).to_dict()
+        return GenerateReq(rid=rid, sampling=sampling, text="Hello", embed=True)
+    sampling = SamplingParams(max_new_tokens=1, temperature=0.0).to_dict()
+    return GenerateReq(rid=rid, sampling=sampling, text="Hello")
+
+
+async def _run_health_request(router: Router) -> str | None:
+    """Run `_health_request` through tokenizer, prefill and decode; None when it worked."""
     if not router.can_serve():
         return "no healthy route (workers starting or lost)"
     rid = f"health-{uuid.uuid4().hex}"
-    sampling = SamplingParams(max_new_tokens=1, temperature=0.0).to_dict()
+    req = _health_request(router, rid)
     try:
-        group = router.submit(rid, [GenerateReq(rid=rid, sampling=sampling, text="Hello")])
+        group = router.submit(rid, [req])
     except APIError as e:
         return e.message
     try:
@@ -231,4 +247,8 @@ async def _generate_one_token(router: Router) -> str | None:
     finally:
         router.cancel(group, "health check over")
     err = failure_of(choices[0].final_output())
-    return err.message if err else None
+    if err is not None:
+        return err.message
+    if req.embed and choices[0].embedding is None:
+        return "the encode ended without an embedding"
+    return None

@@ -7,6 +7,7 @@ and shapes it with the same functions (`generate_result.py`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from pdserve.protocol import Finish, ReqOutput
 
@@ -29,6 +30,10 @@ class ChoiceState:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    hidden_states: list[list[float]] = field(default_factory=list)  # prompt rows, then outputs
+    input_token_logprobs: list[list[Any]] | None = None  # SGLang's [logprob|None, id, text]
+    input_top_logprobs: list[Any] | None = None
+    embedding: list[float] | None = None  # an embedding / score request's result
 
     def add(self, out: ReqOutput) -> None:
         self.text += out.text_delta
@@ -44,6 +49,12 @@ class ChoiceState:
         self.completion_tokens = max(out.completion_tokens, len(self.output_ids))
         self.finish = out.finish if out.finish is not None else self.finish
         self.error = out.error if out.error is not None else self.error
+        self.hidden_states.extend(out.hidden_states or ())
+        if out.input_token_logprobs is not None:
+            self.input_token_logprobs = out.input_token_logprobs
+            self.input_top_logprobs = out.input_top_logprobs
+        if out.embedding is not None:
+            self.embedding = out.embedding
 
     def final_output(self) -> ReqOutput:
         """An output carrying just the choice's end (finish or error), for `failure_of`."""

@@ -5,6 +5,7 @@ checked as it grows, and the small text fields (`purpose`) are collected.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
@@ -48,7 +49,7 @@ class _Parts:
         self._field: bytearray | None = None  # the text field being read, None for the file
         self._field_name = ""
 
-    def callbacks(self) -> dict:
+    def callbacks(self) -> dict[str, Callable[..., None]]:
         return {
             "on_part_begin": self._part_begin,
             "on_header_field": lambda d, s, e: self._header_name.extend(d[s:e]),

@@ -1,8 +1,10 @@
 """Request bodies of the HTTP API (OpenAI and native), as pydantic models.
 
-Unknown fields are ignored, as OpenAI's and vLLM's servers do (clients send extras through
-`extra_body`); the fields pdserve understands are typed and range-checked here, and the sampling
-values are checked again by `SamplingParams` when the route builds them.
+The fields pdserve understands are typed and range-checked here, and the sampling values are
+checked again by `SamplingParams` when the route builds them. The route bodies keep the fields they
+do not declare (`extra="allow"`, as clients send extras through `extra_body`) for
+`request_fields.check_fields`, which ignores the harmless ones OpenAI clients send and refuses the
+rest with a 400 naming the field.
 """
 
 from __future__ import annotations
@@ -50,7 +52,18 @@ def _holds_surrogate(value: Any) -> bool:
 
 
 class StreamOptions(_Body):
+    model_config = ConfigDict(extra="forbid")
+
     include_usage: bool = False
+    include_obfuscation: bool | None = None  # OpenAI's stream padding: accepted, never added
+    continuous_usage_stats: bool = False  # vLLM's usage on every chunk: refused when true
+
+    @field_validator("continuous_usage_stats")
+    @classmethod
+    def _no_continuous_usage(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("is not supported (usage comes once, in the last chunk)")
+        return value
 
 
 class TextPart(_Body):
@@ -63,6 +76,26 @@ class ChatMessage(_Body):
     content: str | list[TextPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
+    # An assistant message as the API returned it carries these, empty; refused when set.
+    tool_calls: list[Any] | None = None
+    function_call: Any = None
+    audio: Any = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, value: Any) -> Any:
+        for part in value if isinstance(value, list) else ():
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text" and isinstance(kind, str):
+                raise ValueError(f"content parts of type {kind!r} are not supported (text only)")
+        return value
+
+    @field_validator("tool_calls", "function_call", "audio")
+    @classmethod
+    def _nothing_unsupported(cls, value: Any) -> Any:
+        if value:
+            raise ValueError("is not supported (tool calls and audio)")
+        return value
 
     def to_template_dict(self) -> dict[str, Any]:
         """The message as a chat template expects it: content always a string."""
@@ -80,6 +113,8 @@ class ChatMessage(_Body):
 
 class SamplingFields(_Request):
     """Fields shared by chat and completions; OpenAI's names plus vLLM/SGLang extras."""
+
+    model_config = ConfigDict(extra="allow")  # for request_fields.check_fields
 
     model: str | None = None
     n: int = Field(1, ge=1, le=128)
@@ -116,8 +151,6 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     continue_final_message: bool = False
     add_generation_prompt: bool | None = None
-    tools: list[dict[str, Any]] | None = None
-    response_format: dict[str, Any] | None = None
 
 
 PromptType = str | list[str] | list[TokenId] | list[list[TokenId]]
@@ -127,12 +160,13 @@ class CompletionRequest(SamplingFields):
     prompt: PromptType
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
-    suffix: str | None = None
     best_of: int | None = Field(None, ge=1)
 
 
 class GenerateRequest(_Request):
     """Native `/generate`, in SGLang's shapes."""
+
+    model_config = ConfigDict(extra="allow")  # for request_fields.check_fields
 
     text: str | list[str] | None = None
     input_ids: list[TokenId] | list[list[TokenId]] | None = None
@@ -146,8 +180,27 @@ class GenerateRequest(_Request):
     return_hidden_states: bool = False
     lora_path: str | list[str | None] | None = None
     image_data: Any = None
+    priority: int | None = Field(None, ge=-(2**31), lt=2**31)  # higher first; None: online (0)
 
 
 class AbortRequest(_Request):
     rid: str = ""
     abort_all: bool = False
+
+
+class EmbeddingRequest(_Request):
+    """OpenAI's `/v1/embeddings`: text(s) or token ids in, one vector per input out."""
+
+    model: str | None = None
+    input: PromptType
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
+
+
+class EncodeRequest(_Request):
+    """SGLang's `/encode` and `/classify`: `text` or `input_ids`, one or a batch."""
+
+    model: str | None = None
+    text: str | list[str] | None = None
+    input_ids: list[TokenId] | list[list[TokenId]] | None = None

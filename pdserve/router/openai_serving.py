@@ -1,5 +1,5 @@
 """What chat and completions share: model check, sampling, fan-out into sub-requests, usage,
-finish reasons and the two logprobs shapes."""
+finish reasons, the two logprobs shapes and a choice's hidden state."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pdserve.config.sampling_params import SamplingParams
 from pdserve.protocol import Finish, GenerateReq, ReqOutput
 from pdserve.router.choice_state import ChoiceState
 from pdserve.router.errors import APIError, bad_request, sampling_error
+from pdserve.router.generate_result import hidden_states
 from pdserve.router.openai_models import SamplingFields
 
 
@@ -123,6 +124,14 @@ def finish_reason(finish: Finish | None) -> str | None:
     if finish is None:
         return None
     return "length" if finish.kind == "length" else "stop"
+
+
+def last_hidden_state(c: ChoiceState) -> list[float]:
+    """A choice's `hidden_states` as SGLang's OpenAI routes give it: the final-layer state of the
+    last token fed to the model, i.e. the last entry of /generate's `meta_info.hidden_states`;
+    [] when only the prompt ran (a single generated token)."""
+    rows = hidden_states(c)
+    return rows[-1] if len(rows) > 1 else []
 
 
 def check_logprob_request(top_n: int | None, echo: bool = False) -> None:

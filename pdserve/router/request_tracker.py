@@ -115,6 +115,12 @@ class RequestTracker:
     def older_than(self, created_before: float) -> list[Tracked]:
         return [t for t in self.by_rid.values() if t.created < created_before]
 
-    def stalled_since(self, progress_before: float) -> list[Tracked]:
-        """Requests with no output since `progress_before` (nor creation)."""
-        return [t for t in self.by_rid.values() if t.progress_at < progress_before]
+    def stalled_since(self, progress_before: float, busy: set[str]) -> list[Tracked]:
+        """Requests with no output since `progress_before` (nor creation). One with no token yet
+        is waiting its turn, not stalled, while its decode worker is `busy` (produced output for
+        others since then): a long queue is no hang."""
+        return [
+            t
+            for t in self.by_rid.values()
+            if t.progress_at < progress_before and (t.num_output_tokens > 0 or t.decode not in busy)
+        ]

@@ -370,6 +370,7 @@ class Router:
         now = time.monotonic()
         self._observe_tokens(tracked, out, now)
         tracked.progress_at = now
+        self.workers.note_output(tracked.decode, now)
         tracked.group.queue.put_nowait((tracked.index, out))
         if is_terminal(out):
             self.tracker.pop(out.rid)
@@ -425,7 +426,8 @@ class Router:
                 self._fail_process(state, message)
         if self.spec.progress_timeout_s > 0:
             limit = self.spec.progress_timeout_s
-            for tracked in self.tracker.stalled_since(now - limit):
+            busy = self.workers.busy_since(now - limit)
+            for tracked in self.tracker.stalled_since(now - limit, busy):
                 self._fail(tracked, f"request made no progress for {limit:g} s", 504)
         if self.spec.request_timeout_s > 0:
             for tracked in self.tracker.older_than(now - self.spec.request_timeout_s):

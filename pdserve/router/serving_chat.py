@@ -29,20 +29,19 @@ from pdserve.router.openai_serving import (
     check_model,
     fan_out,
     finish_reason,
+    last_hidden_state,
     sampling_dicts,
     usage,
 )
+from pdserve.router.request_fields import check_fields, extra_flag
 from pdserve.router.request_tracker import RequestGroup
 from pdserve.router.router import Router
 from pdserve.router.sse import DONE, SSEResponse, sse, sse_error
 
 
 def build_chat(spec: RouterSpec, body: ChatCompletionRequest) -> Fanout:
+    check_fields(body, "chat")
     check_model(spec, body.model)
-    if body.tools:
-        raise bad_request("tools are not supported", "tools")
-    if body.response_format and body.response_format.get("type", "text") != "text":
-        raise bad_request("only response_format {'type': 'text'} is supported", "response_format")
     if body.top_logprobs and not body.logprobs:
         raise bad_request("top_logprobs requires logprobs=true", "top_logprobs")
     add_generation_prompt = body.add_generation_prompt
@@ -69,6 +68,7 @@ def build_chat(spec: RouterSpec, body: ChatCompletionRequest) -> Fanout:
         add_generation_prompt=add_generation_prompt is not False,
         return_logprob=body.logprobs,
         top_logprobs_num=body.top_logprobs or 0,
+        return_hidden_states=extra_flag(body, "return_hidden_states"),
     )
 
 
@@ -90,24 +90,27 @@ async def create_chat_completion(
 def _chat_response(
     spec: RouterSpec, body: ChatCompletionRequest, fan: Fanout, choices: list[ChoiceState]
 ) -> dict[str, Any]:
-    top_n = body.top_logprobs or 0
     return {
         "id": f"chatcmpl-{fan.group_id}",
         "object": "chat.completion",
         "created": fan.created,
         "model": spec.model_name,
-        "choices": [
-            {
-                "index": c.index,
-                "message": {"role": "assistant", "content": c.text},
-                "logprobs": chat_logprobs(c, top_n) if body.logprobs else None,
-                "finish_reason": finish_reason(c.finish),
-            }
-            for c in choices
-        ],
+        "choices": [_chat_choice(c, body) for c in choices],
         "usage": usage(choices, fan.n),
         "system_fingerprint": None,
     }
+
+
+def _chat_choice(c: ChoiceState, body: ChatCompletionRequest) -> dict[str, Any]:
+    choice = {
+        "index": c.index,
+        "message": {"role": "assistant", "content": c.text},
+        "logprobs": chat_logprobs(c, body.top_logprobs or 0) if body.logprobs else None,
+        "finish_reason": finish_reason(c.finish),
+    }
+    if extra_flag(body, "return_hidden_states"):
+        choice["hidden_states"] = last_hidden_state(c)
+    return choice
 
 
 async def _chat_events(
@@ -140,6 +143,11 @@ async def _chat_events(
         choice = _chat_delta(index, out, body)
         if choice is not None:
             yield sse({**base, "choices": [choice]})
+    if extra_flag(body, "return_hidden_states"):  # as SGLang: one chunk per choice, at the end
+        for c in states:
+            delta = {"hidden_states": last_hidden_state(c)}
+            hidden = {"index": c.index, "delta": delta, "logprobs": None, "finish_reason": None}
+            yield sse({**base, "choices": [hidden]})
     if body.include_usage:
         yield sse({**base, "choices": [], "usage": usage(states, fan.n)})
     yield DONE

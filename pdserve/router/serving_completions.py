@@ -30,9 +30,11 @@ from pdserve.router.openai_serving import (
     completion_logprobs,
     fan_out,
     finish_reason,
+    last_hidden_state,
     sampling_dicts,
     usage,
 )
+from pdserve.router.request_fields import check_fields, extra_flag
 from pdserve.router.request_tracker import RequestGroup
 from pdserve.router.router import Router
 from pdserve.router.sse import DONE, SSEResponse, sse, sse_error
@@ -56,10 +58,9 @@ def prompts_of(prompt: PromptType) -> list[Prompt]:
 
 
 def build_completion(spec: RouterSpec, body: CompletionRequest) -> Fanout:
+    check_fields(body, "completions")
     check_model(spec, body.model)
     check_logprob_request(body.logprobs, body.echo)
-    if body.suffix:
-        raise bad_request("suffix is not supported", "suffix")
     if body.best_of is not None and body.best_of != body.n:
         raise bad_request("best_of other than n is not supported", "best_of")
     max_tokens = OPENAI_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
@@ -70,6 +71,7 @@ def build_completion(spec: RouterSpec, body: CompletionRequest) -> Fanout:
         return_logprob=body.logprobs is not None,
         top_logprobs_num=body.logprobs or 0,
         echo=body.echo,
+        return_hidden_states=extra_flag(body, "return_hidden_states"),
     )
 
 
@@ -90,19 +92,21 @@ def _completion_response(
     spec: RouterSpec, body: CompletionRequest, fan: Fanout, choices: list[ChoiceState]
 ) -> dict[str, Any]:
     out_choices = []
+    with_hidden = extra_flag(body, "return_hidden_states")
     for c in choices:
         prefix = (c.prompt_text or "") if body.echo else ""
         logprobs = None
         if body.logprobs is not None:
             logprobs, _ = completion_logprobs(c, body.logprobs, len(prefix))
-        out_choices.append(
-            {
-                "index": c.index,
-                "text": prefix + c.text,
-                "logprobs": logprobs,
-                "finish_reason": finish_reason(c.finish),
-            }
-        )
+        choice = {
+            "index": c.index,
+            "text": prefix + c.text,
+            "logprobs": logprobs,
+            "finish_reason": finish_reason(c.finish),
+        }
+        if with_hidden:
+            choice["hidden_states"] = last_hidden_state(c)
+        out_choices.append(choice)
     return {
         "id": f"cmpl-{fan.group_id}",
         "object": "text_completion",
@@ -150,6 +154,11 @@ async def _completion_events(
             continue
         choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
         yield sse({**base, "choices": [choice]})
+    if extra_flag(body, "return_hidden_states"):  # as SGLang: one chunk per choice, at the end
+        for c in states:
+            hidden = {"index": c.index, "text": "", "logprobs": None, "finish_reason": None,
+                      "hidden_states": last_hidden_state(c)}  # fmt: skip
+            yield sse({**base, "choices": [hidden]})
     if body.include_usage:
         yield sse({**base, "choices": [], "usage": usage(states, fan.n)})
     yield DONE

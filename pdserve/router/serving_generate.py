@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from pdserve.config.sampling_params import SamplingParams
-from pdserve.protocol import GenerateReq, ReqOutput
+from pdserve.protocol import ONLINE_PRIORITY, GenerateReq, ReqOutput
 from pdserve.router.admission import admit, build_checked
 from pdserve.router.choice_state import ChoiceState
 from pdserve.router.errors import bad_request, sampling_error
@@ -31,6 +31,7 @@ from pdserve.router.group_reader import (
 )
 from pdserve.router.openai_models import GenerateRequest
 from pdserve.router.openai_serving import Fanout, Prompt
+from pdserve.router.request_fields import check_fields, check_sampling_fields
 from pdserve.router.request_tracker import RequestGroup
 from pdserve.router.router import Router
 from pdserve.router.sse import DONE, SSEResponse, sse, sse_error
@@ -77,13 +78,10 @@ def _samplings(body: GenerateRequest, num_prompts: int, default_max: int) -> lis
 
 
 def _check_supported(body: GenerateRequest) -> None:
-    lora = body.lora_path if isinstance(body.lora_path, list) else [body.lora_path]
-    if any(p is not None for p in lora):
-        raise bad_request("LoRA adapters are not supported", "lora_path")
-    if body.image_data is not None:
-        raise bad_request("image_data is not supported (text-only model)", "image_data")
-    if body.return_hidden_states:
-        raise bad_request("return_hidden_states is not supported", "return_hidden_states")
+    check_fields(body, "generate")
+    given = body.sampling_params
+    for params in given if isinstance(given, list) else [given]:
+        check_sampling_fields(params)
 
 
 def build_generate(body: GenerateRequest, default_max: int) -> tuple[Fanout, bool]:
@@ -106,6 +104,9 @@ def build_generate(body: GenerateRequest, default_max: int) -> tuple[Fanout, boo
                 GenerateReq(
                     rid=rids[k], sampling=sampling, text=prompt.text, input_ids=prompt.input_ids,
                     return_logprob=body.return_logprob, top_logprobs_num=body.top_logprobs_num,
+                    priority=body.priority or ONLINE_PRIORITY,
+                    return_hidden_states=body.return_hidden_states,
+                    logprob_start_len=body.logprob_start_len if body.return_logprob else -1,
                 )
             )  # fmt: skip
             keys.append(p_idx)
@@ -147,6 +148,7 @@ def _item(c: ChoiceState, body: GenerateRequest, group: RequestGroup) -> dict[st
         return_logprob=body.return_logprob,
         top_logprobs_num=body.top_logprobs_num,
         return_text_in_logprobs=body.return_text_in_logprobs,
+        return_hidden_states=body.return_hidden_states,
     )
 
 

@@ -80,6 +80,7 @@ class WorkerState:
     report: LoadReport | None = None
     report_at: float | None = None  # time.monotonic() of the latest report
     num_sent_since_report: int = 0  # requests routed here since that report (least_load)
+    output_at: float = 0.0  # time.monotonic() of the latest output of a request decoding here
 
     @property
     def name(self) -> str:
@@ -185,6 +186,15 @@ class WorkerRegistry:
             state.report = report
             state.report_at = now
             state.num_sent_since_report = 0
+
+    def busy_since(self, since: float) -> set[str]:
+        """Workers that produced output for some request after `since`."""
+        return {s.name for s in self.states.values() if s.output_at > since}
+
+    def note_output(self, name: str, now: float) -> None:
+        state = self.states.get(name)
+        if state is not None:
+            state.output_at = now
 
     def note_sent(self, name: str) -> None:
         state = self.states.get(name)

@@ -6,16 +6,16 @@ from __future__ import annotations
 
 import enum
 import math
-from collections import deque
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
 from pdserve.protocol import Finish, KVFailed, KVReady
 from pdserve.scheduler.request import Request
+from pdserve.scheduler.waiting_queue import WaitingQueue
 
 
 class HandoffState(enum.Enum):
-    QUEUED = "queued"  # no pages yet: waits for room, in arrival order (backpressure lives here)
+    QUEUED = "queued"  # no pages yet: waits for room, by priority then arrival (backpressure)
     RESERVED = "reserved"  # dst pages reserved and the PrefillTask sent; nothing back yet
     ANNOUNCED = "announced"  # KVReady is in; the bytes are still landing (needs_arrival backends)
     ARRIVED = "arrived"  # the bytes have landed; KVReady is not in yet
@@ -112,7 +112,8 @@ class KVHandoff:
         self.needs_arrival = needs_arrival  # admit only once the receiver reports the bytes too
         self.frees_on_cancel = frees_on_cancel
         self._entries: dict[str, Handoff] = {}
-        self._queue: deque[Handoff] = deque()  # the QUEUED entries, in arrival order
+        # the QUEUED entries: higher priority first, then arrival order
+        self._queue: WaitingQueue[Handoff] = WaitingQueue(lambda entry: entry.req.priority)
 
     # ------------------------------------------------------------------ queries
 
@@ -156,7 +157,7 @@ class KVHandoff:
         self._queue.append(entry)
 
     def reserve(self, now: float) -> list[Action]:
-        """Reserve pages for queued requests in order, until one does not fit."""
+        """Reserve pages for queued requests in priority order, until one does not fit."""
         actions: list[Action] = []
         while self._queue:
             entry = self._queue[0]

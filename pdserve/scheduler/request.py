@@ -26,6 +26,7 @@ class Request:
     return_logprob: bool = False
     top_logprobs_num: int = 0
     prefill_only: bool = False  # prefill role: stop after the first token
+    priority: int = 0  # higher is admitted first (scheduler/waiting_queue.py)
     output_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     # Pages, in position order. page_ids[:num_shared_pages] belong to the radix cache (locked via
@@ -41,6 +42,13 @@ class Request:
     output_top_logprobs: list[list[list[float]]] = field(default_factory=list)
     num_preemptions: int = 0
     user_data: Any = None  # the owner's bookkeeping (tokenizer index, peers), never read here
+    # What the model side records beyond tokens (worker/extra_outputs.py, worker/pooler.py).
+    outputs: Any = None
+    max_reused_tokens: int | None = None  # cap on prefix-cache reuse (outputs needed from there)
+    lora_name: str | None = None  # the LoRA adapter it runs under; None: the base model
+    # The prefix cache's namespace for its adapter (0: the base model): KV computed under one
+    # adapter is never reused for another (scheduler.py offsets token ids by it).
+    lora_key: int = 0
 
     @property
     def all_ids(self) -> list[int]:

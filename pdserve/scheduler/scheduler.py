@@ -3,8 +3,14 @@
 Each step, under a token budget (max_batch_tokens): every running request that is decoding gets one
 token first (so a long prompt never stalls running streams), then prefill work fills the rest in
 pieces of at most chunk_size tokens: unfinished chunked prefills first, then newly admitted requests.
-When a decode cannot get a page, the newest request is preempted: its pages are freed and it is
-recomputed later from its prompt and the tokens it already produced.
+Waiting requests are admitted by priority, first come first served within one (`WaitingQueue`: online
+requests before Batch API lines).
+With LoRA, a batch never holds more distinct adapters than the worker has adapter slots
+(`max_loras_per_batch`): a waiting request whose adapter would exceed that waits at the head of the
+queue until a running adapter's requests end. Prefix-cache keys are token ids offset by the
+request's adapter namespace (`Request.lora_key`), so KV is only shared under one adapter.
+When a decode cannot get a page, the newest request of the lowest priority is preempted: its pages
+are freed and it is recomputed later from its prompt and the tokens it already produced.
 
 Page ownership (see request.py): pages are free in the allocator, owned by one request, or owned by
 the prefix cache (shared by requests that lock the node). With prefix caching off the cache is a
@@ -17,7 +23,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections import deque
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +33,7 @@ from pdserve.scheduler.finish_checker import FinishChecker
 from pdserve.scheduler.page_allocator import PageAllocator
 from pdserve.scheduler.radix_cache import NoPrefixCache, PrefixCache, RadixCache
 from pdserve.scheduler.request import Request, Status
+from pdserve.scheduler.waiting_queue import WaitingQueue
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +63,24 @@ class ScheduledBatch:
         return all(item.num_tokens == 1 for item in self.items)
 
 
+# Token ids are below 2**32; an adapter's namespace shifts them above, so keys never collide.
+_LORA_KEY_SHIFT = 32
+
+
+def _cache_key(req: Request, token_ids: list[int]) -> list[int]:
+    """The prefix cache's key for req's tokens: the ids themselves for the base model, offset
+    into the adapter's namespace otherwise."""
+    if req.lora_key == 0:
+        return token_ids
+    offset = req.lora_key << _LORA_KEY_SHIFT
+    return [t + offset for t in token_ids]
+
+
+def _preemption_order(req: Request) -> tuple[int, int]:
+    """The largest is preempted first: the lowest priority, then the newest admitted."""
+    return -req.priority, req.admit_seq
+
+
 class Scheduler:
     def __init__(
         self,
@@ -63,15 +88,18 @@ class Scheduler:
         num_pages: int,
         finish_checker: FinishChecker,
         max_context_len: int,
+        max_loras_per_batch: int | None = None,
     ) -> None:
         self.config = config
+        self.max_loras_per_batch = max_loras_per_batch  # None: no LoRA, no limit
+        self._reserved_loras: Counter[str] = Counter()  # decode role: adapters of KV in flight
         self.page_size = config.page_size
         self.allocator = PageAllocator(num_pages)
         cache_class = RadixCache if config.enable_prefix_cache else NoPrefixCache
         self.cache: PrefixCache = cache_class(config.page_size, self.allocator)
         self.finish_checker = finish_checker
         self.max_context_len = max_context_len
-        self.waiting: deque[Request] = deque()
+        self.waiting: WaitingQueue[Request] = WaitingQueue(lambda req: req.priority)
         self.running: list[Request] = []  # admission order; every one holds pages and runs
         self.requests: dict[str, Request] = {}
         self._admit_counter = itertools.count()
@@ -97,8 +125,9 @@ class Scheduler:
         req.status = Status.WAITING
         self.waiting.append(req)
 
-    def abort(self, rid: str, message: str = "aborted") -> Request | None:
-        """Stop a request wherever it is and free its pages; returns it (None if unknown)."""
+    def abort(self, rid: str, message: str = "aborted", status_code: int = 400) -> Request | None:
+        """Stop a request wherever it is and free its pages; returns it (None if unknown).
+        status_code: what its client gets (400: its own fault or asked for; 500: the server's)."""
         req = self.requests.get(rid)
         if req is None:
             return None
@@ -106,7 +135,7 @@ class Scheduler:
             self.waiting.remove(req)
         elif req in self.running:
             self.running.remove(req)
-        req.finish = Finish.abort(message)
+        req.finish = Finish.abort(message, status_code)
         self.release(req)
         return req
 
@@ -174,7 +203,21 @@ class Scheduler:
         """Room for the whole pending prompt (counting evictable cache pages), so admitted
         prefills rarely have to wait for pages."""
         need = self._pages_for(req.seq_len)
-        return self._num_available_pages() >= need
+        return self._num_available_pages() >= need and self._has_lora_room(req)
+
+    def _has_lora_room(self, req: Request) -> bool:
+        """Whether req's adapter can join without more distinct adapters than slots."""
+        if req.lora_name is None or self.max_loras_per_batch is None:
+            return True
+        in_use = {r.lora_name for r in self.running if r.lora_name is not None}
+        in_use.update(name for name, n in self._reserved_loras.items() if n > 0)
+        return req.lora_name in in_use or len(in_use) < self.max_loras_per_batch
+
+    def lora_in_use(self, name: str) -> bool:
+        """Whether a request of this worker's scheduler runs, waits or has KV in flight under
+        adapter `name`."""
+        in_sched = any(r.lora_name == name for r in self.requests.values())
+        return in_sched or self._reserved_loras[name] > 0
 
     # ------------------------------------------------------------------ results
 
@@ -218,10 +261,14 @@ class Scheduler:
         max_running_requests."""
         if len(self.running) + num_in_flight >= self.config.max_running_requests:
             return None
+        if not self._has_lora_room(req):
+            return None
         pages = self._alloc(self._pages_for(len(req.prompt_ids)))
         if pages is None:
             return None
         req.page_ids = pages
+        if req.lora_name is not None:
+            self._reserved_loras[req.lora_name] += 1
         return pages
 
     def free_reserved(self, req: Request) -> None:
@@ -229,10 +276,18 @@ class Scheduler:
         self.allocator.free(req.page_ids)
         req.page_ids = []
         req.status = Status.FINISHED
+        self._unreserve_lora(req)
+
+    def _unreserve_lora(self, req: Request) -> None:
+        if req.lora_name is not None:
+            self._reserved_loras[req.lora_name] -= 1
+            if self._reserved_loras[req.lora_name] <= 0:
+                del self._reserved_loras[req.lora_name]
 
     def commit_transferred(self, req: Request, ready: KVReady) -> None:
         """Decode role: the prompt's KV has landed in the reserved pages; the request joins the
         running batch with the prefill's first token (which may already end it)."""
+        self._unreserve_lora(req)
         root = self.cache.match_prefix([]).node  # nothing shared; holds a lock like every runner
         self.cache.lock(root)
         self.requests[req.rid] = req
@@ -281,7 +336,7 @@ class Scheduler:
                 self.release(req)
                 self.newly_finished.append(req)
                 return False
-            victim = max(others + [req], key=lambda r: r.admit_seq)
+            victim = max(others + [req], key=_preemption_order)
             self._preempt(victim)
             if victim is req:
                 return False
@@ -296,11 +351,14 @@ class Scheduler:
         req.status = Status.WAITING
         req.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(req)
+        self.waiting.appendleft(req)  # ahead of its own priority: it keeps its place
 
     def _match_prefix(self, req: Request) -> None:
         # Keep at least one token to compute: its logits give the next token.
-        match = self.cache.match_prefix(req.all_ids[: req.seq_len - 1])
+        reusable = req.seq_len - 1
+        if req.max_reused_tokens is not None:  # hidden states, prompt logprobs, mean pooling
+            reusable = min(reusable, req.max_reused_tokens)
+        match = self.cache.match_prefix(_cache_key(req, req.all_ids[:reusable]))
         self.cache.lock(match.node)
         req.cache_node = match.node
         req.page_ids = list(match.page_ids)
@@ -318,7 +376,7 @@ class Scheduler:
         if num_full <= req.num_shared_pages:
             return
         inserted = self.cache.insert(
-            req.all_ids[: num_full * self.page_size], req.page_ids[:num_full]
+            _cache_key(req, req.all_ids[: num_full * self.page_size]), req.page_ids[:num_full]
         )
         duplicates = req.page_ids[
             req.num_shared_pages : inserted.num_present_tokens // self.page_size

@@ -6,12 +6,16 @@ import argparse
 
 from pdserve.tiny_model.build import ARCHS
 
+KINDS = ("generation", "embedding", "reward")
+
 DESCRIPTION = """\
 Write a tiny random-weight Hugging Face model into OUT_DIR, in seconds and without a
 download: a byte-level BPE tokenizer (512 tokens, ChatML chat template, EOS <|im_end|>),
 config.json, generation_config.json and model.safetensors (float32, hidden 64, 2 layers,
 4 query heads over 2 KV heads). transformers' AutoModelForCausalLM and AutoTokenizer load it
 as-is. Its output is noise; it exists to test serving code against transformers.
+--kind embedding writes a bare decoder (AutoModel) with a sentence-transformers pooling
+config; --kind reward a *ForSequenceClassification model (AutoModelForSequenceClassification).
 """
 
 
@@ -40,13 +44,48 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="seed for the random weights; the same seed gives identical weights "
         "(default: %(default)s)",
     )
+    parser.add_argument(
+        "--kind",
+        choices=KINDS,
+        default="generation",
+        help="generation: *ForCausalLM; embedding: a bare decoder with a sentence-transformers "
+        "pooling config (serve it with --is-embedding, or let pdserve detect it); reward: "
+        "*ForSequenceClassification with a score head (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--pooling",
+        choices=("last", "mean", "cls"),
+        default="last",
+        help="--kind embedding: how token states become one vector (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--num-labels",
+        type=int,
+        default=1,
+        help="--kind reward: rows of the score head (default: %(default)s)",
+    )
     parser.set_defaults(handler=run)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
     from pdserve.tiny_model.build import build_tiny_model
+    from pdserve.tiny_model.pooling_models import (
+        build_tiny_embedding_model,
+        build_tiny_reward_model,
+    )
 
-    path = build_tiny_model(args.out_dir, arch=args.arch, seed=args.seed, progress=True)
+    if args.kind == "embedding":
+        path = build_tiny_embedding_model(
+            args.out_dir, arch=args.arch, pooling=args.pooling, seed=args.seed
+        )
+    elif args.kind == "reward":
+        if args.num_labels < 1:
+            raise ValueError(f"--num-labels={args.num_labels} is invalid: expected >= 1")
+        path = build_tiny_reward_model(
+            args.out_dir, arch=args.arch, num_labels=args.num_labels, seed=args.seed
+        )
+    else:
+        path = build_tiny_model(args.out_dir, arch=args.arch, seed=args.seed, progress=True)
     print(path)
     return 0

@@ -101,6 +101,17 @@ class _Piece:
     top_logprobs: list[list[list[float]]] | None
     prompt_tokens: int
     cached_tokens: int
+    extra: _Extra | None = None  # hidden states, prompt logprobs, an embedding
+
+
+@dataclass
+class _Extra:
+    """A piece's outputs beside its tokens (TokenOut's optional per-request columns)."""
+
+    hidden_states: list[list[float]]
+    input_token_logprobs: list[list[float | None]]  # [[token_id, logprob|None], ...]
+    input_top_logprobs: list[list[list[float]]]
+    embedding: list[float] | None
 
 
 @dataclass
@@ -175,6 +186,10 @@ class TokenizerCore:
             prefill_idx=req.prefill_idx,
             return_logprob=req.return_logprob,
             top_logprobs_num=req.top_logprobs_num,
+            priority=req.priority,
+            return_hidden_states=req.return_hidden_states,
+            logprob_start_len=req.logprob_start_len,
+            embed=req.embed,
         )
         return req.decode_idx, msg
 
@@ -416,7 +431,9 @@ class TokenizerCore:
         want_texts = want_logprobs and state.detok is not None  # token in, token out: no texts
         top_texts = top_token_texts(self.tokenizer, top) if want_top and want_texts else None
         prompt_text, state.prompt_text = state.prompt_text, None
+        extras = _extra_fields(self.tokenizer, [p.extra for p in pieces if p.extra is not None])
         return ReqOutput(
+            **extras,
             rid=state.rid,
             text_delta=text,
             output_ids=ids,
@@ -440,7 +457,46 @@ def _piece_of(msg: TokenOut, i: int) -> _Piece:
         top_logprobs=msg.top_logprobs[i] if msg.top_logprobs else None,
         prompt_tokens=msg.prompt_tokens[i] if msg.prompt_tokens else 0,
         cached_tokens=msg.cached_tokens[i] if msg.cached_tokens else 0,
+        extra=_extra_of(msg, i),
     )
+
+
+def _extra_of(msg: TokenOut, i: int) -> _Extra | None:
+    columns = (msg.hidden_states, msg.input_token_logprobs, msg.input_top_logprobs, msg.embeddings)
+    if all(c is None for c in columns):
+        return None
+    return _Extra(
+        hidden_states=msg.hidden_states[i] if msg.hidden_states else [],
+        input_token_logprobs=msg.input_token_logprobs[i] if msg.input_token_logprobs else [],
+        input_top_logprobs=msg.input_top_logprobs[i] if msg.input_top_logprobs else [],
+        embedding=msg.embeddings[i] if msg.embeddings and msg.embeddings[i] else None,
+    )
+
+
+def _extra_fields(tokenizer: Any, extras: list[_Extra]) -> dict[str, Any]:
+    """ReqOutput's extra fields from the released pieces' extras; texts decoded here."""
+    out: dict[str, Any] = {}
+    hidden = [row for e in extras for row in e.hidden_states]
+    if hidden:
+        out["hidden_states"] = hidden
+    prompt = [entry for e in extras for entry in e.input_token_logprobs]
+    if prompt:
+        ids = [int(entry[0] or 0) for entry in prompt]
+        texts = token_texts(tokenizer, ids)
+        out["input_token_logprobs"] = [
+            [entry[1], tid, text] for entry, tid, text in zip(prompt, ids, texts)
+        ]
+        tops = [top for e in extras for top in e.input_top_logprobs]
+        if any(tops):
+            top_texts = top_token_texts(tokenizer, tops)
+            out["input_top_logprobs"] = [
+                [[lp, int(t), text] for (t, lp), text in zip(row, row_texts)] if row else None
+                for row, row_texts in zip(tops, top_texts)
+            ]
+    embeddings = [e.embedding for e in extras if e.embedding is not None]
+    if embeddings:
+        out["embedding"] = embeddings[-1]
+    return out
 
 
 def _drop_first(piece: _Piece, n: int) -> _Piece:

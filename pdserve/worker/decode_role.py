@@ -19,8 +19,9 @@ from pdserve.scheduler.kv_handoff import (
     SendPrefillTask,
 )
 from pdserve.scheduler.request import Request
+from pdserve.worker.extra_outputs import ExtraOutputs
 from pdserve.worker.worker_core import WorkerCore
-from pdserve.worker.worker_role import Handler, ReqMeta, new_request
+from pdserve.worker.worker_role import Handler, ReqMeta, decode_side_outputs, new_request
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +55,12 @@ class DecodeRole:
         }
 
     def on_tokenized(self, msg: protocol.TokenizedReq) -> list[Request]:
+        if msg.embed:  # no decode, no pages here: the prefill worker answers the tokenizer
+            self.to_prefills[msg.prefill_idx].send(_embed_task(msg, self.decode_idx))
+            return []
         meta = ReqMeta(msg.tokenizer_idx, num_emitted=1)  # token 0 goes from prefill directly
         req = new_request(msg, meta)
+        decode_side_outputs(req)
         self.core.check_request(req)
         self.handoff.add(req, msg.prefill_idx)
         return []
@@ -114,6 +119,8 @@ class DecodeRole:
             return_logprob=req.return_logprob,
             top_logprobs_num=req.top_logprobs_num,
             kv_handshake=self.handshake,
+            priority=req.priority,
+            **_extra_fields(req.outputs),
         )
 
     def has_work(self) -> bool:
@@ -129,3 +136,27 @@ class DecodeRole:
 
     def close(self) -> None:
         self.receiver.close()
+
+
+def _extra_fields(outputs: object) -> dict[str, object]:
+    """What the prefill must compute beyond the first token (hidden states, prompt logprobs)."""
+    if not isinstance(outputs, ExtraOutputs):
+        return {}
+    return {
+        "return_hidden_states": outputs.return_hidden_states,
+        "logprob_start_len": outputs.logprob_start_len,
+    }
+
+
+def _embed_task(msg: protocol.TokenizedReq, decode_idx: int) -> protocol.PrefillTask:
+    """An embedding request, passed on to its prefill worker untouched (no pages reserved)."""
+    return protocol.PrefillTask(
+        rid=msg.rid,
+        input_ids=msg.input_ids,
+        sampling=msg.sampling,
+        tokenizer_idx=msg.tokenizer_idx,
+        decode_idx=decode_idx,
+        dst_pages=[],
+        priority=msg.priority,
+        embed=True,
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -34,6 +35,8 @@ class ForwardBatch:
     # to the longest context it may replay, so one capture serves every length.
     max_seq_len: int | None = None
     page_table_cpu: torch.Tensor | None = None  # [B, max_pages] int32, cpu: for FlashInfer's plan
+    # LoRA rows grouped by adapter slot (worker/lora/lora_layers.py); None: no adapter in the batch
+    lora: Any = None
 
     def __post_init__(self) -> None:
         if self.extend_lens is None:

@@ -20,7 +20,11 @@ class MixedRole:
         return {protocol.TokenizedReq: self.on_tokenized}
 
     def on_tokenized(self, msg: protocol.TokenizedReq) -> list[Request]:
-        self.core.add(new_request(msg, ReqMeta(msg.tokenizer_idx)))
+        req = new_request(msg, ReqMeta(msg.tokenizer_idx))
+        if msg.embed:
+            self.core.add_pooled(req)
+        else:
+            self.core.add(req)
         return []
 
     def on_abort(self, rid: str, message: str) -> list[Request]:

@@ -6,6 +6,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -16,10 +17,22 @@ from pdserve.scheduler.scheduler import ScheduledBatch
 from pdserve.worker.forward_batch import ForwardBatch
 from pdserve.worker.kv_pool import KVPool
 
+if TYPE_CHECKING:
+    from pdserve.worker.lora.lora_layers import LoraBatch
+
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _CPU_POOL_BYTES_MAX = 2 << 30  # a CPU pool is capped: host memory is shared with everything else
+
+
+class ForwardOutput(NamedTuple):
+    """One step's results when hidden states are read out (pooling models, hidden states, prompt
+    logprobs)."""
+
+    logits: torch.Tensor | None  # [B, V] float32 at each last new token; None: pooling model
+    hidden: torch.Tensor  # [T, hidden] model dtype, final-normed, every new token
+    row_starts: list[int]  # [B]: each item's first row in `hidden`
 
 
 class ModelRunner:
@@ -37,6 +50,11 @@ class ModelRunner:
         self.num_pages = self._decide_num_pages()
         self.kv_pool = KVPool(model_config, self.num_pages, self.page_size, self.dtype, self.device)
         self._staging: torch.Tensor | None = None  # [bytes] uint8: see _host_buffer
+        self.lora = None  # LoraManager when LoRA is on
+        if config.lora.enabled:
+            from pdserve.worker.lora.lora_manager import LoraManager
+
+            self.lora = LoraManager(config.lora, model_config, self.dtype, self.device)
         self.graph_runner = None
         if config.cuda_graph and self.device.type == "cuda":
             from pdserve.worker.cuda_graph_runner import CudaGraphRunner
@@ -89,15 +107,46 @@ class ModelRunner:
             max_extend_len=max(host.extend_lens_cpu),
             max_seq_len=max(host.seq_lens_cpu),
             page_table_cpu=on_host["page_table"],
+            lora=self._lora_batch(batch),
         )
+
+    def _lora_batch(self, batch: ScheduledBatch) -> LoraBatch | None:
+        """The batch's rows grouped by adapter; None without LoRA or when all rows are base."""
+        if self.lora is None or all(it.req.lora_name is None for it in batch.items):
+            return None
+        row_names = [it.req.lora_name for it in batch.items for _ in range(it.num_tokens)]
+        return self.lora.prepare(row_names)
 
     @torch.inference_mode()
     def forward(self, batch: ScheduledBatch) -> torch.Tensor:
         """Logits [B, vocab] float32 on the device, one row per batch item."""
         fb = self.build_forward_batch(batch)
-        if self.graph_runner is not None and self.graph_runner.can_run(fb):
+        # No CUDA graph with adapters in the batch: the graphs were captured without them.
+        if self.graph_runner is not None and fb.lora is None and self.graph_runner.can_run(fb):
             return self.graph_runner.replay(fb)
         return self.model(fb, self.kv_pool)
+
+    @torch.inference_mode()
+    def forward_rows(self, batch: ScheduledBatch) -> ForwardOutput:
+        """Like forward, reading out every new token's final hidden state too (no CUDA graph):
+        only steps holding a request that asked for rows pay for it."""
+        fb = self.build_forward_batch(batch)
+        hidden = self.model.forward_hidden(fb, self.kv_pool, all_rows=True)  # [T, hidden]
+        logits = None
+        if not self.model_config.is_embedding:
+            logits = self.model.compute_logits(hidden[fb.logit_idx])  # [B, V] float32
+        starts = np.cumsum([0] + [it.num_tokens for it in batch.items[:-1]]).tolist()
+        return ForwardOutput(logits, hidden, starts)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, hidden] -> [N, V] float32 through the lm_head (generation models)."""
+        with torch.inference_mode():
+            return self.model.compute_logits(hidden)
+
+    def compute_scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, hidden] -> [N, num_labels] float32 through the score head (classifiers)."""
+        with torch.inference_mode():
+            return self.model.compute_scores(hidden)
 
 
 def _new_token_ids(req: Request, start: int, end: int) -> list[int]:

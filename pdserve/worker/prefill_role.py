@@ -39,6 +39,9 @@ class PrefillRole:
         if msg.rid in self.aborted_rids:
             self.to_decodes[msg.decode_idx].send(protocol.KVFailed(msg.rid, "aborted", 400))
             return []
+        if msg.embed:  # answered from here (WorkerProcess._emit): no KV goes to decode
+            self.core.add_pooled(new_request(msg, ReqMeta(msg.tokenizer_idx)))
+            return []
         meta = ReqMeta(msg.tokenizer_idx, push=KVPush(msg.decode_idx, list(msg.dst_pages)))
         self.core.add(new_request(msg, meta, prefill_only=True))
         return []
@@ -60,6 +63,8 @@ class PrefillRole:
         """Push the KV of every request whose prompt is done; report the ones that failed here
         (aborted, too large, a failed step) so the decode worker ends them and frees their pages."""
         for req in touched:
+            if req.user_data.push is None:
+                continue  # an embedding request: its result went to the tokenizer
             if req.finish is not None:
                 message = req.finish.message or "prefill failed"
                 self._reply(req, protocol.KVFailed(req.rid, message, req.finish.status_code))

@@ -39,12 +39,15 @@ def load_weights(model: nn.Module, model_path: str | Path) -> None:
     """Fill every parameter of `model` from `model_path`, cast to the parameter's dtype and device."""
     tensor_files = _checkpoint_index(Path(model_path))  # checkpoint name -> file
     targets, aliases = _weight_targets(model)
+    aliases |= set(getattr(model, "ignored_weights", ()))  # a head the model does not use
     names = [n for n in tensor_files if not _is_ignored(n, aliases)]
+    # A bare decoder's checkpoint (LlamaModel.save_pretrained) has no "model." prefix.
+    names = [_with_prefix(n, targets) for n in names]
     _check_names(names, targets, model_path)
 
     by_file: dict[Path, list[str]] = {}
     for name in names:
-        by_file.setdefault(tensor_files[name], []).append(name)
+        by_file.setdefault(tensor_files[_stored_name(name, tensor_files)], []).append(name)
     # A progress bar only for sharded checkpoints: small ones load too fast to need one.
     progress = tqdm(
         total=len(names), desc="loading weights", unit="tensor", disable=len(by_file) < 2
@@ -53,7 +56,8 @@ def load_weights(model: nn.Module, model_path: str | Path) -> None:
         for file, file_names in by_file.items():
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 for name in file_names:
-                    _copy_into(targets[name], f.get_tensor(name), name)
+                    tensor = f.get_tensor(_stored_name(name, tensor_files))
+                    _copy_into(targets[name], tensor, name)
                     progress.update()
     logger.info("loaded %d tensors from %d file(s) in %s", len(names), len(by_file), model_path)
 
@@ -99,6 +103,23 @@ def _weight_targets(model: nn.Module) -> tuple[dict[str, _Target], set[str]]:
                 targets[f"{parent}.{shard_name}.{param_name}"] = _Target(param, row_start, num_rows)
                 row_start += num_rows
     return targets, aliases
+
+
+_BASE_PREFIX = "model."
+
+
+def _with_prefix(name: str, targets: dict[str, _Target]) -> str:
+    """The model's name for checkpoint tensor `name`: itself, or with the base model's prefix."""
+    if name not in targets and _BASE_PREFIX + name in targets:
+        return _BASE_PREFIX + name
+    return name
+
+
+def _stored_name(name: str, tensor_files: dict[str, Path]) -> str:
+    """The checkpoint's name for the model's tensor `name` (the inverse of _with_prefix)."""
+    if name in tensor_files:
+        return name
+    return name.removeprefix(_BASE_PREFIX)
 
 
 def _is_ignored(name: str, aliases: set[str]) -> bool:

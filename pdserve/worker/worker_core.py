@@ -13,10 +13,13 @@ from collections.abc import Callable, Sequence
 import torch
 
 from pdserve.config.engine_config import EngineConfig, ModelConfig
+from pdserve.protocol import Finish
 from pdserve.scheduler.finish_checker import FinishChecker
 from pdserve.scheduler.request import Request
-from pdserve.scheduler.scheduler import BatchItem, Scheduler
-from pdserve.worker.model_runner import ModelRunner
+from pdserve.scheduler.scheduler import BatchItem, ScheduledBatch, Scheduler
+from pdserve.worker.extra_outputs import ExtraOutputs
+from pdserve.worker.model_runner import ForwardOutput, ModelRunner
+from pdserve.worker.pooler import PoolState
 from pdserve.worker.sampler import (
     SamplingRow,
     build_skipping_bad_rows,
@@ -36,13 +39,18 @@ class WorkerCore:
         model_config: ModelConfig | None = None,
     ) -> None:
         self.config = config.resolved()
-        self.model_config = model_config or ModelConfig.from_hf(config.model_path)
+        self.model_config = model_config or ModelConfig.from_hf(
+            config.model_path, is_embedding=config.is_embedding
+        )
         torch.manual_seed(self.config.seed)
         self.runner = ModelRunner(self.config, self.model_config)
         sched = self.config.scheduler
         self.max_context_len = sched.max_context_len or self.model_config.max_position_embeddings
         checker = FinishChecker(self.model_config.eos_token_ids, self.max_context_len, decode)
-        self.scheduler = Scheduler(sched, self.runner.num_pages, checker, self.max_context_len)
+        max_loras = self.config.lora.max_loras_per_batch if self.runner.lora else None
+        self.scheduler = Scheduler(
+            sched, self.runner.num_pages, checker, self.max_context_len, max_loras
+        )
         self.last_step_ms = 0.0
         self.num_steps = 0
 
@@ -59,9 +67,19 @@ class WorkerCore:
         if batch is None:
             return touched
         start = time.perf_counter()
-        logits = self.runner.forward(batch)  # [B, V] float32
+        out = None
+        if self.model_config.is_embedding or any(_wants_rows(it.req) for it in batch.items):
+            out = self.runner.forward_rows(batch)
+            logits = out.logits
+        else:
+            logits = self.runner.forward(batch)  # [B, V] float32
         sched.advance(batch)
+        if out is not None:
+            self._record_rows(batch, out)
         rows = [i for i, item in enumerate(batch.items) if item.samples]
+        if self.model_config.is_embedding:
+            touched.extend(self._finish_pooled([batch.items[i] for i in rows]))
+            rows = []
         if rows:
             sampling_items = [batch.items[i] for i in rows]
             if len(rows) < len(batch.items):  # partial prefill chunks sample nothing
@@ -71,6 +89,33 @@ class WorkerCore:
         self.last_step_ms = (time.perf_counter() - start) * 1e3
         self.num_steps += 1
         return touched
+
+    def _record_rows(self, batch: ScheduledBatch, out: ForwardOutput) -> None:
+        """Hand each request that asked for rows its slice of the step's hidden states."""
+        for item, row_start in zip(batch.items, out.row_starts):
+            outputs = item.req.outputs
+            rows = out.hidden[row_start : row_start + item.num_tokens]  # [n, hidden]
+            if isinstance(outputs, PoolState):
+                outputs.add(rows, item.start)
+            elif isinstance(outputs, ExtraOutputs) and outputs.wants_rows:
+                req = item.req
+                outputs.record(
+                    rows, item.start, req.all_ids, len(req.prompt_ids), self.runner.compute_logits
+                )
+
+    def _finish_pooled(self, items: list[BatchItem]) -> list[Request]:
+        """Pooling model: each request whose prompt is done gets its vector and ends."""
+        scores = self.runner.compute_scores if self.model_config.num_labels > 0 else None
+        done = []
+        for item in items:
+            req = item.req
+            state: PoolState = req.outputs
+            state.embedding = state.result(len(req.prompt_ids), self.model_config.normalize, scores)
+            req.finish = Finish.stop(None)
+            self.scheduler.running.remove(req)
+            self.scheduler.release(req)  # full pages stay in the prefix cache
+            done.append(req)
+        return done
 
     def _sampling_row(self, req: Request) -> SamplingRow:
         return SamplingRow(
@@ -122,10 +167,68 @@ class WorkerCore:
         problem = row_problem(self._sampling_row(req), vocab)
         if problem is not None:
             raise ValueError(problem)
+        self._bind_lora(req)
+
+    def _bind_lora(self, req: Request) -> None:
+        """Check req's adapter is loaded here and give req its prefix-cache namespace."""
+        if req.lora_name is None:
+            return
+        lora = self.runner.lora
+        if lora is None:
+            raise ValueError(
+                f"lora_path={req.lora_name!r}: this server has no LoRA adapters (launch it with "
+                "--lora-paths, or --max-lora-rank to load adapters later)"
+            )
+        lora.check_known(req.lora_name)
+        req.lora_key = lora.cache_keys[req.lora_name]
+
+    def load_lora(self, name: str, path: str) -> list[str]:
+        """Load an adapter; returns the loaded names. ValueError naming the problem."""
+        if self.runner.lora is None:
+            raise ValueError(
+                "this server was launched without LoRA: give --lora-paths or --max-lora-rank "
+                "(and --lora-target-modules) at launch to load adapters later"
+            )
+        self.runner.lora.load(name, path)
+        return self.runner.lora.names
+
+    def unload_lora(self, name: str) -> list[str]:
+        """Unload an adapter no request uses; ValueError if unknown or in use."""
+        lora = self.runner.lora
+        if lora is None:
+            raise ValueError(f"LoRA adapter {name!r} is not loaded: this server has no LoRA")
+        lora.check_known(name)
+        if self.scheduler.lora_in_use(name):
+            raise ValueError(f"LoRA adapter {name!r} is in use by requests in flight: try again")
+        lora.unload(name)
+        return lora.names
+
+    @property
+    def lora_names(self) -> list[str]:
+        return self.runner.lora.names if self.runner.lora is not None else []
 
     def add(self, req: Request) -> None:
-        """Queue a request; ValueError (naming the problem) if it can never run."""
+        """Queue a generation request; ValueError (naming the problem) if it can never run."""
+        if self.model_config.is_embedding:
+            raise ValueError(
+                "this model is an embedding/reward model: it serves /v1/embeddings, /encode and "
+                "/classify, not generation"
+            )
         self.check_request(req)
+        if isinstance(req.outputs, ExtraOutputs):
+            req.max_reused_tokens = req.outputs.first_needed_position()
+        self.scheduler.add(req)
+
+    def add_pooled(self, req: Request) -> None:
+        """Queue an embedding / score request (one forward pass, no token sampled)."""
+        if not self.model_config.is_embedding:
+            raise ValueError(
+                "this model is a generation model: embeddings and scores need an embedding or "
+                "reward model (launch it with --is-embedding)"
+            )
+        self.check_request(req)
+        req.outputs = PoolState(self.model_config.pooling)
+        req.max_reused_tokens = req.outputs.first_needed_position()
         self.scheduler.add(req)
 
     def abort(self, rid: str, message: str = "aborted") -> Request | None:
@@ -133,3 +236,7 @@ class WorkerCore:
 
     def has_work(self) -> bool:
         return self.scheduler.has_work() or bool(self.scheduler.newly_finished)
+
+
+def _wants_rows(req: Request) -> bool:
+    return isinstance(req.outputs, ExtraOutputs) and req.outputs.wants_rows

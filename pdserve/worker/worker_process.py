@@ -17,6 +17,8 @@ from pdserve.ipc import Inbox, Outbox
 from pdserve.kv_transfer.base import TransferStats
 from pdserve.protocol import Finish
 from pdserve.scheduler.request import Request
+from pdserve.worker.extra_outputs_wire import append_extra_outputs
+from pdserve.worker.pooler import PoolState
 from pdserve.worker.worker_core import WorkerCore
 from pdserve.worker.worker_role import Handler, ReqMeta, WorkerRole
 
@@ -78,6 +80,10 @@ class WorkerProcess:
             if handler is None:
                 logger.warning("worker %s: unexpected message %s", self.name, type(msg).__name__)
                 continue
+            problem = self._bad_peer_index(msg)
+            if problem is not None:  # nobody to answer: the message names a peer we lack
+                logger.warning("worker %s: %s dropped: %s", self.name, type(msg).__name__, problem)
+                continue
             try:
                 touched += handler(msg)
             except Exception as e:  # a bad message must not kill the worker
@@ -97,7 +103,7 @@ class WorkerProcess:
             message = f"internal error in worker {self.name}: {type(e).__name__}: {e}"
             failed = list(self.scheduler.running)
             for req in failed:
-                self.scheduler.abort(req.rid, message)
+                self.scheduler.abort(req.rid, message, status_code=500)
             return failed
 
     # ------------------------------------------------------------------ messages for any role
@@ -117,11 +123,28 @@ class WorkerProcess:
         self._running = False
         return []
 
+    def _bad_peer_index(self, msg: Any) -> str | None:
+        """Why a message's peer indices (tokenizer, prefill, decode) name no peer of this worker,
+        or None. Checked before any handler runs: a bad index would fail later, outside the
+        per-message error handling, or leave nobody to tell."""
+        peers = (
+            ("tokenizer_idx", self.to_tokenizers),
+            ("prefill_idx", self.to_prefills),
+            ("decode_idx", self.to_decodes),
+        )
+        for key, outboxes in peers:
+            idx = getattr(msg, key, None)
+            if idx is None or (key == "prefill_idx" and not self.to_prefills):
+                continue  # a mixed worker ignores prefill_idx
+            if not 0 <= idx < len(outboxes):
+                return f"{key}={idx} is invalid: expected 0..{len(outboxes) - 1}"
+        return None
+
     def _fail(self, msg: Any, message: str) -> None:
         """End the request a message was about with an error, wherever its client waits."""
-        if isinstance(msg, protocol.PrefillTask):
+        if isinstance(msg, protocol.PrefillTask) and not msg.embed:
             self.to_decodes[msg.decode_idx].send(protocol.KVFailed(msg.rid, message, 400))
-        elif isinstance(msg, protocol.TokenizedReq):
+        elif isinstance(msg, (protocol.TokenizedReq, protocol.PrefillTask)):
             self.to_tokenizers[msg.tokenizer_idx].send(
                 protocol.TokenOut(
                     rids=[msg.rid], token_ids=[[]], first_idx=[0], finish=[Finish.abort(message)]
@@ -136,7 +159,8 @@ class WorkerProcess:
         for req in touched:
             meta: ReqMeta = req.user_data
             new_ids = req.output_ids[meta.num_emitted :]
-            finish = req.finish if self.role.reports_finish else None
+            reports_finish = self.role.reports_finish or isinstance(req.outputs, PoolState)
+            finish = req.finish if reports_finish else None
             if not new_ids and finish is None:
                 continue
             out = batches.setdefault(
@@ -192,6 +216,7 @@ def _append_out(
     out.top_logprobs.append(req.output_top_logprobs[start:end] if req.top_logprobs_num else [])
     out.prompt_tokens.append(len(req.prompt_ids))
     out.cached_tokens.append(req.num_cached_tokens)
+    append_extra_outputs(out, req, len(out.rids) - 1)
     meta.num_emitted = end
 
 

@@ -11,6 +11,7 @@ from pdserve import protocol
 from pdserve.config.sampling_params import SamplingParams
 from pdserve.kv_transfer.base import TransferStats
 from pdserve.scheduler.request import Request
+from pdserve.worker.extra_outputs import ExtraOutputs
 
 # A handler takes one message and returns the requests whose output or end the loop must send
 # to their tokenizer.
@@ -44,9 +45,24 @@ def new_request(
         return_logprob=msg.return_logprob or msg.top_logprobs_num > 0,
         top_logprobs_num=msg.top_logprobs_num,
         prefill_only=prefill_only,
+        priority=msg.priority,
     )
     req.user_data = meta
+    if msg.return_hidden_states or msg.logprob_start_len >= 0:
+        req.outputs = ExtraOutputs(
+            return_hidden_states=msg.return_hidden_states,
+            logprob_start_len=msg.logprob_start_len,
+            top_logprobs_num=msg.top_logprobs_num,
+        )
     return req
+
+
+def decode_side_outputs(req: Request) -> None:
+    """Decode role: the prompt's part (its hidden states, its logprobs) comes from the prefill
+    worker; this worker records only the generated tokens' hidden states."""
+    if isinstance(req.outputs, ExtraOutputs):
+        req.outputs.num_hidden_sent = len(req.prompt_ids)
+        req.outputs.is_prompt_sent = True
 
 
 class WorkerRole(Protocol):

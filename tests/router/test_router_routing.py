@@ -284,15 +284,20 @@ def test_routing_goes_around_a_dead_tokenizer_and_refuses_without_any() -> None:
     assert router._route()[0] == 0
 
 
-def test_a_request_without_progress_ends_with_504_and_one_with_progress_does_not() -> None:
+def test_a_request_without_progress_ends_with_504_unless_it_waits_behind_busy_work() -> None:
     router = _pd_router(progress_timeout_s=10.0)
-    stalled = _track(router, "stalled", 0, "d0", num_tokens=0)
-    moving = _track(router, "moving", 0, "d0", num_tokens=0)
+    stalled = _track(router, "stalled", 0, "d0", num_tokens=3)  # started, then nothing
+    queued = _track(router, "queued", 0, "d0", num_tokens=0)  # waits its turn on busy d0
+    idle = _track(router, "idle", 0, "d1", num_tokens=0)  # d1 produced nothing at all
+    moving = _track(router, "moving", 0, "d1", num_tokens=3)
     now = router.tracker.get("stalled").created + 11.0
     router.tracker.get("moving").progress_at = now - 1.0
+    router.workers.note_output("d0", now - 1.0)  # d0 streams for other requests
     for name in ("p0", "d0", "d1", "tokenizer0", "tokenizer1"):  # alive throughout
         router.workers.process(name).live.heard_at = now
     router._check(now)
-    _, out = stalled.queue.get_nowait()
-    assert out.finish.status_code == 504 and "no progress for 10 s" in out.finish.message
-    assert moving.queue.empty() and "moving" in router.tracker
+    for group in (stalled, idle):
+        _, out = group.queue.get_nowait()
+        assert out.finish.status_code == 504 and "no progress for 10 s" in out.finish.message
+    assert queued.queue.empty() and moving.queue.empty()
+    assert "queued" in router.tracker and "moving" in router.tracker

@@ -31,7 +31,7 @@ def test_streams_still_open_when_the_grace_period_ends_get_an_error_event() -> N
         for peer in peers:
             peer.start()
         url = f"http://127.0.0.1:{port}"
-        wait_until(lambda: _health(url) == 200, 20.0)
+        wait_until(lambda: _health(url) == 200, 60.0)
         body = {"model": "m", "prompt": "HANG until shutdown", "stream": True}
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=20) as response:
             lines = response.iter_lines()
@@ -43,7 +43,7 @@ def test_streams_still_open_when_the_grace_period_ends_get_an_error_event() -> N
             rest = [line for line in lines if line.startswith("data:")]
         assert "shutting down" in json.loads(rest[0][5:])["error"]["message"], rest
         assert rest[-1] == "data: [DONE]"
-        assert 0.5 <= time.monotonic() - stopped < 5.0
+        assert 0.5 <= time.monotonic() - stopped < 10.0  # the grace period, then at once
         assert proc.wait(timeout=10) == 0
     finally:
         if proc.poll() is None:

@@ -82,6 +82,7 @@ def test_a_failing_step_ends_its_requests_with_an_error_and_the_worker_keeps_ser
     to_worker.send(_req("doomed", 4))
     tokens, finish = _collect(tokenizer_inbox, "doomed")
     assert finish.kind == "abort" and "simulated device failure" in finish.message
+    assert finish.status_code == 500  # the server's fault, not the client's
     to_worker.send(_req("fine", 4))
     tokens, finish = _collect(tokenizer_inbox, "fine")
     assert finish == Finish.at_length(4) and len(tokens) == 4
@@ -101,6 +102,19 @@ def test_a_prompt_too_large_for_the_pool_is_refused_without_killing_the_worker(
     assert finish.kind == "abort" and "does not fit" in finish.message
     to_worker.send(_req("after", 2))
     assert _collect(tokenizer_inbox, "after")[1].kind == "length"
+
+
+def test_a_message_naming_a_peer_the_worker_lacks_is_dropped_and_the_worker_keeps_serving(
+    worker,  # type: ignore[no-untyped-def]
+) -> None:
+    _, to_worker, tokenizer_inbox = worker
+    stray = protocol.TokenizedReq(
+        rid="stray", input_ids=[5, 6], tokenizer_idx=7, sampling={"max_new_tokens": 2}
+    )
+    to_worker.send(stray)
+    to_worker.send(_req("after", 2))
+    tokens, finish = _collect(tokenizer_inbox, "after")
+    assert finish.kind == "length" and len(tokens) == 2
 
 
 @pytest.fixture

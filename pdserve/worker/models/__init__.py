@@ -9,12 +9,18 @@ import torch
 from pdserve.config.engine_config import ModelConfig
 from pdserve.kernels.attention import get_attention_backend
 from pdserve.worker.models.llama import LlamaForCausalLM
+from pdserve.worker.models.llama_pooling import LlamaForPooling
 
+Model = LlamaForCausalLM | LlamaForPooling
+_FAMILIES = ("Llama", "Mistral", "Qwen2", "Qwen3")
 _ARCHITECTURES: dict[str, type[LlamaForCausalLM]] = {
-    "LlamaForCausalLM": LlamaForCausalLM,
-    "MistralForCausalLM": LlamaForCausalLM,
-    "Qwen2ForCausalLM": LlamaForCausalLM,
-    "Qwen3ForCausalLM": LlamaForCausalLM,
+    f"{family}ForCausalLM": LlamaForCausalLM for family in _FAMILIES
+}
+# Pooling models (ModelConfig.is_embedding): any head of the family, with or without a score head.
+_POOLING_ARCHITECTURES: dict[str, type[LlamaForPooling]] = {
+    f"{family}{head}": LlamaForPooling
+    for family in _FAMILIES
+    for head in ("ForCausalLM", "Model", "ForSequenceClassification")
 }
 
 
@@ -23,13 +29,14 @@ def build_model(
     dtype: torch.dtype,
     device: torch.device | str,
     attention_backend: str = "torch",
-) -> LlamaForCausalLM:
+) -> Model:
     """The decoder for model_config.architecture, with allocated but unloaded parameters."""
-    model_cls = _ARCHITECTURES.get(model_config.architecture)
+    registry = _POOLING_ARCHITECTURES if model_config.is_embedding else _ARCHITECTURES
+    model_cls = registry.get(model_config.architecture)
     if model_cls is None:
         raise ValueError(
             f"architecture={model_config.architecture!r} has no model: expected one "
-            f"of {sorted(_ARCHITECTURES)}"
+            f"of {sorted(registry)}"
         )
     return model_cls(model_config, dtype, device, get_attention_backend(attention_backend))
 
@@ -40,7 +47,7 @@ def load_model(
     dtype: torch.dtype,
     device: torch.device | str,
     attention_backend: str = "torch",
-) -> LlamaForCausalLM:
+) -> Model:
     """build_model, then fill its weights from the safetensors checkpoint in model_path."""
     # Imported here: weight_loader imports models.llama, so a top-level import would be circular.
     from pdserve.worker.weight_loader import load_weights

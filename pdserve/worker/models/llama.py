@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import nn
@@ -22,6 +22,9 @@ from pdserve.kernels.norm_ref import fused_add_rms_norm_ref, rms_norm_ref
 from pdserve.kernels.rotary_ref import apply_rotary_ref, rope_cos_sin_cache
 from pdserve.worker.forward_batch import ForwardBatch
 from pdserve.worker.kv_pool import KVPool
+
+if TYPE_CHECKING:
+    from pdserve.worker.lora.lora_layers import LoraBatch
 
 Tensor = torch.Tensor
 
@@ -110,7 +113,7 @@ class LlamaAttention(nn.Module):
             dtype=dtype,
         )
         # Qwen2 puts biases on q/k/v only; Llama and Qwen3 use attention_bias for o_proj too.
-        o_bias = config.attention_bias and config.architecture != "Qwen2ForCausalLM"
+        o_bias = config.attention_bias and config.family != "Qwen2"
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=o_bias, dtype=dtype)
         self.qkv_sizes = [q_size, kv_size, kv_size]
         self.qk_norm = config.qk_norm
@@ -127,6 +130,8 @@ class LlamaAttention(nn.Module):
     ) -> torch.Tensor:  # [T, hidden]
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) D]
+        if batch.lora is not None:  # adapters' deltas on the q/k/v columns, in place
+            batch.lora.apply(self.layer_idx, "qkv_proj", x, qkv)
         q, k, v = qkv.split(self.qkv_sizes, dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, Hq, D]
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
@@ -141,23 +146,44 @@ class LlamaAttention(nn.Module):
             out = self.attention.decode_attention(q, k_cache, v_cache, batch, self.scale)
         else:
             out = self.attention.extend_attention(q, k_cache, v_cache, batch, self.scale)
-        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+        out = out.reshape(num_tokens, self.num_heads * self.head_dim)  # [T, Hq D]
+        if batch.lora is None:
+            return self.o_proj(out)
+        o = self.o_proj(out)  # [T, hidden]
+        batch.lora.apply(self.layer_idx, "o_proj", out, o)
+        return o
 
 
 class LlamaMLP(nn.Module):
     def __init__(
-        self, config: ModelConfig, dtype: torch.dtype, kernels: Kernels = TORCH_KERNELS
+        self,
+        config: ModelConfig,
+        dtype: torch.dtype,
+        kernels: Kernels = TORCH_KERNELS,
+        layer_idx: int = 0,
     ) -> None:
         super().__init__()
         self.kernels = kernels
+        self.layer_idx = layer_idx
         inter = config.intermediate_size
         self.gate_up_proj = MergedLinear(
             config.hidden_size, {"gate_proj": inter, "up_proj": inter}, bias=False, dtype=dtype
         )
         self.down_proj = nn.Linear(inter, config.hidden_size, bias=False, dtype=dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
-        return self.down_proj(self.kernels.silu_and_mul(self.gate_up_proj(x)))  # [T, 2I] -> [T, I]
+    def forward(
+        self, x: torch.Tensor, lora: LoraBatch | None = None
+    ) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
+        if lora is None:
+            return self.down_proj(
+                self.kernels.silu_and_mul(self.gate_up_proj(x))
+            )  # [T, 2I]->[T, I]
+        gate_up = self.gate_up_proj(x)  # [T, 2I]
+        lora.apply(self.layer_idx, "gate_up_proj", x, gate_up)
+        act = self.kernels.silu_and_mul(gate_up)  # [T, I]
+        out = self.down_proj(act)  # [T, hidden]
+        lora.apply(self.layer_idx, "down_proj", act, out)
+        return out
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -167,7 +193,7 @@ class LlamaDecoderLayer(nn.Module):
         super().__init__()
         kernels = select_kernels(attention.use_triton_kernels)
         self.self_attn = LlamaAttention(config, layer_idx, attention, dtype)
-        self.mlp = LlamaMLP(config, dtype, kernels)
+        self.mlp = LlamaMLP(config, dtype, kernels, layer_idx)
         eps = config.rms_norm_eps
         self.input_layernorm = RMSNorm(config.hidden_size, eps, dtype, kernels)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, dtype, kernels)
@@ -184,7 +210,7 @@ class LlamaDecoderLayer(nn.Module):
         x, residual = self.input_layernorm.add_and_norm(x, residual)
         x = self.self_attn(x, batch, kv_pool, cos_sin_cache)
         x, residual = self.post_attention_layernorm.add_and_norm(x, residual)
-        return self.mlp(x), residual
+        return self.mlp(x, batch.lora), residual
 
 
 class LlamaModel(nn.Module):
@@ -200,12 +226,19 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, kernels)
 
     def forward(
-        self, batch: ForwardBatch, kv_pool: KVPool, cos_sin_cache: torch.Tensor
-    ) -> torch.Tensor:  # [B, hidden]: final hidden state of each sequence's last new token
+        self,
+        batch: ForwardBatch,
+        kv_pool: KVPool,
+        cos_sin_cache: torch.Tensor,
+        all_rows: bool = False,
+    ) -> torch.Tensor:  # [B, hidden] at batch.logit_idx, or [T, hidden] with all_rows
         x = self.embed_tokens(batch.input_ids)  # [T, hidden]
         residual = torch.zeros_like(x)  # [T, hidden]: layer 0's "add" is then a plain copy
         for layer in self.layers:
             x, residual = layer(x, residual, batch, kv_pool, cos_sin_cache)
+        if all_rows:  # hidden states, prompt logprobs, pooling: every new token is read out
+            x, _ = self.norm.add_and_norm(x, residual)
+            return x
         # Only the last new token of each sequence is read out, so only those rows are normed.
         x, _ = self.norm.add_and_norm(x[batch.logit_idx], residual[batch.logit_idx])
         return x
@@ -247,6 +280,12 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, batch: ForwardBatch, kv_pool: KVPool) -> torch.Tensor:  # [B, vocab] float32
         return self.lm_head(self.forward_hidden(batch, kv_pool)).float()
 
-    def forward_hidden(self, batch: ForwardBatch, kv_pool: KVPool) -> torch.Tensor:
-        """[B, hidden] in the model dtype: the final-normed hidden state at batch.logit_idx."""
-        return self.model(batch, kv_pool, self.cos_sin_cache)
+    def forward_hidden(
+        self, batch: ForwardBatch, kv_pool: KVPool, all_rows: bool = False
+    ) -> torch.Tensor:
+        """The final-normed hidden states in the model dtype: [B, hidden] at batch.logit_idx, or
+        [T, hidden] for every new token with all_rows."""
+        return self.model(batch, kv_pool, self.cos_sin_cache, all_rows)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, V] f32
+        return self.lm_head(hidden).float()

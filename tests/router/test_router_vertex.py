@@ -43,8 +43,10 @@ def test_vertex_routes_follow_the_aip_variables(vertex_cluster: Cluster) -> None
     res = httpx.post(url, json=body, headers=AUTH, timeout=10)
     assert res.status_code == 200, res.text
     assert res.json()["predictions"][0]["output_ids"]
-    ping = httpx.get(f"{vertex_cluster.url}/ping", headers=AUTH, timeout=5)
+    ping = httpx.get(f"{vertex_cluster.url}/ping", timeout=5)  # Vertex probes without a key
     assert ping.status_code == 200 and ping.json()["status"] == "ok"
+    refused = httpx.post(url, json=body, timeout=5)  # the predict route still needs the key
+    assert refused.status_code == 401
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,159 @@
+"""Which top-level body fields each generation route accepts, ignores or refuses: the one table.
+
+A field the route's pydantic model declares is served. A field OpenAI's clients send routinely and
+that cannot change the output (`user`, `metadata`, `store`, ...) is accepted and ignored on the
+OpenAI routes. A field of OpenAI's or SGLang's API that pdserve does not implement is refused with
+a 400 naming it, unless its value asks for nothing (`tools: []`, `response_format: {"type":
+"text"}`), so a client asking for constrained output never silently gets unconstrained text. Any
+other field is refused as unknown. When a capability lands, its field leaves `REFUSED` and joins
+the route's model (or `SERVED_EXTRAS`, for an SGLang extra the OpenAI models do not declare).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from pdserve.router.errors import bad_request
+
+Route = Literal["chat", "completions", "generate"]
+OPENAI: frozenset[Route] = frozenset({"chat", "completions"})
+EVERY: frozenset[Route] = frozenset({"chat", "completions", "generate"})
+CHAT: frozenset[Route] = frozenset({"chat"})
+
+# Sent by OpenAI's SDKs and frameworks built on them; none changes what the model generates.
+IGNORED_ON_OPENAI_ROUTES = frozenset(
+    {
+        "metadata",
+        "store",
+        "service_tier",
+        "parallel_tool_calls",
+        "prediction",  # predicted outputs only make generation faster
+        "safety_identifier",
+        "prompt_cache_key",
+    }
+)
+
+
+def _is_unset(value: Any) -> bool:
+    return value is None
+
+
+def _is_empty(value: Any) -> bool:
+    return value is None or value == [] or value == {}
+
+
+def _asks_no_tool(value: Any) -> bool:
+    return value in (None, "none", "auto")
+
+
+def _is_text_format(value: Any) -> bool:
+    return value is None or value == {"type": "text"}
+
+
+def _is_text_modality(value: Any) -> bool:
+    return value is None or value == ["text"]
+
+
+def _names_no_adapter(value: Any) -> bool:
+    if isinstance(value, list):
+        return all(p is None for p in value)
+    return value is None
+
+
+def _is_empty_text(value: Any) -> bool:
+    return value is None or value == ""
+
+
+@dataclass(frozen=True)
+class Refusal:
+    reason: str
+    routes: frozenset[Route]
+    asks_nothing: Callable[[Any], bool] = _is_unset  # True: a value that is accepted
+
+
+_STRUCTURED = "structured output (regex, json_schema, ebnf, structural_tag) is not supported"
+_TOOLS = "tool calling is not supported"
+_TEXT_ONLY = "is not supported: the model takes text only"
+
+REFUSED: dict[str, Refusal] = {
+    "regex": Refusal(_STRUCTURED, EVERY),
+    "json_schema": Refusal(_STRUCTURED, EVERY),
+    "ebnf": Refusal(_STRUCTURED, EVERY),
+    "structural_tag": Refusal(_STRUCTURED, EVERY),
+    "response_format": Refusal(
+        "only response_format {'type': 'text'} is supported", OPENAI, _is_text_format
+    ),
+    "guided_json": Refusal(_STRUCTURED, OPENAI),  # vLLM's names
+    "guided_regex": Refusal(_STRUCTURED, OPENAI),
+    "guided_choice": Refusal(_STRUCTURED, OPENAI),
+    "guided_grammar": Refusal(_STRUCTURED, OPENAI),
+    "tools": Refusal(_TOOLS, CHAT, _is_empty),
+    "tool_choice": Refusal(_TOOLS, CHAT, _asks_no_tool),
+    "functions": Refusal(_TOOLS, CHAT, _is_empty),
+    "function_call": Refusal(_TOOLS, CHAT, _asks_no_tool),
+    "lora_path": Refusal("LoRA adapters are not supported", EVERY, _names_no_adapter),
+    "image_data": Refusal(f"image_data {_TEXT_ONLY}", EVERY),
+    "video_data": Refusal(f"video_data {_TEXT_ONLY}", EVERY),
+    "audio_data": Refusal(f"audio_data {_TEXT_ONLY}", EVERY),
+    "audio": Refusal(f"audio output {_TEXT_ONLY}", CHAT),
+    "modalities": Refusal("only modalities ['text'] is supported", CHAT, _is_text_modality),
+    "web_search_options": Refusal("web search is not supported", CHAT),
+    "chat_template_kwargs": Refusal("chat_template_kwargs is not supported", CHAT, _is_empty),
+    "suffix": Refusal("suffix is not supported", frozenset({"completions"}), _is_empty_text),
+}
+
+
+# SGLang's extras that a route serves though its pydantic model does not declare them (clients send
+# them through `extra_body`); the route reads each with `extra_flag`, which checks its type.
+SERVED_EXTRAS: dict[str, frozenset[Route]] = {
+    "return_hidden_states": OPENAI,  # the last token's final-layer state on each choice
+}
+
+
+def extra_flag(body: BaseModel, name: str) -> bool:
+    """A boolean field of `body`, declared or sent as an extra; absent or null is false."""
+    if name in type(body).model_fields:
+        value = getattr(body, name)
+    else:
+        value = (body.model_extra or {}).get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise bad_request(f"{name}: expected true or false, got {value!r}", name)
+    return value
+
+
+def check_fields(body: BaseModel, route: Route) -> None:
+    """400 naming the first field of `body` that `route` refuses or does not know."""
+    declared = type(body).model_fields
+    given = {name: getattr(body, name) for name in body.model_fields_set if name in declared}
+    given.update(body.model_extra or {})
+    for name, value in given.items():
+        refusal = REFUSED.get(name)
+        if refusal is not None and route in refusal.routes:
+            if not refusal.asks_nothing(value):
+                raise bad_request(f"{name}: {refusal.reason}", name)
+            continue
+        if name in declared or route in SERVED_EXTRAS.get(name, ()):
+            continue
+        if route in OPENAI and name in IGNORED_ON_OPENAI_ROUTES:
+            continue
+        raise bad_request(f"{name}: unknown field (not supported by this route)", name)
+
+
+# SGLang's sampling parameters that pdserve does not implement (inside /generate's sampling_params)
+UNSUPPORTED_SAMPLING_KEYS = ("regex", "json_schema", "ebnf", "structural_tag")
+
+
+def check_sampling_fields(params: Any) -> None:
+    """400 naming a structured-output key set in one of /generate's sampling_params (other
+    unknown keys are refused by `SamplingParams.from_dict`)."""
+    if not isinstance(params, dict):
+        return
+    for key in UNSUPPORTED_SAMPLING_KEYS:
+        if params.get(key) is not None:
+            raise bad_request(f"sampling_params.{key}: {_STRUCTURED}", key)

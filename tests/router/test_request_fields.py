@@ -1,0 +1,249 @@
+"""Fields pdserve does not implement are refused with a 400 naming them, on chat, completions and
+`/generate`; fields OpenAI clients send routinely are accepted and ignored; any other unknown
+top-level field is a 400 naming it; `/generate` carries `priority` to the tokenizer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from router_fakes import API_KEY, MODEL, Cluster
+
+from pdserve.router.request_fields import REFUSED
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+GENERATE = "/generate"
+ROUTES = {"chat": CHAT, "completions": COMPLETIONS, "generate": GENERATE}
+BASE_BODY = {
+    CHAT: {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
+    COMPLETIONS: {"model": MODEL, "prompt": "hi", "max_tokens": 3},
+    GENERATE: {"text": "hi", "sampling_params": {"max_new_tokens": 3}},
+}
+# A value that asks for the feature (an accepted, harmless value is tested apart).
+ASKING = {
+    "regex": "[ab]+",
+    "json_schema": '{"type": "object"}',
+    "ebnf": 'root ::= "a"',
+    "structural_tag": {"type": "structural_tag"},
+    "response_format": {"type": "json_object"},
+    "guided_json": {"type": "object"},
+    "guided_regex": "a+",
+    "guided_choice": ["a", "b"],
+    "guided_grammar": 'root ::= "a"',
+    "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+    "tool_choice": "required",
+    "functions": [{"name": "f", "parameters": {}}],
+    "function_call": {"name": "f"},
+    "lora_path": "adapter-a",
+    "image_data": "https://example.com/cat.png",
+    "video_data": "https://example.com/cat.mp4",
+    "audio_data": "https://example.com/cat.wav",
+    "audio": {"voice": "alloy", "format": "wav"},
+    "modalities": ["text", "audio"],
+    "web_search_options": {},
+    "chat_template_kwargs": {"enable_thinking": False},
+    "suffix": " the end",
+}
+REFUSED_CASES = [
+    pytest.param(ROUTES[route], name, id=f"{route}-{name}")
+    for name, refusal in REFUSED.items()
+    for route in sorted(refusal.routes)
+]
+HARMLESS = [
+    pytest.param(CHAT, {"tools": []}, id="chat-empty-tools"),
+    pytest.param(CHAT, {"tool_choice": "none"}, id="chat-tool_choice-none"),
+    pytest.param(CHAT, {"response_format": {"type": "text"}}, id="chat-text-format"),
+    pytest.param(COMPLETIONS, {"response_format": {"type": "text"}}, id="cmpl-text-format"),
+    pytest.param(CHAT, {"modalities": ["text"]}, id="chat-text-modality"),
+    pytest.param(CHAT, {"return_hidden_states": False}, id="chat-no-hidden-states"),
+    pytest.param(CHAT, {"return_hidden_states": True}, id="chat-hidden-states"),
+    pytest.param(COMPLETIONS, {"return_hidden_states": True}, id="cmpl-hidden-states"),
+    pytest.param(COMPLETIONS, {"suffix": ""}, id="cmpl-empty-suffix"),
+    pytest.param(GENERATE, {"lora_path": [None]}, id="generate-no-adapter"),
+    pytest.param(GENERATE, {"return_logprob": True, "logprob_start_len": -1}, id="generate-lp-1"),
+    pytest.param(GENERATE, {"logprob_start_len": 0}, id="generate-start-without-logprob"),
+    pytest.param(GENERATE, {"return_logprob": True, "logprob_start_len": 0}, id="generate-lp0"),
+    pytest.param(GENERATE, {"return_hidden_states": True}, id="generate-hidden-states"),
+    pytest.param(
+        CHAT,
+        {"stream": True, "stream_options": {"include_obfuscation": False}},
+        id="chat-include-obfuscation",
+    ),  # fmt: skip
+]
+IGNORED = {
+    "user": "u-1",
+    "metadata": {"team": "a"},
+    "store": False,
+    "service_tier": "auto",
+    "parallel_tool_calls": False,
+    "prediction": {"type": "content", "content": "hi"},
+    "safety_identifier": "s-1",
+    "prompt_cache_key": "k",
+}
+OTHER_REFUSALS = [
+    pytest.param(CHAT, {"best_of": 2}, "best_of", id="chat-unknown-best_of"),
+    pytest.param(COMPLETIONS, {"n": 1, "best_of": 3}, "best_of", id="cmpl-best_of>n"),
+    pytest.param(CHAT, {"logprobs": True, "top_logprobs": 21}, "top_logprobs", id="top_lp>20"),
+    pytest.param(COMPLETIONS, {"logprobs": 6}, "logprobs", id="cmpl-logprobs>5"),
+    pytest.param(GENERATE, {"top_logprobs_num": 21}, "top_logprobs_num", id="gen-top_lp>20"),
+    pytest.param(
+        CHAT,
+        {"stream": True, "stream_options": {"continuous_usage_stats": True}},
+        "stream_options",
+        id="chat-continuous-usage",
+    ),  # fmt: skip
+    pytest.param(
+        COMPLETIONS,
+        {"stream": True, "stream_options": {"colour": 1}},
+        "stream_options",
+        id="cmpl-unknown-stream-option",
+    ),  # fmt: skip
+    pytest.param(
+        CHAT,
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "what is this?"},
+                        {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
+                    ],
+                }
+            ]
+        },
+        "messages",
+        id="chat-image-part",
+    ),  # fmt: skip
+    pytest.param(
+        CHAT,
+        {"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]},
+        "messages",
+        id="chat-audio-part",
+    ),  # fmt: skip
+    pytest.param(
+        CHAT,
+        {
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [{"id": "c", "type": "function"}],
+                },
+            ]
+        },
+        "messages",
+        id="chat-message-tool_calls",
+    ),  # fmt: skip
+    pytest.param(COMPLETIONS, {"priority": 1}, "priority", id="cmpl-priority-unknown"),
+    pytest.param(
+        CHAT, {"return_hidden_states": "yes"}, "return_hidden_states", id="chat-hidden-not-bool"
+    ),
+    pytest.param(
+        COMPLETIONS, {"return_hidden_states": 1}, "return_hidden_states", id="cmpl-hidden-not-bool"
+    ),
+]
+OTHER_REFUSALS += [
+    pytest.param(GENERATE, {"sampling_params": {key: "x"}}, key, id=f"gen-sampling-{key}")
+    for key in ("regex", "json_schema", "ebnf")
+]
+OTHER_REFUSALS += [
+    pytest.param(path, {"frobnicate": 1}, "frobnicate", id=f"{route}-unknown")
+    for route, path in ROUTES.items()
+]
+OTHER_REFUSALS += [
+    pytest.param(GENERATE, {name: value}, name, id=f"generate-openai-{name}")
+    for name, value in IGNORED.items()
+    if name != "user"  # native /generate is not an OpenAI route: only its own fields
+]
+
+
+def post(cluster: Cluster, path: str, extra: dict[str, Any]) -> httpx.Response:
+    body = {**BASE_BODY[path], **extra}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    return httpx.post(cluster.url + path, json=body, headers=headers, timeout=30)
+
+
+def assert_refused(resp: httpx.Response, param: str) -> dict[str, Any]:
+    assert resp.status_code == 400, resp.text
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["type"] == "invalid_request_error"
+    assert err["param"] == param, err
+    assert param in err["message"], err
+    return err
+
+
+def test_every_refused_field_has_a_value_that_asks_for_it() -> None:
+    assert set(ASKING) == set(REFUSED)
+
+
+@pytest.mark.parametrize(("path", "name"), REFUSED_CASES)
+def test_unimplemented_field_is_refused_naming_it(cluster: Cluster, path: str, name: str) -> None:
+    assert_refused(post(cluster, path, {name: ASKING[name]}), name)
+
+
+@pytest.mark.parametrize(("path", "extra", "param"), OTHER_REFUSALS)
+def test_unsupported_values_and_unknown_fields_are_refused_naming_the_field(
+    cluster: Cluster, path: str, extra: dict[str, Any], param: str
+) -> None:
+    assert_refused(post(cluster, path, extra), param)
+
+
+@pytest.mark.parametrize(("path", "extra"), HARMLESS)
+def test_values_that_ask_for_nothing_unsupported_are_accepted(
+    cluster: Cluster, path: str, extra: dict[str, Any]
+) -> None:
+    resp = post(cluster, path, extra)
+    assert resp.status_code == 200, resp.text
+
+
+@pytest.mark.parametrize("path", [CHAT, COMPLETIONS])
+def test_fields_openai_clients_send_routinely_are_accepted_and_ignored(
+    cluster: Cluster, path: str
+) -> None:
+    resp = post(cluster, path, IGNORED)
+    assert resp.status_code == 200, resp.text
+    sent = cluster.requests()[-1]
+    assert sent.priority == 0
+
+
+def test_openai_client_extra_body_structured_output_is_refused(cluster: Cluster) -> None:
+    client = openai.OpenAI(base_url=cluster.url + "/v1", api_key=API_KEY, max_retries=0, timeout=10)
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "hi"}],
+            extra_body={"json_schema": '{"type": "object"}'},
+        )
+    assert info.value.status_code == 400
+    assert info.value.param == "json_schema"  # type: ignore[attr-defined]
+
+
+def test_generate_carries_priority_to_the_tokenizer(cluster: Cluster) -> None:
+    resp = post(cluster, GENERATE, {"priority": -3, "rid": "prio-low"})
+    assert resp.status_code == 200, resp.text
+    assert cluster.find_req(lambda r: r.rid == "prio-low").priority == -3
+    resp = post(cluster, GENERATE, {"rid": "prio-default"})
+    assert cluster.find_req(lambda r: r.rid == "prio-default").priority == 0
+    assert_refused(post(cluster, GENERATE, {"priority": 2**31}), "priority")
+
+
+@pytest.mark.parametrize("path", [CHAT, COMPLETIONS])
+def test_openai_routes_carry_return_hidden_states_to_the_tokenizer(
+    cluster: Cluster, path: str
+) -> None:
+    resp = post(cluster, path, {"return_hidden_states": True, "n": 2})
+    assert resp.status_code == 200, resp.text
+    group_id = resp.json()["id"].split("-", 1)[1]
+    rids = {f"{group_id}-0", f"{group_id}-1"}
+    sent = [r for r in cluster.requests() if r.rid in rids]
+    assert len(sent) == 2 and all(r.return_hidden_states for r in sent)
+    assert all("hidden_states" in choice for choice in resp.json()["choices"])
+    resp = post(cluster, path, {})
+    group_id = resp.json()["id"].split("-", 1)[1]
+    assert not cluster.find_req(lambda r: r.rid == group_id).return_hidden_states
+    assert all("hidden_states" not in choice for choice in resp.json()["choices"])
