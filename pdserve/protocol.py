@@ -93,6 +93,7 @@ class GenerateReq:
     return_hidden_states: bool = False  # final-layer hidden states of prompt and output
     logprob_start_len: int = -1  # first prompt token with an input logprob; -1: none
     embed: bool = False  # an embedding / score request: one forward pass, no decode
+    lora_name: str | None = None  # the LoRA adapter to run under; None: the base model
 
 
 @dataclass
@@ -193,6 +194,7 @@ class TokenizedReq:
     return_hidden_states: bool = False  # final-layer hidden states of prompt and output
     logprob_start_len: int = -1  # first prompt token with an input logprob; -1: none
     embed: bool = False  # an embedding / score request: one forward pass, no decode
+    lora_name: str | None = None  # the LoRA adapter to run under; None: the base model
 
 
 @dataclass
@@ -212,6 +214,7 @@ class PrefillTask:
     return_hidden_states: bool = False  # final-layer hidden states of prompt and output
     logprob_start_len: int = -1  # first prompt token with an input logprob; -1: none
     embed: bool = False  # an embedding / score request: no decode, no KV goes back
+    lora_name: str | None = None  # the LoRA adapter to run under; None: the base model
 
 
 @dataclass
@@ -330,6 +333,28 @@ class TokenizeOut:
     error: str | None = None  # the request's fault (a 400): why
 
 
+@dataclass
+class LoraUpdate:
+    """router -> every worker: load (from lora_path) or unload one LoRA adapter; each worker
+    answers with a LoraUpdateDone of the same op_id."""
+
+    op_id: str
+    action: Literal["load", "unload"]
+    lora_name: str
+    lora_path: str = ""
+
+
+@dataclass
+class LoraUpdateDone:
+    """worker -> router: the outcome of a LoraUpdate on this worker."""
+
+    op_id: str
+    worker: str
+    success: bool
+    error: str = ""  # why it failed, naming the problem
+    loaded: list[str] = field(default_factory=list)  # the worker's adapters afterwards
+
+
 # ---------------------------------------------------------------- the codec
 
 _REGISTRY: dict[int, type] = {}
@@ -365,6 +390,8 @@ _register(
     TokenizeReq,
     DetokenizeReq,
     TokenizeOut,
+    LoraUpdate,
+    LoraUpdateDone,
 )
 
 Message = Any  # one of the registered dataclasses

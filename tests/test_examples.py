@@ -148,3 +148,13 @@ def test_reward_model(tmp_path: Path) -> None:
     out = run_example("reward_model.py", "--launch", "--base-url", url, "--model", str(model),
                       "--device", "cpu")  # fmt: skip
     assert out.count("reward: ") == 2, out
+
+
+def test_lora(tiny_llama: Path) -> None:
+    # Its own server (--launch): the shared one has no adapters.
+    url = f"http://127.0.0.1:{_free_port()}"
+    out = run_example("lora.py", "--launch", "--device", "cpu", "--model", str(tiny_llama),
+                      "--base-url", url)  # fmt: skip
+    names = [line.split(":")[0] for line in out.splitlines() if line.startswith("Adapter ")]
+    assert names == ["Adapter test_lora", "Adapter lora1", "Adapter None", "Adapter lora1",
+                     "Adapter test_lora"], out  # fmt: skip

@@ -15,6 +15,7 @@ from pdserve.protocol import Finish
 SAMPLES = [
     p.GenerateReq(
         rid="r1",
+        lora_name="adapter-1",
         sampling={"temperature": 0.5, "stop": ["x"]},
         text="héllo 東京",
         messages=[{"role": "user", "content": "hi"}],
@@ -85,6 +86,7 @@ SAMPLES = [
     p.Ready(name="router", info={"kv_handshake": {"fields": [b"\x00\x01", 3, True]}}),
     p.TokenizedReq(
         rid="r",
+        lora_name="adapter-1",
         input_ids=[1],
         sampling={},
         tokenizer_idx=1,
@@ -98,6 +100,7 @@ SAMPLES = [
     ),
     p.PrefillTask(
         rid="r",
+        lora_name="adapter-1",
         input_ids=[1, 2, 3],
         sampling={"seed": 4},
         tokenizer_idx=0,
@@ -149,6 +152,8 @@ SAMPLES = [
         max_context_len=4096,
         error="messages[0] has no 'role'",
     ),
+    p.LoraUpdate(op_id="op-1", action="load", lora_name="sql", lora_path="/adapters/sql"),
+    p.LoraUpdateDone(op_id="op-1", worker="decode0", success=False, error="rank 64", loaded=["a"]),
 ]
 
 
@@ -256,7 +261,7 @@ def test_records_are_only_accepted_where_the_annotation_names_them() -> None:
 
 
 def test_too_many_or_too_few_values_are_refused_and_defaults_fill_the_rest() -> None:
-    with pytest.raises(ValueError, match="TokenizedReq: 3 values, expected 4..11"):
+    with pytest.raises(ValueError, match="TokenizedReq: 3 values, expected 4..12"):
         p.decode(_frame(p.TokenizedReq, ["r", [1], {}]))
     with pytest.raises(ValueError, match="Shutdown: 2 values"):
         p.decode(_frame(p.Shutdown, [1.0, 2.0]))

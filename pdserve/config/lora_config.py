@@ -114,3 +114,24 @@ def _entries(paths: Any) -> Iterable[Any]:
     if isinstance(paths, Mapping):
         return [f"{name}={path}" for name, path in paths.items()]
     return list(paths)
+
+
+def lora_names_for(lora_path: Any, num_prompts: int) -> list[str | None]:
+    """A request's `lora_path` (one name, a list aligned with the prompts, or None) as one
+    adapter name or None per prompt; ValueError naming a misaligned or non-string value."""
+    if lora_path is None or isinstance(lora_path, str):
+        return [lora_path or None] * num_prompts
+    if not isinstance(lora_path, (list, tuple)) or len(lora_path) != num_prompts:
+        raise ValueError(
+            f"lora_path={lora_path!r} is invalid: expected an adapter name, null, or a list "
+            f"of {num_prompts} (one per prompt)"
+        )
+    bad = [p for p in lora_path if p is not None and not isinstance(p, str)]
+    if bad:
+        raise ValueError(f"lora_path entry {bad[0]!r} is invalid: expected an adapter name")
+    return [p or None for p in lora_path]
+
+
+def lora_reply(success: bool, error_message: str, loaded: list[str]) -> dict[str, Any]:
+    """The body of /load_lora_adapter and /unload_lora_adapter (SGLang's shape)."""
+    return {"success": success, "error_message": error_message, "loaded_adapters": list(loaded)}

@@ -17,6 +17,7 @@ from typing import Any
 
 from pdserve import env
 from pdserve.config.engine_config import SCHEDULER_KEYS, EngineConfig, SchedulerConfig
+from pdserve.config.lora_config import LORA_KEYS, LoraConfig
 from pdserve.config.topology_sections import (
     FaultInjectionConfig,
     KVTransferConfig,
@@ -71,6 +72,7 @@ class Topology:
     security: SecurityConfig = field(default_factory=SecurityConfig)  # see cluster_secret()
     fault_injection: FaultInjectionConfig = field(default_factory=FaultInjectionConfig)  # tests
     supervision: SupervisionConfig = field(default_factory=SupervisionConfig)  # restarts, liveness
+    lora: LoraConfig = field(default_factory=LoraConfig)  # adapters at start, slot pool
 
     def __post_init__(self) -> None:
         # Normalize before the object is used: lists from YAML become tuples, no workers at
@@ -118,6 +120,8 @@ class Topology:
         for key, section in _SECTIONS.items():
             if key in d:
                 d[key] = _build(section, d[key], key)
+        if "lora" in d:
+            d["lora"] = _build_lora(d["lora"])
         for key in ("prefill", "decode", "mixed"):
             if key in d:
                 d[key] = tuple(_build(WorkerConfig, w, f"{key}[{i}]") for i, w in _items(d, key))
@@ -287,6 +291,7 @@ class Topology:
             seed=self.seed,
             scheduler=scheduler,
             is_embedding=self.is_embedding,
+            lora=self.lora,
         )
 
     def _num_sharing(self, worker: WorkerPlan) -> int:
@@ -492,15 +497,19 @@ _SECTIONS: dict[str, type] = {
 }
 
 # Flat for_model() options (CLI flags, Engine keyword arguments) -> (section, key).
-_FLAT_OVERRIDES: dict[str, tuple[str, str]] = {
-    "host": ("router", "host"),
-    "port": ("router", "port"),
-    "api_key": ("router", "api_key"),
-    "routing_policy": ("router", "routing_policy"),
-    "tokenizer_replicas": ("tokenizer", "replicas"),
-    "kv_transfer_backend": ("kv_transfer", "backend"),
-    "kv_transfer_timeout_s": ("kv_transfer", "timeout_s"),
-} | {key: ("scheduler", key) for key in SCHEDULER_KEYS}
+_FLAT_OVERRIDES: dict[str, tuple[str, str]] = (
+    {
+        "host": ("router", "host"),
+        "port": ("router", "port"),
+        "api_key": ("router", "api_key"),
+        "routing_policy": ("router", "routing_policy"),
+        "tokenizer_replicas": ("tokenizer", "replicas"),
+        "kv_transfer_backend": ("kv_transfer", "backend"),
+        "kv_transfer_timeout_s": ("kv_transfer", "timeout_s"),
+    }
+    | {key: ("scheduler", key) for key in SCHEDULER_KEYS}
+    | {key: ("lora", key) for key in LORA_KEYS}
+)
 
 
 def _mapping(data: Any, path: str) -> dict[str, Any]:
@@ -545,6 +554,16 @@ def _build(cls: type, data: Any, path: str) -> Any:
         return cls(**d)
     except ValueError as e:
         raise ValueError(f"{path}.{e}") from None
+
+
+def _build_lora(data: Any) -> LoraConfig:
+    """The `lora:` section (LoRA's option names), errors prefixed by the key path."""
+    d = _mapping(data, "lora")
+    _refuse_unknown(d, LORA_KEYS, "lora")
+    try:
+        return LoraConfig.from_options(d)
+    except ValueError as e:
+        raise ValueError(f"lora: {e}") from None
 
 
 def _assign_gpus(entries: list[tuple[str, Role, WorkerConfig]], num_gpus: int) -> dict:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import pdserve
 from pdserve.config.engine_config import EngineConfig, EngineOptions
+from pdserve.config.lora_config import lora_names_for, lora_reply
 from pdserve.config.sampling_params import SamplingParams
 from pdserve.protocol import ReqOutput
 from pdserve.router.choice_state import ChoiceState
@@ -110,18 +111,22 @@ class InProcessEngine:
         top_logprobs_num: int = 0,
         stream: bool = False,
         return_hidden_states: bool = False,
+        lora_path: str | list[str | None] | None = None,
     ) -> dict[str, Any] | list[dict[str, Any]] | Iterator[dict[str, Any]]:
         """SGLang's Engine.generate: one prompt gives a dict, a list gives a list of dicts.
         stream=True (one prompt) gives an iterator of dicts whose text is cumulative.
-        return_hidden_states: `meta_info.hidden_states`, the prompt's final-layer rows first."""
+        return_hidden_states: `meta_info.hidden_states`, the prompt's final-layer rows first.
+        lora_path: a loaded adapter's name for every prompt, or a list aligned with them (None:
+        the base model)."""
         self._check_open()
         self.options.check_inputs(prompt, sampling_params)
         is_batch, prompts_ids, params = self._normalize(prompt, input_ids, sampling_params)
         if stream and is_batch:
             raise ValueError("stream=True takes one prompt, not a list")
+        loras = lora_names_for(lora_path, len(prompts_ids))
         tracked = [
-            self._new_request(ids, p, return_logprob, top_logprobs_num, return_hidden_states)
-            for ids, p in zip(prompts_ids, params)
+            self._new_request(ids, p, return_logprob, top_logprobs_num, return_hidden_states, lora)
+            for ids, p, lora in zip(prompts_ids, params, loras)
         ]
         if stream:
             return self._stream(tracked[0])
@@ -187,6 +192,24 @@ class InProcessEngine:
         self.core.scheduler.cache.reset()
         return True
 
+    def load_lora_adapter(self, lora_name: str, lora_path: str) -> dict[str, Any]:
+        """Load a PEFT adapter under `lora_name`: `{success, error_message, loaded_adapters}`."""
+        self._check_open()
+        try:
+            self.core.load_lora(lora_name, lora_path)
+        except ValueError as e:
+            return lora_reply(False, str(e), self.core.lora_names)
+        return lora_reply(True, "", self.core.lora_names)
+
+    def unload_lora_adapter(self, lora_name: str) -> dict[str, Any]:
+        """Unload an adapter (refused while requests use it): SGLang's reply shape."""
+        self._check_open()
+        try:
+            self.core.unload_lora(lora_name)
+        except ValueError as e:
+            return lora_reply(False, str(e), self.core.lora_names)
+        return lora_reply(True, "", self.core.lora_names)
+
     def shutdown(self) -> None:
         self._closed = True
 
@@ -236,6 +259,7 @@ class InProcessEngine:
         return_logprob: bool,
         top_logprobs_num: int,
         return_hidden_states: bool = False,
+        lora_name: str | None = None,
     ) -> _Tracked:
         req = Request(
             rid=uuid.uuid4().hex,
@@ -243,6 +267,7 @@ class InProcessEngine:
             sampling=params,
             return_logprob=return_logprob or top_logprobs_num > 0,
             top_logprobs_num=top_logprobs_num,
+            lora_name=lora_name,
         )
         if return_hidden_states:
             req.outputs = ExtraOutputs(return_hidden_states=True)

@@ -221,7 +221,12 @@ class Cluster:
         env = {}
         if w.gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in w.gpus)
+        if topo.device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+            env["OMP_NUM_THREADS"] = str(cpu_threads_per_worker(len(self._local_workers())))
         self._spawn("worker", w.name, ep[w.name].connect, spec.to_dict(), env)
+
+    def _local_workers(self) -> list[WorkerPlan]:
+        return [w for w in self.topology.workers() if self._is_local(w.node)]
 
     def _router_spec(
         self, ep: dict[str, Endpoint], tokenizers: list[str], workers: list[WorkerPlan]
@@ -437,6 +442,13 @@ def _popen(cmd: list[str], env: dict[str, str], spec: dict[str, Any]) -> subproc
     proc.stdin.write(msgpack.packb(spec, use_bin_type=True))
     proc.stdin.close()
     return proc
+
+
+def cpu_threads_per_worker(num_workers: int, num_cores: int | None = None) -> int:
+    """Torch threads for each CPU worker on a node: the cores shared out. Torch's default (a thread
+    per core in every worker) makes the workers starve each other and the tokenizer and router."""
+    cores = num_cores or len(os.sched_getaffinity(0))
+    return max(1, cores // max(1, num_workers))
 
 
 def _free_port() -> int:

@@ -17,6 +17,7 @@ from pdserve.config.engine_config import (
     aliases_of,
     translate_options,
 )
+from pdserve.config.lora_config import LORA_KEYS
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ _ENGINE_FLAG_KEYS = (
     "cuda_graph_max_batch",
     "is_embedding",
     *PARALLEL_SIZE_OPTIONS,
+    *LORA_KEYS,
 )
 
 
@@ -100,8 +102,40 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
             *_flags(name), type=int, default=None, help="SGLang's flag; only 1 is supported"
         )
+    _add_lora_flags(parser)
     parser.add_argument(  # also here, so that SGLang's `launch ... --log-level X` works
         "--log-level", choices=list(LOG_LEVELS), default=argparse.SUPPRESS, help="logging level"
+    )
+
+
+def _add_lora_flags(parser: argparse.ArgumentParser) -> None:
+    """LoRA adapters, with SGLang's flag names."""
+    parser.add_argument(
+        "--lora-paths",
+        nargs="+",
+        default=None,
+        metavar="NAME=PATH",
+        help="LoRA adapters (PEFT format) to load at start: NAME=PATH, or PATH (named by its folder)",
+    )
+    parser.add_argument(
+        "--max-loras-per-batch",
+        type=int,
+        default=None,
+        help="adapter slots on the device: distinct adapters in one batch (default: 8)",
+    )
+    parser.add_argument(
+        "--max-lora-rank",
+        type=int,
+        default=None,
+        help="largest adapter rank (default: the largest of --lora-paths; give it to load "
+        "adapters later without any at start)",
+    )
+    parser.add_argument(
+        "--lora-target-modules",
+        nargs="+",
+        default=None,
+        help="projections adapters may target: q_proj k_proj v_proj o_proj gate_proj up_proj "
+        "down_proj, or all (default: those of --lora-paths)",
     )
 
 

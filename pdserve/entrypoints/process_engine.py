@@ -64,11 +64,13 @@ class ProcessEngine:
         top_logprobs_num: int = 0,
         stream: bool = False,
         return_hidden_states: bool = False,
+        lora_path: str | list[str | None] | None = None,
     ) -> Any:
         body = self._request_body(
             prompt, input_ids, sampling_params, return_logprob, top_logprobs_num
         )
         body["return_hidden_states"] = return_hidden_states
+        body["lora_path"] = lora_path
         if stream:
             return self._stream({**body, "stream": True})
         items = prompt if prompt is not None else input_ids
@@ -117,12 +119,14 @@ class ProcessEngine:
         top_logprobs_num: int = 0,
         stream: bool = False,
         return_hidden_states: bool = False,
+        lora_path: str | list[str | None] | None = None,
     ) -> Any:
         """A result dict (or list); with stream=True an async iterator of chunks."""
         body = self._request_body(
             prompt, input_ids, sampling_params, return_logprob, top_logprobs_num
         )
         body["return_hidden_states"] = return_hidden_states
+        body["lora_path"] = lora_path
         if stream:
             return self._astream({**body, "stream": True})
         async with self._http(httpx.AsyncClient) as client:
@@ -170,6 +174,15 @@ class ProcessEngine:
         True when the router sent the flush, as SGLang's `flush_cache().success`."""
         _check(self._client.post("/flush_cache"), is_json=False)
         return True
+
+    def load_lora_adapter(self, lora_name: str, lora_path: str) -> dict[str, Any]:
+        """Load an adapter on every worker: `{success, error_message, loaded_adapters}`."""
+        body = {"lora_name": lora_name, "lora_path": lora_path}
+        return self._client.post("/load_lora_adapter", json=body).json()
+
+    def unload_lora_adapter(self, lora_name: str) -> dict[str, Any]:
+        """Unload an adapter everywhere (waits for its requests in flight)."""
+        return self._client.post("/unload_lora_adapter", json={"lora_name": lora_name}).json()
 
     # ------------------------------------------------------------------ request shapes
 
@@ -238,6 +251,8 @@ def _pick(body: dict[str, Any], i: int) -> dict[str, Any]:
     one[key] = body[key][i]
     if isinstance(body["sampling_params"], list):
         one["sampling_params"] = body["sampling_params"][i]
+    if isinstance(body.get("lora_path"), list):
+        one["lora_path"] = body["lora_path"][i]
     return one
 
 

@@ -26,6 +26,7 @@ from pdserve.env import vertex_env
 from pdserve.protocol import GenerateReq
 from pdserve.router.errors import APIError, install_error_handlers
 from pdserve.router.group_reader import ClientGone, collect, failure_of
+from pdserve.router.lora_adapters import register_lora_routes
 from pdserve.router.openai_models import (
     AbortRequest,
     ChatCompletionRequest,
@@ -130,6 +131,7 @@ def build_app(router: Router) -> FastAPI:
     add_tokenize_routes(app, router)
     register_platform_routes(app, router)
     register_embedding_routes(app, router)
+    register_lora_routes(app, lambda: router.lora)
     app.add_middleware(BodyLimit, max_bytes=router.spec.limits.max_body_bytes)
     if router.spec.api_key:
         # Vertex AI probes its health route without credentials, as load balancers probe /health.
@@ -196,7 +198,7 @@ def _add_info_routes(app: FastAPI, router: Router) -> None:
             "root": spec.model_path,
             "max_model_len": spec.max_context_len or None,
         }
-        return JSONResponse({"object": "list", "data": [card]})
+        return JSONResponse({"object": "list", "data": [card, *router.lora.model_cards(created)]})
 
     @app.get("/model_info")
     @app.get("/get_model_info")

@@ -58,12 +58,6 @@ def _is_text_modality(value: Any) -> bool:
     return value is None or value == ["text"]
 
 
-def _names_no_adapter(value: Any) -> bool:
-    if isinstance(value, list):
-        return all(p is None for p in value)
-    return value is None
-
-
 def _is_empty_text(value: Any) -> bool:
     return value is None or value == ""
 
@@ -95,7 +89,6 @@ REFUSED: dict[str, Refusal] = {
     "tool_choice": Refusal(_TOOLS, CHAT, _asks_no_tool),
     "functions": Refusal(_TOOLS, CHAT, _is_empty),
     "function_call": Refusal(_TOOLS, CHAT, _asks_no_tool),
-    "lora_path": Refusal("LoRA adapters are not supported", EVERY, _names_no_adapter),
     "image_data": Refusal(f"image_data {_TEXT_ONLY}", EVERY),
     "video_data": Refusal(f"video_data {_TEXT_ONLY}", EVERY),
     "audio_data": Refusal(f"audio_data {_TEXT_ONLY}", EVERY),

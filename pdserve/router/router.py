@@ -3,7 +3,7 @@
 Wiring (built in `start`, one asyncio loop):
     from_peers       PULL  ReqOutput, TokenizeOut from tokenizers, LoadReport from workers, control
     to_tokenizers[i] PUSH  GenerateReq, Abort, TokenizeReq, DetokenizeReq (serving_tokenize.py)
-    to_workers[name] PUSH  Abort, FlushCache
+    to_workers[name] PUSH  Abort, FlushCache, LoraUpdate (router/lora_adapters.py)
     to_launcher      PUSH  Ready (once listening)
 
 Every request ends: a final output from the tokenizer, or a synthetic one made here when the client
@@ -42,6 +42,7 @@ from pdserve.protocol import (
     GenerateReq,
     Heartbeat,
     LoadReport,
+    LoraUpdateDone,
     Message,
     ProcessExited,
     Ready,
@@ -51,6 +52,7 @@ from pdserve.protocol import (
     WorkerDied,
 )
 from pdserve.router.errors import APIError
+from pdserve.router.lora_adapters import LoraRegistry
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.pending_replies import PendingReplies
 from pdserve.router.request_tracker import RequestGroup, RequestTracker, Tracked, is_terminal
@@ -87,6 +89,7 @@ class Router:
         )
         self.tracker = RequestTracker()
         self.replies = PendingReplies()  # /tokenize, /detokenize: answered by rid
+        self.lora = LoraRegistry(self.spec, self.send_to_workers)  # adapters on every worker
         self.metrics = RouterMetrics(
             self.spec.model_name, lambda: list(self.workers), self.workers.processes
         )
@@ -241,6 +244,13 @@ class Router:
             self._fail(self.tracker.by_rid[r], message, status_code)
         return len(rids)
 
+    def send_to_workers(self, msg: Message, only: set[str] | None = None) -> list[str]:
+        """Send `msg` to every worker (or those named in `only`); returns their names."""
+        names = [n for n in self.to_workers if only is None or n in only]
+        for name in names:
+            self.to_workers[name].send(msg)
+        return names
+
     def flush_cache(self) -> int:
         for outbox in self.to_workers.values():
             outbox.send(FlushCache())
@@ -350,6 +360,8 @@ class Router:
             self._on_exit(ProcessExited(msg.name, 0, msg.exit_code), f"code {msg.exit_code}")
         elif isinstance(msg, TokenizeOut):
             self.replies.deliver(msg)
+        elif isinstance(msg, LoraUpdateDone):
+            self.lora.deliver(msg)
         elif isinstance(msg, Shutdown):
             logger.info("shutdown requested (grace %.1f s)", msg.grace_s)
             self.shutdown_grace_s = msg.grace_s

@@ -21,12 +21,12 @@ from pdserve.router.group_reader import (
     open_stream,
     run_to_end,
 )
+from pdserve.router.lora_adapters import openai_lora, set_lora
 from pdserve.router.openai_models import ChatCompletionRequest
 from pdserve.router.openai_serving import (
     Fanout,
     Prompt,
     chat_logprobs,
-    check_model,
     fan_out,
     finish_reason,
     last_hidden_state,
@@ -40,8 +40,7 @@ from pdserve.router.sse import DONE, SSEResponse, sse, sse_error
 
 
 def build_chat(spec: RouterSpec, body: ChatCompletionRequest) -> Fanout:
-    check_fields(body, "chat")
-    check_model(spec, body.model)
+    check_fields(body, "chat")  # the model (or adapter) name: create_chat_completion
     if body.top_logprobs and not body.logprobs:
         raise bad_request("top_logprobs requires logprobs=true", "top_logprobs")
     add_generation_prompt = body.add_generation_prompt
@@ -75,7 +74,9 @@ def build_chat(spec: RouterSpec, body: ChatCompletionRequest) -> Fanout:
 async def create_chat_completion(
     router: Router, request: Request, body: ChatCompletionRequest
 ) -> Response:
+    lora = openai_lora(router.lora, body)
     fan = build_checked(lambda: build_chat(router.spec, body))
+    set_lora(fan.reqs, [lora] * len(fan.reqs))
     admit(router, fan, "messages")
     group = router.submit(fan.group_id, fan.reqs, fan.route_keys)
     if body.stream:

@@ -21,12 +21,12 @@ from pdserve.router.group_reader import (
     open_stream,
     run_to_end,
 )
+from pdserve.router.lora_adapters import openai_lora, set_lora
 from pdserve.router.openai_models import CompletionRequest, PromptType
 from pdserve.router.openai_serving import (
     Fanout,
     Prompt,
     check_logprob_request,
-    check_model,
     completion_logprobs,
     fan_out,
     finish_reason,
@@ -58,8 +58,7 @@ def prompts_of(prompt: PromptType) -> list[Prompt]:
 
 
 def build_completion(spec: RouterSpec, body: CompletionRequest) -> Fanout:
-    check_fields(body, "completions")
-    check_model(spec, body.model)
+    check_fields(body, "completions")  # the model (or adapter) name: create_completion
     check_logprob_request(body.logprobs, body.echo)
     if body.best_of is not None and body.best_of != body.n:
         raise bad_request("best_of other than n is not supported", "best_of")
@@ -76,7 +75,9 @@ def build_completion(spec: RouterSpec, body: CompletionRequest) -> Fanout:
 
 
 async def create_completion(router: Router, request: Request, body: CompletionRequest) -> Response:
+    lora = openai_lora(router.lora, body)
     fan = build_checked(lambda: build_completion(router.spec, body))
+    set_lora(fan.reqs, [lora] * len(fan.reqs))
     admit(router, fan, "prompt")
     group = router.submit(fan.group_id, fan.reqs, fan.route_keys)
     if body.stream:

@@ -29,6 +29,7 @@ from pdserve.router.group_reader import (
     open_stream,
     run_to_end,
 )
+from pdserve.router.lora_adapters import generate_loras, set_lora
 from pdserve.router.openai_models import GenerateRequest
 from pdserve.router.openai_serving import Fanout, Prompt
 from pdserve.router.request_fields import check_fields, check_sampling_fields
@@ -127,6 +128,7 @@ def _rids(rid: str | list[str] | None, num_subs: int, is_list: bool) -> tuple[st
 
 async def generate(router: Router, request: Request, body: GenerateRequest) -> Response:
     fan, is_list = build_checked(lambda: build_generate(body, router.spec.default_max_tokens))
+    set_lora(fan.reqs, generate_loras(router.lora, body.lora_path, fan.route_keys))
     admit(router, fan, "text")
     group = router.submit(fan.group_id, fan.reqs, fan.route_keys)
     if body.stream:

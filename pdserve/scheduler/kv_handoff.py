@@ -128,6 +128,10 @@ class KVHandoff:
     def rids(self) -> list[str]:
         return list(self._entries)
 
+    def requests(self) -> list[Request]:
+        """Every request held here (waiting for pages or for its KV)."""
+        return [e.req for e in self._entries.values()]
+
     @property
     def num_in_flight(self) -> int:
         """Entries holding pages (all but the queued ones)."""

@@ -190,6 +190,7 @@ class TokenizerCore:
             return_hidden_states=req.return_hidden_states,
             logprob_start_len=req.logprob_start_len,
             embed=req.embed,
+            lora_name=req.lora_name,
         )
         return req.decode_idx, msg
 

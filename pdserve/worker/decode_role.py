@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 
 from pdserve import protocol
 from pdserve.ipc import Outbox
@@ -43,6 +44,7 @@ class DecodeRole:
         self.to_prefills = to_prefills
         self.decode_idx = decode_idx
         self.handshake = receiver.handshake()  # rides on every PrefillTask
+        self.aborted_rids: deque[str] = deque(maxlen=4096)  # aborted before their request came
         self.handoff = KVHandoff(
             self.scheduler, timeout_s, receiver.needs_arrival, receiver.frees_on_cancel
         )
@@ -55,6 +57,8 @@ class DecodeRole:
         }
 
     def on_tokenized(self, msg: protocol.TokenizedReq) -> list[Request]:
+        if msg.rid in self.aborted_rids:  # the router ended it already: nobody waits for it
+            return []
         if msg.embed:  # no decode, no pages here: the prefill worker answers the tokenizer
             self.to_prefills[msg.prefill_idx].send(_embed_task(msg, self.decode_idx))
             return []
@@ -68,11 +72,16 @@ class DecodeRole:
     def on_abort(self, rid: str, message: str) -> list[Request]:
         if rid in self.handoff:
             return self._perform(self.handoff.on_abort(rid, message, time.monotonic()))
-        self.scheduler.abort(rid, message)
+        if self.scheduler.abort(rid, message) is None:
+            self.aborted_rids.append(rid)  # its TokenizedReq may still be on the way
         return []
 
     def rids(self) -> list[str]:
         return list(self.scheduler.requests) + self.handoff.rids
+
+    def uses_lora(self, name: str) -> bool:
+        held = any(req.lora_name == name for req in self.handoff.requests())
+        return held or self.scheduler.lora_in_use(name)
 
     def before_step(self, now: float) -> list[Request]:
         """Reserve pages for queued requests, then take in what the transfers report."""
@@ -121,6 +130,7 @@ class DecodeRole:
             kv_handshake=self.handshake,
             priority=req.priority,
             **_extra_fields(req.outputs),
+            lora_name=req.lora_name,
         )
 
     def has_work(self) -> bool:

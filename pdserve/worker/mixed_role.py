@@ -34,6 +34,9 @@ class MixedRole:
     def rids(self) -> list[str]:
         return list(self.core.scheduler.requests)
 
+    def uses_lora(self, name: str) -> bool:
+        return self.core.scheduler.lora_in_use(name)
+
     def before_step(self, now: float) -> list[Request]:
         return []
 

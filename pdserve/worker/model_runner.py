@@ -107,8 +107,13 @@ class ModelRunner:
             max_extend_len=max(host.extend_lens_cpu),
             max_seq_len=max(host.seq_lens_cpu),
             page_table_cpu=on_host["page_table"],
-            lora=self._lora_batch(batch),
         )
+
+    def _forward_batch(self, batch: ScheduledBatch) -> ForwardBatch:
+        """build_forward_batch, with the batch's LoRA rows when any request uses an adapter."""
+        fb = self.build_forward_batch(batch)
+        fb.lora = self._lora_batch(batch)
+        return fb
 
     def _lora_batch(self, batch: ScheduledBatch) -> LoraBatch | None:
         """The batch's rows grouped by adapter; None without LoRA or when all rows are base."""
@@ -120,7 +125,7 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, batch: ScheduledBatch) -> torch.Tensor:
         """Logits [B, vocab] float32 on the device, one row per batch item."""
-        fb = self.build_forward_batch(batch)
+        fb = self._forward_batch(batch)
         # No CUDA graph with adapters in the batch: the graphs were captured without them.
         if self.graph_runner is not None and fb.lora is None and self.graph_runner.can_run(fb):
             return self.graph_runner.replay(fb)
@@ -130,7 +135,7 @@ class ModelRunner:
     def forward_rows(self, batch: ScheduledBatch) -> ForwardOutput:
         """Like forward, reading out every new token's final hidden state too (no CUDA graph):
         only steps holding a request that asked for rows pay for it."""
-        fb = self.build_forward_batch(batch)
+        fb = self._forward_batch(batch)
         hidden = self.model.forward_hidden(fb, self.kv_pool, all_rows=True)  # [T, hidden]
         logits = None
         if not self.model_config.is_embedding:

@@ -56,6 +56,9 @@ class PrefillRole:
     def rids(self) -> list[str]:
         return list(self.scheduler.requests)
 
+    def uses_lora(self, name: str) -> bool:
+        return self.scheduler.lora_in_use(name)
+
     def before_step(self, now: float) -> list[Request]:
         return []
 

@@ -48,6 +48,7 @@ class WorkerProcess:
         self._handlers: dict[type, Handler] = {
             protocol.Abort: self._on_abort,
             protocol.FlushCache: self._on_flush_cache,
+            protocol.LoraUpdate: self._on_lora_update,
             protocol.Shutdown: self._on_shutdown,
             **self.role.handlers(),
         }
@@ -117,6 +118,26 @@ class WorkerProcess:
 
     def _on_flush_cache(self, msg: protocol.FlushCache) -> list[Request]:
         self.scheduler.cache.reset()
+        return []
+
+    def _on_lora_update(self, msg: protocol.LoraUpdate) -> list[Request]:
+        """Load or unload an adapter and tell the router how it went (it waits for every
+        worker). Unloading an adapter that requests here still use is refused: the router
+        retries until they end."""
+        try:
+            if msg.action == "load":
+                loaded = self.core.load_lora(msg.lora_name, msg.lora_path)
+            elif self.role.uses_lora(msg.lora_name):
+                raise ValueError(f"LoRA adapter {msg.lora_name!r} is in use by requests in flight")
+            else:
+                loaded = self.core.unload_lora(msg.lora_name)
+            done = protocol.LoraUpdateDone(msg.op_id, self.name, True, "", loaded)
+        except ValueError as e:
+            done = protocol.LoraUpdateDone(
+                msg.op_id, self.name, False, str(e), self.core.lora_names
+            )
+        if self.to_router is not None:
+            self.to_router.send(done)
         return []
 
     def _on_shutdown(self, msg: protocol.Shutdown) -> list[Request]:

@@ -46,6 +46,7 @@ def new_request(
         top_logprobs_num=msg.top_logprobs_num,
         prefill_only=prefill_only,
         priority=msg.priority,
+        lora_name=msg.lora_name,
     )
     req.user_data = meta
     if msg.return_hidden_states or msg.logprob_start_len >= 0:
@@ -82,6 +83,10 @@ class WorkerRole(Protocol):
 
     def rids(self) -> list[str]:
         """Every request this worker holds state for."""
+        ...
+
+    def uses_lora(self, name: str) -> bool:
+        """Whether a request held here runs under LoRA adapter `name` (unloading waits)."""
         ...
 
     def before_step(self, now: float) -> list[Request]:

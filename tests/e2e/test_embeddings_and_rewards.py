@@ -131,6 +131,16 @@ def test_bad_embedding_requests_get_400_naming_the_problem(
     assert info["is_generation"] is False
 
 
+@pytest.mark.parametrize("kind", ["embedding", "reward"])
+def test_health_generate_on_an_embedding_model_runs_an_encode(
+    kind: str, request: pytest.FixtureRequest
+) -> None:
+    cluster = request.getfixturevalue(f"{kind}_cluster")
+    res = httpx.get(f"{cluster.url}/health_generate", timeout=60)
+    assert res.status_code == 200, res.text
+    assert res.json() == {"status": "ok"}
+
+
 def test_generation_model_refuses_embeddings(pd_cluster: Cluster) -> None:
     for path, body in [("/v1/embeddings", {"input": "hi"}), ("/classify", {"text": "hi"})]:
         res = httpx.post(f"{pd_cluster.url}{path}", json=body, timeout=30)

@@ -3,6 +3,7 @@ never import the package from the working directory."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import openai
@@ -33,6 +34,10 @@ def test_a_pdserve_folder_in_the_working_directory_does_not_shadow_the_package(
         )
         assert reply.choices[0].finish_reason in ("stop", "length")
         assert reply.usage.completion_tokens >= 1
+        (worker,) = [c for c in cluster.children if c.kind == "worker"]
+        environ = Path(f"/proc/{worker.proc.pid}/environ").read_bytes().split(b"\0")
+        if "OMP_NUM_THREADS" not in os.environ:  # a CPU worker gets its share of the cores
+            assert any(v.startswith(b"OMP_NUM_THREADS=") for v in environ)
         socket_dir = Path(cluster._socket_dir)
         assert socket_dir.is_dir() and socket_dir.name.startswith("pdserve-sockets-")
     finally:

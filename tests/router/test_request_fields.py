@@ -37,7 +37,6 @@ ASKING = {
     "tool_choice": "required",
     "functions": [{"name": "f", "parameters": {}}],
     "function_call": {"name": "f"},
-    "lora_path": "adapter-a",
     "image_data": "https://example.com/cat.png",
     "video_data": "https://example.com/cat.mp4",
     "audio_data": "https://example.com/cat.wav",

@@ -204,4 +204,4 @@ def test_fuzzed_bodies_never_get_a_5xx_or_leave_requests_in_flight(
         assert client.get("/server_info").json()["num_requests_in_flight"] == 0
     assert counts["5xx"] == 0
     # The bodies reach both ends: some are served, some refused.
-    assert counts["2xx"] >= 30 and counts["4xx"] >= 30, counts
+    assert counts["2xx"] >= 10 and counts["4xx"] >= 10, counts

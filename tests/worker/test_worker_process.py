@@ -195,3 +195,14 @@ def test_an_abort_while_waiting_for_kv_frees_the_pages_without_notifying_the_cli
     assert "gone" not in proc.role.handoff
     msg = tokenizer_inbox.recv(timeout_ms=200)
     assert msg is None or "gone" not in msg.rids  # the router ended that client itself
+
+
+def test_an_abort_that_overtakes_its_request_keeps_the_request_from_taking_pages(
+    decode_worker,  # type: ignore[no-untyped-def]
+) -> None:
+    proc, to_worker, _, prefill_inbox = decode_worker
+    to_worker.send(protocol.Abort(rid="early", message="client gone"))
+    to_worker.send(_req("early", 4))  # arrives after its abort (two senders, no order)
+    to_worker.send(_req("probe", 4))
+    assert prefill_inbox.recv(timeout_ms=5000).rid == "probe"  # no PrefillTask for "early"
+    assert "early" not in proc.role.handoff and "early" not in proc.scheduler.requests
