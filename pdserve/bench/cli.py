@@ -17,6 +17,18 @@ def _default(cls: type, name: str) -> Any:
     return field.default
 
 
+ENDPOINT_SHORTHANDS = {
+    "completions": "/v1/completions",
+    "chat": "/v1/chat/completions",
+    "embeddings": "/v1/embeddings",
+}
+
+
+def endpoint_path(value: str) -> str:
+    """`--endpoint`: a path, or one of the shorthands completions, chat, embeddings."""
+    return ENDPOINT_SHORTHANDS.get(value, value)
+
+
 def _add_workload(p: argparse.ArgumentParser, cls: type) -> None:
     """The random dataset's flags, shared by serve and offline."""
     p.add_argument("--dataset", default=_default(cls, "dataset"), choices=["random"])
@@ -44,10 +56,23 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "serve",
         help="benchmark a running OpenAI-compatible server (pdserve, vLLM, SGLang, ...)",
         description="Streams requests to /v1/completions (or chat) and reports TTFT, TPOT, ITL, "
-        "E2E latency, throughput and goodput, like `vllm bench serve`.",
+        "E2E latency, throughput and goodput, like `vllm bench serve`. With --endpoint embeddings "
+        "it sends one /v1/embeddings request per prompt and reports requests/s, input tokens/s "
+        "and latency percentiles (--output-len is then unused).",
     )
     p.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server's root URL")
-    p.add_argument("--endpoint", default=_default(ServeConfig, "endpoint"))
+    p.add_argument(
+        "--endpoint",
+        type=endpoint_path,
+        default=_default(ServeConfig, "endpoint"),
+        help="a path, or completions | chat | embeddings (/v1/embeddings: the embeddings mode)",
+    )
+    p.add_argument(
+        "--encoding-format",
+        default=_default(ServeConfig, "encoding_format"),
+        choices=["float", "base64"],
+        help="embeddings mode: vectors as JSON floats or base64 float32",
+    )
     p.add_argument("--model", default=None, help="model name to send (default: /v1/models)")
     p.add_argument(
         "--tokenizer",

@@ -1,5 +1,6 @@
 """`pdserve bench serve`: load any OpenAI-compatible server with streamed requests and measure
-TTFT, TPOT, ITL and end-to-end latency per request (like `vllm bench serve`)."""
+TTFT, TPOT, ITL and end-to-end latency per request (like `vllm bench serve`); with an embeddings
+endpoint, requests/s, input tokens/s and latency of `/v1/embeddings` (`pdserve.bench.embed`)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,14 @@ import httpx
 import numpy as np
 
 from pdserve.bench.datasets import BenchRequest, build_requests, load_tokenizer
-from pdserve.bench.stats import RequestResult, ServeSummary, format_serve_table, summarize_serve
+from pdserve.bench.embed import ENCODING_FORMATS, build_embedding_payload, send_embedding_request
+from pdserve.bench.stats import (
+    RequestResult,
+    ServeSummary,
+    format_embed_table,
+    format_serve_table,
+    summarize_serve,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +53,7 @@ class ServeConfig:
     vocab_size: int = 256  # random ids are drawn below this when there is no tokenizer
     timeout_s: float = 6 * 3600.0  # one request's read timeout
     disable_tqdm: bool = False
+    encoding_format: str = "float"  # embeddings only: "float" lists or "base64" float32 bytes
 
     def __post_init__(self) -> None:
         checks = [
@@ -58,6 +67,7 @@ class ServeConfig:
             (self.num_warmups >= 0, "num_warmups", ">= 0"),
             (self.vocab_size >= 1, "vocab_size", ">= 1"),
             (self.endpoint.startswith("/"), "endpoint", "a path starting with '/'"),
+            (self.encoding_format in ENCODING_FORMATS, "encoding_format", str(ENCODING_FORMATS)),
         ]
         for ok, key, expected in checks:
             if not ok:
@@ -66,6 +76,10 @@ class ServeConfig:
     @property
     def is_chat(self) -> bool:
         return self.endpoint.rstrip("/").endswith("chat/completions")
+
+    @property
+    def is_embeddings(self) -> bool:
+        return self.endpoint.rstrip("/").endswith("embeddings")
 
 
 @dataclass
@@ -82,7 +96,10 @@ class ServeRun:
 
 
 def build_payload(config: ServeConfig, model: str, req: BenchRequest) -> dict[str, Any]:
-    """Ask for exactly `output_len` tokens (ignore_eos, min_tokens), streamed, with usage."""
+    """Ask for exactly `output_len` tokens (ignore_eos, min_tokens), streamed, with usage; or,
+    for an embeddings endpoint, the prompt's vector."""
+    if config.is_embeddings:
+        return build_embedding_payload(model, req, config.encoding_format)
     body: dict[str, Any] = {
         "model": model,
         "max_tokens": req.output_len,
@@ -168,6 +185,15 @@ async def send_request(
     return result
 
 
+async def send_one(
+    client: httpx.AsyncClient, config: ServeConfig, model: str, req: BenchRequest
+) -> RequestResult:
+    """One request of the run: streamed generation, or one embeddings round trip."""
+    payload = build_payload(config, model, req)
+    send = send_embedding_request if config.is_embeddings else send_request
+    return await send(client, config.endpoint, payload, req.prompt_len)
+
+
 # ---------------------------------------------------------------------------- the run
 
 
@@ -191,9 +217,7 @@ async def _run_requests(
 
     async def one(req: BenchRequest) -> RequestResult:
         async with gate:
-            result = await send_request(
-                client, config.endpoint, build_payload(config, model, req), req.prompt_len
-            )
+            result = await send_one(client, config, model, req)
         bar.update(1)
         return result
 
@@ -271,7 +295,7 @@ async def run_serve(config: ServeConfig, api_key: str | None = None) -> ServeRun
         requests = _sample(config, tokenizer, config.num_prompts, config.seed)
         # Another seed for warm-ups: the measured prompts stay the same and miss their cache.
         for req in _sample(config, tokenizer, config.num_warmups, config.seed + 1):
-            await send_request(client, config.endpoint, build_payload(config, model, req), 0)
+            await send_one(client, config, model, req)
         start = time.perf_counter()
         results = await _run_requests(client, config, model, requests)
         duration = time.perf_counter() - start
@@ -308,7 +332,8 @@ def handle(args: Any) -> int:
     api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
     run = asyncio.run(run_serve(config, api_key))
-    print(format_serve_table(run.summary))
+    table = format_embed_table if config.is_embeddings else format_serve_table
+    print(table(run.summary))
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(run_json(run), f, indent=2, default=str)

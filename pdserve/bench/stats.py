@@ -212,11 +212,35 @@ def format_serve_table(s: ServeSummary, max_errors: int = 5) -> str:
         *_metric_rows("Inter-token Latency", "ITL", s.itl_ms),
         *_metric_rows("End-to-end Latency", "E2EL", s.e2el_ms),
     ]
-    if s.errors:
-        lines.append(_title("Errors", "-"))
-        for message, count in list(s.errors.items())[:max_errors]:
-            lines.append(f"{count:>6} x {message[:200]}")
+    lines += _error_rows(s, max_errors)
     lines.append("=" * _WIDTH)
+    return "\n".join(lines)
+
+
+def _error_rows(s: ServeSummary, max_errors: int) -> list[str]:
+    if not s.errors:
+        return []
+    rows = [_title("Errors", "-")]
+    for message, count in list(s.errors.items())[:max_errors]:
+        rows.append(f"{count:>6} x {message[:200]}")
+    return rows
+
+
+def format_embed_table(s: ServeSummary, max_errors: int = 5) -> str:
+    """`bench serve --endpoint embeddings`: no tokens are generated, so throughput is requests
+    and input tokens, and each request's latency is its whole round trip."""
+    lines = [
+        _title("Embeddings Benchmark Result", "="),
+        _row("Successful requests:", s.completed),
+        _row("Failed requests:", s.failed),
+        _row("Benchmark duration (s):", s.duration_s),
+        _row("Total input tokens:", s.total_input_tokens),
+        _row("Request throughput (req/s):", s.request_throughput),
+        _row("Input token throughput (tok/s):", s.input_throughput),
+        *_metric_rows("Request Latency", "latency", s.e2el_ms),
+        *_error_rows(s, max_errors),
+        "=" * _WIDTH,
+    ]
     return "\n".join(lines)
 
 

@@ -9,6 +9,11 @@ hands that page out, so their KV writes land nowhere that matters. Their seq_len
 table row is zeros, so their attention reads only page 0. The decode kernel's host-side launch
 parameters (its split count) are fixed from the longest context at capture, so a replay is valid for
 any seq_len up to max_context_len.
+
+With LoRA on, each bucket gets a second graph captured with the LoRA kernels in it; it reads the
+batch's adapter tiles from a static buffer (`LoraGraphInputs`: at most max_loras_per_batch
+adapters, the tiles past the batch's empty), so a decode step with adapters replays too. A step
+without adapters replays the first graph and pays nothing for LoRA.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch
 from pdserve.worker.forward_batch import ForwardBatch
 
 if TYPE_CHECKING:
+    from pdserve.worker.lora.lora_layers import LoraGraphInputs
     from pdserve.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -129,14 +135,20 @@ class CudaGraphRunner:
         self.max_pages = num_table_pages(self.max_context_len, model_runner.page_size)
         max_batch = min(config.cuda_graph_max_batch, config.scheduler.max_running_requests)
         self.batch_sizes: list[int] = []  # captured, ascending
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}  # bs -> [bs, V] float32, in the graph pool
+        # (bs, with LoRA) -> graph, and its output [bs, V] float32 in the graph pool
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, bool], torch.Tensor] = {}
+        self.lora_inputs: LoraGraphInputs | None = None
         attention = self.model.attention
         if not attention.supports_cuda_graph:
             logger.info("CUDA graphs off: attention backend %r cannot be captured", attention.name)
             return
         sizes = capture_batch_sizes(max_batch)
         self.inputs = DecodeInputs(sizes[-1], self.max_pages, self.max_context_len, self.device)
+        if model_runner.lora is not None:
+            from pdserve.worker.lora.lora_layers import LoraGraphInputs
+
+            self.lora_inputs = LoraGraphInputs(model_runner.lora.weights, sizes[-1], self.device)
         self._capture(sizes)
 
     @torch.inference_mode()
@@ -145,23 +157,30 @@ class CudaGraphRunner:
         pool = torch.cuda.graph_pool_handle()  # shared: only one graph runs at a time
         # Largest first: its intermediates size the pool, the smaller graphs reuse that memory.
         for bs in reversed(sizes):
-            batch = self.inputs.batch(bs)
-            for _ in range(_NUM_WARMUP_RUNS):
-                self.model(batch, self.kv_pool)
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.outputs[bs] = self.model(batch, self.kv_pool)
-            self.graphs[bs] = graph
+            for with_lora in (False, True) if self.lora_inputs is not None else (False,):
+                batch = self.inputs.batch(bs)
+                if with_lora:
+                    batch.lora = self.lora_inputs.batch(bs)
+                self._capture_one(batch, (bs, with_lora), pool)
         torch.cuda.synchronize(self.device)
         self.batch_sizes = sorted(sizes)
         logger.info(
-            "captured %d CUDA graphs (decode batch sizes %s, contexts up to %d) in %.1f s",
-            len(sizes),
+            "captured %d CUDA graphs (decode batch sizes %s%s, contexts up to %d) in %.1f s",
+            len(self.graphs),
             self.batch_sizes,
+            ", with and without LoRA" if self.lora_inputs is not None else "",
             self.max_context_len,
             time.perf_counter() - start,
         )
+
+    def _capture_one(self, batch: ForwardBatch, key: tuple[int, bool], pool: object) -> None:
+        for _ in range(_NUM_WARMUP_RUNS):
+            self.model(batch, self.kv_pool)
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            self.outputs[key] = self.model(batch, self.kv_pool)
+        self.graphs[key] = graph
 
     def can_run(self, fb: ForwardBatch) -> bool:
         return (
@@ -170,6 +189,7 @@ class CudaGraphRunner:
             and fb.batch_size <= self.batch_sizes[-1]
             and (fb.max_seq_len or 0) <= self.max_context_len
             and fb.page_table.shape[1] <= self.max_pages
+            and (fb.lora is None or self.lora_inputs is not None)
         )
 
     def replay(self, fb: ForwardBatch) -> torch.Tensor:
@@ -185,5 +205,12 @@ class CudaGraphRunner:
                 f"decode sizes {self.batch_sizes}"
             )
         self.inputs.load(fb)
-        self.graphs[bs].replay()
-        return self.outputs[bs][:bsz]
+        key = (bs, fb.lora is not None)
+        if fb.lora is not None:
+            if self.lora_inputs is None:
+                raise ValueError(
+                    "a batch with LoRA adapters, but no graphs were captured with LoRA"
+                )
+            self.lora_inputs.load(fb.lora)
+        self.graphs[key].replay()
+        return self.outputs[key][:bsz]

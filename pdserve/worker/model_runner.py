@@ -126,8 +126,8 @@ class ModelRunner:
     def forward(self, batch: ScheduledBatch) -> torch.Tensor:
         """Logits [B, vocab] float32 on the device, one row per batch item."""
         fb = self._forward_batch(batch)
-        # No CUDA graph with adapters in the batch: the graphs were captured without them.
-        if self.graph_runner is not None and fb.lora is None and self.graph_runner.can_run(fb):
+        # A step with adapters replays a graph captured with the LoRA kernels (cuda_graph_runner).
+        if self.graph_runner is not None and self.graph_runner.can_run(fb):
             return self.graph_runner.replay(fb)
         return self.model(fb, self.kv_pool)
 

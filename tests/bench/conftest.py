@@ -19,11 +19,13 @@ from pdserve.bench.cli import add_parser
 
 
 class FakeServer:
-    """Streams `max_tokens` one-token chunks. With `fail_pattern`, of every 5 requests (in arrival
-    order) the 1st answers HTTP 500 and the 2nd sends an error event after two chunks."""
+    """Streams `max_tokens` one-token chunks, and answers /v1/embeddings with a 4-value vector.
+    With `fail_pattern`, of every 5 requests (in arrival order) the 1st answers HTTP 500 and the
+    2nd sends an error event after two chunks."""
 
     FIRST_DELAY_S = 0.05  # before the first token chunk
     GAP_S = 0.01  # between token chunks
+    EMBED_DELAY_S = 0.02  # before an embeddings answer
 
     def __init__(self) -> None:
         self.base_url = ""
@@ -76,6 +78,25 @@ class FakeServer:
         fail = self.fail_pattern and index % 5 == 1
         return StreamingResponse(self._stream(body, fail, usage), media_type="text/event-stream")
 
+    async def embeddings(self, request: Request) -> Any:
+        """One 4-value vector per input after EMBED_DELAY_S; HTTP 500s as for completions."""
+        body = await request.json()
+        index = len(self.bodies)
+        self.bodies.append(body)
+        if self.fail_pattern and index % 5 == 0:
+            return JSONResponse({"error": {"message": "overloaded"}}, status_code=500)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(self.EMBED_DELAY_S)
+        finally:
+            self.in_flight -= 1
+        prompt = body["input"]
+        prompt_len = len(prompt) if isinstance(prompt, list) else len(prompt.split())
+        data = [{"object": "embedding", "embedding": [0.5, 0.5, 0.5, 0.5], "index": 0}]
+        usage = {"prompt_tokens": prompt_len, "total_tokens": prompt_len}
+        return {"object": "list", "data": data, "model": "fake-model", "usage": usage}
+
     def app(self) -> FastAPI:
         app = FastAPI()
 
@@ -87,6 +108,10 @@ class FakeServer:
         @app.post("/v1/completions")
         async def completions(request: Request) -> Any:
             return await self.completions(request, usage=True)
+
+        @app.post("/v1/embeddings")
+        async def embeddings(request: Request) -> Any:
+            return await self.embeddings(request)
 
         @app.post("/nousage/v1/completions")
         async def completions_no_usage(request: Request) -> Any:

@@ -193,4 +193,6 @@ def test_killed_prefill_ends_only_requests_waiting_for_it_and_comes_back(cluster
 
 def test_killed_router_cuts_its_streams_and_is_restarted(cluster: Cluster) -> None:
     failed = _check_kill(cluster, "router", mention="connection failed")
-    assert len(failed) > NUM_STREAMS // 2  # each one still streaming was connected to it
+    # Each stream still going at the kill was connected to it (how many had already finished
+    # depends on the machine's speed; _check_kill checks every stream ended one way or the other).
+    assert failed

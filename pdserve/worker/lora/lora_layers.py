@@ -3,22 +3,30 @@ segmented (grouped-by-adapter) matmuls the model's projections call.
 
 For each target projection, rows t of the batch whose request uses slot s get
     out[t, cols] += (x[t] @ A[s]^T) @ B[s]^T        (the scale is folded into B at load time)
-Rows are grouped by slot into segments (`LoraBatch`); `segmented_lora_ref` is the plain torch
-reference ("shrink" x @ A^T to rank R, "expand" by B^T) that a Triton SGMV kernel can replace with
-the same arguments: x [T, in], out [T, out] (a column slice of the fused output, updated in place),
-a [S, R, in], b [S, out, R], sorted_rows [T_lora] int64, seg_starts / seg_slots (host lists).
+Rows are grouped by slot into segments (`LoraBatch`). On CUDA one Triton launch pair per fused
+projection does it (`pdserve/kernels/triton_lora.py`: shrink, then expand, over tiles of at most
+TILE_ROWS rows of one slot); elsewhere `segmented_lora_ref`, the plain torch reference the kernels
+are tested against, runs once per sub-module: x [T, in], out [T, out] (a column slice of the fused
+output, updated in place), a [S, R, in], b [S, out, R], sorted_rows [T_lora] int64,
+seg_starts / seg_slots (host lists).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from pdserve.config.engine_config import ModelConfig
 from pdserve.worker.lora.adapter import LoraAdapter, module_shapes
 
+if TYPE_CHECKING:
+    from pdserve.kernels.triton_lora import LoraTiles
+
 Tensor = torch.Tensor
+
+TILE_ROWS = 16  # rows of one slot per kernel tile (the kernels' BLOCK_M)
 
 
 def fused_slices(config: ModelConfig) -> dict[str, list[tuple[str, int]]]:
@@ -35,9 +43,11 @@ def fused_slices(config: ModelConfig) -> dict[str, list[tuple[str, int]]]:
 
 
 class LoraWeights:
-    """Preallocated adapter slots on the device, per target module:
-    a[module]: [L, S, R, in], b[module]: [L, S, out, R] (model dtype; S = max_loras_per_batch,
-    R = max_lora_rank). A smaller rank is zero-padded, which adds nothing to the product."""
+    """Preallocated adapter slots on the device, stacked per fused projection so one kernel launch
+    covers it: fused_a[proj]: [L, S, n_sub R, in], fused_b[proj]: [L, S, out_total, R] (model
+    dtype; S = max_loras_per_batch, R = max_lora_rank; n_sub: q/k/v or gate/up or one).
+    a[module] [L, S, R, in] and b[module] [L, S, out, R] are views of a target module's part.
+    A smaller rank, and a sub-module no adapter targets, stay zero, which adds nothing."""
 
     def __init__(
         self,
@@ -50,21 +60,30 @@ class LoraWeights:
     ) -> None:
         shapes = module_shapes(config)
         self.num_layers = config.num_layers
+        self.num_slots = num_slots
         self.max_rank = max_rank
         self.target_modules = target_modules
         L, S, R = config.num_layers, num_slots, max_rank  # noqa: N806
-        self.a = {
-            m: torch.zeros(L, S, R, shapes[m][0], dtype=dtype, device=device)
-            for m in target_modules
-        }
-        self.b = {
-            m: torch.zeros(L, S, shapes[m][1], R, dtype=dtype, device=device)
-            for m in target_modules
-        }
-        self.slices = {
-            proj: [(m, col, shapes[m][1]) for m, col in subs if m in target_modules]
-            for proj, subs in fused_slices(config).items()
-        }
+        self.fused_a: dict[str, Tensor] = {}
+        self.fused_b: dict[str, Tensor] = {}
+        self.bounds: dict[str, tuple[int, ...]] = {}  # proj -> first column of subs 1..
+        self.a: dict[str, Tensor] = {}
+        self.b: dict[str, Tensor] = {}
+        self.slices: dict[str, list[tuple[str, int, int]]] = {}
+        for proj, subs in fused_slices(config).items():
+            self.slices[proj] = [(m, col, shapes[m][1]) for m, col in subs if m in target_modules]
+            if not self.slices[proj]:
+                continue
+            in_f = shapes[subs[0][0]][0]
+            out_total = subs[-1][1] + shapes[subs[-1][0]][1]
+            kw = {"dtype": dtype, "device": device}
+            self.fused_a[proj] = torch.zeros(L, S, len(subs) * R, in_f, **kw)
+            self.fused_b[proj] = torch.zeros(L, S, out_total, R, **kw)
+            self.bounds[proj] = tuple(col for _, col in subs[1:])
+            for k, (m, col) in enumerate(subs):
+                if m in target_modules:
+                    self.a[m] = self.fused_a[proj][:, :, k * R : (k + 1) * R]
+                    self.b[m] = self.fused_b[proj][:, :, col : col + shapes[m][1]]
 
     def write(self, slot: int, adapter: LoraAdapter) -> None:
         """Copy an adapter's host weights into `slot`, zeroing what it does not adapt."""
@@ -82,9 +101,14 @@ class LoraBatch:
     """One forward pass's rows grouped by adapter slot; rows of the base model are left out."""
 
     weights: LoraWeights
-    sorted_rows: Tensor  # [T_lora] int64, device: row indices in T, grouped by slot
-    seg_starts: list[int]  # [num_segments + 1]: segment k is sorted_rows[seg_starts[k]:..[k+1]]
+    rows: list[int]  # [T_lora]: row indices in T, grouped by slot
+    seg_starts: list[int]  # [num_segments + 1]: segment k is rows[seg_starts[k]:..[k+1]]
     seg_slots: list[int]  # [num_segments]: the slot of each segment
+    device: torch.device
+    # The kernels' index on CUDA: built on first use, or a CUDA graph's static one.
+    tiles: LoraTiles | None = None
+    sorted_rows: Tensor | None = None  # [T_lora] int64, device: the reference's, on first use
+    use_kernels: bool = True  # False: the torch reference even on CUDA (checks, benchmarks)
 
     @classmethod
     def build(
@@ -103,13 +127,23 @@ class LoraBatch:
             rows.extend(slot_rows)
             starts.append(len(rows))
             slots.append(slot)
-        sorted_rows = torch.tensor(rows, dtype=torch.int64, device=device)
-        return cls(weights, sorted_rows, starts, slots)
+        return cls(weights, rows, starts, slots, device)
 
     def apply(self, layer_idx: int, proj: str, x: Tensor, out: Tensor) -> None:
         """Add the adapters' deltas to `out` ([T, out_total], the projection's output) in place
         for every target module fused into projection `proj`; x: [T, in] its input."""
         w = self.weights
+        if not w.slices[proj]:
+            return
+        if self.use_kernels and self.device.type == "cuda":
+            from pdserve.kernels.triton_lora import segmented_lora
+
+            x = x if x.stride(-1) == 1 else x.contiguous()
+            a, b = w.fused_a[proj][layer_idx], w.fused_b[proj][layer_idx]
+            segmented_lora(x, out, a, b, self._tiles(), w.bounds[proj], TILE_ROWS)
+            return
+        if self.sorted_rows is None:
+            self.sorted_rows = torch.tensor(self.rows, dtype=torch.int64, device=self.device)
         for module, col, size in w.slices[proj]:
             segmented_lora_ref(
                 x,
@@ -120,6 +154,106 @@ class LoraBatch:
                 self.seg_starts,
                 self.seg_slots,
             )
+
+    def _tiles(self) -> LoraTiles:
+        if self.tiles is None:
+            num_tiles = len(tile_list(self.seg_starts, self.seg_slots))
+            packed = pack_tiles(self, len(self.rows), num_tiles).to(self.device)
+            self.tiles = tiles_view(packed, len(self.rows), num_tiles, num_tiles)
+        return self.tiles
+
+
+def tile_list(seg_starts: list[int], seg_slots: list[int]) -> list[tuple[int, int, int]]:
+    """(start in rows, length, slot) of each tile: every segment cut into TILE_ROWS pieces."""
+    return [
+        (start, min(TILE_ROWS, seg_starts[k + 1] - start), slot)
+        for k, slot in enumerate(seg_slots)
+        for start in range(seg_starts[k], seg_starts[k + 1], TILE_ROWS)
+    ]
+
+
+def max_tiles(num_rows: int, num_slots: int) -> int:
+    """The most tiles `num_rows` rows in at most `num_slots` segments can make."""
+    return min(num_rows, -(-num_rows // TILE_ROWS) + num_slots)
+
+
+def pack_tiles(lora: LoraBatch | None, rows_cap: int, tiles_cap: int) -> Tensor:
+    """[rows_cap + 3 tiles_cap] int32, cpu: rows, then tile starts, lengths and slots; tiles
+    past the batch's have slot -1 (their programs return at once)."""
+    tiles = tile_list(lora.seg_starts, lora.seg_slots) if lora is not None else []
+    rows = lora.rows if lora is not None else []
+    if len(rows) > rows_cap or len(tiles) > tiles_cap:
+        raise ValueError(
+            f"{len(rows)} LoRA rows in {len(tiles)} tiles do not fit a buffer of {rows_cap} "
+            f"rows and {tiles_cap} tiles"
+        )
+    packed = torch.zeros(rows_cap + 3 * tiles_cap, dtype=torch.int32)
+    packed[: len(rows)] = torch.tensor(rows, dtype=torch.int32)
+    table = packed[rows_cap:].view(3, tiles_cap)  # starts, lengths, slots
+    table[2].fill_(-1)
+    if tiles:
+        table[:, : len(tiles)] = torch.tensor(tiles, dtype=torch.int32).T
+    return packed
+
+
+def tiles_view(packed: Tensor, rows_cap: int, tiles_cap: int, num_tiles: int) -> LoraTiles:
+    """The kernels' LoraTiles inside a packed buffer (on the device), covering its first
+    `num_tiles` tiles: the launch grid."""
+    from pdserve.kernels.triton_lora import LoraTiles
+
+    table = packed[rows_cap:].view(3, tiles_cap)[:, :num_tiles]
+    return LoraTiles(packed[:rows_cap], table[0], table[1], table[2])
+
+
+class LoraGraphInputs:
+    """The static LoRA index CUDA graphs read: the largest bucket's rows and tiles. A graph of
+    batch size bs launches max_tiles(bs, S) tiles; `load` writes a batch's tiles at the front
+    and marks the rest empty."""
+
+    def __init__(self, weights: LoraWeights, max_batch: int, device: torch.device) -> None:
+        self.weights = weights
+        self.device = device
+        self.rows_cap = max_batch
+        self.tiles_cap = max_tiles(max_batch, weights.num_slots)
+        self.packed = pack_tiles(None, self.rows_cap, self.tiles_cap).to(device)
+
+    def batch(self, bs: int) -> LoraBatch:
+        """What a graph of batch size bs is captured on (every tile empty until `load`)."""
+        num_tiles = max_tiles(bs, self.weights.num_slots)
+        tiles = tiles_view(self.packed, self.rows_cap, self.tiles_cap, num_tiles)
+        return LoraBatch(self.weights, [], [0], [], self.device, tiles=tiles)
+
+    def load(self, lora: LoraBatch) -> None:
+        self.packed.copy_(pack_tiles(lora, self.rows_cap, self.tiles_cap))
+
+
+def lora_shrink_ref(
+    x: Tensor,  # [T, in]
+    a: Tensor,  # [S, R, in]
+    sorted_rows: Tensor,  # [T_lora] int64
+    seg_starts: list[int],  # [num_segments + 1]
+    seg_slots: list[int],  # [num_segments]
+) -> Tensor:  # [T, R] in x's dtype: x[t] @ a[slot(t)]^T; zero on rows in no segment
+    y = x.new_zeros(x.shape[0], a.shape[1])
+    for k, slot in enumerate(seg_slots):
+        rows = sorted_rows[seg_starts[k] : seg_starts[k + 1]]  # [n]
+        y.index_copy_(0, rows, x.index_select(0, rows) @ a[slot].T)  # [n, R]
+    return y
+
+
+def lora_expand_ref(
+    y: Tensor,  # [T, R]
+    out: Tensor,  # [T, out], may be a column slice; updated in place
+    b: Tensor,  # [S, out, R]
+    sorted_rows: Tensor,
+    seg_starts: list[int],
+    seg_slots: list[int],
+) -> None:
+    """out[t] += y[t] @ b[slot(t)]^T on every row of a segment."""
+    for k, slot in enumerate(seg_slots):
+        rows = sorted_rows[seg_starts[k] : seg_starts[k + 1]]  # [n]
+        delta = y.index_select(0, rows) @ b[slot].T  # [n, out]
+        out.index_add_(0, rows, delta.to(out.dtype))
 
 
 def segmented_lora_ref(
@@ -132,8 +266,5 @@ def segmented_lora_ref(
     seg_slots: list[int],  # [num_segments]
 ) -> None:
     """The torch reference of a segmented LoRA matmul (shrink then expand, per segment)."""
-    for k, slot in enumerate(seg_slots):
-        rows = sorted_rows[seg_starts[k] : seg_starts[k + 1]]  # [n]
-        xs = x.index_select(0, rows)  # [n, in]
-        delta = (xs @ a[slot].T) @ b[slot].T  # [n, R] -> [n, out]
-        out.index_add_(0, rows, delta.to(out.dtype))
+    y = lora_shrink_ref(x, a, sorted_rows, seg_starts, seg_slots)
+    lora_expand_ref(y, out, b, sorted_rows, seg_starts, seg_slots)

@@ -1,0 +1,317 @@
+"""LoRA on the GPU in one call (issue 12): the segmented kernels' correctness and cost, then decode
+throughput at batch 64 with 0, 1, 8 and 32 distinct adapters against the base model.
+
+    python benchmarks/gpu/lora_bench.py            # Llama-1B shape, random weights, about 3 min
+    python benchmarks/gpu/lora_bench.py --smoke    # tiny shapes on the CPU: decode plumbing only
+
+1. Model-level check on the LoRA engine's runner: decode batches mixing adapters and the base
+   model; logits of the CUDA graph replay == eager with the Triton kernels == eager with the torch
+   reference (`segmented_lora_ref`), and adapters change the logits (they are not zero).
+2. Kernel cost: one shrink + expand launch pair per fused projection, 64 rows over 8 adapters,
+   against the projection's own matmul (triton.testing.do_bench, median).
+3. Decode: 64 requests of 1,024 random prompt tokens, adapters assigned round-robin (rank 16, all
+   seven projections), prefilled, then 20 pure decode steps timed one by one (median), CUDA graphs
+   on; the base model is an engine without LoRA in the same process. 8 adapters again without
+   graphs, for the graphs' share.
+Writes lora_bench.json and lora_bench.md under $OUT (or /tmp).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import random_checkpoint as rc  # noqa: E402
+from device_timer import wall  # noqa: E402
+from engine_bench import finish_all, free_device_memory, step_until  # noqa: E402
+
+from pdserve.config.sampling_params import SamplingParams  # noqa: E402
+from pdserve.scheduler.request import Request  # noqa: E402
+from pdserve.scheduler.scheduler import BatchItem, ScheduledBatch  # noqa: E402
+
+MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADAPTER_COUNTS = (0, 1, 8, 32)
+
+
+def write_adapters(
+    spec: rc.ModelSpec, root: Path, num: int, rank: int, device: str
+) -> dict[str, Path]:
+    """`num` random PEFT adapters (bf16, every projection, lora_alpha = 2 rank)."""
+    from safetensors.torch import save_file
+
+    from pdserve.config.engine_config import ModelConfig
+    from pdserve.worker.lora.adapter import module_shapes
+
+    shapes = module_shapes(ModelConfig.from_hf(root.parent / spec.name))
+    out = {}
+    for i in range(num):
+        folder = root / f"a{i}"
+        out[f"a{i}"] = folder
+        if (folder / "adapter_model.safetensors").is_file():
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        g = torch.Generator(device=device).manual_seed(100 + i)
+        tensors = {}
+        for layer in range(spec.num_layers):
+            for m in MODULES:
+                in_f, out_f = shapes[m]
+                block = "mlp" if m in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+                key = f"base_model.model.model.layers.{layer}.{block}.{m}"
+                a = torch.randn(rank, in_f, generator=g, device=device) / in_f**0.5
+                b = torch.randn(out_f, rank, generator=g, device=device) * 0.01
+                tensors[f"{key}.lora_A.weight"] = a.bfloat16().cpu()
+                tensors[f"{key}.lora_B.weight"] = b.bfloat16().cpu()
+        save_file(tensors, str(folder / "adapter_model.safetensors"))
+        config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank,
+                  "target_modules": list(MODULES), "bias": "none"}  # fmt: skip
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+    return out
+
+
+def make_engine(model_dir: Path, adapters: dict[str, Path] | None, graphs: bool, args: Any) -> Any:
+    from pdserve.entrypoints.engine import Engine
+
+    options: dict[str, Any] = dict(
+        in_process=True, device=args.device, dtype=args.dtype,
+        cuda_graph=graphs and args.device == "cuda",
+        num_pages=args.num_pages, max_running_requests=args.batch,
+        cuda_graph_max_batch=args.batch,
+    )  # fmt: skip
+    if adapters:
+        options.update(
+            lora_paths=[f"{n}={p}" for n, p in adapters.items()],
+            max_loras_per_batch=len(adapters),
+            max_lora_rank=args.rank,
+        )
+    return Engine(str(model_dir), **options)
+
+
+# ---------------------------------------------------------------------------- 1. model-level check
+
+
+def _decode_batch(runner: Any, names: list[str | None], seed: int) -> ScheduledBatch:
+    """Decode items over scattered pages of a random KV pool (page 0 left alone)."""
+    gen = torch.Generator().manual_seed(seed)
+    vocab, page = runner.model_config.vocab_size, runner.page_size
+    pages = (torch.randperm(runner.num_pages - 1, generator=gen) + 1).tolist()
+    items = []
+    for name in names:
+        seq_len = int(torch.randint(1, 1500, (1,), generator=gen))
+        num_pages = -(-seq_len // page)
+        ids = torch.randint(0, vocab, (seq_len,), generator=gen).tolist()
+        req = SimpleNamespace(
+            prompt_ids=ids[:-1], output_ids=ids[-1:], page_ids=pages[:num_pages], lora_name=name
+        )
+        pages = pages[num_pages:]
+        items.append(BatchItem(req=req, start=seq_len - 1, num_tokens=1))  # type: ignore[arg-type]
+    return ScheduledBatch(items)
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return (out - ref).abs().max().item() / max(ref.abs().max().item(), 1e-6)
+
+
+@torch.inference_mode()
+def check_model(engine: Any, names: list[str]) -> dict[str, Any]:
+    runner = engine.core.runner
+    graphs = runner.graph_runner
+    runner.kv_pool.buffer.normal_()
+    worst = {"graph_vs_kernels": 0.0, "kernels_vs_reference": 0.0, "lora_vs_base": 1e9}
+    for bsz, seed in ((1, 1), (17, 2), (64, 3)):
+        gen = torch.Generator().manual_seed(seed)
+        row_names = [None if torch.rand(1, generator=gen) < 0.25 else names[i % len(names)]
+                     for i in range(bsz)]  # fmt: skip
+        row_names[0] = names[0]
+        fb = runner._forward_batch(_decode_batch(runner, row_names, seed))
+        assert graphs is not None and graphs.can_run(fb), "no graph for a batch with adapters"
+        replayed = graphs.replay(fb).clone()
+        kernels = runner.model(fb, runner.kv_pool)
+        fb.lora.use_kernels = False
+        reference = runner.model(fb, runner.kv_pool)
+        lora, fb.lora = fb.lora, None
+        base = runner.model(fb, runner.kv_pool)
+        lora_rows = sorted(set(lora.rows))
+        worst["graph_vs_kernels"] = max(worst["graph_vs_kernels"], _rel(replayed, kernels))
+        worst["kernels_vs_reference"] = max(worst["kernels_vs_reference"], _rel(kernels, reference))
+        worst["lora_vs_base"] = min(
+            worst["lora_vs_base"], _rel(base[lora_rows], reference[lora_rows])
+        )
+    # Adapters must move the logits by far more than the kernels' rounding does.
+    worst["ok"] = (
+        worst["graph_vs_kernels"] <= 3e-2
+        and worst["kernels_vs_reference"] <= 3e-2
+        and worst["lora_vs_base"] > 5 * worst["kernels_vs_reference"]
+    )
+    return worst
+
+
+# ---------------------------------------------------------------------------- 2. kernel cost
+
+
+@torch.inference_mode()
+def kernel_cost(engine: Any, num_rows: int, num_adapters: int) -> list[dict[str, Any]]:
+    """Per fused projection of layer 0: the LoRA launch pair vs the projection's matmul (us)."""
+    from triton.testing import do_bench
+
+    from pdserve.worker.lora.lora_layers import LoraBatch
+
+    runner = engine.core.runner
+    weights = runner.lora.weights
+    lora = LoraBatch.build(weights, [i % num_adapters for i in range(num_rows)], runner.device)
+    layer = runner.model.model.layers[0]
+    projs = {
+        "qkv_proj": layer.self_attn.qkv_proj, "o_proj": layer.self_attn.o_proj,
+        "gate_up_proj": layer.mlp.gate_up_proj, "down_proj": layer.mlp.down_proj,
+    }  # fmt: skip
+    rows = []
+    for name, linear in projs.items():
+        a = weights.fused_a[name][0]
+        x = torch.randn(num_rows, a.shape[-1], dtype=a.dtype, device=a.device)
+        out = linear(x)
+        base_us = do_bench(lambda linear=linear, x=x: linear(x), return_mode="median") * 1e3
+        lora_us = do_bench(
+            lambda name=name, x=x, out=out: lora.apply(0, name, x, out), return_mode="median"
+        )
+        rows.append({"proj": name, "matmul_us": base_us, "lora_us": lora_us * 1e3})
+    return rows
+
+
+# ---------------------------------------------------------------------------- 3. decode
+
+
+def decode_steps(engine: Any, adapters: list[str], args: Any, seed: int = 0) -> dict[str, Any]:
+    """Prefill `args.batch` prompts (adapters round-robin; none: base), time pure decode steps."""
+    core = engine.core
+    vocab = engine.core.runner.model_config.vocab_size
+    gen = torch.Generator().manual_seed(seed)
+    max_new = args.batch * args.context // 512 + args.warmup + args.steps + 16
+    reqs = []
+    for i in range(args.batch):
+        prompt = torch.randint(0, vocab, (args.context,), generator=gen).tolist()
+        params = SamplingParams(max_new_tokens=max_new, ignore_eos=True, temperature=0.0)
+        name = adapters[i % len(adapters)] if adapters else None
+        reqs.append(Request(rid=f"r{seed}-{i}", prompt_ids=prompt, sampling=params, lora_name=name))
+        core.add(reqs[-1])
+    step_until(core, lambda: all(r.output_ids for r in reqs))
+    for _ in range(args.warmup):
+        core.step()
+    times, sizes = [], []
+    for _ in range(args.steps):
+        t = wall(args.device)
+        sizes.append(len(core.step()))
+        times.append(wall(args.device) - t)
+    finish_all(core, reqs)
+    step_s = statistics.median(times)
+    return {
+        "step_ms": step_s * 1e3,
+        "tok_s": args.batch / step_s,
+        "pure_decode": all(n == args.batch for n in sizes),
+        "steps_ms": [round(t * 1e3, 3) for t in times],
+    }
+
+
+# ---------------------------------------------------------------------------- driver
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU too): the script runs")
+    p.add_argument("--root", default="/dev/shm/pdserve-bench")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--num-pages", type=int, default=8192)
+    args = p.parse_args()
+    args.device, args.dtype = "cuda", "bfloat16"
+    args.spec = rc.LLAMA_1B
+    if args.smoke:
+        args.spec, args.batch, args.context, args.steps, args.root = (
+            rc.SMOKE_1B, 8, 32, 3, "/tmp/pdserve-bench-smoke")  # fmt: skip
+        args.device, args.dtype, args.num_pages = "cpu", "float32", 512
+    return args
+
+
+def run_decode(model_dir: Path, adapters: dict[str, Path], args: Any, say: Any) -> list[dict]:
+    """The LoRA engine with graphs (0/1/8/32 adapters), the base engine, LoRA without graphs (8)."""
+    names = list(adapters)
+    results = []
+    # The LoRA engine first: a first engine's slowness in a process, if any, counts against LoRA.
+    plan = [(adapters, True, list(ADAPTER_COUNTS)), (None, True, [0]), (adapters, False, [8])]
+    for engine_adapters, graphs, counts in plan:
+        t0 = time.perf_counter()
+        engine = make_engine(model_dir, engine_adapters, graphs, args)
+        kind = "base model" if engine_adapters is None else "LoRA engine"
+        say(f"{kind} (graphs={graphs}) up in {time.perf_counter() - t0:.1f} s")
+        if engine_adapters is not None and graphs and args.device == "cuda":
+            check = check_model(engine, names[:8])
+            say(f"model check: {check}")
+            results.append({"check": check})
+            cost = kernel_cost(engine, args.batch, 8)
+            say(f"kernel cost, {args.batch} rows / 8 adapters, layer 0: {cost}")
+            results.append({"kernel_cost": cost})
+        decode_steps(engine, names[: counts[-1]], args, seed=99)  # warm-up, not reported
+        for k in counts:
+            r = decode_steps(engine, names[:k], args, seed=k)
+            r.update(engine=kind, graphs=graphs, adapters=k)
+            say(f"decode {kind} graphs={graphs} adapters={k}: {r}")
+            results.append(r)
+        del engine
+        free_device_memory()
+    return results
+
+
+def table(results: list[dict], args: Any) -> str:
+    rows = [r for r in results if "step_ms" in r]
+    base = next(r for r in rows if r["engine"] == "base model")
+    lines = [
+        f"| engine | CUDA graph | distinct adapters (rank {args.rank}) | ms/step | tokens/s "
+        "| vs base |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ratio = base["step_ms"] / r["step_ms"]
+        flag = "" if r["pure_decode"] else " (not pure decode)"
+        lines.append(
+            f"| {r['engine']} | {'on' if r['graphs'] else 'off'} | {r['adapters']} "
+            f"| {r['step_ms']:.2f} | {r['tok_s']:,.0f} | {ratio:.0%}{flag} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    args = parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("lora_bench needs a CUDA GPU (or --smoke)")
+    out_dir = Path(os.environ.get("OUT") or "/tmp")
+    started = time.perf_counter()
+
+    def say(msg: str) -> None:
+        print(f"[{time.perf_counter() - started:6.1f} s] {msg}", flush=True)
+
+    root = Path(args.root)
+    model_dir = rc.write_checkpoint(args.spec, root / args.spec.name, args.device)
+    adapters = write_adapters(
+        args.spec, root / f"lora-{args.spec.name}", 32, args.rank, args.device
+    )
+    say(f"checkpoint and 32 adapters ready: {model_dir}")
+    results = run_decode(model_dir, adapters, args, say)
+    md = table(results, args)
+    (out_dir / "lora_bench.json").write_text(json.dumps(results, indent=1, default=str))
+    (out_dir / "lora_bench.md").write_text(md + "\n")
+    print(md, flush=True)
+
+
+if __name__ == "__main__":
+    main()
