@@ -9,6 +9,7 @@ import random
 import msgpack
 import pytest
 
+from pdserve import codec
 from pdserve import protocol as p
 from pdserve.protocol import Finish
 
@@ -276,9 +277,9 @@ def test_floats_accept_ints_and_optional_fields_accept_none() -> None:
 
 def test_an_annotation_the_codec_cannot_carry_is_refused_at_compile_time() -> None:
     with pytest.raises(TypeError, match="cannot travel"):
-        p._checker(tuple[int, ...], "X.f")
+        codec._checker(tuple[int, ...], "X.f")
     with pytest.raises(TypeError, match="dict keys"):
-        p._checker(dict[tuple, int], "X.f")
+        codec._checker(dict[tuple, int], "X.f")
 
 
 def test_mutated_frames_decode_to_a_message_or_raise_value_error_only() -> None:
@@ -300,5 +301,5 @@ def test_mutated_frames_decode_to_a_message_or_raise_value_error_only() -> None:
 
 @pytest.mark.parametrize("cls", p.message_types(), ids=lambda c: c.__name__)
 def test_every_registered_message_has_annotations_the_codec_can_check(cls: type) -> None:
-    spec = p._record_spec(cls)  # TypeError for a field type that cannot travel
+    spec = codec._record_spec(cls)  # TypeError for a field type that cannot travel
     assert spec.names == tuple(f.name for f in dataclasses.fields(cls))

@@ -67,10 +67,9 @@ class ProcessEngine:
         lora_path: str | list[str | None] | None = None,
     ) -> Any:
         body = self._request_body(
-            prompt, input_ids, sampling_params, return_logprob, top_logprobs_num
-        )
-        body["return_hidden_states"] = return_hidden_states
-        body["lora_path"] = lora_path
+            prompt, input_ids, sampling_params, return_logprob, top_logprobs_num,
+            return_hidden_states=return_hidden_states, lora_path=lora_path,
+        )  # fmt: skip
         if stream:
             return self._stream({**body, "stream": True})
         items = prompt if prompt is not None else input_ids
@@ -123,10 +122,9 @@ class ProcessEngine:
     ) -> Any:
         """A result dict (or list); with stream=True an async iterator of chunks."""
         body = self._request_body(
-            prompt, input_ids, sampling_params, return_logprob, top_logprobs_num
-        )
-        body["return_hidden_states"] = return_hidden_states
-        body["lora_path"] = lora_path
+            prompt, input_ids, sampling_params, return_logprob, top_logprobs_num,
+            return_hidden_states=return_hidden_states, lora_path=lora_path,
+        )  # fmt: skip
         if stream:
             return self._astream({**body, "stream": True})
         async with self._http(httpx.AsyncClient) as client:
@@ -193,11 +191,16 @@ class ProcessEngine:
         sampling_params: Any,
         return_logprob: bool,
         top_logprobs_num: int,
+        return_hidden_states: bool = False,
+        lora_path: str | list[str | None] | None = None,
     ) -> dict[str, Any]:
+        """The /generate body for one generate() call (both the sync and the async one)."""
         self.options.check_inputs(prompt, sampling_params)
         body = _body(prompt, input_ids, sampling_params, return_logprob, top_logprobs_num, False)
         if self.options.skip_tokenizer_init:  # logprob entries carry no text either
             body["return_text_in_logprobs"] = False
+        body["return_hidden_states"] = return_hidden_states
+        body["lora_path"] = lora_path
         return body
 
     def _shaped(self, result: Any) -> Any:

@@ -13,6 +13,7 @@ from pdserve.router.batch_line import ENDPOINTS
 from pdserve.router.batch_service import BatchService
 from pdserve.router.batch_store import COMPLETION_WINDOW_S, BatchRecord
 from pdserve.router.errors import APIError, bad_request
+from pdserve.router.serving_files import list_page
 
 NOT_SERVED = {"/v1/embeddings": "this model does not serve embeddings"}
 
@@ -99,12 +100,7 @@ def add_batch_routes(app: FastAPI, service: BatchService) -> None:
             records, has_more = service.batches.list(after, limit)
         except ValueError as e:
             raise bad_request(str(e), "after") from None
-        data = [r.to_api() for r in records]
-        return JSONResponse(
-            {"object": "list", "data": data, "has_more": has_more,
-             "first_id": data[0]["id"] if data else None,
-             "last_id": data[-1]["id"] if data else None}
-        )  # fmt: skip
+        return list_page([r.to_api() for r in records], has_more)
 
     @app.post("/v1/batches/{batch_id}/cancel")
     async def cancel(batch_id: str) -> Response:

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -66,12 +66,7 @@ def add_file_routes(app: FastAPI, service: BatchService) -> None:
             records, has_more = service.files.list(purpose, after, limit, order)
         except ValueError as e:
             raise bad_request(str(e), "after") from None
-        data = [r.to_api() for r in records]
-        return JSONResponse(
-            {"object": "list", "data": data, "has_more": has_more,
-             "first_id": data[0]["id"] if data else None,
-             "last_id": data[-1]["id"] if data else None}
-        )  # fmt: skip
+        return list_page([r.to_api() for r in records], has_more)
 
     @app.get("/v1/files/{file_id}")
     async def retrieve_file(file_id: str) -> Response:
@@ -90,3 +85,11 @@ def add_file_routes(app: FastAPI, service: BatchService) -> None:
             raise bad_request(f"file {file_id} is the input of {batch_id}, which is running")
         service.files.delete(file_id)
         return JSONResponse({"id": file_id, "object": "file", "deleted": True})
+
+
+def list_page(data: list[dict[str, Any]], has_more: bool) -> JSONResponse:
+    """One page of a list endpoint in OpenAI's shape (files, batches)."""
+    first_id = data[0]["id"] if data else None
+    last_id = data[-1]["id"] if data else None
+    page = {"object": "list", "data": data, "has_more": has_more}
+    return JSONResponse({**page, "first_id": first_id, "last_id": last_id})
