@@ -78,11 +78,13 @@ def write_adapters(
     return out
 
 
-def make_engine(model_dir: Path, adapters: dict[str, Path] | None, graphs: bool, args: Any) -> Any:
+def make_engine(
+    model_dir: Path, adapters: dict[str, Path] | None, graphs: bool, args: Any, dtype: str = ""
+) -> Any:
     from pdserve.entrypoints.engine import Engine
 
     options: dict[str, Any] = dict(
-        in_process=True, device=args.device, dtype=args.dtype,
+        in_process=True, device=args.device, dtype=dtype or args.dtype,
         cuda_graph=graphs and args.device == "cuda",
         num_pages=args.num_pages, max_running_requests=args.batch,
         cuda_graph_max_batch=args.batch,
@@ -147,11 +149,13 @@ def check_model(engine: Any, names: list[str]) -> dict[str, Any]:
             worst["lora_vs_base"], _rel(base[lora_rows], reference[lora_rows])
         )
     # Adapters must move the logits by far more than the kernels' rounding does.
+    tol = 1e-3 if runner.dtype == torch.float32 else 3e-2
     worst["ok"] = (
-        worst["graph_vs_kernels"] <= 3e-2
-        and worst["kernels_vs_reference"] <= 3e-2
+        worst["graph_vs_kernels"] <= tol
+        and worst["kernels_vs_reference"] <= tol
         and worst["lora_vs_base"] > 5 * worst["kernels_vs_reference"]
     )
+    worst["dtype"] = str(runner.dtype)
     return worst
 
 
@@ -184,6 +188,33 @@ def kernel_cost(engine: Any, num_rows: int, num_adapters: int) -> list[dict[str,
         )
         rows.append({"proj": name, "matmul_us": base_us, "lora_us": lora_us * 1e3})
     return rows
+
+
+@torch.inference_mode()
+def graph_gpu_time(engine: Any, num_adapters: int, batch: int) -> dict[str, float]:
+    """GPU time (CUDA events, median of 50) of one decode graph replay at `batch` rows, without
+    and with `num_adapters` adapters: the kernels' cost without the host's."""
+    runner = engine.core.runner
+    names = runner.lora.names[:num_adapters]
+    fb = runner._forward_batch(
+        _decode_batch(runner, [names[i % num_adapters] for i in range(batch)], 7)
+    )
+    graphs = runner.graph_runner
+    out = {}
+    for label, lora in (("base_graph_us", None), ("lora_graph_us", fb.lora)):
+        fb.lora = lora
+        graphs.replay(fb)
+        key = (batch, lora is not None)
+        samples = []
+        for _ in range(50):
+            t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0.record()
+            graphs.graphs[key].replay()
+            t1.record()
+            t1.synchronize()
+            samples.append(t0.elapsed_time(t1) * 1e3)
+        out[label] = statistics.median(samples)
+    return out
 
 
 # ---------------------------------------------------------------------------- 3. decode
@@ -232,6 +263,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--num-pages", type=int, default=8192)
     args = p.parse_args()
     args.device, args.dtype = "cuda", "bfloat16"
@@ -243,32 +275,53 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def run_checks(model_dir: Path, adapters: dict[str, Path], args: Any, say: Any) -> list[dict]:
+    """The model-level check in float32 (its own engine), the kernels' eager cost."""
+    names = list(adapters)[:8]
+    engine = make_engine(model_dir, adapters, True, args, dtype="float32")
+    check = check_model(engine, names)
+    say(f"model check float32: {check}")
+    del engine
+    free_device_memory()
+    return [{"check": check}]
+
+
 def run_decode(model_dir: Path, adapters: dict[str, Path], args: Any, say: Any) -> list[dict]:
-    """The LoRA engine with graphs (0/1/8/32 adapters), the base engine, LoRA without graphs (8)."""
+    """The LoRA engine (graphs on) and the base engine side by side, measured in alternating
+    rounds (GPU clocks drift over a run); then LoRA without graphs at 8 adapters."""
     names = list(adapters)
-    results = []
-    # The LoRA engine first: a first engine's slowness in a process, if any, counts against LoRA.
-    plan = [(adapters, True, list(ADAPTER_COUNTS)), (None, True, [0]), (adapters, False, [8])]
-    for engine_adapters, graphs, counts in plan:
-        t0 = time.perf_counter()
-        engine = make_engine(model_dir, engine_adapters, graphs, args)
-        kind = "base model" if engine_adapters is None else "LoRA engine"
-        say(f"{kind} (graphs={graphs}) up in {time.perf_counter() - t0:.1f} s")
-        if engine_adapters is not None and graphs and args.device == "cuda":
-            check = check_model(engine, names[:8])
-            say(f"model check: {check}")
-            results.append({"check": check})
-            cost = kernel_cost(engine, args.batch, 8)
-            say(f"kernel cost, {args.batch} rows / 8 adapters, layer 0: {cost}")
-            results.append({"kernel_cost": cost})
-        decode_steps(engine, names[: counts[-1]], args, seed=99)  # warm-up, not reported
-        for k in counts:
-            r = decode_steps(engine, names[:k], args, seed=k)
-            r.update(engine=kind, graphs=graphs, adapters=k)
-            say(f"decode {kind} graphs={graphs} adapters={k}: {r}")
-            results.append(r)
-        del engine
-        free_device_memory()
+    lora = make_engine(model_dir, adapters, True, args)
+    base = make_engine(model_dir, None, True, args)
+    results: list[dict] = []
+    if args.device == "cuda":
+        results.append({"check": check_model(lora, names[:8])})
+        say(f"model check bfloat16: {results[-1]}")
+        results.append({"graph_gpu": graph_gpu_time(lora, 8, args.batch)})
+        say(f"decode graph GPU time, {args.batch} rows, 8 adapters: {results[-1]}")
+        results.append({"kernel_cost": kernel_cost(lora, args.batch, 8)})
+        say(f"eager LoRA apply (host-bound), layer 0: {results[-1]}")
+    plan = [("base model", base, 0)] + [("LoRA engine", lora, k) for k in ADAPTER_COUNTS]
+    for _, engine, k in plan:
+        decode_steps(engine, names[:k], args, seed=1000 + k)  # warm-up
+    rounds: dict[tuple[str, int], list[dict]] = {}
+    for rnd in range(args.rounds):
+        for kind, engine, k in plan:
+            r = decode_steps(engine, names[:k], args, seed=10 * rnd + k)
+            rounds.setdefault((kind, k), []).append(r)
+            say(f"round {rnd} {kind} adapters={k}: {r['step_ms']:.3f} ms")
+    for (kind, k), rs in rounds.items():
+        step_ms = statistics.median(r["step_ms"] for r in rs)
+        results.append({
+            "engine": kind, "graphs": True, "adapters": k, "step_ms": step_ms,
+            "tok_s": args.batch / step_ms * 1e3, "pure_decode": all(r["pure_decode"] for r in rs),
+            "rounds_ms": [round(r["step_ms"], 3) for r in rs],
+        })  # fmt: skip
+    del lora, base
+    free_device_memory()
+    eager = make_engine(model_dir, adapters, False, args)
+    decode_steps(eager, names[:8], args, seed=98)
+    r = decode_steps(eager, names[:8], args, seed=8)
+    results.append({**r, "engine": "LoRA engine", "graphs": False, "adapters": 8})
     return results
 
 
@@ -283,6 +336,7 @@ def table(results: list[dict], args: Any) -> str:
     for r in rows:
         ratio = base["step_ms"] / r["step_ms"]
         flag = "" if r["pure_decode"] else " (not pure decode)"
+        flag += f" rounds {r['rounds_ms']}" if "rounds_ms" in r else ""
         lines.append(
             f"| {r['engine']} | {'on' if r['graphs'] else 'off'} | {r['adapters']} "
             f"| {r['step_ms']:.2f} | {r['tok_s']:,.0f} | {ratio:.0%}{flag} |"
@@ -306,7 +360,8 @@ def main() -> None:
         args.spec, root / f"lora-{args.spec.name}", 32, args.rank, args.device
     )
     say(f"checkpoint and 32 adapters ready: {model_dir}")
-    results = run_decode(model_dir, adapters, args, say)
+    results = run_checks(model_dir, adapters, args, say) if args.device == "cuda" else []
+    results += run_decode(model_dir, adapters, args, say)
     md = table(results, args)
     (out_dir / "lora_bench.json").write_text(json.dumps(results, indent=1, default=str))
     (out_dir / "lora_bench.md").write_text(md + "\n")

@@ -49,6 +49,21 @@ def _add_workload(p: argparse.ArgumentParser, cls: type) -> None:
     p.add_argument("--output-json", default=None, help="write every number and the config here")
 
 
+def _add_endpoint(p: argparse.ArgumentParser, cls: type) -> None:
+    p.add_argument(
+        "--endpoint",
+        type=endpoint_path,
+        default=_default(cls, "endpoint"),
+        help="a path, or completions | chat | embeddings (/v1/embeddings: the embeddings mode)",
+    )
+    p.add_argument(
+        "--encoding-format",
+        default=_default(cls, "encoding_format"),
+        choices=["float", "base64"],
+        help="embeddings mode: vectors as JSON floats or base64 float32",
+    )
+
+
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     from pdserve.bench.serve import ServeConfig, handle
 
@@ -61,18 +76,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "and latency percentiles (--output-len is then unused).",
     )
     p.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server's root URL")
-    p.add_argument(
-        "--endpoint",
-        type=endpoint_path,
-        default=_default(ServeConfig, "endpoint"),
-        help="a path, or completions | chat | embeddings (/v1/embeddings: the embeddings mode)",
-    )
-    p.add_argument(
-        "--encoding-format",
-        default=_default(ServeConfig, "encoding_format"),
-        choices=["float", "base64"],
-        help="embeddings mode: vectors as JSON floats or base64 float32",
-    )
+    _add_endpoint(p, ServeConfig)
     p.add_argument("--model", default=None, help="model name to send (default: /v1/models)")
     p.add_argument(
         "--tokenizer",

@@ -8,7 +8,6 @@ frozen Topology. `workers()` and `engine_config()` hand each process its part.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -16,8 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from pdserve import env
-from pdserve.config.engine_config import SCHEDULER_KEYS, EngineConfig, SchedulerConfig
-from pdserve.config.lora_config import LORA_KEYS, LoraConfig
+from pdserve.config.engine_config import EngineConfig, SchedulerConfig
+from pdserve.config.gpu_assignment import assign_gpus
+from pdserve.config.lora_config import LoraConfig
+from pdserve.config.topology_parsing import FOR_MODEL_MODES as FOR_MODEL_MODES
+from pdserve.config.topology_parsing import (
+    for_model_fields,
+    read_num_heads,
+    topology_fields,
+)
 from pdserve.config.topology_sections import (
     FaultInjectionConfig,
     KVTransferConfig,
@@ -36,7 +42,6 @@ from pdserve.config.topology_sections import (
 )
 
 _ROLES: tuple[Role, ...] = ("prefill", "decode", "mixed")
-FOR_MODEL_MODES = ("pd", "mixed")
 _ENGINE_DEFAULTS = {
     f.name: f.default for f in dataclasses.fields(EngineConfig) if f.name != "scheduler"
 }
@@ -89,7 +94,7 @@ class Topology:
         self._check_roles()
         self._check_nodes()
         self._check_gpus()
-        self._check_tp(*_read_num_heads(self.model))
+        self._check_tp(*read_num_heads(self.model))
         self._check_kv_backend()
 
     # ------------------------------------------------------------------ building
@@ -112,22 +117,7 @@ class Topology:
 
     @classmethod
     def from_dict(cls, data: Any) -> Topology:
-        d = dict(_mapping(data, "topology"))
-        top_keys = [f.name for f in dataclasses.fields(cls)]
-        _refuse_unknown(d, top_keys, "topology")
-        if "model" not in d:
-            raise ValueError("model: missing: expected a Hugging Face model directory")
-        for key, section in _SECTIONS.items():
-            if key in d:
-                d[key] = _build(section, d[key], key)
-        if "lora" in d:
-            d["lora"] = _build_lora(d["lora"])
-        for key in ("prefill", "decode", "mixed"):
-            if key in d:
-                d[key] = tuple(_build(WorkerConfig, w, f"{key}[{i}]") for i, w in _items(d, key))
-        if "nodes" in d:
-            d["nodes"] = tuple(_build(NodeConfig, n, f"nodes[{i}]") for i, n in _items(d, "nodes"))
-        return cls(**d)
+        return cls(**topology_fields(data, [f.name for f in dataclasses.fields(cls)]))
 
     @classmethod
     def for_model(cls, model_path: str | Path, mode: str = "pd", **overrides: Any) -> Topology:
@@ -139,27 +129,8 @@ class Topology:
         kv_transfer_backend, kv_transfer_timeout_s and the scheduler's keys. None means "not
         given" (the default), as from an unset CLI flag.
         """
-        check_value(mode in FOR_MODEL_MODES, "mode", mode, f"one of {list(FOR_MODEL_MODES)}")
-        d: dict[str, Any] = {"model": str(model_path)}
-        if mode == "mixed":
-            d["mixed"] = [{}]
-        top_keys = {f.name for f in dataclasses.fields(cls)} - {"model"}
-        allowed = sorted(top_keys | set(_FLAT_OVERRIDES))
-        given = {k: v for k, v in overrides.items() if v is not None}
-        unknown = sorted(set(given) - set(allowed))
-        if unknown:
-            raise ValueError(f"unknown option(s) {unknown}: expected some of {allowed}")
-        if isinstance(given.get("kv_transfer"), str):  # kv_transfer="tcp": the backend
-            given["kv_transfer"] = {"backend": given["kv_transfer"]}
-        for key, value in given.items():
-            if key in top_keys:
-                merge = key in _SECTIONS and isinstance(value, dict)
-                d[key] = {**d.get(key, {}), **value} if merge else value
-        for key, value in given.items():
-            if key in _FLAT_OVERRIDES:
-                section, sub = _FLAT_OVERRIDES[key]
-                d[section] = {**d.get(section, {}), sub: value}
-        return cls.from_dict(d)
+        field_names = [f.name for f in dataclasses.fields(cls)]
+        return cls.from_dict(for_model_fields(model_path, mode, field_names, overrides))
 
     def with_router_address(self, host: str | None = None, port: int | None = None) -> Topology:
         """This topology with its router on `host` and `port` instead of the file's (None keeps
@@ -241,7 +212,7 @@ class Topology:
                             f"{path}.gpus: GPU {gpu} is not visible: this machine has "
                             f"{num_gpus} GPU(s)"
                         )
-        assigned = _assign_gpus(list(self._entries()), num_gpus)
+        assigned = assign_gpus(list(self._entries()), num_gpus)
         return {
             role: tuple(
                 dataclasses.replace(w, gpus=assigned.get(f"{role}[{i}]", w.gpus))
@@ -485,131 +456,6 @@ class Topology:
 
 
 # ---------------------------------------------------------------------------------- helpers
-
-_SECTIONS: dict[str, type] = {
-    "router": RouterConfig,
-    "tokenizer": TokenizerConfig,
-    "kv_transfer": KVTransferConfig,
-    "scheduler": SchedulerConfig,
-    "security": SecurityConfig,
-    "fault_injection": FaultInjectionConfig,
-    "supervision": SupervisionConfig,
-}
-
-# Flat for_model() options (CLI flags, Engine keyword arguments) -> (section, key).
-_FLAT_OVERRIDES: dict[str, tuple[str, str]] = (
-    {
-        "host": ("router", "host"),
-        "port": ("router", "port"),
-        "api_key": ("router", "api_key"),
-        "routing_policy": ("router", "routing_policy"),
-        "tokenizer_replicas": ("tokenizer", "replicas"),
-        "kv_transfer_backend": ("kv_transfer", "backend"),
-        "kv_transfer_timeout_s": ("kv_transfer", "timeout_s"),
-    }
-    | {key: ("scheduler", key) for key in SCHEDULER_KEYS}
-    | {key: ("lora", key) for key in LORA_KEYS}
-)
-
-
-def _mapping(data: Any, path: str) -> dict[str, Any]:
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of keys to values, got {data!r}")
-    return data
-
-
-def _items(d: dict[str, Any], key: str) -> list[tuple[int, Any]]:
-    value = d[key]
-    if value is None:
-        return []
-    if not isinstance(value, (list, tuple)):
-        raise ValueError(f"{key}: expected a list, got {value!r}")
-    return list(enumerate(value))
-
-
-def _refuse_unknown(d: dict[str, Any], allowed: Any, path: str) -> None:
-    unknown = sorted(set(d) - set(allowed), key=str)
-    if unknown:
-        raise ValueError(f"{path}: unknown key(s) {unknown}: expected some of {sorted(allowed)}")
-
-
-def _build(cls: type, data: Any, path: str) -> Any:
-    """`cls(**data)` with unknown keys refused and errors prefixed by the key path."""
-    d = _mapping(data, path)
-    allowed = (
-        SCHEDULER_KEYS if cls is SchedulerConfig else [f.name for f in dataclasses.fields(cls)]
-    )
-    _refuse_unknown(d, allowed, path)
-    required = [
-        f.name
-        for f in dataclasses.fields(cls)
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]
-    for key in required:
-        if key not in d:
-            raise ValueError(f"{path}.{key}: missing")
-    try:
-        return cls(**d)
-    except ValueError as e:
-        raise ValueError(f"{path}.{e}") from None
-
-
-def _build_lora(data: Any) -> LoraConfig:
-    """The `lora:` section (LoRA's option names), errors prefixed by the key path."""
-    d = _mapping(data, "lora")
-    _refuse_unknown(d, LORA_KEYS, "lora")
-    try:
-        return LoraConfig.from_options(d)
-    except ValueError as e:
-        raise ValueError(f"lora: {e}") from None
-
-
-def _assign_gpus(entries: list[tuple[str, Role, WorkerConfig]], num_gpus: int) -> dict:
-    """GPUs for the workers whose gpus are not given, by key path: the lowest GPUs of the node no
-    worker holds; then a decode worker may share a GPU that only a prefill worker holds."""
-    held: dict[tuple[str | None, int], set[str]] = {}
-    for _, role, w in entries:
-        for gpu in w.gpus or ():
-            held.setdefault((w.node, gpu), set()).add(role)
-    assigned: dict[str, tuple[int, ...]] = {}
-    for path, role, w in entries:
-        if w.gpus is not None:
-            continue
-        free = [g for g in range(num_gpus) if not held.get((w.node, g))]
-        if role == "decode":
-            free += [g for g in range(num_gpus) if held.get((w.node, g)) == {"prefill"}]
-        if len(free) < w.tp:
-            raise ValueError(
-                f"{path}.gpus: no free GPU left to assign ({num_gpus} visible per node): "
-                "list gpus explicitly"
-            )
-        assigned[path] = tuple(free[: w.tp])
-        for gpu in assigned[path]:
-            held.setdefault((w.node, gpu), set()).add(role)
-    return assigned
-
-
-def _read_num_heads(model: str) -> tuple[int, int]:
-    """(num_attention_heads, num_key_value_heads) from the model's config.json."""
-    config_file = Path(model) / "config.json"
-    if not config_file.is_file():
-        raise ValueError(
-            f"model={model!r} is invalid: expected a Hugging Face model directory with a "
-            "config.json"
-        )
-    try:
-        hf = json.loads(config_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"model: cannot read {config_file}: {e}") from None
-    num_heads = hf.get("num_attention_heads") if isinstance(hf, dict) else None
-    if not is_int(num_heads) or num_heads < 1:
-        raise ValueError(f"model: {config_file} has no valid num_attention_heads")
-    num_kv_heads = hf.get("num_key_value_heads") or num_heads
-    if not is_int(num_kv_heads) or num_kv_heads < 1:
-        raise ValueError(f"model: {config_file} has an invalid num_key_value_heads")
-    return num_heads, num_kv_heads
 
 
 def _visible_gpu_count() -> int:

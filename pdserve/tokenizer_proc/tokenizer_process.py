@@ -5,7 +5,8 @@ first token) and from decode/mixed workers (the rest), Shutdown from the launche
 DetokenizeReq from the router (/tokenize, /detokenize), answered at once with a TokenizeOut.
 Messages out: TokenizedReq to `worker_inboxes[req.decode_idx]`, ReqOutput to the router, Ready
 to the launcher. Tokens of one request can arrive out of order (prefill's first token races the
-decode worker's later ones, and a finish can come first): they are released in index order.
+decode worker's later ones, and a finish can come first): they are released in index order
+(`ordered_output.py`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import json
 import logging
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -28,7 +28,6 @@ from pdserve.ipc import AsyncInbox, AsyncOutbox
 from pdserve.protocol import (
     Abort,
     DetokenizeReq,
-    Finish,
     GenerateReq,
     Message,
     Ready,
@@ -40,11 +39,8 @@ from pdserve.protocol import (
     TokenOut,
 )
 from pdserve.tokenizer_proc.chat_template import render_chat
-from pdserve.tokenizer_proc.incremental_detokenizer import (
-    IncrementalDetokenizer,
-    token_texts,
-    top_token_texts,
-)
+from pdserve.tokenizer_proc.incremental_detokenizer import IncrementalDetokenizer
+from pdserve.tokenizer_proc.ordered_output import ReqState, accept, error_output, piece_of
 
 logger = logging.getLogger(__name__)
 
@@ -91,44 +87,6 @@ def prompt_too_long(num_tokens: int, limit: int, is_lower_bound: bool = False) -
     )
 
 
-@dataclass
-class _Piece:
-    """One request's share of a TokenOut."""
-
-    ids: list[int]
-    finish: Finish | None
-    logprobs: list[float] | None
-    top_logprobs: list[list[list[float]]] | None
-    prompt_tokens: int
-    cached_tokens: int
-    extra: _Extra | None = None  # hidden states, prompt logprobs, an embedding
-
-
-@dataclass
-class _Extra:
-    """A piece's outputs beside its tokens (TokenOut's optional per-request columns)."""
-
-    hidden_states: list[list[float]]
-    input_token_logprobs: list[list[float | None]]  # [[token_id, logprob|None], ...]
-    input_top_logprobs: list[list[list[float]]]
-    embedding: list[float] | None
-
-
-@dataclass
-class _ReqState:
-    """What the tokenizer remembers about a request between its TokenizedReq and its finish."""
-
-    rid: str
-    prompt_len: int
-    return_logprob: bool
-    top_logprobs_num: int
-    detok: IncrementalDetokenizer | None  # None: text not asked for (token in, token out)
-    prompt_text: str | None  # echo: sent once, with the first output
-    next_idx: int = 0  # output index of the next token to release
-    num_cached: int = 0
-    pending: dict[int, list[_Piece]] = field(default_factory=dict)  # by first_idx
-
-
 class TokenizerCore:
     """The process's logic without sockets: each handler returns the messages to send."""
 
@@ -139,7 +97,7 @@ class TokenizerCore:
         self.num_workers = num_workers
         self.vocab_size = len(tokenizer)
         self.bos_token_id = getattr(tokenizer, "bos_token_id", None)
-        self.states: dict[str, _ReqState] = {}
+        self.states: dict[str, ReqState] = {}
         self.tokenizing: set[str] = set()  # rids being tokenized off the loop
 
     # ------------------------------------------------------------------ requests in
@@ -170,7 +128,7 @@ class TokenizerCore:
         detok = None
         if req.return_text:
             detok = IncrementalDetokenizer.for_request(self.tokenizer, input_ids, sampling)
-        self.states[req.rid] = _ReqState(
+        self.states[req.rid] = ReqState(
             rid=req.rid,
             prompt_len=len(input_ids),
             return_logprob=req.return_logprob,
@@ -366,8 +324,9 @@ class TokenizerCore:
             if state is None:
                 continue  # aborted or finished already: late tokens are expected
             try:
-                piece = _piece_of(msg, i)
-                out = self._accept(state, msg.first_idx[i], piece)
+                out = accept(self.tokenizer, state, msg.first_idx[i], piece_of(msg, i))
+                if out is not None and out.finish is not None:
+                    self.states.pop(rid, None)
             except Exception as e:
                 logger.exception("rid=%s: detokenizing failed", rid)
                 self.states.pop(rid, None)
@@ -375,151 +334,6 @@ class TokenizerCore:
             if out is not None:
                 outputs.append(out)
         return outputs
-
-    def _accept(self, state: _ReqState, first_idx: int, piece: _Piece) -> ReqOutput | None:
-        if first_idx < state.next_idx:  # a resend overlapping what was released: keep the rest
-            logger.warning(
-                "rid=%s: tokens from %d resent (next %d)", state.rid, first_idx, state.next_idx
-            )
-            piece = _drop_first(piece, state.next_idx - first_idx)
-            if not piece.ids and piece.finish is None:
-                return None
-            first_idx = state.next_idx
-        state.pending.setdefault(first_idx, []).append(piece)
-        released = self._pop_in_order(state)
-        # An abort ends the request now, even with tokens still missing (they may never come).
-        is_abort = piece.finish is not None and piece.finish.is_abort
-        if is_abort and not any(p.finish for p in released):
-            released.append(_Piece([], piece.finish, None, None, 0, 0))
-        if not released:
-            return None
-        return self._make_output(state, released)
-
-    def _pop_in_order(self, state: _ReqState) -> list[_Piece]:
-        released: list[_Piece] = []
-        while state.next_idx in state.pending:
-            # Tokens before a bare finish at the same index.
-            pieces = sorted(state.pending.pop(state.next_idx), key=lambda p: not p.ids)
-            for piece in pieces:
-                released.append(piece)
-                state.next_idx += len(piece.ids)
-                if piece.finish is not None:
-                    return released
-        return released
-
-    def _make_output(self, state: _ReqState, pieces: list[_Piece]) -> ReqOutput | None:
-        ids: list[int] = []
-        logprobs: list[float] = []
-        top: list[list[list[float]]] = []
-        finish = None
-        text = ""
-        prompt_tokens = state.prompt_len
-        for piece in pieces:
-            ids += piece.ids
-            logprobs += piece.logprobs or []
-            top += piece.top_logprobs or []
-            prompt_tokens = piece.prompt_tokens or prompt_tokens
-            state.num_cached = max(state.num_cached, piece.cached_tokens)
-            finish = piece.finish
-            if state.detok is not None:
-                text += state.detok.add_output(piece.ids, piece.finish)
-        if finish is not None:
-            self.states.pop(state.rid, None)
-        elif not ids and state.prompt_text is None:
-            return None  # an empty piece: nothing to tell the router
-        want_logprobs = state.return_logprob
-        want_top = want_logprobs and state.top_logprobs_num > 0
-        want_texts = want_logprobs and state.detok is not None  # token in, token out: no texts
-        top_texts = top_token_texts(self.tokenizer, top) if want_top and want_texts else None
-        prompt_text, state.prompt_text = state.prompt_text, None
-        extras = _extra_fields(self.tokenizer, [p.extra for p in pieces if p.extra is not None])
-        return ReqOutput(
-            **extras,
-            rid=state.rid,
-            text_delta=text,
-            output_ids=ids,
-            finish=finish,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=state.next_idx,
-            cached_tokens=state.num_cached,
-            logprobs=logprobs if want_logprobs else None,
-            top_logprobs=top if want_top else None,
-            token_texts=token_texts(self.tokenizer, ids) if want_texts else None,
-            prompt_text=prompt_text,
-            top_token_texts=top_texts,
-        )
-
-
-def _piece_of(msg: TokenOut, i: int) -> _Piece:
-    return _Piece(
-        ids=list(msg.token_ids[i]),
-        finish=msg.finish[i],
-        logprobs=msg.logprobs[i] if msg.logprobs else None,
-        top_logprobs=msg.top_logprobs[i] if msg.top_logprobs else None,
-        prompt_tokens=msg.prompt_tokens[i] if msg.prompt_tokens else 0,
-        cached_tokens=msg.cached_tokens[i] if msg.cached_tokens else 0,
-        extra=_extra_of(msg, i),
-    )
-
-
-def _extra_of(msg: TokenOut, i: int) -> _Extra | None:
-    columns = (msg.hidden_states, msg.input_token_logprobs, msg.input_top_logprobs, msg.embeddings)
-    if all(c is None for c in columns):
-        return None
-    return _Extra(
-        hidden_states=msg.hidden_states[i] if msg.hidden_states else [],
-        input_token_logprobs=msg.input_token_logprobs[i] if msg.input_token_logprobs else [],
-        input_top_logprobs=msg.input_top_logprobs[i] if msg.input_top_logprobs else [],
-        embedding=msg.embeddings[i] if msg.embeddings and msg.embeddings[i] else None,
-    )
-
-
-def _extra_fields(tokenizer: Any, extras: list[_Extra]) -> dict[str, Any]:
-    """ReqOutput's extra fields from the released pieces' extras; texts decoded here."""
-    out: dict[str, Any] = {}
-    hidden = [row for e in extras for row in e.hidden_states]
-    if hidden:
-        out["hidden_states"] = hidden
-    prompt = [entry for e in extras for entry in e.input_token_logprobs]
-    if prompt:
-        ids = [int(entry[0] or 0) for entry in prompt]
-        texts = token_texts(tokenizer, ids)
-        out["input_token_logprobs"] = [
-            [entry[1], tid, text] for entry, tid, text in zip(prompt, ids, texts)
-        ]
-        tops = [top for e in extras for top in e.input_top_logprobs]
-        if any(tops):
-            top_texts = top_token_texts(tokenizer, tops)
-            out["input_top_logprobs"] = [
-                [[lp, int(t), text] for (t, lp), text in zip(row, row_texts)] if row else None
-                for row, row_texts in zip(tops, top_texts)
-            ]
-    embeddings = [e.embedding for e in extras if e.embedding is not None]
-    if embeddings:
-        out["embedding"] = embeddings[-1]
-    return out
-
-
-def _drop_first(piece: _Piece, n: int) -> _Piece:
-    return _Piece(
-        ids=piece.ids[n:],
-        finish=piece.finish,
-        logprobs=piece.logprobs[n:] if piece.logprobs else piece.logprobs,
-        top_logprobs=piece.top_logprobs[n:] if piece.top_logprobs else piece.top_logprobs,
-        prompt_tokens=piece.prompt_tokens,
-        cached_tokens=piece.cached_tokens,
-    )
-
-
-def error_output(rid: str, message: str) -> ReqOutput:
-    """The one final output of a request that failed before it generated anything."""
-    return ReqOutput(
-        rid=rid,
-        text_delta="",
-        output_ids=[],
-        finish=Finish.abort(message),
-        error=message,
-    )
 
 
 # ---------------------------------------------------------------------- the process

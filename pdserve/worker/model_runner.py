@@ -56,7 +56,8 @@ class ModelRunner:
 
             self.lora = LoraManager(config.lora, model_config, self.dtype, self.device)
         self.graph_runner = None
-        if config.cuda_graph and self.device.type == "cuda":
+        # Graphs capture the decode step; an embedding model never decodes (and has no logits).
+        if config.cuda_graph and self.device.type == "cuda" and not model_config.is_embedding:
             from pdserve.worker.cuda_graph_runner import CudaGraphRunner
 
             self.graph_runner = CudaGraphRunner(self)
