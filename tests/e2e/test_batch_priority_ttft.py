@@ -14,9 +14,6 @@ of 150-300 ms instead of 2.5 ms, loaded TTFT 4x the idle one, whatever the prior
 
 from __future__ import annotations
 
-import json
-import statistics
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,15 +21,13 @@ import httpx
 import openai
 import pytest
 
+from pdserve.bench.batch_ttft import measure_once, ttft_s
 from pdserve.config.topology import Topology
 from pdserve.entrypoints.launch import Cluster, _free_port
 
 pytestmark = pytest.mark.slow
 
-NUM_ONLINE = 20
-NUM_BATCH_LINES = 200
 MAX_RUNNING_LINES = 8  # router.max_running_batch_lines
-BATCH_TOKENS = 48  # per line: the batch outlasts the measurement
 MAX_RATIO = 1.5
 MAX_TRIES = 2
 
@@ -54,74 +49,6 @@ def _start(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Cluste
         page_size=4, router=router,
     )  # fmt: skip
     return Cluster(topology, log_level="warning", start_timeout_s=180).start()
-
-
-def ttft_s(client: httpx.Client) -> float:
-    """Seconds from sending one streaming completion to its first text chunk."""
-    body = {"prompt": "The quick brown fox", "max_tokens": 2, "temperature": 0,
-            "ignore_eos": True, "stream": True}  # fmt: skip
-    start = time.perf_counter()
-    first = None
-    with client.stream("POST", "/v1/completions", json=body) as resp:
-        assert resp.status_code == 200, resp.read()
-        for line in resp.iter_lines():
-            if first is None and line.startswith("data: {") and json.loads(line[6:])["choices"]:
-                first = time.perf_counter() - start
-    assert first is not None, "no chunk came"
-    return first
-
-
-def ttft_p50(client: httpx.Client) -> float:
-    return statistics.median(ttft_s(client) for _ in range(NUM_ONLINE))
-
-
-def start_batch(client: openai.OpenAI) -> str:
-    lines = [
-        {"custom_id": f"line-{i}", "method": "POST", "url": "/v1/completions",
-         "body": {"prompt": f"Count with me: {i}", "max_tokens": BATCH_TOKENS,
-                  "temperature": 0, "ignore_eos": True}}
-        for i in range(NUM_BATCH_LINES)
-    ]  # fmt: skip
-    data = "".join(json.dumps(line) + "\n" for line in lines).encode()
-    f = client.files.create(file=("input.jsonl", data), purpose="batch")
-    batch = client.batches.create(
-        input_file_id=f.id, endpoint="/v1/completions", completion_window="24h"
-    )
-    return batch.id
-
-
-def wait_running(client: openai.OpenAI, batch_id: str, timeout_s: float = 60) -> None:
-    """Wait until the batch's lines are being answered (its first ones are done)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        counts = client.batches.retrieve(batch_id).request_counts
-        if counts and counts.completed > 0:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"batch {batch_id} did not start in {timeout_s} s")
-
-
-def cancel(client: openai.OpenAI, batch_id: str, timeout_s: float = 60) -> None:
-    client.batches.cancel(batch_id)
-    deadline = time.monotonic() + timeout_s
-    while client.batches.retrieve(batch_id).status != "cancelled":
-        assert time.monotonic() < deadline, f"batch {batch_id} not cancelled in {timeout_s} s"
-        time.sleep(0.05)
-
-
-def measure_once(client: httpx.Client, api: openai.OpenAI) -> tuple[float, float]:
-    """(idle p50, p50 with a fresh batch running) in seconds; the batch is cancelled after."""
-    idle = ttft_p50(client)
-    batch_id = start_batch(api)
-    wait_running(api, batch_id)
-    loaded = ttft_p50(client)
-    batch = api.batches.retrieve(batch_id)
-    cancel(api, batch_id)
-    done = batch.request_counts.completed if batch.request_counts else 0
-    print(f"online TTFT p50: idle {idle * 1e3:.1f} ms, with the batch {loaded * 1e3:.1f} ms, "
-          f"ratio {loaded / idle:.2f} (batch lines done by then: {done}/{NUM_BATCH_LINES})")  # fmt: skip
-    assert batch.status == "in_progress", "the batch ended before the measurement did"
-    return idle, loaded
 
 
 def test_online_ttft_with_a_batch_running_stays_within_1_5x_of_idle(cluster: Cluster) -> None:
