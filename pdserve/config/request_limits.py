@@ -11,6 +11,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+# Batch API lines running at once, all batches together. Measured on an H200 (Llama-1B shape,
+# 1P1D, docs/BENCHMARKS.md): online TTFT p50 with a batch running was 1.02x idle at 8 lines and
+# 4.8x at 64 (the router and tokenizer stream every running line's tokens).
+DEFAULT_MAX_RUNNING_BATCH_LINES = 8
+
 
 @dataclass(frozen=True)
 class RequestLimits:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pdserve.config.request_limits import RequestLimits
+from pdserve.config.request_limits import DEFAULT_MAX_RUNNING_BATCH_LINES, RequestLimits
 
 WorkerRole = Literal["prefill", "decode", "mixed"]
 _ROLES = ("prefill", "decode", "mixed")
@@ -48,7 +48,7 @@ class RouterSpec:
     limits: RequestLimits = field(default_factory=RequestLimits)
     data_dir: str = ""  # files and batches; "": $XDG_CACHE_HOME/pdserve/data (pdserve.env)
     max_file_bytes: int = 200 * 10**6  # one uploaded file (/v1/files); 413 above
-    max_running_batch_lines: int = 64  # batch lines running at once, all batches together
+    max_running_batch_lines: int = DEFAULT_MAX_RUNNING_BATCH_LINES
     tokenizer_names: tuple[str, ...] = ()  # by idx, as in heartbeats; (): tokenizer0, ..
     progress_timeout_s: float = 0.0  # a request with no new output this long ends; 0: never
 

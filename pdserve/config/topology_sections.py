@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pdserve.config.request_limits import RequestLimits
+from pdserve.config.request_limits import DEFAULT_MAX_RUNNING_BATCH_LINES, RequestLimits
 
 Role = Literal["prefill", "decode", "mixed"]
 ROUTING_POLICIES = ("round_robin", "least_load")
@@ -42,7 +42,7 @@ class RouterConfig:
     limits: RequestLimits = field(default_factory=RequestLimits)  # YAML: a mapping
     data_dir: str | None = None  # files and batches (--data-dir); None: ~/.cache/pdserve/data
     max_file_bytes: int = 200 * 10**6  # largest upload to /v1/files
-    max_running_batch_lines: int = 64  # batch lines running at once (online traffic goes first)
+    max_running_batch_lines: int = DEFAULT_MAX_RUNNING_BATCH_LINES  # online traffic goes first
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "limits", RequestLimits.from_dict(self.limits))

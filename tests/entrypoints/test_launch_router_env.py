@@ -46,7 +46,7 @@ def test_a_bad_aip_http_port_is_named(tiny_llama: Path, monkeypatch: pytest.Monk
 def test_router_batch_settings_are_checked() -> None:
     from pdserve.config.topology_sections import RouterConfig
 
-    assert RouterConfig().max_running_batch_lines == 64
+    assert RouterConfig().max_running_batch_lines == 8  # the measured default (request_limits.py)
     with pytest.raises(ValueError, match="max_running_batch_lines=0"):
         RouterConfig(max_running_batch_lines=0)
     with pytest.raises(ValueError, match="max_file_bytes"):
