@@ -158,6 +158,8 @@ class LoadReport:
     kv_transfer_seconds: float = 0.0  # cumulative
     num_kv_transfers: int = 0  # cumulative
     num_preemptions: int = 0  # cumulative
+    num_loaded_adapters: int = 0  # LoRA adapters loaded on the worker
+    num_adapter_slots_used: int = 0  # distinct adapters held by requests (<= max_loras_per_batch)
 
 
 @dataclass

@@ -80,6 +80,8 @@ SAMPLES = [
         kv_transfer_seconds=0.25,
         num_kv_transfers=3,
         num_preemptions=4,
+        num_loaded_adapters=2,
+        num_adapter_slots_used=1,
     ),
     p.WorkerDied(name="decode0", exit_code=-9),
     p.Heartbeat(name="tokenizer1", pid=4242),

@@ -3,7 +3,9 @@
 
 An adapter is usable only once every worker acknowledged loading it (`LoraUpdate` broadcast,
 one `LoraUpdateDone` per worker). A failed load is undone on the workers that succeeded. Unloading
-first stops new requests naming it, then asks again until no worker has requests using it.
+first stops new requests naming it, waits for the router's requests in flight under it to end (a
+request on its way through a tokenizer is on no worker yet: unloading there first would fail it),
+then asks again until no worker has requests using it.
 """
 
 from __future__ import annotations
@@ -33,9 +35,15 @@ _UNLOAD_RETRY_S = 0.2
 class LoraRegistry:
     """Adapter names usable on every worker, and the pending broadcasts' answers."""
 
-    def __init__(self, spec: RouterSpec, send_all: Callable[[Any], list[str]]) -> None:
+    def __init__(
+        self,
+        spec: RouterSpec,
+        send_all: Callable[[Any], list[str]],
+        in_flight: Callable[[str], bool],
+    ) -> None:
         self.spec = spec
         self._send_all = send_all  # sends a message to every worker; returns their names
+        self._in_flight = in_flight  # whether a request the router tracks runs under an adapter
         lora = LoraConfig.from_options(dict(spec.topology.get("lora") or {}))
         self.adapters: dict[str, str] = {ref.name: ref.path for ref in lora.lora_paths}
         self._waiting: dict[str, tuple[set[str], dict[str, LoraUpdateDone], asyncio.Event]] = {}
@@ -113,6 +121,12 @@ class LoraRegistry:
                 return lora_reply(False, f"LoRA adapter {name!r} is not loaded", self.names)
             path = self.adapters.pop(name)  # no new request may name it from here on
             deadline = asyncio.get_running_loop().time() + _UNLOAD_WAIT_S
+            while self._in_flight(name):
+                if asyncio.get_running_loop().time() > deadline:
+                    self.adapters[name] = path
+                    message = f"LoRA adapter {name!r} is in use by requests in flight"
+                    return lora_reply(False, message, self.names)
+                await asyncio.sleep(_UNLOAD_RETRY_S)
             pending = None
             while True:
                 answers = await self._broadcast(LoraUpdate("", "unload", name), pending)

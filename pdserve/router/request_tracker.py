@@ -52,6 +52,7 @@ class Tracked:
     tokenizer_idx: int
     decode: str  # worker name
     prefill: str | None  # worker name; None on a mixed worker
+    lora_name: str | None = None  # its LoRA adapter (unloading it waits for this request)
     created: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     last_token_at: float | None = None
@@ -101,6 +102,9 @@ class RequestTracker:
             return [rid_or_group]
         group = self.groups.get(rid_or_group)
         return [r for r in group.rids if r in self.by_rid] if group else []
+
+    def uses_lora(self, name: str) -> bool:
+        return any(t.lora_name == name for t in self.by_rid.values())
 
     def lost_with_tokenizer(self, idx: int) -> list[Tracked]:
         return [t for t in self.by_rid.values() if t.tokenizer_idx == idx]

@@ -89,7 +89,8 @@ class Router:
         )
         self.tracker = RequestTracker()
         self.replies = PendingReplies()  # /tokenize, /detokenize: answered by rid
-        self.lora = LoraRegistry(self.spec, self.send_to_workers)  # adapters on every worker
+        # adapters on every worker
+        self.lora = LoraRegistry(self.spec, self.send_to_workers, self.tracker.uses_lora)
         self.metrics = RouterMetrics(
             self.spec.model_name, lambda: list(self.workers), self.workers.processes
         )
@@ -189,7 +190,8 @@ class Router:
         req.prefill_idx = prefill.spec.idx if prefill else 0
         req.max_context_len = self.spec.max_context_len
         prefill_name = prefill.name if prefill else None
-        self.tracker.add(Tracked(req.rid, group, index, tok_idx, decode.name, prefill_name))
+        tracked = Tracked(req.rid, group, index, tok_idx, decode.name, prefill_name, req.lora_name)
+        self.tracker.add(tracked)
         self.workers.note_sent(decode.name)
         if prefill_name:
             self.workers.note_sent(prefill_name)
@@ -487,5 +489,7 @@ def _worker_info(state: WorkerState, now: float) -> dict[str, Any]:
             cache_hit_rate=r.cache_hit_rate,
             step_time_ms=r.step_time_ms,
             num_preemptions=r.num_preemptions,
+            num_loaded_adapters=r.num_loaded_adapters,
+            num_adapter_slots_used=r.num_adapter_slots_used,
         )
     return info

@@ -209,9 +209,14 @@ class Scheduler:
         """Whether req's adapter can join without more distinct adapters than slots."""
         if req.lora_name is None or self.max_loras_per_batch is None:
             return True
+        in_use = self._loras_holding_slots()
+        return req.lora_name in in_use or len(in_use) < self.max_loras_per_batch
+
+    def _loras_holding_slots(self) -> set[str]:
+        """Adapters of running requests and of KV in flight: each holds a batch slot."""
         in_use = {r.lora_name for r in self.running if r.lora_name is not None}
         in_use.update(name for name, n in self._reserved_loras.items() if n > 0)
-        return req.lora_name in in_use or len(in_use) < self.max_loras_per_batch
+        return in_use
 
     def lora_in_use(self, name: str) -> bool:
         """Whether a request of this worker's scheduler runs, waits or has KV in flight under
@@ -418,4 +423,5 @@ class Scheduler:
             "num_cached_pages": self.cache.num_cached_pages,
             "num_evictable_pages": self.cache.num_evictable_pages,
             "num_preemptions": self.num_preemptions,
+            "num_adapter_slots_used": len(self._loras_holding_slots()),
         }

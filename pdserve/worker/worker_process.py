@@ -216,6 +216,8 @@ class WorkerProcess:
                 kv_transfer_seconds=transfers.seconds,
                 num_kv_transfers=transfers.num_transfers,
                 num_preemptions=stats["num_preemptions"],
+                num_loaded_adapters=len(self.core.lora_names),
+                num_adapter_slots_used=stats["num_adapter_slots_used"],
             )
         )
 

@@ -4,27 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
+from e2e_clusters import start_cluster
 
-from pdserve.config.topology import Topology
-from pdserve.entrypoints.launch import Cluster, _free_port
+from pdserve.entrypoints.launch import Cluster
 
 pytestmark = pytest.mark.slow
-
-
-def start_cluster(model: Path, mode: str, **overrides: Any) -> Cluster:
-    topology = Topology.for_model(
-        str(model),
-        mode=mode,
-        device="cpu",
-        port=_free_port(),
-        num_pages=1024,
-        page_size=4,
-        **overrides,
-    )
-    return Cluster(topology, log_level="warning", start_timeout_s=180).start()
 
 
 @pytest.fixture(scope="session")

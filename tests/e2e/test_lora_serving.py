@@ -1,16 +1,21 @@
 """LoRA end to end on a real prefill + decode cluster (CPU, tcp KV transfer) launched with two
 adapters: greedy text per adapter from the openai client and /generate equals the in-process
-engine's (which tests/worker/test_lora_vs_peft.py checks against peft); live load, use, unload."""
+engine's (which tests/worker/test_lora_vs_peft.py checks against peft); live load, use, unload,
+also while other requests stream, leaking no KV page and no adapter slot."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import httpx
 import openai
 import pytest
-from conftest import start_cluster
+from e2e_clusters import start_cluster
 from lora_adapters import ADAPTER_SPECS, make_adapter, make_adapters
 
 from pdserve.entrypoints.engine import Engine
@@ -65,9 +70,12 @@ def reference(tiny_llama: Path, adapters: dict[str, Path]) -> dict[str | None, l
     return out
 
 
+def _client(cluster: Cluster) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="unused", max_retries=0)
+
+
 def _complete(cluster: Cluster, model: str) -> list[str]:
-    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="unused", max_retries=0)
-    out = client.completions.create(
+    out = _client(cluster).completions.create(
         model=model,
         prompt=PROMPTS,
         max_tokens=MAX_NEW,
@@ -123,3 +131,118 @@ def test_live_load_use_unload(
         _complete(lora_cluster, "gamma")
     unknown = httpx.post(f"{url}/unload_lora_adapter", json={"lora_name": "gamma"}, timeout=60)
     assert unknown.status_code == 404
+
+
+# ---------------------------------------------------------------------- live changes under load
+
+STREAM_NEW = 384  # tokens of each background stream: they outlast the load/use/unload below
+GAMMA_NEW = 48  # tokens of the adapter request that the unload has to wait for
+
+
+class StreamResult(NamedTuple):
+    text: str
+    finish_reason: str | None
+
+
+def _stream(
+    cluster: Cluster, model: str, prompt: str, max_tokens: int, started: threading.Event
+) -> StreamResult:
+    """A greedy streamed completion; sets `started` at its first chunk (it holds pages then)."""
+    chunks = _client(cluster).completions.create(
+        model=model,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    text, finish = [], None
+    for chunk in chunks:
+        started.set()
+        for choice in chunk.choices:
+            text.append(choice.text)
+            finish = choice.finish_reason or finish
+    return StreamResult("".join(text), finish)
+
+
+def _start(
+    pool: ThreadPoolExecutor, cluster: Cluster, jobs: list[tuple[str, str]], max_tokens: int
+) -> list[Future[StreamResult]]:
+    """Start a stream per (model, prompt) on `pool` at once; return once every one streams."""
+    started = [threading.Event() for _ in jobs]
+    futures = [
+        pool.submit(_stream, cluster, model, prompt, max_tokens, event)
+        for (model, prompt), event in zip(jobs, started)
+    ]
+    for job, event in zip(jobs, started):
+        if not event.wait(60):
+            raise AssertionError(f"no first chunk from {job}")
+    return futures
+
+
+def _wait_idle(cluster: Cluster, num_adapters: int, within_s: float = 10.0) -> list[dict]:
+    """The workers' load reports once they show nothing running or queued, every page free or
+    only cached, no adapter slot held and `num_adapters` loaded; the last ones on timeout."""
+    deadline = time.monotonic() + within_s
+    while True:
+        workers = httpx.get(f"{cluster.url}/server_info", timeout=5).json()["workers"]
+        is_idle = all(
+            w["num_running_reqs"] == 0
+            and w["num_queue_reqs"] == 0
+            and w["num_free_pages"] == w["num_total_pages"]
+            and w["num_adapter_slots_used"] == 0
+            and w["num_loaded_adapters"] == num_adapters
+            for w in workers
+        )
+        if is_idle or time.monotonic() > deadline:
+            return workers
+        time.sleep(0.1)
+
+
+def test_live_load_use_unload_while_streams_run_leaks_nothing(
+    lora_cluster: Cluster, adapters: dict[str, Path], reference: dict[str | None, list[str]]
+) -> None:
+    url = lora_cluster.url
+    model = lora_cluster.topology.model_name
+    background = [(m, p) for m in (model, "alpha") for p in PROMPTS] * 2  # 8 streams
+    gamma_job = ("gamma", PROMPTS[1])
+    with ThreadPoolExecutor(len(background) + 1) as pool:
+        alone = {  # each distinct request, run on its own first
+            job: _start(pool, lora_cluster, [job], STREAM_NEW)[0].result()
+            for job in dict.fromkeys(background)
+        }
+        assert len({r.text for r in alone.values()}) == 4  # alpha changes the text
+
+        running = _start(pool, lora_cluster, background, STREAM_NEW)
+        assert not any(f.done() for f in running)
+        load = {"lora_name": "gamma", "lora_path": str(adapters["gamma"])}
+        loaded = httpx.post(f"{url}/load_lora_adapter", json=load, timeout=60)
+        assert loaded.status_code == 200, loaded.text
+        assert loaded.json()["loaded_adapters"] == ["alpha", "beta", "gamma"]
+        assert _complete(lora_cluster, "gamma") == reference["gamma"]
+        [gamma_first] = [f.result() for f in _start(pool, lora_cluster, [gamma_job], GAMMA_NEW)]
+
+        # Unloading while a request uses gamma waits for it (were gamma dropped under it, its
+        # next step would fail), then succeeds; the request ends untouched.
+        [gamma] = _start(pool, lora_cluster, [gamma_job], GAMMA_NEW)
+        is_gamma_done_at_unload = gamma.done()
+        num_streaming_at_unload = sum(not f.done() for f in running)
+        gone = httpx.post(f"{url}/unload_lora_adapter", json={"lora_name": "gamma"}, timeout=60)
+        assert gone.status_code == 200, gone.text
+        assert gone.json()["loaded_adapters"] == ["alpha", "beta"]
+        assert not is_gamma_done_at_unload and num_streaming_at_unload > 0
+        assert gamma.result(timeout=60) == gamma_first and gamma_first.finish_reason == "length"
+        with pytest.raises(openai.BadRequestError, match="gamma"):
+            _complete(lora_cluster, "gamma")
+        body = {"text": PROMPTS[0], "sampling_params": GREEDY, "lora_path": "gamma"}
+        refused = httpx.post(f"{url}/generate", json=body, timeout=60)
+        assert refused.status_code == 400 and "gamma" in refused.text
+
+        results = [f.result(timeout=60) for f in running]
+    assert results == [StreamResult(alone[job].text, "length") for job in background]
+
+    workers = _wait_idle(lora_cluster, num_adapters=2)
+    for w in workers:
+        assert w["num_running_reqs"] == 0 and w["num_queue_reqs"] == 0, w
+        assert w["num_free_pages"] == w["num_total_pages"], w
+        assert w["num_adapter_slots_used"] == 0 and w["num_loaded_adapters"] == 2, w
