@@ -51,7 +51,7 @@ def pd_url(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 @pytest.mark.parametrize(
     ("script", "markers"),
     [
-        ("engine/launch_engine.py", ["Generated text: '", "Finish reason: {'type'"]),
+        ("engine/launch_engine.py", ["Generated text: ", "Finish reason: {'type'"]),
         ("engine/offline_batch_inference.py", ["Prompt: The future of AI is\nGenerated text:"]),
         ("token_in_token_out/token_in_token_out_llm_engine.py", ["Generated token ids: ["]),
         ("engine/embedding.py", ["Embedding vector: [", "Dimensions: 64"]),  # a causal LM pooled
@@ -112,27 +112,27 @@ def test_token_in_token_out_server(tiny_llama: Path, pd_url: str) -> None:
 def test_openai_chat_with_response_prefill(tiny_llama: Path, pd_url: str) -> None:
     script = "openai_chat_with_response_prefill.py"
     out = run_example(script, "--base-url", pd_url, "--model", str(tiny_llama), "--device", "cpu")
-    assert "Continuation: '" in out and "Full answer:\n{\n" in out, out
+    assert "Continuation: " in out and "Full answer:\n{\n" in out, out
 
 
 def test_openai_batch_chat(pd_url: str) -> None:
     out = run_example("openai_batch_chat.py", "--base-url", pd_url, "--max-tokens", "8",
                       "--poll-interval", "0.2")  # fmt: skip
     assert "Batch job status: completed" in out, out
-    assert "request-1: '" in out and "request-2: '" in out, out
+    assert "request-1: " in out and "request-2: " in out, out
 
 
 def test_openai_batch_complete(pd_url: str) -> None:
     out = run_example("openai_batch_complete.py", "--base-url", pd_url, "--max-tokens", "8",
                       "--poll-interval", "0.2")  # fmt: skip
     assert "Batch job status: completed" in out, out
-    assert all(f"request-{i}: '" in out for i in (1, 2, 3)), out
+    assert all(f"request-{i}: " in out for i in (1, 2, 3)), out
     assert "Cancelled batch: cancelled, " in out and " of 20 answered" in out, out
 
 
 def test_vertex_predict(pd_url: str) -> None:
     out = run_example("vertex_predict.py", "--base-url", pd_url)
-    assert out.count("Prediction: '") == 2 and "({'type': '" in out, out
+    assert out.count("\nPrediction: ") == 2 and "({'type': '" in out, out  # repr quotes vary
 
 
 def test_hidden_states_server(pd_url: str) -> None:
