@@ -403,7 +403,7 @@ def _dispatch(
     elif isinstance(msg, Abort):
         core.on_abort(msg)
     elif isinstance(msg, (TokenizeReq, DetokenizeReq)):
-        to_router.send(core.on_tokenize(msg))
+        _answer_tokenize(core, msg, to_router, encoder)
     else:
         logger.warning("tokenizer%d: unexpected %s dropped", core.idx, type(msg).__name__)
 
@@ -426,6 +426,21 @@ def _answer(
         to_router.send(error_output(req.rid, f"internal error in tokenizer{core.idx}: {e!r}"))
     else:
         to_workers[worker_idx].send(tokenized)
+
+
+def _answer_tokenize(
+    core: TokenizerCore,
+    msg: TokenizeReq | DetokenizeReq,
+    to_router: AsyncOutbox,
+    encoder: Executor | None,
+) -> None:
+    """/tokenize and /detokenize on the encoder thread, as long prompts are, so a big text never
+    stalls the streams this loop serves (inline when there is no encoder)."""
+    if encoder is None:
+        to_router.send(core.on_tokenize(msg))
+        return
+    future = asyncio.get_running_loop().run_in_executor(encoder, core.on_tokenize, msg)
+    future.add_done_callback(lambda fut: fut.cancelled() or to_router.send(fut.result()))
 
 
 def _tokenize_off_loop(
