@@ -22,7 +22,7 @@ def _spec(router_inbox: str) -> dict:
         "inbox": router_inbox,
         "tokenizer_inboxes": [new_ipc_address("test-hb-tok")],
         "workers": [{"name": "mixed0", "role": "mixed", "idx": 0, "inbox": "ipc://unused"}],
-        "report_timeout_s": REPORT_TIMEOUT_S,
+        "liveness_timeout_s": REPORT_TIMEOUT_S,
     }
 
 
@@ -49,7 +49,7 @@ async def _health_during(router: Router, seconds: float) -> list[bool]:
     return samples
 
 
-def test_a_worker_whose_step_outlasts_the_report_timeout_stays_healthy() -> None:
+def test_a_worker_whose_step_outlasts_the_liveness_timeout_stays_healthy() -> None:
     async def run() -> None:
         router_inbox = new_ipc_address("test-hb-router")
         router = Router(_spec(router_inbox))

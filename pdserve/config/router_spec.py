@@ -39,7 +39,8 @@ class RouterSpec:
     tokenizer_path: str = ""  # "" -> model_path
     routing_policy: str = "round_robin"
     max_context_len: int = 0  # 0: the model's own limit (the tokenizer knows it)
-    report_timeout_s: float = 5.0  # a process silent (no heartbeat, no load report) this long: down
+    # A process silent this long (no heartbeat, no load report) is down.
+    liveness_timeout_s: float = 5.0
     request_timeout_s: float = 0.0  # 0: no limit; else a request still running is aborted
     health_generate_timeout_s: float = 20.0
     launcher_inbox: str | None = None
@@ -66,8 +67,8 @@ class RouterSpec:
             raise bad("workers", "expected at least one decode or mixed worker")
         if self.routing_policy not in _POLICIES:
             raise bad("routing_policy", f"expected one of {_POLICIES}")
-        if self.report_timeout_s <= 0:
-            raise bad("report_timeout_s", "expected a number > 0")
+        if self.liveness_timeout_s <= 0:
+            raise bad("liveness_timeout_s", "expected a number > 0")
         if self.request_timeout_s < 0:
             raise bad("request_timeout_s", "expected a number >= 0")
         if self.progress_timeout_s < 0:

@@ -244,7 +244,7 @@ class Cluster:
                 "tokenizer_inboxes": [ep[t].connect for t in tokenizers],
                 "tokenizer_names": tokenizers,
                 "workers": [dataclasses.asdict(e) for e in entries],
-                "report_timeout_s": topo.supervision.heartbeat_timeout_s,
+                "liveness_timeout_s": topo.supervision.heartbeat_timeout_s,
                 "progress_timeout_s": topo.supervision.progress_timeout_s,
                 "routing_policy": topo.router.routing_policy,
                 "limits": topo.router.limits.to_dict(),

@@ -11,7 +11,7 @@ leaves (`cancel`), `/abort_request` (`abort`), a process it depends on is lost, 
 for `progress_timeout_s`, or it runs past `request_timeout_s`.
 
 Which requests a lost process takes down (it exited, `ProcessExited` from the launcher, or went
-silent: no heartbeat nor load report for `report_timeout_s`):
+silent: no heartbeat nor load report for `liveness_timeout_s`):
 
 | lost process        | its requests that end with an error (500)                     |
 |---------------------|---------------------------------------------------------------|
@@ -85,7 +85,7 @@ class Router:
             f"tokenizer{i}" for i in range(len(self.spec.tokenizer_inboxes))
         )
         self.workers = WorkerRegistry(
-            self.spec.workers, self.spec.report_timeout_s, tokenizer_names
+            self.spec.workers, self.spec.liveness_timeout_s, tokenizer_names
         )
         self.tracker = RequestTracker()
         self.replies = PendingReplies()  # /tokenize, /detokenize: answered by rid
@@ -414,7 +414,7 @@ class Router:
         tracked.last_token_at = now
 
     async def _check_loop(self) -> None:
-        interval = min(0.5, self.spec.report_timeout_s / 4)
+        interval = min(0.5, self.spec.liveness_timeout_s / 4)
         due = time.monotonic() + interval
         while True:
             await asyncio.sleep(max(due - time.monotonic(), 0.0))
@@ -432,7 +432,7 @@ class Router:
                 logger.exception("health check failed")
 
     def _check(self, now: float) -> None:
-        timeout = self.spec.report_timeout_s
+        timeout = self.spec.liveness_timeout_s
         for name in self.workers.expire(now):
             state = self.workers.process(name)
             message = f"{name} is unresponsive: no heartbeat and no load report for {timeout:g} s"

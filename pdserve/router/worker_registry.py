@@ -2,7 +2,7 @@
 
 Every one of them has a `Liveness`: it is healthy while it is heard from (a `Heartbeat`, which a
 thread of its own sends whatever its loop is doing, or a worker's `LoadReport`) within
-`report_timeout_s`. A process the launcher saw exit (`mark_down`) stays down until a heartbeat from
+`liveness_timeout_s`. A process the launcher saw exit (`mark_down`) stays down until a heartbeat from
 a new process id says its restart is up: messages still queued from the dead one must not bring it
 back. Workers also carry their latest load report, which routing reads.
 """
@@ -126,10 +126,10 @@ class WorkerRegistry:
     def __init__(
         self,
         workers: tuple[WorkerEntry, ...],
-        report_timeout_s: float,
+        liveness_timeout_s: float,
         tokenizer_names: tuple[str, ...] = (),
     ) -> None:
-        self.report_timeout_s = report_timeout_s
+        self.liveness_timeout_s = liveness_timeout_s
         self.states = {w.name: WorkerState(w) for w in workers}
         self.tokenizers = [TokenizerState(name, i) for i, name in enumerate(tokenizer_names)]
         self._processes: dict[str, ProcessState] = {t.name: t for t in self.tokenizers}
@@ -216,7 +216,7 @@ class WorkerRegistry:
         """Mark processes that went silent unresponsive; the names that just did."""
         lost = []
         for state in self._processes.values():
-            if state.live.expire(now, self.report_timeout_s):
+            if state.live.expire(now, self.liveness_timeout_s):
                 lost.append(state.name)
                 logger.warning(
                     "%s was not heard from for %.1f s: unresponsive",

@@ -244,7 +244,7 @@ def start_cluster(**spec_overrides: Any) -> Cluster:
         "host": "127.0.0.1", "port": port, "api_key": API_KEY, "model_name": MODEL,
         "model_path": f"/models/{MODEL}", "inbox": router_inbox, "tokenizer_inboxes": tok_inboxes,
         "workers": worker_specs, "routing_policy": "round_robin", "max_context_len": 4096,
-        "report_timeout_s": 1.0, "topology": {"prefill": 2, "decode": 2}, "default_max_tokens": 64,
+        "liveness_timeout_s": 1.0, "topology": {"prefill": 2, "decode": 2}, "default_max_tokens": 64,
         "health_generate_timeout_s": 2.0,
     }  # fmt: skip
     spec.update(spec_overrides)

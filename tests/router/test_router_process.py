@@ -30,7 +30,7 @@ def test_router_process_says_ready_serves_and_exits_on_shutdown() -> None:
         "host": "127.0.0.1", "port": port, "api_key": None, "model_name": "m",
         "inbox": router_inbox, "tokenizer_inboxes": [tok_inbox],
         "workers": [{"name": "mixed0", "role": "mixed", "idx": 0, "inbox": worker_inbox}],
-        "launcher_inbox": launcher.address, "report_timeout_s": 1.0,
+        "launcher_inbox": launcher.address, "liveness_timeout_s": 1.0,
     }  # fmt: skip
     code = "import json, sys; from pdserve.router.router_process import main; main(json.loads(sys.argv[1]))"
     proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(spec)])

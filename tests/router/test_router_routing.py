@@ -31,7 +31,7 @@ def _report(name: str, role: str, running: int, queued: int = 0, free: int = 50)
 
 
 def _registry(now: float = 0.0) -> WorkerRegistry:
-    reg = WorkerRegistry(_workers(), report_timeout_s=1.0)
+    reg = WorkerRegistry(_workers(), liveness_timeout_s=1.0)
     for w in _workers():
         reg.on_report(_report(w.name, w.role, 0), now)
     return reg
@@ -121,7 +121,7 @@ def test_liveness_ignores_the_exit_of_a_process_whose_successor_is_up() -> None:
 
 
 def test_tokenizers_are_tracked_like_workers() -> None:
-    reg = WorkerRegistry(_workers(), report_timeout_s=1.0, tokenizer_names=("t0", "t1"))
+    reg = WorkerRegistry(_workers(), liveness_timeout_s=1.0, tokenizer_names=("t0", "t1"))
     for w in _workers():
         reg.on_report(_report(w.name, w.role, 0), 0.0)
     assert not reg.all_healthy()  # the tokenizers have not been heard from
@@ -178,7 +178,7 @@ def _spec_dict(**overrides: object) -> dict:
 
 
 def test_spec_errors_name_the_bad_key() -> None:
-    assert RouterSpec.from_dict(_spec_dict()).report_timeout_s == 5.0
+    assert RouterSpec.from_dict(_spec_dict()).liveness_timeout_s == 5.0
     with pytest.raises(ValueError, match="routing_policy"):
         RouterSpec.from_dict(_spec_dict(routing_policy="fastest"))
     with pytest.raises(ValueError, match="colour"):

@@ -22,7 +22,7 @@ def test_streams_still_open_when_the_grace_period_ends_get_an_error_event() -> N
     port = free_port()
     spec = {
         "host": "127.0.0.1", "port": port, "model_name": "m", "inbox": router_inbox,
-        "tokenizer_inboxes": [tok_inbox], "report_timeout_s": 1.0,
+        "tokenizer_inboxes": [tok_inbox], "liveness_timeout_s": 1.0,
         "workers": [{"name": "mixed0", "role": "mixed", "idx": 0, "inbox": worker_inbox}],
     }  # fmt: skip
     code = "import json, sys; from pdserve.router.router_process import main; main(json.loads(sys.argv[1]))"
