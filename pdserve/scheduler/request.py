@@ -49,6 +49,8 @@ class Request:
     # The prefix cache's namespace for its adapter (0: the base model): KV computed under one
     # adapter is never reused for another (scheduler.py offsets token ids by it).
     lora_key: int = 0
+    # Its grammar matcher when the output is constrained (worker/grammar.py); None: free text.
+    grammar: Any = None
 
     @property
     def all_ids(self) -> list[int]:

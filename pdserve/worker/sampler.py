@@ -25,7 +25,7 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -51,6 +51,7 @@ class SamplingRow:
     eos_token_ids: Sequence[int] = ()  # masked (with stop_token_ids) before min_new_tokens
     return_logprob: bool = False
     top_logprobs_num: int = 0  # 0..MAX_TOP_LOGPROBS
+    grammar: Any = None  # the request's grammar matcher (worker/grammar.py); None: unconstrained
 
 
 class BadRow(NamedTuple):
@@ -430,20 +431,28 @@ def _sample_from(
     return (probs / noise).argmax(dim=-1)
 
 
-def _logprob_outputs(
+def _logprob_tensors(
     logits: torch.Tensor, token_ids: torch.Tensor, batch: SamplingBatch
-) -> tuple[list[float], list[tuple[list[int], list[float]]]]:
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """On the device: [B, 1 + max_k] float32 (the chosen token's logprob, then the top ones,
+    descending) and [B, max_k] int64 (the top tokens)."""
     logprobs = torch.log_softmax(logits, dim=-1)  # [B, V]
     chosen = logprobs.gather(-1, token_ids.view(-1, 1))  # [B, 1]
     max_k = min(max(batch.top_logprobs_nums), batch.vocab_size)
     top = logprobs.topk(max_k, dim=-1)  # values, indices: [B, max_k], sorted descending
-    values = torch.cat([chosen, top.values], dim=-1).tolist()  # [B, 1 + max_k]
-    top_ids = top.indices.tolist()
+    return torch.cat([chosen, top.values], dim=-1), top.indices
+
+
+def _logprob_lists(
+    values: torch.Tensor, top_ids: torch.Tensor, top_logprobs_nums: list[int]
+) -> tuple[list[float], list[tuple[list[int], list[float]]]]:
+    """_logprob_tensors' results (on the host) as each row's chosen logprob and its top ones."""
+    value_rows = values.tolist()  # [B, 1 + max_k]
     top_logprobs = [
         (ids[:k], row_values[1 : 1 + k])
-        for ids, row_values, k in zip(top_ids, values, batch.top_logprobs_nums, strict=True)
+        for ids, row_values, k in zip(top_ids.tolist(), value_rows, top_logprobs_nums, strict=True)
     ]
-    return [row_values[0] for row_values in values], top_logprobs
+    return [row_values[0] for row_values in value_rows], top_logprobs
 
 
 def is_plain_greedy(row: SamplingRow) -> bool:
@@ -460,10 +469,29 @@ def is_plain_greedy(row: SamplingRow) -> bool:
     )
 
 
-def sample(
+class DeviceSample(NamedTuple):
+    """`sample_on_device`'s results, still on the device (nothing waited for)."""
+
+    token_ids: torch.Tensor  # [B] int64
+    logprob_values: torch.Tensor | None  # [B, 1 + max_k] float32; None when no row asked
+    top_ids: torch.Tensor | None  # [B, max_k] int64
+    top_logprobs_nums: list[int]  # [B]
+
+    def to_host(self) -> SampleOutput:
+        """Read the results back (waits for the device)."""
+        if self.logprob_values is None or self.top_ids is None:
+            return SampleOutput(self.token_ids.tolist(), None, None)
+        logprobs, top = _logprob_lists(
+            self.logprob_values.cpu(), self.top_ids.cpu(), self.top_logprobs_nums
+        )
+        return SampleOutput(self.token_ids.tolist(), logprobs, top)
+
+
+def sample_on_device(
     logits: torch.Tensor, batch: SamplingBatch, generator: torch.Generator | None = None
-) -> SampleOutput:
-    """Next token for each row of `logits` [B, V] (any float dtype, on the batch's device).
+) -> DeviceSample:
+    """Next token for each row of `logits` [B, V] (any float dtype, on the batch's device),
+    left on the device: the overlapped worker loop reads it back one step later.
 
     `generator` drives the unseeded rows and must live on the logits' device; None means
     torch's default generator for that device.
@@ -479,6 +507,14 @@ def sample(
         sampled = _sample_from(logits, batch, generator)
         token_ids = torch.where(batch.is_greedy, token_ids, sampled)
     if not batch.return_logprob:
-        return SampleOutput(token_ids.tolist(), None, None)
-    logprobs, top_logprobs = _logprob_outputs(logits, token_ids, batch)
-    return SampleOutput(token_ids.tolist(), logprobs, top_logprobs)
+        return DeviceSample(token_ids, None, None, batch.top_logprobs_nums)
+    values, top_ids = _logprob_tensors(logits, token_ids, batch)
+    return DeviceSample(token_ids, values, top_ids, batch.top_logprobs_nums)
+
+
+def sample(
+    logits: torch.Tensor, batch: SamplingBatch, generator: torch.Generator | None = None
+) -> SampleOutput:
+    """Next token for each row of `logits` [B, V], read back to the host (see
+    `sample_on_device`)."""
+    return sample_on_device(logits, batch, generator).to_host()

@@ -18,6 +18,7 @@ from pdserve.scheduler.finish_checker import FinishChecker
 from pdserve.scheduler.request import Request
 from pdserve.scheduler.scheduler import BatchItem, ScheduledBatch, Scheduler
 from pdserve.worker.extra_outputs import ExtraOutputs
+from pdserve.worker.grammar import bind_grammar
 from pdserve.worker.model_runner import ForwardOutput, ModelRunner
 from pdserve.worker.pooler import PoolState
 from pdserve.worker.sampler import (
@@ -125,6 +126,7 @@ class WorkerCore:
             eos_token_ids=self.eos_token_ids,
             return_logprob=req.return_logprob,
             top_logprobs_num=req.top_logprobs_num,
+            grammar=req.grammar,
         )
 
     def _sample_and_record(self, logits: torch.Tensor, items: list[BatchItem]) -> None:
@@ -168,6 +170,7 @@ class WorkerCore:
         if problem is not None:
             raise ValueError(problem)
         self._bind_lora(req)
+        bind_grammar(req, self.model_config.vocab_size)
 
     def _bind_lora(self, req: Request) -> None:
         """Check req's adapter is loaded here and give req its prefix-cache namespace."""
