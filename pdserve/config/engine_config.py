@@ -220,6 +220,8 @@ class EngineConfig:
     dtype: DTypeName = "auto"
     attention_backend: AttentionBackend = "auto"
     cuda_graph: bool = True
+    # Schedule and build step N+1 on the host while the device runs step N (worker_core.py).
+    overlap_schedule: bool = True
     cuda_graph_max_batch: int = 256
     seed: int = 0
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -317,6 +319,7 @@ SGLANG_ALIASES: dict[str, OptionAlias] = {
     "context_length": OptionAlias("max_context_len"),
     "random_seed": OptionAlias("seed"),
     "disable_cuda_graph": OptionAlias("cuda_graph", negate=True),
+    "disable_overlap_schedule": OptionAlias("overlap_schedule", negate=True),
     "cuda_graph_max_bs": OptionAlias("cuda_graph_max_batch"),
 }
 # Parallelism SGLang sizes by option; pdserve runs one worker per device (more workers come from

@@ -62,6 +62,7 @@ class Topology:
     dtype: str = _ENGINE_DEFAULTS["dtype"]  # auto | float32 | float16 | bfloat16
     attention_backend: str = _ENGINE_DEFAULTS["attention_backend"]
     cuda_graph: bool = _ENGINE_DEFAULTS["cuda_graph"]
+    overlap_schedule: bool = _ENGINE_DEFAULTS["overlap_schedule"]
     cuda_graph_max_batch: int = _ENGINE_DEFAULTS["cuda_graph_max_batch"]
     seed: int = _ENGINE_DEFAULTS["seed"]
     is_embedding: bool | None = None  # embeddings/rewards; None: detected (resolved() decides)
@@ -258,6 +259,7 @@ class Topology:
             dtype=self.dtype,
             attention_backend=self.attention_backend,
             cuda_graph=self.cuda_graph,
+            overlap_schedule=self.overlap_schedule,
             cuda_graph_max_batch=self.cuda_graph_max_batch,
             seed=self.seed,
             scheduler=scheduler,
@@ -341,6 +343,12 @@ class Topology:
         )
         check_value(
             isinstance(self.cuda_graph, bool), "cuda_graph", self.cuda_graph, "true or false"
+        )
+        check_value(
+            isinstance(self.overlap_schedule, bool),
+            "overlap_schedule",
+            self.overlap_schedule,
+            "true or false",
         )
         check_value(
             is_int(self.cuda_graph_max_batch) and self.cuda_graph_max_batch >= 1,

@@ -36,6 +36,7 @@ _SCHED_HELP = {
 _ENGINE_FLAG_KEYS = (
     "seed",
     "cuda_graph",
+    "overlap_schedule",
     "cuda_graph_max_batch",
     "is_embedding",
     *PARALLEL_SIZE_OPTIONS,
@@ -82,6 +83,15 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
         action="store_false",
         default=None,
         help="run decode steps eagerly (no CUDA graphs)",
+    )
+    parser.add_argument(
+        "--no-overlap-schedule",
+        *_flags("overlap_schedule", negate=True),
+        dest="overlap_schedule",
+        action="store_false",
+        default=None,
+        help="wait for each step's tokens before scheduling the next one (by default the host "
+        "schedules and builds step N+1 while the device runs step N)",
     )
     parser.add_argument(
         *_flags("cuda_graph_max_batch"),

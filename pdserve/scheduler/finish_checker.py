@@ -37,7 +37,7 @@ class FinishChecker:
                 return Finish.stop(matched)
         if num_out >= params.max_new_tokens:
             return Finish.at_length(num_out)
-        if req.seq_len >= self.max_context_len:
+        if len(req.prompt_ids) + num_out >= self.max_context_len:
             return Finish.at_length(num_out)
         return None
 

@@ -49,6 +49,9 @@ class Request:
     # The prefix cache's namespace for its adapter (0: the base model): KV computed under one
     # adapter is never reused for another (scheduler.py offsets token ids by it).
     lora_key: int = 0
+    # Tokens sampled on the device by a step whose results are not read back yet (the overlapped
+    # loop, worker_core.py): their positions are scheduled, their ids are known only there.
+    num_inflight: int = 0
     # Its grammar matcher when the output is constrained (worker/grammar.py); None: free text.
     grammar: Any = None
 
@@ -58,7 +61,8 @@ class Request:
 
     @property
     def seq_len(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        """Tokens the KV will cover: prompt, output, and tokens still being sampled."""
+        return len(self.prompt_ids) + len(self.output_ids) + self.num_inflight
 
     @property
     def num_pending(self) -> int:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,6 +106,9 @@ class Scheduler:
         self._admit_counter = itertools.count()
         self.num_preemptions = 0
         self.newly_finished: list[Request] = []  # ended inside schedule(); the owner drains it
+        # Called before pages are handed to another process to write (decode role): the owner
+        # waits there for a device step still writing into pages freed while it ran.
+        self.before_remote_write: Callable[[], None] = lambda: None
 
     # ------------------------------------------------------------------ intake and abort
 
@@ -268,6 +272,7 @@ class Scheduler:
             return None
         if not self._has_lora_room(req):
             return None
+        self.before_remote_write()
         pages = self._alloc(self._pages_for(len(req.prompt_ids)))
         if pages is None:
             return None
@@ -353,6 +358,7 @@ class Scheduler:
         self._free_pages(req)
         req.num_computed = 0
         req.num_cached_tokens = 0
+        req.num_inflight = 0  # a token being sampled now is dropped: it is sampled again
         req.status = Status.WAITING
         req.num_preemptions += 1
         self.num_preemptions += 1

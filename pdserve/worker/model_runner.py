@@ -13,7 +13,7 @@ import torch
 
 from pdserve.config.engine_config import EngineConfig, ModelConfig
 from pdserve.scheduler.request import Request
-from pdserve.scheduler.scheduler import ScheduledBatch
+from pdserve.scheduler.scheduler import BatchItem, ScheduledBatch
 from pdserve.worker.forward_batch import ForwardBatch
 from pdserve.worker.kv_pool import KVPool
 
@@ -35,6 +35,14 @@ class ForwardOutput(NamedTuple):
     row_starts: list[int]  # [B]: each item's first row in `hidden`
 
 
+class PendingTokens(NamedTuple):
+    """Tokens sampled by the step still running on the device (the overlapped loop): the next
+    step's input ids are filled from them there, without waiting for the host to read them."""
+
+    token_ids: torch.Tensor  # [R] int64, device
+    row_of: dict[int, int]  # id(request) -> its row in token_ids
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_config: ModelConfig) -> None:
         from pdserve.worker.models import load_model
@@ -49,7 +57,9 @@ class ModelRunner:
         )
         self.num_pages = self._decide_num_pages()
         self.kv_pool = KVPool(model_config, self.num_pages, self.page_size, self.dtype, self.device)
-        self._staging: torch.Tensor | None = None  # [bytes] uint8: see _host_buffer
+        # Two [bytes] uint8 host buffers used in turn (see _host_buffer).
+        self._staging: list[torch.Tensor | None] = [None, None]
+        self._staging_turn = 0
         self.lora = None  # LoraManager when LoRA is on
         if config.lora.enabled:
             from pdserve.worker.lora.lora_manager import LoraManager
@@ -83,23 +93,34 @@ class ModelRunner:
         return num_pages
 
     def _host_buffer(self, num_bytes: int) -> torch.Tensor:
-        """[num_bytes] uint8 on the host, pinned on CUDA, reused across steps: each step's copy
-        has finished before the next one is built (its tokens were read back in between)."""
-        if self._staging is None or self._staging.numel() < num_bytes:
-            size = max(num_bytes, 2 * (self._staging.numel() if self._staging is not None else 0))
-            self._staging = torch.empty(
-                size, dtype=torch.uint8, pin_memory=self.device.type == "cuda"
-            )
-        return self._staging[:num_bytes]
+        """[num_bytes] uint8 on the host, pinned on CUDA. Two buffers serve alternate steps: step
+        N+1 is built while step N runs, and step N-1's copy out of the other buffer finished
+        before its tokens were read back."""
+        turn = self._staging_turn
+        self._staging_turn ^= 1
+        buf = self._staging[turn]
+        if buf is None or buf.numel() < num_bytes:
+            size = max(num_bytes, 2 * (buf.numel() if buf is not None else 0))
+            buf = torch.empty(size, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+            self._staging[turn] = buf
+        return buf[:num_bytes]
 
-    def build_forward_batch(self, batch: ScheduledBatch) -> ForwardBatch:
+    def build_forward_batch(
+        self, batch: ScheduledBatch, pending: PendingTokens | None = None
+    ) -> ForwardBatch:
         """Lay every index array of the batch out in one host buffer (pinned on CUDA) and copy it to
-        the device in one transfer; the batch's device tensors are views of that one copy."""
-        host = _HostBatch.build(batch, self.page_size, self._host_buffer)
+        the device in one transfer; the batch's device tensors are views of that one copy. Input
+        tokens still being sampled (`pending`) are filled in on the device."""
+        pending_rows = pending.row_of if pending is not None else None
+        host = _HostBatch.build(batch, self.page_size, self._host_buffer, pending_rows)
         on_host = host.views(host.buffer)
         on_device = on_host
         if self.device.type != "cpu":
             on_device = host.views(host.buffer.to(self.device, non_blocking=True))
+        fill_dst, fill_src = on_device.pop("fill_dst"), on_device.pop("fill_src")
+        if fill_dst.numel():
+            assert pending is not None  # _HostBatch.build fills only from pending rows
+            on_device["input_ids"].index_copy_(0, fill_dst, pending.token_ids[fill_src])
         return ForwardBatch(
             **on_device,
             seq_lens_cpu=host.seq_lens_cpu,
@@ -110,9 +131,11 @@ class ModelRunner:
             page_table_cpu=on_host["page_table"],
         )
 
-    def _forward_batch(self, batch: ScheduledBatch) -> ForwardBatch:
+    def _forward_batch(
+        self, batch: ScheduledBatch, pending: PendingTokens | None = None
+    ) -> ForwardBatch:
         """build_forward_batch, with the batch's LoRA rows when any request uses an adapter."""
-        fb = self.build_forward_batch(batch)
+        fb = self.build_forward_batch(batch, pending)
         fb.lora = self._lora_batch(batch)
         return fb
 
@@ -124,9 +147,9 @@ class ModelRunner:
         return self.lora.prepare(row_names)
 
     @torch.inference_mode()
-    def forward(self, batch: ScheduledBatch) -> torch.Tensor:
+    def forward(self, batch: ScheduledBatch, pending: PendingTokens | None = None) -> torch.Tensor:
         """Logits [B, vocab] float32 on the device, one row per batch item."""
-        fb = self._forward_batch(batch)
+        fb = self._forward_batch(batch, pending)
         # A step with adapters replays a graph captured with the LoRA kernels (cuda_graph_runner).
         if self.graph_runner is not None and self.graph_runner.can_run(fb):
             return self.graph_runner.replay(fb)
@@ -165,13 +188,39 @@ def _new_token_ids(req: Request, start: int, end: int) -> list[int]:
     return req.prompt_ids[start:] + req.output_ids[: end - num_prompt]
 
 
+def _input_ids(
+    items: list[BatchItem], pending_rows: dict[int, int] | None
+) -> tuple[list[int], list[int], list[int]]:
+    """The batch's new token ids, and for each token still being sampled on the device (a zero
+    placeholder here) its row in input_ids and its row in the pending tokens."""
+    ids: list[int] = []
+    fill_dst: list[int] = []
+    fill_src: list[int] = []
+    for it in items:
+        req = it.req
+        known = len(req.prompt_ids) + len(req.output_ids)
+        end = it.start + it.num_tokens
+        if end <= known:
+            ids.extend(_new_token_ids(req, it.start, end))
+            continue
+        if pending_rows is None or end - known != 1 or id(req) not in pending_rows:
+            raise RuntimeError(
+                f"request {req.rid}: tokens {known}..{end - 1} are not known and not pending"
+            )
+        ids.extend(_new_token_ids(req, it.start, known))
+        fill_dst.append(len(ids))
+        fill_src.append(pending_rows[id(req)])
+        ids.append(0)
+    return ids, fill_dst, fill_src
+
+
 # Every array starts on a 16-byte boundary: Triton specialises its pointer arguments on that, so
 # unaligned views would compile extra kernel variants (and lose vector loads).
 _ALIGN_BYTES = 16
 
 
 def _layout(
-    num_tokens: int, bsz: int, max_pages: int
+    num_tokens: int, bsz: int, max_pages: int, num_fills: int
 ) -> tuple[dict[str, tuple[int, torch.dtype, tuple[int, ...]]], int]:
     """name -> (byte offset, dtype, shape) of each array of the packed batch, and the total bytes."""
     fields: list[tuple[str, torch.dtype, tuple[int, ...]]] = [
@@ -183,6 +232,10 @@ def _layout(
         ("extend_lens", torch.int32, (bsz,)),
         ("extend_starts", torch.int32, (bsz,)),
         ("page_table", torch.int32, (bsz, max_pages)),
+        # Input tokens to take from the step still running (PendingTokens): rows of input_ids,
+        # and the rows of the pending token ids they come from.
+        ("fill_dst", torch.int64, (num_fills,)),
+        ("fill_src", torch.int64, (num_fills,)),
     ]
     layout, offset = {}, 0
     for name, dtype, shape in fields:
@@ -203,9 +256,14 @@ class _HostBatch:
 
     @classmethod
     def build(
-        cls, batch: ScheduledBatch, page_size: int, host_buffer: Callable[[int], torch.Tensor]
+        cls,
+        batch: ScheduledBatch,
+        page_size: int,
+        host_buffer: Callable[[int], torch.Tensor],
+        pending_rows: dict[int, int] | None = None,
     ) -> _HostBatch:
         items = batch.items
+        input_ids, fill_dst, fill_src = _input_ids(items, pending_rows)
         bsz = len(items)
         starts = np.fromiter((it.start for it in items), np.int64, bsz)  # [B]
         ext_lens = np.fromiter((it.num_tokens for it in items), np.int64, bsz)  # [B]
@@ -213,7 +271,7 @@ class _HostBatch:
         ends = np.cumsum(ext_lens)  # [B]: one past each sequence's last token in T
         num_tokens = int(ends[-1])
         max_pages = max(len(it.req.page_ids) for it in items)
-        layout, num_bytes = _layout(num_tokens, bsz, max_pages)
+        layout, num_bytes = _layout(num_tokens, bsz, max_pages, len(fill_dst))
         host = cls(
             host_buffer(num_bytes),
             layout,
@@ -225,11 +283,9 @@ class _HostBatch:
         table.fill(0)
         for row, it in enumerate(items):
             table[row, : len(it.req.page_ids)] = it.req.page_ids
-        arrays["input_ids"][:] = np.fromiter(
-            (t for it in items for t in _new_token_ids(it.req, it.start, it.start + it.num_tokens)),
-            np.int64,
-            num_tokens,
-        )
+        arrays["input_ids"][:] = input_ids
+        arrays["fill_dst"][:] = fill_dst
+        arrays["fill_src"][:] = fill_src
         row_of = np.repeat(np.arange(bsz), ext_lens)  # [T]: the sequence of each token
         positions = np.arange(num_tokens) - (ends - ext_lens)[row_of] + starts[row_of]
         arrays["positions"][:] = positions

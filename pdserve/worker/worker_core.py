@@ -2,13 +2,25 @@
 
 The owner (the offline Engine, or a worker process of any role) feeds requests in, calls `step()`
 and reads back which requests produced tokens or finished.
+
+Overlapped loop (`overlap_schedule`, on by default for mixed and decode workers): a step schedules
+and launches its batch, then reads back the previous step's tokens while the device runs the new
+one, so the host's scheduling, batch building and result handling hide behind device work. A
+token sampled by the running step is `Request.num_inflight`: its position is already scheduled
+and its id reaches the next step's input on the device (`PendingTokens`). A request that finishes
+when its token is read back may have computed one more token by then; that one is discarded, so
+outputs and stop checks equal the plain loop's. A step holding a row that needs its request's
+tokens on the host (penalties, logprobs, grammar, hidden states, pooling) waits for the running
+step first and runs unoverlapped.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -17,19 +29,61 @@ from pdserve.protocol import Finish
 from pdserve.scheduler.finish_checker import FinishChecker
 from pdserve.scheduler.request import Request
 from pdserve.scheduler.scheduler import BatchItem, ScheduledBatch, Scheduler
+from pdserve.worker.device_copy import to_device
 from pdserve.worker.extra_outputs import ExtraOutputs
 from pdserve.worker.grammar import bind_grammar
-from pdserve.worker.model_runner import ForwardOutput, ModelRunner
+from pdserve.worker.model_runner import ForwardOutput, ModelRunner, PendingTokens
 from pdserve.worker.pooler import PoolState
 from pdserve.worker.sampler import (
+    SamplingBatch,
     SamplingRow,
     build_skipping_bad_rows,
     is_plain_greedy,
     row_problem,
     sample,
+    sample_on_device,
 )
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _InflightStep:
+    """A launched step whose sampled tokens are not read back yet."""
+
+    items: list[BatchItem]  # the rows that sample, in the order of token_ids
+    epochs: list[int]  # each row's req.num_preemptions at launch: a preempted row is stale
+    token_ids: torch.Tensor  # [R] int64, device
+    host_ids: torch.Tensor  # [R] int64, host (pinned on CUDA): filled when `done` is reached
+    done: torch.cuda.Event | None  # None on the CPU: everything already happened
+    started: float  # perf_counter at launch
+    row_of: dict[int, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.row_of = {id(item.req): i for i, item in enumerate(self.items)}
+
+
+class _PendingLength(Sequence[int]):
+    """A request's output ids as the sampler sees them while its last tokens are still being
+    sampled: the right length (the seed's step, min_new_tokens), and no values for those tokens
+    (rows that read values, penalties, never run overlapped)."""
+
+    def __init__(self, known: list[int], num_pending: int) -> None:
+        self._known = known
+        self._len = len(known) + num_pending
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index):  # type: ignore[no-untyped-def]
+        if not isinstance(index, slice) and index < 0:
+            index += self._len
+        if isinstance(index, slice) or not 0 <= index < len(self._known):
+            raise LookupError("output token ids still being sampled are not on the host")
+        return self._known[index]
+
+    def __iter__(self) -> Iterator[int]:
+        raise LookupError("output token ids still being sampled are not on the host")
 
 
 class WorkerCore:
@@ -38,7 +92,9 @@ class WorkerCore:
         config: EngineConfig,
         decode: Callable[[Sequence[int]], str] | None = None,
         model_config: ModelConfig | None = None,
+        overlap: bool | None = None,
     ) -> None:
+        """overlap: run the overlapped loop (module docstring); None: as the config says."""
         self.config = config.resolved()
         self.model_config = model_config or ModelConfig.from_hf(
             config.model_path, is_embedding=config.is_embedding
@@ -54,19 +110,147 @@ class WorkerCore:
         )
         self.last_step_ms = 0.0
         self.num_steps = 0
+        if overlap is None:
+            overlap = self.config.overlap_schedule
+        self.overlap = overlap and not self.model_config.is_embedding
+        self._inflight: _InflightStep | None = None
+        self.num_overlapped_steps = 0
+        self._host_ids: list[torch.Tensor | None] = [None, None]  # pinned, used in turn
+        self._host_turn = 0
+        self.scheduler.before_remote_write = self.wait_device
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
         return self.model_config.eos_token_ids
 
     def step(self) -> list[Request]:
-        """Run one forward pass; returns the requests that got a token or finished."""
+        """Run one forward pass; returns the requests that got a token or finished (overlapped:
+        the tokens of the step before)."""
         sched = self.scheduler
         batch = sched.schedule()
         touched = sched.newly_finished
         sched.newly_finished = []
-        if batch is None:
+        if batch is not None and self._can_overlap(batch):
+            launched = self._launch(batch)
+            touched += self._collect()
+            self._inflight = launched
             return touched
+        touched += self._collect()
+        if batch is not None:
+            # Requests that ended when the running step's tokens came back leave the batch.
+            batch.items = [it for it in batch.items if it.req.finish is None]
+            if batch.items:
+                touched += self._run(batch)
+        return touched
+
+    # ------------------------------------------------------------------ overlapped steps
+
+    def _can_overlap(self, batch: ScheduledBatch) -> bool:
+        """Whether every row can run without its request's tokens on the host."""
+        if not self.overlap:
+            return False
+        for item in batch.items:
+            req = item.req
+            params = req.sampling
+            if (
+                _wants_rows(req)
+                or req.grammar is not None
+                or req.return_logprob
+                or req.top_logprobs_num > 0
+                or params.has_penalties
+            ):
+                return False
+        return True
+
+    def _launch(self, batch: ScheduledBatch) -> _InflightStep:
+        """Queue the step's forward pass and sampling on the device; nothing is waited for."""
+        start = time.perf_counter()
+        self.num_overlapped_steps += 1
+        prev = self._inflight
+        pending = PendingTokens(prev.token_ids, prev.row_of) if prev is not None else None
+        logits = self.runner.forward(batch, pending)  # [B, V] float32
+        self.scheduler.advance(batch)
+        rows = [i for i, item in enumerate(batch.items) if item.samples]
+        items = [batch.items[i] for i in rows]
+        token_ids = torch.empty(0, dtype=torch.int64, device=logits.device)
+        if items:
+            if len(rows) < len(batch.items):  # partial prefill chunks sample nothing
+                logits = logits.index_select(0, _index(rows, logits.device))
+            token_ids = self._sample_on_device(logits, items)
+        items = [item for item in items if item.req.finish is None]  # bad rows ended
+        for item in items:
+            item.req.num_inflight += 1
+        host_ids = self._host_tokens(token_ids.numel())
+        host_ids.copy_(token_ids, non_blocking=True)
+        done = None
+        if token_ids.is_cuda:
+            done = torch.cuda.Event()
+            done.record()
+        epochs = [item.req.num_preemptions for item in items]
+        return _InflightStep(items, epochs, token_ids, host_ids, done, start)
+
+    def _sample_on_device(self, logits: torch.Tensor, items: list[BatchItem]) -> torch.Tensor:
+        """[len(items)] int64 on the device; a row whose own parameters cannot be sampled with
+        ends its request (its token is then left out by the caller)."""
+        rows = [self._sampling_row(item.req, item.req.num_inflight) for item in items]
+        if all(is_plain_greedy(row) for row in rows):
+            return logits.argmax(dim=-1)
+        # Built on the host and copied without waiting for the step still running.
+        partial = build_skipping_bad_rows(rows, logits.shape[-1], "cpu")
+        for bad in partial.bad_rows:
+            rid = items[bad.row_idx].req.rid
+            logger.warning("request %s: cannot sample: %s", rid, bad.message)
+            self.scheduler.abort(rid, f"cannot sample: {bad.message}")
+            self.scheduler.newly_finished.append(items[bad.row_idx].req)
+        if partial.batch is None:
+            return torch.empty(0, dtype=torch.int64, device=logits.device)
+        if partial.bad_rows:
+            logits = logits.index_select(0, _index(partial.row_indices, logits.device))
+        return sample_on_device(logits, _on_device(partial.batch, logits.device)).token_ids
+
+    def _host_tokens(self, num: int) -> torch.Tensor:
+        """[num] int64 on the host (pinned on CUDA); two buffers serve alternate steps."""
+        turn = self._host_turn
+        self._host_turn ^= 1
+        buf = self._host_ids[turn]
+        if buf is None or buf.numel() < num:
+            pin = self.runner.device.type == "cuda"
+            buf = torch.empty(max(num, 256), dtype=torch.int64, pin_memory=pin)
+            self._host_ids[turn] = buf
+        return buf[:num]
+
+    def _collect(self) -> list[Request]:
+        """Read back the running step's tokens (waiting for it) and record them."""
+        step = self._inflight
+        if step is None:
+            return []
+        self._inflight = None
+        if step.done is not None:
+            step.done.synchronize()
+        touched = []
+        for item, epoch, token_id in zip(step.items, step.epochs, step.host_ids.tolist()):
+            req = item.req
+            if req.finish is not None or req.num_preemptions != epoch:
+                continue  # ended meanwhile, or preempted (the token is sampled again)
+            req.num_inflight -= 1
+            self.scheduler.process_sampled(item, token_id)
+            touched.append(req)
+        self.last_step_ms = (time.perf_counter() - step.started) * 1e3
+        self.num_steps += 1
+        return touched
+
+    def wait_device(self) -> None:
+        """Wait until the running step's device work is done (not reading its tokens): pages
+        freed while it ran may still be written by it until then."""
+        if self._inflight is not None and self._inflight.done is not None:
+            self._inflight.done.synchronize()
+
+    # ------------------------------------------------------------------ plain steps
+
+    def _run(self, batch: ScheduledBatch) -> list[Request]:
+        """One step, waited for: forward, sampling and results."""
+        sched = self.scheduler
+        touched: list[Request] = []
         start = time.perf_counter()
         out = None
         if self.model_config.is_embedding or any(_wants_rows(it.req) for it in batch.items):
@@ -118,11 +302,15 @@ class WorkerCore:
             done.append(req)
         return done
 
-    def _sampling_row(self, req: Request) -> SamplingRow:
+    def _sampling_row(self, req: Request, num_pending: int = 0) -> SamplingRow:
+        """num_pending: the request's tokens being sampled by a step still running."""
+        output_ids = req.output_ids
+        if num_pending:
+            output_ids = _PendingLength(req.output_ids, num_pending)
         return SamplingRow(
             params=req.sampling,
             prompt_ids=req.prompt_ids,
-            output_ids=req.output_ids,
+            output_ids=output_ids,
             eos_token_ids=self.eos_token_ids,
             return_logprob=req.return_logprob,
             top_logprobs_num=req.top_logprobs_num,
@@ -238,8 +426,32 @@ class WorkerCore:
         return self.scheduler.abort(rid, message)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or bool(self.scheduler.newly_finished)
+        """Whether step() would produce something: a step still running whose requests have
+        all ended (their extra tokens are discarded) is not work."""
+        inflight = self._inflight
+        return (
+            self.scheduler.has_work()
+            or bool(self.scheduler.newly_finished)
+            or (inflight is not None and any(it.req.finish is None for it in inflight.items))
+        )
 
 
 def _wants_rows(req: Request) -> bool:
     return isinstance(req.outputs, ExtraOutputs) and req.outputs.wants_rows
+
+
+def _index(rows: list[int], device: torch.device) -> torch.Tensor:
+    """[len(rows)] int64 on the device, copied without waiting for the device."""
+    return to_device(torch.tensor(rows, dtype=torch.int64), device)
+
+
+def _on_device(batch: SamplingBatch, device: torch.device) -> SamplingBatch:
+    """A sampling batch built on the host, with its tensors copied to `device` (not waited for)."""
+    changes: dict[str, object] = {}
+    for f in dataclasses.fields(batch):
+        value = getattr(batch, f.name)
+        if isinstance(value, torch.Tensor):
+            changes[f.name] = to_device(value, device)
+        elif isinstance(value, tuple) and value and all(isinstance(v, torch.Tensor) for v in value):
+            changes[f.name] = type(value)(*(to_device(v, device) for v in value))
+    return dataclasses.replace(batch, **changes)

@@ -34,8 +34,11 @@ class WorkerProcess:
         self.spec = spec
         self.name = spec.name
         tokenizer = AutoTokenizer.from_pretrained(spec.engine.model_path)
+        # A prefill worker's requests end at their first token: nothing to overlap with.
         self.core = WorkerCore(
-            spec.engine, decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+            spec.engine,
+            decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+            overlap=spec.engine.overlap_schedule and spec.role != "prefill",
         )
         self.scheduler = self.core.scheduler
         self.inbox = Inbox(spec.inbox)

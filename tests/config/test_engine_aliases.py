@@ -27,6 +27,7 @@ from pdserve.config.engine_config import (
         ({"context_length": 512}, {"max_context_len": 512}),
         ({"random_seed": 7}, {"seed": 7}),
         ({"disable_cuda_graph": True}, {"cuda_graph": False}),
+        ({"disable_overlap_schedule": True}, {"overlap_schedule": False}),
         ({"cuda_graph_max_bs": 32}, {"cuda_graph_max_batch": 32}),
         ({"max_running_requests": 8, "page_size": 4}, {"max_running_requests": 8, "page_size": 4}),
         ({"tp_size": 1, "dp_size": 1, "pp_size": 1, "seed": 2}, {"seed": 2}),
@@ -39,7 +40,7 @@ def test_sglang_names_become_pdserve_names(sglang: dict[str, Any], pdserve: dict
 
 
 def test_every_alias_targets_an_option_the_engine_config_has() -> None:
-    config_keys = {"seed", "cuda_graph", "cuda_graph_max_batch"} | {
+    config_keys = {"seed", "cuda_graph", "overlap_schedule", "cuda_graph_max_batch"} | {
         f for f in SchedulerConfig.__dataclass_fields__
     }
     assert {a.target for a in SGLANG_ALIASES.values()} <= config_keys

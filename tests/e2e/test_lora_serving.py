@@ -1,7 +1,8 @@
 """LoRA end to end on a real prefill + decode cluster (CPU, tcp KV transfer) launched with two
 adapters: greedy text per adapter from the openai client and /generate equals the in-process
 engine's (which tests/worker/test_lora_vs_peft.py checks against peft); live load, use, unload,
-also while other requests stream, leaking no KV page and no adapter slot."""
+also while other requests stream, leaking no KV page and no adapter slot. A mixed worker with the
+prefix cache on serves the same texts, base and adapter rows in one batch."""
 
 from __future__ import annotations
 
@@ -109,6 +110,29 @@ def test_generate_batch_mixes_base_and_adapters(
     assert [it["text"] for it in items] == want
     bad = httpx.post(f"{lora_cluster.url}/generate", json={**body, "lora_path": "nope"})
     assert bad.status_code == 400 and "nope" in bad.text
+
+
+def test_a_mixed_worker_with_the_prefix_cache_serves_every_adapter_in_one_batch(
+    tiny_llama: Path, adapters: dict[str, Path], reference: dict[str | None, list[str]]
+) -> None:
+    paths = [f"alpha={adapters['alpha']}", f"beta={adapters['beta']}"]
+    cluster = start_cluster(
+        tiny_llama, "mixed", lora_paths=paths, max_lora_rank=8, enable_prefix_cache=True
+    )
+    try:
+        model = cluster.topology.model_name
+        assert _complete(cluster, "alpha") == reference["alpha"]
+        assert _complete(cluster, f"{model}:beta") == reference["beta"]
+        # Every prompt again, base and adapters in one batch: prefixes cached under one adapter
+        # must not be reused for another.
+        loras = ["alpha", None, "beta", "alpha", "beta", None]
+        prompts = [PROMPTS[0], PROMPTS[0], PROMPTS[0], PROMPTS[1], PROMPTS[1], PROMPTS[1]]
+        body = {"text": prompts, "sampling_params": GREEDY, "lora_path": loras}
+        items = httpx.post(f"{cluster.url}/generate", json=body, timeout=60).json()
+        want = [reference[lora][PROMPTS.index(p)] for lora, p in zip(loras, prompts)]
+        assert [it["text"] for it in items] == want
+    finally:
+        cluster.stop(grace_s=1)
 
 
 def test_live_load_use_unload(

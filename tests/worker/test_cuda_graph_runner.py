@@ -158,7 +158,9 @@ def test_forward_batch_is_packed_into_one_aligned_buffer() -> None:
             item([4], [], [2], start=0, num=1),  # a one-token prompt
         ]
     )
-    runner = SimpleNamespace(page_size=4, device=torch.device("cpu"), _staging=None)
+    runner = SimpleNamespace(
+        page_size=4, device=torch.device("cpu"), _staging=[None, None], _staging_turn=0
+    )
     runner._host_buffer = lambda n: ModelRunner._host_buffer(runner, n)  # type: ignore[arg-type]
     fb = ModelRunner.build_forward_batch(runner, batch)  # type: ignore[arg-type]
     assert fb.input_ids.tolist() == [12, 13, 14, 15, 8, 4]

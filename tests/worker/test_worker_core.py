@@ -18,12 +18,14 @@ PROMPT = [5, 6, 7, 8, 9]
 
 @pytest.fixture(scope="module")
 def core(tiny_llama: Path) -> WorkerCore:
+    """The plain loop: these tests read each step's results as it returns (the overlapped loop
+    returns them a step later; tests/worker/test_overlap.py checks it gives the same tokens)."""
     config = EngineConfig(
         model_path=str(tiny_llama),
         device="cpu",
         scheduler=SchedulerConfig(num_pages=128, page_size=4),
     )
-    return WorkerCore(config)
+    return WorkerCore(config, overlap=False)
 
 
 def sampled_params(logit_bias: dict[int, float] | None = None) -> SamplingParams:

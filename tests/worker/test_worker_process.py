@@ -72,11 +72,11 @@ def test_a_failing_step_ends_its_requests_with_an_error_and_the_worker_keeps_ser
     real_forward = proc.core.runner.forward
     calls = {"n": 0}
 
-    def flaky_forward(batch):  # type: ignore[no-untyped-def]
+    def flaky_forward(batch, *args):  # type: ignore[no-untyped-def]
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("simulated device failure")
-        return real_forward(batch)
+        return real_forward(batch, *args)
 
     proc.core.runner.forward = flaky_forward  # type: ignore[method-assign]
     to_worker.send(_req("doomed", 4))

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from pdserve.config.engine_config import ModelConfig
+from pdserve.worker.device_copy import to_device
 from pdserve.worker.lora.adapter import LoraAdapter, module_shapes
 
 if TYPE_CHECKING:
@@ -143,7 +144,7 @@ class LoraBatch:
             segmented_lora(x, out, a, b, self._tiles(), w.bounds[proj], TILE_ROWS)
             return
         if self.sorted_rows is None:
-            self.sorted_rows = torch.tensor(self.rows, dtype=torch.int64, device=self.device)
+            self.sorted_rows = to_device(torch.tensor(self.rows, dtype=torch.int64), self.device)
         for module, col, size in w.slices[proj]:
             segmented_lora_ref(
                 x,
@@ -158,7 +159,7 @@ class LoraBatch:
     def _tiles(self) -> LoraTiles:
         if self.tiles is None:
             num_tiles = len(tile_list(self.seg_starts, self.seg_slots))
-            packed = pack_tiles(self, len(self.rows), num_tiles).to(self.device)
+            packed = to_device(pack_tiles(self, len(self.rows), num_tiles), self.device)
             self.tiles = tiles_view(packed, len(self.rows), num_tiles, num_tiles)
         return self.tiles
 
