@@ -7,12 +7,14 @@ never ride in control messages. Backends: `tcp.py`, `cuda_ipc.py`, `nccl.py`.
 
 from __future__ import annotations
 
+import array
 import logging
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, Protocol
 
+import numpy as np
 import torch
 
 from pdserve.fault_injection import NO_FAULTS, FaultInjector, InjectedFault
@@ -127,6 +129,31 @@ def check_pages(pages: list[int], num_pages: int, what: str) -> None:
         if p in seen:
             raise ValueError(f"{what}: page id {p} appears twice")
         seen.add(p)
+
+
+def page_array(pages: list[int], num_pages: int, what: str) -> array.array:
+    """pages as an int32 array, with check_pages' checks made at C speed: a transfer of hundreds
+    of pages must not pay a Python loop per page (one page's copy takes about 0.25 us).
+
+    Integer-likes (numpy ints, bools) pass as their int value; anything else, and any id
+    check_pages refuses, raises its ValueError."""
+    try:
+        ids = array.array("i", pages)  # [n] int32; refuses floats, strings, ids beyond int32
+    except (TypeError, OverflowError):
+        check_pages(list(pages), num_pages, what)  # raises, naming the bad id
+        raise
+    n = len(ids)
+    if n == 0:
+        return ids
+    if n <= 64:
+        lo, hi, distinct = min(ids), max(ids), len(set(ids)) == n
+    else:
+        ordered = np.sort(np.frombuffer(ids, dtype=np.int32))
+        lo, hi = int(ordered[0]), int(ordered[-1])
+        distinct = not bool((ordered[1:] == ordered[:-1]).any())
+    if lo < 0 or hi >= num_pages or not distinct:
+        check_pages(list(pages), num_pages, what)  # raises, naming the bad id
+    return ids
 
 
 def page_index(pages: list[int], device: torch.device) -> torch.Tensor:
@@ -262,6 +289,27 @@ class KVReceiver(ABC):
 # ---------------------------------------------------------------------------- the sender
 
 
+class Transfer(NamedTuple):
+    """One request's pages to push: src_pages of the prefill pool into dst_pages of decode
+    `decode_idx`'s pool (reserved there), in the same order."""
+
+    rid: str
+    decode_idx: int
+    src_pages: list[int]
+    dst_pages: list[int]
+
+
+class PagePush(NamedTuple):
+    """A Transfer whose page ids passed the checks, ready for the backend."""
+
+    transfer: Transfer
+    src_ids: array.array  # [n] int32 ('i'): the src page ids, checked
+    dst_ids: array.array  # [n] int32 ('i'): the dst page ids, checked
+
+
+Outcome = TransferResult | Exception  # one transfer's: its result, or what failed it alone
+
+
 class KVSender(ABC):
     """In the prefill worker; owns the source pool. One sender reaches every decode worker.
 
@@ -273,6 +321,7 @@ class KVSender(ABC):
         self, pool: torch.Tensor | HasKVBuffer, peers_info: list[dict[str, Any] | None] | tuple = ()
     ) -> None:
         self.buffer = kv_buffer_of(pool)  # [L, 2, num_pages, page_size, Hkv, D]
+        self.page_nbytes = self.buffer[:, :, 0].numel() * self.buffer.element_size()
         self.stats = TransferStats()
         self._handshakes: dict[int, dict[str, Any]] = {
             i: h for i, h in enumerate(peers_info) if h is not None
@@ -308,50 +357,105 @@ class KVSender(ABC):
         Returns when the source pages may be reused and the destination will hold the data
         (cuda_ipc: written; tcp: bytes queued in zmq; nccl: send completed). Raises
         KVTransferError on a failure or timeout, ValueError on bad page ids."""
-        if decode_idx not in self._connected:
-            if decode_idx not in self._handshakes:
-                raise KVTransferError(f"request {rid}: no handshake for decode {decode_idx}")
-            self.connect(decode_idx, self._handshakes[decode_idx])
-        peer_pages = self._connected[decode_idx]["num_pages"]
-        if len(src_pages) != len(dst_pages):
-            raise ValueError(
-                f"request {rid}: {len(src_pages)} src pages but {len(dst_pages)} dst pages"
-            )
-        check_pages(src_pages, self.buffer.shape[2], f"request {rid}: src_pages")
-        check_pages(dst_pages, peer_pages, f"request {rid}: dst_pages")
-        start = time.perf_counter()
-        try:
-            num_bytes = self._push(
-                rid, decode_idx, list(src_pages), list(dst_pages), start + timeout_s
-            )
-        except Exception as e:
-            self.stats.num_failures += 1
-            if isinstance(e, KVTransferError):
-                raise
-            raise KVTransferError(
-                f"request {rid}: KV transfer to decode {decode_idx} failed: {e}"
-            ) from e
-        seconds = time.perf_counter() - start
-        self.stats.bytes_sent += num_bytes
-        self.stats.seconds += seconds
-        self.stats.num_transfers += 1
-        return TransferResult(num_bytes, seconds)
+        outcome = self.send_many([Transfer(rid, decode_idx, src_pages, dst_pages)], timeout_s)[0]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
 
-    def _push(
-        self, rid: str, decode_idx: int, src_pages: list[int], dst_pages: list[int], deadline: float
-    ) -> int:
-        """_send, with this push's injected faults (none unless fault_injection is on). A delay
-        counts against the deadline; a failure after the bytes moved leaves them landed on
-        decode, which must drop them when KVReady(ok=False) comes."""
-        fault = self.faults.kv_push()
-        if fault.delay_s:
-            time.sleep(fault.delay_s)
-        if fault.fail_before:
-            raise InjectedFault("injected KV transfer failure before the push")
-        num_bytes = self._send(rid, decode_idx, src_pages, dst_pages, deadline) if src_pages else 0
-        if fault.fail_after:
-            raise InjectedFault("injected KV transfer failure after the push")
-        return num_bytes
+    def send_many(self, transfers: list[Transfer], timeout_s: float) -> list[Outcome]:
+        """send() for several requests at once, e.g. every prompt one prefill step finished:
+        cuda_ipc copies them all with one kernel per decode worker and waits once, so small
+        transfers share the fixed cost. Transfers to one decode worker must not share dst pages
+        (two requests never do). Returns each transfer's TransferResult (seconds: the whole
+        call's) or the exception that failed it alone (as send() would raise it)."""
+        start = time.perf_counter()
+        deadline = start + timeout_s
+        outcomes: list[Any] = [None] * len(transfers)  # bytes moved or an exception, per transfer
+        refused: set[int] = set()  # refused before anything moved: not counted as failures
+        pushes: dict[int, PagePush] = {}  # transfer index -> its checked pages, still to move
+        for i, transfer in enumerate(transfers):
+            try:
+                push = self._check(transfer)
+            except (ValueError, KVTransferError) as e:
+                outcomes[i] = e
+                refused.add(i)
+                continue
+            fault = self.faults.kv_push()
+            if fault.delay_s:  # counts against the deadline
+                time.sleep(fault.delay_s)
+            if fault.fail_before:
+                outcomes[i] = InjectedFault("injected KV transfer failure before the push")
+            else:
+                pushes[i] = push
+                if fault.fail_after:  # the bytes move, then the push reports a failure
+                    outcomes[i] = InjectedFault("injected KV transfer failure after the push")
+        moved = self._send_pushes(list(pushes.values()), deadline) if pushes else []
+        seconds = time.perf_counter() - start
+        for i, num_bytes in zip(pushes, moved, strict=True):
+            if outcomes[i] is None:
+                outcomes[i] = num_bytes
+        return self._account(transfers, outcomes, refused, seconds)
+
+    def _check(self, t: Transfer) -> PagePush:
+        """t's page ids as checked arrays; ValueError on bad ids, KVTransferError when its
+        decode worker cannot be reached. Refused before any launch (see check_pages)."""
+        if t.decode_idx not in self._connected:
+            if t.decode_idx not in self._handshakes:
+                raise KVTransferError(f"request {t.rid}: no handshake for decode {t.decode_idx}")
+            self.connect(t.decode_idx, self._handshakes[t.decode_idx])
+        if len(t.src_pages) != len(t.dst_pages):
+            raise ValueError(
+                f"request {t.rid}: {len(t.src_pages)} src pages but {len(t.dst_pages)} dst pages"
+            )
+        peer_pages = self._connected[t.decode_idx]["num_pages"]
+        src_ids = page_array(t.src_pages, self.buffer.shape[2], f"request {t.rid}: src_pages")
+        dst_ids = page_array(t.dst_pages, peer_pages, f"request {t.rid}: dst_pages")
+        return PagePush(t, src_ids, dst_ids)
+
+    def _account(
+        self, transfers: list[Transfer], outcomes: list[Any], refused: set[int], seconds: float
+    ) -> list[Outcome]:
+        """Turn each outcome (bytes moved, or an exception) into a TransferResult or a
+        KVTransferError naming the request, and add them to the stats."""
+        results: list[Outcome] = []
+        num_ok = 0
+        for i, (t, outcome) in enumerate(zip(transfers, outcomes, strict=True)):
+            if isinstance(outcome, int):
+                self.stats.bytes_sent += outcome
+                num_ok += 1
+                results.append(TransferResult(outcome, seconds))
+                continue
+            if i in refused:
+                results.append(outcome)
+                continue
+            self.stats.num_failures += 1
+            if not isinstance(outcome, KVTransferError):
+                error = KVTransferError(
+                    f"request {t.rid}: KV transfer to decode {t.decode_idx} failed: {outcome}"
+                )
+                error.__cause__ = outcome
+                outcome = error
+            results.append(outcome)
+        if num_ok:
+            self.stats.seconds += seconds
+            self.stats.num_transfers += num_ok
+        return results
+
+    def _send_pushes(self, pushes: list[PagePush], deadline: float) -> list[int | Exception]:
+        """Move every push's pages; per push, its payload bytes or the exception that failed it.
+        Backends that can move several requests' pages together override this."""
+        moved: list[int | Exception] = []
+        for push in pushes:
+            t = push.transfer
+            try:
+                moved.append(
+                    self._send(t.rid, t.decode_idx, list(t.src_pages), list(t.dst_pages), deadline)
+                    if push.src_ids
+                    else 0
+                )
+            except Exception as e:  # this push alone fails; the caller turns it into its error
+                moved.append(e)
+        return moved
 
     @property
     @abstractmethod

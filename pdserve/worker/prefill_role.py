@@ -9,7 +9,7 @@ from collections import deque
 
 from pdserve import protocol
 from pdserve.ipc import Outbox
-from pdserve.kv_transfer.base import KVSender, TransferStats
+from pdserve.kv_transfer.base import KVSender, Transfer, TransferStats
 from pdserve.scheduler.request import Request, Status
 from pdserve.worker.worker_core import WorkerCore
 from pdserve.worker.worker_role import Handler, KVPush, ReqMeta, new_request
@@ -63,8 +63,10 @@ class PrefillRole:
         return []
 
     def after_step(self, touched: list[Request]) -> None:
-        """Push the KV of every request whose prompt is done; report the ones that failed here
-        (aborted, too large, a failed step) so the decode worker ends them and frees their pages."""
+        """Push the KV of every request whose prompt is done, all in one send (cuda_ipc copies
+        them with one kernel and waits once); report the ones that failed here (aborted, too
+        large, a failed step) so the decode worker ends them and frees their pages."""
+        ready = []
         for req in touched:
             if req.user_data.push is None:
                 continue  # an embedding request: its result went to the tokenizer
@@ -72,19 +74,31 @@ class PrefillRole:
                 message = req.finish.message or "prefill failed"
                 self._reply(req, protocol.KVFailed(req.rid, message, req.finish.status_code))
             elif req.status == Status.PREFILLED:
-                self._push(req)
-
-    def _push(self, req: Request) -> None:
-        push: KVPush = req.user_data.push
-        src_pages = req.page_ids[: len(push.dst_pages)]
-        reply: protocol.KVReady | protocol.KVFailed
+                ready.append(req)
+        if not ready:
+            return
+        transfers = []
+        for req in ready:
+            push: KVPush = req.user_data.push
+            src_pages = req.page_ids[: len(push.dst_pages)]
+            transfers.append(Transfer(req.rid, push.decode_idx, src_pages, push.dst_pages))
         try:
-            self.sender.send(
-                req.rid, push.decode_idx, src_pages, push.dst_pages, timeout_s=self.timeout_s
+            outcomes: list[object] = self.sender.send_many(transfers, timeout_s=self.timeout_s)
+        except Exception as e:  # the whole call failed: every push fails, the worker goes on
+            logger.exception("KV push of %d requests failed", len(transfers))
+            outcomes = [e] * len(transfers)
+        for req, outcome in zip(ready, outcomes, strict=True):
+            self._finish_push(req, outcome)
+
+    def _finish_push(self, req: Request, outcome: object) -> None:
+        """Tell the decode worker how req's push went, and free its pages here."""
+        reply: protocol.KVReady | protocol.KVFailed
+        if isinstance(outcome, BaseException):
+            decode_idx = req.user_data.push.decode_idx
+            logger.error(
+                "request %s: KV push to decode %d failed: %s", req.rid, decode_idx, outcome
             )
-        except Exception as e:
-            logger.exception("request %s: KV push to decode %d failed", req.rid, push.decode_idx)
-            reply = protocol.KVFailed(req.rid, f"KV transfer failed: {e}", 500)
+            reply = protocol.KVFailed(req.rid, f"KV transfer failed: {outcome}", 500)
         else:
             reply = protocol.KVReady(
                 rid=req.rid,

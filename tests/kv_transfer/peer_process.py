@@ -42,11 +42,16 @@ def run_sender_process(
     transfers: list[tuple[str, list[int], list[int]]],
     wait_for: set[str],
     timeout_s: float = 30.0,
+    more_receivers: tuple[KVReceiver, ...] = (),
+    batches: list[list[tuple[str, int, list[int], list[int]]]] | None = None,
 ) -> tuple[set[str], dict]:
     """Start the sender process, poll `receiver` until it exits and `wait_for` rids arrived.
-    Returns (rids poll() reported, the sender's stats)."""
-    handshake_path = tmp_path / "handshake.msgpack"
-    handshake_path.write_bytes(msgpack.packb(receiver.handshake(), use_bin_type=True))
+    more_receivers: decode 1, 2, ... (polled too); batches: each sent with one send_many after
+    the transfers. Returns (rids poll() reported, the sender's report: stats, outcomes)."""
+    handshake_paths = []
+    for i, r in enumerate((receiver, *more_receivers)):
+        handshake_paths.append(tmp_path / f"handshake{i}.msgpack")
+        handshake_paths[-1].write_bytes(msgpack.packb(r.handshake(), use_bin_type=True))
     spec_path = tmp_path / "spec.json"
     spec = {
         "backend": backend,
@@ -54,8 +59,10 @@ def run_sender_process(
         "seed": seed,
         "shape": shape,
         "dtype": str(dtype).removeprefix("torch."),
-        "handshake_path": str(handshake_path),
+        "handshake_path": str(handshake_paths[0]),
+        "handshake_paths": [str(p) for p in handshake_paths],
         "transfers": [list(t) for t in transfers],
+        "batches": [[list(t) for t in batch] for batch in batches or []],
         "timeout_s": timeout_s,
     }
     spec_path.write_text(json.dumps(spec))
@@ -73,7 +80,8 @@ def run_sender_process(
     deadline = time.monotonic() + timeout_s
     try:
         while time.monotonic() < deadline:
-            arrived.update(receiver.poll())
+            for r in (receiver, *more_receivers):
+                arrived.update(r.poll())
             if proc.poll() is not None and (wait_for <= arrived or proc.returncode != 0):
                 break
             time.sleep(0.002)

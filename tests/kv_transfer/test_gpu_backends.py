@@ -57,6 +57,45 @@ def test_cuda_ipc_writes_pages_from_another_process_sharing_the_gpu(tmp_path):
     receiver.close()
 
 
+def test_cuda_ipc_send_many_fills_two_decode_pools_and_a_bad_transfer_fails_alone(tmp_path):
+    dsts = [make_pool(seed, DST_SHAPE, torch.bfloat16, "cuda:0") for seed in (2, 3)]
+    befores = [d.cpu() for d in dsts]
+    receivers = [make_receiver("cuda_ipc", d) for d in dsts]
+    batch = [  # (rid, decode_idx, src_pages, dst_pages): one kernel per decode pool, one wait
+        ("a", 0, [3, 17, 0], [60, 2, 11]),
+        ("b", 1, [5, 6], [19, 1]),
+        ("bad", 1, [7], [64]),  # decode 1 has 64 pages: refused, the others still move
+        ("c", 0, list(range(10, 30)), list(range(40, 20, -1))),  # no dst page shared with "a"
+        ("d", 1, [39], [0]),
+    ]
+    alone = ("e", 0, [1], [5])  # a batch of one, after the first batch
+    _, report = run_sender_process(
+        tmp_path,
+        receivers[0],
+        backend="cuda_ipc",
+        device="cuda:0",
+        seed=1,
+        shape=SRC_SHAPE,
+        dtype=torch.bfloat16,
+        transfers=[],
+        wait_for=set(),
+        timeout_s=120,
+        more_receivers=(receivers[1],),
+        batches=[batch, [alone]],
+    )
+    page_nbytes = 4 * 2 * 16 * 8 * 128 * 2
+    assert report["outcomes"] == [n * page_nbytes for n in (3, 2)] + ["ValueError"] + [
+        n * page_nbytes for n in (20, 1, 1)
+    ]
+    assert report["num_transfers"] == 5
+    torch.cuda.synchronize()
+    for idx, (dst, before) in enumerate(zip(dsts, befores, strict=True)):
+        moves = [(rid, s, d) for rid, i, s, d in [*batch, alone] if i == idx and rid != "bad"]
+        assert torch.equal(dst.cpu().view(torch.int16), _expected(before, moves).view(torch.int16))
+    for r in receivers:
+        r.close()
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs two GPUs")
 def test_nccl_moves_pages_between_two_gpus_and_drops_a_cancelled_request(tmp_path):
     dst = make_pool(2, DST_SHAPE, torch.bfloat16, "cuda:0")
