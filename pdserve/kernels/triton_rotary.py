@@ -127,3 +127,128 @@ def apply_rotary_(
         num_warps=4 if block_hq * half >= 1024 else 2,
     )  # fmt: skip
     return q, k
+
+
+@triton.jit
+def _rotary_store_kernel(
+    q_ptr,  # [T, Hq, D]: rotated in place
+    k_ptr,  # [T, Hkv, D]: read only; rotated into k_cache
+    v_ptr,  # [T, Hkv, D]: read only; copied into v_cache
+    positions_ptr,  # [T] int
+    slots_ptr,  # [T] int: page_id * page_size + offset
+    cos_sin_ptr,  # [max_positions, 2 * HALF] float32: cos | sin
+    k_cache_ptr,  # [num_slots, Hkv, D] (the pool's pages, viewed as slots)
+    v_cache_ptr,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_cs,
+    stride_cache_slot,
+    stride_cache_h,
+    NUM_Q_HEADS: tl.constexpr,
+    NUM_K_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    BLOCK_HQ: tl.constexpr,
+    BLOCK_HK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    pos = tl.load(positions_ptr + token).to(tl.int64)
+    slot = tl.load(slots_ptr + token).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_HALF)[None, :]
+    mask_d = offs_d < HALF
+    cos = tl.load(cos_sin_ptr + pos * stride_cs + offs_d, mask=mask_d, other=0.0)
+    sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + offs_d, mask=mask_d, other=0.0)
+    _rotate_heads(
+        q_ptr + token * stride_qt, stride_qh, cos, sin, mask_d, offs_d, NUM_Q_HEADS, BLOCK_HQ, HALF
+    )
+    cache_dtype = k_cache_ptr.dtype.element_ty
+    offs_h = tl.arange(0, BLOCK_HK)[:, None]
+    # k: the rotated dimensions, then (partial rotary) the rest as they are.
+    mask = (offs_h < NUM_K_HEADS) & mask_d
+    src = k_ptr + token * stride_kt + offs_h * stride_kh + offs_d
+    dst = k_cache_ptr + slot * stride_cache_slot + offs_h * stride_cache_h + offs_d
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dst, (x1 * cos - x2 * sin).to(cache_dtype), mask=mask)
+    tl.store(dst + HALF, (x2 * cos + x1 * sin).to(cache_dtype), mask=mask)
+    offs_full = tl.arange(0, BLOCK_D)[None, :]
+    in_head = (offs_h < NUM_K_HEADS) & (offs_full < HEAD_DIM)
+    if 2 * HALF < HEAD_DIM:
+        tail = in_head & (offs_full >= 2 * HALF)
+        k_tail = tl.load(k_ptr + token * stride_kt + offs_h * stride_kh + offs_full, mask=tail)
+        tl.store(
+            k_cache_ptr + slot * stride_cache_slot + offs_h * stride_cache_h + offs_full,
+            k_tail.to(cache_dtype),
+            mask=tail,
+        )
+    v = tl.load(v_ptr + token * stride_vt + offs_h * stride_vh + offs_full, mask=in_head)
+    tl.store(
+        v_cache_ptr + slot * stride_cache_slot + offs_h * stride_cache_h + offs_full,
+        v.to(cache_dtype),
+        mask=in_head,
+    )
+
+
+def _slot_strides(cache: torch.Tensor) -> tuple[int, int] | None:
+    """(slot stride, head stride) of a [num_pages, page_size, Hkv, D] cache whose pages are laid
+    out slot after slot (page p, offset o is slot p * page_size + o); None when they are not."""
+    if (
+        cache.dim() != 4
+        or cache.stride(-1) != 1
+        or cache.stride(0) != cache.shape[1] * cache.stride(1)
+    ):
+        return None
+    return cache.stride(1), cache.stride(2)
+
+
+def apply_rotary_and_store_(
+    q: torch.Tensor,  # [T, Hq, D], rotated in place
+    k: torch.Tensor,  # [T, Hkv, D], left as it is: its rotated rows go to k_cache
+    v: torch.Tensor,  # [T, Hkv, D]
+    positions: torch.Tensor,  # [T] int32/int64, each < max_positions (not checked: no sync)
+    cos_sin_cache: torch.Tensor,  # [max_positions, rotary_dim] float32: cos | sin halves
+    k_cache: torch.Tensor,  # [num_pages, page_size, Hkv, D]
+    v_cache: torch.Tensor,  # [num_pages, page_size, Hkv, D]
+    slots: torch.Tensor,  # [T] int64: page_id * page_size + offset (not checked: no sync)
+) -> torch.Tensor:  # q
+    """Rotary on q and k and the KV-cache store of k and v, in one launch: what
+    `apply_rotary_` followed by `attention_ref.store_kv` do, with k's rotation written to the
+    cache only."""
+    _check(q, k, positions, cos_sin_cache)
+    strides = _slot_strides(k_cache)
+    if (
+        v.shape != k.shape
+        or v.stride(-1) != 1
+        or k_cache.shape != v_cache.shape
+        or strides is None
+        or _slot_strides(v_cache) != strides
+        or tuple(k_cache.shape[2:]) != tuple(k.shape[1:])
+        or slots.shape != (q.shape[0],)
+    ):
+        raise ValueError(
+            f"apply_rotary_and_store_: v {tuple(v.shape)} must match k {tuple(k.shape)}, the "
+            f"caches {tuple(k_cache.shape)} and {tuple(v_cache.shape)} must be [pages, page_size, "
+            f"Hkv, D] with slot-contiguous pages, slots [T={q.shape[0]}], got {tuple(slots.shape)}"
+        )
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_k_heads = k.shape[1]
+    half = cos_sin_cache.shape[1] // 2
+    if num_tokens == 0:
+        return q
+    block_hq = triton.next_power_of_2(num_q_heads)
+    _rotary_store_kernel[(num_tokens,)](
+        q, k, v, positions, slots, cos_sin_cache, k_cache, v_cache,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        cos_sin_cache.stride(0), strides[0], strides[1],
+        NUM_Q_HEADS=num_q_heads, NUM_K_HEADS=num_k_heads, HEAD_DIM=head_dim, HALF=half,
+        BLOCK_HALF=triton.next_power_of_2(max(half, 1)), BLOCK_HQ=block_hq,
+        BLOCK_HK=triton.next_power_of_2(num_k_heads), BLOCK_D=triton.next_power_of_2(head_dim),
+        num_warps=4 if block_hq * half >= 1024 else 2,
+    )  # fmt: skip
+    return q

@@ -36,6 +36,9 @@ class Kernels(NamedTuple):
     fused_add_rms_norm: Callable[[Tensor, Tensor, Tensor, float], tuple[Tensor, Tensor]]
     apply_rotary: Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
     silu_and_mul: Callable[[Tensor], Tensor]  # [T, 2 I] -> [T, I]
+    # Rotary on q and k plus the KV-cache store of k and v in one launch (returns q); None: the
+    # two steps apart (apply_rotary, then the attention backend's store_kv).
+    rotary_and_store: Callable[..., Tensor] | None = None
 
 
 TORCH_KERNELS = Kernels(rms_norm_ref, fused_add_rms_norm_ref, apply_rotary_ref, silu_and_mul_ref)
@@ -57,6 +60,7 @@ def select_kernels(use_triton: bool) -> Kernels:
         fused_add_rms_norm=triton_norm.fused_add_rms_norm,
         apply_rotary=triton_rotary.apply_rotary_,  # in place on q and k
         silu_and_mul=triton_activation.silu_and_mul,
+        rotary_and_store=triton_rotary.apply_rotary_and_store_,
     )
 
 
@@ -138,10 +142,15 @@ class LlamaAttention(nn.Module):
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.kernels.apply_rotary(q, k, batch.positions, cos_sin_cache)
-
         k_cache, v_cache = kv_pool.k(self.layer_idx), kv_pool.v(self.layer_idx)
-        self.attention.store_kv(k_cache, v_cache, batch.slots, k, v)
+        rotary_and_store = self.kernels.rotary_and_store
+        if rotary_and_store is not None:
+            q = rotary_and_store(
+                q, k, v, batch.positions, cos_sin_cache, k_cache, v_cache, batch.slots
+            )
+        else:
+            q, k = self.kernels.apply_rotary(q, k, batch.positions, cos_sin_cache)
+            self.attention.store_kv(k_cache, v_cache, batch.slots, k, v)
         if batch.is_decode:
             out = self.attention.decode_attention(q, k_cache, v_cache, batch, self.scale)
         else:
