@@ -17,6 +17,8 @@ TARGET_MBU = {"b1": 0.70, "b1_8b": 0.85}
 TARGET_BATCH64_RATIO = 1.5
 TARGET_OFFLINE_VS_HF = 20.0
 TARGET_KV_RATIO = 0.5
+# pdserve's speed over the compiled plain-torch peer's (issue 17); per row kind
+TARGET_VS_PEER = {"b1": 1.25, "b1_8b": 1.1, "batch": 1.25, "offline": 1.5}
 _TABLE_HEADER = "| what | pdserve | reference | ratio | target |\n|---|---|---|---|---|"
 
 
@@ -38,6 +40,7 @@ class Report:
         rows += _nano_rows(s.get("nano"))
         rows += _serve_rows(s.get("serve"))
         rows += _kv_rows(s.get("kv"))
+        rows += _kernel_rows(s.get("kernels"))
         return rows
 
     def markdown(self) -> str:
@@ -67,6 +70,7 @@ class Report:
             for mode in ("mixed", "pd")
             if f"{mode}_error" in serve
         ]
+        notes += _peer_notes(self.sections)
         notes += [f"- skipped `{k}`: {v}" for k, v in self.skipped.items()]
         notes += [f"- error in `{k}`: {v.splitlines()[0][:300]}" for k, v in self.errors.items()]
         if notes:
@@ -112,12 +116,28 @@ def _b1_rows(key: str, r: dict[str, Any] | None) -> list[tuple[str, ...]]:
     if not r:
         return []
     target = TARGET_MBU[key]
-    return [
+    rows = [
         (f"decode batch 1, {r['model']}, {r['input_len']} in / {r['output_tokens']} out: tok/s",
          f"{r['decode_tok_s']:.0f} ({r['decode_step_ms']:.2f} ms/step)",
          f"{r['roofline_tok_s']:.0f} (roofline)", f"MBU {r['mbu']:.0%}",
          f"MBU >= {target:.0%}: {_met(r['mbu'] >= target)}"),
     ]  # fmt: skip
+    peer = r.get("peer")
+    if peer:
+        ours = f"{r['decode_step_ms']:.2f} (MBU {r['mbu']:.0%})"
+        theirs = f"{peer['decode_step_ms']:.2f} (MBU {peer['mbu']:.0%})"
+        rows.append(_peer_row("same, ms/step", ours, theirs, peer["decode_step_ms"],
+                              r["decode_step_ms"], TARGET_VS_PEER[key]))  # fmt: skip
+    return rows
+
+
+def _peer_row(
+    what: str, ours: str, theirs: str, peer_cost: float, our_cost: float, target: float
+) -> tuple[str, ...]:
+    """A row against the compiled plain-torch peer: ratio = pdserve's speed / the peer's."""
+    ratio = peer_cost / our_cost
+    return (f"{what} vs compiled plain torch", ours, f"{theirs} (compiled torch, same call)",
+            f"{ratio:.2f}x", f">= {target}x: {_met(ratio >= target)}")  # fmt: skip
 
 
 def _batch_rows(r: dict[str, Any] | None) -> list[tuple[str, ...]]:
@@ -136,6 +156,13 @@ def _batch_rows(r: dict[str, Any] | None) -> list[tuple[str, ...]]:
              f"{b['step_ms']:.2f}", f"{b['roofline_ms']:.2f} (roofline)", f"{ratio:.2f}x",
              target)
         )  # fmt: skip
+        peer = b.get("peer")
+        if peer:
+            mbu = b["roofline_bytes_ms"] / b["step_ms"]
+            ours = f"{b['step_ms']:.2f} (MBU {mbu:.0%})"
+            theirs = f"{peer['step_ms']:.2f} (MBU {peer['mbu']:.0%})"
+            rows.append(_peer_row("same, ms/step", ours, theirs, peer["step_ms"], b["step_ms"],
+                                  TARGET_VS_PEER["batch"]))  # fmt: skip
     return rows
 
 
@@ -160,7 +187,13 @@ def _offline_rows(
             (what, ours, f"{ref['output_tok_s']:.0f} ({label}, batch {ref['batch']})",
              f"{ratio:.1f}x", goal)
         )  # fmt: skip
-    return rows or [(what, ours, "-", "-", "-")]
+    rows = rows or [(what, ours, "-", "-", "-")]
+    peer = r.get("peer")
+    if peer:
+        theirs = f"{peer['output_tok_s']:.0f} (one wave of {peer['batch']})"
+        rows.append(_peer_row("same, output tok/s", ours, theirs, 1 / peer["output_tok_s"],
+                              1 / r["output_tok_s"], TARGET_VS_PEER["offline"]))  # fmt: skip
+    return rows
 
 
 def _nano_rows(r: dict[str, Any] | None) -> list[tuple[str, ...]]:
@@ -216,6 +249,58 @@ def _kv_rows(r: dict[str, Any] | None) -> list[tuple[str, ...]]:
              f">= {TARGET_KV_RATIO:.0%}: {_met(ratio >= TARGET_KV_RATIO)}")
         )  # fmt: skip
     return rows
+
+
+def _kernel_rows(r: dict[str, Any] | None) -> list[tuple[str, ...]]:
+    """pdserve's paged attention kernel beside FlashInfer's, per (kind, shape, head dim)."""
+    if not r:
+        return []
+    found = {(x["kind"], x["batch"], x["context"], x["head_dim"], x["impl"]): x for x in r["rows"]}
+    rows = []
+    for (kind, batch, ctx, dim, impl), ours in found.items():
+        if impl != "pdserve":
+            continue
+        rate = "of copy rate" if kind == "decode" else "of matmul rate"
+        what = f"paged {kind} attention, {r['dtype']}, {batch} x {ctx}, D{dim}: us ({rate})"
+        fi = found.get((kind, batch, ctx, dim, "flashinfer"))
+        theirs = f"FlashInfer {_kernel_cell(fi)}" if fi else _no_flashinfer(r, kind, dim)
+        ratio = f"{fi['us'] / ours['us']:.2f}x" if fi and "us" in fi and "us" in ours else "-"
+        rows.append((what, _kernel_cell(ours), theirs, ratio, "-"))
+    return rows
+
+
+def _no_flashinfer(r: dict[str, Any], kind: str, dim: int) -> str:
+    """Why a kernel row has no FlashInfer figure: not installed, or its JIT build's state."""
+    if r["flashinfer"] != "available":
+        return r["flashinfer"]
+    return f"FlashInfer JIT build: {r['flashinfer_warmup'].get(f'{kind}-{dim}', 'not tried')}"
+
+
+def _kernel_cell(x: dict[str, Any]) -> str:
+    if "error" in x:
+        return f"error: {x['error'][:80]}"
+    share = x["of_copy"] if x["kind"] == "decode" else x["of_matmul"]
+    check = "" if x["ok"] else f", check FAILED ({x['max_rel_err']:.1e})"
+    return f"{x['us']:.1f} ({share:.0%}{check})"
+
+
+def _peer_notes(sections: dict[str, dict[str, Any]]) -> list[str]:
+    """The peer's correctness checks and errors, one line each."""
+    notes = []
+    for key in ("b1", "b1_8b"):
+        check = ((sections.get(key) or {}).get("peer") or {}).get("check")
+        if check:
+            verdict = "PASS" if check["passed"] else "**FAIL**"
+            notes.append(
+                f"- peer check `{key}`: greedy tokens equal pdserve's for "
+                f"{check['equal_prefix']}/{check['num_new']}; decode logits vs a float32 forward "
+                f"of the same weights: max rel err {check['logits_max_rel_err']:.1e} "
+                f"(tol {check['logits_tolerance']:.0e}): {verdict}"
+            )
+    for key, r in sections.items():
+        errors = [r.get("peer_error")] + [b.get("peer_error") for b in r.get("batches", [])]
+        notes += [f"- peer error in `{key}`: {e.splitlines()[0][:300]}" for e in errors if e]
+    return notes
 
 
 def size_text(num_bytes: int) -> str:

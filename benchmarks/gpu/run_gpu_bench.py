@@ -1,6 +1,8 @@
 """pdserve's GPU speed in one call: ceilings, batch-1 MBU, large-batch decode steps against the
 roofline, offline throughput against transformers, nano-vllm's workload, mixed vs prefill + decode
-serving, and KV transfer bandwidth. Random bf16 weights at real shapes, nothing downloaded.
+serving, KV transfer bandwidth, and paged attention kernels beside FlashInfer's. Every decode row
+also times a compiled plain-torch decoder (torch_peer.py) on the same weights in the same call.
+Random bf16 weights at real shapes, nothing downloaded.
 
     python benchmarks/gpu/run_gpu_bench.py                  # everything, about 8 minutes on an H100
     python benchmarks/gpu/run_gpu_bench.py --sections b1,batch
@@ -18,6 +20,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: no progre
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
+import functools  # noqa: E402
 import shlex  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
@@ -41,14 +44,18 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 
 import random_checkpoint as rc  # noqa: E402
 import torch  # noqa: E402
+from attention_bench import KernelPlan  # noqa: E402
 from report import Report, size_text  # noqa: E402
 
-SECTIONS = ("ceilings", "b1", "batch", "offline", "hf", "kv", "b1_8b", "nano", "serve", "hf_static")
+SECTIONS = ("ceilings", "b1", "batch", "offline", "hf", "kv", "b1_8b", "nano", "serve", "hf_static",
+            "kernels")  # fmt: skip
 # Seconds a section needs at least on the H100 (engine start included): skipped with less left.
 MIN_SECONDS = {"ceilings": 5, "b1": 45, "batch": 30, "offline": 40, "hf": 40, "kv": 10,
-               "b1_8b": 60, "nano": 50, "serve": 90, "hf_static": 60}  # fmt: skip
+               "b1_8b": 60, "nano": 50, "serve": 90, "hf_static": 60, "kernels": 30}  # fmt: skip
 # The engine each section drives (one lives at a time; sections without one free the GPU).
 ENGINE_OF = {"b1": "1b", "batch": "1b", "offline": "1b", "b1_8b": "8b", "nano": "qwen"}
+# The compiled plain-torch peer each section times beside pdserve (same checkpoint).
+PEER_OF = {"b1": "1b", "batch": "1b", "offline": "1b", "b1_8b": "8b"}
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,9 @@ class Plan:
     kv_layout_model: str
     kv_page_size: int
     kv_sizes: tuple[int, ...]  # bytes
+    peer_offline_batch: int  # the compiled peer's one wave of the offline prompts
+    kernels: KernelPlan
+    default_sections: tuple[str, ...] = SECTIONS
     budget_s: float = 450.0
     shard_bytes: int = 4 << 30
     checkpoint_roots: tuple[str, ...] = ("/dev/shm/pdserve-bench", "/tmp/pdserve-bench")
@@ -96,7 +106,12 @@ FULL = Plan(
     serve=(200, 512, 128, 32),
     serve_options={"num_pages": 4096, "max_running_requests": 64, "cuda_graph_max_batch": 64},
     kv_backend="cuda_ipc", kv_layout_model="1b", kv_page_size=16,
-    kv_sizes=(4 << 20, 16 << 20, 64 << 20, 256 << 20),
+    kv_sizes=(4 << 20, 16 << 20, 64 << 20, 256 << 20), peer_offline_batch=256,
+    kernels=KernelPlan(
+        device="cuda", dtype=torch.bfloat16,
+        shapes=((1, 1024), (64, 1024), (256, 1024), (64, 4096)), head_dims=(64, 128),
+        tolerance=1e-2, max_checked_seqs={"decode": 16, "prefill": 2},
+    ),
 )  # fmt: skip
 SMOKE = Plan(
     device="cpu", dtype="float32",
@@ -107,7 +122,13 @@ SMOKE = Plan(
     hf_static_cap_s=60.0, nano=(6, 10, 30), serve=(6, 16, 8, 3),
     serve_options={"num_pages": 256, "page_size": 4}, kv_backend="tcp", kv_layout_model="1b",
     kv_page_size=4, kv_sizes=(4 << 10, 16 << 10), budget_s=600.0, shard_bytes=100_000,
-    checkpoint_roots=("/tmp/pdserve-bench-smoke",),
+    checkpoint_roots=("/tmp/pdserve-bench-smoke",), peer_offline_batch=4,
+    kernels=KernelPlan(
+        device="cpu", dtype=torch.float32, shapes=((1, 24), (3, 40)), head_dims=(16, 32),
+        tolerance=1e-4, max_checked_seqs={"decode": 16, "prefill": 2},
+    ),
+    # The kernels section is opt-in on the CPU (--sections kernels): torch references only.
+    default_sections=tuple(s for s in SECTIONS if s != "kernels"),
 )  # fmt: skip
 
 
@@ -123,6 +144,8 @@ class Bench:
     ceilings: dict[str, Any] | None = None
     engine_key: str | None = None
     engine: Any = None
+    peer_key: str | None = None
+    peer: Any = None
 
     def remaining_s(self) -> float:
         return self.args.budget_s - (time.perf_counter() - self.started)
@@ -199,6 +222,27 @@ class Bench:
             self.say(f"engine {key} up in {time.perf_counter() - t0:.1f} s: {facts}")
         return self.engine
 
+    def use_peer(self, key: str | None) -> Any:
+        """The compiled plain-torch peer for checkpoint `key` (built once); None frees it."""
+        from engine_bench import free_device_memory
+
+        if self.peer_key != key and self.peer is not None:
+            self.peer, self.peer_key = None, None
+            torch._dynamo.reset()  # its compiled code and CUDA graphs go with it
+            free_device_memory()
+        if key is not None and self.peer is None:
+            from torch_peer import TorchPeer
+
+            t0 = time.perf_counter()
+            is_cuda = self.plan.device == "cuda"
+            if is_cuda:  # say in the log why inductor would skip CUDA graphs, if it does
+                torch._logging.set_logs(perf_hints=True)
+            dtype = getattr(torch, self.plan.dtype)
+            self.peer = TorchPeer(self.checkpoint(key), self.plan.device, dtype, compile=is_cuda)
+            self.peer_key = key
+            self.say(f"peer {key} loaded in {time.perf_counter() - t0:.1f} s (compile: {is_cuda})")
+        return self.peer
+
     def _engine_flags(self) -> dict[str, Any]:
         flags: dict[str, Any] = {"backend": self.args.attention_backend}
         if not self.args.cuda_graph:
@@ -215,21 +259,69 @@ def sec_ceilings(b: Bench) -> dict[str, Any]:
     return c
 
 
+def _with_peer(b: Bench, key: str, label: str, fn: Callable[[Any], dict]) -> dict[str, Any]:
+    """{"peer": fn(peer)} for the peer of checkpoint `key`; its error is recorded beside pdserve's
+    numbers (never the section's), and the peer is rebuilt for the next row."""
+    if not b.args.peer:
+        return {}
+    try:
+        r = fn(b.use_peer(key))
+    except Exception as e:  # pdserve's numbers of the row still count
+        traceback.print_exc()
+        b.say(f"peer error ({label}): {type(e).__name__}: {str(e)[:300]}")
+        b.use_peer(None)
+        return {"peer_error": f"{type(e).__name__}: {str(e)[:300]}"}
+    return {"peer": r}
+
+
+def _peer_b1(b: Bench, peer: Any, engine: Any, roof: Any, pd_ms: float) -> dict[str, Any]:
+    from peer_bench import check_against_engine, peer_batch1
+
+    input_len, output_len = b.plan.b1_lens
+    peer.ensure_cache(1, input_len + output_len)  # one cache shape: one compile for both
+    check = check_against_engine(engine, peer, roof.spec.vocab_size)
+    b.say(f"peer check: {check_text(check)}")
+    r = peer_batch1(peer, roof, input_len, output_len)
+    b.say(
+        f"peer batch 1: {r['decode_step_ms']:.2f} ms/step, MBU {r['mbu']:.0%}; pdserve / peer "
+        f"speed {r['decode_step_ms'] / pd_ms:.2f}x (CUDA graph skips: {r['cudagraph_skips']})"
+    )
+    return {**r, "check": check}
+
+
+def check_text(c: dict[str, Any]) -> str:
+    gap = c["fp32_gap_at_divergence"]
+    tie = (
+        ""
+        if gap is None
+        else f" (float32 gap there {gap:+.3f}, bf16 abs err {c['logits_abs_err']:.3f})"
+    )
+    return (
+        f"greedy tokens equal pdserve's for {c['equal_prefix']}/{c['num_new']}{tie}; logits vs "
+        f"float32 max rel err {c['logits_max_rel_err']:.1e} (tol {c['logits_tolerance']:.0e}); "
+        f"argmax = float32's for {c['peer_argmax_vs_fp32']:.0%} of the peer's tokens, "
+        f"{c['pdserve_argmax_vs_fp32']:.0%} of pdserve's: {'PASS' if c['passed'] else 'FAIL'}"
+    )
+
+
 def _sec_b1(b: Bench, key: str) -> dict[str, Any]:
     from engine_bench import decode_batch1
 
-    engine = b.use_engine(key)
+    engine, roof = b.use_engine(key), b.roofline(key)
     input_len, output_len = b.plan.b1_lens
-    r = decode_batch1(engine, b.roofline(key), input_len, output_len, b.plan.device)
+    r = decode_batch1(engine, roof, input_len, output_len, b.plan.device)
     b.say(
         f"{key} batch 1: {r['decode_tok_s']:.0f} tok/s ({r['decode_step_ms']:.2f} ms/step), "
         f"MBU {r['mbu']:.0%}, prefill {r['prefill_ms']:.1f} ms"
     )
+    pd_ms = r["decode_step_ms"]
+    r.update(_with_peer(b, key, f"{key} b1", lambda p: _peer_b1(b, p, engine, roof, pd_ms)))
     return r
 
 
 def sec_batch(b: Bench) -> dict[str, Any]:
     from engine_bench import decode_large_batch
+    from peer_bench import peer_large_batch
 
     engine, roof = b.use_engine("1b"), b.roofline("1b")
     rows = []
@@ -241,12 +333,22 @@ def sec_batch(b: Bench) -> dict[str, Any]:
             f"batch {batch}: {r['step_ms']:.2f} ms/step vs roofline {r['roofline_ms']:.2f} ms "
             f"({r['ratio_to_roofline']:.2f}x), pure decode: {r['is_pure_decode']}"
         )
+        timed = functools.partial(
+            peer_large_batch, roof=roof, batch=batch, context_len=round(r["mean_context"]),
+            timed_steps=b.plan.batch_steps,
+        )  # fmt: skip
+        r.update(_with_peer(b, "1b", f"batch {batch}", timed))
+        if "peer" in r:
+            p = r["peer"]
+            b.say(f"peer batch {batch}: {p['step_ms']:.2f} ms/step ({p['ratio_to_roofline']:.2f}x "
+                  f"roofline); pdserve / peer speed {p['step_ms'] / r['step_ms']:.2f}x")  # fmt: skip
         rows.append(r)
     return {"batches": rows}
 
 
 def sec_offline(b: Bench) -> dict[str, Any]:
     from engine_bench import offline_throughput
+    from peer_bench import peer_offline
 
     num, input_len, output_len = b.plan.offline
     num = _offline_prompts_within_cap(b, num, input_len, output_len)
@@ -254,6 +356,15 @@ def sec_offline(b: Bench) -> dict[str, Any]:
     vocab = b.plan.models["1b"].vocab_size
     r = offline_throughput(engine, vocab, num, input_len, output_len, b.plan.device)
     b.say(f"offline: {r['output_tok_s']:.0f} output tok/s over {r['seconds']:.1f} s")
+    wave = functools.partial(
+        peer_offline, vocab=vocab, batch=b.plan.peer_offline_batch, input_len=input_len,
+        output_len=output_len,
+    )  # fmt: skip
+    r.update(_with_peer(b, "1b", "offline", wave))
+    if "peer" in r:
+        p = r["peer"]
+        b.say(f"peer offline (one wave of {p['batch']}): {p['output_tok_s']:.0f} output tok/s; "
+              f"pdserve / peer {r['output_tok_s'] / p['output_tok_s']:.2f}x")  # fmt: skip
     return {"model": b.plan.models["1b"].name, **r}
 
 
@@ -365,6 +476,16 @@ def sec_kv(b: Bench) -> dict[str, Any]:
     return {**r, "copy_gb_s": copy_gb_s}
 
 
+def sec_kernels(b: Bench) -> dict[str, Any]:
+    from attention_bench import run_kernels
+
+    c = b.measure_ceilings()
+    out = os.environ.get("OUT")
+    log_dir = Path(out) if out else Path(tempfile.mkdtemp(prefix="pdserve-kernels-"))
+    warm_s = max(30.0, b.remaining_s() - 60)  # FlashInfer's JIT builds; the timings need ~60 s
+    return run_kernels(b.plan.kernels, c["copy_gb_s"], c["matmul_tflops"], b.say, log_dir, warm_s)
+
+
 class _Skip(Exception):
     """A section that cannot run here (not an error)."""
 
@@ -380,6 +501,7 @@ SECTION_FUNCS: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "nano": sec_nano,
     "serve": sec_serve,
     "hf_static": sec_hf_static,
+    "kernels": sec_kernels,
 }
 
 
@@ -394,6 +516,8 @@ def run_section(b: Bench, name: str) -> None:
     b.say(f"== {name}")
     t0 = time.perf_counter()
     try:
+        if b.peer_key != PEER_OF.get(name):
+            b.use_peer(None)  # built again when a row needs it
         b.use_engine(ENGINE_OF.get(name))
         result = SECTION_FUNCS[name](b)
         if b.engine is not None:
@@ -411,6 +535,7 @@ def run_section(b: Bench, name: str) -> None:
         b.say(f"error in {name}: {type(e).__name__}: {str(e)[:300]}")
         try:
             b.use_engine(None)  # its state is unknown: the next section starts a fresh one
+            b.use_peer(None)
         except Exception:  # freeing after a CUDA error can fail too; the next section will say
             traceback.print_exc()
 
@@ -439,7 +564,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--sections", default=",".join(SECTIONS), help=f"subset of {SECTIONS}")
+    p.add_argument(
+        "--sections", default=None, help=f"subset of {SECTIONS} (default: all; --smoke: all "
+        "but kernels)"
+    )  # fmt: skip
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (the CPU test)")
     p.add_argument(
         "--model-dir-root",
@@ -466,7 +594,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--hf-batches", type=int, default=1, help="timed transformers batches")
+    p.add_argument(
+        "--peer", action=argparse.BooleanOptionalAction, default=True,
+        help="time the compiled plain-torch peer beside every decode row",
+    )  # fmt: skip
     args = p.parse_args(argv)
+    plan = SMOKE if args.smoke else FULL
+    if args.sections is None:
+        args.sections = ",".join(plan.default_sections)
     unknown = sorted(set(args.sections.split(",")) - set(SECTIONS))
     if unknown:
         p.error(f"--sections: unknown {unknown}: expected some of {list(SECTIONS)}")
@@ -492,6 +627,7 @@ def main(argv: list[str] | None = None) -> int:
         b.report.write(md_path, json_path)
     try:
         b.use_engine(None)
+        b.use_peer(None)
     except Exception:  # after a CUDA error even freeing can fail; the results are written
         traceback.print_exc()
     b.say(f"done; wrote {md_path} and {json_path}")
