@@ -37,6 +37,26 @@ def _rotate_heads(
 
 
 @triton.jit
+def _rotate_q(
+    q_ptr,  # this token's first q head
+    stride_qh,
+    cos_sin_row,  # this token's position's row of the cos | sin cache
+    NUM_Q_HEADS: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    BLOCK_HQ: tl.constexpr,
+):
+    """Rotate a token's q heads; returns its cos, sin [1, BLOCK_HALF] and their offsets and mask
+    for the k heads."""
+    offs_d = tl.arange(0, BLOCK_HALF)[None, :]
+    mask_d = offs_d < HALF
+    cos = tl.load(cos_sin_row + offs_d, mask=mask_d, other=0.0)
+    sin = tl.load(cos_sin_row + HALF + offs_d, mask=mask_d, other=0.0)
+    _rotate_heads(q_ptr, stride_qh, cos, sin, mask_d, offs_d, NUM_Q_HEADS, BLOCK_HQ, HALF)
+    return cos, sin, offs_d, mask_d
+
+
+@triton.jit
 def _rotary_kernel(
     q_ptr,  # [T, Hq, D]
     k_ptr,  # [T, Hkv, D]
@@ -56,13 +76,10 @@ def _rotary_kernel(
 ):
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + token).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_HALF)[None, :]
-    mask_d = offs_d < HALF
-    cos = tl.load(cos_sin_ptr + pos * stride_cs + offs_d, mask=mask_d, other=0.0)
-    sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + offs_d, mask=mask_d, other=0.0)
-    _rotate_heads(
-        q_ptr + token * stride_qt, stride_qh, cos, sin, mask_d, offs_d, NUM_Q_HEADS, BLOCK_HQ, HALF
-    )
+    cos, sin, offs_d, mask_d = _rotate_q(
+        q_ptr + token * stride_qt, stride_qh, cos_sin_ptr + pos * stride_cs,
+        NUM_Q_HEADS, HALF, BLOCK_HALF, BLOCK_HQ,
+    )  # fmt: skip
     _rotate_heads(
         k_ptr + token * stride_kt, stride_kh, cos, sin, mask_d, offs_d, NUM_K_HEADS, BLOCK_HK, HALF
     )
@@ -160,13 +177,10 @@ def _rotary_store_kernel(
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + token).to(tl.int64)
     slot = tl.load(slots_ptr + token).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_HALF)[None, :]
-    mask_d = offs_d < HALF
-    cos = tl.load(cos_sin_ptr + pos * stride_cs + offs_d, mask=mask_d, other=0.0)
-    sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + offs_d, mask=mask_d, other=0.0)
-    _rotate_heads(
-        q_ptr + token * stride_qt, stride_qh, cos, sin, mask_d, offs_d, NUM_Q_HEADS, BLOCK_HQ, HALF
-    )
+    cos, sin, offs_d, mask_d = _rotate_q(
+        q_ptr + token * stride_qt, stride_qh, cos_sin_ptr + pos * stride_cs,
+        NUM_Q_HEADS, HALF, BLOCK_HALF, BLOCK_HQ,
+    )  # fmt: skip
     cache_dtype = k_cache_ptr.dtype.element_ty
     offs_h = tl.arange(0, BLOCK_HK)[:, None]
     # k: the rotated dimensions, then (partial rotary) the rest as they are.
