@@ -6,6 +6,8 @@ server examples (--base-url). The other Engine examples run with --in-process.
 
 from __future__ import annotations
 
+import json
+import re
 import signal
 import subprocess
 import sys
@@ -113,6 +115,13 @@ def test_openai_chat_with_response_prefill(tiny_llama: Path, pd_url: str) -> Non
     script = "openai_chat_with_response_prefill.py"
     out = run_example(script, "--base-url", pd_url, "--model", str(tiny_llama), "--device", "cpu")
     assert "Continuation: " in out and "Full answer:\n{\n" in out, out
+
+
+def test_structured_output(pd_url: str) -> None:
+    out = run_example("structured_output.py", "--base-url", pd_url)
+    product = json.loads(out.split("Product: ", 1)[1].split("\n", 1)[0])
+    assert product["color"] in ("black", "white", "red") and 0 <= product["price"] <= 1000, out
+    assert re.search(r"\nDate: \d{4}-\d{2}-\d{2}\n", out), out
 
 
 def test_openai_batch_chat(pd_url: str) -> None:

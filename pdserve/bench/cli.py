@@ -93,6 +93,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     )
     load.add_argument("--max-concurrency", type=int, default=None, help="requests in flight")
     load.add_argument("--num-warmups", type=int, default=_default(ServeConfig, "num_warmups"))
+    load.add_argument(
+        "--num-client-procs",
+        type=int,
+        default=_default(ServeConfig, "num_client_procs"),
+        help="client processes sending the load: one falls behind a few hundred fast streams",
+    )
     p.add_argument("--slo-ttft-ms", type=float, default=None, help="goodput: TTFT limit")
     p.add_argument("--slo-tpot-ms", type=float, default=None, help="goodput: TPOT limit")
     p.add_argument("--api-key", default=None, help="bearer token (default: $OPENAI_API_KEY)")
@@ -133,6 +139,7 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
         ("page_size", int),
         ("max_batch_tokens", int),
         ("chunk_size", int),
+        ("decode_step_prefill_tokens", int),
         ("max_running_requests", int),
         ("num_pages", int),
         ("mem_fraction", float),

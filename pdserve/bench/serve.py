@@ -54,6 +54,7 @@ class ServeConfig:
     timeout_s: float = 6 * 3600.0  # one request's read timeout
     disable_tqdm: bool = False
     encoding_format: str = "float"  # embeddings only: "float" lists or "base64" float32 bytes
+    num_client_procs: int = 1  # processes sending the load (client_procs.py): one falls behind
 
     def __post_init__(self) -> None:
         checks = [
@@ -65,6 +66,7 @@ class ServeConfig:
             (self.request_rate > 0, "request_rate", "> 0 (inf: all at once)"),
             (self.max_concurrency is None or self.max_concurrency >= 1, "max_concurrency", ">= 1"),
             (self.num_warmups >= 0, "num_warmups", ">= 0"),
+            (self.num_client_procs >= 1, "num_client_procs", ">= 1"),
             (self.vocab_size >= 1, "vocab_size", ">= 1"),
             (self.endpoint.startswith("/"), "endpoint", "a path starting with '/'"),
             (self.encoding_format in ENCODING_FORMATS, "encoding_format", str(ENCODING_FORMATS)),
@@ -296,9 +298,16 @@ async def run_serve(config: ServeConfig, api_key: str | None = None) -> ServeRun
         # Another seed for warm-ups: the measured prompts stay the same and miss their cache.
         for req in _sample(config, tokenizer, config.num_warmups, config.seed + 1):
             await send_one(client, config, model, req)
-        start = time.perf_counter()
-        results = await _run_requests(client, config, model, requests)
-        duration = time.perf_counter() - start
+        if config.num_client_procs > 1:
+            from pdserve.bench import client_procs
+
+            results, duration = await asyncio.to_thread(
+                client_procs.run_in_processes, config, model, requests, api_key
+            )
+        else:
+            start = time.perf_counter()
+            results = await _run_requests(client, config, model, requests)
+            duration = time.perf_counter() - start
     summary = summarize_serve(results, duration, config.slo_ttft_ms, config.slo_tpot_ms)
     used = tokenizer_name if tokenizer is not None else None
     return ServeRun(config, model, used, requests, results, summary)

@@ -183,6 +183,10 @@ class SchedulerConfig:
     page_size: int = 16
     max_batch_tokens: int = 8192  # tokens (prefill chunks + decodes) in one forward pass
     chunk_size: int = 4096  # longest prefill piece of one request in one step
+    # Most prompt tokens a step that carries decodes may add, so that those decodes' step stays
+    # short (Sarathi-Serve's token budget); a step with no decode fills max_batch_tokens. 0: no
+    # cap but max_batch_tokens.
+    decode_step_prefill_tokens: int = 1024
     max_running_requests: int = 256
     num_pages: int | None = None  # fixed pool size; None: sized from mem_fraction
     mem_fraction: float = 0.85  # of free device memory (after weights) given to the KV pool
@@ -193,6 +197,12 @@ class SchedulerConfig:
         _require(self.page_size >= 1, "page_size", self.page_size, "an integer >= 1")
         _require(self.max_batch_tokens >= 1, "max_batch_tokens", self.max_batch_tokens, ">= 1")
         _require(self.chunk_size >= 1, "chunk_size", self.chunk_size, ">= 1")
+        _require(
+            self.decode_step_prefill_tokens >= 0,
+            "decode_step_prefill_tokens",
+            self.decode_step_prefill_tokens,
+            ">= 0 (0: no cap)",
+        )
         _require(
             self.max_running_requests >= 1,
             "max_running_requests",

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 _EPS = 1e-6
 _INT32_END = 2**31  # counts and token ids stay below it (tensors, msgpack)
@@ -24,8 +25,26 @@ _FLOAT_RANGES = {  # key: (low, high, whether low itself is allowed)
     "frequency_penalty": (-2.0, 2.0, True),
     "presence_penalty": (-2.0, 2.0, True),
 }
-_BOOL_KEYS = ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim")
+_BOOL_KEYS = (
+    "ignore_eos",
+    "skip_special_tokens",
+    "spaces_between_special_tokens",
+    "no_stop_trim",
+    "json_object",
+)
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range: [-100, 100]
+GRAMMAR_KEYS = ("json_schema", "regex", "ebnf", "json_object")  # at most one per request
+JSON_OBJECT_SCHEMA = '{"type": "object"}'  # json_object: any JSON object (extra keys allowed)
+
+GrammarKind = Literal["json_schema", "regex", "ebnf", "json_object"]
+
+
+class GrammarSpec(NamedTuple):
+    """What a constrained request's output must match: the kind and its text (the schema as
+    JSON text, the regex, the EBNF grammar); compiled grammars are cached by this pair."""
+
+    kind: GrammarKind
+    text: str
 
 
 @dataclass(frozen=True)
@@ -48,6 +67,12 @@ class SamplingParams:
     seed: int | None = None
     n: int = 1
     logit_bias: dict[int, float] = field(default_factory=dict)
+    # Constrained output (at most one): a JSON schema (text, or an object given as one), a
+    # regular expression, an EBNF grammar (GBNF: `root ::= ...`), or any JSON object.
+    json_schema: str | None = None
+    regex: str | None = None
+    ebnf: str | None = None
+    json_object: bool = False
 
     def __post_init__(self) -> None:
         """Types checked and normalized (lists to tuples, ints to floats), ranges checked; every
@@ -69,6 +94,18 @@ class SamplingParams:
         _set(self, "stop", _checked_stop(self.stop))
         _set(self, "stop_token_ids", _checked_token_ids("stop_token_ids", self.stop_token_ids))
         _set(self, "logit_bias", _checked_logit_bias(self.logit_bias))
+        _check_grammar_fields(self)
+
+    @property
+    def grammar(self) -> GrammarSpec | None:
+        """The constraint on the output, if any (None: free text)."""
+        if self.json_object:
+            return GrammarSpec("json_object", JSON_OBJECT_SCHEMA)
+        for kind in ("json_schema", "regex", "ebnf"):
+            text = getattr(self, kind)
+            if text is not None:
+                return GrammarSpec(kind, text)
+        return None
 
     @property
     def is_greedy(self) -> bool:
@@ -172,6 +209,24 @@ def _checked_token_ids(key: str, ids: Any) -> tuple[int, ...]:
         if not is_int(t) or not 0 <= t < _INT32_END:
             raise _bad(key, ids, f"token ids (integers in [0, {_INT32_END - 1}])")
     return tuple(ids)
+
+
+def _check_grammar_fields(params: SamplingParams) -> None:
+    """At most one constraint; each a non-empty text of valid Unicode. A JSON schema given as
+    an object (a dict, as `response_format` carries it) becomes its JSON text. Whether xgrammar
+    can compile it is checked where the tokenizer is (`pdserve/grammar_check.py`)."""
+    if isinstance(params.json_schema, (dict, bool)):
+        _set(params, "json_schema", json.dumps(params.json_schema))
+    for key in ("json_schema", "regex", "ebnf"):
+        text = getattr(params, key)
+        if text is not None and (not isinstance(text, str) or not text or has_surrogates(text)):
+            raise _bad(key, text, "a non-empty string of valid Unicode text")
+    given = [key for key in GRAMMAR_KEYS if getattr(params, key) not in (None, False)]
+    if len(given) > 1:
+        raise ValueError(
+            f"{given[0]}= and {given[1]}= are both set: expected at most one of "
+            f"{', '.join(GRAMMAR_KEYS)} (one constraint per request)"
+        )
 
 
 def _checked_logit_bias(bias: Any) -> dict[int, float]:

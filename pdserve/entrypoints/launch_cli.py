@@ -25,6 +25,7 @@ _SCHED_HELP = {
     "page_size": "tokens per KV page",
     "max_batch_tokens": "tokens (prefill chunks + decodes) in one forward pass",
     "chunk_size": "longest prefill piece of one request per step",
+    "decode_step_prefill_tokens": "most prompt tokens in a step that carries decodes (0: no cap)",
     "max_running_requests": "requests decoding at once per worker",
     "num_pages": "KV pages per worker (default: sized from --mem-fraction)",
     "mem_fraction": "fraction of free device memory given to the KV pool",

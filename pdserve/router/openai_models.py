@@ -111,6 +111,27 @@ class ChatMessage(_Body):
         return out
 
 
+class JsonSchemaFormat(_Body):
+    """OpenAI's `response_format.json_schema`. The schema is always enforced (`strict` is
+    accepted either way, as SGLang and vLLM do)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(..., min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(..., alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    """OpenAI's `response_format`: free text, any JSON object, or JSON matching a schema."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class SamplingFields(_Request):
     """Fields shared by chat and completions; OpenAI's names plus vLLM/SGLang extras."""
 
@@ -135,6 +156,11 @@ class SamplingFields(_Request):
     spaces_between_special_tokens: bool = True
     no_stop_trim: bool = False
     logit_bias: dict[str, float] | None = None
+    response_format: ResponseFormat | None = None
+    # SGLang's constraints on its OpenAI routes (sent through `extra_body`); at most one in all.
+    json_schema: str | None = None
+    regex: str | None = None
+    ebnf: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None

@@ -3,6 +3,7 @@ finish reasons, the two logprobs shapes and a choice's hidden state."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -69,6 +70,7 @@ def sampling_dicts(body: SamplingFields, max_tokens: int | None, default_max: in
         "no_stop_trim": body.no_stop_trim,
         "logit_bias": body.logit_bias,
         "n": body.n,
+        **_grammar_fields(body),
     }
     try:
         params = SamplingParams.from_dict(fields)
@@ -82,6 +84,30 @@ def sampling_dicts(body: SamplingFields, max_tokens: int | None, default_max: in
             d["seed"] = params.seed + i
         out.append(d)
     return out
+
+
+def _grammar_fields(body: SamplingFields) -> dict[str, Any]:
+    """The constraint on the output as SamplingParams takes it: `response_format` (a JSON schema
+    or any JSON object) or SGLang's `json_schema`, `regex`, `ebnf` (more than one: refused by
+    SamplingParams, naming them)."""
+    fields: dict[str, Any] = {"json_schema": body.json_schema, "regex": body.regex}
+    fields["ebnf"] = body.ebnf
+    fmt = body.response_format
+    if fmt is None or fmt.type == "text":
+        return fields
+    if fmt.type == "json_object":
+        return {**fields, "json_object": True}
+    if fmt.json_schema is None:
+        raise bad_request(
+            "response_format.json_schema is required when response_format.type is 'json_schema'",
+            "response_format",
+        )
+    if body.json_schema is not None:
+        raise bad_request(
+            "json_schema and response_format.json_schema are both set: expected one",
+            "response_format",
+        )
+    return {**fields, "json_schema": json.dumps(fmt.json_schema.schema_)}
 
 
 def fan_out(prompts: list[Prompt], samplings: list[dict], **req_fields: Any) -> Fanout:

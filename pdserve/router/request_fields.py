@@ -3,9 +3,9 @@
 A field the route's pydantic model declares is served. A field OpenAI's clients send routinely and
 that cannot change the output (`user`, `metadata`, `store`, ...) is accepted and ignored on the
 OpenAI routes. A field of OpenAI's or SGLang's API that pdserve does not implement is refused with
-a 400 naming it, unless its value asks for nothing (`tools: []`, `response_format: {"type":
-"text"}`), so a client asking for constrained output never silently gets unconstrained text. Any
-other field is refused as unknown. When a capability lands, its field leaves `REFUSED` and joins
+a 400 naming it, unless its value asks for nothing (`tools: []`, `tool_choice: "none"`), so a
+client asking for something pdserve cannot do never silently gets a plain answer. Any other field
+is refused as unknown. When a capability lands, its field leaves `REFUSED` and joins
 the route's model (or `SERVED_EXTRAS`, for an SGLang extra the OpenAI models do not declare).
 """
 
@@ -23,6 +23,7 @@ Route = Literal["chat", "completions", "generate"]
 OPENAI: frozenset[Route] = frozenset({"chat", "completions"})
 EVERY: frozenset[Route] = frozenset({"chat", "completions", "generate"})
 CHAT: frozenset[Route] = frozenset({"chat"})
+GENERATE: frozenset[Route] = frozenset({"generate"})
 
 # Sent by OpenAI's SDKs and frameworks built on them; none changes what the model generates.
 IGNORED_ON_OPENAI_ROUTES = frozenset(
@@ -50,10 +51,6 @@ def _asks_no_tool(value: Any) -> bool:
     return value in (None, "none", "auto")
 
 
-def _is_text_format(value: Any) -> bool:
-    return value is None or value == {"type": "text"}
-
-
 def _is_text_modality(value: Any) -> bool:
     return value is None or value == ["text"]
 
@@ -69,22 +66,24 @@ class Refusal:
     asks_nothing: Callable[[Any], bool] = _is_unset  # True: a value that is accepted
 
 
-_STRUCTURED = "structured output (regex, json_schema, ebnf, structural_tag) is not supported"
+_STRUCTURED_TAG = "structural_tag is not supported (json_schema, regex and ebnf are)"
+_VLLM_GUIDED = (
+    "vLLM's guided decoding fields are not supported: use response_format, or "
+    "json_schema, regex or ebnf"
+)
+_IN_SAMPLING_PARAMS = "on /generate it goes inside sampling_params"
 _TOOLS = "tool calling is not supported"
 _TEXT_ONLY = "is not supported: the model takes text only"
 
 REFUSED: dict[str, Refusal] = {
-    "regex": Refusal(_STRUCTURED, EVERY),
-    "json_schema": Refusal(_STRUCTURED, EVERY),
-    "ebnf": Refusal(_STRUCTURED, EVERY),
-    "structural_tag": Refusal(_STRUCTURED, EVERY),
-    "response_format": Refusal(
-        "only response_format {'type': 'text'} is supported", OPENAI, _is_text_format
-    ),
-    "guided_json": Refusal(_STRUCTURED, OPENAI),  # vLLM's names
-    "guided_regex": Refusal(_STRUCTURED, OPENAI),
-    "guided_choice": Refusal(_STRUCTURED, OPENAI),
-    "guided_grammar": Refusal(_STRUCTURED, OPENAI),
+    "regex": Refusal(_IN_SAMPLING_PARAMS, GENERATE),  # served on the OpenAI routes
+    "json_schema": Refusal(_IN_SAMPLING_PARAMS, GENERATE),
+    "ebnf": Refusal(_IN_SAMPLING_PARAMS, GENERATE),
+    "structural_tag": Refusal(_STRUCTURED_TAG, EVERY),
+    "guided_json": Refusal(_VLLM_GUIDED, OPENAI),  # vLLM's names
+    "guided_regex": Refusal(_VLLM_GUIDED, OPENAI),
+    "guided_choice": Refusal(_VLLM_GUIDED, OPENAI),
+    "guided_grammar": Refusal(_VLLM_GUIDED, OPENAI),
     "tools": Refusal(_TOOLS, CHAT, _is_empty),
     "tool_choice": Refusal(_TOOLS, CHAT, _asks_no_tool),
     "functions": Refusal(_TOOLS, CHAT, _is_empty),
@@ -139,14 +138,14 @@ def check_fields(body: BaseModel, route: Route) -> None:
 
 
 # SGLang's sampling parameters that pdserve does not implement (inside /generate's sampling_params)
-UNSUPPORTED_SAMPLING_KEYS = ("regex", "json_schema", "ebnf", "structural_tag")
+UNSUPPORTED_SAMPLING_KEYS = {"structural_tag": _STRUCTURED_TAG}
 
 
 def check_sampling_fields(params: Any) -> None:
-    """400 naming a structured-output key set in one of /generate's sampling_params (other
-    unknown keys are refused by `SamplingParams.from_dict`)."""
+    """400 naming a key of one of /generate's sampling_params that pdserve does not implement
+    (other unknown keys are refused by `SamplingParams.from_dict`)."""
     if not isinstance(params, dict):
         return
-    for key in UNSUPPORTED_SAMPLING_KEYS:
+    for key, reason in UNSUPPORTED_SAMPLING_KEYS.items():
         if params.get(key) is not None:
-            raise bad_request(f"sampling_params.{key}: {_STRUCTURED}", key)
+            raise bad_request(f"sampling_params.{key}: {reason}", key)

@@ -34,7 +34,7 @@ import zmq
 import zmq.asyncio
 
 from pdserve.config.router_spec import RouterSpec
-from pdserve.ipc import AsyncInbox, AsyncOutbox
+from pdserve.ipc import AsyncInbox, AsyncOutbox, decode_or_drop
 from pdserve.protocol import (
     Abort,
     Finish,
@@ -333,19 +333,27 @@ class Router:
     # ------------------------------------------------------------------ inbox
 
     async def _recv_loop(self) -> None:
+        """Read the inbox and hand each message on, yielding to the streams after each one.
+
+        pyzmq's `await recv()` returns a frame already queued without yielding, so with a
+        backlog a plain loop would deliver every queued output before any stream wrote one:
+        clients got their tokens in clumps (all of a request's at its end, under load). Here
+        each output is written out by its stream before the next frame is read, and frames
+        already queued are read straight from the socket (the awaitable path costs more than
+        decoding them)."""
         inbox = self.from_peers
         if inbox is None:
             raise RuntimeError("router inbox is not open: call start() first")
+        queued = zmq.Socket.shadow(inbox.sock.underlying)  # the same socket, read without waiting
         while True:
-            try:
-                msg = await inbox.recv()
-            except (ValueError, TypeError) as e:  # a malformed message: drop it, keep serving
-                logger.error("undecodable message on the router inbox dropped: %s", e)
-                continue
-            try:
-                self._dispatch(msg)
-            except Exception:
-                logger.exception("error handling %s", type(msg).__name__)
+            msg: Message | None = await inbox.recv()
+            while msg is not None:
+                try:
+                    self._dispatch(msg)
+                except Exception:
+                    logger.exception("error handling %s", type(msg).__name__)
+                await asyncio.sleep(0)
+                msg = _next_queued(queued, inbox)
 
     def _dispatch(self, msg: Message) -> None:
         if isinstance(msg, ReqOutput):
@@ -466,6 +474,19 @@ class Router:
                 for t in self.workers.tokenizers
             ],
         }
+
+
+def _next_queued(sock: zmq.Socket, inbox: AsyncInbox) -> Message | None:
+    """The next well-formed message already queued on `sock` (`inbox`'s socket), or None when
+    none is; frames that are not a message are dropped and counted, as `inbox.recv` does."""
+    while True:
+        try:
+            raw = sock.recv(zmq.NOBLOCK)
+        except zmq.Again:
+            return None
+        msg = decode_or_drop(raw, inbox.dropped)
+        if msg is not None:
+            return msg
 
 
 def _worker_info(state: WorkerState, now: float) -> dict[str, Any]:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 
 from pdserve.protocol import Finish
 from pdserve.scheduler.request import Request
+
+logger = logging.getLogger(__name__)
 
 DecodeFn = Callable[[Sequence[int]], str]
 
@@ -23,10 +26,15 @@ class FinishChecker:
         self.decode = decode
 
     def check(self, req: Request) -> Finish | None:
-        """The finish reason if the token just appended to req.output_ids ends it, else None."""
+        """The finish reason if the token just appended to req.output_ids ends it, else None.
+        A constrained request's grammar advances past the token here (see worker/grammar.py)."""
         params = req.sampling
         num_out = len(req.output_ids)
         last = req.output_ids[-1]
+        if req.grammar is not None:
+            grammar_end = _advance_grammar(req, last)
+            if grammar_end is not None:
+                return grammar_end
         if num_out >= params.min_new_tokens:
             if last in params.stop_token_ids or (
                 not params.ignore_eos and last in self.eos_token_ids
@@ -53,3 +61,19 @@ class FinishChecker:
             if stop in tail:
                 return stop
         return None
+
+
+def _advance_grammar(req: Request, token_id: int) -> Finish | None:
+    """Feed the request's grammar matcher its new token: a stop once the grammar is complete
+    (whatever min_new_tokens says: nothing else may follow), an abort if the grammar refuses the
+    token (the sampler masks what it does not allow, so this is a bug, never the client's) or
+    could not be compiled."""
+    problem = req.grammar.problem()  # waits for a compile still running
+    if problem is not None:
+        return Finish.abort(problem)
+    if not req.grammar.accept_token(token_id):
+        logger.error("request %s: token %d breaks its grammar", req.rid, token_id)
+        return Finish.abort(f"internal error: token {token_id} breaks the request's grammar", 500)
+    if req.grammar.is_terminated():
+        return Finish.stop(token_id)
+    return None

@@ -3,6 +3,8 @@
 Each step, under a token budget (max_batch_tokens): every running request that is decoding gets one
 token first (so a long prompt never stalls running streams), then prefill work fills the rest in
 pieces of at most chunk_size tokens: unfinished chunked prefills first, then newly admitted requests.
+A step that carries decodes takes at most decode_step_prefill_tokens prompt tokens (Sarathi-Serve's
+stall-free batching), so the streams' time per token stays bounded while prompts keep moving.
 Waiting requests are admitted by priority, first come first served within one (`WaitingQueue`: online
 requests before Batch API lines).
 With LoRA, a batch never holds more distinct adapters than the worker has adapter slots
@@ -156,9 +158,15 @@ class Scheduler:
         budget = self.config.max_batch_tokens
         items: list[BatchItem] = []
         budget = self._schedule_decodes(items, budget)
-        budget = self._schedule_running_prefills(items, budget)
+        budget = self._schedule_running_prefills(items, self._prefill_budget(items, budget))
         self._admit_waiting(items, budget)
         return ScheduledBatch(items) if items else None
+
+    def _prefill_budget(self, items: list[BatchItem], budget: int) -> int:
+        """The prompt tokens this step may still take: with decodes in it, at most
+        decode_step_prefill_tokens, so their step stays short; prefill still moves every step."""
+        cap = self.config.decode_step_prefill_tokens
+        return min(budget, cap) if items and cap > 0 else budget
 
     def _schedule_decodes(self, items: list[BatchItem], budget: int) -> int:
         for req in list(self.running):

@@ -17,12 +17,14 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
+import zmq
 import zmq.asyncio
 
 from pdserve.config.process_specs import TokenizerSpec
 from pdserve.config.sampling_params import SamplingParams
+from pdserve.grammar_check import check_grammar
 from pdserve.heartbeat import HeartbeatSender
 from pdserve.ipc import AsyncInbox, AsyncOutbox
 from pdserve.protocol import (
@@ -37,6 +39,7 @@ from pdserve.protocol import (
     TokenizeOut,
     TokenizeReq,
     TokenOut,
+    encode,
 )
 from pdserve.tokenizer_proc.chat_template import render_chat
 from pdserve.tokenizer_proc.incremental_detokenizer import IncrementalDetokenizer
@@ -113,6 +116,7 @@ class TokenizerCore:
             raise ValueError(f"decode_idx={req.decode_idx} is out of range (0..{self.num_workers})")
         sampling = SamplingParams.from_dict(req.sampling)
         self.check_vocab(sampling)
+        check_grammar(sampling)  # a bad schema or regex is refused before it is queued
         input_ids = self.prompt_ids(req)
         self.check_length(req, len(input_ids), sampling.max_new_tokens)
         prompt_text = None
@@ -348,9 +352,9 @@ async def serve(spec: TokenizerSpec) -> None:
 
     ctx = zmq.asyncio.Context()
     from_peers = AsyncInbox(spec.inbox, ctx)
-    to_router = AsyncOutbox(spec.router_inbox, ctx)
+    to_router = _DirectOutbox(AsyncOutbox(spec.router_inbox, ctx))
     to_workers = [AsyncOutbox(address, ctx) for address in spec.worker_inboxes]
-    sockets: list[AsyncInbox | AsyncOutbox] = [from_peers, to_router, *to_workers]
+    sockets: list[AsyncInbox | AsyncOutbox] = [from_peers, to_router.outbox, *to_workers]
     if spec.launcher_inbox:
         to_launcher = AsyncOutbox(spec.launcher_inbox, ctx)
         sockets.append(to_launcher)
@@ -374,6 +378,9 @@ async def serve(spec: TokenizerSpec) -> None:
             if isinstance(msg, Shutdown):
                 break
             _dispatch(core, msg, to_router, to_workers, encoder)
+            # pyzmq returns a queued frame without yielding: under a steady stream of TokenOuts
+            # the loop would never run the callbacks of prompts tokenized off the loop.
+            await asyncio.sleep(0)
     finally:
         heartbeat.stop()
         encoder.shutdown(wait=False, cancel_futures=True)
@@ -383,10 +390,27 @@ async def serve(spec: TokenizerSpec) -> None:
         logger.info("%s stopped", name)
 
 
+class Sender(Protocol):
+    def send(self, msg: Message) -> None: ...
+
+
+class _DirectOutbox:
+    """The router outbox, written through the plain socket under it: every output of every step
+    goes this way, and pyzmq's asyncio send path costs more than the encoding. The queue is
+    unbounded (ipc.py), so a non-blocking send never has to wait."""
+
+    def __init__(self, outbox: AsyncOutbox) -> None:
+        self.outbox = outbox
+        self._sock = zmq.Socket.shadow(outbox.sock.underlying)
+
+    def send(self, msg: Message) -> None:
+        self._sock.send(encode(msg), zmq.NOBLOCK)
+
+
 def _dispatch(
     core: TokenizerCore,
     msg: Message,
-    to_router: AsyncOutbox,
+    to_router: Sender,
     to_workers: list[AsyncOutbox],
     encoder: Executor | None = None,
 ) -> None:
@@ -411,7 +435,7 @@ def _dispatch(
 def _answer(
     core: TokenizerCore,
     req: GenerateReq,
-    to_router: AsyncOutbox,
+    to_router: Sender,
     to_workers: list[AsyncOutbox],
     handle: Callable[[GenerateReq], tuple[int, TokenizedReq]],
 ) -> None:
@@ -431,7 +455,7 @@ def _answer(
 def _answer_tokenize(
     core: TokenizerCore,
     msg: TokenizeReq | DetokenizeReq,
-    to_router: AsyncOutbox,
+    to_router: Sender,
     encoder: Executor | None,
 ) -> None:
     """/tokenize and /detokenize on the encoder thread, as long prompts are, so a big text never
@@ -446,7 +470,7 @@ def _answer_tokenize(
 def _tokenize_off_loop(
     core: TokenizerCore,
     req: GenerateReq,
-    to_router: AsyncOutbox,
+    to_router: Sender,
     to_workers: list[AsyncOutbox],
     encoder: Executor,
 ) -> None:

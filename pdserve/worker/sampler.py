@@ -7,11 +7,14 @@ Order, as in HF transformers and vLLM:
                                      else logit * p
   3. frequency/presence (OpenAI)     logit -= count_in_output * f + (count_in_output > 0) * p
   4. min_new_tokens                  EOS and stop_token_ids -> -inf until enough tokens exist
-  5. greedy rows: argmax. Other rows: / temperature, top-k, top-p (renormalized after top-k),
+                                     (unless the row's grammar allows nothing else)
+  5. grammar                         tokens the row's grammar does not allow next -> -inf
+  6. greedy rows: argmax. Other rows: / temperature, top-k, top-p (renormalized after top-k),
      min-p, then one draw.
 
-Logprobs are log_softmax of the logits after steps 1-4 and before temperature and truncation
-(vLLM's default is the raw model logprobs instead; ours match what greedy decoding ranks).
+Logprobs are log_softmax of the logits after steps 1-4 and before the grammar, temperature and
+truncation (vLLM's default is the raw model logprobs instead; ours match what greedy decoding
+ranks, and a constrained row's alternatives keep finite logprobs).
 
 Randomness: a row with a seed draws its noise from a counter-based hash of
 (seed, step = len(output_ids), token id), so the same request with the same seed gives the same
@@ -31,6 +34,7 @@ import numpy as np
 import torch
 
 from pdserve.config.sampling_params import SamplingParams
+from pdserve.worker.grammar_mask import allows_other_than, apply_bitmask, fill_bitmask
 
 MAX_TOP_LOGPROBS = 20
 _MASK32 = 0xFFFFFFFF
@@ -51,7 +55,7 @@ class SamplingRow:
     eos_token_ids: Sequence[int] = ()  # masked (with stop_token_ids) before min_new_tokens
     return_logprob: bool = False
     top_logprobs_num: int = 0  # 0..MAX_TOP_LOGPROBS
-    grammar: Any = None  # the request's grammar matcher (worker/grammar.py); None: unconstrained
+    grammar: Any = None  # the request's RequestGrammar (worker/grammar.py); None: unconstrained
 
 
 class BadRow(NamedTuple):
@@ -121,6 +125,7 @@ class SamplingBatch:
     output_counts: torch.Tensor | None  # [B, V] float32, device: occurrences in output
     return_logprob: bool  # some row asked for logprobs or top logprobs
     top_logprobs_nums: list[int]  # [B]
+    grammar_bitmask: torch.Tensor | None = None  # [B, ceil(V / 32)] int32, device; None: free
 
     @property
     def batch_size(self) -> int:
@@ -136,6 +141,9 @@ class SamplingBatch:
         bad_rows = find_bad_rows(rows, vocab_size)
         if bad_rows:
             raise SamplingRowError(bad_rows)
+        # First, before anything waits for the device: the forward pass may still be running.
+        is_cuda = torch.device(device).type == "cuda"
+        bitmask = fill_bitmask([row.grammar for row in rows], vocab_size, pin_memory=is_cuda)
         params = [row.params for row in rows]
         sampled = [p for p in params if not p.is_greedy]
 
@@ -154,11 +162,12 @@ class SamplingBatch:
             needs_sort=any(p.top_k > 0 or p.top_p < 1.0 for p in sampled),
             **_seed_fields(rows, device),
             logit_bias=_logit_bias(rows, vocab_size, device),
-            banned=_banned_before_min_new_tokens(rows, vocab_size, device),
+            banned=_banned_before_min_new_tokens(rows, vocab_size, device, bitmask),
             **_repetition_fields(rows, vocab_size, device),
             **_frequency_presence_fields(rows, vocab_size, device),
             return_logprob=any(r.return_logprob or r.top_logprobs_num > 0 for r in rows),
             top_logprobs_nums=[row.top_logprobs_num for row in rows],
+            grammar_bitmask=None if bitmask is None else bitmask.to(device, non_blocking=True),
         )
 
 
@@ -214,6 +223,8 @@ def row_problem(row: SamplingRow, vocab_size: int) -> str | None:
         ids = (*p.stop_token_ids, *row.eos_token_ids)
         if not all(_is_int(t) and 0 <= t < vocab_size for t in ids):
             return f"stop_token_ids/eos ids {list(ids)[:8]} are invalid: expected [0, {vocab_size})"
+    if row.grammar is not None:
+        return row.grammar.problem()  # its compile failed (waits for one still running)
     return None
 
 
@@ -279,14 +290,25 @@ def _logit_bias(
 
 
 def _banned_before_min_new_tokens(
-    rows: Sequence[SamplingRow], vocab_size: int, device: torch.device | str
+    rows: Sequence[SamplingRow],
+    vocab_size: int,
+    device: torch.device | str,
+    grammar_bitmask: torch.Tensor | None = None,
 ) -> _SparseAdd | None:
+    """EOS and stop_token_ids of the rows short of min_new_tokens, except where the row's
+    grammar (bitmask [B, ceil(V / 32)] int32, host) allows nothing else: a complete grammar
+    ends the request."""
     banned = [
         sorted(set(row.eos_token_ids) | set(row.params.stop_token_ids))
         if len(row.output_ids) < row.params.min_new_tokens
         else []
         for row in rows
     ]
+    if grammar_bitmask is not None:
+        for i, row in enumerate(rows):
+            if banned[i] and row.grammar is not None:
+                if not allows_other_than(grammar_bitmask[i], banned[i], vocab_size):
+                    banned[i] = []
     if not any(banned):
         return None
     row_idx, token_ids = _ids_by_row(banned, vocab_size, "eos/stop_token_ids")
@@ -466,6 +488,7 @@ def is_plain_greedy(row: SamplingRow) -> bool:
         and not row.return_logprob
         and row.top_logprobs_num == 0
         and len(row.output_ids) >= params.min_new_tokens
+        and row.grammar is None
     )
 
 
@@ -502,9 +525,12 @@ def sample_on_device(
             f"({batch.batch_size}, {batch.vocab_size})"
         )
     logits = process_logits(logits, batch)  # [B, V] float32
-    token_ids = logits.argmax(dim=-1)  # [B] int64
+    allowed = logits  # the grammar's tokens only (step 5); logprobs come from `logits`
+    if batch.grammar_bitmask is not None:
+        allowed = apply_bitmask(logits, batch.grammar_bitmask)
+    token_ids = allowed.argmax(dim=-1)  # [B] int64
     if not batch.is_all_greedy:
-        sampled = _sample_from(logits, batch, generator)
+        sampled = _sample_from(allowed, batch, generator)
         token_ids = torch.where(batch.is_greedy, token_ids, sampled)
     if not batch.return_logprob:
         return DeviceSample(token_ids, None, None, batch.top_logprobs_nums)

@@ -358,7 +358,7 @@ class WorkerCore:
         if problem is not None:
             raise ValueError(problem)
         self._bind_lora(req)
-        bind_grammar(req, self.model_config.vocab_size)
+        bind_grammar(req, self.model_config.vocab_size, self.config.model_path)
 
     def _bind_lora(self, req: Request) -> None:
         """Check req's adapter is loaded here and give req its prefix-cache namespace."""

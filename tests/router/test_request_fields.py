@@ -1,9 +1,11 @@
 """Fields pdserve does not implement are refused with a 400 naming them, on chat, completions and
 `/generate`; fields OpenAI clients send routinely are accepted and ignored; any other unknown
-top-level field is a 400 naming it; `/generate` carries `priority` to the tokenizer."""
+top-level field is a 400 naming it; `/generate` carries `priority` to the tokenizer, and the
+OpenAI routes carry `response_format` and SGLang's grammar fields as sampling parameters."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
@@ -28,7 +30,6 @@ ASKING = {
     "json_schema": '{"type": "object"}',
     "ebnf": 'root ::= "a"',
     "structural_tag": {"type": "structural_tag"},
-    "response_format": {"type": "json_object"},
     "guided_json": {"type": "object"},
     "guided_regex": "a+",
     "guided_choice": ["a", "b"],
@@ -56,6 +57,9 @@ HARMLESS = [
     pytest.param(CHAT, {"tool_choice": "none"}, id="chat-tool_choice-none"),
     pytest.param(CHAT, {"response_format": {"type": "text"}}, id="chat-text-format"),
     pytest.param(COMPLETIONS, {"response_format": {"type": "text"}}, id="cmpl-text-format"),
+    pytest.param(CHAT, {"response_format": {"type": "json_object"}}, id="chat-json-object"),
+    pytest.param(COMPLETIONS, {"regex": "[ab]+"}, id="cmpl-sglang-regex"),
+    pytest.param(GENERATE, {"sampling_params": {"ebnf": 'root ::= "a"'}}, id="generate-ebnf"),
     pytest.param(CHAT, {"modalities": ["text"]}, id="chat-text-modality"),
     pytest.param(CHAT, {"return_hidden_states": False}, id="chat-no-hidden-states"),
     pytest.param(CHAT, {"return_hidden_states": True}, id="chat-hidden-states"),
@@ -146,8 +150,27 @@ OTHER_REFUSALS = [
     ),
 ]
 OTHER_REFUSALS += [
-    pytest.param(GENERATE, {"sampling_params": {key: "x"}}, key, id=f"gen-sampling-{key}")
-    for key in ("regex", "json_schema", "ebnf")
+    pytest.param(GENERATE, {"sampling_params": {key: value}}, key, id=f"gen-sampling-{key}")
+    for key, value in (("structural_tag", {"type": "x"}), ("regex", ""), ("json_schema", 5))
+]
+OTHER_REFUSALS += [
+    pytest.param(path, {"response_format": fmt}, "response_format", id=f"{route}-format-{name}")
+    for route, path in (("chat", CHAT), ("cmpl", COMPLETIONS))
+    for name, fmt in (
+        ("no-schema-object", {"type": "json_schema"}),
+        ("no-schema", {"type": "json_schema", "json_schema": {"name": "x"}}),
+        ("no-name", {"type": "json_schema", "json_schema": {"schema": {}}}),
+        ("schema-not-object", {"type": "json_schema", "json_schema": {"name": "x", "schema": 1}}),
+        ("unknown-type", {"type": "structural_tag"}),
+        ("not-an-object", "json"),
+        ("unknown-key", {"type": "json_object", "colour": 1}),
+    )
+]
+OTHER_REFUSALS += [
+    pytest.param(
+        CHAT, {"response_format": {"type": "json_object"}, "regex": "a"}, "regex", id="chat-two"
+    ),
+    pytest.param(COMPLETIONS, {"regex": "a", "ebnf": 'root ::= "a"'}, "regex", id="cmpl-two"),
 ]
 OTHER_REFUSALS += [
     pytest.param(path, {"frobnicate": 1}, "frobnicate", id=f"{route}-unknown")
@@ -210,16 +233,42 @@ def test_fields_openai_clients_send_routinely_are_accepted_and_ignored(
     assert sent.priority == 0
 
 
-def test_openai_client_extra_body_structured_output_is_refused(cluster: Cluster) -> None:
+def test_openai_client_extra_body_structural_tag_is_refused(cluster: Cluster) -> None:
     client = openai.OpenAI(base_url=cluster.url + "/v1", api_key=API_KEY, max_retries=0, timeout=10)
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(
             model=MODEL,
             messages=[{"role": "user", "content": "hi"}],
-            extra_body={"json_schema": '{"type": "object"}'},
+            extra_body={"structural_tag": {"type": "structural_tag"}},
         )
     assert info.value.status_code == 400
-    assert info.value.param == "json_schema"  # type: ignore[attr-defined]
+    assert info.value.param == "structural_tag"  # type: ignore[attr-defined]
+
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+
+
+@pytest.mark.parametrize(
+    ("path", "extra", "expected"),
+    [
+        (CHAT, {"response_format": {"type": "json_schema", "json_schema": {
+            "name": "s", "schema": SCHEMA, "strict": True}}}, {"json_schema": json.dumps(SCHEMA)}),
+        (COMPLETIONS, {"response_format": {"type": "json_object"}}, {"json_object": True}),
+        (CHAT, {"json_schema": json.dumps(SCHEMA)}, {"json_schema": json.dumps(SCHEMA)}),
+        (CHAT, {"ebnf": 'root ::= "a"'}, {"ebnf": 'root ::= "a"'}),
+        (COMPLETIONS, {"regex": "[0-9]+"}, {"regex": "[0-9]+"}),
+    ],
+    ids=["chat-json-schema", "cmpl-json-object", "chat-sglang-schema", "chat-ebnf", "cmpl-regex"],
+)  # fmt: skip
+def test_openai_routes_carry_the_constraint_to_every_choice(
+    cluster: Cluster, path: str, extra: dict[str, Any], expected: dict[str, Any]
+) -> None:
+    resp = post(cluster, path, {**extra, "n": 2})
+    assert resp.status_code == 200, resp.text
+    group_id = resp.json()["id"].split("-", 1)[1]
+    sent = [cluster.find_req(lambda r, i=i: r.rid == f"{group_id}-{i}") for i in range(2)]
+    for req in sent:
+        assert {k: req.sampling[k] for k in expected} == expected
 
 
 def test_generate_carries_priority_to_the_tokenizer(cluster: Cluster) -> None:

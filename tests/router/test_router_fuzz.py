@@ -86,6 +86,13 @@ SAMPLING = {
     "stream": st.booleans(),
     "user": field(TEXT),
 }
+RESPONSE_FORMATS = st.sampled_from(
+    [
+        {"type": "text"},
+        {"type": "json_object"},
+        {"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "object"}}},
+    ]
+)
 PART = st.fixed_dictionaries(
     {"type": field(st.just("text"), st.sampled_from(["image_url", "audio"])), "text": TEXT}
 )
@@ -107,7 +114,7 @@ CHAT_BODY = st.fixed_dictionaries(
         "continue_final_message": field(st.booleans()),
         "add_generation_prompt": field(st.booleans()),
         "stream_options": field(st.fixed_dictionaries({"include_usage": st.booleans()})),
-        "response_format": field(st.just({"type": "text"}), st.fixed_dictionaries({"type": TEXT})),
+        "response_format": field(RESPONSE_FORMATS, st.fixed_dictionaries({"type": TEXT}) | JSON),
         "tools": field(st.just([]), st.lists(JSON, max_size=1)),
         "extra": JSON,
     },

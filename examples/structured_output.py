@@ -1,0 +1,98 @@
+"""Structured output: a JSON object matching a schema through OpenAI's `response_format`, and text
+matching a regular expression through SGLang's `/generate` (`sampling_params.regex`).
+
+Usage:
+    # against a running server (`pdserve launch --model PATH` or `pdserve demo`):
+    python examples/structured_output.py --base-url http://127.0.0.1:8000
+    # or start a prefill + decode server for the duration of the script:
+    python examples/structured_output.py --launch --device cpu
+
+With --launch, --model is the model served; without --model it builds pdserve's tiny
+random-weight model (a few seconds, offline): the values are nonsense, but always valid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+from collections.abc import Iterator
+from urllib.parse import urlparse
+
+import httpx
+import openai
+
+PRODUCT_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "pattern": "^[A-Za-z ]{1,20}$"},
+        "color": {"enum": ["black", "white", "red"]},
+        "price": {"type": "number", "minimum": 0, "maximum": 1000},
+        "in_stock": {"type": "boolean"},
+    },
+    "required": ["name", "color", "price"],
+}
+DESCRIPTION = (
+    "The SmartHome Mini is a compact smart home assistant available in black or white for only "
+    "$49.99. Give its name, color, price and whether it is in stock as JSON."
+)
+DATE_REGEX = r"\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])"
+
+
+def tiny_model() -> str:
+    """The tiny model of `pdserve demo`, built into ~/.cache/pdserve on first use."""
+    from pdserve.tiny_model import cached_tiny_model
+
+    return str(cached_tiny_model())
+
+
+@contextlib.contextmanager
+def server(args: argparse.Namespace) -> Iterator[str]:
+    """The base URL: --base-url as given, or a prefill + decode cluster started on its port."""
+    if not args.launch:
+        yield args.base_url
+        return
+    from pdserve.config.topology import Topology
+    from pdserve.entrypoints.launch import Cluster
+
+    port = urlparse(args.base_url).port
+    model_path = args.model or tiny_model()
+    topology = Topology.for_model(model_path, mode="pd", device=args.device, port=port)
+    with Cluster(topology, log_level="warning") as cluster:
+        yield cluster.url
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base-url", default="http://127.0.0.1:8000")
+    parser.add_argument("--model", help="with --launch: the model directory (default: tiny)")
+    parser.add_argument("--launch", action="store_true", help="start a server on --base-url")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    args = parser.parse_args()
+
+    with server(args) as base_url:
+        client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="EMPTY")
+        model = client.models.list().data[0].id  # the served model's name
+        response = client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": DESCRIPTION}],
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "product", "schema": PRODUCT_SCHEMA, "strict": True},
+            },
+            temperature=0.7,
+            max_tokens=400,
+        )
+        product = json.loads(response.choices[0].message.content or "")
+        print(f"Product: {json.dumps(product)}")
+
+        body = {
+            "text": "The launch date, as YYYY-MM-DD:",
+            "sampling_params": {"regex": DATE_REGEX, "max_new_tokens": 16, "temperature": 0.7},
+        }
+        result = httpx.post(f"{base_url}/generate", json=body, timeout=60).json()
+        print(f"Date: {result['text']}")
+
+
+if __name__ == "__main__":
+    main()

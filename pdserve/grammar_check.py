@@ -1,0 +1,63 @@
+"""Whether a constrained request's grammar (JSON schema, regex, EBNF) is one xgrammar can compile,
+checked by parsing it (no vocabulary needed, so cheap): the tokenizer process refuses a bad one
+before it is queued, and a worker checks again before it compiles (the in-process Engine has no
+tokenizer process). Both remember recent answers by the grammar's text.
+
+xgrammar is imported on first use, so processes that never see a grammar never load it.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+from pdserve.config.sampling_params import GrammarSpec, SamplingParams
+
+_CACHE_SIZE = 1024
+# xgrammar's C++ errors start with a time stamp and a source location; clients need the rest.
+_LOCATION = re.compile(r"^\[[\d:]+\] [^ ]+:\d+: (Check failed: \(.*?\) is false: )?")
+_MAX_QUOTED_CHARS = 60
+_MAX_REASON_CHARS = 400
+
+
+def check_grammar(params: SamplingParams) -> None:
+    """ValueError naming the constraint and the problem when `params` asks for a grammar that
+    cannot be compiled (`json_schema='{...' is invalid: ...`); nothing for free text."""
+    spec = params.grammar
+    if spec is None:
+        return
+    problem = grammar_problem(spec)
+    if problem is not None:
+        raise ValueError(problem)
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def grammar_problem(spec: GrammarSpec) -> str | None:
+    """Why `spec` cannot be compiled (a message starting with its key), or None."""
+    import xgrammar as xgr
+
+    try:
+        if spec.kind == "regex":
+            xgr.Grammar.from_regex(spec.text)
+        elif spec.kind == "ebnf":
+            xgr.Grammar.from_ebnf(spec.text)
+        else:
+            xgr.Grammar.from_json_schema(spec.text, strict_mode=spec.kind == "json_schema")
+    except (RuntimeError, ValueError, TypeError) as e:  # xgrammar raises RuntimeError
+        return f"{spec.kind}={_quoted(spec.text)} is invalid: {xgrammar_reason(e)}"
+    return None
+
+
+def xgrammar_reason(error: Exception) -> str:
+    """An xgrammar error's message without its C++ source location, on one line, short."""
+    lines = [_LOCATION.sub("", line).strip() for line in str(error).strip().splitlines()]
+    reason = " ".join(line for line in lines if line) or type(error).__name__
+    if len(reason) > _MAX_REASON_CHARS:
+        reason = reason[:_MAX_REASON_CHARS] + "..."
+    return reason
+
+
+def _quoted(text: str) -> str:
+    if len(text) > _MAX_QUOTED_CHARS:
+        text = text[:_MAX_QUOTED_CHARS] + "..."
+    return repr(text)

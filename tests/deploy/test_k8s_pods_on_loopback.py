@@ -1,0 +1,112 @@
+"""The cpu overlay's topology runs the way its pods run it: one launcher per pod name (`pdserve
+launch --node <pod>`), here all on this machine's loopback instead of the pods' DNS names, with
+the tiny model. Requests are served by the router node; a decode pod that stops is routed around
+(/health 503 naming it) and rejoins when it starts again, as a restarted pod would."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import yaml
+
+from pdserve.config.topology import Topology
+from pdserve.entrypoints.launch import Cluster, _free_port
+
+pytestmark = pytest.mark.slow
+
+TOPOLOGY = Path(__file__).resolve().parents[2] / "deploy/k8s/overlays/cpu/topology.yaml"
+WORKER_PODS = ("pdserve-prefill-0", "pdserve-decode-0", "pdserve-decode-1")
+
+
+def free_port_block(size: int) -> int:
+    """A port p with p .. p + size all free now: the router's and each internal socket's."""
+    for _ in range(50):
+        base = _free_port()
+        try:
+            for port in range(base, base + size + 1):
+                with socket.socket() as s:
+                    s.bind(("0.0.0.0", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no block of free ports")
+
+
+@pytest.fixture(scope="module")
+def topology(tiny_llama: Path) -> Topology:
+    data = yaml.safe_load(TOPOLOGY.read_text())
+    data["model"] = str(tiny_llama)
+    for node in data["nodes"]:
+        node["address"] = "127.0.0.1"  # each pod's DNS name, on one machine
+    data["router"]["port"] = free_port_block(16)
+    data["security"] = {"cluster_secret": "k8s-pods-loopback-test-secret"}  # the Secret's
+    return Topology.from_dict(data)
+
+
+def start(topology: Topology, pod: str) -> Cluster:
+    return Cluster(topology, node=pod, log_level="warning", start_timeout_s=120).start()
+
+
+@pytest.fixture(scope="module")
+def pods(topology: Topology) -> Iterator[dict[str, Cluster]]:
+    started = {}
+    try:
+        for pod in WORKER_PODS:
+            started[pod] = start(topology, pod)
+        started["pdserve-router"] = start(topology, "pdserve-router")  # waits for every node
+        yield started
+    finally:
+        for cluster in reversed(started.values()):
+            cluster.stop(grace_s=0)
+
+
+def complete(url: str, n: int) -> list[int]:
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=30)
+    return [
+        client.completions.create(
+            model="tiny-llama",
+            prompt=f"pod {i}",
+            max_tokens=6,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        ).usage.completion_tokens
+        for i in range(n)
+    ]
+
+
+def wait_health(url: str, status: int, timeout_s: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        r = httpx.get(f"{url}/health", timeout=5)
+        if r.status_code == status or time.monotonic() > deadline:
+            assert r.status_code == status, r.text
+            return r.json()
+        time.sleep(0.25)
+
+
+def test_each_pod_starts_only_its_own_processes(pods: dict[str, Cluster]) -> None:
+    names = {pod: sorted(c.name for c in cluster.children) for pod, cluster in pods.items()}
+    assert names == {
+        "pdserve-router": ["router", "tokenizer0", "tokenizer1"],
+        "pdserve-prefill-0": ["prefill0"],
+        "pdserve-decode-0": ["decode0"],
+        "pdserve-decode-1": ["decode1"],
+    }
+    assert complete(pods["pdserve-router"].url, 4) == [6] * 4
+
+
+def test_a_decode_pod_that_restarts_rejoins(pods: dict[str, Cluster], topology: Topology) -> None:
+    url = pods["pdserve-router"].url
+    pods["pdserve-decode-1"].stop(grace_s=0)
+    body = wait_health(url, 503)
+    assert body["unhealthy"] == ["decode1"]
+    assert complete(url, 4) == [6] * 4  # served by decode0 meanwhile
+    pods["pdserve-decode-1"] = start(topology, "pdserve-decode-1")
+    assert wait_health(url, 200)["status"] == "ok"
+    assert complete(url, 6) == [6] * 6

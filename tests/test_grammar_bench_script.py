@@ -1,0 +1,31 @@
+"""benchmarks/gpu/grammar_bench.py in its --smoke mode (tiny shapes, CPU), so that the call on the
+GPU machine does not fail on something a CPU could have caught."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu" / "grammar_bench.py"
+
+
+def test_grammar_bench_smoke_measures_every_mode_in_pure_decode(tmp_path: Path) -> None:
+    env = {**os.environ, "OUT": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--root", str(tmp_path / "models")],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((tmp_path / "grammar_bench.json").read_text())
+    assert [r["constrained"] for r in results] == [False, True, False, True]
+    assert all(r["pure_decode"] and r["step_ms"] > 0 and r["batch"] == 8 for r in results)
+    assert all((r["bitmask_fill_us"] is not None) == r["constrained"] for r in results)
+    md = (tmp_path / "grammar_bench.md").read_text()
+    assert "| greedy, JSON schema |" in md and md in proc.stdout
