@@ -9,8 +9,9 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from pdserve.config.sampling_params import SamplingParams
     from pdserve.entrypoints.engine import Engine
+    from pdserve.entrypoints.engine_fragment import EngineFragment
 
-__all__ = ["Engine", "SamplingParams", "__version__"]
+__all__ = ["Engine", "EngineFragment", "SamplingParams", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -19,6 +20,10 @@ def __getattr__(name: str) -> Any:
         from pdserve.entrypoints.engine import Engine
 
         return Engine
+    if name == "EngineFragment":
+        from pdserve.entrypoints.engine_fragment import EngineFragment
+
+        return EngineFragment
     if name == "SamplingParams":
         from pdserve.config.sampling_params import SamplingParams
 

@@ -237,11 +237,20 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     is_embedding: bool | None = None  # None: detected from the model directory
     lora: LoraConfig = field(default_factory=LoraConfig)
+    # Tensor-parallel ranks of this worker: one process each (worker/parallel/), rank 0 the one
+    # that talks to the other processes.
+    tp_size: int = 1
 
     def __post_init__(self) -> None:
         _require(
             self.device in ("auto", "cpu", "cuda"), "device", self.device, "'auto', 'cpu' or 'cuda'"
         )
+        _require(type(self.tp_size) is int and self.tp_size >= 1, "tp_size", self.tp_size, ">= 1")
+        if self.tp_size > 1 and self.lora.enabled:
+            raise ValueError(
+                f"tp_size={self.tp_size} is invalid with LoRA adapters: expected 1 (LoRA under "
+                "tensor parallelism is not supported yet)"
+            )
         _require(
             self.dtype in ("auto", "float32", "float16", "bfloat16"),
             "dtype",
@@ -332,9 +341,10 @@ SGLANG_ALIASES: dict[str, OptionAlias] = {
     "disable_overlap_schedule": OptionAlias("overlap_schedule", negate=True),
     "cuda_graph_max_bs": OptionAlias("cuda_graph_max_batch"),
 }
-# Parallelism SGLang sizes by option; pdserve runs one worker per device (more workers come from
-# the topology), so only 1 is accepted.
+# Parallelism SGLang sizes by option: tp_size is each worker's tensor-parallel degree; data
+# parallelism comes from more workers in the topology, so dp_size and pp_size accept only 1.
 PARALLEL_SIZE_OPTIONS = ("tp_size", "dp_size", "pp_size")
+_ONLY_ONE_OPTIONS = ("dp_size", "pp_size")
 
 
 def aliases_of(target: str, negate: bool = False) -> list[str]:
@@ -343,8 +353,8 @@ def aliases_of(target: str, negate: bool = False) -> list[str]:
 
 
 def translate_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    """`options` with SGLang's names (`SGLANG_ALIASES`) turned into pdserve's. tp_size, dp_size
-    and pp_size are checked to be 1 and dropped; None values are dropped (not given, as from an
+    """`options` with SGLang's names (`SGLANG_ALIASES`) turned into pdserve's. dp_size and
+    pp_size are checked to be 1 and dropped (tp_size is kept); None values are dropped (not given, as from an
     unset CLI flag). ValueError naming the key for another size, a `disable_*` that is not a
     boolean, or one setting given under two names."""
     out: dict[str, Any] = {}
@@ -352,13 +362,13 @@ def translate_options(options: Mapping[str, Any]) -> dict[str, Any]:
     for key, value in options.items():
         if value is None:
             continue
-        if key in PARALLEL_SIZE_OPTIONS:
+        if key in _ONLY_ONE_OPTIONS:
             _require(
                 type(value) is int and value == 1,
                 key,
                 value,
-                "1: pdserve runs each worker on one device (tensor and data parallelism are not "
-                "supported yet; add workers to the topology instead)",
+                "1: pdserve's data parallelism is more workers in the topology (pipeline "
+                "parallelism is not supported yet)",
             )
             continue
         alias = SGLANG_ALIASES.get(key)

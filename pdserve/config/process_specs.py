@@ -76,17 +76,13 @@ class WorkerSpec:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> WorkerSpec:
         _check_keys(cls, d, "worker spec")
-        engine = dict(d["engine"])
-        _check_keys(EngineConfig, engine, "worker spec: engine")
-        engine["scheduler"] = SchedulerConfig(**engine["scheduler"])
-        engine["lora"] = LoraConfig.from_options(engine.get("lora") or {})
         _check_keys(KVTransferSpec, d["kv"], "worker spec: kv")
         faults = d.get("fault_injection", {})
         _check_keys(FaultInjectionConfig, faults, "worker spec: fault_injection")
         return cls(
             **{
                 **d,
-                "engine": EngineConfig(**engine),
+                "engine": engine_config_from_dict(d["engine"]),
                 "kv": KVTransferSpec(**d["kv"]),
                 "fault_injection": FaultInjectionConfig(**faults),
                 "tokenizer_inboxes": tuple(d["tokenizer_inboxes"]),
@@ -94,6 +90,16 @@ class WorkerSpec:
                 "prefill_inboxes": tuple(d.get("prefill_inboxes", ())),
             }
         )
+
+
+def engine_config_from_dict(d: dict[str, Any]) -> EngineConfig:
+    """The inverse of dataclasses.asdict(EngineConfig): how a worker's settings travel to a child
+    process (msgpack, never pickle)."""
+    engine = dict(d)
+    _check_keys(EngineConfig, engine, "worker spec: engine")
+    engine["scheduler"] = SchedulerConfig(**engine["scheduler"])
+    engine["lora"] = LoraConfig.from_options(engine.get("lora") or {})
+    return EngineConfig(**engine)
 
 
 @dataclass(frozen=True)

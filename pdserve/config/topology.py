@@ -127,8 +127,9 @@ class Topology:
         mode "pd": one prefill + one decode worker; "mixed": one mixed worker. Overrides are any
         top-level key, a section as a dict (`router={...}`; `kv_transfer="tcp"` names the
         backend), or a flat key: host, port, api_key, routing_policy, tokenizer_replicas,
-        kv_transfer_backend, kv_transfer_timeout_s and the scheduler's keys. None means "not
-        given" (the default), as from an unset CLI flag.
+        kv_transfer_backend, kv_transfer_timeout_s, the scheduler's keys and tp_size (every
+        worker's tensor-parallel degree). None means "not given" (the default), as from an unset
+        CLI flag.
         """
         field_names = [f.name for f in dataclasses.fields(cls)]
         return cls.from_dict(for_model_fields(model_path, mode, field_names, overrides))
@@ -165,6 +166,9 @@ class Topology:
             raise ValueError("device='cuda' is invalid: no CUDA GPU is visible on this machine")
         workers = self._resolved_workers(device, num_gpus)
         backend = self.kv_transfer.backend
+        is_tp_pd = any(w.tp > 1 for w in (*self.prefill, *self.decode))
+        if backend == "auto" and is_tp_pd:  # the only backend that relays through rank 0 yet
+            backend = "tcp"
         if backend == "auto":
             backend = "tcp" if device == "cpu" else "nccl"
             # CUDA IPC only where prefill and decode see the same device: each worker is pinned
@@ -265,6 +269,7 @@ class Topology:
             scheduler=scheduler,
             is_embedding=self.is_embedding,
             lora=self.lora,
+            tp_size=worker.tp if worker is not None else 1,
         )
 
     def _num_sharing(self, worker: WorkerPlan) -> int:
@@ -444,10 +449,13 @@ class Topology:
                     f"num_attention_heads={num_heads} that divides or is a multiple of "
                     f"num_key_value_heads={num_kv_heads}"
                 )
-            raise ValueError(
-                f"{path}.tp={w.tp} is invalid: tp > 1 is not supported yet "
-                "(tensor parallelism is future work)"
-            )
+            backend = self.kv_transfer.backend
+            if path.startswith(("prefill", "decode")) and backend not in ("auto", "tcp"):
+                raise ValueError(
+                    f"{path}.tp={w.tp} is invalid with kv_transfer.backend={backend!r}: KV of "
+                    "tensor-parallel prefill and decode workers moves over 'tcp' only so far "
+                    "(expected kv_transfer.backend 'tcp' or 'auto')"
+                )
 
     def _check_kv_backend(self) -> None:
         backend = self.kv_transfer.backend

@@ -84,7 +84,7 @@ def for_model_fields(
     if mode == "mixed":
         d["mixed"] = [{}]
     top_keys = set(field_names) - {"model"}
-    allowed = sorted(top_keys | set(_FLAT_OVERRIDES))
+    allowed = sorted(top_keys | set(_FLAT_OVERRIDES) | {"tp_size"})
     given = {k: v for k, v in overrides.items() if v is not None}
     unknown = sorted(set(given) - set(allowed))
     if unknown:
@@ -95,6 +95,11 @@ def for_model_fields(
         if key in top_keys:
             merge = key in _SECTIONS and isinstance(value, dict)
             d[key] = {**d.get(key, {}), **value} if merge else value
+    tp_size = given.pop("tp_size", None)
+    if tp_size is not None:  # every worker of the mode gets tp_size ranks
+        roles = ("mixed",) if mode == "mixed" else ("prefill", "decode")
+        for role in roles:
+            d[role] = [{"tp": tp_size}]
     for key, value in given.items():
         if key in _FLAT_OVERRIDES:
             section, sub = _FLAT_OVERRIDES[key]

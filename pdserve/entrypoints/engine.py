@@ -35,6 +35,7 @@ from pdserve.worker.extra_outputs import ExtraOutputs
 
 if TYPE_CHECKING:
     from pdserve.entrypoints.process_engine import ProcessEngine
+    from pdserve.worker.parallel.tp_group import TPGroup
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +83,8 @@ class _Tracked:
 class InProcessEngine:
     """One mixed worker's engine core, stepped in the caller's thread."""
 
-    def __init__(self, model_path: str, **options: Any) -> None:
+    def __init__(self, model_path: str, tp_group: TPGroup | None = None, **options: Any) -> None:
+        """tp_group: this engine is rank 0 of that tensor-parallel group (EngineFragment)."""
         from transformers import AutoTokenizer
 
         from pdserve.worker.worker_core import WorkerCore
@@ -94,7 +96,9 @@ class InProcessEngine:
         self.tokenizer: Any = None
         if not self.options.skip_tokenizer_init:
             self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.core = WorkerCore(self.config, decode=self._decode if self.tokenizer else None)
+        self.core = WorkerCore(
+            self.config, decode=self._decode if self.tokenizer else None, tp=tp_group
+        )
         self._closed = False
 
     def _decode(self, ids: Any) -> str:
@@ -211,6 +215,8 @@ class InProcessEngine:
         return lora_reply(True, "", self.core.lora_names)
 
     def shutdown(self) -> None:
+        if not self._closed:
+            self.core.close()  # stops tensor-parallel followers, if any
         self._closed = True
 
     def __enter__(self) -> InProcessEngine:

@@ -110,9 +110,10 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
         "/classify; no generation); default: detected from the model directory",
     )
     for name in PARALLEL_SIZE_OPTIONS:
-        parser.add_argument(
-            *_flags(name), type=int, default=None, help="SGLang's flag; only 1 is supported"
-        )
+        help_text = "SGLang's flag; only 1 is supported"
+        if name == "tp_size":
+            help_text = "tensor-parallel ranks of each worker (one process and device per rank)"
+        parser.add_argument(*_flags(name), type=int, default=None, help=help_text)
     _add_lora_flags(parser)
     parser.add_argument(  # also here, so that SGLang's `launch ... --log-level X` works
         "--log-level", choices=list(LOG_LEVELS), default=argparse.SUPPRESS, help="logging level"

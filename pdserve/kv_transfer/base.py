@@ -59,6 +59,18 @@ class HasKVBuffer(Protocol):
     buffer: torch.Tensor  # [L, 2, num_pages, page_size, Hkv, D]
 
 
+class PageIO(Protocol):
+    """Where pages really are when `buffer` only describes them: a tensor-parallel worker's pool
+    is split by KV heads over its ranks, so its `buffer` is a meta tensor of the whole layout and
+    pages are gathered from (scattered to) every rank (worker/parallel/kv_relay.py). Only the
+    tcp backend moves pages through it."""
+
+    def gather(self, pages: list[int]) -> torch.Tensor:  # [L, 2, n, page_size, Hkv, D]
+        ...
+
+    def scatter(self, pages: list[int], data: torch.Tensor) -> None: ...
+
+
 def kv_buffer_of(pool: torch.Tensor | HasKVBuffer) -> torch.Tensor:
     """The pool tensor [L, 2, num_pages, page_size, Hkv, D] of a KVPool (or the tensor itself)."""
     buffer = pool if isinstance(pool, torch.Tensor) else pool.buffer
@@ -211,6 +223,7 @@ class KVReceiver(ABC):
 
     def __init__(self, pool: torch.Tensor | HasKVBuffer) -> None:
         self.buffer = kv_buffer_of(pool)  # [L, 2, num_pages, page_size, Hkv, D]
+        self.page_io: PageIO | None = getattr(pool, "page_io", None)
         self.num_pages = self.buffer.shape[2]
         self._expected: dict[str, set[int]] = {}  # rid -> its dst pages not landed yet
         self._arrived: list[str] = []
@@ -270,7 +283,10 @@ class KVReceiver(ABC):
                 dst_pages[:8],
             )
             return
-        scatter_pages(self.buffer, dst_pages, data)
+        if self.page_io is not None:
+            self.page_io.scatter(dst_pages, data)
+        else:
+            scatter_pages(self.buffer, dst_pages, data)
         remaining.difference_update(dst_pages)
         if not remaining:
             self._finish(rid)
@@ -321,6 +337,7 @@ class KVSender(ABC):
         self, pool: torch.Tensor | HasKVBuffer, peers_info: list[dict[str, Any] | None] | tuple = ()
     ) -> None:
         self.buffer = kv_buffer_of(pool)  # [L, 2, num_pages, page_size, Hkv, D]
+        self.page_io: PageIO | None = getattr(pool, "page_io", None)
         self.page_nbytes = self.buffer[:, :, 0].numel() * self.buffer.element_size()
         self.stats = TransferStats()
         self._handshakes: dict[int, dict[str, Any]] = {
@@ -470,6 +487,12 @@ class KVSender(ABC):
     ) -> int:
         """Move the pages (validated, non-empty); return payload bytes; raise on failure.
         deadline: time.perf_counter() value by which it must be done."""
+
+    def _gather(self, pages: list[int]) -> torch.Tensor:
+        """The pages of this pool as one contiguous [L, 2, n, page_size, Hkv, D] tensor."""
+        if self.page_io is not None:
+            return self.page_io.gather(pages)
+        return gather_pages(self.buffer, pages)
 
     def close(self) -> None:
         self._connected.clear()

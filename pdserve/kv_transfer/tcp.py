@@ -24,7 +24,6 @@ from pdserve.kv_transfer.base import (
     KVSender,
     KVTransferError,
     dtype_name,
-    gather_pages,
     layout_of,
     staging_shape,
 )
@@ -162,7 +161,7 @@ class TcpSender(KVSender):
                     f"request {rid}: KV transfer timed out after {start} of {len(src_pages)} pages"
                 )
             src = src_pages[start : start + per_chunk]
-            host = gather_pages(self.buffer, src).cpu()  # [L, 2, n, ps, Hkv, D]
+            host = self._gather(src).cpu()  # [L, 2, n, ps, Hkv, D]
             chunk = protocol.KVChunk(
                 rid=rid,
                 dst_pages=dst_pages[start : start + per_chunk],

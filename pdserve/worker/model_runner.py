@@ -1,4 +1,9 @@
-"""Owns the model and the KV pool on one device; turns a scheduled batch into logits."""
+"""Owns the model and the KV pool on one device; turns a scheduled batch into logits.
+
+Tensor parallelism (`tp`): every rank has a ModelRunner over its shards. Rank 0's announces each
+step to the other ranks before running it (parallel/batch_broadcast.py) and the followers run the
+same forward pass (parallel/follower.py): the collectives inside the model pair up.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +21,8 @@ from pdserve.scheduler.request import Request
 from pdserve.scheduler.scheduler import BatchItem, ScheduledBatch
 from pdserve.worker.forward_batch import ForwardBatch
 from pdserve.worker.kv_pool import KVPool
+from pdserve.worker.parallel.batch_broadcast import Command, Header, receive_tensor, send_header
+from pdserve.worker.parallel.tp_group import SINGLE, TPGroup
 
 if TYPE_CHECKING:
     from pdserve.worker.lora.lora_layers import LoraBatch
@@ -44,19 +51,29 @@ class PendingTokens(NamedTuple):
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_config: ModelConfig) -> None:
+    def __init__(
+        self, config: EngineConfig, model_config: ModelConfig, tp: TPGroup = SINGLE
+    ) -> None:
         from pdserve.worker.models import load_model
 
         self.config = config  # resolved: no "auto" left
         self.model_config = model_config
+        self.tp = tp
         self.device = torch.device(config.device)
+        if self.device.type == "cuda" and tp.is_parallel:  # the worker sees one GPU per rank
+            index = tp.rank if tp.device_index is None else tp.device_index
+            self.device = torch.device("cuda", index)
+            torch.cuda.set_device(self.device)
         self.dtype = _DTYPES[config.dtype]
         self.page_size = config.scheduler.page_size
         self.model = load_model(
-            model_config, config.model_path, self.dtype, self.device, config.attention_backend
+            model_config, config.model_path, self.dtype, self.device, config.attention_backend, tp
         )
-        self.num_pages = self._decide_num_pages()
-        self.kv_pool = KVPool(model_config, self.num_pages, self.page_size, self.dtype, self.device)
+        # Page ids come from rank 0's allocator: every rank's pool holds as many pages.
+        self.num_pages = tp.min_over_ranks(self._decide_num_pages(), self.device)
+        self.kv_pool = KVPool(
+            model_config, self.num_pages, self.page_size, self.dtype, self.device, tp
+        )
         # Two [bytes] uint8 host buffers used in turn (see _host_buffer).
         self._staging: list[torch.Tensor | None] = [None, None]
         self._staging_turn = 0
@@ -67,7 +84,9 @@ class ModelRunner:
             self.lora = LoraManager(config.lora, model_config, self.dtype, self.device)
         self.graph_runner = None
         # Graphs capture the decode step; an embedding model never decodes (and has no logits).
-        if config.cuda_graph and self.device.type == "cuda" and not model_config.is_embedding:
+        # Not under tensor parallelism yet: a replay would skip the followers' announcement.
+        capturable = not model_config.is_embedding and not tp.is_parallel
+        if config.cuda_graph and self.device.type == "cuda" and capturable:
             from pdserve.worker.cuda_graph_runner import CudaGraphRunner
 
             self.graph_runner = CudaGraphRunner(self)
@@ -76,7 +95,7 @@ class ModelRunner:
         sched = self.config.scheduler
         if sched.num_pages is not None:
             return sched.num_pages
-        per_page = KVPool.bytes_per_page_for(self.model_config, self.page_size, self.dtype)
+        per_page = KVPool.bytes_per_page_for(self.model_config, self.page_size, self.dtype, self.tp)
         if self.device.type == "cuda":
             free, _total = torch.cuda.mem_get_info(self.device)
             budget = int(free * sched.mem_fraction)
@@ -106,36 +125,85 @@ class ModelRunner:
         return buf[:num_bytes]
 
     def build_forward_batch(
-        self, batch: ScheduledBatch, pending: PendingTokens | None = None
+        self,
+        batch: ScheduledBatch,
+        pending: PendingTokens | None = None,
+        command: Command = Command.FORWARD,
     ) -> ForwardBatch:
         """Lay every index array of the batch out in one host buffer (pinned on CUDA) and copy it to
         the device in one transfer; the batch's device tensors are views of that one copy. Input
-        tokens still being sampled (`pending`) are filled in on the device."""
+        tokens still being sampled (`pending`) are filled in on the device. Under tensor
+        parallelism the same buffer goes to the other ranks with `command` (what they run)."""
         pending_rows = pending.row_of if pending is not None else None
         host = _HostBatch.build(batch, self.page_size, self._host_buffer, pending_rows)
-        on_host = host.views(host.buffer)
-        on_device = on_host
+        device_buffer = host.buffer
         if self.device.type != "cpu":
-            on_device = host.views(host.buffer.to(self.device, non_blocking=True))
+            device_buffer = host.buffer.to(self.device, non_blocking=True)
+        if self.tp.is_parallel:
+            self._announce(command, host, batch.is_decode, device_buffer)
+        return self._device_batch(host, device_buffer, batch.is_decode, pending)
+
+    def _device_batch(
+        self,
+        host: _HostBatch,
+        device_buffer: torch.Tensor,  # [num_bytes] uint8: host.buffer's copy on the device
+        is_decode: bool,
+        pending: PendingTokens | None,
+    ) -> ForwardBatch:
+        on_host = host.views(host.buffer)
+        on_device = host.views(device_buffer) if self.device.type != "cpu" else on_host
         fill_dst, fill_src = on_device.pop("fill_dst"), on_device.pop("fill_src")
         if fill_dst.numel():
-            assert pending is not None  # _HostBatch.build fills only from pending rows
+            if pending is None:
+                raise RuntimeError("the batch takes pending tokens, but none were given")
             on_device["input_ids"].index_copy_(0, fill_dst, pending.token_ids[fill_src])
         return ForwardBatch(
             **on_device,
             seq_lens_cpu=host.seq_lens_cpu,
             extend_lens_cpu=host.extend_lens_cpu,
-            is_decode=batch.is_decode,
+            is_decode=is_decode,
             max_extend_len=max(host.extend_lens_cpu),
             max_seq_len=max(host.seq_lens_cpu),
             page_table_cpu=on_host["page_table"],
         )
 
+    def _announce(
+        self, command: Command, host: _HostBatch, is_decode: bool, device_buffer: torch.Tensor
+    ) -> None:
+        """Rank 0: send the followers the step's packed batch (tensor parallelism)."""
+        num_tokens, batch_size, max_pages, num_fills = _layout_sizes(host.layout)
+        if num_fills:  # the followers have no pending tokens to fill them from
+            raise RuntimeError("tensor-parallel steps must not be overlapped (pending tokens)")
+        header = Header(command, num_tokens, batch_size, max_pages, num_fills, is_decode)
+        send_header(self.tp, header, self.device)
+        self.tp.broadcast_from_first(device_buffer)
+
+    def receive_forward_batch(self, header: Header) -> ForwardBatch:
+        """A follower: the batch rank 0 announced with `header` (its packed buffer comes next)."""
+        layout, num_bytes = _layout(
+            header.num_tokens, header.batch_size, header.max_pages, header.num_fills
+        )
+        device_buffer = receive_tensor(self.tp, (num_bytes,), torch.uint8, self.device)
+        host_buffer = device_buffer if self.device.type == "cpu" else device_buffer.cpu()
+        host = _HostBatch(host_buffer, layout, [], [])
+        arrays = host.views(host_buffer)
+        host.seq_lens_cpu = arrays["seq_lens"].tolist()
+        host.extend_lens_cpu = arrays["extend_lens"].tolist()
+        return self._device_batch(host, device_buffer, header.is_decode, None)
+
+    def close(self) -> None:
+        """Rank 0 of a tensor-parallel worker: tell the followers to exit."""
+        if self.tp.is_parallel and self.tp.rank == 0:
+            send_header(self.tp, Header(Command.STOP), self.device)
+
     def _forward_batch(
-        self, batch: ScheduledBatch, pending: PendingTokens | None = None
+        self,
+        batch: ScheduledBatch,
+        pending: PendingTokens | None = None,
+        command: Command = Command.FORWARD,
     ) -> ForwardBatch:
         """build_forward_batch, with the batch's LoRA rows when any request uses an adapter."""
-        fb = self.build_forward_batch(batch, pending)
+        fb = self.build_forward_batch(batch, pending, command)
         fb.lora = self._lora_batch(batch)
         return fb
 
@@ -159,7 +227,7 @@ class ModelRunner:
     def forward_rows(self, batch: ScheduledBatch) -> ForwardOutput:
         """Like forward, reading out every new token's final hidden state too (no CUDA graph):
         only steps holding a request that asked for rows pay for it."""
-        fb = self._forward_batch(batch)
+        fb = self._forward_batch(batch, command=Command.FORWARD_ROWS)
         hidden = self.model.forward_hidden(fb, self.kv_pool, all_rows=True)  # [T, hidden]
         logits = None
         if not self.model_config.is_embedding:
@@ -170,6 +238,11 @@ class ModelRunner:
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, V] float32 through the lm_head (generation models)."""
         with torch.inference_mode():
+            if self.tp.is_parallel:  # the vocab-parallel head needs every rank
+                hidden = hidden.contiguous()
+                header = Header(Command.LOGITS, num_tokens=hidden.shape[0])
+                send_header(self.tp, header, self.device)
+                self.tp.broadcast_from_first(hidden)
             return self.model.compute_logits(hidden)
 
     def compute_scores(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -217,6 +290,12 @@ def _input_ids(
 # Every array starts on a 16-byte boundary: Triton specialises its pointer arguments on that, so
 # unaligned views would compile extra kernel variants (and lose vector loads).
 _ALIGN_BYTES = 16
+
+
+def _layout_sizes(layout: dict[str, tuple[int, torch.dtype, tuple[int, ...]]]) -> tuple[int, ...]:
+    """(num_tokens, bsz, max_pages, num_fills): the arguments _layout built `layout` from."""
+    bsz, max_pages = layout["page_table"][2]
+    return layout["input_ids"][2][0], bsz, max_pages, layout["fill_dst"][2][0]
 
 
 def _layout(

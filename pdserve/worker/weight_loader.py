@@ -1,9 +1,13 @@
 """Loads a Hugging Face safetensors checkpoint into a model, one tensor at a time.
 
-Checkpoint names are the model's parameter names, except for MergedLinear modules: their rows are
+Checkpoint names are the model's parameter names, except for merged modules: their rows are
 filled from several checkpoint tensors (`...self_attn.qkv_proj.weight` from `...q_proj.weight`,
 `...k_proj.weight` and `...v_proj.weight`). Every parameter must be filled exactly by the
 checkpoint: a missing or unexpected tensor is an error naming it, before any bytes are read.
+
+A module with `checkpoint_slices` (worker/parallel/layers.py) says which slice of which tensor
+fills each of its parameters: a tensor-parallel rank reads only its shard (safetensors get_slice),
+never the whole tensor.
 """
 
 from __future__ import annotations
@@ -12,13 +16,15 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
-from pdserve.worker.models.llama import MergedLinear
+from pdserve.worker.parallel.layers import CheckpointSlice
+from pdserve.worker.parallel.tp_group import Shard
 
 logger = logging.getLogger(__name__)
 
@@ -28,11 +34,11 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 @dataclass(frozen=True)
 class _Target:
-    """Where one checkpoint tensor goes: rows [row_start, row_start + num_rows) of `param`."""
+    """Where one checkpoint tensor goes: `param` narrowed along `where.dim`, from the tensor's
+    slice `where.shard` (the whole tensor when not sharded)."""
 
     param: nn.Parameter
-    row_start: int
-    num_rows: int
+    where: CheckpointSlice
 
 
 def load_weights(model: nn.Module, model_path: str | Path) -> None:
@@ -56,8 +62,7 @@ def load_weights(model: nn.Module, model_path: str | Path) -> None:
         for file, file_names in by_file.items():
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 for name in file_names:
-                    tensor = f.get_tensor(_stored_name(name, tensor_files))
-                    _copy_into(targets[name], tensor, name)
+                    _copy_into(targets[name], f.get_slice(_stored_name(name, tensor_files)), name)
                     progress.update()
     logger.info("loaded %d tensors from %d file(s) in %s", len(names), len(by_file), model_path)
 
@@ -94,14 +99,16 @@ def _weight_targets(model: nn.Module) -> tuple[dict[str, _Target], set[str]]:
                 aliases.add(full_name)
                 continue
             seen.add(id(param))
-            if not isinstance(module, MergedLinear):
-                targets[full_name] = _Target(param, 0, param.shape[0])
+            slices = getattr(module, "checkpoint_slices", None)
+            if slices is None:
+                rows = param.shape[0]
+                where = CheckpointSlice(full_name, 0, 0, Shard(0, rows), rows)
+                targets[full_name] = _Target(param, where)
                 continue
-            parent = module_name.rpartition(".")[0]
-            row_start = 0
-            for shard_name, num_rows in module.shards.items():
-                targets[f"{parent}.{shard_name}.{param_name}"] = _Target(param, row_start, num_rows)
-                row_start += num_rows
+            parent, _, own_name = module_name.rpartition(".")
+            prefix = f"{parent}." if parent else ""
+            for where in slices(param_name, own_name):
+                targets[prefix + where.name] = _Target(param, where)
     return targets, aliases
 
 
@@ -141,11 +148,23 @@ def _few(names: list[str], limit: int = 10) -> str:
     return f"[{shown}{f', ... ({len(names)} in all)' if len(names) > limit else ''}]"
 
 
-def _copy_into(target: _Target, tensor: torch.Tensor, name: str) -> None:
-    dest = target.param.data.narrow(0, target.row_start, target.num_rows)
-    if tensor.shape != dest.shape:
+def _copy_into(target: _Target, stored: Any, name: str) -> None:
+    """Copy this rank's slice of checkpoint tensor `name` (`stored`: a safetensors slice, read
+    only where indexed) into its target."""
+    where = target.where
+    data = target.param.data
+    dest = data.narrow(where.dim, where.dest_start, where.shard.size)
+    shape = tuple(stored.get_shape())
+    expected = list(dest.shape)
+    if len(shape) == len(expected):
+        expected[where.dim] = where.src_total
+    if shape != tuple(expected):
         raise ValueError(
-            f"weight {name!r} has shape {tuple(tensor.shape)} in the checkpoint: "
-            f"expected {tuple(dest.shape)}"
+            f"weight {name!r} has shape {shape} in the checkpoint: expected {tuple(expected)}"
         )
-    dest.copy_(tensor)  # casts to the model's dtype and moves to its device
+    index = [slice(None)] * len(shape)
+    index[where.dim] = slice(where.shard.start, where.shard.start + where.shard.size)
+    dest.copy_(stored[tuple(index)])  # casts to the model's dtype and moves to its device
+    if where.zero_rest:  # padding rows of a vocab shard
+        end = where.dest_start + where.shard.size
+        data.narrow(where.dim, end, data.shape[where.dim] - end).zero_()

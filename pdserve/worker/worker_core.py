@@ -12,6 +12,11 @@ when its token is read back may have computed one more token by then; that one i
 outputs and stop checks equal the plain loop's. A step holding a row that needs its request's
 tokens on the host (penalties, logprobs, grammar, hidden states, pooling) waits for the running
 step first and runs unoverlapped.
+
+Tensor parallelism (`config.tp_size > 1`): this core is rank 0; it starts the follower ranks
+(worker/parallel/tp_launch.py), which run each step's forward pass as the model runner announces
+it. Only rank 0 samples (the logits are gathered on every rank). Such a worker runs the plain
+loop: a follower cannot fill input ids from tokens still being sampled on rank 0's device.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from pdserve.worker.device_copy import to_device
 from pdserve.worker.extra_outputs import ExtraOutputs
 from pdserve.worker.grammar import bind_grammar
 from pdserve.worker.model_runner import ForwardOutput, ModelRunner, PendingTokens
+from pdserve.worker.parallel.tp_group import SINGLE, TPGroup
 from pdserve.worker.pooler import PoolState
 from pdserve.worker.sampler import (
     SamplingBatch,
@@ -93,14 +99,26 @@ class WorkerCore:
         decode: Callable[[Sequence[int]], str] | None = None,
         model_config: ModelConfig | None = None,
         overlap: bool | None = None,
+        tp: TPGroup | None = None,
     ) -> None:
-        """overlap: run the overlapped loop (module docstring); None: as the config says."""
+        """overlap: run the overlapped loop (module docstring); None: as the config says.
+        tp: this core as rank 0 of a tensor-parallel group made by the caller (EngineFragment),
+        whose other ranks follow it; None: start the followers itself when config.tp_size > 1."""
         self.config = config.resolved()
         self.model_config = model_config or ModelConfig.from_hf(
             config.model_path, is_embedding=config.is_embedding
         )
         torch.manual_seed(self.config.seed)
-        self.runner = ModelRunner(self.config, self.model_config)
+        self.tp_followers = None  # TPFollowers on rank 0 of a tensor-parallel worker
+        if tp is not None and tp.size != self.config.tp_size:
+            raise ValueError(f"tp_size={self.config.tp_size} is invalid: the group has {tp.size}")
+        tp = tp or SINGLE
+        if self.config.tp_size > 1 and not tp.is_parallel:
+            from pdserve.worker.parallel.tp_launch import TPFollowers
+
+            self.tp_followers = TPFollowers.start(self.config)
+            tp = self.tp_followers.group
+        self.runner = ModelRunner(self.config, self.model_config, tp)
         sched = self.config.scheduler
         self.max_context_len = sched.max_context_len or self.model_config.max_position_embeddings
         checker = FinishChecker(self.model_config.eos_token_ids, self.max_context_len, decode)
@@ -112,7 +130,7 @@ class WorkerCore:
         self.num_steps = 0
         if overlap is None:
             overlap = self.config.overlap_schedule
-        self.overlap = overlap and not self.model_config.is_embedding
+        self.overlap = overlap and not self.model_config.is_embedding and not tp.is_parallel
         self._inflight: _InflightStep | None = None
         self.num_overlapped_steps = 0
         self._host_ids: list[torch.Tensor | None] = [None, None]  # pinned, used in turn
@@ -126,6 +144,8 @@ class WorkerCore:
     def step(self) -> list[Request]:
         """Run one forward pass; returns the requests that got a token or finished (overlapped:
         the tokens of the step before)."""
+        if self.tp_followers is not None:
+            self.tp_followers.check()
         sched = self.scheduler
         batch = sched.schedule()
         touched = sched.newly_finished
@@ -346,6 +366,14 @@ class WorkerCore:
                 ids, lps = out.top_logprobs[i]
                 top = [[tid, lp] for tid, lp in zip(ids, lps)]
             self.scheduler.process_sampled(item, out.token_ids[i], logprob, top)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel followers (nothing to do for a single-rank worker)."""
+        if self.tp_followers is not None:
+            if self.tp_followers.lost is None:
+                self.runner.close()  # tells them STOP
+            self.tp_followers.stop()
+            self.tp_followers = None
 
     def check_request(self, req: Request) -> None:
         """ValueError naming the problem if this model cannot serve the request: a prompt token

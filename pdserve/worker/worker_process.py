@@ -40,6 +40,10 @@ class WorkerProcess:
             decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
             overlap=spec.engine.overlap_schedule and spec.role != "prefill",
         )
+        if self.core.tp_followers is not None:  # a lost rank takes the whole worker down
+            from pdserve.worker.parallel.tp_launch import exit_process
+
+            self.core.tp_followers.on_lost = exit_process
         self.scheduler = self.core.scheduler
         self.inbox = Inbox(spec.inbox)
         self.to_tokenizers = [Outbox(a) for a in spec.tokenizer_inboxes]
@@ -103,6 +107,12 @@ class WorkerProcess:
             self.faults.before_step(self.core.has_work())
             return self.core.step()
         except Exception as e:
+            if self.core.tp_followers is not None:
+                # The ranks may be out of step now (one ran a collective the others did not):
+                # end the worker rather than risk a hang; the router ends its requests.
+                logger.exception("worker %s: tensor-parallel step failed; exiting", self.name)
+                self.core.tp_followers.kill()
+                raise
             logger.exception("worker %s: step failed; ending its running requests", self.name)
             message = f"internal error in worker {self.name}: {type(e).__name__}: {e}"
             failed = list(self.scheduler.running)
@@ -226,6 +236,7 @@ class WorkerProcess:
 
     def close(self) -> None:
         self.role.close()
+        self.core.close()
         self.inbox.close()
 
 
@@ -260,7 +271,7 @@ def _prefill_role(worker: WorkerProcess) -> WorkerRole:
     from pdserve.worker.prefill_role import PrefillRole
 
     kv = worker.spec.kv
-    sender = kv_transfer.make_sender(kv.backend, worker.core.runner.kv_pool)
+    sender = kv_transfer.make_sender(kv.backend, _transfer_pool(worker.core))
     sender.faults = worker.faults
     return PrefillRole(worker.core, sender, worker.to_decodes, kv.timeout_s)
 
@@ -271,9 +282,20 @@ def _decode_role(worker: WorkerProcess) -> WorkerRole:
 
     kv = worker.spec.kv
     options = {"host": kv.host} if kv.host else {}
-    pool = worker.core.runner.kv_pool
+    pool = _transfer_pool(worker.core)
     receiver = kv_transfer.make_receiver(kv.backend, pool, kv.address, **options)
     return DecodeRole(worker.core, receiver, worker.to_prefills, worker.spec.idx, kv.timeout_s)
+
+
+def _transfer_pool(core: WorkerCore) -> Any:
+    """What the KV transfer moves pages of: the pool, or under tensor parallelism rank 0's view
+    of the whole pool across its ranks (worker/parallel/kv_relay.py)."""
+    runner = core.runner
+    if not runner.tp.is_parallel:
+        return runner.kv_pool
+    from pdserve.worker.parallel.kv_relay import TPKVPoolView
+
+    return TPKVPoolView(runner.kv_pool, runner.tp, core.model_config.num_kv_heads)
 
 
 _ROLES: dict[str, Callable[[WorkerProcess], WorkerRole]] = {

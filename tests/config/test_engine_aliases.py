@@ -30,7 +30,8 @@ from pdserve.config.engine_config import (
         ({"disable_overlap_schedule": True}, {"overlap_schedule": False}),
         ({"cuda_graph_max_bs": 32}, {"cuda_graph_max_batch": 32}),
         ({"max_running_requests": 8, "page_size": 4}, {"max_running_requests": 8, "page_size": 4}),
-        ({"tp_size": 1, "dp_size": 1, "pp_size": 1, "seed": 2}, {"seed": 2}),
+        ({"tp_size": 1, "dp_size": 1, "pp_size": 1, "seed": 2}, {"tp_size": 1, "seed": 2}),
+        ({"tp_size": 2}, {"tp_size": 2}),  # each worker's tensor-parallel degree
         ({"chunked_prefill_size": -1}, {}),  # SGLang's "no chunking": pdserve's default chunks
         ({"num_pages": None, "random_seed": None}, {}),  # None: not given
     ],
@@ -58,7 +59,6 @@ def test_engine_config_built_from_sglang_names_equals_the_one_from_pdserve_names
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"tp_size": 2}, r"^tp_size=2 is invalid: expected 1"),
         ({"dp_size": 4}, r"^dp_size=4 is invalid: expected 1"),
         ({"pp_size": True}, r"^pp_size=True is invalid"),  # a bool is not a size
         ({"mem_fraction": 0.5, "mem_fraction_static": 0.6}, "mem_fraction and mem_fraction_static"),

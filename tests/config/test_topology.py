@@ -115,8 +115,15 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ),
     ({"prefill": [{"tp": 0}], "decode": [{}]}, "prefill[0].tp=0 is invalid"),
     ({"prefill": [{}], "decode": [{"gpus": [0, 1]}]}, "decode[0].tp=1 is invalid"),
-    ({"prefill": [{"gpus": [0, 1], "tp": 2}], "decode": [{}]}, "tp > 1 is not supported yet"),
-    ({"mixed": [{"tp": 4}]}, "mixed[0].tp=4 is invalid: tp > 1 is not supported yet"),
+    (
+        {
+            "prefill": [{"gpus": [0, 1], "tp": 2}],
+            "decode": [{}],
+            "kv_transfer": {"backend": "nccl"},
+        },
+        "prefill[0].tp=2 is invalid with kv_transfer.backend='nccl'",
+    ),
+    ({"mixed": [{"tp": 8}]}, "mixed[0].tp=8 is invalid: expected a divisor"),
     ({"prefill": [{"tp": 3}], "decode": [{}]}, "prefill[0].tp=3 is invalid: expected a divisor"),
     ({"router": {"port": 65536}}, "router.port=65536 is invalid"),
     ({"router": {"port": -1}}, "router.port=-1 is invalid"),
@@ -668,3 +675,18 @@ def test_a_model_path_under_home_is_expanded(
     path = tmp_path / "t.yaml"
     path.write_text(f"model: ~/{Path(model).name}\n")
     assert Topology.from_yaml(path).model == model
+
+
+@pytest.mark.parametrize("tp", [2, 4])  # 4 query heads over 2 KV heads: tp 4 replicates them
+def test_a_mixed_worker_may_be_tensor_parallel_and_its_engine_config_says_so(
+    model: str, tp: int
+) -> None:
+    t = topo(model, device="cuda", mixed=[{"gpus": list(range(tp)), "tp": tp}])
+    (worker,) = t.workers()
+    assert worker.tp == tp and t.engine_config(worker).tp_size == tp
+    assert Topology.for_model(model, mode="mixed", tp_size=tp).mixed[0].tp == tp
+
+
+def test_tensor_parallel_prefill_and_decode_workers_resolve_to_tcp(model: str) -> None:
+    t = topo(model, device="cuda", prefill=[{"gpus": [0, 1], "tp": 2}], decode=[{"gpus": [2]}])
+    assert t.resolved(num_gpus=3).kv_transfer.backend == "tcp"  # relayed through rank 0

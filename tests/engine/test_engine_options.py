@@ -39,8 +39,8 @@ def test_sglang_option_names_configure_the_same_engine(tiny_llama: Path) -> None
     assert (sched.mem_fraction, sched.chunk_size, sched.max_batch_tokens) == (0.5, 64, 256)
     assert not sched.enable_prefix_cache and sglang.config.seed == 3
     assert sglang.get_server_info()["max_context_len"] == 512
-    with pytest.raises(ValueError, match="^tp_size=2 is invalid: expected 1"):
-        Engine(str(tiny_llama), in_process=True, device="cpu", tp_size=2)
+    with pytest.raises(ValueError, match="^dp_size=2 is invalid: expected 1"):
+        Engine(str(tiny_llama), in_process=True, device="cpu", dp_size=2)
 
 
 def test_server_info_reports_the_core_and_flush_cache_empties_the_prefix_cache(

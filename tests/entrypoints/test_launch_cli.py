@@ -105,5 +105,18 @@ def test_sglang_flags_set_the_same_options(
 def test_a_parallel_size_other_than_one_is_refused_by_name(
     tiny_llama: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["launch", "--model", str(tiny_llama), "--tp-size", "2"]) == 2
-    assert "tp_size=2 is invalid: expected 1" in capsys.readouterr().err
+    assert main(["launch", "--model", str(tiny_llama), "--dp-size", "2"]) == 2
+    assert "dp_size=2 is invalid: expected 1" in capsys.readouterr().err
+
+
+def test_tp_size_sets_every_workers_tensor_parallel_degree(
+    tiny_llama: Path, launched: type[LaunchedTopology]
+) -> None:
+    argv = ["launch", "--model", str(tiny_llama), "--device", "cpu", "--tp-size", "2"]
+    assert main([*argv, "--mixed"]) == 0
+    t = launched.topology
+    assert t is not None and [w.tp for w in t.mixed] == [2]
+    assert t.engine_config(t.workers()[0]).tp_size == 2
+    assert main(argv) == 0  # prefill + decode: both tp 2
+    t = launched.topology
+    assert [w.tp for w in (*t.prefill, *t.decode)] == [2, 2]

@@ -21,6 +21,7 @@ from pdserve.worker.cuda_graph_runner import (
 )
 from pdserve.worker.forward_batch import ForwardBatch
 from pdserve.worker.model_runner import ModelRunner
+from pdserve.worker.parallel.tp_group import SINGLE
 
 
 @pytest.mark.parametrize(
@@ -159,9 +160,10 @@ def test_forward_batch_is_packed_into_one_aligned_buffer() -> None:
         ]
     )
     runner = SimpleNamespace(
-        page_size=4, device=torch.device("cpu"), _staging=[None, None], _staging_turn=0
+        page_size=4, device=torch.device("cpu"), _staging=[None, None], _staging_turn=0, tp=SINGLE
     )
     runner._host_buffer = lambda n: ModelRunner._host_buffer(runner, n)  # type: ignore[arg-type]
+    runner._device_batch = lambda *a: ModelRunner._device_batch(runner, *a)  # type: ignore[arg-type]
     fb = ModelRunner.build_forward_batch(runner, batch)  # type: ignore[arg-type]
     assert fb.input_ids.tolist() == [12, 13, 14, 15, 8, 4]
     assert fb.positions.tolist() == [2, 3, 4, 5, 4, 0]

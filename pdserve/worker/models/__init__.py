@@ -10,6 +10,7 @@ from pdserve.config.engine_config import ModelConfig
 from pdserve.kernels.attention import get_attention_backend
 from pdserve.worker.models.llama import LlamaForCausalLM
 from pdserve.worker.models.llama_pooling import LlamaForPooling
+from pdserve.worker.parallel.tp_group import SINGLE, TPGroup
 
 Model = LlamaForCausalLM | LlamaForPooling
 _FAMILIES = ("Llama", "Mistral", "Qwen2", "Qwen3")
@@ -29,6 +30,7 @@ def build_model(
     dtype: torch.dtype,
     device: torch.device | str,
     attention_backend: str = "torch",
+    tp: TPGroup = SINGLE,
 ) -> Model:
     """The decoder for model_config.architecture, with allocated but unloaded parameters."""
     registry = _POOLING_ARCHITECTURES if model_config.is_embedding else _ARCHITECTURES
@@ -38,7 +40,7 @@ def build_model(
             f"architecture={model_config.architecture!r} has no model: expected one "
             f"of {sorted(registry)}"
         )
-    return model_cls(model_config, dtype, device, get_attention_backend(attention_backend))
+    return model_cls(model_config, dtype, device, get_attention_backend(attention_backend), tp)
 
 
 def load_model(
@@ -47,11 +49,13 @@ def load_model(
     dtype: torch.dtype,
     device: torch.device | str,
     attention_backend: str = "torch",
+    tp: TPGroup = SINGLE,
 ) -> Model:
-    """build_model, then fill its weights from the safetensors checkpoint in model_path."""
+    """build_model, then fill its weights from the safetensors checkpoint in model_path (with
+    tp > 1, only this rank's shards of each tensor are read)."""
     # Imported here: weight_loader imports models.llama, so a top-level import would be circular.
     from pdserve.worker.weight_loader import load_weights
 
-    model = build_model(model_config, dtype, device, attention_backend)
+    model = build_model(model_config, dtype, device, attention_backend, tp)
     load_weights(model, model_path)
     return model

@@ -3,7 +3,11 @@
 One module serves the family; ModelConfig's flags carry the differences: attention_bias (Qwen2:
 biases on q/k/v), qk_norm (Qwen3: RMSNorm on each head of q and k before rope), rope_scaling
 (Llama 3.1+) and tie_word_embeddings. Parameter names follow the Hugging Face checkpoints, except
-q/k/v and gate/up, which are merged into one matmul each (see MergedLinear).
+q/k/v and gate/up, which are merged into one matmul each (see MergedColumnLinear).
+
+Tensor parallelism (`tp`, worker/parallel/): each rank holds its share of the query heads, of the
+KV heads (one replicated head when tp exceeds their count), of the MLP's intermediate rows and of
+the vocab; o_proj and down_proj sum the ranks' partial outputs. With tp 1 it is the plain model.
 """
 
 from __future__ import annotations
@@ -22,6 +26,14 @@ from pdserve.kernels.norm_ref import fused_add_rms_norm_ref, rms_norm_ref
 from pdserve.kernels.rotary_ref import apply_rotary_ref, rope_cos_sin_cache
 from pdserve.worker.forward_batch import ForwardBatch
 from pdserve.worker.kv_pool import KVPool
+from pdserve.worker.parallel.layers import (
+    MergedColumnLinear,
+    MergedPart,
+    ParallelLMHead,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
+from pdserve.worker.parallel.tp_group import SINGLE, Shard, TPGroup
 
 if TYPE_CHECKING:
     from pdserve.worker.lora.lora_layers import LoraBatch
@@ -82,43 +94,40 @@ class RMSNorm(nn.Module):
         return self.kernels.fused_add_rms_norm(x, residual, self.weight, self.eps)
 
 
-class MergedLinear(nn.Linear):
-    """Several projections of one input stacked along the output dim and run as one matmul.
-
-    `shards` names each projection as the checkpoint does and gives its output rows, in order; the
-    weight loader writes checkpoint tensor `<parent>.<shard>.weight` into those rows.
-    """
-
-    def __init__(
-        self, in_features: int, shards: dict[str, int], bias: bool, dtype: torch.dtype
-    ) -> None:
-        super().__init__(in_features, sum(shards.values()), bias=bias, dtype=dtype)
-        self.shards = dict(shards)
-
-
 class LlamaAttention(nn.Module):
     def __init__(
-        self, config: ModelConfig, layer_idx: int, attention: AttentionBackend, dtype: torch.dtype
+        self,
+        config: ModelConfig,
+        layer_idx: int,
+        attention: AttentionBackend,
+        dtype: torch.dtype,
+        tp: TPGroup = SINGLE,
     ) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.attention = attention
         self.kernels = kernels = select_kernels(attention.use_triton_kernels)
-        self.num_heads = config.num_heads
-        self.num_kv_heads = config.num_kv_heads
-        self.head_dim = config.head_dim
-        self.scale = config.head_dim**-0.5
-        q_size = config.num_heads * config.head_dim
-        kv_size = config.num_kv_heads * config.head_dim
-        self.qkv_proj = MergedLinear(
+        d = config.head_dim
+        q_heads = tp.split(config.num_heads, "num_attention_heads")
+        kv_heads = tp.kv_heads(config.num_kv_heads)
+        self.num_heads = q_heads.size  # this rank's
+        self.num_kv_heads = kv_heads.size  # this rank's
+        self.head_dim = d
+        self.scale = d**-0.5
+        q_size, kv_size = q_heads.size * d, kv_heads.size * d
+        q_part = MergedPart(config.num_heads * d, Shard(q_heads.start * d, q_size))
+        kv_part = MergedPart(config.num_kv_heads * d, Shard(kv_heads.start * d, kv_size))
+        self.qkv_proj = MergedColumnLinear(
             config.hidden_size,
-            {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size},
+            {"q_proj": q_part, "k_proj": kv_part, "v_proj": kv_part},
             bias=config.attention_bias,
             dtype=dtype,
         )
         # Qwen2 puts biases on q/k/v only; Llama and Qwen3 use attention_bias for o_proj too.
         o_bias = config.attention_bias and config.family != "Qwen2"
-        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=o_bias, dtype=dtype)
+        self.o_proj = RowParallelLinear(
+            config.num_heads * d, config.hidden_size, bias=o_bias, dtype=dtype, tp=tp
+        )
         self.qkv_sizes = [q_size, kv_size, kv_size]
         self.qk_norm = config.qk_norm
         if config.qk_norm:  # Qwen3: one RMSNorm over head_dim, shared by all heads
@@ -170,15 +179,17 @@ class LlamaMLP(nn.Module):
         dtype: torch.dtype,
         kernels: Kernels = TORCH_KERNELS,
         layer_idx: int = 0,
+        tp: TPGroup = SINGLE,
     ) -> None:
         super().__init__()
         self.kernels = kernels
         self.layer_idx = layer_idx
         inter = config.intermediate_size
-        self.gate_up_proj = MergedLinear(
-            config.hidden_size, {"gate_proj": inter, "up_proj": inter}, bias=False, dtype=dtype
+        part = MergedPart(inter, tp.split(inter, "intermediate_size"))
+        self.gate_up_proj = MergedColumnLinear(
+            config.hidden_size, {"gate_proj": part, "up_proj": part}, bias=False, dtype=dtype
         )
-        self.down_proj = nn.Linear(inter, config.hidden_size, bias=False, dtype=dtype)
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, False, dtype, tp)
 
     def forward(
         self, x: torch.Tensor, lora: LoraBatch | None = None
@@ -197,12 +208,17 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(
-        self, config: ModelConfig, layer_idx: int, attention: AttentionBackend, dtype: torch.dtype
+        self,
+        config: ModelConfig,
+        layer_idx: int,
+        attention: AttentionBackend,
+        dtype: torch.dtype,
+        tp: TPGroup = SINGLE,
     ) -> None:
         super().__init__()
         kernels = select_kernels(attention.use_triton_kernels)
-        self.self_attn = LlamaAttention(config, layer_idx, attention, dtype)
-        self.mlp = LlamaMLP(config, dtype, kernels, layer_idx)
+        self.self_attn = LlamaAttention(config, layer_idx, attention, dtype, tp)
+        self.mlp = LlamaMLP(config, dtype, kernels, layer_idx, tp)
         eps = config.rms_norm_eps
         self.input_layernorm = RMSNorm(config.hidden_size, eps, dtype, kernels)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, dtype, kernels)
@@ -224,12 +240,16 @@ class LlamaDecoderLayer(nn.Module):
 
 class LlamaModel(nn.Module):
     def __init__(
-        self, config: ModelConfig, attention: AttentionBackend, dtype: torch.dtype
+        self,
+        config: ModelConfig,
+        attention: AttentionBackend,
+        dtype: torch.dtype,
+        tp: TPGroup = SINGLE,
     ) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype, tp)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, attention, dtype) for i in range(config.num_layers)
+            LlamaDecoderLayer(config, i, attention, dtype, tp) for i in range(config.num_layers)
         )
         kernels = select_kernels(attention.use_triton_kernels)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, kernels)
@@ -265,13 +285,15 @@ class LlamaForCausalLM(nn.Module):
         dtype: torch.dtype,
         device: torch.device | str,
         attention: AttentionBackend,
+        tp: TPGroup = SINGLE,
     ) -> None:
         super().__init__()
         self.config = config
+        self.tp = tp
         self.attention = attention  # the CUDA graph runner asks it whether decode is capturable
         with torch.device("meta"):  # no memory and no random init until to_empty below
-            self.model = LlamaModel(config, attention, dtype)
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
+            self.model = LlamaModel(config, attention, dtype, tp)
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, dtype, tp)
         self.to_empty(device=device)
         if config.tie_word_embeddings:  # after to_empty, which would untie them
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -287,7 +309,7 @@ class LlamaForCausalLM(nn.Module):
         self.register_buffer("cos_sin_cache", cos_sin, persistent=False)  # [max_pos, D] float32
 
     def forward(self, batch: ForwardBatch, kv_pool: KVPool) -> torch.Tensor:  # [B, vocab] float32
-        return self.lm_head(self.forward_hidden(batch, kv_pool)).float()
+        return self.compute_logits(self.forward_hidden(batch, kv_pool))
 
     def forward_hidden(
         self, batch: ForwardBatch, kv_pool: KVPool, all_rows: bool = False
@@ -297,4 +319,5 @@ class LlamaForCausalLM(nn.Module):
         return self.model(batch, kv_pool, self.cos_sin_cache, all_rows)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, V] f32
-        return self.lm_head(hidden).float()
+        """The full vocab's logits on every rank (tp > 1: an all-gather, so all ranks call it)."""
+        return self.lm_head.compute_logits(hidden).float()

@@ -18,6 +18,7 @@ from pdserve.kernels.rotary_ref import rope_cos_sin_cache
 from pdserve.worker.forward_batch import ForwardBatch
 from pdserve.worker.kv_pool import KVPool
 from pdserve.worker.models.llama import LlamaModel
+from pdserve.worker.parallel.tp_group import SINGLE, TPGroup
 
 
 class LlamaForPooling(nn.Module):
@@ -30,14 +31,16 @@ class LlamaForPooling(nn.Module):
         dtype: torch.dtype,
         device: torch.device | str,
         attention: AttentionBackend,
+        tp: TPGroup = SINGLE,
     ) -> None:
         super().__init__()
         self.config = config
+        self.tp = tp
         self.attention = attention
         # Checkpoint tensors this model has no place for (weight_loader skips them).
         self.ignored_weights = ("lm_head.weight",) if config.has_lm_head else ()
         with torch.device("meta"):
-            self.model = LlamaModel(config, attention, dtype)
+            self.model = LlamaModel(config, attention, dtype, tp)  # the score head: replicated
             self.score = (
                 nn.Linear(config.hidden_size, config.num_labels, bias=False, dtype=dtype)
                 if config.num_labels > 0

@@ -1,0 +1,1 @@
+"""Tensor parallelism inside one worker: the rank group and the sharded layers."""

@@ -1,0 +1,69 @@
+"""How rank 0 of a tensor-parallel worker tells the other ranks what to run: a fixed header of
+ints, then the step's packed batch buffer (model_runner._HostBatch, the same bytes rank 0 copies
+to its device) or a hidden-state tensor. Plain tensors over torch.distributed broadcast, never a
+pickled object: a follower only ever runs the forward pass the header names.
+
+| command | payload | the follower runs |
+|---|---|---|
+| FORWARD | packed batch | the model, logits at each sequence's last token |
+| FORWARD_ROWS | packed batch | the model reading out every new token (+ logits unless pooling) |
+| LOGITS | [N, hidden] model dtype | the LM head on those rows (prompt logprobs) |
+| GATHER_KV | [n] page ids | its heads of those pages, all-gathered (KV sent: kv_relay.py) |
+| SCATTER_KV | [n] page ids, whole pages | its heads written into those pages (KV received) |
+| YIELD | none | nothing: it returns to its caller (EngineFragment: a generate call ended) |
+| STOP | none | nothing: it exits |
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import NamedTuple
+
+import torch
+
+from pdserve.worker.parallel.tp_group import TPGroup
+
+
+class Command(IntEnum):
+    STOP = 0
+    FORWARD = 1
+    FORWARD_ROWS = 2
+    LOGITS = 3
+    GATHER_KV = 4
+    SCATTER_KV = 5
+    YIELD = 6
+
+
+class Header(NamedTuple):
+    """What comes next. For a batch: its layout sizes (model_runner._layout); for LOGITS:
+    num_tokens is the number of hidden rows; for GATHER_KV / SCATTER_KV, of pages."""
+
+    command: Command
+    num_tokens: int = 0
+    batch_size: int = 0
+    max_pages: int = 0
+    num_fills: int = 0
+    is_decode: bool = False
+
+
+_HEADER_LEN = len(Header._fields)
+
+
+def send_header(tp: TPGroup, header: Header, device: torch.device) -> None:
+    """Rank 0: announce the next command to every rank."""
+    values = torch.tensor([int(v) for v in header], dtype=torch.int64, device=device)
+    tp.broadcast_from_first(values)
+
+
+def receive_header(tp: TPGroup, device: torch.device) -> Header:
+    """A follower: wait for rank 0's next command (blocks while the worker is idle)."""
+    values = torch.empty(_HEADER_LEN, dtype=torch.int64, device=device)
+    fields = tp.broadcast_from_first(values).tolist()
+    return Header(Command(fields[0]), *fields[1:5], bool(fields[5]))
+
+
+def receive_tensor(
+    tp: TPGroup, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """A follower: the payload rank 0 broadcasts after a header."""
+    return tp.broadcast_from_first(torch.empty(shape, dtype=dtype, device=device))
