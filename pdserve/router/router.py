@@ -34,7 +34,7 @@ import zmq
 import zmq.asyncio
 
 from pdserve.config.router_spec import RouterSpec
-from pdserve.ipc import AsyncInbox, AsyncOutbox, decode_or_drop
+from pdserve.ipc import AsyncInbox, AsyncOutbox
 from pdserve.protocol import (
     Abort,
     Finish,
@@ -344,7 +344,6 @@ class Router:
         inbox = self.from_peers
         if inbox is None:
             raise RuntimeError("router inbox is not open: call start() first")
-        queued = zmq.Socket.shadow(inbox.sock.underlying)  # the same socket, read without waiting
         while True:
             msg: Message | None = await inbox.recv()
             while msg is not None:
@@ -353,7 +352,7 @@ class Router:
                 except Exception:
                     logger.exception("error handling %s", type(msg).__name__)
                 await asyncio.sleep(0)
-                msg = _next_queued(queued, inbox)
+                msg = inbox.recv_queued()
 
     def _dispatch(self, msg: Message) -> None:
         if isinstance(msg, ReqOutput):
@@ -474,19 +473,6 @@ class Router:
                 for t in self.workers.tokenizers
             ],
         }
-
-
-def _next_queued(sock: zmq.Socket, inbox: AsyncInbox) -> Message | None:
-    """The next well-formed message already queued on `sock` (`inbox`'s socket), or None when
-    none is; frames that are not a message are dropped and counted, as `inbox.recv` does."""
-    while True:
-        try:
-            raw = sock.recv(zmq.NOBLOCK)
-        except zmq.Again:
-            return None
-        msg = decode_or_drop(raw, inbox.dropped)
-        if msg is not None:
-            return msg
 
 
 def _worker_info(state: WorkerState, now: float) -> dict[str, Any]:

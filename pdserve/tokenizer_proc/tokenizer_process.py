@@ -17,7 +17,7 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
 import zmq
 import zmq.asyncio
@@ -39,7 +39,6 @@ from pdserve.protocol import (
     TokenizeOut,
     TokenizeReq,
     TokenOut,
-    encode,
 )
 from pdserve.tokenizer_proc.chat_template import render_chat
 from pdserve.tokenizer_proc.incremental_detokenizer import IncrementalDetokenizer
@@ -352,9 +351,9 @@ async def serve(spec: TokenizerSpec) -> None:
 
     ctx = zmq.asyncio.Context()
     from_peers = AsyncInbox(spec.inbox, ctx)
-    to_router = _DirectOutbox(AsyncOutbox(spec.router_inbox, ctx))
+    to_router = AsyncOutbox(spec.router_inbox, ctx)
     to_workers = [AsyncOutbox(address, ctx) for address in spec.worker_inboxes]
-    sockets: list[AsyncInbox | AsyncOutbox] = [from_peers, to_router.outbox, *to_workers]
+    sockets: list[AsyncInbox | AsyncOutbox] = [from_peers, to_router, *to_workers]
     if spec.launcher_inbox:
         to_launcher = AsyncOutbox(spec.launcher_inbox, ctx)
         sockets.append(to_launcher)
@@ -390,27 +389,10 @@ async def serve(spec: TokenizerSpec) -> None:
         logger.info("%s stopped", name)
 
 
-class Sender(Protocol):
-    def send(self, msg: Message) -> None: ...
-
-
-class _DirectOutbox:
-    """The router outbox, written through the plain socket under it: every output of every step
-    goes this way, and pyzmq's asyncio send path costs more than the encoding. The queue is
-    unbounded (ipc.py), so a non-blocking send never has to wait."""
-
-    def __init__(self, outbox: AsyncOutbox) -> None:
-        self.outbox = outbox
-        self._sock = zmq.Socket.shadow(outbox.sock.underlying)
-
-    def send(self, msg: Message) -> None:
-        self._sock.send(encode(msg), zmq.NOBLOCK)
-
-
 def _dispatch(
     core: TokenizerCore,
     msg: Message,
-    to_router: Sender,
+    to_router: AsyncOutbox,
     to_workers: list[AsyncOutbox],
     encoder: Executor | None = None,
 ) -> None:
@@ -435,7 +417,7 @@ def _dispatch(
 def _answer(
     core: TokenizerCore,
     req: GenerateReq,
-    to_router: Sender,
+    to_router: AsyncOutbox,
     to_workers: list[AsyncOutbox],
     handle: Callable[[GenerateReq], tuple[int, TokenizedReq]],
 ) -> None:
@@ -455,7 +437,7 @@ def _answer(
 def _answer_tokenize(
     core: TokenizerCore,
     msg: TokenizeReq | DetokenizeReq,
-    to_router: Sender,
+    to_router: AsyncOutbox,
     encoder: Executor | None,
 ) -> None:
     """/tokenize and /detokenize on the encoder thread, as long prompts are, so a big text never
@@ -470,7 +452,7 @@ def _answer_tokenize(
 def _tokenize_off_loop(
     core: TokenizerCore,
     req: GenerateReq,
-    to_router: Sender,
+    to_router: AsyncOutbox,
     to_workers: list[AsyncOutbox],
     encoder: Executor,
 ) -> None:
