@@ -41,12 +41,12 @@ from pdserve.worker.model_runner import ForwardOutput, ModelRunner, PendingToken
 from pdserve.worker.parallel.tp_group import SINGLE, TPGroup
 from pdserve.worker.pooler import PoolState
 from pdserve.worker.sampler import (
+    DeviceSample,
     SamplingBatch,
     SamplingRow,
     build_skipping_bad_rows,
     is_plain_greedy,
     row_problem,
-    sample,
     sample_on_device,
 )
 
@@ -196,8 +196,12 @@ class WorkerCore:
         if items:
             if len(rows) < len(batch.items):  # partial prefill chunks sample nothing
                 logits = logits.index_select(0, _index(rows, logits.device))
-            token_ids = self._sample_on_device(logits, items)
-        items = [item for item in items if item.req.finish is None]  # bad rows ended
+            kept, sampled = self._sample_rows(logits, items, build_on_host=True)
+            # Rows whose own parameters could not be sampled with ended: reported next step.
+            self.scheduler.newly_finished += [it.req for it in items if it.req.finish is not None]
+            items = kept
+            if sampled is not None:
+                token_ids = sampled.token_ids
         for item in items:
             item.req.num_inflight += 1
         host_ids = self._host_tokens(token_ids.numel())
@@ -209,24 +213,33 @@ class WorkerCore:
         epochs = [item.req.num_preemptions for item in items]
         return _InflightStep(items, epochs, token_ids, host_ids, done, start)
 
-    def _sample_on_device(self, logits: torch.Tensor, items: list[BatchItem]) -> torch.Tensor:
-        """[len(items)] int64 on the device; a row whose own parameters cannot be sampled with
-        ends its request (its token is then left out by the caller)."""
+    def _sample_rows(
+        self, logits: torch.Tensor, items: list[BatchItem], build_on_host: bool
+    ) -> tuple[list[BatchItem], DeviceSample | None]:
+        """Sample each item's token on the device (logits: [len(items), V]); returns the items
+        sampled and their results (None when none was). A row whose own parameters cannot be
+        sampled with ends its request alone and is left out. build_on_host: build the sampling
+        batch on the host and copy it without waiting for the step still running (overlapped
+        loop); otherwise it is built on the device directly."""
         rows = [self._sampling_row(item.req, item.req.num_inflight) for item in items]
         if all(is_plain_greedy(row) for row in rows):
-            return logits.argmax(dim=-1)
-        # Built on the host and copied without waiting for the step still running.
-        partial = build_skipping_bad_rows(rows, logits.shape[-1], "cpu")
+            # The common benchmark and eval case: one argmax.
+            return items, DeviceSample(logits.argmax(dim=-1), None, None, [])
+        device = logits.device
+        partial = build_skipping_bad_rows(
+            rows, logits.shape[-1], "cpu" if build_on_host else device
+        )
         for bad in partial.bad_rows:
             rid = items[bad.row_idx].req.rid
             logger.warning("request %s: cannot sample: %s", rid, bad.message)
             self.scheduler.abort(rid, f"cannot sample: {bad.message}")
-            self.scheduler.newly_finished.append(items[bad.row_idx].req)
         if partial.batch is None:
-            return torch.empty(0, dtype=torch.int64, device=logits.device)
+            return [], None
         if partial.bad_rows:
-            logits = logits.index_select(0, _index(partial.row_indices, logits.device))
-        return sample_on_device(logits, _on_device(partial.batch, logits.device)).token_ids
+            items = [items[i] for i in partial.row_indices]
+            logits = logits.index_select(0, _index(partial.row_indices, device))
+        batch = _on_device(partial.batch, device) if build_on_host else partial.batch
+        return items, sample_on_device(logits, batch)
 
     def _host_tokens(self, num: int) -> torch.Tensor:
         """[num] int64 on the host (pinned on CUDA); two buffers serve alternate steps."""
@@ -340,23 +353,10 @@ class WorkerCore:
     def _sample_and_record(self, logits: torch.Tensor, items: list[BatchItem]) -> None:
         """Sample a token for each item (logits: [len(items), V]). A row whose own parameters
         cannot be sampled with ends its request alone; the other rows go on."""
-        rows = [self._sampling_row(item.req) for item in items]
-        if all(is_plain_greedy(row) for row in rows):
-            # The common benchmark and eval case: one argmax, one device-to-host copy.
-            for item, token_id in zip(items, logits.argmax(dim=-1).tolist()):
-                self.scheduler.process_sampled(item, token_id)
+        items, sampled = self._sample_rows(logits, items, build_on_host=False)
+        if sampled is None:
             return
-        partial = build_skipping_bad_rows(rows, logits.shape[-1], logits.device)
-        for bad in partial.bad_rows:
-            rid = items[bad.row_idx].req.rid
-            logger.warning("request %s: cannot sample: %s", rid, bad.message)
-            self.scheduler.abort(rid, f"cannot sample: {bad.message}")
-        if partial.batch is None:
-            return
-        if partial.bad_rows:
-            items = [items[i] for i in partial.row_indices]
-            logits = logits.index_select(0, torch.tensor(partial.row_indices, device=logits.device))
-        out = sample(logits, partial.batch)
+        out = sampled.to_host()
         for i, item in enumerate(items):
             logprob = None
             if out.logprobs is not None and item.req.return_logprob:
