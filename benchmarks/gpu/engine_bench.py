@@ -122,6 +122,17 @@ def step_until(core: Any, is_done: Any, max_steps: int = 100_000) -> None:
     raise RuntimeError(f"the requests were not done after {max_steps} steps")
 
 
+def time_steps(core: Any, device: str, steps: int) -> tuple[float, list[int]]:
+    """Seconds per step of `steps` steps run back to back, as a server runs them (the overlapped
+    loop hides the host's share), with one wait at each end; and how many requests each step
+    reported."""
+    sizes = []
+    start = wall(device)
+    for _ in range(steps):
+        sizes.append(len(core.step()))
+    return (wall(device) - start) / steps, sizes
+
+
 def finish_all(core: Any, reqs: list[Request]) -> None:
     """Abort what is left of `reqs` and step until the core is idle (pages back in the pool)."""
     for req in reqs:

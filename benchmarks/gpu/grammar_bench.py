@@ -4,8 +4,8 @@ schema against unconstrained decoding, on one engine, in alternating rounds.
     python benchmarks/gpu/grammar_bench.py            # Llama-1B shape, random weights, ~2 min
     python benchmarks/gpu/grammar_bench.py --smoke    # tiny shapes on the CPU: the plumbing only
 
-64 requests of 512 random prompt tokens are prefilled, then 20 pure decode steps are timed one by
-one (median; CUDA graphs on, the engine's default overlapped loop), four ways: greedy and
+64 requests of 512 random prompt tokens are prefilled, then 20 pure decode steps are timed back to
+back (CUDA graphs on, the engine's default overlapped loop), four ways: greedy and
 temperature 1 (seeded), each unconstrained and under BENCH_SCHEMA. The schema asks for at least 64
 objects, so no constrained request can end inside the timed steps (each step is checked to hold
 every request). Also measured: the host time of one bitmask fill for the 64 rows at the states
@@ -28,8 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import random_checkpoint as rc  # noqa: E402
-from device_timer import wall  # noqa: E402
-from engine_bench import finish_all, free_device_memory, step_until  # noqa: E402
+from engine_bench import finish_all, free_device_memory, step_until, time_steps  # noqa: E402
 
 from pdserve.config.sampling_params import SamplingParams  # noqa: E402
 from pdserve.scheduler.request import Request  # noqa: E402
@@ -81,7 +80,7 @@ def bitmask_fill_us(reqs: list[Request], vocab_size: int) -> float:
 
 
 def decode_steps(
-    engine: Any, temperature: float, constrained: bool, args: Any, seed: int
+    engine: Any, temperature: float, constrained: bool, args: Any, seed: int, profiler: Any = None
 ) -> dict[str, Any]:
     """Prefill `args.batch` prompts, time pure decode steps; `constrained`: under BENCH_SCHEMA."""
     core = engine.core
@@ -101,21 +100,19 @@ def decode_steps(
     step_until(core, lambda: all(r.output_ids for r in reqs))
     for _ in range(args.warmup):
         core.step()
-    times, sizes = [], []
-    for _ in range(args.steps):
-        t = wall(args.device)
-        sizes.append(len(core.step()))
-        times.append(wall(args.device) - t)
+    if profiler is not None:
+        profiler.enable()
+    step_s, sizes = time_steps(core, args.device, args.steps)
+    if profiler is not None:
+        profiler.disable()
     fill_us = bitmask_fill_us(reqs, vocab) if constrained else None
     texts_ok = all(not r.is_finished or r.finish.kind == "length" for r in reqs)
     finish_all(core, reqs)
-    step_s = statistics.median(times)
     return {
         "step_ms": step_s * 1e3,
         "tok_s": args.batch / step_s,
         "pure_decode": all(n == args.batch for n in sizes) and texts_ok,
         "bitmask_fill_us": fill_us,
-        "steps_ms": [round(t * 1e3, 3) for t in times],
     }
 
 
@@ -129,6 +126,14 @@ def run(model_dir: Path, args: Any, say: Any) -> list[dict[str, Any]]:
             r = decode_steps(engine, temperature, constrained, args, seed=10 * rnd + 1)
             rounds.setdefault(name, []).append(r)
             say(f"round {rnd} {name}: {r['step_ms']:.3f} ms/step")
+    if args.profile:  # where the host's time goes in constrained greedy steps
+        import cProfile
+        import pstats
+
+        profiler = cProfile.Profile()
+        decode_steps(engine, 0.0, True, args, seed=77, profiler=profiler)
+        print(f"host profile: {args.steps} greedy JSON-schema steps (tottime, top 25)")
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
     results = []
     for name, temperature, constrained in MODES:
         rs = rounds[name]
@@ -173,6 +178,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--num-pages", type=int, default=8192)
+    p.add_argument("--profile", action="store_true", help="then a host profile of schema steps")
     args = p.parse_args()
     args.device, args.dtype, args.spec = "cuda", "bfloat16", rc.LLAMA_1B
     if args.smoke:

@@ -480,15 +480,28 @@ def _logprob_lists(
 def is_plain_greedy(row: SamplingRow) -> bool:
     """True when `sample` would return argmax(logits) for this row and nothing else: the caller
     may then skip building a SamplingBatch."""
-    params = row.params
+    return is_plain_greedy_request(
+        row.params, len(row.output_ids), row.return_logprob, row.top_logprobs_num, row.grammar
+    )
+
+
+def is_plain_greedy_request(
+    params: SamplingParams,
+    num_output: int,
+    return_logprob: bool,
+    top_logprobs_num: int,
+    grammar: Any,
+) -> bool:
+    """`is_plain_greedy` from a request's fields, without building its SamplingRow (the worker's
+    per-step fast path). num_output: tokens generated so far, those still being sampled too."""
     return (
         params.is_greedy
         and not params.has_penalties
         and not params.logit_bias
-        and not row.return_logprob
-        and row.top_logprobs_num == 0
-        and len(row.output_ids) >= params.min_new_tokens
-        and row.grammar is None
+        and not return_logprob
+        and top_logprobs_num == 0
+        and num_output >= params.min_new_tokens
+        and grammar is None
     )
 
 

@@ -9,9 +9,11 @@ one, so the host's scheduling, batch building and result handling hide behind de
 token sampled by the running step is `Request.num_inflight`: its position is already scheduled
 and its id reaches the next step's input on the device (`PendingTokens`). A request that finishes
 when its token is read back may have computed one more token by then; that one is discarded, so
-outputs and stop checks equal the plain loop's. A step holding a row that needs its request's
-tokens on the host (penalties, logprobs, grammar, hidden states, pooling) waits for the running
-step first and runs unoverlapped.
+outputs and stop checks equal the plain loop's. A step holding a grammar or penalty row launches
+its forward pass first, then records the running step's tokens (advancing the matchers), then
+builds the sampling batch (the grammar bitmask) and samples: the mask is filled while the device
+runs the forward pass. A step holding a row that returns logprobs, hidden states or pooled
+vectors waits for the running step first and runs unoverlapped.
 
 Tensor parallelism (`config.tp_size > 1`): this core is rank 0; it starts the follower ranks
 (worker/parallel/tp_launch.py), which run each step's forward pass as the model runner announces
@@ -45,7 +47,7 @@ from pdserve.worker.sampler import (
     SamplingBatch,
     SamplingRow,
     build_skipping_bad_rows,
-    is_plain_greedy,
+    is_plain_greedy_request,
     row_problem,
     sample_on_device,
 )
@@ -151,8 +153,19 @@ class WorkerCore:
         touched = sched.newly_finished
         sched.newly_finished = []
         if batch is not None and self._can_overlap(batch):
-            launched = self._launch(batch)
-            touched += self._collect()
+            items, logits, start = self._launch(batch)
+            if not any(_needs_host_tokens(item.req) for item in items):
+                launched = self._sample_launched(items, logits, start)
+                touched += self._collect()
+            else:
+                # Grammar masks and penalties need the running step's tokens: record them while
+                # this step's forward pass runs, then build the sampling batch and sample.
+                touched += self._collect()
+                live = [i for i, item in enumerate(items) if item.req.finish is None]
+                if len(live) < len(items):
+                    items = [items[i] for i in live]
+                    logits = logits.index_select(0, _index(live, logits.device))
+                launched = self._sample_launched(items, logits, start)
             self._inflight = launched
             return touched
         touched += self._collect()
@@ -171,19 +184,13 @@ class WorkerCore:
             return False
         for item in batch.items:
             req = item.req
-            params = req.sampling
-            if (
-                _wants_rows(req)
-                or req.grammar is not None
-                or req.return_logprob
-                or req.top_logprobs_num > 0
-                or params.has_penalties
-            ):
+            if _wants_rows(req) or req.return_logprob or req.top_logprobs_num > 0:
                 return False
         return True
 
-    def _launch(self, batch: ScheduledBatch) -> _InflightStep:
-        """Queue the step's forward pass and sampling on the device; nothing is waited for."""
+    def _launch(self, batch: ScheduledBatch) -> tuple[list[BatchItem], torch.Tensor, float]:
+        """Queue the step's forward pass on the device (nothing is waited for); returns the
+        rows that sample, their logits [R, V] and the launch time."""
         start = time.perf_counter()
         self.num_overlapped_steps += 1
         prev = self._inflight
@@ -191,11 +198,16 @@ class WorkerCore:
         logits = self.runner.forward(batch, pending)  # [B, V] float32
         self.scheduler.advance(batch)
         rows = [i for i, item in enumerate(batch.items) if item.samples]
-        items = [batch.items[i] for i in rows]
+        if 0 < len(rows) < len(batch.items):  # partial prefill chunks sample nothing
+            logits = logits.index_select(0, _index(rows, logits.device))
+        return [batch.items[i] for i in rows], logits, start
+
+    def _sample_launched(
+        self, items: list[BatchItem], logits: torch.Tensor, start: float
+    ) -> _InflightStep:
+        """Queue the sampling of a launched step's rows; their tokens are read back next step."""
         token_ids = torch.empty(0, dtype=torch.int64, device=logits.device)
         if items:
-            if len(rows) < len(batch.items):  # partial prefill chunks sample nothing
-                logits = logits.index_select(0, _index(rows, logits.device))
             kept, sampled = self._sample_rows(logits, items, build_on_host=True)
             # Rows whose own parameters could not be sampled with ended: reported next step.
             self.scheduler.newly_finished += [it.req for it in items if it.req.finish is not None]
@@ -221,10 +233,10 @@ class WorkerCore:
         sampled with ends its request alone and is left out. build_on_host: build the sampling
         batch on the host and copy it without waiting for the step still running (overlapped
         loop); otherwise it is built on the device directly."""
-        rows = [self._sampling_row(item.req, item.req.num_inflight) for item in items]
-        if all(is_plain_greedy(row) for row in rows):
-            # The common benchmark and eval case: one argmax.
+        if all(_is_plain_greedy(item.req) for item in items):
+            # The common benchmark and eval case: one argmax, no SamplingRow built.
             return items, DeviceSample(logits.argmax(dim=-1), None, None, [])
+        rows = [self._sampling_row(item.req, item.req.num_inflight) for item in items]
         device = logits.device
         partial = build_skipping_bad_rows(
             rows, logits.shape[-1], "cpu" if build_on_host else device
@@ -462,6 +474,19 @@ class WorkerCore:
             or bool(self.scheduler.newly_finished)
             or (inflight is not None and any(it.req.finish is None for it in inflight.items))
         )
+
+
+def _is_plain_greedy(req: Request) -> bool:
+    num_output = len(req.output_ids) + req.num_inflight
+    return is_plain_greedy_request(
+        req.sampling, num_output, req.return_logprob, req.top_logprobs_num, req.grammar
+    )
+
+
+def _needs_host_tokens(req: Request) -> bool:
+    """Whether sampling req's next token reads its earlier tokens on the host (a grammar
+    matcher's state, penalty counts): the overlapped loop samples it after they are recorded."""
+    return req.grammar is not None or req.sampling.has_penalties
 
 
 def _wants_rows(req: Request) -> bool:

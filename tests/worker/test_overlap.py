@@ -49,15 +49,21 @@ def random_params(rng: random.Random, kind: str) -> dict:
         return {**base, "temperature": 0.0, "stop_token_ids": [rng.randrange(5, 60)], "stop": ["e"]}
     if kind == "bias":
         return {**base, "temperature": 0.0, "logit_bias": {rng.randrange(5, 60): 4.0}}
-    if kind == "penalty":  # needs its tokens on the host: that step runs unoverlapped
+    # Penalties and grammars read earlier tokens on the host: the step samples after the running
+    # step's tokens are recorded, still overlapped with its own forward pass.
+    if kind == "penalty":
         return {**base, "temperature": 0.0, "repetition_penalty": 1.3, "frequency_penalty": 0.5}
+    if kind == "regex":  # some end when the grammar completes, some run to max_new_tokens
+        regex = rng.choice([r"[a-e]{1,6}", r"(ab|cd|e )+x", r"[0-9]+(\.[0-9]{1,3})?", r"\w+ \w+"])
+        sampled = {"temperature": 1.0, "seed": rng.randrange(2**31)} if rng.random() < 0.5 else {}
+        return {**base, "temperature": 0.0, "regex": regex, **sampled}
     raise AssertionError(kind)
 
 
-KINDS = ("greedy", "seeded", "min_tokens", "stop", "bias", "penalty")
+KINDS = ("greedy", "seeded", "min_tokens", "stop", "bias", "penalty", "regex")
 
 
-OVERLAPPABLE = ("greedy", "seeded", "min_tokens", "stop", "bias")
+OVERLAPPABLE = KINDS  # every kind; rows asking for logprobs run unoverlapped
 
 
 def random_requests(
@@ -149,7 +155,7 @@ def test_the_overlapped_loop_gives_the_plain_loops_tokens(
     overlapped = run(core, specs)
     assert_same(plain, overlapped, seed)
     assert core.num_overlapped_steps > 0
-    if kinds == OVERLAPPABLE:
+    if logprobs == 0.0:
         assert plain_steps == [], "every step could have run overlapped"
 
 
