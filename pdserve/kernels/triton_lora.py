@@ -24,8 +24,8 @@ import triton.language as tl
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _BLOCK_K = 128
-_K_PER_SPLIT_TARGET = 1024  # shrink's reduction per program: ~8 steps of BLOCK_K
-_MAX_SPLITS = 8
+_K_PER_SPLIT_TARGET = 512  # shrink's reduction per program (lora_bench.py sweeps it: 512 / 16 was fastest)
+_MAX_SPLITS = 16
 _EXPAND_BLOCK_N = 128
 
 
