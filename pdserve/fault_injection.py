@@ -1,4 +1,4 @@
-"""Faults on purpose, for tests: KV pushes that fail or lag, and worker steps that fail.
+"""Faults on purpose, for tests: KV pushes that fail or lag, and worker steps that fail or lag.
 
 The topology's `fault_injection:` section (off by default) reaches every worker in its
 `WorkerSpec`; the worker builds one `FaultInjector` from it and hands it to its KV sender
@@ -10,6 +10,7 @@ page returns. The idea is SGLang's `DISAGGREGATION_TEST_FAILURE_PROB`, as a type
 from __future__ import annotations
 
 import random
+import time
 import zlib
 from typing import NamedTuple
 
@@ -63,6 +64,8 @@ class FaultInjector:
         """Call first thing in each forward step: raises InjectedFault with step_failure_prob,
         before the step changed anything, so the worker's step error handling runs. A step with
         no work (an idle loop turn) never fails: that would only fill the log."""
+        if has_work and self.config.step_delay_s:  # a device this much slower per step
+            time.sleep(self.config.step_delay_s)
         p = self.config.step_failure_prob
         if p and has_work and self._rng.random() < p:
             self.num_step_failures += 1

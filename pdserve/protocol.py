@@ -19,6 +19,7 @@ from pdserve.codec import message_types as message_types
 from pdserve.codec import register as _register
 
 Role = Literal["prefill", "decode", "mixed"]
+MemberRole = Literal["prefill", "decode", "mixed", "tokenizer"]  # who may Register
 FinishKind = Literal["stop", "length", "abort"]
 
 
@@ -94,6 +95,24 @@ class GenerateReq:
     logprob_start_len: int = -1  # first prompt token with an input logprob; -1: none
     embed: bool = False  # an embedding / score request: one forward pass, no decode
     lora_name: str | None = None  # the LoRA adapter to run under; None: the base model
+    image_data: list[str] | None = None  # images (URL, path, base64), in prompt order
+
+
+@dataclass
+class MultimodalInputs:
+    """A request's images, preprocessed by the tokenizer process (the model's Hugging Face image
+    processor), riding inside TokenizedReq and PrefillTask. Pixels travel as raw bytes."""
+
+    pixel_values: bytes  # [num_patches, C * T * P * P] row-major, all images concatenated
+    pixel_shape: list[int]
+    pixel_dtype: str  # torch dtype name, e.g. "float32"
+    image_grid_thw: list[list[int]]  # per image: (t, h, w) in patches
+    image_hashes: list[int]  # per image: a 63-bit hash of its pixels (prefix and encoder caches)
+    num_image_tokens: list[int]  # per image: its placeholder tokens in the prompt
+    image_token_id: int  # the placeholder token
+    mrope_delta: int = 0  # M-RoPE: a token at index i >= prompt length sits at position i + delta
+    image_sizes: list[list[int]] = field(default_factory=list)  # LLaVA: (height, width) as sent
+    num_image_patches: list[int] = field(default_factory=list)  # LLaVA: tiles (pixel rows) each
 
 
 @dataclass
@@ -113,6 +132,7 @@ class TokenOut:
     input_token_logprobs: list[list[list[float | None]]] | None = None  # [[token_id, lp|None]]
     input_top_logprobs: list[list[list[list[float]]]] | None = None  # per prompt token [[id, lp]]
     embeddings: list[list[float]] | None = None  # pooled vector or scores ([] for a generation)
+    spec_verify_ct: list[int] = field(default_factory=list)  # speculative verify passes so far
 
 
 # ---------------------------------------------------------------- to the router
@@ -139,6 +159,7 @@ class ReqOutput:
     input_token_logprobs: list[list[Any]] | None = None  # SGLang's [logprob|None, id, text]
     input_top_logprobs: list[Any] | None = None  # per prompt token: [[lp, id, text]...] or None
     embedding: list[float] | None = None  # an embedding / score request's result
+    spec_verify_ct: int = 0  # speculative verify passes the request took part in so far
 
 
 @dataclass
@@ -160,6 +181,8 @@ class LoadReport:
     num_preemptions: int = 0  # cumulative
     num_loaded_adapters: int = 0  # LoRA adapters loaded on the worker
     num_adapter_slots_used: int = 0  # distinct adapters held by requests (<= max_loras_per_batch)
+    num_spec_row_steps: int = 0  # cumulative: rows verified by speculative decoding
+    num_spec_tokens: int = 0  # cumulative: tokens those rows produced (accepted drafts + 1 each)
 
 
 @dataclass
@@ -197,6 +220,7 @@ class TokenizedReq:
     logprob_start_len: int = -1  # first prompt token with an input logprob; -1: none
     embed: bool = False  # an embedding / score request: one forward pass, no decode
     lora_name: str | None = None  # the LoRA adapter to run under; None: the base model
+    mm: MultimodalInputs | None = None  # images: the prefill worker encodes them
 
 
 @dataclass
@@ -217,6 +241,10 @@ class PrefillTask:
     logprob_start_len: int = -1  # first prompt token with an input logprob; -1: none
     embed: bool = False  # an embedding / score request: no decode, no KV goes back
     lora_name: str | None = None  # the LoRA adapter to run under; None: the base model
+    mm: MultimodalInputs | None = None  # images (TokenizedReq.mm), carried through decode
+    # An EAGLE decode worker's head: send the final hidden states of this many last prompt
+    # positions back with KVReady (worker/speculative/prompt_hidden.py); 0: none.
+    spec_hidden_rows: int = 0
 
 
 @dataclass
@@ -228,6 +256,10 @@ class KVReady:
     cached_tokens: int
     logprob: float | None = None
     top_logprobs: list[list[float]] | None = None
+    # PrefillTask.spec_hidden_rows' hidden states: raw bytes of a [n, hidden] tensor, row-major.
+    spec_hidden: bytes = b""
+    spec_hidden_shape: list[int] = field(default_factory=list)
+    spec_hidden_dtype: str = ""  # float32 | float16 | bfloat16; "": none
 
 
 @dataclass
@@ -268,9 +300,13 @@ class KVChunk:
     rid: str
     dst_pages: list[int]
     dtype: str  # torch dtype name, e.g. "bfloat16"
-    shape: list[int]  # [L, 2, n, page_size, Hkv, D]
+    shape: list[int]  # [L, 2, n, page_size, num_heads or Hkv, D]
     data: bytes
     is_last: bool = True
+    # Tensor parallelism (kv_transfer/head_map.py): the run of the receiving rank's KV heads the
+    # data holds, from head_start; num_heads 0: all of them (whole pages).
+    head_start: int = 0
+    num_heads: int = 0
 
 
 # ---------------------------------------------------------------- liveness (to the router)
@@ -357,6 +393,58 @@ class LoraUpdateDone:
     loaded: list[str] = field(default_factory=list)  # the worker's adapters afterwards
 
 
+# ---------------------------------------------------------------- membership (issue 19)
+
+
+@dataclass
+class Register:
+    """a worker or tokenizer started on its own (`pdserve worker|tokenizer --router`) -> router:
+    join the cluster. Sent again every few seconds until it leaves, so a restarted router learns
+    it too. `kv_handshake` (decode side) tells prefill workers how to reach its KV pool."""
+
+    name: str
+    role: MemberRole
+    pid: int
+    inbox: str  # where the router, tokenizers and peer workers reach it (tcp://host:port)
+    kv_handshake: dict[str, Any] | None = None
+    num_pages: int = 0
+
+
+@dataclass
+class PeerTable:
+    """router -> every worker and tokenizer, whenever membership changes: who is in the cluster.
+    Index i of a list is the peer that messages name with idx i; "" is a slot whose worker
+    left. To a joining worker it is also the welcome (`for_name`, `idx`), or its refusal
+    (`error`). Each receiver answers with a PeerTableAck."""
+
+    version: int
+    decode_inboxes: list[str]
+    prefill_inboxes: list[str]
+    tokenizer_inboxes: list[str]
+    decode_kv_handshakes: list[dict[str, Any] | None] = field(default_factory=list)
+    for_name: str = ""  # the welcome of this joining worker ("": a plain update)
+    idx: int = -1  # the welcomed worker's idx on its side
+    error: str = ""  # registration refused: why (the worker exits with this message)
+
+
+@dataclass
+class PeerTableAck:
+    """worker or tokenizer -> router: PeerTable `version` is applied here. A worker that joined
+    gets traffic once every member has applied the table that holds it."""
+
+    name: str
+    version: int
+
+
+@dataclass
+class Leave:
+    """worker or tokenizer -> router, on SIGTERM: route nothing new here. The router answers
+    with Shutdown once the requests that depend on it have ended (or its drain timeout passed)."""
+
+    name: str
+    pid: int
+
+
 # ---------------------------------------------------------------- the registry
 
 # Order is the wire format: append only.
@@ -383,4 +471,9 @@ _register(
     TokenizeOut,
     LoraUpdate,
     LoraUpdateDone,
+    Register,
+    PeerTable,
+    PeerTableAck,
+    Leave,
+    MultimodalInputs,
 )

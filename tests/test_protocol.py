@@ -17,6 +17,7 @@ SAMPLES = [
     p.GenerateReq(
         rid="r1",
         lora_name="adapter-1",
+        image_data=["data:image/png;base64,AAAA", "/tmp/cat.png"],
         sampling={"temperature": 0.5, "stop": ["x"]},
         text="héllo 東京",
         messages=[{"role": "user", "content": "hi"}],
@@ -100,6 +101,7 @@ SAMPLES = [
         return_hidden_states=True,
         logprob_start_len=0,
         embed=True,
+        mm=p.MultimodalInputs(b"\x00\x01\x02\x03", [1, 1], "float32", [[1, 2, 2]], [7], [1], 9),
     ),
     p.PrefillTask(
         rid="r",
@@ -157,6 +159,36 @@ SAMPLES = [
     ),
     p.LoraUpdate(op_id="op-1", action="load", lora_name="sql", lora_path="/adapters/sql"),
     p.LoraUpdateDone(op_id="op-1", worker="decode0", success=False, error="rank 64", loaded=["a"]),
+    p.Register(
+        name="decode-a",
+        role="decode",
+        pid=42,
+        inbox="tcp://10.0.0.2:9000",
+        kv_handshake={"backend": "tcp", "address": "tcp://10.0.0.2:9001", "shape": [1, 2]},
+        num_pages=128,
+    ),
+    p.PeerTable(
+        version=3,
+        decode_inboxes=["tcp://10.0.0.2:9000", ""],
+        prefill_inboxes=["tcp://10.0.0.3:9000"],
+        tokenizer_inboxes=["tcp://10.0.0.1:8002"],
+        decode_kv_handshakes=[{"backend": "tcp", "address": "tcp://10.0.0.2:9001"}, None],
+        for_name="decode-a",
+        idx=0,
+        error="",
+    ),
+    p.PeerTableAck(name="prefill-b", version=3),
+    p.Leave(name="decode-a", pid=42),
+    p.MultimodalInputs(
+        pixel_values=b"\x00" * 8,
+        pixel_shape=[2, 1],
+        pixel_dtype="float32",
+        image_grid_thw=[[1, 2, 2], [1, 4, 2]],
+        image_hashes=[2**63 - 1, 5],
+        num_image_tokens=[1, 2],
+        image_token_id=9,
+        mrope_delta=-3,
+    ),
 ]
 
 
@@ -264,7 +296,7 @@ def test_records_are_only_accepted_where_the_annotation_names_them() -> None:
 
 
 def test_too_many_or_too_few_values_are_refused_and_defaults_fill_the_rest() -> None:
-    with pytest.raises(ValueError, match="TokenizedReq: 3 values, expected 4..12"):
+    with pytest.raises(ValueError, match="TokenizedReq: 3 values, expected 4..13"):
         p.decode(_frame(p.TokenizedReq, ["r", [1], {}]))
     with pytest.raises(ValueError, match="Shutdown: 2 values"):
         p.decode(_frame(p.Shutdown, [1.0, 2.0]))

@@ -14,6 +14,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pdserve.config.lora_config import LORA_KEYS, LoraConfig
+from pdserve.config.speculative_config import SPECULATIVE_KEYS, SpeculativeConfig
+from pdserve.config.vision_config import (
+    VLM_ARCHITECTURES,
+    LlavaVisionConfig,
+    PixtralVisionConfig,
+    VisionConfig,
+    split_vlm_config,
+)
 
 DeviceName = Literal["auto", "cpu", "cuda"]
 DTypeName = Literal["auto", "float32", "float16", "bfloat16"]
@@ -66,6 +74,8 @@ class ModelConfig:
     normalize: bool = True  # L2-normalize the pooled vector (embeddings; never a score head)
     num_labels: int = 0  # > 0: a sequence-classification score head [num_labels, hidden]
     matryoshka_dims: tuple[int, ...] = ()  # output sizes `dimensions` may truncate to
+    # a vision-language model's tower
+    vision: VisionConfig | LlavaVisionConfig | PixtralVisionConfig | None = None
 
     @property
     def family(self) -> str:
@@ -75,7 +85,7 @@ class ModelConfig:
     @property
     def has_lm_head(self) -> bool:
         """The checkpoint holds an lm_head (a *ForCausalLM directory)."""
-        return self.architecture.endswith("ForCausalLM")
+        return self.architecture.endswith("ForCausalLM") or self.vision is not None
 
     def __post_init__(self) -> None:
         _require(
@@ -103,6 +113,7 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, hf: dict[str, Any], path: Path | None = None) -> ModelConfig:
+        hf, vision = split_vlm_config(hf)
         archs = hf.get("architectures") or [hf.get("model_type", "LlamaForCausalLM")]
         arch = archs[0]
         _split_architecture(arch)  # ValueError for an unsupported one
@@ -148,11 +159,14 @@ class ModelConfig:
             eos_token_ids=eos_ids,
             torch_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "float32"),
             num_labels=_num_labels(hf) if arch.endswith("ForSequenceClassification") else 0,
+            vision=vision,
         )
 
 
 def _split_architecture(arch: str) -> tuple[str, str]:
     """('Qwen2', 'ForCausalLM') for 'Qwen2ForCausalLM'; ValueError for one pdserve lacks."""
+    if arch in VLM_ARCHITECTURES:
+        return VLM_ARCHITECTURES[arch], arch.removeprefix(VLM_ARCHITECTURES[arch])
     for family in _FAMILIES:
         head = arch[len(family) :]
         if arch.startswith(family) and head in _HEADS:
@@ -237,6 +251,8 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     is_embedding: bool | None = None  # None: detected from the model directory
     lora: LoraConfig = field(default_factory=LoraConfig)
+    # Speculative decoding (SGLang's speculative_* names; worker/speculative/).
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     # Tensor-parallel ranks of this worker: one process each (worker/parallel/), rank 0 the one
     # that talks to the other processes.
     tp_size: int = 1
@@ -246,6 +262,12 @@ class EngineConfig:
             self.device in ("auto", "cpu", "cuda"), "device", self.device, "'auto', 'cpu' or 'cuda'"
         )
         _require(type(self.tp_size) is int and self.tp_size >= 1, "tp_size", self.tp_size, ">= 1")
+        if self.tp_size > 1 and self.speculative.enabled:
+            raise ValueError(
+                f"tp_size={self.tp_size} is invalid with speculative_algorithm="
+                f"{self.speculative.speculative_algorithm!r}: expected 1 (speculative decoding "
+                "under tensor parallelism is not supported yet)"
+            )
         if self.tp_size > 1 and self.lora.enabled:
             raise ValueError(
                 f"tp_size={self.tp_size} is invalid with LoRA adapters: expected 1 (LoRA under "
@@ -271,22 +293,28 @@ class EngineConfig:
         options = translate_options(options)
         sched_opts = {k: options.pop(k) for k in list(options) if k in SCHEDULER_KEYS}
         lora = LoraConfig.from_options({k: options.pop(k) for k in list(options) if k in LORA_KEYS})
+        speculative = SpeculativeConfig.from_options(
+            {k: options.pop(k) for k in list(options) if k in SPECULATIVE_KEYS}
+        )
         engine_keys = {f.name for f in dataclasses.fields(cls)} - {
             "model_path",
             "scheduler",
             "lora",
+            "speculative",
         }
         unknown = sorted(set(options) - engine_keys)
         if unknown:
             raise ValueError(
                 f"unknown option(s) {unknown}: expected some of "
-                f"{sorted(engine_keys | set(SCHEDULER_KEYS) | set(LORA_KEYS))} (or SGLang's "
+                f"{sorted(engine_keys | set(SCHEDULER_KEYS) | set(LORA_KEYS) | set(SPECULATIVE_KEYS))}"
+                " (or SGLang's "
                 f"names {sorted(SGLANG_ALIASES)})"
             )
         return cls(
             model_path=str(model_path),
             scheduler=SchedulerConfig(**sched_opts),
             lora=lora,
+            speculative=speculative,
             **options,
         )
 

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pdserve.config.engine_config import EngineConfig, SchedulerConfig
 from pdserve.config.lora_config import LoraConfig
+from pdserve.config.speculative_config import SpeculativeConfig
 from pdserve.config.topology_sections import FaultInjectionConfig, SupervisionConfig
 
 Role = Literal["prefill", "decode", "mixed"]
@@ -99,6 +100,7 @@ def engine_config_from_dict(d: dict[str, Any]) -> EngineConfig:
     _check_keys(EngineConfig, engine, "worker spec: engine")
     engine["scheduler"] = SchedulerConfig(**engine["scheduler"])
     engine["lora"] = LoraConfig.from_options(engine.get("lora") or {})
+    engine["speculative"] = SpeculativeConfig.from_options(engine.get("speculative") or {})
     return EngineConfig(**engine)
 
 
@@ -111,7 +113,7 @@ class TokenizerSpec:
     model_path: str
     inbox: str  # the address this process binds
     router_inbox: str
-    worker_inboxes: tuple[str, ...]  # decode-side workers, by idx
+    worker_inboxes: tuple[str, ...]  # decode-side workers, by idx (router.membership: none)
     max_context_len: int  # 0: the model's own limit
     launcher_inbox: str | None = None
     trust_remote_code: bool = False
@@ -120,8 +122,6 @@ class TokenizerSpec:
     def __post_init__(self) -> None:
         if self.idx < 0:
             raise _bad(f"tokenizer {self.name}", "idx", self.idx, "an integer >= 0")
-        if not self.worker_inboxes:
-            raise _bad(f"tokenizer {self.name}", "worker_inboxes", (), "at least one worker")
         if self.heartbeat_interval_s <= 0:
             what = f"tokenizer {self.name}"
             raise _bad(what, "heartbeat_interval_s", self.heartbeat_interval_s, "> 0")

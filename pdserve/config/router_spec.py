@@ -52,6 +52,11 @@ class RouterSpec:
     max_running_batch_lines: int = DEFAULT_MAX_RUNNING_BATCH_LINES
     tokenizer_names: tuple[str, ...] = ()  # by idx, as in heartbeats; (): tokenizer0, ..
     progress_timeout_s: float = 0.0  # a request with no new output this long ends; 0: never
+    # Workers join and leave at runtime (router/membership.py); `advertised_tokenizer_inboxes`
+    # are the tokenizers' addresses as joining workers get them (by idx).
+    membership: bool = False
+    advertised_tokenizer_inboxes: tuple[str, ...] = ()
+    drain_timeout_s: float = 120.0  # a leaving worker's requests get this long to end
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "limits", RequestLimits.from_dict(self.limits))
@@ -63,7 +68,7 @@ class RouterSpec:
             raise bad("model_name", "expected a non-empty served model name")
         if not self.tokenizer_inboxes:
             raise bad("tokenizer_inboxes", "expected at least one tokenizer inbox")
-        if not any(w.is_decode_side for w in self.workers):
+        if not self.membership and not any(w.is_decode_side for w in self.workers):
             raise bad("workers", "expected at least one decode or mixed worker")
         if self.routing_policy not in _POLICIES:
             raise bad("routing_policy", f"expected one of {_POLICIES}")
@@ -98,6 +103,7 @@ class RouterSpec:
             raise ValueError(f"router spec: unknown key(s) {unknown}")
         d["tokenizer_inboxes"] = tuple(d.get("tokenizer_inboxes") or ())
         d["tokenizer_names"] = tuple(d.get("tokenizer_names") or ())
+        d["advertised_tokenizer_inboxes"] = tuple(d.get("advertised_tokenizer_inboxes") or ())
         d["workers"] = tuple(_worker_from_dict(w) for w in d.get("workers") or ())
         d = {k: v for k, v in d.items() if v is not None or k in ("api_key", "launcher_inbox")}
         return cls(**d)
@@ -111,6 +117,7 @@ class RouterSpec:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "api_key" or secrets}
         d["tokenizer_inboxes"] = list(self.tokenizer_inboxes)
         d["tokenizer_names"] = list(self.tokenizer_names)
+        d["advertised_tokenizer_inboxes"] = list(self.advertised_tokenizer_inboxes)
         d["workers"] = [w.__dict__.copy() for w in self.workers]
         d["limits"] = self.limits.to_dict()
         return d

@@ -18,6 +18,7 @@ from pdserve import env
 from pdserve.config.engine_config import EngineConfig, SchedulerConfig
 from pdserve.config.gpu_assignment import assign_gpus
 from pdserve.config.lora_config import LoraConfig
+from pdserve.config.speculative_config import SpeculativeConfig
 from pdserve.config.topology_parsing import FOR_MODEL_MODES as FOR_MODEL_MODES
 from pdserve.config.topology_parsing import (
     for_model_fields,
@@ -88,7 +89,7 @@ class Topology:
             object.__setattr__(self, key, tuple(getattr(self, key)))
         if isinstance(self.model, str) and self.model.startswith("~"):
             object.__setattr__(self, "model", os.path.expanduser(self.model))
-        if not (self.prefill or self.decode or self.mixed):
+        if not (self.prefill or self.decode or self.mixed or self.router.membership):
             object.__setattr__(self, "prefill", (WorkerConfig(),))
             object.__setattr__(self, "decode", (WorkerConfig(),))
         self._check_engine_keys()
@@ -167,7 +168,7 @@ class Topology:
         workers = self._resolved_workers(device, num_gpus)
         backend = self.kv_transfer.backend
         is_tp_pd = any(w.tp > 1 for w in (*self.prefill, *self.decode))
-        if backend == "auto" and is_tp_pd:  # the only backend that relays through rank 0 yet
+        if backend == "auto" and is_tp_pd:  # the only backend that moves KV rank to rank yet
             backend = "tcp"
         if backend == "auto":
             backend = "tcp" if device == "cpu" else "nccl"
@@ -245,7 +246,8 @@ class Topology:
         ]
         decode_side = [("decode", w) for w in self.decode] + [("mixed", w) for w in self.mixed]
         for i, (role, w) in enumerate(decode_side):
-            specs.append(WorkerPlan(role, i, f"{role}{i}", w.gpus, w.tp, w.node))
+            plan = WorkerPlan(role, i, f"{role}{i}", w.gpus, w.tp, w.node, w.speculative)
+            specs.append(plan)
         return specs
 
     def engine_config(self, worker: WorkerPlan | None = None) -> EngineConfig:
@@ -270,6 +272,7 @@ class Topology:
             is_embedding=self.is_embedding,
             lora=self.lora,
             tp_size=worker.tp if worker is not None else 1,
+            speculative=worker.speculative if worker is not None else SpeculativeConfig(),
         )
 
     def _num_sharing(self, worker: WorkerPlan) -> int:
@@ -300,6 +303,9 @@ class Topology:
         """JSON-able (lists, not tuples); `redact` hides router.api_key (for /server_info).
         With redact=False, `Topology.from_dict(t.to_dict(redact=False)) == t`."""
         d = _jsonable(dataclasses.asdict(self))
+        for w in (*d["prefill"], *d["decode"], *d["mixed"]):  # no speculation: nothing to say
+            if w["speculative"]["speculative_algorithm"] is None:
+                del w["speculative"]
         if redact and self.router.api_key is not None:
             d["router"]["api_key"] = "<redacted>"
         if redact and self.security.cluster_secret is not None:
@@ -315,6 +321,12 @@ class Topology:
             secret = env.cluster_secret(environ)
             if secret is not None:
                 check_cluster_secret(secret, f"${env.CLUSTER_SECRET_VAR}")
+        if secret is None and self.router.membership:
+            raise ValueError(
+                "security.cluster_secret: missing: with router.membership, workers join over "
+                "tcp, which must be authenticated: set "
+                f"${env.CLUSTER_SECRET_VAR} (the same on every machine) or security.cluster_secret"
+            )
         if secret is None and self.is_multi_node:
             raise ValueError(
                 "security.cluster_secret: missing: a topology with nodes carries every internal "
@@ -377,6 +389,11 @@ class Topology:
             )
 
     def _check_roles(self) -> None:
+        if self.router.membership and (self.prefill or self.decode or self.mixed):
+            raise ValueError(
+                "router.membership=True: workers join with `pdserve worker --router`: expected "
+                "no prefill, decode or mixed workers in the topology"
+            )
         if self.mixed and (self.prefill or self.decode):
             other = "prefill" if self.prefill else "decode"
             raise ValueError(
@@ -450,11 +467,11 @@ class Topology:
                     f"num_key_value_heads={num_kv_heads}"
                 )
             backend = self.kv_transfer.backend
-            if path.startswith(("prefill", "decode")) and backend not in ("auto", "tcp"):
+            if path.startswith(("prefill", "decode")) and backend not in ("auto", "tcp", "nccl"):
                 raise ValueError(
                     f"{path}.tp={w.tp} is invalid with kv_transfer.backend={backend!r}: KV of "
-                    "tensor-parallel prefill and decode workers moves over 'tcp' only so far "
-                    "(expected kv_transfer.backend 'tcp' or 'auto')"
+                    "tensor-parallel prefill and decode workers moves rank to rank over 'tcp' "
+                    "or 'nccl' only so far (expected kv_transfer.backend 'tcp', 'nccl' or 'auto')"
                 )
 
     def _check_kv_backend(self) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 from pdserve.config.engine_config import SCHEDULER_KEYS, SchedulerConfig
 from pdserve.config.lora_config import LORA_KEYS, LoraConfig
+from pdserve.config.speculative_config import SPECULATIVE_KEYS
 from pdserve.config.topology_sections import (
     FaultInjectionConfig,
     KVTransferConfig,
@@ -70,6 +71,12 @@ def topology_fields(data: Any, field_names: list[str]) -> dict[str, Any]:
     for key in ("prefill", "decode", "mixed"):
         if key in d:
             d[key] = tuple(_build(WorkerConfig, w, f"{key}[{i}]") for i, w in _items(d, key))
+    for i, w in enumerate(d.get("prefill") or ()):
+        if w.speculative.enabled:
+            raise ValueError(
+                f"prefill[{i}].speculative: speculative decoding runs on decode and mixed "
+                "workers: expected none on a prefill worker"
+            )
     if "nodes" in d:
         d["nodes"] = tuple(_build(NodeConfig, n, f"nodes[{i}]") for i, n in _items(d, "nodes"))
     return d
@@ -84,7 +91,7 @@ def for_model_fields(
     if mode == "mixed":
         d["mixed"] = [{}]
     top_keys = set(field_names) - {"model"}
-    allowed = sorted(top_keys | set(_FLAT_OVERRIDES) | {"tp_size"})
+    allowed = sorted(top_keys | set(_FLAT_OVERRIDES) | {"tp_size"} | set(SPECULATIVE_KEYS))
     given = {k: v for k, v in overrides.items() if v is not None}
     unknown = sorted(set(given) - set(allowed))
     if unknown:
@@ -100,6 +107,12 @@ def for_model_fields(
         roles = ("mixed",) if mode == "mixed" else ("prefill", "decode")
         for role in roles:
             d[role] = [{"tp": tp_size}]
+    speculative = {k: given.pop(k) for k in SPECULATIVE_KEYS if k in given}
+    if speculative:  # the decode-side worker speculates
+        if mode == "pd":
+            d.setdefault("prefill", [{}])
+        side = "mixed" if mode == "mixed" else "decode"
+        d[side] = [{**w, "speculative": speculative} for w in d.get(side, [{}])]
     for key, value in given.items():
         if key in _FLAT_OVERRIDES:
             section, sub = _FLAT_OVERRIDES[key]
@@ -173,6 +186,8 @@ def read_num_heads(model: str) -> tuple[int, int]:
         hf = json.loads(config_file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"model: cannot read {config_file}: {e}") from None
+    if isinstance(hf, dict) and isinstance(hf.get("text_config"), dict):  # a VLM's decoder
+        hf = {**hf, **hf["text_config"]}
     num_heads = hf.get("num_attention_heads") if isinstance(hf, dict) else None
     if not is_int(num_heads) or num_heads < 1:
         raise ValueError(f"model: {config_file} has no valid num_attention_heads")

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pdserve.config.request_limits import DEFAULT_MAX_RUNNING_BATCH_LINES, RequestLimits
+from pdserve.config.speculative_config import SpeculativeConfig
 
 Role = Literal["prefill", "decode", "mixed"]
 ROUTING_POLICIES = ("round_robin", "least_load")
@@ -43,9 +44,22 @@ class RouterConfig:
     data_dir: str | None = None  # files and batches (--data-dir); None: ~/.cache/pdserve/data
     max_file_bytes: int = 200 * 10**6  # largest upload to /v1/files
     max_running_batch_lines: int = DEFAULT_MAX_RUNNING_BATCH_LINES  # online traffic goes first
+    # Workers join and leave at runtime (`pdserve worker --router`): the router's and the
+    # tokenizers' inboxes are tcp at port + 1, + 2, ...; the topology lists no workers.
+    membership: bool = False
+    drain_timeout_s: float = 120.0  # a leaving worker's requests get this long to end
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "limits", RequestLimits.from_dict(self.limits))
+        check_value(
+            isinstance(self.membership, bool), "membership", self.membership, "true or false"
+        )
+        check_value(
+            is_number(self.drain_timeout_s) and self.drain_timeout_s > 0,
+            "drain_timeout_s",
+            self.drain_timeout_s,
+            "a number > 0",
+        )
         check_value(
             self.data_dir is None or is_name(self.data_dir), "data_dir", self.data_dir, "a path"
         )
@@ -135,6 +149,7 @@ class FaultInjectionConfig:
     kv_delay_s: float = 0.0  # a KV push first waits U(0, kv_delay_s) (part of its timeout)
     step_failure_prob: float = 0.0  # a worker's forward step fails with this probability
     seed: int | None = None  # None: a different sequence each run
+    step_delay_s: float = 0.0  # each step with work first sleeps this long (a slower device)
 
     def __post_init__(self) -> None:
         for key in ("kv_failure_prob", "step_failure_prob"):
@@ -142,11 +157,14 @@ class FaultInjectionConfig:
             check_value(_is_number(value) and 0 <= value <= 1, key, value, "a number in [0, 1]")
         ok = _is_number(self.kv_delay_s) and self.kv_delay_s >= 0
         check_value(ok, "kv_delay_s", self.kv_delay_s, "a number of seconds >= 0")
+        ok = _is_number(self.step_delay_s) and self.step_delay_s >= 0
+        check_value(ok, "step_delay_s", self.step_delay_s, "a number of seconds >= 0")
         check_value(self.seed is None or is_int(self.seed), "seed", self.seed, "an integer")
 
     @property
     def is_enabled(self) -> bool:
-        return bool(self.kv_failure_prob or self.kv_delay_s or self.step_failure_prob)
+        faults = (self.kv_failure_prob, self.kv_delay_s, self.step_failure_prob, self.step_delay_s)
+        return any(faults)
 
 
 @dataclass(frozen=True)
@@ -156,8 +174,19 @@ class WorkerConfig:
     gpus: tuple[int, ...] | None = None  # None: assigned by resolved(); () on cpu
     tp: int = 1
     node: str | None = None  # a name from `nodes:` (required when nodes are declared)
+    # Speculative decoding on this (decode or mixed) worker: SGLang's speculative_* keys, the
+    # prefix optional (`speculative: {algorithm: NGRAM}`).
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.speculative, SpeculativeConfig):
+            spec = self.speculative
+            if not isinstance(spec, dict):
+                raise ValueError(f"speculative: expected a mapping of keys to values, got {spec!r}")
+            try:
+                object.__setattr__(self, "speculative", SpeculativeConfig.from_options(spec))
+            except ValueError as e:
+                raise ValueError(f"speculative: {e}") from None
         if self.gpus is not None:
             check_value(
                 isinstance(self.gpus, (list, tuple))
@@ -190,6 +219,7 @@ class WorkerPlan:
     gpus: tuple[int, ...] | None  # the worker's CUDA_VISIBLE_DEVICES; () on cpu
     tp: int
     node: str | None
+    speculative: SpeculativeConfig = SpeculativeConfig()  # decode-side workers only
 
     @property
     def is_decode_side(self) -> bool:

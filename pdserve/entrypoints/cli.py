@@ -1,4 +1,5 @@
-"""`pdserve` command line: launch, demo, tiny-model, bench. Each subcommand lives in its module."""
+"""`pdserve` command line: launch, worker, tokenizer, demo, tiny-model, bench (each in its own
+module)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,18 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     from pdserve.entrypoints.launch_cli import add_demo_parser
 
     add_demo_parser(sub)
+
+
+def _add_worker(sub: argparse._SubParsersAction) -> None:
+    from pdserve.entrypoints.worker_cli import add_worker_parser
+
+    add_worker_parser(sub)
+
+
+def _add_tokenizer(sub: argparse._SubParsersAction) -> None:
+    from pdserve.entrypoints.tokenizer_cli import add_tokenizer_parser
+
+    add_tokenizer_parser(sub)
 
 
 def _add_tiny_model(sub: argparse._SubParsersAction) -> None:
@@ -44,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for add in (_add_launch, _add_demo, _add_tiny_model, _add_bench):
+    for add in (_add_launch, _add_worker, _add_tokenizer, _add_demo, _add_tiny_model, _add_bench):
         add(sub)
     return parser
 

@@ -335,6 +335,7 @@ class InProcessEngine:
                 prompt_tokens=len(req.prompt_ids),
                 completion_tokens=end,
                 cached_tokens=req.num_cached_tokens,
+                spec_verify_ct=req.spec_verify_ct,
                 logprobs=req.output_logprobs[start:end] if req.return_logprob else None,
                 top_logprobs=top,
                 token_texts=token_texts(self.tokenizer, ids) if with_texts else None,

@@ -49,6 +49,7 @@ _ENTRIES = {
 }
 _POLL_S = 0.2
 _ROUTER_EXIT_S = 5.0  # past the grace period: the router ends what is left, then exits
+_WILDCARD_HOSTS = ("0.0.0.0", "::", "*")
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,9 @@ def plan_endpoints(
     """Every inbox of the cluster, and each decode worker's KV socket (`<name>-kv`).
 
     One machine: fresh ipc:// paths. Several: tcp on each process's node, at router.port + 1 + k
-    for the k-th name in a fixed order, so every node's launcher computes the same plan.
+    for the k-th name in a fixed order, so every node's launcher computes the same plan. With
+    router.membership on one machine: tcp on bind_host too (the router at port + 1, tokenizer i
+    at port + 2 + i), since workers elsewhere join through them.
     """
     names = ["router"] + [f"tokenizer{i}" for i in range(topo.tokenizer.replicas)]
     node_of: dict[str, str | None] = dict.fromkeys(names, topo.router.node)
@@ -73,6 +76,14 @@ def plan_endpoints(
         node_of[w.name] = w.node
         if w.role == "decode":
             node_of[f"{w.name}-kv"] = w.node
+    if topo.router.membership and not topo.is_multi_node:
+        host = topo.bind_host
+        local = "127.0.0.1" if host in _WILDCARD_HOSTS else host  # where this node dials them
+        return {
+            name: Endpoint(f"tcp://{host}:{port}", f"tcp://{local}:{port}")
+            for k, name in enumerate(node_of)
+            for port in [topo.router.port + 1 + k]
+        }
     if not topo.is_multi_node:
         return {
             name: Endpoint(a, a) for name in node_of for a in [new_ipc_address(name, socket_dir)]
@@ -123,6 +134,8 @@ class Cluster:
         self._launcher_inbox_addr = new_ipc_address("launcher", self._socket_dir)
         self._launcher_inbox: Inbox | None = None
         self.port = self.topology.router.port or _free_port()
+        if self.topology.router.membership:  # joining workers find the router at port + 1
+            self.topology = self.topology.with_router_address(port=self.port)
         self._router_inbox = ""  # where the router is reached (it may be on another node)
         self._peer_inboxes: dict[str, str] = {}  # every tokenizer and worker of the cluster
         self._watcher: threading.Thread | None = None
@@ -254,6 +267,11 @@ class Cluster:
                 "max_context_len": self._max_context_len(),
                 "launcher_inbox": self._launcher_inbox_addr,
                 "topology": topo.to_dict(),
+                "membership": topo.router.membership,
+                "advertised_tokenizer_inboxes": [ep[t].bind for t in tokenizers]
+                if topo.router.membership
+                else [],
+                "drain_timeout_s": topo.router.drain_timeout_s,
             }
         )
 
@@ -322,12 +340,28 @@ class Cluster:
         while time.monotonic() < deadline:
             self._raise_if_dead()
             try:
-                if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
+                response = httpx.get(f"{self.url}/health", timeout=2.0)
+                if response.status_code == 200 or self._is_waiting_for_workers(response):
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(_POLL_S)
         raise TimeoutError(f"the router at {self.url} did not report healthy in {timeout_s:.0f} s")
+
+    def _is_waiting_for_workers(self, response: Any) -> bool:
+        """With membership, a router no worker has joined yet is up once its tokenizers are
+        (its /health stays 503 until a worker joins)."""
+        if not self.topology.router.membership:
+            return False
+        processes = response.json().get("processes", {})
+        return response.json().get("status") != "starting" and all(
+            status == "healthy" for status in processes.values()
+        )
+
+    @property
+    def router_inbox(self) -> str:
+        """Where workers join (`pdserve worker --router`): the router's internal inbox."""
+        return self._router_inbox
 
     def _raise_if_dead(self) -> None:
         for child in self.children:

@@ -18,6 +18,7 @@ from pdserve.config.engine_config import (
     translate_options,
 )
 from pdserve.config.lora_config import LORA_KEYS
+from pdserve.config.speculative_config import ALGORITHMS, SPECULATIVE_KEYS
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ _ENGINE_FLAG_KEYS = (
     "is_embedding",
     *PARALLEL_SIZE_OPTIONS,
     *LORA_KEYS,
+    *SPECULATIVE_KEYS,
 )
 
 
@@ -115,6 +117,7 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
             help_text = "tensor-parallel ranks of each worker (one process and device per rank)"
         parser.add_argument(*_flags(name), type=int, default=None, help=help_text)
     _add_lora_flags(parser)
+    _add_speculative_flags(parser)
     parser.add_argument(  # also here, so that SGLang's `launch ... --log-level X` works
         "--log-level", choices=list(LOG_LEVELS), default=argparse.SUPPRESS, help="logging level"
     )
@@ -149,6 +152,29 @@ def _add_lora_flags(parser: argparse.ArgumentParser) -> None:
         help="projections adapters may target: q_proj k_proj v_proj o_proj gate_proj up_proj "
         "down_proj, or all (default: those of --lora-paths)",
     )
+
+
+def _add_speculative_flags(parser: argparse.ArgumentParser) -> None:
+    """Speculative decoding on the decode-side worker, with SGLang's flag names."""
+    parser.add_argument(
+        "--speculative-algorithm",
+        type=str.upper,
+        choices=list(ALGORITHMS),
+        default=None,
+        help="speculative decoding on the decode (or mixed) worker: NGRAM (prompt lookup, no "
+        "draft model) or EAGLE (an EAGLE-2 head, --speculative-draft-model-path)",
+    )
+    parser.add_argument(
+        "--speculative-draft-model-path", default=None, help="EAGLE: the draft head's directory"
+    )
+    for name, text in (
+        ("speculative_num_steps", "EAGLE: draft steps (default: 3)"),
+        ("speculative_eagle_topk", "EAGLE: candidates per step, > 1: a tree (default: 1)"),
+        ("speculative_num_draft_tokens", "tokens per row in a verify pass (default: 4)"),
+        ("speculative_ngram_min_match_window_size", "NGRAM: shortest suffix looked up (1)"),
+        ("speculative_ngram_max_match_window_size", "NGRAM: longest suffix looked up (12)"),
+    ):
+        parser.add_argument(*_flags(name), type=int, default=None, help=text)
 
 
 def _add_api_key_flags(parser: argparse.ArgumentParser) -> None:

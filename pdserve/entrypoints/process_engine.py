@@ -65,10 +65,12 @@ class ProcessEngine:
         stream: bool = False,
         return_hidden_states: bool = False,
         lora_path: str | list[str | None] | None = None,
+        image_data: Any = None,
     ) -> Any:
         body = self._request_body(
             prompt, input_ids, sampling_params, return_logprob, top_logprobs_num,
             return_hidden_states=return_hidden_states, lora_path=lora_path,
+            image_data=image_data,
         )  # fmt: skip
         if stream:
             return self._stream({**body, "stream": True})
@@ -119,11 +121,13 @@ class ProcessEngine:
         stream: bool = False,
         return_hidden_states: bool = False,
         lora_path: str | list[str | None] | None = None,
+        image_data: Any = None,
     ) -> Any:
         """A result dict (or list); with stream=True an async iterator of chunks."""
         body = self._request_body(
             prompt, input_ids, sampling_params, return_logprob, top_logprobs_num,
             return_hidden_states=return_hidden_states, lora_path=lora_path,
+            image_data=image_data,
         )  # fmt: skip
         if stream:
             return self._astream({**body, "stream": True})
@@ -193,6 +197,7 @@ class ProcessEngine:
         top_logprobs_num: int,
         return_hidden_states: bool = False,
         lora_path: str | list[str | None] | None = None,
+        image_data: Any = None,
     ) -> dict[str, Any]:
         """The /generate body for one generate() call (both the sync and the async one)."""
         self.options.check_inputs(prompt, sampling_params)
@@ -201,6 +206,8 @@ class ProcessEngine:
             body["return_text_in_logprobs"] = False
         body["return_hidden_states"] = return_hidden_states
         body["lora_path"] = lora_path
+        if image_data is not None:  # SGLang's: per prompt a string or a list of them
+            body["image_data"] = image_data
         return body
 
     def _shaped(self, result: Any) -> Any:
@@ -256,6 +263,8 @@ def _pick(body: dict[str, Any], i: int) -> dict[str, Any]:
         one["sampling_params"] = body["sampling_params"][i]
     if isinstance(body.get("lora_path"), list):
         one["lora_path"] = body["lora_path"][i]
+    if isinstance(body.get("image_data"), list):
+        one["image_data"] = body["image_data"][i]
     return one
 
 

@@ -76,6 +76,14 @@ def _torch_backend() -> AttentionBackend:
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
+        tree_mask = getattr(meta, "tree_mask", None)  # speculative tree verification
+        if tree_mask is not None:
+            from pdserve.kernels.tree_attention_ref import tree_extend_attention_ref
+
+            return tree_extend_attention_ref(
+                q, k_cache, v_cache, meta.page_table, meta.seq_lens_cpu, meta.extend_lens_cpu,
+                meta.tree_starts, tree_mask, scale,
+            )  # fmt: skip
         return attention_ref.extend_attention_ref(
             q, k_cache, v_cache, meta.page_table, meta.seq_lens_cpu, meta.extend_lens_cpu, scale
         )
@@ -122,6 +130,14 @@ def _triton_extend(ext: Any) -> Attention:
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
+        tree_mask = getattr(meta, "tree_mask", None)  # speculative tree verification
+        if tree_mask is not None:
+            from pdserve.kernels.triton_tree_attention import tree_attention
+
+            return tree_attention(
+                q, k_cache, v_cache, meta.page_table, meta.seq_lens_cpu, meta.extend_lens_cpu,
+                meta.tree_starts, tree_mask, scale,
+            )  # fmt: skip
         return ext.extend_attention(
             q,
             k_cache,

@@ -24,7 +24,8 @@ import triton.language as tl
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _BLOCK_K = 128
-_K_PER_SPLIT_TARGET = 512  # shrink's reduction per program (lora_bench.py sweeps it: 512 / 16 was fastest)
+# Shrink's reduction per program and its most splits (lora_bench.py sweeps them; fastest on H200).
+_K_PER_SPLIT_TARGET = 512
 _MAX_SPLITS = 16
 _EXPAND_BLOCK_N = 128
 

@@ -59,18 +59,6 @@ class HasKVBuffer(Protocol):
     buffer: torch.Tensor  # [L, 2, num_pages, page_size, Hkv, D]
 
 
-class PageIO(Protocol):
-    """Where pages really are when `buffer` only describes them: a tensor-parallel worker's pool
-    is split by KV heads over its ranks, so its `buffer` is a meta tensor of the whole layout and
-    pages are gathered from (scattered to) every rank (worker/parallel/kv_relay.py). Only the
-    tcp backend moves pages through it."""
-
-    def gather(self, pages: list[int]) -> torch.Tensor:  # [L, 2, n, page_size, Hkv, D]
-        ...
-
-    def scatter(self, pages: list[int], data: torch.Tensor) -> None: ...
-
-
 def kv_buffer_of(pool: torch.Tensor | HasKVBuffer) -> torch.Tensor:
     """The pool tensor [L, 2, num_pages, page_size, Hkv, D] of a KVPool (or the tensor itself)."""
     buffer = pool if isinstance(pool, torch.Tensor) else pool.buffer
@@ -222,9 +210,14 @@ class KVReceiver(ABC):
     frees_on_cancel: bool = True
 
     def __init__(self, pool: torch.Tensor | HasKVBuffer) -> None:
-        self.buffer = kv_buffer_of(pool)  # [L, 2, num_pages, page_size, Hkv, D]
-        self.page_io: PageIO | None = getattr(pool, "page_io", None)
+        # [L, 2, num_pages, page_size, Hkv, D]; a tensor-parallel rank's share of a pool
+        # (head_map.RankKVShare): a meta tensor of the whole layout, its heads in `pool.local`
+        self.buffer = kv_buffer_of(pool)
         self.num_pages = self.buffer.shape[2]
+        self.local: torch.Tensor = getattr(pool, "local", self.buffer)  # this rank's heads
+        self.num_local_heads = self.local.shape[4]
+        self._head_masks: dict[str, dict[int, int]] = {}  # rid -> page -> bitmask of heads landed
+        self.bytes_received = 0  # payload bytes landed by _land_heads
         self._expected: dict[str, set[int]] = {}  # rid -> its dst pages not landed yet
         self._arrived: list[str] = []
         self._failures: list[TransferFailure] = []
@@ -258,6 +251,7 @@ class KVReceiver(ABC):
         """Forget rid: bytes for it that arrive later are dropped, never written."""
         self._expected.pop(rid, None)
         self._arrived = [r for r in self._arrived if r != rid]
+        self._head_masks.pop(rid, None)
 
     def is_expecting(self, rid: str) -> bool:
         return rid in self._expected
@@ -283,12 +277,50 @@ class KVReceiver(ABC):
                 dst_pages[:8],
             )
             return
-        if self.page_io is not None:
-            self.page_io.scatter(dst_pages, data)
-        else:
-            scatter_pages(self.buffer, dst_pages, data)
+        scatter_pages(self.buffer, dst_pages, data)
         remaining.difference_update(dst_pages)
         if not remaining:
+            self._finish(rid)
+
+    def _land_heads(
+        self, rid: str, dst_pages: list[int], head_start: int, num_heads: int, data: torch.Tensor
+    ) -> None:
+        """Write data [L, 2, n, ps, num_heads, D] into heads head_start.. of dst_pages of this
+        rank's pool; a page counts as landed once all its heads have (from one or more chunks)."""
+        remaining = self._expected.get(rid)
+        if remaining is None:
+            logger.info("request %s: dropping %d late KV pages (not expected)", rid, len(dst_pages))
+            return
+        pages = set(dst_pages)
+        if not dst_pages or len(pages) != len(dst_pages) or not pages <= remaining:
+            logger.warning(
+                "request %s: dropping KV pages %s: not among its reserved pages still to land",
+                rid,
+                dst_pages[:8],
+            )
+            return
+        bits = ((1 << num_heads) - 1) << head_start
+        masks = self._head_masks.setdefault(rid, {})
+        if any(masks.get(p, 0) & bits for p in dst_pages):
+            logger.warning("request %s: dropping KV heads that already landed", rid)
+            return
+        if num_heads == self.num_local_heads:
+            scatter_pages(self.local, dst_pages, data)
+        else:
+            index = page_index(dst_pages, self.local.device)
+            heads = slice(head_start, head_start + num_heads)
+            self.local[:, :, index, :, heads] = data.to(self.local.device)
+        self.bytes_received += data.numel() * data.element_size()
+        full = (1 << self.num_local_heads) - 1
+        for p in dst_pages:
+            mask = masks.get(p, 0) | bits
+            if mask == full:
+                masks.pop(p, None)
+                remaining.discard(p)
+            else:
+                masks[p] = mask
+        if not remaining:
+            self._head_masks.pop(rid, None)
             self._finish(rid)
 
     def _finish(self, rid: str) -> None:
@@ -298,6 +330,7 @@ class KVReceiver(ABC):
     def _fail(self, rid: str, error: str) -> None:
         """Report rid failed (if still expected) and stop accepting bytes for it."""
         logger.warning("request %s: KV transfer failed: %s", rid, error)
+        self._head_masks.pop(rid, None)
         if self._expected.pop(rid, None) is not None:
             self._failures.append(TransferFailure(rid, error))
 
@@ -336,8 +369,7 @@ class KVSender(ABC):
     def __init__(
         self, pool: torch.Tensor | HasKVBuffer, peers_info: list[dict[str, Any] | None] | tuple = ()
     ) -> None:
-        self.buffer = kv_buffer_of(pool)  # [L, 2, num_pages, page_size, Hkv, D]
-        self.page_io: PageIO | None = getattr(pool, "page_io", None)
+        self.buffer = kv_buffer_of(pool)  # [L, 2, num_pages, page_size, Hkv, D] (see KVReceiver)
         self.page_nbytes = self.buffer[:, :, 0].numel() * self.buffer.element_size()
         self.stats = TransferStats()
         self._handshakes: dict[int, dict[str, Any]] = {
@@ -490,8 +522,6 @@ class KVSender(ABC):
 
     def _gather(self, pages: list[int]) -> torch.Tensor:
         """The pages of this pool as one contiguous [L, 2, n, page_size, Hkv, D] tensor."""
-        if self.page_io is not None:
-            return self.page_io.gather(pages)
         return gather_pages(self.buffer, pages)
 
     def close(self) -> None:

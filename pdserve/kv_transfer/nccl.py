@@ -7,6 +7,10 @@ cluster-wide world is needed: workers start in any order, tensor-parallel groups
 lost prefill breaks only its own pair. Per transfer the sender pushes a small header to the
 receiver's ZMQ socket, then sends one contiguous staging tensor; the receiver posts the matching recv
 when it reads the header, and scatters into the pages when the recv completes.
+
+Tensor parallelism: as over tcp (tcp.py), each rank has its own receiver (socket, store) or
+sender, a decode worker's handshake lists every rank's (`ranks`), and each prefill rank sends each
+decode rank the heads `head_map.head_routes` gives it over their own pair group.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from pdserve.kv_transfer.base import (
     layout_of,
     staging_shape,
 )
+from pdserve.kv_transfer.head_map import HeadRoute, rank_handshakes, routes_from
 from pdserve.kv_transfer.tcp import bind_pull, connect_push
 
 logger = logging.getLogger(__name__)
@@ -53,7 +58,9 @@ class KVHeader:
     rid: str
     dst_pages: list[int]
     dtype: str
-    shape: list[int]  # [L, 2, n, page_size, Hkv, D]
+    shape: list[int]  # [L, 2, n, page_size, num_heads or Hkv, D]
+    head_start: int = 0  # the run of the receiving rank's KV heads the tensor holds
+    num_heads: int = 0  # 0: all of them (whole pages)
 
 
 def encode_header(header: KVHeader) -> bytes:
@@ -183,16 +190,16 @@ class NcclReceiver(KVReceiver):
             group = self._pairs.get(h.sender_id)
             if group is None:
                 group = open_pair_group(
-                    self._store, h.sender_id, DECODE_RANK, self.buffer.device, self.timeout_s
+                    self._store, h.sender_id, DECODE_RANK, self.local.device, self.timeout_s
                 )
                 self._pairs[h.sender_id] = group
-            staging = torch.empty(h.shape, dtype=self.buffer.dtype, device=self.buffer.device)
+            staging = torch.empty(h.shape, dtype=self.local.dtype, device=self.local.device)
             work = group.recv([staging], PREFILL_RANK, h.seq)
         except Exception as e:
             self._break(h, f"posting the KV recv failed: {type(e).__name__}: {e}")
             return
         done, errors = None, []
-        if not self.buffer.is_cuda:
+        if not self.local.is_cuda:
             done = threading.Event()
             threading.Thread(
                 target=_wait_in_thread,
@@ -207,7 +214,11 @@ class NcclReceiver(KVReceiver):
             return f"dtype {h.dtype!r}, expected {dtype_name(self.buffer.dtype)!r}"
         if not 0 < len(h.dst_pages) <= self.num_pages:
             return f"{len(h.dst_pages)} pages, expected 1..{self.num_pages}"
-        expected = staging_shape(self.buffer, len(h.dst_pages))
+        num_heads = h.num_heads or self.num_local_heads
+        if h.head_start < 0 or num_heads < 0 or h.head_start + num_heads > self.num_local_heads:
+            return f"heads from {h.head_start}: {num_heads}, expected within {self.num_local_heads}"
+        expected = staging_shape(self.local, len(h.dst_pages))
+        expected[4] = num_heads
         if list(h.shape) != expected:
             return f"shape {list(h.shape)}, expected {expected}"
         return ""
@@ -228,7 +239,9 @@ class NcclReceiver(KVReceiver):
             if error:
                 self._break(p.header, f"KV recv failed: {error}")
             else:
-                self._land(p.header.rid, list(p.header.dst_pages), p.staging)
+                h = p.header
+                num_heads = h.num_heads or self.num_local_heads
+                self._land_heads(h.rid, list(h.dst_pages), h.head_start, num_heads, p.staging)
         self._pending = waiting
 
     def _break(self, h: KVHeader, error: str) -> None:
@@ -271,25 +284,58 @@ class NcclSender(KVSender):
         super().__init__(pool, peers_info)
         self.timeout_s = timeout_s  # the pair group's own timeout (NCCL's watchdog)
         self.sender_id = uuid.uuid4().hex
-        self._peers: dict[int, _Peer] = {}
+        self.local: torch.Tensor = getattr(pool, "local", self.buffer)  # this rank's heads
+        self.tp_rank: int = getattr(pool, "tp_rank", 0)
+        self.tp_size: int = getattr(pool, "tp_size", 1)
+        # decode_idx -> [(the decode rank's pair, what this rank sends it)]
+        self._peers: dict[int, list[tuple[_Peer, HeadRoute]]] = {}
 
     def _open(self, decode_idx: int, handshake: dict[str, Any]) -> None:
-        self._peers[decode_idx] = _Peer(
-            connect_push(handshake["address"]),
-            handshake["store_host"],
-            int(handshake["store_port"]),
-        )
+        ranks = rank_handshakes(handshake)
+        routes = routes_from(self.tp_rank, self.tp_size, len(ranks), self.buffer.shape[4])
+        for peer, _ in self._peers.pop(decode_idx, []):
+            peer.sock.close()
+            if peer.group is not None:
+                _shutdown(peer.group)
+        self._peers[decode_idx] = [
+            (
+                _Peer(
+                    connect_push(ranks[r.decode_rank]["address"]),
+                    ranks[r.decode_rank]["store_host"],
+                    int(ranks[r.decode_rank]["store_port"]),
+                ),
+                r,
+            )
+            for r in routes
+        ]
 
     def _send(
         self, rid: str, decode_idx: int, src_pages: list[int], dst_pages: list[int], deadline: float
     ) -> int:
-        peer = self._peers[decode_idx]
+        pages = gather_pages(self.local, src_pages)  # [L, 2, n, ps, h, D]: this rank's heads
+        num_bytes = 0
+        for peer, route in self._peers[decode_idx]:
+            staging = pages
+            if route.num_heads != pages.shape[4]:
+                staging = pages.narrow(4, route.src_offset, route.num_heads).contiguous()
+            num_bytes += self._send_to(peer, rid, decode_idx, dst_pages, staging, route, deadline)
+        return num_bytes
+
+    def _send_to(
+        self,
+        peer: _Peer,
+        rid: str,
+        decode_idx: int,
+        dst_pages: list[int],
+        staging: torch.Tensor,  # [L, 2, n, ps, route.num_heads, D] contiguous
+        route: HeadRoute,
+        deadline: float,
+    ) -> int:
         if peer.broken:
             raise KVTransferError(
                 f"request {rid}: decode {decode_idx} is unreachable since an "
                 f"earlier failed transfer: {peer.broken}"
             )
-        staging = gather_pages(self.buffer, src_pages)  # [L, 2, n, ps, Hkv, D] contiguous
         header = KVHeader(
             self.sender_id,
             peer.seq,
@@ -297,6 +343,8 @@ class NcclSender(KVSender):
             list(dst_pages),
             dtype_name(staging.dtype),
             list(staging.shape),
+            route.dst_offset,
+            route.num_heads,
         )
         peer.seq += 1
         peer.sock.send(encode_header(header))
@@ -318,13 +366,14 @@ class NcclSender(KVSender):
         store = dist.TCPStore(
             peer.store_host, peer.store_port, None, False, timeout=timedelta(seconds=remaining)
         )
-        timeout = remaining if not self.buffer.is_cuda else self.timeout_s
-        return open_pair_group(store, self.sender_id, PREFILL_RANK, self.buffer.device, timeout)
+        timeout = remaining if not self.local.is_cuda else self.timeout_s
+        return open_pair_group(store, self.sender_id, PREFILL_RANK, self.local.device, timeout)
 
     def close(self) -> None:
         super().close()
-        for peer in self._peers.values():
-            peer.sock.close()
-            if peer.group is not None:
-                _shutdown(peer.group)
+        for peers in self._peers.values():
+            for peer, _ in peers:
+                peer.sock.close()
+                if peer.group is not None:
+                    _shutdown(peer.group)
         self._peers.clear()

@@ -4,6 +4,12 @@ The sender gathers pages, copies them to the host and pushes `KVChunk` messages 
 `CHUNK_BYTES` each) to the receiver's own PULL socket; the receiver checks and scatters them in poll().
 Across nodes the socket is CURVE authenticated like every internal tcp socket (`ipc.py`); a frame
 that is not a valid chunk is dropped and counted (`num_dropped`), never raised into the worker loop.
+
+Tensor parallelism: each rank of a worker has its own sender or receiver over its own share of
+the pool (`head_map.RankKVShare`); a decode worker's handshake lists every rank's socket
+(`ranks`: each rank's handshake), and each prefill rank sends each decode rank the heads `head_map.head_routes`
+gives it, straight to that rank's socket (a chunk names its run of heads). Rank 0 coordinates the
+ranks (worker/parallel/kv_direct.py); no page passes through another rank.
 """
 
 from __future__ import annotations
@@ -24,9 +30,11 @@ from pdserve.kv_transfer.base import (
     KVSender,
     KVTransferError,
     dtype_name,
+    gather_pages,
     layout_of,
     staging_shape,
 )
+from pdserve.kv_transfer.head_map import HeadRoute, rank_handshakes, routes_from
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +82,6 @@ class TcpReceiver(KVReceiver):
         super().__init__(pool)
         self._sock, self.address = bind_pull(address, host, "kv")
         self.dropped = DroppedFrames(f"KV socket {self.address}")
-        self._page_nbytes = self.buffer[:, :, 0].numel() * self.buffer.element_size()
 
     def handshake(self) -> dict[str, Any]:
         return {"backend": "tcp", "address": self.address, **layout_of(self.buffer)}
@@ -114,17 +121,26 @@ class TcpReceiver(KVReceiver):
             )
             return
         data = tensor_from_bytes(msg.data, self.buffer.dtype, list(msg.shape))
-        self._land(msg.rid, list(msg.dst_pages), data)
+        num_heads = msg.num_heads or self.num_local_heads
+        self._land_heads(msg.rid, list(msg.dst_pages), msg.head_start, num_heads, data)
 
     def _check_chunk(self, msg: protocol.KVChunk) -> str:
         """'' when msg matches this pool's page layout, else what is wrong."""
         if msg.dtype != dtype_name(self.buffer.dtype):
             return f"dtype {msg.dtype!r}, expected {dtype_name(self.buffer.dtype)!r}"
-        expected = staging_shape(self.buffer, len(msg.dst_pages))
+        num_heads = msg.num_heads or self.num_local_heads
+        if msg.head_start < 0 or num_heads < 0 or msg.head_start + num_heads > self.num_local_heads:
+            return (
+                f"heads {msg.head_start}..{msg.head_start + num_heads - 1}, expected within "
+                f"0..{self.num_local_heads - 1}"
+            )
+        expected = staging_shape(self.local, len(msg.dst_pages))
+        expected[4] = num_heads
         if list(msg.shape) != expected:
             return f"shape {list(msg.shape)}, expected {expected}"
-        if len(msg.data) != len(msg.dst_pages) * self._page_nbytes:
-            return f"{len(msg.data)} bytes, expected {len(msg.dst_pages) * self._page_nbytes}"
+        page_nbytes = self.local[:, :, 0, :, :num_heads].numel() * self.local.element_size()
+        if len(msg.data) != len(msg.dst_pages) * page_nbytes:
+            return f"{len(msg.data)} bytes, expected {len(msg.dst_pages) * page_nbytes}"
         return ""
 
     def close(self) -> None:
@@ -143,17 +159,27 @@ class TcpSender(KVSender):
     ) -> None:
         super().__init__(pool, peers_info)
         self.chunk_bytes = chunk_bytes
-        self._socks: dict[int, zmq.Socket] = {}
+        self.local: torch.Tensor = getattr(pool, "local", self.buffer)  # this rank's heads
+        self.tp_rank: int = getattr(pool, "tp_rank", 0)
+        self.tp_size: int = getattr(pool, "tp_size", 1)
+        # decode_idx -> [(the decode rank's socket, what this rank sends it)]
+        self._socks: dict[int, list[tuple[zmq.Socket, HeadRoute]]] = {}
 
     def _open(self, decode_idx: int, handshake: dict[str, Any]) -> None:
-        self._socks[decode_idx] = connect_push(handshake["address"])
+        """Connect to each rank of the decode worker that this rank sends heads to (a decode
+        worker of tp 1 lists no `ranks`: its one socket)."""
+        addresses = [rank["address"] for rank in rank_handshakes(handshake)]
+        num_kv_heads = self.buffer.shape[4]  # the whole pool's, as the handshake's layout
+        routes = routes_from(self.tp_rank, self.tp_size, len(addresses), num_kv_heads)
+        for sock, _ in self._socks.pop(decode_idx, []):
+            sock.close()
+        self._socks[decode_idx] = [(connect_push(addresses[r.decode_rank]), r) for r in routes]
 
     def _send(
         self, rid: str, decode_idx: int, src_pages: list[int], dst_pages: list[int], deadline: float
     ) -> int:
         page_nbytes = self.buffer[:, :, 0].numel() * self.buffer.element_size()
         per_chunk = max(1, self.chunk_bytes // page_nbytes)
-        sock = self._socks[decode_idx]
         num_bytes = 0
         for start in range(0, len(src_pages), per_chunk):
             if time.perf_counter() > deadline:
@@ -161,21 +187,26 @@ class TcpSender(KVSender):
                     f"request {rid}: KV transfer timed out after {start} of {len(src_pages)} pages"
                 )
             src = src_pages[start : start + per_chunk]
-            host = self._gather(src).cpu()  # [L, 2, n, ps, Hkv, D]
-            chunk = protocol.KVChunk(
-                rid=rid,
-                dst_pages=dst_pages[start : start + per_chunk],
-                dtype=dtype_name(self.buffer.dtype),
-                shape=list(host.shape),
-                data=bytes_view(host).numpy().tobytes(),
-                is_last=start + per_chunk >= len(src_pages),
-            )
-            sock.send(protocol.encode(chunk), copy=False)
-            num_bytes += len(chunk.data)
+            host = gather_pages(self.local, src).cpu()  # [L, 2, n, ps, h, D]: this rank's heads
+            for sock, route in self._socks[decode_idx]:
+                heads = host.narrow(4, route.src_offset, route.num_heads)  # [L, 2, n, ps, r, D]
+                chunk = protocol.KVChunk(
+                    rid=rid,
+                    dst_pages=dst_pages[start : start + per_chunk],
+                    dtype=dtype_name(self.buffer.dtype),
+                    shape=list(heads.shape),
+                    data=bytes_view(heads).numpy().tobytes(),
+                    is_last=start + per_chunk >= len(src_pages),
+                    head_start=route.dst_offset,
+                    num_heads=route.num_heads,
+                )
+                sock.send(protocol.encode(chunk), copy=False)
+                num_bytes += len(chunk.data)
         return num_bytes
 
     def close(self) -> None:
         super().close()
-        for sock in self._socks.values():
-            sock.close()
+        for socks in self._socks.values():
+            for sock, _ in socks:
+                sock.close()
         self._socks.clear()

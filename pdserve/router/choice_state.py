@@ -30,6 +30,7 @@ class ChoiceState:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    spec_verify_ct: int = 0  # speculative verify passes (SGLang's meta_info name)
     hidden_states: list[list[float]] = field(default_factory=list)  # prompt rows, then outputs
     input_token_logprobs: list[list[Any]] | None = None  # SGLang's [logprob|None, id, text]
     input_top_logprobs: list[Any] | None = None
@@ -46,6 +47,7 @@ class ChoiceState:
             self.prompt_text = out.prompt_text
         self.prompt_tokens = max(self.prompt_tokens, out.prompt_tokens)
         self.cached_tokens = max(self.cached_tokens, out.cached_tokens)
+        self.spec_verify_ct = max(self.spec_verify_ct, out.spec_verify_ct)
         self.completion_tokens = max(out.completion_tokens, len(self.output_ids))
         self.finish = out.finish if out.finish is not None else self.finish
         self.error = out.error if out.error is not None else self.error

@@ -30,6 +30,8 @@ def generate_result(
         "cached_tokens": c.cached_tokens,
         "e2e_latency": round(e2e_latency, 6),
     }
+    if c.spec_verify_ct:  # the request was decoded speculatively (accept length: tokens / this)
+        meta["spec_verify_ct"] = c.spec_verify_ct
     if return_logprob:  # top logprobs come with it only, as in SGLang
         meta["input_token_logprobs"] = input_entries(
             c.input_token_logprobs, return_text_in_logprobs

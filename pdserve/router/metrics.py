@@ -108,6 +108,9 @@ class WorkerCollector(Collector):
         tx_bytes = counter("kv_transfer_bytes", "KV bytes transferred")
         tx_seconds = counter("kv_transfer_seconds", "Seconds spent transferring KV")
         tx_count = counter("kv_transfers", "KV transfers completed")
+        spec_rows = counter("spec_verify_rows", "Rows verified by speculative decoding")
+        spec_tokens = counter("spec_tokens", "Tokens produced by speculatively verified rows")
+        accept = gauge("spec_accept_length", "Mean tokens per speculative verify row")
         for state in self.workers():
             values = [state.name, state.spec.role]
             healthy.add_metric(values, 1.0 if state.is_healthy else 0.0)
@@ -124,8 +127,12 @@ class WorkerCollector(Collector):
             tx_count.add_metric(values, r.num_kv_transfers)
             mean = r.kv_transfer_seconds / r.num_kv_transfers if r.num_kv_transfers else 0.0
             latency.add_metric(values, mean)
+            if r.num_spec_row_steps:
+                spec_rows.add_metric(values, r.num_spec_row_steps)
+                spec_tokens.add_metric(values, r.num_spec_tokens)
+                accept.add_metric(values, r.num_spec_tokens / r.num_spec_row_steps)
         yield from (running, queued, used, total, hit_rate, healthy, latency)
-        yield from (tx_bytes, tx_seconds, tx_count)
+        yield from (tx_bytes, tx_seconds, tx_count, spec_rows, spec_tokens, accept)
 
 
 class ProcessCollector(Collector):

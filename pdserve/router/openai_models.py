@@ -71,9 +71,22 @@ class TextPart(_Body):
     text: str
 
 
+class ImageURL(_Body):
+    url: str = Field(..., min_length=1)  # data:, file://, http(s)://, a path, or base64
+    detail: Literal["auto", "low", "high"] | None = None  # accepted; the model's processor decides
+
+
+class ImagePart(_Body):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
     # An assistant message as the API returned it carries these, empty; refused when set.
@@ -86,8 +99,10 @@ class ChatMessage(_Body):
     def _text_parts_only(cls, value: Any) -> Any:
         for part in value if isinstance(value, list) else ():
             kind = part.get("type") if isinstance(part, dict) else None
-            if kind != "text" and isinstance(kind, str):
-                raise ValueError(f"content parts of type {kind!r} are not supported (text only)")
+            if kind not in ("text", "image_url") and isinstance(kind, str):
+                raise ValueError(
+                    f"content parts of type {kind!r} are not supported (text and image_url only)"
+                )
         return value
 
     @field_validator("tool_calls", "function_call", "audio")
@@ -98,9 +113,16 @@ class ChatMessage(_Body):
         return value
 
     def to_template_dict(self) -> dict[str, Any]:
-        """The message as a chat template expects it: content always a string."""
-        if isinstance(self.content, list):
-            content = "\n".join(part.text for part in self.content)
+        """The message as a chat template expects it: content a string, or with images a list
+        of `{"type": "text", "text": ...}` and `{"type": "image"}` parts (`image_urls` in order)."""
+        content: str | list[dict[str, Any]]
+        if isinstance(self.content, list) and self.image_urls():  # the template places images
+            content = [
+                {"type": "text", "text": p.text} if isinstance(p, TextPart) else {"type": "image"}
+                for p in self.content
+            ]
+        elif isinstance(self.content, list):
+            content = "\n".join(part.text for part in self.content if isinstance(part, TextPart))
         else:
             content = self.content or ""
         out: dict[str, Any] = {"role": self.role, "content": content}
@@ -109,6 +131,11 @@ class ChatMessage(_Body):
         if self.tool_call_id is not None:
             out["tool_call_id"] = self.tool_call_id
         return out
+
+    def image_urls(self) -> list[str]:
+        """The URLs of the message's image parts, in order."""
+        parts = self.content if isinstance(self.content, list) else []
+        return [p.image_url.url for p in parts if isinstance(p, ImagePart)]
 
 
 class JsonSchemaFormat(_Body):

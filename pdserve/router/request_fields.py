@@ -74,6 +74,7 @@ _VLLM_GUIDED = (
 _IN_SAMPLING_PARAMS = "on /generate it goes inside sampling_params"
 _TOOLS = "tool calling is not supported"
 _TEXT_ONLY = "is not supported: the model takes text only"
+_IMAGE_DATA = "is a /generate field (on chat, send image_url content parts)"
 
 REFUSED: dict[str, Refusal] = {
     "regex": Refusal(_IN_SAMPLING_PARAMS, GENERATE),  # served on the OpenAI routes
@@ -88,7 +89,7 @@ REFUSED: dict[str, Refusal] = {
     "tool_choice": Refusal(_TOOLS, CHAT, _asks_no_tool),
     "functions": Refusal(_TOOLS, CHAT, _is_empty),
     "function_call": Refusal(_TOOLS, CHAT, _asks_no_tool),
-    "image_data": Refusal(f"image_data {_TEXT_ONLY}", EVERY),
+    "image_data": Refusal(_IMAGE_DATA, OPENAI),
     "video_data": Refusal(f"video_data {_TEXT_ONLY}", EVERY),
     "audio_data": Refusal(f"audio_data {_TEXT_ONLY}", EVERY),
     "audio": Refusal(f"audio output {_TEXT_ONLY}", CHAT),

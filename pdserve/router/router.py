@@ -1,9 +1,13 @@
 """The router's state and sockets: routing, in-flight requests, worker health, aborts.
 
 Wiring (built in `start`, one asyncio loop):
-    from_peers       PULL  ReqOutput, TokenizeOut from tokenizers, LoadReport from workers, control
-    to_tokenizers[i] PUSH  GenerateReq, Abort, TokenizeReq, DetokenizeReq (serving_tokenize.py)
-    to_workers[name] PUSH  Abort, FlushCache, LoraUpdate (router/lora_adapters.py)
+    from_peers       PULL  ReqOutput, TokenizeOut from tokenizers, LoadReport from workers, control;
+                           Register, PeerTableAck, Leave (router/membership.py)
+    to_tokenizers[i] PUSH  GenerateReq, Abort, TokenizeReq, DetokenizeReq (serving_tokenize.py);
+                           PeerTable, Shutdown (membership: a joined tokenizer, appended at
+                           runtime; its slot a NoPeer once it left)
+    to_workers[name] PUSH  Abort, FlushCache, LoraUpdate (router/lora_adapters.py); PeerTable,
+                           Shutdown (membership: a joined worker, added and removed at runtime)
     to_launcher      PUSH  Ready (once listening)
 
 Every request ends: a final output from the tokenizer, or a synthetic one made here when the client
@@ -15,7 +19,7 @@ silent: no heartbeat nor load report for `liveness_timeout_s`):
 
 | lost process        | its requests that end with an error (500)                     |
 |---------------------|---------------------------------------------------------------|
-| tokenizer i         | every request routed through tokenizer i                      |
+| tokenizer i         | every request routed through tokenizer i (joined ones too)    |
 | decode/mixed worker | every request decoding (or waiting to) there                  |
 | prefill worker      | those not handed over yet: no token from decode has arrived   |
 
@@ -41,11 +45,14 @@ from pdserve.protocol import (
     FlushCache,
     GenerateReq,
     Heartbeat,
+    Leave,
     LoadReport,
     LoraUpdateDone,
     Message,
+    PeerTableAck,
     ProcessExited,
     Ready,
+    Register,
     ReqOutput,
     Shutdown,
     TokenizeOut,
@@ -53,6 +60,7 @@ from pdserve.protocol import (
 )
 from pdserve.router.errors import APIError
 from pdserve.router.lora_adapters import LoraRegistry
+from pdserve.router.membership import Membership, refuse_without_membership
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.pending_replies import PendingReplies
 from pdserve.router.request_tracker import RequestGroup, RequestTracker, Tracked, is_terminal
@@ -107,6 +115,12 @@ class Router:
         self.from_peers: AsyncInbox | None = None
         self.to_tokenizers: list[AsyncOutbox] = []
         self.to_workers: dict[str, AsyncOutbox] = {}
+        # workers that join and leave at runtime (router/membership.py); None: a static cluster
+        self.membership = Membership(self) if self.spec.membership else None
+
+    @property
+    def context(self) -> zmq.asyncio.Context | None:
+        return self._ctx
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -201,20 +215,26 @@ class Router:
     def _route(self) -> tuple[int, WorkerState, WorkerState | None]:
         decode_side = self.workers.decode_side()
         if not decode_side:
-            raise APIError("no healthy decode worker", 503)
+            raise APIError(self._no_worker_message("decode"), 503)
         decode = self._decode_policy.pick(decode_side)
         prefill = None
         if decode.spec.role == "decode":
             prefills = self.workers.prefill()
             if not prefills:
-                raise APIError("no healthy prefill worker", 503)
+                raise APIError(self._no_worker_message("prefill"), 503)
             prefill = self._prefill_policy.pick(prefills)
         tokenizers = self.workers.healthy_tokenizers()
         if not tokenizers:
             raise APIError("no healthy tokenizer", 503)
         tokenizer = tokenizers[self._num_tokenizer_picks % len(tokenizers)]
         self._num_tokenizer_picks += 1
+        tokenizer.num_requests += 1
         return tokenizer.idx, decode, prefill
+
+    def _no_worker_message(self, role: str) -> str:
+        if self.membership is None:
+            return f"no healthy {role} worker"
+        return self.membership.no_worker_message(role)
 
     def cancel(self, group: RequestGroup, message: str = "client disconnected") -> int:
         """Abort the group's unfinished sub-requests (the client is gone): nobody reads them."""
@@ -279,7 +299,10 @@ class Router:
         self._fail_process(state, f"{msg.name} is unavailable: {reason}")
 
     def is_ready(self) -> bool:
-        """Started, and every tokenizer and worker healthy (what /health reports)."""
+        """Started, and every tokenizer and worker healthy (what /health reports); with
+        membership, also a complete route: a router no worker has joined is not ready."""
+        if self.membership is not None and not self.can_serve():
+            return False
         return self.is_started and self.workers.all_healthy()
 
     def health(self) -> tuple[bool, dict[str, Any]]:
@@ -289,7 +312,13 @@ class Router:
             return True, {"status": "ok", "processes": processes}
         unhealthy = [name for name, status in processes.items() if status != "healthy"]
         status = "starting" if not self.is_started else "unhealthy"
-        return False, {"status": status, "unhealthy": unhealthy, "processes": processes}
+        body = {"status": status, "unhealthy": unhealthy, "processes": processes}
+        if self.is_started and self.membership is not None:
+            try:
+                self._route_probe()
+            except APIError as e:
+                body["message"] = e.message
+        return False, body
 
     def can_serve(self) -> bool:
         """Started, and at least one complete route (a decode-side worker, and prefill if needed)."""
@@ -304,9 +333,9 @@ class Router:
     def _route_probe(self) -> None:
         decode_side = self.workers.decode_side()
         if not decode_side:
-            raise APIError("no healthy decode worker", 503)
+            raise APIError(self._no_worker_message("decode"), 503)
         if all(s.spec.role == "decode" for s in decode_side) and not self.workers.prefill():
-            raise APIError("no healthy prefill worker", 503)
+            raise APIError(self._no_worker_message("prefill"), 503)
         if not self.workers.healthy_tokenizers():
             raise APIError("no healthy tokenizer", 503)
 
@@ -323,12 +352,15 @@ class Router:
         logger.warning("rid %s ended: %s", tracked.rid, message)
         self._deliver(abort_output(tracked.rid, message, status_code))
 
+    fail_request = _fail  # router/membership.py ends a drained worker's leftovers
+
     def _send_aborts(self, tracked: Tracked, message: str) -> None:
         abort = Abort(rid=tracked.rid, message=message)
         self.to_tokenizers[tracked.tokenizer_idx].send(abort)
         for name in (tracked.decode, tracked.prefill):
-            if name is not None:
-                self.to_workers[name].send(abort)
+            outbox = self.to_workers.get(name) if name is not None else None
+            if outbox is not None:  # None: a worker that left the cluster
+                outbox.send(abort)
 
     # ------------------------------------------------------------------ inbox
 
@@ -358,7 +390,11 @@ class Router:
         if isinstance(msg, ReqOutput):
             self._deliver(msg)
         elif isinstance(msg, Heartbeat):
-            self.workers.on_heartbeat(msg, time.monotonic())
+            back = self.workers.on_heartbeat(msg, time.monotonic())
+            if back is not None and self.membership is not None:  # a restart knows no peers
+                self.membership.send_table(back.name)
+        elif isinstance(msg, (Register, PeerTableAck, Leave)):
+            self._on_membership(msg)
         elif isinstance(msg, LoadReport):
             self.workers.on_report(msg, time.monotonic())
         elif isinstance(msg, Abort):
@@ -377,6 +413,12 @@ class Router:
             self.shutdown_requested.set()
         else:
             logger.warning("unexpected %s on the router inbox ignored", type(msg).__name__)
+
+    def _on_membership(self, msg: Register | PeerTableAck | Leave) -> None:
+        if self.membership is None:
+            refuse_without_membership(msg, self._ctx)
+        else:
+            self.membership.on_message(msg, time.monotonic())
 
     def _on_control_abort(self, msg: Abort) -> None:
         if msg.abort_all:
@@ -445,6 +487,11 @@ class Router:
             message = f"{name} is unresponsive: no heartbeat and no load report for {timeout:g} s"
             if state is not None:
                 self._fail_process(state, message)
+            if self.membership is not None and self.membership.is_member(name):
+                self.membership.remove(name, message)
+        if self.membership is not None:
+            self.membership.check_drains(now)
+            self.membership.update_routable()
         if self.spec.progress_timeout_s > 0:
             limit = self.spec.progress_timeout_s
             busy = self.workers.busy_since(now - limit)
@@ -464,12 +511,20 @@ class Router:
             "model_path": self.spec.model_path,
             "routing_policy": self.spec.routing_policy,
             "max_context_len": self.spec.max_context_len,
-            "num_tokenizers": len(self.spec.tokenizer_inboxes),
+            "num_tokenizers": len(self.workers.tokenizers),  # with those that joined
             "num_requests_in_flight": len(self.tracker),
             "topology": self.spec.topology,
             "workers": [_worker_info(s, now) for s in self.workers],
             "tokenizers": [
-                {"name": t.name, "idx": t.idx, "status": t.live.status, "pid": t.live.pid}
+                {
+                    "name": t.name,
+                    "idx": t.idx,
+                    "status": t.live.status,
+                    "pid": t.live.pid,
+                    "routable": t.can_take_requests,
+                    "num_requests": t.num_requests,  # routed through it so far
+                    "num_in_flight": len(self.tracker.lost_with_tokenizer(t.idx)),
+                }
                 for t in self.workers.tokenizers
             ],
         }
@@ -481,6 +536,7 @@ def _worker_info(state: WorkerState, now: float) -> dict[str, Any]:
         "role": state.spec.role,
         "idx": state.spec.idx,
         "healthy": state.is_healthy,
+        "routable": state.can_take_requests,
         "status": state.live.status,
         "pid": state.live.pid,
         "last_report_age_s": round(now - state.report_at, 3) if state.report_at else None,

@@ -60,7 +60,8 @@ def build_chat(spec: RouterSpec, body: ChatCompletionRequest) -> Fanout:
         max_tokens = body.max_tokens
     samplings = sampling_dicts(body, max_tokens, spec.default_max_tokens)
     messages = [m.to_template_dict() for m in body.messages]
-    return fan_out(
+    images = [url for m in body.messages for url in m.image_urls()]
+    fan = fan_out(
         [Prompt(messages=messages)],
         samplings,
         continue_final_message=body.continue_final_message,
@@ -69,6 +70,9 @@ def build_chat(spec: RouterSpec, body: ChatCompletionRequest) -> Fanout:
         top_logprobs_num=body.top_logprobs or 0,
         return_hidden_states=extra_flag(body, "return_hidden_states"),
     )
+    for req in fan.reqs:  # the tokenizer process fetches and preprocesses them
+        req.image_data = images or None
+    return fan
 
 
 async def create_chat_completion(

@@ -78,6 +78,30 @@ def _samplings(body: GenerateRequest, num_prompts: int, default_max: int) -> lis
     return out
 
 
+def _image_lists(image_data: Any, num_prompts: int, is_batch: bool) -> list[list[str] | None]:
+    """SGLang's `image_data` per prompt: one image (a URL, path or base64 string) or a list of
+    them; for a batch, a list with one such entry per prompt."""
+    if image_data is None:
+        return [None] * num_prompts
+    entries = image_data if is_batch else [image_data]
+    if not isinstance(entries, list) or len(entries) != num_prompts:
+        raise bad_request(
+            f"image_data must have one entry per prompt ({num_prompts}) for a batch", "image_data"
+        )
+    out: list[list[str] | None] = []
+    for entry in entries:
+        images = [entry] if isinstance(entry, str) else entry
+        if images is None or images == []:
+            out.append(None)
+        elif isinstance(images, list) and all(isinstance(i, str) and i for i in images):
+            out.append(list(images))
+        else:
+            raise bad_request(
+                "image_data: expected a URL, path or base64 string, or a list of them", "image_data"
+            )
+    return out
+
+
 def _check_supported(body: GenerateRequest) -> None:
     check_fields(body, "generate")
     given = body.sampling_params
@@ -90,6 +114,7 @@ def build_generate(body: GenerateRequest, default_max: int) -> tuple[Fanout, boo
     _check_supported(body)
     prompts, is_batch = _prompts(body)
     params = _samplings(body, len(prompts), default_max)
+    images = _image_lists(body.image_data, len(prompts), is_batch)
     num_copies = [p.n for p in params]
     num_subs = sum(num_copies)
     is_list = is_batch or num_subs > 1
@@ -108,6 +133,7 @@ def build_generate(body: GenerateRequest, default_max: int) -> tuple[Fanout, boo
                     priority=body.priority or ONLINE_PRIORITY,
                     return_hidden_states=body.return_hidden_states,
                     logprob_start_len=body.logprob_start_len if body.return_logprob else -1,
+                    image_data=images[p_idx],
                 )
             )  # fmt: skip
             keys.append(p_idx)

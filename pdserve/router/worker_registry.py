@@ -4,7 +4,9 @@ Every one of them has a `Liveness`: it is healthy while it is heard from (a `Hea
 thread of its own sends whatever its loop is doing, or a worker's `LoadReport`) within
 `liveness_timeout_s`. A process the launcher saw exit (`mark_down`) stays down until a heartbeat from
 a new process id says its restart is up: messages still queued from the dead one must not bring it
-back. Workers also carry their latest load report, which routing reads.
+back. Workers also carry their latest load report, which routing reads. With membership,
+workers and tokenizers are added and removed while the router runs (`add`, `add_tokenizer`,
+`remove`: router/membership.py).
 """
 
 from __future__ import annotations
@@ -81,6 +83,10 @@ class WorkerState:
     report_at: float | None = None  # time.monotonic() of the latest report
     num_sent_since_report: int = 0  # requests routed here since that report (least_load)
     output_at: float = 0.0  # time.monotonic() of the latest output of a request decoding here
+    # Joined at runtime (router/membership.py): not routable until every member knows it, and
+    # routed nothing new once it is draining (leaving on SIGTERM).
+    is_routable: bool = True
+    is_draining: bool = False
 
     @property
     def name(self) -> str:
@@ -93,6 +99,10 @@ class WorkerState:
     @property
     def is_healthy(self) -> bool:
         return self.live.is_healthy
+
+    @property
+    def can_take_requests(self) -> bool:
+        return self.live.is_healthy and self.is_routable and not self.is_draining
 
     @property
     def load(self) -> int:
@@ -111,10 +121,18 @@ class TokenizerState:
     idx: int  # GenerateReq goes to tokenizer_inboxes[idx]
     live: Liveness = field(default_factory=Liveness)
     kind: str = "tokenizer"
+    # Joined at runtime (`pdserve tokenizer --router`): as WorkerState's
+    is_routable: bool = True
+    is_draining: bool = False
+    num_requests: int = 0  # routed through it so far (/server_info)
 
     @property
     def is_healthy(self) -> bool:
         return self.live.is_healthy
+
+    @property
+    def can_take_requests(self) -> bool:
+        return self.live.is_healthy and self.is_routable and not self.is_draining
 
 
 ProcessState = WorkerState | TokenizerState
@@ -155,30 +173,59 @@ class WorkerRegistry:
         return self._select(False, healthy_only)
 
     def healthy_tokenizers(self) -> list[TokenizerState]:
-        return [t for t in self.tokenizers if t.is_healthy]
+        """The tokenizers new requests may go to (healthy; joined ones routable, not leaving)."""
+        return [t for t in self.tokenizers if t.can_take_requests]
 
     def _select(self, decode_side: bool, healthy_only: bool) -> list[WorkerState]:
         out = [
             s
             for s in self.states.values()
-            if s.spec.is_decode_side == decode_side and (s.is_healthy or not healthy_only)
+            if s.spec.is_decode_side == decode_side and (s.can_take_requests or not healthy_only)
         ]
         return sorted(out, key=lambda s: s.spec.idx)
 
     def all_healthy(self) -> bool:
         return all(p.is_healthy for p in self._processes.values())
 
-    def on_heartbeat(self, beat: Heartbeat, now: float) -> None:
+    def on_heartbeat(self, beat: Heartbeat, now: float) -> ProcessState | None:
+        """The process's state when this heartbeat made it healthy, else None."""
         state = self._processes.get(beat.name)
         if state is None:
-            logger.warning("heartbeat from unknown process %r ignored", beat.name)
+            logger.debug("heartbeat from unknown process %r ignored", beat.name)
         elif state.live.heard(now, beat.pid):
             logger.info("%s (pid %d) is healthy", state.name, beat.pid)
+            return state
+        return None
+
+    def add(self, entry: WorkerEntry, pid: int, now: float) -> WorkerState:
+        """A worker that joined at runtime: healthy (it just spoke), not routable yet."""
+        state = WorkerState(entry, is_routable=False)
+        state.live.heard(now, pid)
+        self.states[entry.name] = state
+        self._processes[entry.name] = state
+        return state
+
+    def add_tokenizer(self, name: str, idx: int, pid: int, now: float) -> TokenizerState:
+        """A tokenizer that joined at runtime: healthy (it just spoke), not routable yet."""
+        state = TokenizerState(name, idx, is_routable=False)
+        state.live.heard(now, pid)
+        self.tokenizers.append(state)
+        self._processes[name] = state
+        return state
+
+    def remove(self, name: str) -> ProcessState | None:
+        """A worker or tokenizer that left the cluster: forgotten (its late messages are
+        ignored)."""
+        state = self._processes.pop(name, None)
+        self.states.pop(name, None)
+        if isinstance(state, TokenizerState):
+            self.tokenizers.remove(state)
+        return state
 
     def on_report(self, report: LoadReport, now: float) -> None:
         state = self.states.get(report.worker)
-        if state is None:
-            logger.warning("load report from unknown worker %r ignored", report.worker)
+        if state is None:  # or one that left the cluster a moment ago
+            logger.debug("load report from unknown worker %r ignored", report.worker)
             return
         if state.live.heard(now):
             logger.info("worker %s is healthy", state.name)

@@ -52,8 +52,19 @@ class Request:
     # Tokens sampled on the device by a step whose results are not read back yet (the overlapped
     # loop, worker_core.py): their positions are scheduled, their ids are known only there.
     num_inflight: int = 0
+    # The sampling parameters the worker checked at admission (row_problem); per-step batches
+    # skip that check while `sampling` is still this (frozen) object.
+    checked_sampling: Any = None
     # Its grammar matcher when the output is constrained (worker/grammar.py); None: free text.
     grammar: Any = None
+    # Speculative decoding (worker/speculative/): verify passes this request took part in, and the
+    # draft's state between steps (EAGLE: the draft head's last hidden state).
+    spec_verify_ct: int = 0
+    spec_state: Any = None
+    # Images (protocol.MultimodalInputs); None: text only. mm_state: what the model derived from
+    # them (M-RoPE positions, encoded images), kept while the request lives.
+    mm: Any = None
+    mm_state: Any = None
 
     @property
     def all_ids(self) -> list[int]:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pdserve.config.engine_config import SchedulerConfig
+from pdserve.multimodal.cache_key import image_keyed_ids
 from pdserve.protocol import Finish, KVReady
 from pdserve.scheduler.finish_checker import FinishChecker
 from pdserve.scheduler.page_allocator import PageAllocator
@@ -72,7 +73,9 @@ _LORA_KEY_SHIFT = 32
 
 def _cache_key(req: Request, token_ids: list[int]) -> list[int]:
     """The prefix cache's key for req's tokens: the ids themselves for the base model, offset
-    into the adapter's namespace otherwise."""
+    into the adapter's namespace otherwise; image placeholders keyed by their image's hash."""
+    if req.mm is not None:
+        token_ids = image_keyed_ids(token_ids, req.mm)
     if req.lora_key == 0:
         return token_ids
     offset = req.lora_key << _LORA_KEY_SHIFT
@@ -192,9 +195,12 @@ class Scheduler:
         return budget
 
     def _admit_waiting(self, items: list[BatchItem], budget: int) -> None:
+        if not self.waiting:
+            return
+        promised = sum(self._pages_owed(r) for r in self.running)
         while self.waiting and budget > 0 and len(self.running) < self.config.max_running_requests:
             req = self.waiting[0]
-            if not self._can_admit(req):
+            if not self._can_admit(req, promised):
                 break
             self.waiting.popleft()
             self._match_prefix(req)
@@ -203,6 +209,13 @@ class Scheduler:
             self.running.append(req)
             used = self._schedule_chunk(req, items, budget)
             budget -= used
+            promised += self._pages_owed(req)
+
+    def _pages_owed(self, req: Request) -> int:
+        """Pages a running request still takes to cover what it holds now (a chunked prefill's
+        later chunks): admission leaves them free, or prefills admitted together could hold
+        part of their prompts each and wait for pages forever."""
+        return max(0, self._pages_for(req.seq_len) - len(req.page_ids))
 
     def _schedule_chunk(self, req: Request, items: list[BatchItem], budget: int) -> int:
         num = min(req.num_pending, self.config.chunk_size, budget)
@@ -211,11 +224,11 @@ class Scheduler:
         items.append(BatchItem(req, req.num_computed, num))
         return num
 
-    def _can_admit(self, req: Request) -> bool:
-        """Room for the whole pending prompt (counting evictable cache pages), so admitted
-        prefills rarely have to wait for pages."""
+    def _can_admit(self, req: Request, promised: int) -> bool:
+        """Room for the whole pending prompt (counting evictable cache pages) beside the pages
+        promised to running requests, so admitted prefills rarely have to wait for pages."""
         need = self._pages_for(req.seq_len)
-        return self._num_available_pages() >= need and self._has_lora_room(req)
+        return self._num_available_pages() - promised >= need and self._has_lora_room(req)
 
     def _has_lora_room(self, req: Request) -> bool:
         """Whether req's adapter can join without more distinct adapters than slots."""
@@ -359,6 +372,21 @@ class Scheduler:
             if victim is req:
                 return False
         return True
+
+    def reserve_positions(self, req: Request, num_tokens: int) -> int:
+        """Speculative decoding: pages for req's positions below num_tokens if free (or
+        evictable) pages allow, never preempting; returns how many positions req has pages for."""
+        if self._ensure_pages(req, num_tokens, preempt=False):
+            return num_tokens
+        return len(req.page_ids) * self.page_size
+
+    def trim_pages(self, req: Request) -> None:
+        """Speculative decoding: give back req's own pages past its seq_len (rejected drafts)."""
+        keep = max(self._pages_for(req.seq_len), req.num_shared_pages)
+        extra = req.page_ids[keep:]
+        if extra:
+            del req.page_ids[keep:]
+            self.allocator.free(extra)
 
     def _preempt(self, req: Request) -> None:
         logger.info("preempting request %s (%d tokens) for lack of KV pages", req.rid, req.seq_len)

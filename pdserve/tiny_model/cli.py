@@ -6,6 +6,8 @@ import argparse
 
 from pdserve.tiny_model.build import ARCHS
 
+VLM_ARCHS = ("qwen2_vl", "qwen2_5_vl", "llava_onevision", "llava_next", "pixtral")  # vlm, llava
+
 KINDS = ("generation", "embedding", "reward")
 
 DESCRIPTION = """\
@@ -32,10 +34,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument(
         "--arch",
-        choices=ARCHS,
+        choices=(*ARCHS, *VLM_ARCHS),
         default="llama",
         help="llama: untied embeddings, llama3 rope scaling; qwen2: q/k/v biases, tied "
-        "embeddings; qwen3: q/k RMSNorm, tied embeddings (default: %(default)s)",
+        "embeddings; qwen3: q/k RMSNorm, tied embeddings; qwen2_vl, qwen2_5_vl, "
+        "llava_onevision, llava_next, pixtral: vision-language models with their image processor config "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--seed",
@@ -64,6 +68,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         default=1,
         help="--kind reward: rows of the score head (default: %(default)s)",
     )
+    parser.add_argument(
+        "--eagle",
+        action="store_true",
+        help="write an EAGLE-2 draft head for the tiny model instead (random weights; serve it "
+        "with --speculative-algorithm EAGLE --speculative-draft-model-path OUT_DIR)",
+    )
     parser.set_defaults(handler=run)
     return parser
 
@@ -75,7 +85,27 @@ def run(args: argparse.Namespace) -> int:
         build_tiny_reward_model,
     )
 
-    if args.kind == "embedding":
+    if args.arch in VLM_ARCHS:
+        if args.kind != "generation":
+            raise ValueError(f"--arch {args.arch} takes --kind generation, got {args.kind!r}")
+        from pdserve.tiny_model import llava
+        from pdserve.tiny_model.vlm import build_tiny_vlm
+
+        builders = {
+            "llava_onevision": llava.build_tiny_llava_onevision,
+            "llava_next": llava.build_tiny_llava_next,
+            "pixtral": llava.build_tiny_pixtral,
+        }
+        if args.arch in builders:
+            print(builders[args.arch](args.out_dir, seed=args.seed))
+        else:
+            print(build_tiny_vlm(args.out_dir, seed=args.seed, arch=args.arch))
+        return 0
+    if getattr(args, "eagle", False):
+        from pdserve.tiny_model.eagle import build_tiny_eagle_head
+
+        path = build_tiny_eagle_head(args.out_dir, seed=args.seed)
+    elif args.kind == "embedding":
         path = build_tiny_embedding_model(
             args.out_dir, arch=args.arch, pooling=args.pooling, seed=args.seed
         )

@@ -35,21 +35,25 @@ def normalize_messages(messages: Any) -> list[dict[str, Any]]:
     return out
 
 
-def _content_text(content: Any, where: str) -> str:
+def _content_text(content: Any, where: str) -> str | list[dict[str, Any]]:
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
         raise ValueError(f"{where} must be a string or a list of content parts")
-    texts = []
+    texts, parts = [], []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
             texts.append(part["text"])
-        elif kind in ("image_url", "image", "input_image", "video_url", "input_audio"):
+            parts.append({"type": "text", "text": part["text"]})
+        elif kind == "image":  # the router's stand-in for an image_url part (image_data holds it)
+            parts.append({"type": "image"})
+        elif kind in ("image_url", "input_image", "video_url", "input_audio"):
             raise ValueError(f"{where}[{j}]: images are not supported (content type {kind!r})")
         else:
             raise ValueError(f"{where}[{j}] must be {{'type': 'text', 'text': str}}, got {part!r}")
-    return "\n".join(texts)
+    # With images the template renders the parts (one placeholder per image); else plain text.
+    return parts if len(parts) > len(texts) else "\n".join(texts)
 
 
 def render_chat(

@@ -33,6 +33,7 @@ class Piece:
     prompt_tokens: int
     cached_tokens: int
     extra: Extra | None = None  # hidden states, prompt logprobs, an embedding
+    spec_verify_ct: int = 0  # the request's speculative verify passes so far
 
 
 @dataclass
@@ -57,6 +58,7 @@ class ReqState:
     prompt_text: str | None  # echo: sent once, with the first output
     next_idx: int = 0  # output index of the next token to release
     num_cached: int = 0
+    num_spec_verify: int = 0
     pending: dict[int, list[Piece]] = field(default_factory=dict)  # by first_idx
 
 
@@ -108,6 +110,7 @@ def _make_output(tokenizer: Any, state: ReqState, pieces: list[Piece]) -> ReqOut
         top += piece.top_logprobs or []
         prompt_tokens = piece.prompt_tokens or prompt_tokens
         state.num_cached = max(state.num_cached, piece.cached_tokens)
+        state.num_spec_verify = max(state.num_spec_verify, piece.spec_verify_ct)
         finish = piece.finish
         if state.detok is not None:
             text += state.detok.add_output(piece.ids, piece.finish)
@@ -133,6 +136,7 @@ def _make_output(tokenizer: Any, state: ReqState, pieces: list[Piece]) -> ReqOut
         token_texts=token_texts(tokenizer, ids) if want_texts else None,
         prompt_text=prompt_text,
         top_token_texts=top_texts,
+        spec_verify_ct=state.num_spec_verify,
     )
 
 
@@ -145,6 +149,7 @@ def piece_of(msg: TokenOut, i: int) -> Piece:
         prompt_tokens=msg.prompt_tokens[i] if msg.prompt_tokens else 0,
         cached_tokens=msg.cached_tokens[i] if msg.cached_tokens else 0,
         extra=_extra_of(msg, i),
+        spec_verify_ct=msg.spec_verify_ct[i] if msg.spec_verify_ct else 0,
     )
 
 
@@ -194,6 +199,7 @@ def _drop_first(piece: Piece, n: int) -> Piece:
         top_logprobs=piece.top_logprobs[n:] if piece.top_logprobs else piece.top_logprobs,
         prompt_tokens=piece.prompt_tokens,
         cached_tokens=piece.cached_tokens,
+        spec_verify_ct=piece.spec_verify_ct,
     )
 
 

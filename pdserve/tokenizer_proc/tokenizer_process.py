@@ -17,7 +17,7 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import zmq
 import zmq.asyncio
@@ -27,11 +27,16 @@ from pdserve.config.sampling_params import SamplingParams
 from pdserve.grammar_check import check_grammar
 from pdserve.heartbeat import HeartbeatSender
 from pdserve.ipc import AsyncInbox, AsyncOutbox
+from pdserve.membership import update_outboxes
+from pdserve.multimodal.processor import ImageProcessor, Images
 from pdserve.protocol import (
     Abort,
     DetokenizeReq,
     GenerateReq,
     Message,
+    MultimodalInputs,
+    PeerTable,
+    PeerTableAck,
     Ready,
     ReqOutput,
     Shutdown,
@@ -44,6 +49,9 @@ from pdserve.tokenizer_proc.chat_template import render_chat
 from pdserve.tokenizer_proc.incremental_detokenizer import IncrementalDetokenizer
 from pdserve.tokenizer_proc.ordered_output import ReqState, accept, error_output, piece_of
 
+if TYPE_CHECKING:
+    from pdserve.tokenizer_proc.joining import JoinedTokenizer
+
 logger = logging.getLogger(__name__)
 
 # Prompts longer than this are tokenized in a thread, so other streams keep flowing.
@@ -52,6 +60,7 @@ _INLINE_MAX_IDS = 32768
 # A text over this many characters per allowed token is first tokenized in part (a probe).
 _PROBE_CHARS_PER_TOKEN = 8
 _PROBE_SLACK = 16
+_IMAGE_THREADS = 4  # images of different requests are fetched and preprocessed at once
 _CONFIG_LEN_KEYS = ("max_position_embeddings", "max_sequence_length", "max_seq_len", "n_positions")
 
 
@@ -79,6 +88,7 @@ class Prepared(NamedTuple):
     sampling: SamplingParams
     input_ids: list[int]
     prompt_text: str | None  # echo: the prompt's text
+    mm: MultimodalInputs | None = None  # the request's images, preprocessed
 
 
 def prompt_too_long(num_tokens: int, limit: int, is_lower_bound: bool = False) -> ValueError:
@@ -101,6 +111,8 @@ class TokenizerCore:
         self.bos_token_id = getattr(tokenizer, "bos_token_id", None)
         self.states: dict[str, ReqState] = {}
         self.tokenizing: set[str] = set()  # rids being tokenized off the loop
+        self.images: ImageProcessor | None = None  # a vision-language model's (serve() sets it)
+        self.image_pool: Executor | None = None  # threads that fetch and preprocess images
 
     # ------------------------------------------------------------------ requests in
 
@@ -108,26 +120,46 @@ class TokenizerCore:
         """Tokenize and check a request; returns (worker index, message). Raises ValueError."""
         return self.admit(req, self.prepare(req))
 
-    def prepare(self, req: GenerateReq) -> Prepared:
+    def prepare(self, req: GenerateReq, images: Images | None = None) -> Prepared:
         """Every check of the request and its tokenization, without touching `states`: safe to
-        run in a worker thread while the loop serves other requests. Raises ValueError."""
+        run in a worker thread while the loop serves other requests. Raises ValueError.
+        `images`: the request's, loaded already (else they are loaded here)."""
         if not 0 <= req.decode_idx < self.num_workers:
             raise ValueError(f"decode_idx={req.decode_idx} is out of range (0..{self.num_workers})")
         sampling = SamplingParams.from_dict(req.sampling)
         self.check_vocab(sampling)
         check_grammar(sampling)  # a bad schema or regex is refused before it is queued
-        input_ids = self.prompt_ids(req)
+        if images is None:
+            images = self.load_images(req)
+        input_ids = self.prompt_ids(req, images)
         self.check_length(req, len(input_ids), sampling.max_new_tokens)
         prompt_text = None
         if req.echo:
             prompt_text = req.text if req.text is not None else self.tokenizer.decode(input_ids)
-        return Prepared(sampling, input_ids, prompt_text)
+        mm = self.images.inputs(input_ids, images) if self.images and images else None
+        return Prepared(sampling, input_ids, prompt_text, mm)
+
+    def load_images(self, req: GenerateReq) -> Images | None:
+        """The request's images, loaded and preprocessed (None: it has none). ValueError
+        naming a bad image or an exceeded limit."""
+        if not req.image_data:
+            return None
+        if self.images is None:
+            raise ValueError("image_data: this model takes text only (it has no vision tower)")
+        return self.images.preprocess(req.image_data)
+
+    def with_images(self, prompt: Any, images: Images | None) -> Any:
+        """The prompt with each image placeholder repeated as many times as its image has
+        tokens (the Hugging Face processor's expansion)."""
+        if images is None or self.images is None or not isinstance(prompt, str):
+            return prompt
+        return self.images.expand(prompt, images)
 
     def admit(self, req: GenerateReq, prepared: Prepared) -> tuple[int, TokenizedReq]:
         """Register a prepared request (on the loop); returns (worker index, message)."""
         if req.rid in self.states or req.rid in self.tokenizing:
             raise ValueError(f"rid {req.rid!r} is already in flight")
-        sampling, input_ids, prompt_text = prepared
+        sampling, input_ids, prompt_text, mm = prepared
         detok = None
         if req.return_text:
             detok = IncrementalDetokenizer.for_request(self.tokenizer, input_ids, sampling)
@@ -152,11 +184,14 @@ class TokenizerCore:
             logprob_start_len=req.logprob_start_len,
             embed=req.embed,
             lora_name=req.lora_name,
+            mm=mm,
         )
         return req.decode_idx, msg
 
     def is_long(self, req: GenerateReq) -> bool:
         """Whether tokenizing the request takes long enough to move it off the event loop."""
+        if req.image_data:  # images are fetched and preprocessed: never on the loop
+            return True
         if req.input_ids is not None:
             return len(req.input_ids) > _INLINE_MAX_IDS
         if req.text is not None:
@@ -183,7 +218,7 @@ class TokenizerCore:
         ]
         return min(limits, default=0)
 
-    def prompt_ids(self, req: GenerateReq) -> list[int]:
+    def prompt_ids(self, req: GenerateReq, images: Images | None = None) -> list[int]:
         given = [
             name for name in ("text", "messages", "input_ids") if getattr(req, name) is not None
         ]
@@ -197,12 +232,15 @@ class TokenizerCore:
                 add_generation_prompt=req.add_generation_prompt,
                 continue_final_message=req.continue_final_message,
             )
+            prompt = self.with_images(prompt, images)
             # The template writes its own BOS: adding one more would double it.
             ids = self.encode(prompt, add_special_tokens=False, limit=limit)
         elif req.text is not None:
-            ids = self.encode_text(req.text, limit)
+            ids = self.encode_text(self.with_images(req.text, images), limit)
         else:
             ids = self.check_input_ids(req.input_ids)
+            if images is not None and self.images is not None:  # token in with images
+                ids = self.images.expand_ids(ids, images)
         if req.max_prompt_tokens and len(ids) > req.max_prompt_tokens:
             raise prompt_too_long(len(ids), req.max_prompt_tokens)
         return ids
@@ -342,12 +380,16 @@ class TokenizerCore:
 # ---------------------------------------------------------------------- the process
 
 
-async def serve(spec: TokenizerSpec) -> None:
-    """Run the tokenizer process until Shutdown."""
+async def serve(spec: TokenizerSpec, member: JoinedTokenizer | None = None) -> None:
+    """Run the tokenizer process until Shutdown. `member`: a tokenizer that joins a running
+    router (`pdserve tokenizer --router`, tokenizer_proc/joining.py)."""
     name = spec.name
     tokenizer = load_tokenizer(spec.model_path, spec.trust_remote_code)
     max_context_len = spec.max_context_len or model_context_len(spec.model_path, tokenizer)
     core = TokenizerCore(tokenizer, spec.idx, max_context_len, len(spec.worker_inboxes))
+    core.images = ImageProcessor.for_model(spec.model_path, tokenizer)
+    if core.images is not None:
+        core.image_pool = ThreadPoolExecutor(_IMAGE_THREADS, thread_name_prefix=f"{name}-images")
 
     ctx = zmq.asyncio.Context()
     from_peers = AsyncInbox(spec.inbox, ctx)
@@ -367,6 +409,8 @@ async def serve(spec: TokenizerSpec) -> None:
     # tokenizer releases the GIL while it encodes).
     encoder = ThreadPoolExecutor(1, thread_name_prefix=f"{name}-encode")
     heartbeat = HeartbeatSender(name, spec.router_inbox, spec.heartbeat_interval_s).start()
+    if member is not None:
+        member.start(from_peers, to_router)
     try:
         while True:
             try:
@@ -376,14 +420,25 @@ async def serve(spec: TokenizerSpec) -> None:
                 continue
             if isinstance(msg, Shutdown):
                 break
+            if isinstance(msg, PeerTable):  # workers joined or left (router/membership.py)
+                if member is not None and not member.on_peer_table(msg, core):
+                    continue
+                update_outboxes(to_workers, msg.decode_inboxes, lambda a: AsyncOutbox(a, ctx))
+                core.num_workers = len(to_workers)
+                to_router.send(PeerTableAck(name, msg.version))
+                continue
             _dispatch(core, msg, to_router, to_workers, encoder)
             # pyzmq returns a queued frame without yielding: under a steady stream of TokenOuts
             # the loop would never run the callbacks of prompts tokenized off the loop.
             await asyncio.sleep(0)
     finally:
+        if member is not None:
+            member.close()
         heartbeat.stop()
         encoder.shutdown(wait=False, cancel_futures=True)
-        for sock in sockets:
+        if core.image_pool is not None:
+            core.image_pool.shutdown(wait=False, cancel_futures=True)
+        for sock in [*sockets, *to_workers]:  # with workers that joined since
             sock.close()
         ctx.term()
         logger.info("%s stopped", name)
@@ -463,14 +518,31 @@ def _tokenize_off_loop(
     except ValueError as e:
         to_router.send(error_output(req.rid, str(e)))
         return
-    future = asyncio.get_running_loop().run_in_executor(encoder, core.prepare, req)
+    loop = asyncio.get_running_loop()
+    if req.image_data and core.image_pool is not None:
+        future = asyncio.ensure_future(_prepare_with_images(core, req, encoder))
+    else:
+        future = loop.run_in_executor(encoder, core.prepare, req)
 
     def done(fut: asyncio.Future[Prepared]) -> None:
-        if fut.cancelled() or not core.end_tokenizing(req.rid):
+        if fut.cancelled():
+            return
+        if not core.end_tokenizing(req.rid):
+            fut.exception()  # an aborted request's failure is nobody's to report
             return
         _answer(core, req, to_router, to_workers, lambda r: core.admit(r, fut.result()))
 
     future.add_done_callback(done)
+
+
+async def _prepare_with_images(
+    core: TokenizerCore, req: GenerateReq, encoder: Executor
+) -> Prepared:
+    """The images fetched and preprocessed on the image pool (a slow URL holds up no other
+    request), then the request tokenized on the encoder thread."""
+    loop = asyncio.get_running_loop()
+    images = await loop.run_in_executor(core.image_pool, core.load_images, req)
+    return await loop.run_in_executor(encoder, core.prepare, req, images)
 
 
 def main(spec: dict[str, Any]) -> None:

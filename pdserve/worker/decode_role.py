@@ -105,6 +105,8 @@ class DecodeRole:
                     self.to_prefills[prefill_idx].send(self._prefill_task(req, dst_pages))
                 case Admit(req, ready):
                     self.scheduler.commit_transferred(req, ready)
+                    if self.core.spec is not None and not req.is_finished:
+                        self.core.spec.bootstrap(req, ready)  # EAGLE: from the prompt's end
                     if req.is_finished:  # its first token ended it
                         touched.append(req)
                 case EndRequest(req, notify, is_pages_held):
@@ -131,6 +133,8 @@ class DecodeRole:
             priority=req.priority,
             **_extra_fields(req.outputs),
             lora_name=req.lora_name,
+            mm=req.mm,  # images: the prefill encodes them; decode reads the M-RoPE delta
+            spec_hidden_rows=self.core.spec.prompt_hidden_rows if self.core.spec else 0,
         )
 
     def has_work(self) -> bool:

@@ -37,6 +37,13 @@ class ForwardBatch:
     page_table_cpu: torch.Tensor | None = None  # [B, max_pages] int32, cpu: for FlashInfer's plan
     # LoRA rows grouped by adapter slot (worker/lora/lora_layers.py); None: no adapter in the batch
     lora: Any = None
+    # Images and M-RoPE positions of a vision-language model (models/qwen2_vl.py MultimodalBatch)
+    mm: Any = None
+    # Speculative tree verification (worker/speculative/): new tokens see their sequence's KV
+    # below tree_starts[b] and, beyond it, the positions their row of tree_mask allows; None:
+    # causal. Only the torch attention backend reads it (kernels/tree_attention_ref.py).
+    tree_mask: torch.Tensor | None = None  # [T, W] bool, device
+    tree_starts: list[int] | None = None  # [B]
 
     def __post_init__(self) -> None:
         if self.extend_lens is None:

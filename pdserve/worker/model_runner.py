@@ -86,6 +86,7 @@ class ModelRunner:
         # Graphs capture the decode step; an embedding model never decodes (and has no logits).
         # Not under tensor parallelism yet: a replay would skip the followers' announcement.
         capturable = not model_config.is_embedding and not tp.is_parallel
+        capturable = capturable and model_config.vision is None  # M-RoPE rows: not captured yet
         if config.cuda_graph and self.device.type == "cuda" and capturable:
             from pdserve.worker.cuda_graph_runner import CudaGraphRunner
 
@@ -205,6 +206,8 @@ class ModelRunner:
         """build_forward_batch, with the batch's LoRA rows when any request uses an adapter."""
         fb = self.build_forward_batch(batch, pending, command)
         fb.lora = self._lora_batch(batch)
+        if self.model_config.vision is not None:  # images and M-RoPE positions
+            fb.mm = self.model.multimodal_batch(batch.items, self.device)
         return fb
 
     def _lora_batch(self, batch: ScheduledBatch) -> LoraBatch | None:

@@ -11,6 +11,7 @@ from pdserve import protocol
 from pdserve.ipc import Outbox
 from pdserve.kv_transfer.base import KVSender, Transfer, TransferStats
 from pdserve.scheduler.request import Request, Status
+from pdserve.worker.speculative.prompt_hidden import PromptHiddenCapture
 from pdserve.worker.worker_core import WorkerCore
 from pdserve.worker.worker_role import Handler, KVPush, ReqMeta, new_request
 
@@ -43,7 +44,10 @@ class PrefillRole:
             self.core.add_pooled(new_request(msg, ReqMeta(msg.tokenizer_idx)))
             return []
         meta = ReqMeta(msg.tokenizer_idx, push=KVPush(msg.decode_idx, list(msg.dst_pages)))
-        self.core.add(new_request(msg, meta, prefill_only=True))
+        req = new_request(msg, meta, prefill_only=True)
+        if msg.spec_hidden_rows > 0:  # the decode worker's EAGLE head starts from these
+            PromptHiddenCapture.for_request(req, msg.spec_hidden_rows)
+        self.core.add(req)
         return []
 
     def on_abort(self, rid: str, message: str) -> list[Request]:
@@ -100,7 +104,13 @@ class PrefillRole:
             )
             reply = protocol.KVFailed(req.rid, f"KV transfer failed: {outcome}", 500)
         else:
+            hidden = b"", [], ""
+            if isinstance(req.spec_state, PromptHiddenCapture):
+                hidden = req.spec_state.encode()
             reply = protocol.KVReady(
+                spec_hidden=hidden[0],
+                spec_hidden_shape=hidden[1],
+                spec_hidden_dtype=hidden[2],
                 rid=req.rid,
                 first_token=req.output_ids[0],
                 cached_tokens=req.num_cached_tokens,

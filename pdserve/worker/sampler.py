@@ -133,12 +133,18 @@ class SamplingBatch:
 
     @classmethod
     def build(
-        cls, rows: Sequence[SamplingRow], vocab_size: int, device: torch.device | str
+        cls,
+        rows: Sequence[SamplingRow],
+        vocab_size: int,
+        device: torch.device | str,
+        checked: bool = False,
     ) -> SamplingBatch:
-        """Raises SamplingRowError naming every row whose own parameters are bad."""
+        """Raises SamplingRowError naming every row whose own parameters are bad. checked: every
+        row passed `row_problem` when its request was admitted (parameters do not change after),
+        so only a grammar whose compile failed since is looked for."""
         if not rows:
             raise ValueError("SamplingBatch.build got no rows: expected at least one")
-        bad_rows = find_bad_rows(rows, vocab_size)
+        bad_rows = find_bad_rows(rows, vocab_size, checked)
         if bad_rows:
             raise SamplingRowError(bad_rows)
         # First, before anything waits for the device: the forward pass may still be running.
@@ -172,15 +178,16 @@ class SamplingBatch:
 
 
 def build_skipping_bad_rows(
-    rows: Sequence[SamplingRow], vocab_size: int, device: torch.device | str
+    rows: Sequence[SamplingRow], vocab_size: int, device: torch.device | str, checked: bool = False
 ) -> PartialBatch:
     """`SamplingBatch.build` over the rows that can be sampled: one request's bad parameter
-    never fails the others. Sample `logits[row_indices]` with the batch; end `bad_rows`."""
+    never fails the others. Sample `logits[row_indices]` with the batch; end `bad_rows`.
+    checked: as `SamplingBatch.build`'s."""
     kept = list(range(len(rows)))
     bad: list[BadRow] = []
     while kept:
         try:
-            batch = SamplingBatch.build([rows[i] for i in kept], vocab_size, device)
+            batch = SamplingBatch.build([rows[i] for i in kept], vocab_size, device, checked)
         except SamplingRowError as e:  # each round drops at least one row
             dropped = {kept[r.row_idx] for r in e.bad_rows}
             bad += [BadRow(kept[r.row_idx], r.message) for r in e.bad_rows]
@@ -190,13 +197,19 @@ def build_skipping_bad_rows(
     return PartialBatch(None, [], sorted(bad))
 
 
-def find_bad_rows(rows: Sequence[SamplingRow], vocab_size: int) -> list[BadRow]:
+def find_bad_rows(
+    rows: Sequence[SamplingRow], vocab_size: int, checked: bool = False
+) -> list[BadRow]:
     """The rows whose parameters would fail the batch, with why. Checks what is cheap per step
     (numbers, logit_bias, stop and EOS ids); prompt and output ids are checked, vectorized,
-    while the batch is built (`_ids_by_row`, also raising SamplingRowError)."""
+    while the batch is built (`_ids_by_row`, also raising SamplingRowError). checked: the rows
+    passed `row_problem` at admission; only their grammars are looked at."""
     bad = []
     for i, row in enumerate(rows):
-        message = row_problem(row, vocab_size)
+        if checked:
+            message = row.grammar.problem() if row.grammar is not None else None
+        else:
+            message = row_problem(row, vocab_size)
         if message is not None:
             bad.append(BadRow(i, message))
     return bad

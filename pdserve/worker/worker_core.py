@@ -51,6 +51,8 @@ from pdserve.worker.sampler import (
     row_problem,
     sample_on_device,
 )
+from pdserve.worker.speculative.factory import make_speculative_decoder
+from pdserve.worker.speculative.prompt_hidden import needs_prompt_hidden, record_prompt_hidden
 
 logger = logging.getLogger(__name__)
 
@@ -130,9 +132,14 @@ class WorkerCore:
         )
         self.last_step_ms = 0.0
         self.num_steps = 0
+        # Speculative decoding (worker/speculative/): its steps run the plain loop.
+        self.spec = make_speculative_decoder(
+            self.config, self.runner, self.scheduler, self._sampling_row, self.max_context_len
+        )
         if overlap is None:
             overlap = self.config.overlap_schedule
         self.overlap = overlap and not self.model_config.is_embedding and not tp.is_parallel
+        self.overlap = self.overlap and self.spec is None
         self._inflight: _InflightStep | None = None
         self.num_overlapped_steps = 0
         self._host_ids: list[torch.Tensor | None] = [None, None]  # pinned, used in turn
@@ -152,6 +159,12 @@ class WorkerCore:
         batch = sched.schedule()
         touched = sched.newly_finished
         sched.newly_finished = []
+        if batch is not None and self.spec is not None and self.spec.can_run(batch):
+            start = time.perf_counter()
+            touched += self.spec.run(batch)
+            self.last_step_ms = (time.perf_counter() - start) * 1e3
+            self.num_steps += 1
+            return touched
         if batch is not None and self._can_overlap(batch):
             items, logits, start = self._launch(batch)
             if not any(_needs_host_tokens(item.req) for item in items):
@@ -238,8 +251,10 @@ class WorkerCore:
             return items, DeviceSample(logits.argmax(dim=-1), None, None, [])
         rows = [self._sampling_row(item.req, item.req.num_inflight) for item in items]
         device = logits.device
+        # check_request ran row_problem on each request's parameters when it was admitted.
+        checked = all(item.req.checked_sampling is item.req.sampling for item in items)
         partial = build_skipping_bad_rows(
-            rows, logits.shape[-1], "cpu" if build_on_host else device
+            rows, logits.shape[-1], "cpu" if build_on_host else device, checked
         )
         for bad in partial.bad_rows:
             rid = items[bad.row_idx].req.rid
@@ -298,7 +313,14 @@ class WorkerCore:
         touched: list[Request] = []
         start = time.perf_counter()
         out = None
-        if self.model_config.is_embedding or any(_wants_rows(it.req) for it in batch.items):
+        follows = self.spec is not None and self.spec.wants_hidden  # EAGLE's draft follows
+        captures = needs_prompt_hidden(batch)  # an EAGLE decode worker asked for prompt rows
+        if (
+            self.model_config.is_embedding
+            or follows
+            or captures
+            or any(_wants_rows(it.req) for it in batch.items)
+        ):
             out = self.runner.forward_rows(batch)
             logits = out.logits
         else:
@@ -316,6 +338,10 @@ class WorkerCore:
                 logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
             self._sample_and_record(logits, sampling_items)
             touched.extend(item.req for item in sampling_items)
+        if out is not None and captures:
+            record_prompt_hidden(batch, out.hidden, out.row_starts)
+        if out is not None and follows:
+            self.spec.observe(batch, out.hidden, out.row_starts)
         self.last_step_ms = (time.perf_counter() - start) * 1e3
         self.num_steps += 1
         return touched
@@ -397,6 +423,7 @@ class WorkerCore:
         problem = row_problem(self._sampling_row(req), vocab)
         if problem is not None:
             raise ValueError(problem)
+        req.checked_sampling = req.sampling
         self._bind_lora(req)
         bind_grammar(req, self.model_config.vocab_size, self.config.model_path)
 

@@ -62,6 +62,14 @@ class WorkerProcess:
         self._last_report = 0.0
         self._running = True
 
+    def add_handler(self, msg_type: type, handler: Handler) -> None:
+        """Handle `msg_type` too (a worker that joined a running router: worker/joining.py)."""
+        self._handlers[msg_type] = handler
+
+    def stop(self) -> None:
+        """End the loop after this iteration (safe from a signal handler or another thread)."""
+        self._running = False
+
     def ready_info(self) -> dict[str, Any]:
         return {"num_pages": self.core.runner.num_pages}
 
@@ -213,6 +221,7 @@ class WorkerProcess:
             return
         self._last_report = now
         stats = self.scheduler.stats()
+        spec = self.core.spec.stats if self.core.spec is not None else None
         transfers = self.role.transfer_stats or TransferStats()
         self.to_router.send(
             protocol.LoadReport(
@@ -231,6 +240,8 @@ class WorkerProcess:
                 num_preemptions=stats["num_preemptions"],
                 num_loaded_adapters=len(self.core.lora_names),
                 num_adapter_slots_used=stats["num_adapter_slots_used"],
+                num_spec_row_steps=spec.num_row_steps if spec is not None else 0,
+                num_spec_tokens=spec.num_tokens if spec is not None else 0,
             )
         )
 
@@ -252,6 +263,7 @@ def _append_out(
     out.logprobs.append(req.output_logprobs[start:end] if req.return_logprob else [])
     out.top_logprobs.append(req.output_top_logprobs[start:end] if req.top_logprobs_num else [])
     out.prompt_tokens.append(len(req.prompt_ids))
+    out.spec_verify_ct.append(req.spec_verify_ct)
     out.cached_tokens.append(req.num_cached_tokens)
     append_extra_outputs(out, req, len(out.rids) - 1)
     meta.num_emitted = end
@@ -271,7 +283,13 @@ def _prefill_role(worker: WorkerProcess) -> WorkerRole:
     from pdserve.worker.prefill_role import PrefillRole
 
     kv = worker.spec.kv
-    sender = kv_transfer.make_sender(kv.backend, _transfer_pool(worker.core))
+    runner = worker.core.runner
+    if runner.tp.is_parallel:  # each rank sends its own heads (worker/parallel/kv_direct.py)
+        from pdserve.worker.parallel.kv_direct import make_tp_sender
+
+        sender = make_tp_sender(kv.backend, runner)
+    else:
+        sender = kv_transfer.make_sender(kv.backend, runner.kv_pool)
     sender.faults = worker.faults
     return PrefillRole(worker.core, sender, worker.to_decodes, kv.timeout_s)
 
@@ -282,20 +300,14 @@ def _decode_role(worker: WorkerProcess) -> WorkerRole:
 
     kv = worker.spec.kv
     options = {"host": kv.host} if kv.host else {}
-    pool = _transfer_pool(worker.core)
-    receiver = kv_transfer.make_receiver(kv.backend, pool, kv.address, **options)
+    runner = worker.core.runner
+    if runner.tp.is_parallel:  # each rank lands its own heads (worker/parallel/kv_direct.py)
+        from pdserve.worker.parallel.kv_direct import make_tp_receiver
+
+        receiver = make_tp_receiver(kv.backend, runner, kv.address, **options)
+    else:
+        receiver = kv_transfer.make_receiver(kv.backend, runner.kv_pool, kv.address, **options)
     return DecodeRole(worker.core, receiver, worker.to_prefills, worker.spec.idx, kv.timeout_s)
-
-
-def _transfer_pool(core: WorkerCore) -> Any:
-    """What the KV transfer moves pages of: the pool, or under tensor parallelism rank 0's view
-    of the whole pool across its ranks (worker/parallel/kv_relay.py)."""
-    runner = core.runner
-    if not runner.tp.is_parallel:
-        return runner.kv_pool
-    from pdserve.worker.parallel.kv_relay import TPKVPoolView
-
-    return TPKVPoolView(runner.kv_pool, runner.tp, core.model_config.num_kv_heads)
 
 
 _ROLES: dict[str, Callable[[WorkerProcess], WorkerRole]] = {

@@ -49,6 +49,7 @@ def new_request(
         lora_name=msg.lora_name,
     )
     req.user_data = meta
+    req.mm = msg.mm  # images (vision-language models)
     if msg.return_hidden_states or msg.logprob_start_len >= 0:
         req.outputs = ExtraOutputs(
             return_hidden_states=msg.return_hidden_states,

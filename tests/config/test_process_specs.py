@@ -59,5 +59,7 @@ def test_unknown_keys_and_bad_values_are_named() -> None:
         WorkerSpec.from_dict({**d, "role": "router"})
     with pytest.raises(ValueError, match=r"engine: unknown key\(s\) \['gpu'\]"):
         WorkerSpec.from_dict({**d, "engine": {**d["engine"], "gpu": 1}})
-    with pytest.raises(ValueError, match="worker_inboxes"):
-        TokenizerSpec("t", 0, "/m", "ipc://t", "ipc://r", (), 0)
+    # no workers yet is valid: with router.membership they join later (PeerTable)
+    assert TokenizerSpec("t", 0, "/m", "ipc://t", "ipc://r", (), 0).worker_inboxes == ()
+    with pytest.raises(ValueError, match="idx=-1 is invalid"):
+        TokenizerSpec("t", -1, "/m", "ipc://t", "ipc://r", (), 0)

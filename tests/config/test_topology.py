@@ -119,9 +119,9 @@ BAD: list[tuple[dict[str, Any], str]] = [
         {
             "prefill": [{"gpus": [0, 1], "tp": 2}],
             "decode": [{}],
-            "kv_transfer": {"backend": "nccl"},
+            "kv_transfer": {"backend": "cuda_ipc"},
         },
-        "prefill[0].tp=2 is invalid with kv_transfer.backend='nccl'",
+        "prefill[0].tp=2 is invalid with kv_transfer.backend='cuda_ipc'",
     ),
     ({"mixed": [{"tp": 8}]}, "mixed[0].tp=8 is invalid: expected a divisor"),
     ({"prefill": [{"tp": 3}], "decode": [{}]}, "prefill[0].tp=3 is invalid: expected a divisor"),
@@ -482,6 +482,7 @@ def test_examples_exist() -> None:
 EXPECTED = {
     # file: (device, worker names, resolved kv_transfer.backend with 2 GPUs per node)
     "1p1d-cpu.yaml": ("cpu", ["prefill0", "decode0"], "tcp"),
+    "router-alone.yaml": ("cpu", [], "tcp"),  # workers join at runtime
     "1p1d-one-gpu.yaml": ("cuda", ["prefill0", "decode0"], "cuda_ipc"),
     "1p1d-two-gpus.yaml": ("cuda", ["prefill0", "decode0"], "nccl"),
     "mixed.yaml": ("cuda", ["mixed0", "mixed1"], "cuda_ipc"),

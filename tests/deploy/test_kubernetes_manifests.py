@@ -27,7 +27,7 @@ from pdserve.entrypoints.launch_cli import _read_api_key_file
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 K8S = DEPLOY / "k8s"
 OVERLAYS = ("overlays/cpu", "overlays/gpu")
-KUSTOMIZATIONS = (*OVERLAYS, "monitoring", "autoscaling")
+KUSTOMIZATIONS = (*OVERLAYS, "elastic", "monitoring", "autoscaling")
 K8S_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
 SECRET = "pdserve-secrets"
 
@@ -392,7 +392,7 @@ def test_the_decode_autoscaler_reads_the_queue_metric_the_router_exports() -> No
     (hpa,) = rendered("autoscaling")
     assert hpa["spec"]["scaleTargetRef"] == {
         "apiVersion": "apps/v1",
-        "kind": "StatefulSet",
+        "kind": "Deployment",  # deploy/k8s/elastic's decode workers, which join on their own
         "name": "pdserve-decode",
     }
     (metric,) = hpa["spec"]["metrics"]
@@ -404,7 +404,7 @@ def test_the_decode_autoscaler_reads_the_queue_metric_the_router_exports() -> No
     series = re.match(r"(\w+)\{", rule["seriesQuery"]).group(1)
     assert series in _exported_metrics()
     assert 'role="decode"' in rule["seriesQuery"] and 'role="decode"' in rule["metricsQuery"]
-    decode = by_kind_name(rendered("overlays/gpu"))["StatefulSet", "pdserve-decode"]
+    decode = by_kind_name(rendered("elastic"))["Deployment", "pdserve-decode"]
     assert hpa["spec"]["minReplicas"] <= decode["spec"]["replicas"] <= hpa["spec"]["maxReplicas"]
 
 

@@ -112,13 +112,13 @@ OTHER_REFUSALS = [
                     "role": "user",
                     "content": [
                         {"type": "text", "text": "what is this?"},
-                        {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
+                        {"type": "video_url", "video_url": {"url": "https://example.com/cat.mp4"}},
                     ],
                 }
             ]
         },
         "messages",
-        id="chat-image-part",
+        id="chat-video-part",
     ),  # fmt: skip
     pytest.param(
         CHAT,

@@ -1,6 +1,9 @@
 """Tensor parallelism on two GPUs with NCCL: an in-process tp 2 engine's greedy outputs equal tp 1's,
-and a tp 2 prefill worker feeds a tp 1 decode worker (KV over tcp, relayed through rank 0).
-Needs 2 CUDA GPUs; skipped otherwise (not yet run: no multi-GPU machine so far).
+a tp 2 prefill worker feeds a tp 1 decode worker and a tp 1 prefill worker a tp 2 decode worker
+(KV over tcp, rank to rank: each rank stages its own heads through its own host socket); and
+over nccl, rank to rank (a pair group per prefill rank and decode rank): prefill and decode may
+not share a GPU then, so those need 3 and 4 GPUs.
+Needs 2 CUDA GPUs (or more, as marked); skipped otherwise (not yet run: no multi-GPU machine so far).
 """
 
 from __future__ import annotations
@@ -38,7 +41,14 @@ def test_nccl_tp2_engine_greedy_equals_tp1(tiny_llama: Path) -> None:
         assert _outputs(engine) == want
 
 
-def test_nccl_prefill_tp2_to_decode_tp1_greedy_equals_tp1(tiny_llama: Path) -> None:
+@pytest.mark.parametrize(
+    ("prefill", "decode"),
+    [({"gpus": [0, 1], "tp": 2}, {"gpus": [0]}), ({"gpus": [0]}, {"gpus": [0, 1], "tp": 2})],
+    ids=["p-tp2-to-d-tp1", "p-tp1-to-d-tp2"],
+)
+def test_nccl_prefill_and_decode_tp_differ_greedy_equals_tp1(
+    tiny_llama: Path, prefill: dict, decode: dict
+) -> None:
     with Engine(str(tiny_llama), in_process=True, **OPTIONS) as engine:
         want = _outputs(engine)
     topology = Topology.for_model(
@@ -48,8 +58,42 @@ def test_nccl_prefill_tp2_to_decode_tp1_greedy_equals_tp1(tiny_llama: Path) -> N
         dtype="float32",
         port=_free_port(),
         kv_transfer="tcp",
-        prefill=[{"gpus": [0, 1], "tp": 2}],
-        decode=[{"gpus": [0]}],
+        prefill=[prefill],
+        decode=[decode],
+    )
+    with Cluster(topology, log_level="error", start_timeout_s=300).start() as cluster:
+        body = {"input_ids": PROMPTS, "sampling_params": GREEDY}
+        r = httpx.post(f"{cluster.url}/generate", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        assert [out["output_ids"] for out in r.json()] == want
+
+
+@pytest.mark.parametrize(
+    ("prefill", "decode"),
+    [
+        ({"gpus": [0, 1], "tp": 2}, {"gpus": [2]}),
+        ({"gpus": [0, 1], "tp": 2}, {"gpus": [2, 3], "tp": 2}),
+        ({"gpus": [0]}, {"gpus": [1, 2], "tp": 2}),
+    ],
+    ids=["p-tp2-to-d-tp1", "p-tp2-to-d-tp2", "p-tp1-to-d-tp2"],
+)
+def test_nccl_kv_rank_to_rank_between_tp_degrees_greedy_equals_tp1(
+    tiny_llama: Path, prefill: dict, decode: dict
+) -> None:
+    num_gpus = len(prefill["gpus"]) + len(decode["gpus"])
+    if torch.cuda.device_count() < num_gpus:
+        pytest.skip(f"needs {num_gpus} GPUs")
+    with Engine(str(tiny_llama), in_process=True, **OPTIONS) as engine:
+        want = _outputs(engine)
+    topology = Topology.for_model(
+        str(tiny_llama),
+        mode="pd",
+        device="cuda",
+        dtype="float32",
+        port=_free_port(),
+        kv_transfer="nccl",
+        prefill=[prefill],
+        decode=[decode],
     )
     with Cluster(topology, log_level="error", start_timeout_s=300).start() as cluster:
         body = {"input_ids": PROMPTS, "sampling_params": GREEDY}

@@ -10,6 +10,9 @@ from pdserve.config.engine_config import ModelConfig
 from pdserve.kernels.attention import get_attention_backend
 from pdserve.worker.models.llama import LlamaForCausalLM
 from pdserve.worker.models.llama_pooling import LlamaForPooling
+from pdserve.worker.models.llava_onevision import LlavaOnevisionForConditionalGeneration
+from pdserve.worker.models.pixtral import PixtralForConditionalGeneration
+from pdserve.worker.models.qwen2_vl import Qwen2VLForConditionalGeneration
 from pdserve.worker.parallel.tp_group import SINGLE, TPGroup
 
 Model = LlamaForCausalLM | LlamaForPooling
@@ -17,6 +20,11 @@ _FAMILIES = ("Llama", "Mistral", "Qwen2", "Qwen3")
 _ARCHITECTURES: dict[str, type[LlamaForCausalLM]] = {
     f"{family}ForCausalLM": LlamaForCausalLM for family in _FAMILIES
 }
+_ARCHITECTURES["Qwen2VLForConditionalGeneration"] = Qwen2VLForConditionalGeneration
+_ARCHITECTURES["Qwen2_5_VLForConditionalGeneration"] = Qwen2VLForConditionalGeneration
+for _llava in ("LlavaOnevisionForConditionalGeneration", "LlavaNextForConditionalGeneration"):
+    _ARCHITECTURES[_llava] = LlavaOnevisionForConditionalGeneration  # type: ignore[assignment]
+_ARCHITECTURES["LlavaForConditionalGeneration"] = PixtralForConditionalGeneration  # type: ignore[assignment]
 # Pooling models (ModelConfig.is_embedding): any head of the family, with or without a score head.
 _POOLING_ARCHITECTURES: dict[str, type[LlamaForPooling]] = {
     f"{family}{head}": LlamaForPooling

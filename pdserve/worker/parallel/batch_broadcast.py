@@ -8,8 +8,7 @@ pickled object: a follower only ever runs the forward pass the header names.
 | FORWARD | packed batch | the model, logits at each sequence's last token |
 | FORWARD_ROWS | packed batch | the model reading out every new token (+ logits unless pooling) |
 | LOGITS | [N, hidden] model dtype | the LM head on those rows (prompt logprobs) |
-| GATHER_KV | [n] page ids | its heads of those pages, all-gathered (KV sent: kv_relay.py) |
-| SCATTER_KV | [n] page ids, whole pages | its heads written into those pages (KV received) |
+| KV | [n] uint8: a msgpack op | its own part of the KV transfer (kv_direct.py: open, send, poll) |
 | YIELD | none | nothing: it returns to its caller (EngineFragment: a generate call ended) |
 | STOP | none | nothing: it exits |
 """
@@ -29,14 +28,14 @@ class Command(IntEnum):
     FORWARD = 1
     FORWARD_ROWS = 2
     LOGITS = 3
-    GATHER_KV = 4
-    SCATTER_KV = 5
+    # 4, 5: the relay of KV pages through rank 0 (GATHER_KV, SCATTER_KV), replaced by KV
     YIELD = 6
+    KV = 7
 
 
 class Header(NamedTuple):
     """What comes next. For a batch: its layout sizes (model_runner._layout); for LOGITS:
-    num_tokens is the number of hidden rows; for GATHER_KV / SCATTER_KV, of pages."""
+    num_tokens is the number of hidden rows; for KV, of payload bytes."""
 
     command: Command
     num_tokens: int = 0

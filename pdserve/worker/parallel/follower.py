@@ -1,6 +1,7 @@
 """A tensor-parallel follower: ranks 1.. of a worker. It holds its shards of the model and of the
-KV pool and runs whatever forward pass rank 0 announces (batch_broadcast.py); it never talks
-ZeroMQ, schedules or samples. Started by rank 0 (tp_launch.py) as
+KV pool and runs whatever forward pass rank 0 announces (batch_broadcast.py); it never schedules
+or samples, and talks ZeroMQ only on its own KV transfer socket, when rank 0 says (kv_direct.py).
+Started by rank 0 (tp_launch.py) as
 `python -m pdserve.worker.parallel.follower --rank R --parent-pid P`, its settings as msgpack on
 stdin; it exits on rank 0's STOP, and at once if rank 0's process is gone.
 """
@@ -20,7 +21,7 @@ from pdserve.config.process_specs import engine_config_from_dict
 from pdserve.entrypoints.parent_watch import exit_with_parent
 from pdserve.worker.model_runner import ModelRunner
 from pdserve.worker.parallel.batch_broadcast import Command, Header, receive_header, receive_tensor
-from pdserve.worker.parallel.kv_relay import follow_kv_command
+from pdserve.worker.parallel.kv_direct import FollowerKV
 from pdserve.worker.parallel.tp_group import init_tp_group
 
 logger = logging.getLogger(__name__)
@@ -28,21 +29,27 @@ logger = logging.getLogger(__name__)
 
 def follow(runner: ModelRunner) -> Command:
     """Run rank 0's commands until it says STOP or YIELD; returns which."""
-    while True:
-        header = receive_header(runner.tp, runner.device)
-        if header.command in (Command.STOP, Command.YIELD):
-            return header.command
-        with torch.inference_mode():
-            _run(runner, header)
+    kv: FollowerKV | None = None  # this rank's KV sender or receiver, once rank 0 opens one
+    try:
+        while True:
+            header = receive_header(runner.tp, runner.device)
+            if header.command in (Command.STOP, Command.YIELD):
+                return header.command
+            if header.command == Command.KV:
+                kv = kv or FollowerKV.of(runner)
+                kv.run(header)
+                continue
+            with torch.inference_mode():
+                _run(runner, header)
+    finally:
+        if kv is not None:
+            kv.close()
 
 
 def _run(runner: ModelRunner, header: Header) -> None:
     """The forward pass rank 0 runs for `header`; results stay on rank 0 (logits are gathered
     there and here alike, and dropped here)."""
     model, pool = runner.model, runner.kv_pool
-    if header.command in (Command.GATHER_KV, Command.SCATTER_KV):
-        follow_kv_command(runner.tp, pool, header, runner.model_config.num_kv_heads)
-        return
     if header.command == Command.LOGITS:
         shape = (header.num_tokens, runner.model_config.hidden_size)
         model.compute_logits(receive_tensor(runner.tp, shape, runner.dtype, runner.device))

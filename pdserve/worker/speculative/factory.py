@@ -1,0 +1,40 @@
+"""Builds a worker's speculative decoder from its config (None when speculation is off)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from pdserve.config.engine_config import EngineConfig
+from pdserve.scheduler.request import Request
+from pdserve.scheduler.scheduler import Scheduler
+from pdserve.worker.model_runner import ModelRunner
+from pdserve.worker.sampler import SamplingRow
+from pdserve.worker.speculative.spec_step import SpeculativeDecoder
+
+
+def make_speculative_decoder(
+    config: EngineConfig,
+    runner: ModelRunner,
+    scheduler: Scheduler,
+    sampling_row: Callable[[Request], SamplingRow],
+    max_context_len: int,
+) -> SpeculativeDecoder | None:
+    spec = config.speculative
+    if not spec.enabled:
+        return None
+    if runner.model_config.is_embedding:
+        raise ValueError(
+            f"speculative_algorithm={spec.speculative_algorithm!r} is invalid for an embedding "
+            "model: it decodes nothing"
+        )
+    if runner.model_config.vision is not None:
+        raise ValueError(
+            f"speculative_algorithm={spec.speculative_algorithm!r} is not supported with a "
+            "vision-language model yet (its M-RoPE positions are not laid out for verify passes)"
+        )
+    drafter = None
+    if spec.speculative_algorithm == "EAGLE":
+        from pdserve.worker.speculative.eagle_drafter import EagleDrafter
+
+        drafter = EagleDrafter.load(spec, runner)
+    return SpeculativeDecoder(spec, runner, scheduler, sampling_row, max_context_len, drafter)
