@@ -15,9 +15,7 @@ import os
 import socket
 from typing import Any
 
-from pdserve import env
-
-_DEFAULT_ROUTER = "tcp://127.0.0.1:8001"
+from pdserve.entrypoints.join_cli import add_join_flags, join_options
 
 
 def add_tokenizer_parser(sub: argparse._SubParsersAction) -> None:
@@ -27,23 +25,7 @@ def add_tokenizer_parser(sub: argparse._SubParsersAction) -> None:
         description="Load the tokenizer, register with the router, serve until SIGTERM, then "
         "drain: the router routes nothing new here and the requests it holds finish.",
     )
-    p.add_argument(
-        "--router",
-        default=_DEFAULT_ROUTER,
-        help="the router's internal inbox, tcp://HOST:PORT (its HTTP port + 1; default "
-        f"{_DEFAULT_ROUTER})",
-    )
-    p.add_argument("--model", "--model-path", dest="model", required=True)
-    p.add_argument(
-        "--name", default=None, help="unique in the cluster (default: tokenizer-host-pid)"
-    )
-    p.add_argument(
-        "--host",
-        default="127.0.0.1",
-        help="the address this tokenizer's inbox binds and the others reach it at (default "
-        "127.0.0.1: the router's machine only)",
-    )
-    p.add_argument("--port", type=int, default=0, help="the inbox's port (default: a free one)")
+    add_join_flags(p, "tokenizer", "tokenizer-host-pid")
     p.add_argument(
         "--max-context-len",
         type=int,
@@ -52,36 +34,14 @@ def add_tokenizer_parser(sub: argparse._SubParsersAction) -> None:
         "router's limit applies too)",
     )
     p.add_argument("--trust-remote-code", action="store_true")
-    p.add_argument("--heartbeat-interval-s", type=float, default=1.0)
-    p.add_argument(
-        "--drain-timeout-s",
-        type=float,
-        default=130.0,
-        help="on SIGTERM, stop after this long even if the router never lets go",
-    )
     p.set_defaults(handler=run_tokenizer)
 
 
 def run_tokenizer(args: argparse.Namespace) -> int:
-    from pdserve import curve_auth
-    from pdserve.membership import JoinOptions
     from pdserve.tokenizer_proc.joining import run_joined
 
-    if not args.router.startswith("tcp://"):
-        raise ValueError(f"--router {args.router!r} is invalid: expected tcp://HOST:PORT")
-    if env.cluster_secret() is None:
-        raise ValueError(
-            f"${env.CLUSTER_SECRET_VAR} is not set: a tokenizer joins over tcp, authenticated "
-            "with the cluster secret: export the router's"
-        )
-    curve_auth.set_cluster_secret(None)  # every socket takes it from the environment
-    spec = tokenizer_spec(args)
-    options = JoinOptions(
-        router_inbox=args.router,
-        advertise_host=args.host,
-        drain_timeout_s=args.drain_timeout_s,
-    )
-    return run_joined(spec, options)
+    options = join_options(args, "tokenizer")
+    return run_joined(tokenizer_spec(args), options)
 
 
 def tokenizer_spec(args: argparse.Namespace) -> Any:

@@ -17,9 +17,7 @@ import os
 import socket
 from typing import Any
 
-from pdserve import env
-
-_DEFAULT_ROUTER = "tcp://127.0.0.1:8001"
+from pdserve.entrypoints.join_cli import add_join_flags, join_options
 
 
 def add_worker_parser(sub: argparse._SubParsersAction) -> None:
@@ -32,21 +30,7 @@ def add_worker_parser(sub: argparse._SubParsersAction) -> None:
         "drain: the router routes nothing new here and the running requests finish.",
     )
     p.add_argument("--role", choices=["prefill", "decode", "mixed"], required=True)
-    p.add_argument(
-        "--router",
-        default=_DEFAULT_ROUTER,
-        help="the router's internal inbox, tcp://HOST:PORT (its HTTP port + 1; default "
-        f"{_DEFAULT_ROUTER})",
-    )
-    p.add_argument("--model", "--model-path", dest="model", required=True)
-    p.add_argument("--name", default=None, help="unique in the cluster (default: role-host-pid)")
-    p.add_argument(
-        "--host",
-        default="127.0.0.1",
-        help="the address this worker's sockets bind and the others reach it at (default "
-        "127.0.0.1: the router's machine only)",
-    )
-    p.add_argument("--port", type=int, default=0, help="the inbox's port (default: a free one)")
+    add_join_flags(p, "worker", "role-host-pid")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
     p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default=None)
     p.add_argument(
@@ -56,13 +40,6 @@ def add_worker_parser(sub: argparse._SubParsersAction) -> None:
         help="KV pages between joined workers move over tcp (the only backend for them yet)",
     )
     p.add_argument("--kv-timeout-s", type=float, default=None, help="one KV transfer's limit")
-    p.add_argument("--heartbeat-interval-s", type=float, default=1.0)
-    p.add_argument(
-        "--drain-timeout-s",
-        type=float,
-        default=130.0,
-        help="on SIGTERM, stop after this long even if the router never lets go",
-    )
     p.add_argument(  # tests only: the topology's fault_injection section, as JSON
         "--fault-injection", default=None, help=argparse.SUPPRESS
     )
@@ -72,24 +49,10 @@ def add_worker_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    from pdserve import curve_auth
-    from pdserve.worker.joining import JoinOptions, run_joined
+    from pdserve.worker.joining import run_joined
 
-    if not args.router.startswith("tcp://"):
-        raise ValueError(f"--router {args.router!r} is invalid: expected tcp://HOST:PORT")
-    if env.cluster_secret() is None:
-        raise ValueError(
-            f"${env.CLUSTER_SECRET_VAR} is not set: a worker joins over tcp, authenticated "
-            "with the cluster secret: export the router's"
-        )
-    curve_auth.set_cluster_secret(None)  # every socket takes it from the environment
-    spec = worker_spec(args)
-    options = JoinOptions(
-        router_inbox=args.router,
-        advertise_host=args.host,
-        drain_timeout_s=args.drain_timeout_s,
-    )
-    return run_joined(spec, options)
+    options = join_options(args, "worker")
+    return run_joined(worker_spec(args), options)
 
 
 def worker_spec(args: argparse.Namespace) -> Any:

@@ -149,7 +149,10 @@ class VisionTower(nn.Module):
 
 
 class Projector(nn.Module):
-    def __init__(self, v: LlavaVisionConfig, dtype: torch.dtype) -> None:
+    """The two-layer projector from tower features to the decoder's hidden size (LLaVA, Pixtral);
+    `v`: a LlavaVisionConfig or PixtralVisionConfig."""
+
+    def __init__(self, v: Any, dtype: torch.dtype) -> None:
         super().__init__()
         d = v.text_hidden_size
         self.linear_1 = nn.Linear(v.hidden_size, d, bias=v.projector_bias, dtype=dtype)
@@ -173,6 +176,36 @@ class ImageRowsModel(nn.Module):
     def encode(self, mm: Any) -> list[Tensor]:
         """Each image's features [its placeholder tokens, hidden]; `mm`: MultimodalInputs."""
         raise NotImplementedError
+
+    def _build_llava(
+        self,
+        config: ModelConfig,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        attention: AttentionBackend,
+        tp: TPGroup,
+        vision_type: type,
+        make_tower: Any,
+    ) -> None:
+        """The parts every LLaVA-style model has: the decoder, `make_tower(v, dtype)` and the
+        projector (allocated, filled by the weight loader), the encoder cache."""
+        if not isinstance(config.vision, vision_type) or tp.is_parallel:
+            raise ValueError(
+                f"{config.architecture}: expected a {vision_type.__name__} and tp_size=1 (vision "
+                "models under tensor parallelism are not supported yet)"
+            )
+        self.config = config
+        self.tp = tp
+        self.attention = attention
+        self.vision = v = config.vision
+        self.language_model = LlamaForCausalLM(config, dtype, device, attention, tp)
+        with torch.device("meta"):
+            self.vision_tower = make_tower(v, dtype)
+            self.multi_modal_projector = Projector(v, dtype)
+        self.vision_tower.to_empty(device=device)
+        self.multi_modal_projector.to_empty(device=device)
+        self.encoder_cache = EncoderCache()
+        self.device = torch.device(device)
 
     def _image_embeds(self, req: Request) -> Tensor:
         """[num_image_tokens, hidden] of req's images, from the encoder cache or `encode`."""
@@ -243,26 +276,10 @@ class LlavaOnevisionForConditionalGeneration(ImageRowsModel):
         tp: TPGroup = SINGLE,
     ) -> None:
         super().__init__()
-        if not isinstance(config.vision, LlavaVisionConfig) or tp.is_parallel:
-            raise ValueError(
-                f"{config.architecture}: expected a LLaVA vision_config and tp_size=1 (vision "
-                "models under tensor parallelism are not supported yet)"
-            )
-        self.config = config
-        self.tp = tp
-        self.attention = attention
-        self.vision = v = config.vision
-        self.language_model = LlamaForCausalLM(config, dtype, device, attention, tp)
-        with torch.device("meta"):
-            self.vision_tower = VisionTower(v, dtype)
-            self.multi_modal_projector = Projector(v, dtype)
-        self.vision_tower.to_empty(device=device)
-        self.multi_modal_projector.to_empty(device=device)
-        newline = torch.empty(v.text_hidden_size, dtype=dtype, device=device)
+        self._build_llava(config, dtype, device, attention, tp, LlavaVisionConfig, VisionTower)
+        newline = torch.empty(self.vision.text_hidden_size, dtype=dtype, device=device)
         self.image_newline = nn.Parameter(newline)  # [hidden]: closes each row of tiles
         self.requires_grad_(False)
-        self.encoder_cache = EncoderCache()
-        self.device = torch.device(device)
 
     # ------------------------------------------------------------------ images
 

@@ -16,8 +16,7 @@ from torch import nn
 from pdserve.config.engine_config import ModelConfig
 from pdserve.config.vision_config import PixtralVisionConfig
 from pdserve.kernels.attention import AttentionBackend
-from pdserve.multimodal.encoder_cache import EncoderCache
-from pdserve.worker.models.llama import LlamaForCausalLM, RMSNorm
+from pdserve.worker.models.llama import RMSNorm
 from pdserve.worker.models.llava_onevision import ImageRowsModel
 from pdserve.worker.models.qwen2_vl import _ACTIVATIONS, _DTYPES, _rotate_half
 from pdserve.worker.parallel.tp_group import SINGLE, TPGroup
@@ -116,18 +115,6 @@ class PixtralVisionModel(nn.Module):
         return emb.cos(), emb.sin()
 
 
-class Projector(nn.Module):
-    def __init__(self, v: PixtralVisionConfig, dtype: torch.dtype) -> None:
-        super().__init__()
-        d = v.text_hidden_size
-        self.linear_1 = nn.Linear(v.hidden_size, d, bias=v.projector_bias, dtype=dtype)
-        self.linear_2 = nn.Linear(d, d, bias=v.projector_bias, dtype=dtype)
-        self.act = _ACTIVATIONS[v.projector_act]
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.linear_2(self.act(self.linear_1(x)))
-
-
 class PixtralForConditionalGeneration(ImageRowsModel):
     """`LlavaForConditionalGeneration` with a Pixtral tower."""
 
@@ -140,24 +127,10 @@ class PixtralForConditionalGeneration(ImageRowsModel):
         tp: TPGroup = SINGLE,
     ) -> None:
         super().__init__()
-        if not isinstance(config.vision, PixtralVisionConfig) or tp.is_parallel:
-            raise ValueError(
-                f"{config.architecture}: expected a Pixtral vision_config and tp_size=1 (vision "
-                "models under tensor parallelism are not supported yet)"
-            )
-        self.config = config
-        self.tp = tp
-        self.attention = attention
-        self.vision = v = config.vision
-        self.language_model = LlamaForCausalLM(config, dtype, device, attention, tp)
-        with torch.device("meta"):
-            self.vision_tower = PixtralVisionModel(v, dtype)
-            self.multi_modal_projector = Projector(v, dtype)
-        self.vision_tower.to_empty(device=device)
-        self.multi_modal_projector.to_empty(device=device)
+        self._build_llava(
+            config, dtype, device, attention, tp, PixtralVisionConfig, PixtralVisionModel
+        )
         self.requires_grad_(False)
-        self.encoder_cache = EncoderCache()
-        self.device = torch.device(device)
 
     def encode(self, mm: Any) -> list[Tensor]:
         pixels = torch.frombuffer(bytearray(mm.pixel_values), dtype=_DTYPES[mm.pixel_dtype])
