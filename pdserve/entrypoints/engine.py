@@ -100,9 +100,43 @@ class InProcessEngine:
             self.config, decode=self._decode if self.tokenizer else None, tp=tp_group
         )
         self._closed = False
+        self._image_processor: Any = None  # a vision-language model's, made on first use
 
     def _decode(self, ids: Any) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _images_per_prompt(
+        self, image_data: Any, prompts_ids: list[list[int]], is_batch: bool
+    ) -> list[tuple[list[int], Any]]:
+        """Each prompt's ids with its image placeholders expanded, and its MultimodalInputs
+        (None without images), as the tokenizer process makes them. ValueError naming a bad
+        image, a limit or a placeholder count that does not fit."""
+        if image_data is None:
+            return [(ids, None) for ids in prompts_ids]
+        if self._image_processor is None:
+            from pdserve.multimodal.processor import ImageProcessor
+
+            if self.tokenizer is not None:
+                self._image_processor = ImageProcessor.for_model(
+                    self.config.model_path, self.tokenizer
+                )
+            if self._image_processor is None:
+                raise ValueError("image_data: this model takes text only (it has no vision tower)")
+        per_prompt = image_data if is_batch else [image_data]
+        if not isinstance(per_prompt, list) or len(per_prompt) != len(prompts_ids):
+            raise ValueError(
+                f"image_data is invalid: expected one entry per prompt ({len(prompts_ids)})"
+            )
+        out = []
+        for ids, sources in zip(prompts_ids, per_prompt):
+            if sources is None or sources == []:
+                out.append((ids, None))
+                continue
+            processor = self._image_processor
+            images = processor.preprocess(sources if isinstance(sources, list) else [sources])
+            ids = processor.expand_ids(ids, images)
+            out.append((ids, processor.inputs(ids, images)))
+        return out
 
     # ------------------------------------------------------------------ public API
 
@@ -116,21 +150,27 @@ class InProcessEngine:
         stream: bool = False,
         return_hidden_states: bool = False,
         lora_path: str | list[str | None] | None = None,
+        image_data: Any = None,
     ) -> dict[str, Any] | list[dict[str, Any]] | Iterator[dict[str, Any]]:
         """SGLang's Engine.generate: one prompt gives a dict, a list gives a list of dicts.
         stream=True (one prompt) gives an iterator of dicts whose text is cumulative.
         return_hidden_states: `meta_info.hidden_states`, the prompt's final-layer rows first.
         lora_path: a loaded adapter's name for every prompt, or a list aligned with them (None:
-        the base model)."""
+        the base model). image_data (a vision-language model): an image (data URL, path, URL
+        or base64) or a list of them for one prompt; for a list of prompts, one such entry per
+        prompt. Each image needs its placeholder in the prompt, as the chat template writes."""
         self._check_open()
         self.options.check_inputs(prompt, sampling_params)
         is_batch, prompts_ids, params = self._normalize(prompt, input_ids, sampling_params)
         if stream and is_batch:
             raise ValueError("stream=True takes one prompt, not a list")
         loras = lora_names_for(lora_path, len(prompts_ids))
+        images = self._images_per_prompt(image_data, prompts_ids, is_batch)
         tracked = [
-            self._new_request(ids, p, return_logprob, top_logprobs_num, return_hidden_states, lora)
-            for ids, p, lora in zip(prompts_ids, params, loras)
+            self._new_request(
+                ids, p, return_logprob, top_logprobs_num, return_hidden_states, lora, mm
+            )
+            for (ids, mm), p, lora in zip(images, params, loras)
         ]
         if stream:
             return self._stream(tracked[0])
@@ -266,6 +306,7 @@ class InProcessEngine:
         top_logprobs_num: int,
         return_hidden_states: bool = False,
         lora_name: str | None = None,
+        mm: Any = None,
     ) -> _Tracked:
         req = Request(
             rid=uuid.uuid4().hex,
@@ -275,6 +316,7 @@ class InProcessEngine:
             top_logprobs_num=top_logprobs_num,
             lora_name=lora_name,
         )
+        req.mm = mm
         if return_hidden_states:
             req.outputs = ExtraOutputs(return_hidden_states=True)
         self.core.add(req)
