@@ -219,6 +219,11 @@ def split_vlm_config(
                 f"vision_config.model_type={(hf.get('vision_config') or {}).get('model_type')!r}"
             )
         return _pixtral_config(hf)
+    return _qwen_vl_config(hf, archs)
+
+
+def _qwen_vl_config(hf: dict[str, Any], archs: list[str]) -> tuple[dict[str, Any], VisionConfig]:
+    """Qwen2-VL / Qwen2.5-VL: the decoder's config with M-RoPE checked, and the tower's."""
     text = {**hf, **hf.get("text_config", {})}
     text["architectures"] = archs
     rope = text.get("rope_scaling") or text.get("rope_parameters") or {}

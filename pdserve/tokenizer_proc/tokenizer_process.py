@@ -380,22 +380,29 @@ class TokenizerCore:
 # ---------------------------------------------------------------------- the process
 
 
-async def serve(spec: TokenizerSpec, member: JoinedTokenizer | None = None) -> None:
-    """Run the tokenizer process until Shutdown. `member`: a tokenizer that joins a running
-    router (`pdserve tokenizer --router`, tokenizer_proc/joining.py)."""
-    name = spec.name
+def _load_core(spec: TokenizerSpec) -> TokenizerCore:
+    """The tokenizer, its context limit and (a vision-language model) its image processor."""
     tokenizer = load_tokenizer(spec.model_path, spec.trust_remote_code)
     max_context_len = spec.max_context_len or model_context_len(spec.model_path, tokenizer)
     core = TokenizerCore(tokenizer, spec.idx, max_context_len, len(spec.worker_inboxes))
     core.images = ImageProcessor.for_model(spec.model_path, tokenizer)
     if core.images is not None:
-        core.image_pool = ThreadPoolExecutor(_IMAGE_THREADS, thread_name_prefix=f"{name}-images")
+        prefix = f"{spec.name}-images"
+        core.image_pool = ThreadPoolExecutor(_IMAGE_THREADS, thread_name_prefix=prefix)
+    return core
 
+
+async def serve(spec: TokenizerSpec, member: JoinedTokenizer | None = None) -> None:
+    """Run the tokenizer process until Shutdown. `member`: a tokenizer that joins a running
+    router (`pdserve tokenizer --router`, tokenizer_proc/joining.py)."""
+    name = spec.name
+    core = _load_core(spec)
+    max_context_len = core.max_context_len
     ctx = zmq.asyncio.Context()
     from_peers = AsyncInbox(spec.inbox, ctx)
     to_router = AsyncOutbox(spec.router_inbox, ctx)
     to_workers = [AsyncOutbox(address, ctx) for address in spec.worker_inboxes]
-    sockets: list[AsyncInbox | AsyncOutbox] = [from_peers, to_router, *to_workers]
+    sockets: list[AsyncInbox | AsyncOutbox] = [from_peers, to_router]  # and to_workers
     if spec.launcher_inbox:
         to_launcher = AsyncOutbox(spec.launcher_inbox, ctx)
         sockets.append(to_launcher)
@@ -438,7 +445,7 @@ async def serve(spec: TokenizerSpec, member: JoinedTokenizer | None = None) -> N
         encoder.shutdown(wait=False, cancel_futures=True)
         if core.image_pool is not None:
             core.image_pool.shutdown(wait=False, cancel_futures=True)
-        for sock in [*sockets, *to_workers]:  # with workers that joined since
+        for sock in [*sockets, *to_workers]:  # to_workers: with those that joined since
             sock.close()
         ctx.term()
         logger.info("%s stopped", name)
