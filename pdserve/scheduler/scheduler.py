@@ -69,6 +69,8 @@ class ScheduledBatch:
 
 # Token ids are below 2**32; an adapter's namespace shifts them above, so keys never collide.
 _LORA_KEY_SHIFT = 32
+# A pool of N pages evicts at least N // 128 pages when it must (a pool under 128: what it needs).
+_EVICTION_BATCH_DIVISOR = 128
 
 
 def _cache_key(req: Request, token_ids: list[int]) -> list[int]:
@@ -343,7 +345,10 @@ class Scheduler:
         if num <= 0:
             return []
         if self.allocator.num_free < num:
-            self.cache.evict(num - self.allocator.num_free)
+            # One eviction walks the whole prefix tree: free a batch of pages at once, so that a
+            # full cache under decode load evicts every few dozen steps, not for every new page.
+            batch = self.allocator.num_total // _EVICTION_BATCH_DIVISOR
+            self.cache.evict(max(num - self.allocator.num_free, batch))
         return self.allocator.alloc(num)
 
     def _ensure_pages(self, req: Request, num_tokens: int, preempt: bool) -> bool:

@@ -39,6 +39,7 @@ from pdserve.scheduler.scheduler import BatchItem, ScheduledBatch, Scheduler
 from pdserve.worker.device_copy import to_device
 from pdserve.worker.extra_outputs import ExtraOutputs
 from pdserve.worker.grammar import bind_grammar
+from pdserve.worker.grammar_mask import apply_bitmask, fill_bitmask
 from pdserve.worker.model_runner import ForwardOutput, ModelRunner, PendingTokens
 from pdserve.worker.parallel.tp_group import SINGLE, TPGroup
 from pdserve.worker.pooler import PoolState
@@ -249,6 +250,10 @@ class WorkerCore:
         if all(_is_plain_greedy(item.req) for item in items):
             # The common benchmark and eval case: one argmax, no SamplingRow built.
             return items, DeviceSample(logits.argmax(dim=-1), None, None, [])
+        if all(_is_plain_greedy(item.req, ignore_grammar=True) for item in items):
+            masked = _greedy_under_grammars(logits, items)
+            if masked is not None:  # else some grammar failed to compile: ended below
+                return items, DeviceSample(masked.argmax(dim=-1), None, None, [])
         rows = [self._sampling_row(item.req, item.req.num_inflight) for item in items]
         device = logits.device
         # check_request ran row_problem on each request's parameters when it was admitted.
@@ -503,11 +508,23 @@ class WorkerCore:
         )
 
 
-def _is_plain_greedy(req: Request) -> bool:
+def _is_plain_greedy(req: Request, ignore_grammar: bool = False) -> bool:
     num_output = len(req.output_ids) + req.num_inflight
+    grammar = None if ignore_grammar else req.grammar
     return is_plain_greedy_request(
-        req.sampling, num_output, req.return_logprob, req.top_logprobs_num, req.grammar
+        req.sampling, num_output, req.return_logprob, req.top_logprobs_num, grammar
     )
+
+
+def _greedy_under_grammars(logits: torch.Tensor, items: list[BatchItem]) -> torch.Tensor | None:
+    """Greedy rows, some constrained: `logits` [R, V] with each grammar's disallowed tokens at
+    -inf (no SamplingBatch built); None when a grammar's compile failed (the general path ends
+    that request alone)."""
+    grammars = [item.req.grammar for item in items]
+    if any(g is not None and g.problem() is not None for g in grammars):
+        return None
+    bitmask = fill_bitmask(grammars, logits.shape[-1])  # [R, W] int32, host
+    return apply_bitmask(logits, to_device(bitmask, logits.device))
 
 
 def _needs_host_tokens(req: Request) -> bool:
