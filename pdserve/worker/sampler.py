@@ -35,10 +35,9 @@ import torch
 
 from pdserve.config.sampling_params import SamplingParams
 from pdserve.worker.grammar_mask import allows_other_than, apply_bitmask, fill_bitmask
+from pdserve.worker.sampling_noise import MASK32, MASK64, seeded_exponential, splitmix64
 
 MAX_TOP_LOGPROBS = 20
-_MASK32 = 0xFFFFFFFF
-_MASK64 = 0xFFFFFFFFFFFFFFFF
 
 
 @dataclass(frozen=True, eq=False)
@@ -362,13 +361,6 @@ def _frequency_presence_fields(
     }
 
 
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
 def _seed_fields(
     rows: Sequence[SamplingRow], device: torch.device | str
 ) -> dict[str, torch.Tensor]:
@@ -377,8 +369,8 @@ def _seed_fields(
     ]
     keys = []
     for i in seeded:
-        key = _splitmix64(_splitmix64(rows[i].params.seed & _MASK64) ^ len(rows[i].output_ids))
-        keys.append([key & _MASK32, key >> 32])
+        key = splitmix64(splitmix64(rows[i].params.seed & MASK64) ^ len(rows[i].output_ids))
+        keys.append([key & MASK32, key >> 32])
     return {
         "seeded_rows": torch.tensor(seeded, dtype=torch.int64).to(device),
         "seed_keys": torch.tensor(keys, dtype=torch.int64).view(-1, 2).to(device),
@@ -408,30 +400,6 @@ def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     return logits
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x * c) mod 2**32 for int64 x in [0, 2**32), split so no product overflows int64."""
-    low = x * (c & 0xFFFF)
-    high = (x * (c >> 16)) & 0xFFFF
-    return (low + (high << 16)) & _MASK32
-
-
-def _hash32(x: torch.Tensor) -> torch.Tensor:
-    """lowbias32 (Chris Wellons) on int64 tensors holding 32-bit values."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
-
-
-def _seeded_exponential(seed_keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Exp(1) noise [S, V] float32, a pure function of each row's keys and the token id."""
-    token_ids = torch.arange(vocab_size, dtype=torch.int64, device=seed_keys.device)  # [V]
-    bits = _hash32(_hash32(token_ids ^ seed_keys[:, :1]) ^ seed_keys[:, 1:])  # [S, V]
-    uniform = ((bits >> 9).to(torch.float32) + 0.5) * 2.0**-23  # (0, 1), exact in float32
-    return -torch.log(uniform)
-
-
 def _truncation_mask(probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """[B, V] bool: tokens that survive top-k, top-p (on the top-k renormalized probs) and
     min-p. The most likely token always survives."""
@@ -457,13 +425,29 @@ def _sample_from(
     probs = probs * _truncation_mask(probs, batch)
     num_seeded = batch.seeded_rows.numel()
     if num_seeded == batch.batch_size:
-        noise = _seeded_exponential(batch.seed_keys, batch.vocab_size)
+        noise = seeded_exponential(batch.seed_keys, batch.vocab_size)
     else:
         noise = torch.empty_like(probs).exponential_(generator=generator)  # [B, V]
         noise.clamp_min_(torch.finfo(noise.dtype).tiny)  # a 0 would make 0 / 0 = NaN win argmax
         if num_seeded:
-            noise[batch.seeded_rows] = _seeded_exponential(batch.seed_keys, batch.vocab_size)
+            noise[batch.seeded_rows] = seeded_exponential(batch.seed_keys, batch.vocab_size)
     return (probs / noise).argmax(dim=-1)
+
+
+def _race_on_gpu(
+    logits: torch.Tensor, batch: SamplingBatch, generator: torch.Generator | None
+) -> torch.Tensor:
+    """`_sample_from` (and argmax for the greedy rows) as one Triton kernel, for batches without
+    top-k / top-p: seeded rows use their keys, the others keys drawn from `generator`."""
+    from pdserve.kernels.triton_sampling import race_sample
+
+    keys = torch.randint(
+        0, 1 << 32, (batch.batch_size, 2), dtype=torch.int64, device=logits.device,
+        generator=generator,
+    )  # fmt: skip
+    if batch.seeded_rows.numel():
+        keys[batch.seeded_rows] = batch.seed_keys
+    return race_sample(logits, batch.temperatures, batch.min_ps, batch.is_greedy, keys)
 
 
 def _logprob_tensors(
@@ -554,10 +538,13 @@ def sample_on_device(
     allowed = logits  # the grammar's tokens only (step 5); logprobs come from `logits`
     if batch.grammar_bitmask is not None:
         allowed = apply_bitmask(logits, batch.grammar_bitmask)
-    token_ids = allowed.argmax(dim=-1)  # [B] int64
-    if not batch.is_all_greedy:
+    if batch.is_all_greedy:
+        token_ids = allowed.argmax(dim=-1)  # [B] int64
+    elif allowed.is_cuda and not batch.needs_sort:  # one Triton kernel: kernels/triton_sampling.py
+        token_ids = _race_on_gpu(allowed, batch, generator)
+    else:
         sampled = _sample_from(allowed, batch, generator)
-        token_ids = torch.where(batch.is_greedy, token_ids, sampled)
+        token_ids = torch.where(batch.is_greedy, allowed.argmax(dim=-1), sampled)
     if not batch.return_logprob:
         return DeviceSample(token_ids, None, None, batch.top_logprobs_nums)
     values, top_ids = _logprob_tensors(logits, token_ids, batch)
