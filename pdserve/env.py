@@ -80,3 +80,16 @@ def cluster_secret(environ: Mapping[str, str] = os.environ) -> str | None:
     the CURVE authentication of the internal tcp:// sockets (`security.cluster_secret` in the
     topology wins). The launcher passes it on to its children in their environment."""
     return environ.get(CLUSTER_SECRET_VAR) or None
+
+
+# ---------------------------------------------------------------- testing aids
+
+TP_ONE_GPU_VAR = "PDSERVE_TP_ONE_GPU"
+
+
+def tp_one_gpu(environ: Mapping[str, str] = os.environ) -> bool:
+    """`PDSERVE_TP_ONE_GPU=1`, a testing aid: every rank of a tensor-parallel worker on CUDA runs
+    on the worker's first visible GPU and the ranks join over gloo instead of NCCL (which refuses
+    two ranks on one GPU), so tensor-parallel paths run on a one-GPU machine. Slow; never for
+    serving. Set it in the environment the workers start from (the launcher passes it on)."""
+    return environ.get(TP_ONE_GPU_VAR, "") not in ("", "0")

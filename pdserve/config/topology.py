@@ -466,13 +466,6 @@ class Topology:
                     f"num_attention_heads={num_heads} that divides or is a multiple of "
                     f"num_key_value_heads={num_kv_heads}"
                 )
-            backend = self.kv_transfer.backend
-            if path.startswith(("prefill", "decode")) and backend not in ("auto", "tcp", "nccl"):
-                raise ValueError(
-                    f"{path}.tp={w.tp} is invalid with kv_transfer.backend={backend!r}: KV of "
-                    "tensor-parallel prefill and decode workers moves rank to rank over 'tcp' "
-                    "or 'nccl' only so far (expected kv_transfer.backend 'tcp', 'nccl' or 'auto')"
-                )
 
     def _check_kv_backend(self) -> None:
         backend = self.kv_transfer.backend

@@ -4,6 +4,11 @@ Same node only. The handshake is the pool storage's eight `_share_cuda_()` field
 bool: msgpack, no pickle) plus the tensor's geometry; the sender opens it once and keeps it open for
 its lifetime. The decode process must keep its pool alive while any prefill process is up. Works
 when both processes share one GPU, or when the decode GPU is also visible to the prefill process.
+
+Tensor-parallel workers (worker/parallel/kv_direct.py drives the ranks): every decode rank shares
+its own pool, and each prefill rank opens those of the decode ranks it feeds and copies its run
+of heads of each page into theirs (head_copy.py); ranks of equal degrees copy whole pages with
+the one kernel tp 1 uses.
 """
 
 from __future__ import annotations
@@ -29,6 +34,13 @@ from pdserve.kv_transfer.base import (
     layout_of,
     scatter_pages,
 )
+from pdserve.kv_transfer.head_copy import (
+    check_rank_pool,
+    copy_heads,
+    is_whole_pages,
+    plan_head_copies,
+)
+from pdserve.kv_transfer.head_map import HeadRoute, rank_handshakes, routes_from
 
 logger = logging.getLogger(__name__)
 
@@ -84,21 +96,22 @@ class CudaIpcReceiver(KVReceiver):
     frees_on_cancel = False
 
     def __init__(self, pool: torch.Tensor | HasKVBuffer) -> None:
-        super().__init__(pool)
-        if not self.buffer.is_cuda:
-            raise ValueError(f"cuda_ipc needs a CUDA KV pool, got device {self.buffer.device}")
+        super().__init__(pool)  # self.local: this rank's pool (the whole one at tp 1)
+        if not self.local.is_cuda:
+            raise ValueError(f"cuda_ipc needs a CUDA KV pool, got device {self.local.device}")
         self._handshake: dict[str, Any] | None = None
 
     def handshake(self) -> dict[str, Any]:
+        """This rank's pool (its heads) to open; the layout is the whole pool's, every head."""
         if self._handshake is None:  # share once: each call registers new IPC ref counters
-            fields = self.buffer.untyped_storage()._share_cuda_()
-            index = self.buffer.device.index
+            fields = self.local.untyped_storage()._share_cuda_()
+            index = self.local.device.index
             self._handshake = {
                 "backend": "cuda_ipc",
                 "ipc_fields": [_plain(f) for f in fields],
-                "shape": list(self.buffer.shape),
-                "stride": list(self.buffer.stride()),
-                "storage_offset": self.buffer.storage_offset(),
+                "shape": list(self.local.shape),
+                "stride": list(self.local.stride()),
+                "storage_offset": self.local.storage_offset(),
                 "device_uuid": device_uuid(index),
                 "pid": os.getpid(),
                 **layout_of(self.buffer),
@@ -163,60 +176,102 @@ class CudaIpcSender(KVSender):
     handshake, kept open). On one GPU a batch of transfers costs one host-to-device copy of the
     page ids, one copy kernel per decode pool (all layers, K and V) and one wait at the end, all
     on the current stream: it follows the prefill that wrote the pages, and whatever reuses the
-    source pages later follows it."""
+    source pages later follows it.
+
+    Tensor parallelism: each rank has its own sender over its share of the pool
+    (head_map.RankKVShare). A decode worker's handshake lists each rank's pool (`ranks`); this
+    rank opens those of the decode ranks it feeds (head_map.routes_from). A route of whole pages
+    (equal degrees: rank r feeds rank r its every head) takes the one-kernel path above; other
+    routes copy their run of heads into the destination rank's head slice (head_copy.py), and a
+    batch waits once for them all."""
 
     backend_name = "cuda_ipc"
+    needs_cuda_pool = True  # False only in CPU tests, where CPU tensors stand in for the pools
 
     def __init__(
         self, pool: torch.Tensor | HasKVBuffer, peers_info: list[dict[str, Any] | None] | tuple = ()
     ) -> None:
         super().__init__(pool, peers_info)
-        if not self.buffer.is_cuda:
-            raise ValueError(f"cuda_ipc needs a CUDA KV pool, got device {self.buffer.device}")
-        self.device = self.buffer.device
+        self.local: torch.Tensor = getattr(pool, "local", self.buffer)  # this rank's heads
+        self.tp_rank: int = getattr(pool, "tp_rank", 0)
+        self.tp_size: int = getattr(pool, "tp_size", 1)
+        if not self.local.is_cuda and self.needs_cuda_pool:
+            raise ValueError(f"cuda_ipc needs a CUDA KV pool, got device {self.local.device}")
+        self.device = self.local.device
+        self.local_page_nbytes = self.local[:, :, 0].numel() * self.local.element_size()
         self._pools: dict[int, torch.Tensor] = {}  # decode idx -> its opened pool, kept open
         self._copies: dict[int, Any] = {}  # decode idx -> PoolCopy into its pool (same GPU)
-        self._ids = _PageIdUpload(self.device)
-        self._done = torch.cuda.Event()  # recorded after a batch's kernels; waited on once
-        self._stream = torch.cuda.Stream(device=self.device)  # decode pool on another GPU only
+        # decode idx -> (a decode rank's opened pool, the heads this rank copies into it), for
+        # decode workers fed by head-sliced copies (tensor-parallel degrees that differ)
+        self._routes: dict[int, list[tuple[torch.Tensor, HeadRoute]]] = {}
         self._stream_raw: int | None = None  # the current stream's handle, and its object:
         self._stream_obj: torch.cuda.Stream | None = None
+        if self.local.is_cuda:
+            self._ids = _PageIdUpload(self.device)
+            self._done = torch.cuda.Event()  # recorded after a batch's kernels; waited on once
+            self._stream = torch.cuda.Stream(device=self.device)  # a pool on another GPU only
 
     def _open(self, decode_idx: int, handshake: dict[str, Any]) -> None:
+        ranks = rank_handshakes(handshake)
+        num_kv_heads = self.buffer.shape[4]  # the whole pool's, as the handshake's layout
+        routes = routes_from(self.tp_rank, self.tp_size, len(ranks), num_kv_heads)
+        pools = {r.decode_rank: self._open_rank(ranks[r.decode_rank]) for r in routes}
+        for r in routes:
+            check_rank_pool(
+                self.local, pools[r.decode_rank], r.decode_rank, len(ranks), num_kv_heads
+            )
+        for opened in (self._pools, self._copies, self._routes):
+            opened.pop(decode_idx, None)
+        first = pools[routes[0].decode_rank] if routes else None
+        # whole pages into a CUDA pool: the page copy path (CPU stand-ins in tests: head copies)
+        if (
+            len(routes) == 1
+            and first.is_cuda
+            and is_whole_pages(routes[0], self.local.shape[4], first.shape[4])
+        ):
+            self._pools[decode_idx] = first
+            if first.device == self.device:
+                from pdserve.kernels.triton_page_copy import PoolCopy  # triton: only when used
+
+                self._copies[decode_idx] = PoolCopy(self.local, first)
+        else:
+            self._routes[decode_idx] = [(pools[r.decode_rank], r) for r in routes]
+        logger.info(
+            "cuda_ipc: opened decode %d's KV pool%s %s",
+            decode_idx,
+            "" if len(ranks) == 1 else f" (ranks {sorted(pools)} of {len(ranks)})",
+            [(list(p.shape), str(p.device)) for p in pools.values()],
+        )
+
+    def _open_rank(self, handshake: dict[str, Any]) -> torch.Tensor:
+        """One decode rank's pool [L, 2, num_pages, page_size, h, D], opened in this process."""
         if handshake.get("pid") == os.getpid():
             raise ValueError(
                 "cuda_ipc: sender and receiver are in one process; CUDA IPC opens "
                 "memory of another process only"
             )
-        pool = open_shared_pool(handshake)
-        self._pools[decode_idx] = pool
-        self._copies.pop(decode_idx, None)
-        if pool.device == self.device:
-            from pdserve.kernels.triton_page_copy import PoolCopy  # triton: only when used
-
-            self._copies[decode_idx] = PoolCopy(self.buffer, pool)
-        logger.info(
-            "cuda_ipc: opened decode %d's KV pool %s on %s",
-            decode_idx,
-            list(pool.shape),
-            pool.device,
-        )
+        return open_shared_pool(handshake)
 
     def _send_pushes(self, pushes: list[PagePush], deadline: float) -> list[int | Exception]:
         moved: list[int | Exception] = [0] * len(pushes)
         by_pool: dict[int, list[int]] = {}  # decode idx -> its pushes (indexes) on this GPU
+        by_heads: dict[int, list[int]] = {}  # decode idx -> its pushes, head-sliced copies
         others: list[int] = []  # pushes to a decode pool on another GPU
         for i, push in enumerate(pushes):
             if not push.src_ids:
                 continue
             if push.transfer.decode_idx in self._copies:
                 by_pool.setdefault(push.transfer.decode_idx, []).append(i)
+            elif push.transfer.decode_idx in self._routes:
+                by_heads.setdefault(push.transfer.decode_idx, []).append(i)
             else:
                 others.append(i)
         if others:
             results = super()._send_pushes([pushes[i] for i in others], deadline)
             for i, result in zip(others, results, strict=True):
                 moved[i] = result
+        for decode_idx, idxs in by_heads.items():
+            self._send_heads(decode_idx, [pushes[i] for i in idxs], idxs, moved)
         if by_pool:
             try:
                 self._copy_on_device(pushes, by_pool)
@@ -227,7 +282,7 @@ class CudaIpcSender(KVSender):
             else:
                 for idxs in by_pool.values():
                     for i in idxs:
-                        moved[i] = len(pushes[i].src_ids) * self.page_nbytes
+                        moved[i] = len(pushes[i].src_ids) * self.local_page_nbytes
         if time.perf_counter() > deadline:  # written all the same; report it as slow, not failed
             logger.warning(
                 "requests %s: cuda_ipc copy finished past its deadline",
@@ -268,6 +323,52 @@ class CudaIpcSender(KVSender):
                 self._done.record(stream)
                 self._done.synchronize()
 
+    def _send_heads(
+        self,
+        decode_idx: int,
+        pushes: list[PagePush],
+        idxs: list[int],
+        moved: list[int | Exception],
+    ) -> None:
+        """The pushes to one decode worker fed by head-sliced copies: each route's run of heads of
+        every page, into its decode rank's pool; waited on (even after a failed launch: the
+        pages must not be written once the sender has let go). moved[idxs[k]]: push k's bytes,
+        or the exception that failed them all."""
+        routes = self._routes[decode_idx]
+        src = [p for push in pushes for p in push.src_ids]
+        dst = [p for push in pushes for p in push.dst_ids]
+        pools = {route.decode_rank: pool for pool, route in routes}
+        try:
+            with self._on_device():
+                try:
+                    copy_heads(
+                        self.local, pools, plan_head_copies([r for _, r in routes], src, dst)
+                    )
+                finally:
+                    self._wait(list(pools.values()))
+        except Exception as e:  # a launch failed: every push to this decode worker failed
+            for i in idxs:
+                moved[i] = e
+            return
+        head_nbytes = self.local_page_nbytes // self.local.shape[4]  # one head of one page
+        per_page = sum(route.num_heads for _, route in routes) * head_nbytes
+        for i, push in zip(idxs, pushes, strict=True):
+            moved[i] = len(push.src_ids) * per_page
+
+    def _on_device(self) -> contextlib.AbstractContextManager:
+        """This pool's GPU as the current device (a worker's already is: no guard then)."""
+        here = not self.local.is_cuda or torch.cuda.current_device() == self.device.index
+        return contextlib.nullcontext() if here else torch.cuda.device(self.device)
+
+    def _wait(self, pools: list[torch.Tensor]) -> None:
+        """Until the copies enqueued on the current streams are done (CPU tensors: at once)."""
+        if not self.local.is_cuda:
+            return
+        self._done.record(self._current_stream())
+        self._done.synchronize()
+        for device in {pool.device for pool in pools if pool.device != self.device}:
+            torch.cuda.synchronize(device)
+
     def _current_stream(self) -> torch.cuda.Stream:
         """torch.cuda.current_stream(), with its Python object reused while the stream stays
         the same (building one costs microseconds, on a path that should cost few)."""
@@ -284,7 +385,7 @@ class CudaIpcSender(KVSender):
         dst = self._pools[decode_idx]
         self._stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._stream):
-            data = gather_pages(self.buffer, src_pages)  # [L, 2, n, ps, Hkv, D]
+            data = gather_pages(self.local, src_pages)  # [L, 2, n, ps, Hkv, D]
         self._stream.synchronize()
         with torch.cuda.device(dst.device):
             scatter_pages(dst, dst_pages, data)
@@ -295,3 +396,4 @@ class CudaIpcSender(KVSender):
         super().close()
         self._pools.clear()
         self._copies.clear()
+        self._routes.clear()

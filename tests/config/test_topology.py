@@ -115,14 +115,6 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ),
     ({"prefill": [{"tp": 0}], "decode": [{}]}, "prefill[0].tp=0 is invalid"),
     ({"prefill": [{}], "decode": [{"gpus": [0, 1]}]}, "decode[0].tp=1 is invalid"),
-    (
-        {
-            "prefill": [{"gpus": [0, 1], "tp": 2}],
-            "decode": [{}],
-            "kv_transfer": {"backend": "cuda_ipc"},
-        },
-        "prefill[0].tp=2 is invalid with kv_transfer.backend='cuda_ipc'",
-    ),
     ({"mixed": [{"tp": 8}]}, "mixed[0].tp=8 is invalid: expected a divisor"),
     ({"prefill": [{"tp": 3}], "decode": [{}]}, "prefill[0].tp=3 is invalid: expected a divisor"),
     ({"router": {"port": 65536}}, "router.port=65536 is invalid"),
@@ -214,6 +206,16 @@ def test_one_gpu_may_hold_one_prefill_and_one_decode_worker(model: str) -> None:
         )
         assert t.prefill[0].gpus == t.decode[0].gpus == (0,)
         assert t.resolved(num_gpus=1).kv_transfer.backend == "cuda_ipc"
+
+
+def test_tensor_parallel_prefill_and_decode_may_use_cuda_ipc(model: str) -> None:
+    t = topo(
+        model,
+        prefill=[{"gpus": [0, 1], "tp": 2}],
+        decode=[{"gpus": [0]}],
+        kv_transfer={"backend": "cuda_ipc"},
+    )
+    assert t.resolved(num_gpus=2).kv_transfer.backend == "cuda_ipc"
 
 
 def test_same_gpu_index_on_different_nodes_is_not_a_conflict(model: str) -> None:

@@ -1,9 +1,11 @@
-"""KV transfer of a tensor-parallel worker, rank to rank (tcp and nccl backends).
+"""KV transfer of a tensor-parallel worker, rank to rank (tcp, nccl and cuda_ipc backends).
 
 Every rank has its own sender (prefill) or receiver (decode) over its own share of the pool
 (kv_transfer/head_map.RankKVShare) and its own sockets; the prefill ranks send each decode rank
 the heads it owns (head_map.head_routes), straight to that rank (its socket over tcp, a pair
-process group over nccl: NCCL on GPUs, gloo on CPU pools), so no page passes through another rank and each decode rank lands only its heads. Rank 0 coordinates: it alone
+process group over nccl: NCCL on GPUs, gloo on CPU pools; over cuda_ipc a copy into that rank's
+pool, opened through its IPC handle), so no page passes through another rank and each decode
+rank lands only its heads. Rank 0 coordinates: it alone
 talks to the router and to the other workers (PrefillTask, KVReady stay on rank 0), and tells its
 followers what to do through the per-step broadcast (batch_broadcast.Command.KV, a msgpack
 payload):
@@ -18,8 +20,14 @@ A request's KV has arrived when every decode rank has all its heads of all its p
 when any rank failed it (rank 0 then cancels it on every rank). A follower applies a cancel before
 it lands anything newer (ops first, then its socket), so pages freed on rank 0 are never written
 by a late chunk on another rank. The earlier relay through rank 0 (every page gathered to and
-scattered from rank 0's host) is gone. cuda_ipc (the decode pool opened in the prefill process,
-no arrival to poll) is not written for tensor-parallel workers yet.
+scattered from rank 0's host) is gone.
+
+cuda_ipc: the decode ranks' handshakes (each rank's pool IPC handle) are all-gathered at
+open_receiver as for tcp/nccl; each prefill rank opens the pools of the decode ranks it feeds
+when rank 0's `send` names a new decode worker, copies its heads of the pages into each (see
+CudaIpcSender), and waits for its copies before the all-gather of bytes sent. So rank 0's
+KVReady or KVFailed follows every rank's last write, as at tp 1; on the decode side nothing
+arrives to poll and the followers get no op after open_receiver (TPCudaIpcReceiver).
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from pdserve.kv_transfer.base import (
     Transfer,
     TransferFailure,
 )
+from pdserve.kv_transfer.cuda_ipc import CudaIpcReceiver, CudaIpcSender
 from pdserve.kv_transfer.head_map import RankKVShare
 from pdserve.kv_transfer.nccl import NcclReceiver, NcclSender
 from pdserve.kv_transfer.tcp import TcpReceiver, TcpSender
@@ -60,7 +69,7 @@ def share_of(runner: Any) -> RankKVShare:
 
 def make_tp_sender(backend: str, runner: Any, **options: Any) -> KVSender:
     """Rank 0 of a tensor-parallel prefill worker: its sender, which drives the followers'."""
-    cls = {"tcp": TPTcpSender, "nccl": TPNcclSender}.get(backend)
+    cls = {"tcp": TPTcpSender, "nccl": TPNcclSender, "cuda_ipc": TPCudaIpcSender}.get(backend)
     if cls is None:
         raise _bad_backend(backend)
     return cls(share_of(runner), runner.tp, runner.device, **options)
@@ -70,7 +79,7 @@ def make_tp_receiver(
     backend: str, runner: Any, address: str | None = None, **options: Any
 ) -> KVReceiver:
     """Rank 0 of a tensor-parallel decode worker: its receiver, which drives the followers'."""
-    cls = {"tcp": TPTcpReceiver, "nccl": TPNcclReceiver}.get(backend)
+    cls = {"tcp": TPTcpReceiver, "nccl": TPNcclReceiver, "cuda_ipc": TPCudaIpcReceiver}.get(backend)
     if cls is None:
         raise _bad_backend(backend)
     return cls(share_of(runner), runner.tp, runner.device, address, **options)
@@ -79,7 +88,7 @@ def make_tp_receiver(
 def _bad_backend(backend: str) -> ValueError:
     return ValueError(
         f"kv_transfer backend {backend!r} is invalid for a tensor-parallel worker: expected "
-        "'tcp' or 'nccl' (rank-to-rank cuda_ipc is not written yet)"
+        "'tcp', 'nccl' or 'cuda_ipc'"
     )
 
 
@@ -194,6 +203,18 @@ class TPNcclSender(_TPSender, NcclSender):
         self._start_followers(tp, device, options)
 
 
+class TPCudaIpcSender(_TPSender, CudaIpcSender):
+    """Each rank copies its heads straight into the decode ranks' pools it opened; rank 0 reports
+    the transfer done only once every rank's copies have finished (the all-gather of bytes sent
+    follows each rank's wait), so the KVReady it sends next is the decode worker's signal."""
+
+    def __init__(
+        self, share: RankKVShare, tp: TPGroup, device: torch.device, **options: Any
+    ) -> None:
+        CudaIpcSender.__init__(self, share, **options)
+        self._start_followers(tp, device, options)
+
+
 class _TPReceiver(KVReceiver):
     """Rank 0's receiver: lands its own heads, mirrors expect / cancel to the followers, and
     reports a request arrived once every rank has all its heads."""
@@ -303,6 +324,31 @@ class TPNcclReceiver(_TPReceiver, NcclReceiver):
     ) -> None:
         NcclReceiver.__init__(self, share, address, **options)
         self._start_followers(tp, device, address, options)
+
+
+class TPCudaIpcReceiver(CudaIpcReceiver):
+    """Rank 0's cuda_ipc receiver: each rank shares its own pool's IPC handle once (gathered into
+    rank 0's handshake as `ranks`), and the prefill ranks write into them directly. Nothing
+    arrives to poll on any rank, so after opening, the followers are never asked anything: the
+    prefill's KVReady is the signal (and pages of an ended request stay HELD until it comes)."""
+
+    def __init__(
+        self,
+        share: RankKVShare,
+        tp: TPGroup,
+        device: torch.device,
+        address: str | None = None,
+        **options: Any,
+    ) -> None:
+        if address is not None or options:
+            raise ValueError("cuda_ipc receivers take no address or options")
+        CudaIpcReceiver.__init__(self, share)
+        payload = {"op": "open_receiver", "backend": "cuda_ipc", "address": None, "options": {}}
+        announce(tp, device, payload)
+        self.ranks = gather_handshakes(tp, super().handshake(), device)
+
+    def handshake(self) -> dict[str, Any]:
+        return {**super().handshake(), "ranks": self.ranks}
 
 
 # ---------------------------------------------------------------------------- followers

@@ -139,11 +139,20 @@ _JOIN_TIMEOUT = timedelta(minutes=5)  # for every rank to reach the store
 
 def init_tp_group(rank: int, size: int, init_method: str, device: str) -> TPGroup:
     """Join this worker's ranks (NCCL on CUDA, gloo on CPU) through a TCP store at `init_method`
-    (`tcp://host:port`, served by rank 0). No default process group is made (see TPGroup)."""
+    (`tcp://host:port`, served by rank 0). No default process group is made (see TPGroup).
+
+    With `PDSERVE_TP_ONE_GPU=1` (env.py; a testing aid) CUDA ranks all run on the first visible
+    GPU and join over gloo, whose allreduce, allgather and broadcast take CUDA tensors (staged
+    through the host): NCCL refuses two ranks on one GPU."""
     import torch.distributed as dist
+
+    from pdserve import env
 
     host, _, port = init_method.removeprefix("tcp://").rpartition(":")
     store = dist.TCPStore(host, int(port), size, rank == 0, timeout=_JOIN_TIMEOUT)
+    if device == "cuda" and env.tp_one_gpu():
+        group = dist.ProcessGroupGloo(store, rank, size, _GROUP_TIMEOUT)
+        return TPGroup(rank, size, Communicator(group, store), device_index=0)
     if device == "cuda":
         opts = dist.ProcessGroupNCCL.Options()
         opts._timeout = _GROUP_TIMEOUT
