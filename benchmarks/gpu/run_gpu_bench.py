@@ -101,7 +101,7 @@ FULL = Plan(
         "qwen": {"mem_fraction": 0.7, "max_running_requests": 256},
     },
     copy_bytes=1 << 30, matmul_n=8192, b1_lens=(128, 256), batch_sizes=(64, 256),
-    batch_context=1024, batch_steps=10, offline=(1000, 512, 256), offline_cap_s=120.0,
+    batch_context=1024, batch_steps=30, offline=(1000, 512, 256), offline_cap_s=120.0,
     hf_batch=128, hf_timeout_s=150.0, hf_static_cap_s=240.0, nano=(256, 100, 1024),
     serve=(200, 512, 128, 32),
     serve_options={"num_pages": 4096, "max_running_requests": 64, "cuda_graph_max_batch": 64},
