@@ -1,18 +1,22 @@
-"""LoRA on the GPU in one call (issue 12): the segmented kernels' correctness and cost, then decode
-throughput at batch 64 with 0, 1, 8 and 32 distinct adapters against the base model.
+"""LoRA on the GPU in one call (issue 12): the kernels' correctness and cost, then decode throughput
+at batch 64 with 0, 1, 8 and 32 distinct adapters against the base model, for the folded path
+(the slots' A rows inside each projection's weight: one matmul and one expand launch per LoRA'd
+projection) and the split one it replaced (base matmul, shrink launch, expand launch).
 
-    python benchmarks/gpu/lora_bench.py            # Llama-1B shape, random weights, about 3 min
+    python benchmarks/gpu/lora_bench.py            # Llama-1B shape, random weights, about 5 min
     python benchmarks/gpu/lora_bench.py --smoke    # tiny shapes on the CPU: decode plumbing only
 
 1. Model-level check on the LoRA engine's runner: decode batches mixing adapters and the base
-   model; logits of the CUDA graph replay == eager with the Triton kernels == eager with the torch
-   reference (`segmented_lora_ref`), and adapters change the logits (they are not zero).
-2. Kernel cost: one shrink + expand launch pair per fused projection, 64 rows over 8 adapters,
-   against the projection's own matmul (triton.testing.do_bench, median).
+   model; logits of the CUDA graph replay == eager folded with the Triton kernels == eager folded
+   with the torch reference == eager split with the Triton kernels, and adapters change the logits.
+2. Kernel cost: every layer's four projections for 64 rows over 8 adapters in one CUDA graph,
+   base matmuls alone vs folded vs split (CUDA events); decode graph replays with and without
+   adapters per engine; per projection of layer 0, eager.
 3. Decode: 64 requests of 1,024 random prompt tokens, adapters assigned round-robin (rank 16, all
-   seven projections), prefilled, then 20 pure decode steps timed back to back, CUDA graphs
-   on; the base model is an engine without LoRA in the same process. 8 adapters again without
-   graphs, for the graphs' share.
+   seven projections), prefilled, then 20 pure decode steps timed back to back, CUDA graphs on;
+   the base model is an engine without LoRA in the same process. Engines with 32 slots (folded,
+   and split) and with 8 slots (the default max_loras_per_batch; folded, and split), measured in
+   alternating rounds. 8 adapters again without graphs, for the graphs' share.
 Writes lora_bench.json and lora_bench.md under $OUT (or /tmp).
 """
 
@@ -78,8 +82,15 @@ def write_adapters(
 
 
 def make_engine(
-    model_dir: Path, adapters: dict[str, Path] | None, graphs: bool, args: Any, dtype: str = ""
+    model_dir: Path,
+    adapters: dict[str, Path] | None,
+    graphs: bool,
+    args: Any,
+    dtype: str = "",
+    fold: bool = True,
 ) -> Any:
+    """An in-process engine; with adapters, one slot each, the folded path unless `fold` is
+    False (then its LoRA graphs are captured again on the split path)."""
     from pdserve.entrypoints.engine import Engine
 
     options: dict[str, Any] = dict(
@@ -94,7 +105,22 @@ def make_engine(
             max_loras_per_batch=len(adapters),
             max_lora_rank=args.rank,
         )
-    return Engine(str(model_dir), **options)
+    engine = Engine(str(model_dir), **options)
+    if adapters and not fold:
+        use_split_path(engine)
+    return engine
+
+
+def use_split_path(engine: Any) -> None:
+    """The split path on the engine's own slots, its CUDA graphs captured again on it."""
+    from pdserve.worker.cuda_graph_runner import CudaGraphRunner
+
+    runner = engine.core.runner
+    runner.lora.weights.fold = False
+    if runner.graph_runner is not None:
+        runner.graph_runner = None
+        free_device_memory()
+        runner.graph_runner = CudaGraphRunner(runner)
 
 
 # ---------------------------------------------------------------------------- 1. model-level check
@@ -127,7 +153,9 @@ def check_model(engine: Any, names: list[str]) -> dict[str, Any]:
     runner = engine.core.runner
     graphs = runner.graph_runner
     runner.kv_pool.buffer.normal_()
-    worst = {"graph_vs_kernels": 0.0, "kernels_vs_reference": 0.0, "lora_vs_base": 1e9}
+    weights = runner.lora.weights
+    worst = {"graph_vs_kernels": 0.0, "kernels_vs_reference": 0.0, "folded_vs_split": 0.0,
+             "lora_vs_base": 1e9}  # fmt: skip
     for bsz, seed in ((1, 1), (17, 2), (64, 3)):
         gen = torch.Generator().manual_seed(seed)
         row_names = [None if torch.rand(1, generator=gen) < 0.25 else names[i % len(names)]
@@ -137,6 +165,9 @@ def check_model(engine: Any, names: list[str]) -> dict[str, Any]:
         assert graphs is not None and graphs.can_run(fb), "no graph for a batch with adapters"
         replayed = graphs.replay(fb).clone()
         kernels = runner.model(fb, runner.kv_pool)
+        weights.fold = False
+        split = runner.model(fb, runner.kv_pool)
+        weights.fold = True
         fb.lora.use_kernels = False
         reference = runner.model(fb, runner.kv_pool)
         lora, fb.lora = fb.lora, None
@@ -144,6 +175,7 @@ def check_model(engine: Any, names: list[str]) -> dict[str, Any]:
         lora_rows = sorted(set(lora.rows))
         worst["graph_vs_kernels"] = max(worst["graph_vs_kernels"], _rel(replayed, kernels))
         worst["kernels_vs_reference"] = max(worst["kernels_vs_reference"], _rel(kernels, reference))
+        worst["folded_vs_split"] = max(worst["folded_vs_split"], _rel(kernels, split))
         worst["lora_vs_base"] = min(
             worst["lora_vs_base"], _rel(base[lora_rows], reference[lora_rows])
         )
@@ -152,6 +184,7 @@ def check_model(engine: Any, names: list[str]) -> dict[str, Any]:
     worst["ok"] = (
         worst["graph_vs_kernels"] <= tol
         and worst["kernels_vs_reference"] <= tol
+        and worst["folded_vs_split"] <= tol
         and worst["lora_vs_base"] > 5 * worst["kernels_vs_reference"]
     )
     worst["dtype"] = str(runner.dtype)
@@ -161,38 +194,89 @@ def check_model(engine: Any, names: list[str]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- 2. kernel cost
 
 
-@torch.inference_mode()
-def kernel_cost(engine: Any, num_rows: int, num_adapters: int) -> list[dict[str, Any]]:
-    """Per fused projection of layer 0: the LoRA launch pair vs the projection's matmul (us)."""
-    from triton.testing import do_bench
+def _median_us(replay: Any, num: int = 30) -> float:
+    """GPU time of `replay()` (CUDA events): the median of `num` runs after 3 unmeasured."""
+    samples = []
+    for _ in range(num + 3):
+        t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0.record()
+        replay()
+        t1.record()
+        t1.synchronize()
+        samples.append(t0.elapsed_time(t1) * 1e3)
+    return statistics.median(samples[3:])
 
-    from pdserve.worker.lora.lora_layers import LoraBatch
+
+def _graph_us(fn: Any) -> float:
+    """GPU time of `fn` captured in a CUDA graph."""
+    fn()  # compiles, and builds the tiles outside the graph
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return _median_us(graph.replay)
+
+
+def _projections(engine: Any, num_rows: int, num_adapters: int) -> tuple[Any, dict, dict]:
+    """(LoraBatch of num_rows rows over the engine's first adapters round-robin, the model's
+    LoRA'd linears by (layer, projection), a random input per projection)."""
+    from pdserve.worker.lora.lora_weights import model_linears
 
     runner = engine.core.runner
-    weights = runner.lora.weights
-    lora = LoraBatch.build(weights, [i % num_adapters for i in range(num_rows)], runner.device)
-    layer = runner.model.model.layers[0]
-    projs = {
-        "qkv_proj": layer.self_attn.qkv_proj, "o_proj": layer.self_attn.o_proj,
-        "gate_up_proj": layer.mlp.gate_up_proj, "down_proj": layer.mlp.down_proj,
-    }  # fmt: skip
+    names = runner.lora.names[:num_adapters]
+    lora = runner.lora.prepare([names[i % num_adapters] for i in range(num_rows)])
+    projs = runner.lora.weights.fused_w
+    linears = {key: m for key, m in model_linears(runner.model).items() if key[1] in projs}
+    kw = {"dtype": runner.dtype, "device": runner.device}
+    xs = {p: torch.randn(num_rows, linears[(0, p)].weight.shape[1], **kw) for p in projs}
+    return lora, linears, xs
+
+
+@torch.inference_mode()
+def layers_graph_time(engine: Any, num_rows: int, num_adapters: int) -> dict[str, float]:
+    """Every layer's LoRA'd projections for num_rows rows in one CUDA graph: the base matmuls
+    alone, folded (matmul over [W; A] + expand), split (matmul + shrink + expand); GPU us."""
+    lora, linears, xs = _projections(engine, num_rows, num_adapters)
+    weights = engine.core.runner.lora.weights
+
+    def run(mode: str) -> None:
+        for (layer, p), linear in linears.items():
+            linear(xs[p]) if mode == "base" else lora.linear(layer, p, linear, xs[p])
+
+    out = {}
+    for mode in ("base", "folded", "split"):
+        weights.fold = mode != "split"
+        out[f"{mode}_us"] = _graph_us(lambda mode=mode: run(mode))
+    weights.fold = True
+    return out
+
+
+@torch.inference_mode()
+def kernel_cost(engine: Any, num_rows: int, num_adapters: int) -> list[dict[str, Any]]:
+    """Per projection of layer 0, eager (host-bound): the base matmul, folded, split (us)."""
+    from triton.testing import do_bench
+
+    lora, linears, xs = _projections(engine, num_rows, num_adapters)
+    weights = engine.core.runner.lora.weights
     rows = []
-    for name, linear in projs.items():
-        a = weights.fused_a[name][0]
-        x = torch.randn(num_rows, a.shape[-1], dtype=a.dtype, device=a.device)
-        out = linear(x)
-        base_us = do_bench(lambda linear=linear, x=x: linear(x), return_mode="median") * 1e3
-        lora_us = do_bench(
-            lambda name=name, x=x, out=out: lora.apply(0, name, x, out), return_mode="median"
-        )
-        rows.append({"proj": name, "matmul_us": base_us, "lora_us": lora_us * 1e3})
+    for p, x in xs.items():
+        linear = linears[(0, p)]
+        base = do_bench(lambda linear=linear, x=x: linear(x), return_mode="median")
+        row = {"proj": p, "matmul_us": base * 1e3}
+        for label, fold in (("folded_us", True), ("split_us", False)):
+            weights.fold = fold
+            fn = lambda p=p, x=x, linear=linear: lora.linear(0, p, linear, x)  # noqa: E731
+            row[label] = do_bench(fn, return_mode="median") * 1e3
+        weights.fold = True
+        rows.append(row)
     return rows
 
 
 @torch.inference_mode()
 def graph_gpu_time(engine: Any, num_adapters: int, batch: int) -> dict[str, float]:
-    """GPU time (CUDA events, median of 50) of one decode graph replay at `batch` rows, without
-    and with `num_adapters` adapters: the kernels' cost without the host's."""
+    """GPU time of one decode graph replay at `batch` rows (median of 50), without and with
+    `num_adapters` adapters: the kernels' cost without the host's."""
     runner = engine.core.runner
     names = runner.lora.names[:num_adapters]
     fb = runner._forward_batch(
@@ -203,16 +287,7 @@ def graph_gpu_time(engine: Any, num_adapters: int, batch: int) -> dict[str, floa
     for label, lora in (("base_graph_us", None), ("lora_graph_us", fb.lora)):
         fb.lora = lora
         graphs.replay(fb)
-        key = (batch, lora is not None)
-        samples = []
-        for _ in range(50):
-            t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            t0.record()
-            graphs.graphs[key].replay()
-            t1.record()
-            t1.synchronize()
-            samples.append(t0.elapsed_time(t1) * 1e3)
-        out[label] = statistics.median(samples)
+        out[label] = _median_us(graphs.graphs[(batch, lora is not None)].replay, 50)
     return out
 
 
@@ -244,73 +319,6 @@ def decode_steps(engine: Any, adapters: list[str], args: Any, seed: int = 0) -> 
     }
 
 
-# ---------------------------------------------------------------------------- 2b. kernel tuning
-
-# (reduction per shrink program, most splits): shrink's split-K, which decides how many programs
-# a decode step's few rows per adapter get (triton_lora._K_PER_SPLIT_TARGET / _MAX_SPLITS).
-SPLIT_CONFIGS = ((1024, 8), (512, 16), (256, 32), (128, 64))
-
-
-@torch.inference_mode()
-def sweep_splits(spec: rc.ModelSpec, model_dir: Path, args: Any, say: Any) -> dict[str, Any]:
-    """Each split-K setting: every layer's four LoRA launch pairs for `args.batch` rows over 8
-    adapters captured in one CUDA graph, checked against the torch reference, then timed (CUDA
-    events, median of 30 replays). The fastest setting is kept for the decode runs."""
-    import pdserve.kernels.triton_lora as tk
-    from pdserve.config.engine_config import ModelConfig
-    from pdserve.worker.lora.lora_layers import LoraBatch, LoraWeights
-
-    config = ModelConfig.from_hf(model_dir)
-    weights = LoraWeights(config, MODULES, 8, args.rank, torch.bfloat16, torch.device("cuda"))
-    for t in (*weights.fused_a.values(), *weights.fused_b.values()):
-        t.normal_(0, 0.02)
-    slots = [i % 8 for i in range(args.batch)]
-    xs = {p: torch.randn(args.batch, a.shape[-1], dtype=torch.bfloat16, device="cuda")
-          for p, a in weights.fused_a.items()}  # fmt: skip
-    outs = {p: torch.zeros(args.batch, b.shape[2], dtype=torch.bfloat16, device="cuda")
-            for p, b in weights.fused_b.items()}  # fmt: skip
-    ref = LoraBatch.build(weights, slots, torch.device("cuda"))
-    ref.use_kernels = False
-    expected = {p: torch.zeros_like(o, dtype=torch.float32) for p, o in outs.items()}
-    for p, o in expected.items():
-        tmp = torch.zeros_like(outs[p])
-        ref.apply(0, p, xs[p], tmp)
-        o.copy_(tmp.float())
-    rows = []
-    for k_target, max_splits in SPLIT_CONFIGS:
-        tk._K_PER_SPLIT_TARGET, tk._MAX_SPLITS = k_target, max_splits
-        lora = LoraBatch.build(weights, slots, torch.device("cuda"))
-        err = 0.0
-        for p, o in outs.items():
-            o.zero_()
-            lora.apply(0, p, xs[p], o)  # compiles, and builds the tiles outside the graph
-            err = max(err, _rel(o.float(), expected[p]))
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for layer in range(weights.num_layers):
-                for p, o in outs.items():
-                    lora.apply(layer, p, xs[p], o)
-        samples = []
-        for _ in range(33):
-            t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            t0.record()
-            graph.replay()
-            t1.record()
-            t1.synchronize()
-            samples.append(t0.elapsed_time(t1) * 1e3)
-        us = statistics.median(samples[3:])
-        rows.append({"k_per_split": k_target, "max_splits": max_splits, "all_layers_us": us,
-                     "rel_err_vs_reference": err})  # fmt: skip
-        say(f"split-K {k_target}/{max_splits}: {us:.0f} us for all layers, rel err {err:.2e}")
-        del graph
-    good = [r for r in rows if r["rel_err_vs_reference"] <= 2e-2]
-    best = min(good or rows, key=lambda r: r["all_layers_us"])
-    tk._K_PER_SPLIT_TARGET, tk._MAX_SPLITS = best["k_per_split"], best["max_splits"]
-    say(f"kept split-K {best['k_per_split']}/{best['max_splits']}")
-    return {"split_sweep": rows, "kept": best}
-
-
 # ---------------------------------------------------------------------------- driver
 
 
@@ -331,12 +339,12 @@ def parse_args() -> argparse.Namespace:
     if args.smoke:
         args.spec, args.batch, args.context, args.steps, args.root = (
             rc.SMOKE_1B, 8, 32, 3, "/tmp/pdserve-bench-smoke")  # fmt: skip
-        args.device, args.dtype, args.num_pages = "cpu", "float32", 512
+        args.device, args.dtype, args.num_pages, args.rounds = "cpu", "float32", 512, 1
     return args
 
 
 def run_checks(model_dir: Path, adapters: dict[str, Path], args: Any, say: Any) -> list[dict]:
-    """The model-level check in float32 (its own engine), the kernels' eager cost."""
+    """The model-level check in float32 (its own engine)."""
     names = list(adapters)[:8]
     engine = make_engine(model_dir, adapters, True, args, dtype="float32")
     check = check_model(engine, names)
@@ -346,27 +354,49 @@ def run_checks(model_dir: Path, adapters: dict[str, Path], args: Any, say: Any) 
     return [{"check": check}]
 
 
+FOLDED_32, SPLIT_32 = "LoRA folded, 32 slots", "LoRA split (old), 32 slots"
+FOLDED_8, SPLIT_8 = "LoRA folded, 8 slots", "LoRA split (old), 8 slots"
+
+
+def gpu_costs(engines: dict[str, Any], names: list[str], args: Any, say: Any) -> list[dict]:
+    """The bf16 model check, and what LoRA costs on the GPU alone: decode graph replays and
+    every layer's projections in one graph, per engine; eager cost per projection."""
+    results: list[dict] = [{"check": check_model(engines[FOLDED_32], names[:8])}]
+    say(f"model check bfloat16: {results[-1]}")
+    for label in (FOLDED_32, SPLIT_32, FOLDED_8, SPLIT_8):
+        r = {"engine": label, **graph_gpu_time(engines[label], 8, args.batch)}
+        results.append({"graph_gpu": r})
+        say(f"decode graph GPU time, {args.batch} rows, 8 adapters: {r}")
+    for label in (FOLDED_32, FOLDED_8):
+        r = {"engine": label, **layers_graph_time(engines[label], args.batch, 8)}
+        results.append({"layers_graph": r})
+        say(f"all layers' projections in one graph, {args.batch} rows, 8 adapters: {r}")
+    results.append({"kernel_cost": kernel_cost(engines[FOLDED_32], args.batch, 8)})
+    say(f"eager LoRA'd projections (host-bound), layer 0: {results[-1]}")
+    return results
+
+
 def run_decode(model_dir: Path, adapters: dict[str, Path], args: Any, say: Any) -> list[dict]:
-    """The LoRA engine (graphs on) and the base engine side by side, measured in alternating
-    rounds (GPU clocks drift over a run); then LoRA without graphs at 8 adapters."""
+    """The engines side by side (CUDA graphs on), measured in alternating rounds (GPU clocks
+    drift over a run); then the folded path without graphs at 8 adapters."""
     names = list(adapters)
-    lora = make_engine(model_dir, adapters, True, args)
-    base = make_engine(model_dir, None, True, args)
-    results: list[dict] = []
-    if args.device == "cuda":
-        results.append({"check": check_model(lora, names[:8])})
-        say(f"model check bfloat16: {results[-1]}")
-        results.append({"graph_gpu": graph_gpu_time(lora, 8, args.batch)})
-        say(f"decode graph GPU time, {args.batch} rows, 8 adapters: {results[-1]}")
-        results.append({"kernel_cost": kernel_cost(lora, args.batch, 8)})
-        say(f"eager LoRA apply (host-bound), layer 0: {results[-1]}")
-    plan = [("base model", base, 0)] + [("LoRA engine", lora, k) for k in ADAPTER_COUNTS]
-    for _, engine, k in plan:
-        decode_steps(engine, names[:k], args, seed=1000 + k)  # warm-up
+    first8 = dict(list(adapters.items())[:8])
+    engines = {
+        "base model": make_engine(model_dir, None, True, args),
+        FOLDED_32: make_engine(model_dir, adapters, True, args),
+        SPLIT_32: make_engine(model_dir, adapters, True, args, fold=False),
+        FOLDED_8: make_engine(model_dir, first8, True, args),
+        SPLIT_8: make_engine(model_dir, first8, True, args, fold=False),
+    }
+    results = gpu_costs(engines, names, args, say) if args.device == "cuda" else []
+    plan = [("base model", 0)] + [(FOLDED_32, k) for k in ADAPTER_COUNTS]
+    plan += [(SPLIT_32, 8), (FOLDED_8, 8), (SPLIT_8, 8)]
+    for kind, k in plan:
+        decode_steps(engines[kind], names[:k], args, seed=1000 + k)  # warm-up
     rounds: dict[tuple[str, int], list[dict]] = {}
     for rnd in range(args.rounds):
-        for kind, engine, k in plan:
-            r = decode_steps(engine, names[:k], args, seed=10 * rnd + k)
+        for kind, k in plan:
+            r = decode_steps(engines[kind], names[:k], args, seed=10 * rnd + k)
             rounds.setdefault((kind, k), []).append(r)
             say(f"round {rnd} {kind} adapters={k}: {r['step_ms']:.3f} ms")
     for (kind, k), rs in rounds.items():
@@ -376,12 +406,12 @@ def run_decode(model_dir: Path, adapters: dict[str, Path], args: Any, say: Any) 
             "tok_s": args.batch / step_ms * 1e3, "pure_decode": all(r["pure_decode"] for r in rs),
             "rounds_ms": [round(r["step_ms"], 3) for r in rs],
         })  # fmt: skip
-    del lora, base
+    del engines
     free_device_memory()
     eager = make_engine(model_dir, adapters, False, args)
     decode_steps(eager, names[:8], args, seed=98)
     r = decode_steps(eager, names[:8], args, seed=8)
-    results.append({**r, "engine": "LoRA engine", "graphs": False, "adapters": 8})
+    results.append({**r, "engine": FOLDED_32, "graphs": False, "adapters": 8})
     return results
 
 
@@ -401,6 +431,12 @@ def table(results: list[dict], args: Any) -> str:
             f"| {r['engine']} | {'on' if r['graphs'] else 'off'} | {r['adapters']} "
             f"| {r['step_ms']:.2f} | {r['tok_s']:,.0f} | {ratio:.0%}{flag} |"
         )
+    at8 = {r["engine"]: base["step_ms"] / r["step_ms"]
+           for r in rows if r["adapters"] == 8 and r["graphs"]}  # fmt: skip
+    lines.append(
+        f"\n8 distinct adapters at batch {args.batch}, share of the base model's tokens/s "
+        "(target 80%): " + ", ".join(f"{k} {v:.0%}" for k, v in at8.items())
+    )
     return "\n".join(lines)
 
 
@@ -420,10 +456,7 @@ def main() -> None:
         args.spec, root / f"lora-{args.spec.name}", 32, args.rank, args.device
     )
     say(f"checkpoint and 32 adapters ready: {model_dir}")
-    results = []
-    if args.device == "cuda":
-        results.append(sweep_splits(args.spec, model_dir, args, say))
-        results += run_checks(model_dir, adapters, args, say)
+    results = run_checks(model_dir, adapters, args, say) if args.device == "cuda" else []
     results += run_decode(model_dir, adapters, args, say)
     md = table(results, args)
     (out_dir / "lora_bench.json").write_text(json.dumps(results, indent=1, default=str))

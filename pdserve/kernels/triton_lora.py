@@ -10,8 +10,13 @@ output columns ([S, out, R]); sub-module k owns columns [bounds[k], bounds[k+1])
 [k R, (k+1) R). Shrink splits the reduction over `in` into partial sums that expand adds up, so a
 decode step of a few rows per adapter still fills the GPU without atomics.
 
-The torch reference is `pdserve.worker.lora.lora_layers.segmented_lora_ref` (its halves
-`lora_shrink_ref` and `lora_expand_ref`), applied per sub-module.
+Folded projections (pdserve/worker/lora/lora_weights.py) need no shrink: the projection's own
+matmul over [W; every slot's A] gives each row every slot's shrink in its columns past `out`, and
+`lora_expand_folded` adds the row's slot's part times B into the first columns in place, so a
+LoRA'd projection costs one launch beside its matmul instead of two.
+
+The torch references are in `pdserve.worker.lora.lora_layers`: `segmented_lora_ref` (its halves
+`lora_shrink_ref` and `lora_expand_ref`), applied per sub-module, and `folded_expand_ref`.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ import triton.language as tl
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _BLOCK_K = 128
-# Shrink's reduction per program and its most splits (lora_bench.py sweeps them; fastest on H200).
+# Shrink's reduction per program and its most splits (the split path; a sweep in lora_bench.py
+# found them fastest on the H200).
 _K_PER_SPLIT_TARGET = 512
 _MAX_SPLITS = 16
 _EXPAND_BLOCK_N = 128
@@ -96,7 +102,7 @@ def _shrink_kernel(
 
 @triton.jit
 def _expand_kernel(
-    y_ptr,  # [num_splits, T, N_SUB * R] float32
+    y_ptr,  # [num_splits, T, N_SUB * R] float32 (split), or [T, S N_SUB R] (folded)
     b_ptr,  # [S, N, R]
     out_ptr,  # [T, N], updated in place
     rows_ptr,
@@ -109,6 +115,7 @@ def _expand_kernel(
     bound2,  # sub-module 2's first column (N when N_SUB <= 2)
     stride_ys,
     stride_yt,
+    stride_yslot,  # 0: y holds each row's own slot (split); N_SUB R: every slot's (folded)
     stride_bs,
     stride_bn,
     stride_ot,
@@ -131,6 +138,7 @@ def _expand_kernel(
     b_ptrs = b_ptr + slot.to(tl.int64) * stride_bs + offs_n[None, :] * stride_bn + offs_r[:, None]
     bt = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
     y_mask = mask_m[:, None] & mask_r[None, :]
+    y_ptr += slot.to(tl.int64) * stride_yslot
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k in tl.static_range(N_SUB):
         lo = 0
@@ -244,8 +252,72 @@ def lora_expand(
         return
     _expand_kernel[grid](
         y, b, out, *tiles, n_out, rank, b1, b2,
-        y.stride(0), y.stride(1), b.stride(0), b.stride(1), out.stride(0),
+        y.stride(0), y.stride(1), 0, b.stride(0), b.stride(1), out.stride(0),
         NUM_SPLITS=num_splits, N_SUB=n_sub, BLOCK_M=tile_rows, BLOCK_N=_EXPAND_BLOCK_N,
+        BLOCK_R=max(16, triton.next_power_of_2(rank)),
+        DOT_PRECISION="ieee" if out.dtype == torch.float32 else "tf32",
+        num_warps=4,
+    )  # fmt: skip
+
+
+def _check_folded(
+    shrunk: torch.Tensor, b: torch.Tensor, out: torch.Tensor, bounds: tuple[int, ...]
+) -> None:
+    if shrunk.dtype not in _DTYPES or b.dtype != shrunk.dtype or out.dtype != shrunk.dtype:
+        raise ValueError(
+            f"shrunk, b, out must share one of {_DTYPES}: got {shrunk.dtype}, {b.dtype}, "
+            f"{out.dtype}"
+        )
+    n_sub = len(bounds) + 1
+    if (
+        shrunk.dim() != 2
+        or b.dim() != 3
+        or out.dim() != 2
+        or shrunk.shape[0] != out.shape[0]
+        or b.shape[1] != out.shape[1]
+        or shrunk.shape[1] != b.shape[0] * n_sub * b.shape[2]
+        or n_sub > 3
+        or list(bounds) != sorted(bounds)
+    ):
+        raise ValueError(
+            f"expected shrunk [T, S n_sub R], b [S, out, R], out [T, out] with {n_sub} "
+            f"sub-modules (bounds {bounds}): got {tuple(shrunk.shape)}, {tuple(b.shape)}, "
+            f"{tuple(out.shape)}"
+        )
+    for name, t in (("shrunk", shrunk), ("b", b), ("out", out)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name}'s last dim must be contiguous: strides {t.stride()}")
+        if t.device != out.device:
+            raise ValueError(f"{name} is on {t.device}, out on {out.device}")
+
+
+def lora_expand_folded(
+    shrunk: torch.Tensor,  # [T, S n_sub R]: every slot's x @ A^T (any row stride)
+    b: torch.Tensor,  # [S, out, R]: the sub-modules' B stacked along the output columns
+    out: torch.Tensor,  # [T, out] (any row stride), updated in place
+    tiles: LoraTiles,
+    bounds: tuple[int, ...] = (),  # first output column of sub-modules 1..n_sub-1
+    tile_rows: int = 16,
+) -> None:
+    """out[t, cols_k] += shrunk[t, (slot n_sub + k) R : (slot n_sub + k + 1) R] @ B_k[slot]^T for
+    each sub-module k and each row t in a tile of `slot`; rows in no tile are untouched.
+
+    The expand of a folded projection: its one matmul over [W; A of every slot] gave the base
+    output (`out`, the first columns) and every slot's shrink (`shrunk`, the columns after)."""
+    _check_folded(shrunk, b, out, bounds)
+    _check_tiles(tiles, out.device)
+    if tile_rows not in (16, 32, 64, 128):
+        raise ValueError(f"tile_rows={tile_rows} is invalid: expected 16, 32, 64 or 128")
+    n_out, rank = b.shape[1], b.shape[2]
+    n_sub = len(bounds) + 1
+    b1, b2 = (*bounds, n_out, n_out)[:2]
+    grid = (tiles.tile_start.shape[0], triton.cdiv(n_out, _EXPAND_BLOCK_N))
+    if grid[0] == 0 or out.shape[0] == 0:
+        return
+    _expand_kernel[grid](
+        shrunk, b, out, *tiles, n_out, rank, b1, b2,
+        0, shrunk.stride(0), n_sub * rank, b.stride(0), b.stride(1), out.stride(0),
+        NUM_SPLITS=1, N_SUB=n_sub, BLOCK_M=tile_rows, BLOCK_N=_EXPAND_BLOCK_N,
         BLOCK_R=max(16, triton.next_power_of_2(rank)),
         DOT_PRECISION="ieee" if out.dtype == torch.float32 else "tf32",
         num_warps=4,

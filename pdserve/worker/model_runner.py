@@ -81,7 +81,8 @@ class ModelRunner:
         if config.lora.enabled:
             from pdserve.worker.lora.lora_manager import LoraManager
 
-            self.lora = LoraManager(config.lora, model_config, self.dtype, self.device)
+            # Folds the adapter slots into the model's projections: before any graph capture.
+            self.lora = LoraManager(config.lora, model_config, self.dtype, self.device, self.model)
         self.graph_runner = None
         # Graphs capture the decode step; an embedding model never decodes (and has no logits).
         # Not under tensor parallelism yet: a replay would skip the followers' announcement.

@@ -1,5 +1,6 @@
-"""The Triton segmented LoRA kernels (shrink + expand over a fused projection) against the torch
-reference `segmented_lora_ref`, and the tile index they read (CPU).
+"""The Triton segmented LoRA kernels (shrink + expand over a fused projection, and the folded
+expand reading every slot's shrink from the fused matmul's columns) against the torch references
+`segmented_lora_ref` and `folded_expand_ref`, and the tile index they read (CPU).
 
 The kernel tests need CUDA and triton; they also run (slowly) on CPU under TRITON_INTERPRET=1.
 Errors are max |out - ref| / max |ref|: at most 1e-2 for bf16, 1e-4 for fp32.
@@ -17,6 +18,7 @@ from pdserve.worker.lora.lora_layers import (
     TILE_ROWS,
     LoraBatch,
     LoraGraphInputs,
+    folded_expand_ref,
     max_tiles,
     pack_tiles,
     segmented_lora_ref,
@@ -129,6 +131,59 @@ def test_long_segments_and_empty_tiles(dtype: torch.dtype) -> None:
     """Prefill-like: segments of many tiles, and trailing empty tiles a graph launches."""
     skip_bf16_in_interpreter(dtype)
     run_case(QKV, 300, 3, 16, dtype, extra_tiles=5)
+
+
+def run_folded_case(
+    sizes: tuple[int, ...], num_rows: int, num_adapters: int, rank: int, dtype: torch.dtype
+) -> None:
+    """lora_expand_folded on the column views of one fused matmul output (row stride wider than
+    either) vs folded_expand_ref; base rows and the shrink columns stay untouched."""
+    from pdserve.kernels.triton_lora import lora_expand_folded
+
+    seed = torch.Generator().seed() % 2**31
+    torch.manual_seed(seed)  # fresh inputs each run; the seed is in the failure message
+    num_slots = max(num_adapters, 3)
+    n_out, n_sub = sum(sizes), len(sizes)
+    bounds = tuple(sum(sizes[:k]) for k in range(1, n_sub))
+    kw = {"dtype": dtype, "device": DEVICE}
+    extra = num_slots * n_sub * rank
+    fused0 = torch.randn(num_rows, n_out + extra + 5, **kw)  # 5 spare columns: an odd stride
+    fused0[:, :n_out] *= 0.1  # the base output, small beside the deltas (as in run_case)
+    b = torch.randn(num_slots, n_out, rank, **kw) / rank**0.5
+    row_slots = random_row_slots(num_rows, num_adapters, num_slots)
+    lora = LoraBatch.build(None, row_slots, DEVICE)  # type: ignore[arg-type]
+    assert lora is not None
+    cap = len(tile_list(lora.seg_starts, lora.seg_slots)) + 3  # and 3 empty tiles
+    tiles = tiles_view(pack_tiles(lora, num_rows, cap).to(DEVICE), num_rows, cap, cap)
+    got, want = fused0.clone(), fused0.clone()
+    lora_expand_folded(got[:, n_out : n_out + extra], b, got[:, :n_out], tiles, bounds)
+    rows = torch.tensor(lora.rows, dtype=torch.int64, device=DEVICE)
+    shrunk, out = want[:, n_out : n_out + extra], want[:, :n_out]
+    folded_expand_ref(shrunk, out, b, bounds, rows, lora.seg_starts, lora.seg_slots)
+    err = (got.float() - want.float()).abs().max().item()
+    scale = want.float().abs().max().item()
+    assert (want - fused0).float().abs().max().item() > 0.1, "the adapters add nothing"
+    assert err <= _REL_TOL[dtype] * scale, (
+        f"seed {seed}: max abs err {err:.3e}, max |ref| {scale:.3e}"
+    )
+    base = sorted(set(range(num_rows)) - set(lora.rows))
+    assert torch.equal(got[base], fused0[base]), f"seed {seed}: a base-model row was written"
+    assert torch.equal(got[:, n_out:], fused0[:, n_out:]), f"seed {seed}: shrink columns written"
+
+
+@pytest.mark.gpu
+@needs_triton
+@pytest.mark.parametrize("dtype", [BF16, FP32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("rank", [8, 16])
+@pytest.mark.parametrize("num_rows,num_adapters", [(1, 1), (40, 3), (64, 8)])
+@pytest.mark.parametrize(
+    "sizes", [(320, 96, 96), (200, 200), (272,)], ids=["qkv", "gate_up", "down"]
+)
+def test_folded_expand_on_strided_views_matches_reference(
+    sizes: tuple[int, ...], num_rows: int, num_adapters: int, rank: int, dtype: torch.dtype
+) -> None:
+    skip_bf16_in_interpreter(dtype)
+    run_folded_case(sizes, num_rows, num_adapters, rank, dtype)
 
 
 def test_tiles_cut_segments_and_pad_with_empty_tiles() -> None:

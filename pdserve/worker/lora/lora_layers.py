@@ -1,14 +1,21 @@
-"""LoRA applied to a batch that mixes adapters: device slots for adapter weights, and the
-segmented (grouped-by-adapter) matmuls the model's projections call.
+"""LoRA applied to a batch that mixes adapters: the segmented (grouped-by-adapter) matmuls the
+model's projections call, over the device slots of `lora_weights.LoraWeights`.
 
 For each target projection, rows t of the batch whose request uses slot s get
     out[t, cols] += (x[t] @ A[s]^T) @ B[s]^T        (the scale is folded into B at load time)
-Rows are grouped by slot into segments (`LoraBatch`). On CUDA one Triton launch pair per fused
-projection does it (`pdserve/kernels/triton_lora.py`: shrink, then expand, over tiles of at most
-TILE_ROWS rows of one slot); elsewhere `segmented_lora_ref`, the plain torch reference the kernels
-are tested against, runs once per sub-module: x [T, in], out [T, out] (a column slice of the fused
-output, updated in place), a [S, R, in], b [S, out, R], sorted_rows [T_lora] int64,
-seg_starts / seg_slots (host lists).
+Rows are grouped by slot into segments (`LoraBatch`), cut into tiles of at most TILE_ROWS rows of
+one slot for the Triton kernels (`pdserve/kernels/triton_lora.py`).
+
+Folded (the model's weights adopted, and at most FOLD_MAX_ROW_SLOTS rows x slots: every decode
+step): `LoraBatch.linear` runs one matmul over the fused weight [W; A of every slot], whose first
+`out` columns are the base output and the rest every slot's shrink, then one expand launch adds
+each row's slot's part times B into the first columns in place; the result is that row-strided
+[T, out] view (every consumer takes row strides). On CPU the same matmul runs, and
+`folded_expand_ref` is the expand.
+Split (`weights.fold` False, or a long prefill): the base matmul, then shrink and expand launches per projection, or
+`segmented_lora_ref` per sub-module: x [T, in], out [T, out] (a column slice of the fused output,
+updated in place), a [S, R, in], b [S, out, R], sorted_rows [T_lora] int64, seg_starts / seg_slots
+(host lists).
 """
 
 from __future__ import annotations
@@ -17,10 +24,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from pdserve.config.engine_config import ModelConfig
 from pdserve.worker.device_copy import to_device
-from pdserve.worker.lora.adapter import LoraAdapter, module_shapes
+from pdserve.worker.lora.lora_weights import LoraWeights, fused_slices
 
 if TYPE_CHECKING:
     from pdserve.kernels.triton_lora import LoraTiles
@@ -28,73 +36,12 @@ if TYPE_CHECKING:
 Tensor = torch.Tensor
 
 TILE_ROWS = 16  # rows of one slot per kernel tile (the kernels' BLOCK_M)
+# Folded only while rows x slots stays below this: the fused matmul computes every slot's shrink
+# for every row, free while the matmul is bound by reading weights (decode), wasted compute for a
+# long prefill, where the split path's two launches per projection cost little beside the matmul.
+FOLD_MAX_ROW_SLOTS = 16384
 
-
-def fused_slices(config: ModelConfig) -> dict[str, list[tuple[str, int]]]:
-    """pdserve's fused projection -> [(PEFT module, first output column)] inside its output."""
-    shapes = module_shapes(config)
-    q_size, kv_size = shapes["q_proj"][1], shapes["k_proj"][1]
-    inter = config.intermediate_size
-    return {
-        "qkv_proj": [("q_proj", 0), ("k_proj", q_size), ("v_proj", q_size + kv_size)],
-        "o_proj": [("o_proj", 0)],
-        "gate_up_proj": [("gate_proj", 0), ("up_proj", inter)],
-        "down_proj": [("down_proj", 0)],
-    }
-
-
-class LoraWeights:
-    """Preallocated adapter slots on the device, stacked per fused projection so one kernel launch
-    covers it: fused_a[proj]: [L, S, n_sub R, in], fused_b[proj]: [L, S, out_total, R] (model
-    dtype; S = max_loras_per_batch, R = max_lora_rank; n_sub: q/k/v or gate/up or one).
-    a[module] [L, S, R, in] and b[module] [L, S, out, R] are views of a target module's part.
-    A smaller rank, and a sub-module no adapter targets, stay zero, which adds nothing."""
-
-    def __init__(
-        self,
-        config: ModelConfig,
-        target_modules: tuple[str, ...],
-        num_slots: int,
-        max_rank: int,
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> None:
-        shapes = module_shapes(config)
-        self.num_layers = config.num_layers
-        self.num_slots = num_slots
-        self.max_rank = max_rank
-        self.target_modules = target_modules
-        L, S, R = config.num_layers, num_slots, max_rank  # noqa: N806
-        self.fused_a: dict[str, Tensor] = {}
-        self.fused_b: dict[str, Tensor] = {}
-        self.bounds: dict[str, tuple[int, ...]] = {}  # proj -> first column of subs 1..
-        self.a: dict[str, Tensor] = {}
-        self.b: dict[str, Tensor] = {}
-        self.slices: dict[str, list[tuple[str, int, int]]] = {}
-        for proj, subs in fused_slices(config).items():
-            self.slices[proj] = [(m, col, shapes[m][1]) for m, col in subs if m in target_modules]
-            if not self.slices[proj]:
-                continue
-            in_f = shapes[subs[0][0]][0]
-            out_total = subs[-1][1] + shapes[subs[-1][0]][1]
-            kw = {"dtype": dtype, "device": device}
-            self.fused_a[proj] = torch.zeros(L, S, len(subs) * R, in_f, **kw)
-            self.fused_b[proj] = torch.zeros(L, S, out_total, R, **kw)
-            self.bounds[proj] = tuple(col for _, col in subs[1:])
-            for k, (m, col) in enumerate(subs):
-                if m in target_modules:
-                    self.a[m] = self.fused_a[proj][:, :, k * R : (k + 1) * R]
-                    self.b[m] = self.fused_b[proj][:, :, col : col + shapes[m][1]]
-
-    def write(self, slot: int, adapter: LoraAdapter) -> None:
-        """Copy an adapter's host weights into `slot`, zeroing what it does not adapt."""
-        for module in self.target_modules:
-            self.a[module][:, slot].zero_()
-            self.b[module][:, slot].zero_()
-        for (layer, module), (a, b) in adapter.weights.items():
-            r = a.shape[0]
-            self.a[module][layer, slot, :r].copy_(a)  # [r, in]
-            self.b[module][layer, slot, :, :r].copy_(b)  # [out, r]
+__all__ = ["LoraBatch", "LoraGraphInputs", "LoraWeights", "fused_slices"]
 
 
 @dataclass
@@ -130,6 +77,29 @@ class LoraBatch:
             slots.append(slot)
         return cls(weights, rows, starts, slots, device)
 
+    def linear(self, layer_idx: int, proj: str, module: nn.Linear, x: Tensor) -> Tensor:
+        """module(x) [T, out] with the adapters' deltas of every target module fused into
+        projection `proj` added; x: [T, in]. Folded: a row-strided view of the fused output."""
+        w = self.weights
+        if not w.slices[proj]:
+            return module(x)
+        if not w.fold or x.shape[0] * w.num_slots > FOLD_MAX_ROW_SLOTS:
+            out = module(x)
+            self.apply(layer_idx, proj, x, out)
+            return out
+        fused = F.linear(x, w.fused_w[proj][layer_idx], w.fused_bias[proj][layer_idx])
+        n_out = w.out_features[proj]
+        out, shrunk = fused[:, :n_out], fused[:, n_out:]  # [T, out], [T, S n_sub R]
+        b = w.fused_b[proj][layer_idx]  # [S, out, R]
+        if self.use_kernels and self.device.type == "cuda":
+            from pdserve.kernels.triton_lora import lora_expand_folded
+
+            lora_expand_folded(shrunk, b, out, self._tiles(), w.bounds[proj], TILE_ROWS)
+        else:
+            rows = self._sorted_rows()
+            folded_expand_ref(shrunk, out, b, w.bounds[proj], rows, self.seg_starts, self.seg_slots)
+        return out
+
     def apply(self, layer_idx: int, proj: str, x: Tensor, out: Tensor) -> None:
         """Add the adapters' deltas to `out` ([T, out_total], the projection's output) in place
         for every target module fused into projection `proj`; x: [T, in] its input."""
@@ -143,18 +113,22 @@ class LoraBatch:
             a, b = w.fused_a[proj][layer_idx], w.fused_b[proj][layer_idx]
             segmented_lora(x, out, a, b, self._tiles(), w.bounds[proj], TILE_ROWS)
             return
-        if self.sorted_rows is None:
-            self.sorted_rows = to_device(torch.tensor(self.rows, dtype=torch.int64), self.device)
+        rows = self._sorted_rows()
         for module, col, size in w.slices[proj]:
             segmented_lora_ref(
                 x,
                 out[:, col : col + size],
                 w.a[module][layer_idx],
                 w.b[module][layer_idx],
-                self.sorted_rows,
+                rows,
                 self.seg_starts,
                 self.seg_slots,
             )
+
+    def _sorted_rows(self) -> Tensor:
+        if self.sorted_rows is None:
+            self.sorted_rows = to_device(torch.tensor(self.rows, dtype=torch.int64), self.device)
+        return self.sorted_rows
 
     def _tiles(self) -> LoraTiles:
         if self.tiles is None:
@@ -269,3 +243,26 @@ def segmented_lora_ref(
     """The torch reference of a segmented LoRA matmul (shrink then expand, per segment)."""
     y = lora_shrink_ref(x, a, sorted_rows, seg_starts, seg_slots)
     lora_expand_ref(y, out, b, sorted_rows, seg_starts, seg_slots)
+
+
+def folded_expand_ref(
+    shrunk: Tensor,  # [T, S n_sub R]: every slot's x @ A^T, a column slice of the fused output
+    out: Tensor,  # [T, out]: the fused output's first columns, updated in place
+    b: Tensor,  # [S, out, R]
+    bounds: tuple[int, ...],  # first output column of sub-modules 1..n_sub-1
+    sorted_rows: Tensor,  # [T_lora] int64
+    seg_starts: list[int],  # [num_segments + 1]
+    seg_slots: list[int],  # [num_segments]
+) -> None:
+    """The torch reference of `lora_expand_folded`: out[t, cols_k] += (row t's slot's shrink of
+    sub-module k) @ B_k[slot]^T for every row of a segment."""
+    num_slots, n_out, rank = b.shape
+    n_sub = len(bounds) + 1
+    cols = (0, *bounds, n_out)
+    for k, slot in enumerate(seg_slots):
+        rows = sorted_rows[seg_starts[k] : seg_starts[k + 1]]  # [n]
+        ys = shrunk.index_select(0, rows).view(-1, num_slots, n_sub, rank)[:, slot]  # [n, n_sub, R]
+        delta = torch.cat(
+            [ys[:, j] @ b[slot, cols[j] : cols[j + 1]].T for j in range(n_sub)], dim=1
+        )  # [n, out]
+        out.index_add_(0, rows, delta.to(out.dtype))

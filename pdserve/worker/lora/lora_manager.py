@@ -8,7 +8,10 @@ Who holds an adapter's weights:
 | `prepare` for a batch | yes                | yes; may evict the LRU adapter not in  |
 |                       |                    | this batch (the scheduler admits at    |
 |                       |                    | most num_slots distinct adapters)      |
-| `unload`              | dropped            | slot freed                             |
+| `unload`              | dropped            | slot freed and zeroed                  |
+
+Given the model, the slots' A matrices are folded into its projection weights (lora_weights.py):
+the manager is built once, after the weights are loaded and before any CUDA graph is captured.
 """
 
 from __future__ import annotations
@@ -18,11 +21,13 @@ import logging
 from collections import OrderedDict
 
 import torch
+from torch import nn
 
 from pdserve.config.engine_config import ModelConfig
 from pdserve.config.lora_config import LORA_TARGET_MODULES, LoraConfig
 from pdserve.worker.lora.adapter import LoraAdapter, load_adapter
-from pdserve.worker.lora.lora_layers import LoraBatch, LoraWeights
+from pdserve.worker.lora.lora_layers import LoraBatch
+from pdserve.worker.lora.lora_weights import LoraWeights, model_linears
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +41,7 @@ class LoraManager:
         model_config: ModelConfig,
         dtype: torch.dtype,
         device: torch.device,
+        model: nn.Module | None = None,  # its projections get the slots folded in
     ) -> None:
         self.model_config = model_config
         self.device = device
@@ -46,7 +52,10 @@ class LoraManager:
             targets = tuple(m for m in LORA_TARGET_MODULES if m in used) or LORA_TARGET_MODULES
         max_rank = config.max_lora_rank or max((a.rank for a in initial), default=_DEFAULT_MAX_RANK)
         self.num_slots = config.max_loras_per_batch
-        self.weights = LoraWeights(model_config, targets, self.num_slots, max_rank, dtype, device)
+        linears = model_linears(model) if model is not None else None
+        self.weights = LoraWeights(
+            model_config, targets, self.num_slots, max_rank, dtype, device, linears
+        )
         self.adapters: dict[str, LoraAdapter] = {}
         # The prefix cache's namespace of each adapter; never reused, so a name loaded again
         # with other weights never matches KV computed under the old ones.
@@ -71,7 +80,9 @@ class LoraManager:
         self.check_known(name)
         del self.adapters[name]
         del self.cache_keys[name]
-        self._slots.pop(name, None)
+        slot = self._slots.pop(name, None)
+        if slot is not None:
+            self.weights.clear(slot)
         logger.info("LoRA adapter %s unloaded", name)
 
     def check_known(self, name: str) -> None:

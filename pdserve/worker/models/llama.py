@@ -142,9 +142,10 @@ class LlamaAttention(nn.Module):
         cos_sin_cache: torch.Tensor,  # [max_positions, D] float32
     ) -> torch.Tensor:  # [T, hidden]
         num_tokens = x.shape[0]
-        qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) D]
-        if batch.lora is not None:  # adapters' deltas on the q/k/v columns, in place
-            batch.lora.apply(self.layer_idx, "qkv_proj", x, qkv)
+        if batch.lora is None:
+            qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) D]
+        else:  # with the adapters' deltas on the q/k/v columns (rows may be strided)
+            qkv = batch.lora.linear(self.layer_idx, "qkv_proj", self.qkv_proj, x)
         q, k, v = qkv.split(self.qkv_sizes, dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, Hq, D]
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
@@ -167,9 +168,7 @@ class LlamaAttention(nn.Module):
         out = out.reshape(num_tokens, self.num_heads * self.head_dim)  # [T, Hq D]
         if batch.lora is None:
             return self.o_proj(out)
-        o = self.o_proj(out)  # [T, hidden]
-        batch.lora.apply(self.layer_idx, "o_proj", out, o)
-        return o
+        return batch.lora.linear(self.layer_idx, "o_proj", self.o_proj, out)  # [T, hidden]
 
 
 class LlamaMLP(nn.Module):
@@ -198,12 +197,9 @@ class LlamaMLP(nn.Module):
             return self.down_proj(
                 self.kernels.silu_and_mul(self.gate_up_proj(x))
             )  # [T, 2I]->[T, I]
-        gate_up = self.gate_up_proj(x)  # [T, 2I]
-        lora.apply(self.layer_idx, "gate_up_proj", x, gate_up)
+        gate_up = lora.linear(self.layer_idx, "gate_up_proj", self.gate_up_proj, x)  # [T, 2I]
         act = self.kernels.silu_and_mul(gate_up)  # [T, I]
-        out = self.down_proj(act)  # [T, hidden]
-        lora.apply(self.layer_idx, "down_proj", act, out)
-        return out
+        return lora.linear(self.layer_idx, "down_proj", self.down_proj, act)  # [T, hidden]
 
 
 class LlamaDecoderLayer(nn.Module):
