@@ -96,6 +96,7 @@ class GenerateReq:
     embed: bool = False  # an embedding / score request: one forward pass, no decode
     lora_name: str | None = None  # the LoRA adapter to run under; None: the base model
     image_data: list[str] | None = None  # images (URL, path, base64), in prompt order
+    video_data: list[Any] | None = None  # videos (a file's URL/path/base64, or a list of frames)
 
 
 @dataclass
@@ -113,6 +114,11 @@ class MultimodalInputs:
     mrope_delta: int = 0  # M-RoPE: a token at index i >= prompt length sits at position i + delta
     image_sizes: list[list[int]] = field(default_factory=list)  # LLaVA: (height, width) as sent
     num_image_patches: list[int] = field(default_factory=list)  # LLaVA: tiles (pixel rows) each
+    # Videos ride as items beside the images: every per-image list above holds one entry per
+    # item (image or video) in prompt order; a video's tokens are `video_token_id`.
+    video_token_id: int = -1  # -1: no video token
+    is_video: list[bool] = field(default_factory=list)  # per item; []: all images
+    second_per_grid_ts: list[float] = field(default_factory=list)  # per item (Qwen2.5-VL videos)
 
 
 @dataclass

@@ -188,6 +188,9 @@ SAMPLES = [
         num_image_tokens=[1, 2],
         image_token_id=9,
         mrope_delta=-3,
+        video_token_id=10,
+        is_video=[False, True],
+        second_per_grid_ts=[0.0, 0.5],
     ),
 ]
 

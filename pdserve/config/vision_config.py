@@ -51,6 +51,7 @@ class VisionConfig:
     mrope_section: tuple[int, ...]  # rotary frequencies given to (temporal, height, width)
     window_size: int = 0  # qwen2_5_vl: a window's side in pixels
     fullatt_block_indexes: tuple[int, ...] = ()  # qwen2_5_vl: blocks attending to whole images
+    tokens_per_second: float = 0.0  # qwen2_5_vl: video time positions; 0: one per frame pair
 
     def __post_init__(self) -> None:
         if self.embed_dim % self.num_heads:
@@ -89,6 +90,7 @@ class LlavaVisionConfig:
     text_hidden_size: int
     tower: str = "siglip"  # "siglip" (OneVision) or "clip" (NeXT: a CLS position, pre-norm)
     single_tile_when_several: bool = True  # OneVision: several images take one tile each
+    video_token_id: int = -1  # OneVision: a video's frames (pooled); -1: no video
 
     def __post_init__(self) -> None:
         if not -self.num_layers - 1 <= self.feature_layer < 0:
@@ -144,6 +146,7 @@ def _llava_config(hf: dict[str, Any]) -> tuple[dict[str, Any], LlavaVisionConfig
         text_hidden_size=int(text["hidden_size"]),
         tower=tower,
         single_tile_when_several=not is_next,
+        video_token_id=-1 if is_next else int(hf.get("video_token_index", -1)),
     )
     return text, vision
 
@@ -271,5 +274,6 @@ def _qwen_vl_config(hf: dict[str, Any], archs: list[str]) -> tuple[dict[str, Any
         mrope_section=tuple(int(s) for s in section),
         window_size=int(v.get("window_size", 0)),
         fullatt_block_indexes=tuple(int(i) for i in v.get("fullatt_block_indexes", ())),
+        tokens_per_second=float(v.get("tokens_per_second", 4)) if kind == "qwen2_5_vl" else 0.0,
     )
     return text, vision

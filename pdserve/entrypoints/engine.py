@@ -106,12 +106,16 @@ class InProcessEngine:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def _images_per_prompt(
-        self, image_data: Any, prompts_ids: list[list[int]], is_batch: bool
+        self,
+        image_data: Any,
+        prompts_ids: list[list[int]],
+        is_batch: bool,
+        video_data: Any = None,
     ) -> list[tuple[list[int], Any]]:
-        """Each prompt's ids with its image placeholders expanded, and its MultimodalInputs
-        (None without images), as the tokenizer process makes them. ValueError naming a bad
-        image, a limit or a placeholder count that does not fit."""
-        if image_data is None:
+        """Each prompt's ids with its image (and video) placeholders expanded, and its
+        MultimodalInputs (None without any), as the tokenizer process makes them. ValueError
+        naming a bad image or video, a limit or a placeholder count that does not fit."""
+        if image_data is None and video_data is None:
             return [(ids, None) for ids in prompts_ids]
         if self._image_processor is None:
             from pdserve.multimodal.processor import ImageProcessor
@@ -121,19 +125,20 @@ class InProcessEngine:
                     self.config.model_path, self.tokenizer
                 )
             if self._image_processor is None:
-                raise ValueError("image_data: this model takes text only (it has no vision tower)")
-        per_prompt = image_data if is_batch else [image_data]
-        if not isinstance(per_prompt, list) or len(per_prompt) != len(prompts_ids):
-            raise ValueError(
-                f"image_data is invalid: expected one entry per prompt ({len(prompts_ids)})"
-            )
+                name = "image_data" if image_data is not None else "video_data"
+                raise ValueError(f"{name}: this model takes text only (it has no vision tower)")
+        per_prompt = _per_prompt("image_data", image_data, len(prompts_ids), is_batch)
+        videos_per_prompt = _per_prompt("video_data", video_data, len(prompts_ids), is_batch)
         out = []
-        for ids, sources in zip(prompts_ids, per_prompt):
-            if sources is None or sources == []:
+        for ids, sources, videos in zip(prompts_ids, per_prompt, videos_per_prompt):
+            if not sources and not videos:
                 out.append((ids, None))
                 continue
             processor = self._image_processor
-            images = processor.preprocess(sources if isinstance(sources, list) else [sources])
+            images = processor.preprocess_media(
+                sources if isinstance(sources, list) or not sources else [sources],
+                videos if isinstance(videos, list) or not videos else [videos],
+            )
             ids = processor.expand_ids(ids, images)
             out.append((ids, processor.inputs(ids, images)))
         return out
@@ -151,6 +156,7 @@ class InProcessEngine:
         return_hidden_states: bool = False,
         lora_path: str | list[str | None] | None = None,
         image_data: Any = None,
+        video_data: Any = None,
     ) -> dict[str, Any] | list[dict[str, Any]] | Iterator[dict[str, Any]]:
         """SGLang's Engine.generate: one prompt gives a dict, a list gives a list of dicts.
         stream=True (one prompt) gives an iterator of dicts whose text is cumulative.
@@ -158,14 +164,16 @@ class InProcessEngine:
         lora_path: a loaded adapter's name for every prompt, or a list aligned with them (None:
         the base model). image_data (a vision-language model): an image (data URL, path, URL
         or base64) or a list of them for one prompt; for a list of prompts, one such entry per
-        prompt. Each image needs its placeholder in the prompt, as the chat template writes."""
+        prompt. Each image needs its placeholder in the prompt, as the chat template writes.
+        video_data: the same for videos, a video being a file (data URL, path, URL or base64)
+        or a list of frames (each as an image); it needs its video placeholder."""
         self._check_open()
         self.options.check_inputs(prompt, sampling_params)
         is_batch, prompts_ids, params = self._normalize(prompt, input_ids, sampling_params)
         if stream and is_batch:
             raise ValueError("stream=True takes one prompt, not a list")
         loras = lora_names_for(lora_path, len(prompts_ids))
-        images = self._images_per_prompt(image_data, prompts_ids, is_batch)
+        images = self._images_per_prompt(image_data, prompts_ids, is_batch, video_data)
         tracked = [
             self._new_request(
                 ids, p, return_logprob, top_logprobs_num, return_hidden_states, lora, mm
@@ -418,3 +426,13 @@ def _encode_result(req: Request, e2e_latency: float) -> dict[str, Any]:
         )
     )
     return encode_result(choice, e2e_latency)
+
+
+def _per_prompt(name: str, data: Any, num_prompts: int, is_batch: bool) -> list[Any]:
+    """SGLang's image_data / video_data: one entry per prompt for a batch, else the entry."""
+    if data is None:
+        return [None] * num_prompts
+    entries = data if is_batch else [data]
+    if not isinstance(entries, list) or len(entries) != num_prompts:
+        raise ValueError(f"{name} is invalid: expected one entry per prompt ({num_prompts})")
+    return entries

@@ -66,11 +66,12 @@ class ProcessEngine:
         return_hidden_states: bool = False,
         lora_path: str | list[str | None] | None = None,
         image_data: Any = None,
+        video_data: Any = None,
     ) -> Any:
         body = self._request_body(
             prompt, input_ids, sampling_params, return_logprob, top_logprobs_num,
             return_hidden_states=return_hidden_states, lora_path=lora_path,
-            image_data=image_data,
+            image_data=image_data, video_data=video_data,
         )  # fmt: skip
         if stream:
             return self._stream({**body, "stream": True})
@@ -122,12 +123,13 @@ class ProcessEngine:
         return_hidden_states: bool = False,
         lora_path: str | list[str | None] | None = None,
         image_data: Any = None,
+        video_data: Any = None,
     ) -> Any:
         """A result dict (or list); with stream=True an async iterator of chunks."""
         body = self._request_body(
             prompt, input_ids, sampling_params, return_logprob, top_logprobs_num,
             return_hidden_states=return_hidden_states, lora_path=lora_path,
-            image_data=image_data,
+            image_data=image_data, video_data=video_data,
         )  # fmt: skip
         if stream:
             return self._astream({**body, "stream": True})
@@ -198,6 +200,7 @@ class ProcessEngine:
         return_hidden_states: bool = False,
         lora_path: str | list[str | None] | None = None,
         image_data: Any = None,
+        video_data: Any = None,
     ) -> dict[str, Any]:
         """The /generate body for one generate() call (both the sync and the async one)."""
         self.options.check_inputs(prompt, sampling_params)
@@ -208,6 +211,8 @@ class ProcessEngine:
         body["lora_path"] = lora_path
         if image_data is not None:  # SGLang's: per prompt a string or a list of them
             body["image_data"] = image_data
+        if video_data is not None:  # per prompt a video (a string or a list of frames) or a list
+            body["video_data"] = video_data
         return body
 
     def _shaped(self, result: Any) -> Any:
@@ -265,6 +270,8 @@ def _pick(body: dict[str, Any], i: int) -> dict[str, Any]:
         one["lora_path"] = body["lora_path"][i]
     if isinstance(body.get("image_data"), list):
         one["image_data"] = body["image_data"][i]
+    if isinstance(body.get("video_data"), list):
+        one["video_data"] = body["video_data"][i]
     return one
 
 

@@ -1,5 +1,5 @@
-"""The prefix cache's key for a request with images: its token ids with each image's placeholder
-tokens replaced by an id derived from the image's hash.
+"""The prefix cache's key for a request with images (and videos): its token ids with each image's
+(video's) placeholder tokens replaced by an id derived from its hash.
 
 Placeholder tokens are the same id for every image, so the token ids alone would let a request
 reuse KV computed for a different image. Keyed by hash, the same image twice shares its prefix
@@ -17,11 +17,11 @@ IMAGE_KEY_BASE = 1 << 64
 def image_keyed_ids(token_ids: list[int], mm: Any) -> list[int]:
     """`token_ids` (a prefix of the request's ids) keyed by image; `mm`: MultimodalInputs."""
     out = list(token_ids)
-    image_token_id = mm.image_token_id
+    placeholders = {mm.image_token_id, mm.video_token_id}  # a video is one item, as an image
     counts, hashes = mm.num_image_tokens, mm.image_hashes
     k, left = 0, counts[0] if counts else 0
     for i, tid in enumerate(out):
-        if tid != image_token_id or k >= len(counts):
+        if tid not in placeholders or k >= len(counts):
             continue
         out[i] = IMAGE_KEY_BASE + hashes[k]
         left -= 1

@@ -87,6 +87,11 @@ def decode_image(data: bytes, limits: ImageLimits, where: str = "image") -> Any:
     return image.convert("RGB")
 
 
+def read_source(source: str, limits: ImageLimits, where: str) -> bytes:
+    """The encoded bytes `source` names (a video file's too), within the size limit."""
+    return _read_bytes(source, limits, where)
+
+
 def _read_bytes(source: str, limits: ImageLimits, where: str) -> bytes:
     if source.startswith(_DATA_PREFIX):
         header, sep, payload = source.partition(",")

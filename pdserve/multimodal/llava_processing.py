@@ -15,6 +15,7 @@ import numpy as np
 from pdserve.config.vision_config import LlavaVisionConfig
 from pdserve.multimodal.image_loader import ImageLimits, load_images
 from pdserve.multimodal.processor import ImageProcessor, Images, image_hash
+from pdserve.multimodal.video_processing import Videos, llava_videos, merge_items
 from pdserve.protocol import MultimodalInputs
 
 
@@ -94,22 +95,22 @@ class LlavaImageProcessor(ImageProcessor):
         pixels = np.concatenate(tiles)  # [num_tiles, 3, S, S]
         return Images(pixels, [], hashes, tokens, sizes, counts)
 
+    def preprocess_videos(self, videos: list[Any]) -> Videos:
+        return llava_videos(self.hf, videos, self.llava.image_size // self.llava.patch_size)
+
     def inputs(self, input_ids: list[int], images: Images) -> MultimodalInputs:
-        num_pads = sum(1 for t in input_ids if t == self.llava.image_token_id)
-        if num_pads != sum(images.num_tokens):
-            raise ValueError(
-                f"the prompt holds {num_pads} image tokens: expected {sum(images.num_tokens)} "
-                f"for {len(images.num_tokens)} image(s)"
-            )
-        pixels = images.pixel_values
+        items = merge_items(input_ids, self.llava.image_token_id, self.video_token_id, images)
+        pixels = items.pixel_values  # [tiles and frames, 3, S, S]
         return MultimodalInputs(
             pixel_values=pixels.tobytes(),
             pixel_shape=list(pixels.shape),
             pixel_dtype="float32",
             image_grid_thw=[],
-            image_hashes=images.hashes,
-            num_image_tokens=images.num_tokens,
+            image_hashes=items.hashes,
+            num_image_tokens=items.num_tokens,
             image_token_id=self.llava.image_token_id,
-            image_sizes=images.image_sizes,
-            num_image_patches=images.num_patches,
+            image_sizes=items.image_sizes,
+            num_image_patches=items.num_patches,
+            video_token_id=self.video_token_id,
+            is_video=items.is_video,
         )

@@ -3,7 +3,8 @@ Hugging Face image processor on them, expand each image placeholder of the promp
 tokens as the image has, and pack the pixels for the worker (`protocol.MultimodalInputs`).
 
 The placeholder expansion is what transformers' `Qwen2VLProcessor` does (`<|image_pad|>` times
-t * h * w / merge^2); only the image processor is loaded, as its video processor needs torchvision.
+t * h * w / merge^2); only the image processor is loaded, as its video processor needs torchvision:
+videos go through the image processor frame by frame (`video_processing.py`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,16 @@ from pdserve.config.vision_config import (
     split_vlm_config,
 )
 from pdserve.multimodal.image_loader import ImageLimits, load_images
-from pdserve.multimodal.mrope import mrope_positions
+from pdserve.multimodal.mrope import mrope_positions, time_intervals
+from pdserve.multimodal.video_loader import VideoLimits, load_videos
+from pdserve.multimodal.video_processing import (
+    Videos,
+    expand_video_ids,
+    expand_videos,
+    merge_items,
+    qwen_videos,
+    video_frame_size,
+)
 from pdserve.protocol import MultimodalInputs
 
 
@@ -35,6 +45,7 @@ class Images(NamedTuple):
     num_tokens: list[int]  # per image: placeholder tokens
     image_sizes: list[list[int]] = []  # LLaVA, per image: (height, width) as sent
     num_patches: list[int] = []  # LLaVA, per image: tiles (rows of pixel_values)
+    videos: Videos | None = None  # the request's videos, if any
 
 
 def image_hash(pixels: np.ndarray, grid: list[int]) -> int:
@@ -61,6 +72,12 @@ class ImageProcessor:
         self.vision = vision
         self.limits = limits
         self.image_token = tokenizer.convert_ids_to_tokens(vision.image_token_id)
+        self.video_token_id: int = getattr(vision, "video_token_id", -1)  # -1: takes no video
+        self.video_token = None
+        if self.video_token_id >= 0:
+            self.video_token = tokenizer.convert_ids_to_tokens(self.video_token_id)
+        self.video_limits = VideoLimits()
+        self.model_path = Path(model_path)
 
     @classmethod
     def for_model(
@@ -98,8 +115,29 @@ class ImageProcessor:
         num_tokens = [g[0] * g[1] * g[2] // (merge * merge) for g in grids]
         return Images(pixels, grids, hashes, num_tokens)
 
+    def preprocess_media(
+        self, image_sources: list[Any] | None, video_sources: list[Any] | None
+    ) -> Images:
+        """A request's images and videos (either may be empty); ValueError as `preprocess`."""
+        if image_sources:
+            images = self.preprocess(image_sources)
+        else:
+            images = Images(np.empty(0, dtype=np.float32), [], [], [])
+        if not video_sources:
+            return images
+        if self.video_token is None:
+            raise ValueError("video_data: this model takes no video (images only)")
+        videos = load_videos(video_sources, self.video_limits)
+        return images._replace(videos=self.preprocess_videos(videos))
+
+    def preprocess_videos(self, videos: list[Any]) -> Videos:
+        size = video_frame_size(self.model_path)
+        return qwen_videos(self.hf, videos, self.vision.spatial_merge_size, size)
+
     def expand(self, prompt: str, images: Images) -> str:
-        """`prompt` with its k-th image placeholder repeated num_tokens[k] times."""
+        """`prompt` with its k-th image placeholder repeated num_tokens[k] times (and videos')."""
+        if self.video_token is not None:
+            prompt = expand_videos(prompt, self.video_token, images.videos)
         pieces = prompt.split(self.image_token)
         if len(pieces) - 1 != len(images.num_tokens):
             raise ValueError(
@@ -116,6 +154,8 @@ class ImageProcessor:
     def expand_ids(self, input_ids: list[int], images: Images) -> list[int]:
         """Token ids with one placeholder per image expanded as `expand` does text; ids that
         hold every image's tokens already (the processor's output) are returned as they are."""
+        if self.video_token is not None:
+            input_ids = expand_video_ids(input_ids, self.video_token_id, images.videos)
         pad = self.vision.image_token_id
         num_pads = sum(1 for t in input_ids if t == pad)
         if num_pads == sum(images.num_tokens):
@@ -133,20 +173,28 @@ class ImageProcessor:
 
     def inputs(self, input_ids: list[int], images: Images) -> MultimodalInputs:
         """The message part for the worker; ValueError if the ids do not hold the images."""
+        v = self.vision
+        items = merge_items(input_ids, v.image_token_id, self.video_token_id, images)
+        intervals = time_intervals(items.is_video, items.second_per_grid_ts, v.tokens_per_second)
         positions = mrope_positions(
             input_ids,
-            self.vision.image_token_id,
-            images.grid_thw,
-            self.vision.spatial_merge_size,
+            v.image_token_id,
+            items.grid_thw,
+            v.spatial_merge_size,
+            self.video_token_id,
+            intervals,
         )
-        pixels = images.pixel_values
+        pixels = items.pixel_values
         return MultimodalInputs(
             pixel_values=pixels.tobytes(),
             pixel_shape=list(pixels.shape),
             pixel_dtype="float32",
-            image_grid_thw=images.grid_thw,
-            image_hashes=images.hashes,
-            num_image_tokens=images.num_tokens,
-            image_token_id=self.vision.image_token_id,
+            image_grid_thw=items.grid_thw,
+            image_hashes=items.hashes,
+            num_image_tokens=items.num_tokens,
+            image_token_id=v.image_token_id,
             mrope_delta=positions.delta,
+            video_token_id=self.video_token_id,
+            is_video=items.is_video,
+            second_per_grid_ts=items.second_per_grid_ts,
         )

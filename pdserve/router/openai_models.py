@@ -81,7 +81,18 @@ class ImagePart(_Body):
     image_url: ImageURL
 
 
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class VideoURL(_Body):
+    # A video file (data:, file://, http(s)://, a path, base64) or vLLM's frames form,
+    # data:video/jpeg;base64,<frame>,<frame>,...
+    url: str = Field(..., min_length=1)
+
+
+class VideoPart(_Body):
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+
+ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 
 
 class ChatMessage(_Body):
@@ -99,9 +110,10 @@ class ChatMessage(_Body):
     def _text_parts_only(cls, value: Any) -> Any:
         for part in value if isinstance(value, list) else ():
             kind = part.get("type") if isinstance(part, dict) else None
-            if kind not in ("text", "image_url") and isinstance(kind, str):
+            if kind not in ("text", "image_url", "video_url") and isinstance(kind, str):
                 raise ValueError(
-                    f"content parts of type {kind!r} are not supported (text and image_url only)"
+                    f"content parts of type {kind!r} are not supported (text, image_url and "
+                    "video_url only)"
                 )
         return value
 
@@ -116,9 +128,12 @@ class ChatMessage(_Body):
         """The message as a chat template expects it: content a string, or with images a list
         of `{"type": "text", "text": ...}` and `{"type": "image"}` parts (`image_urls` in order)."""
         content: str | list[dict[str, Any]]
-        if isinstance(self.content, list) and self.image_urls():  # the template places images
+        if isinstance(self.content, list) and self.media_urls():  # the template places them
+            kinds = {ImagePart: "image", VideoPart: "video"}
             content = [
-                {"type": "text", "text": p.text} if isinstance(p, TextPart) else {"type": "image"}
+                {"type": "text", "text": p.text}
+                if isinstance(p, TextPart)
+                else {"type": kinds[type(p)]}
                 for p in self.content
             ]
         elif isinstance(self.content, list):
@@ -136,6 +151,14 @@ class ChatMessage(_Body):
         """The URLs of the message's image parts, in order."""
         parts = self.content if isinstance(self.content, list) else []
         return [p.image_url.url for p in parts if isinstance(p, ImagePart)]
+
+    def video_urls(self) -> list[str]:
+        """The URLs of the message's video parts, in order."""
+        parts = self.content if isinstance(self.content, list) else []
+        return [p.video_url.url for p in parts if isinstance(p, VideoPart)]
+
+    def media_urls(self) -> list[str]:
+        return self.image_urls() + self.video_urls()
 
 
 class JsonSchemaFormat(_Body):
@@ -233,6 +256,7 @@ class GenerateRequest(_Request):
     return_hidden_states: bool = False
     lora_path: str | list[str | None] | None = None
     image_data: Any = None
+    video_data: Any = None  # SGLang's: per prompt a video (file or list of frames) or a list
     priority: int | None = Field(None, ge=-(2**31), lt=2**31)  # higher first; None: online (0)
 
 
@@ -242,10 +266,11 @@ class AbortRequest(_Request):
 
 
 class EmbeddingRequest(_Request):
-    """OpenAI's `/v1/embeddings`: text(s) or token ids in, one vector per input out."""
+    """OpenAI's `/v1/embeddings`: text(s) or token ids in, one vector per input out; or, for a
+    multimodal embedding model, items {"text": ..., "image": ...} (`embedding_inputs.py`)."""
 
     model: str | None = None
-    input: PromptType
+    input: PromptType | list[dict[str, Any]]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
     user: str | None = None

@@ -90,7 +90,7 @@ REFUSED: dict[str, Refusal] = {
     "functions": Refusal(_TOOLS, CHAT, _is_empty),
     "function_call": Refusal(_TOOLS, CHAT, _asks_no_tool),
     "image_data": Refusal(_IMAGE_DATA, OPENAI),
-    "video_data": Refusal(f"video_data {_TEXT_ONLY}", EVERY),
+    "video_data": Refusal("is a /generate field (on chat, send video_url content parts)", OPENAI),
     "audio_data": Refusal(f"audio_data {_TEXT_ONLY}", EVERY),
     "audio": Refusal(f"audio output {_TEXT_ONLY}", CHAT),
     "modalities": Refusal("only modalities ['text'] is supported", CHAT, _is_text_modality),

@@ -70,8 +70,10 @@ def build_chat(spec: RouterSpec, body: ChatCompletionRequest) -> Fanout:
         top_logprobs_num=body.top_logprobs or 0,
         return_hidden_states=extra_flag(body, "return_hidden_states"),
     )
+    videos = [url for m in body.messages for url in m.video_urls()]
     for req in fan.reqs:  # the tokenizer process fetches and preprocesses them
         req.image_data = images or None
+        req.video_data = videos or None
     return fan
 
 

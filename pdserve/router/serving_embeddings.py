@@ -26,6 +26,7 @@ from pdserve.config.router_spec import RouterSpec
 from pdserve.config.sampling_params import SamplingParams
 from pdserve.router.admission import admit, build_checked
 from pdserve.router.choice_state import ChoiceState
+from pdserve.router.embedding_inputs import is_multimodal_input, multimodal_prompts
 from pdserve.router.errors import APIError, bad_request
 from pdserve.router.group_reader import run_to_end
 from pdserve.router.openai_models import EmbeddingRequest
@@ -76,11 +77,19 @@ def prompts_of(value: Any, param: str) -> tuple[list[Prompt], bool]:
 
 
 async def run_pooled(
-    router: Router, request: Request, prompts: list[Prompt], param: str
+    router: Router,
+    request: Request,
+    prompts: list[Prompt],
+    param: str,
+    images: list[list[str] | None] | None = None,
 ) -> list[ChoiceState]:
     """Run one pooled request per prompt (each its own route) to the end; APIError if any
-    failed. Every choice holds its `embedding`."""
-    fan = build_checked(lambda: fan_out(prompts, [_POOLED_SAMPLING], embed=True))
+    failed. Every choice holds its `embedding`. `images`: per prompt, for chat prompts whose
+    last (assistant) turn stays open (multimodal embeddings, `embedding_inputs.py`)."""
+    fields = {"continue_final_message": True, "add_generation_prompt": False} if images else {}
+    fan = build_checked(lambda: fan_out(prompts, [_POOLED_SAMPLING], embed=True, **fields))
+    for req, urls in zip(fan.reqs, images or []):
+        req.image_data = urls
     admit(router, fan, param)
     group = router.submit(fan.group_id, fan.reqs, fan.route_keys)
     choices = await run_to_end(router, request, group)
@@ -127,8 +136,12 @@ async def create_embeddings(router: Router, request: Request, body: EmbeddingReq
     check_model(spec, body.model)
     check_serves_pooling(spec, "/v1/embeddings")
     check_dimensions(spec, body.dimensions)
-    prompts, _ = prompts_of(body.input, "input")
-    choices = await run_pooled(router, request, prompts, "input")
+    images = None
+    if is_multimodal_input(body.input):
+        prompts, images = multimodal_prompts(body.input)  # type: ignore[arg-type]
+    else:
+        prompts, _ = prompts_of(body.input, "input")
+    choices = await run_pooled(router, request, prompts, "input", images)
     normalize = body.dimensions is not None and pooling_config(spec.model_path).normalize
     data = []
     for c in choices:

@@ -102,6 +102,38 @@ def _image_lists(image_data: Any, num_prompts: int, is_batch: bool) -> list[list
     return out
 
 
+def _video_lists(video_data: Any, num_prompts: int, is_batch: bool) -> list[list[Any] | None]:
+    """SGLang's `video_data` per prompt: one video or a list of them, a video being a file (a
+    URL, path or base64 string) or a list of frames (such strings); for a batch, a list with
+    one such entry per prompt."""
+    if video_data is None:
+        return [None] * num_prompts
+    entries = video_data if is_batch else [video_data]
+    if not isinstance(entries, list) or len(entries) != num_prompts:
+        raise bad_request(
+            f"video_data must have one entry per prompt ({num_prompts}) for a batch", "video_data"
+        )
+    out: list[list[Any] | None] = []
+    for entry in entries:
+        videos = [entry] if isinstance(entry, str) else entry
+        if videos is None or videos == []:
+            out.append(None)
+        elif isinstance(videos, list) and all(_is_video(v) for v in videos):
+            out.append(list(videos))
+        else:
+            raise bad_request(
+                "video_data: expected a video (a URL, path or base64 string, or a list of frames "
+                "as such strings), or a list of videos",
+                "video_data",
+            )
+    return out
+
+
+def _is_video(video: Any) -> bool:
+    frames = video if isinstance(video, list) else [video]
+    return bool(frames) and all(isinstance(f, str) and f for f in frames)
+
+
 def _check_supported(body: GenerateRequest) -> None:
     check_fields(body, "generate")
     given = body.sampling_params
@@ -115,6 +147,7 @@ def build_generate(body: GenerateRequest, default_max: int) -> tuple[Fanout, boo
     prompts, is_batch = _prompts(body)
     params = _samplings(body, len(prompts), default_max)
     images = _image_lists(body.image_data, len(prompts), is_batch)
+    videos = _video_lists(body.video_data, len(prompts), is_batch)
     num_copies = [p.n for p in params]
     num_subs = sum(num_copies)
     is_list = is_batch or num_subs > 1
@@ -133,7 +166,7 @@ def build_generate(body: GenerateRequest, default_max: int) -> tuple[Fanout, boo
                     priority=body.priority or ONLINE_PRIORITY,
                     return_hidden_states=body.return_hidden_states,
                     logprob_start_len=body.logprob_start_len if body.return_logprob else -1,
-                    image_data=images[p_idx],
+                    image_data=images[p_idx], video_data=videos[p_idx],
                 )
             )  # fmt: skip
             keys.append(p_idx)

@@ -27,6 +27,7 @@ CHAT_TEMPLATE = (
     "{%- if message['content'] is string %}{{- message['content'] }}"
     "{%- else %}{%- for part in message['content'] %}"
     "{%- if part['type'] == 'image' or part['type'] == 'image_url' %}{{- '<image>\\n' }}"
+    "{%- elif part['type'] == 'video' %}{{- '<video>\\n' }}"
     "{%- elif part['type'] == 'text' %}{{- part['text'] }}{%- endif %}"
     "{%- endfor %}{%- endif %}"
     "{{- '<|im_end|>\\n' }}"

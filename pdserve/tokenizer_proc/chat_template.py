@@ -46,8 +46,8 @@ def _content_text(content: Any, where: str) -> str | list[dict[str, Any]]:
         if kind == "text" and isinstance(part.get("text"), str):
             texts.append(part["text"])
             parts.append({"type": "text", "text": part["text"]})
-        elif kind == "image":  # the router's stand-in for an image_url part (image_data holds it)
-            parts.append({"type": "image"})
+        elif kind in ("image", "video"):  # the router's stand-ins for image_url / video_url parts
+            parts.append({"type": kind})  # (image_data / video_data hold them)
         elif kind in ("image_url", "input_image", "video_url", "input_audio"):
             raise ValueError(f"{where}[{j}]: images are not supported (content type {kind!r})")
         else:

@@ -140,13 +140,14 @@ class TokenizerCore:
         return Prepared(sampling, input_ids, prompt_text, mm)
 
     def load_images(self, req: GenerateReq) -> Images | None:
-        """The request's images, loaded and preprocessed (None: it has none). ValueError
-        naming a bad image or an exceeded limit."""
-        if not req.image_data:
+        """The request's images and videos, loaded and preprocessed (None: it has none).
+        ValueError naming a bad image or video or an exceeded limit."""
+        if not req.image_data and not req.video_data:
             return None
         if self.images is None:
-            raise ValueError("image_data: this model takes text only (it has no vision tower)")
-        return self.images.preprocess(req.image_data)
+            name = "image_data" if req.image_data else "video_data"
+            raise ValueError(f"{name}: this model takes text only (it has no vision tower)")
+        return self.images.preprocess_media(req.image_data, req.video_data)
 
     def with_images(self, prompt: Any, images: Images | None) -> Any:
         """The prompt with each image placeholder repeated as many times as its image has
@@ -190,7 +191,7 @@ class TokenizerCore:
 
     def is_long(self, req: GenerateReq) -> bool:
         """Whether tokenizing the request takes long enough to move it off the event loop."""
-        if req.image_data:  # images are fetched and preprocessed: never on the loop
+        if req.image_data or req.video_data:  # fetched and preprocessed: never on the loop
             return True
         if req.input_ids is not None:
             return len(req.input_ids) > _INLINE_MAX_IDS
@@ -526,7 +527,7 @@ def _tokenize_off_loop(
         to_router.send(error_output(req.rid, str(e)))
         return
     loop = asyncio.get_running_loop()
-    if req.image_data and core.image_pool is not None:
+    if (req.image_data or req.video_data) and core.image_pool is not None:
         future = asyncio.ensure_future(_prepare_with_images(core, req, encoder))
     else:
         future = loop.run_in_executor(encoder, core.prepare, req)

@@ -173,4 +173,5 @@ def _embed_task(msg: protocol.TokenizedReq, decode_idx: int) -> protocol.Prefill
         dst_pages=[],
         priority=msg.priority,
         embed=True,
+        mm=msg.mm,  # a multimodal embedding's images: the prefill encodes them
     )

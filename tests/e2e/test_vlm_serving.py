@@ -1,6 +1,7 @@
-"""Qwen2-VL served end to end on CPU: images through the OpenAI client (image_url parts),
-`/generate` (`image_data`) and the Engine, prefill + decode over tcp; greedy tokens equal
-transformers'; the prefix cache keyed by image; bad images are a 400 and the server goes on."""
+"""Qwen2-VL served end to end on CPU: images and videos through the OpenAI client (image_url and
+video_url parts), `/generate` (`image_data`, `video_data`) and the Engine, prefill + decode over
+tcp; greedy tokens equal transformers'; the prefix cache keyed by image; bad images and videos are
+a 400 and the server goes on."""
 
 from __future__ import annotations
 
@@ -34,8 +35,12 @@ from vlm_reference import (  # noqa: E402 - the multimodal tests' reference help
     chat_prompt,
     data_url,
     hf_greedy,
+    media_prompt,
     png_bytes,
+    qwen_reference,
+    random_frames,
     random_image,
+    video_data_url,
 )
 
 pytestmark = pytest.mark.slow
@@ -61,6 +66,7 @@ def reference(vlm_path: Path) -> Any:
         return hf_greedy(vlm_path, model, tokenizer, prompt, images, NUM_NEW)
 
     greedy.tokenizer = tokenizer  # type: ignore[attr-defined]
+    greedy.model = model  # type: ignore[attr-defined]
     return greedy
 
 
@@ -206,6 +212,93 @@ def test_engine_generate_with_image_data_equals_transformers(engine: Any, refere
     )
     assert outs[0]["output_ids"] == reference("One picture.", pics[:1])
     assert outs[1]["output_ids"] == reference("Two pictures.", pics)
+
+
+def video_reference(
+    vlm_path: Path, reference: Any, prompt: str, images: list, frames: list
+) -> list[int]:
+    return qwen_reference(
+        vlm_path, reference.model, reference.tokenizer, prompt, images, frames, NUM_NEW
+    )
+
+
+def test_videos_through_chat_generate_and_the_engine_equal_transformers(
+    client: openai.OpenAI, url: str, engine: Any, vlm_path: Path, reference: Any
+) -> None:
+    """A video file as a video_url part after an image; on /generate and the Engine, a file
+    and a list of frames."""
+    rng = np.random.default_rng()
+    pic, clip, frames = (
+        random_image(rng, 56, 84),
+        random_frames(rng, 4, 56, 56),
+        random_frames(rng, 2, 84, 56),
+    )
+    tokenizer = reference.tokenizer
+    content = [
+        {"type": "image_url", "image_url": {"url": data_url(pic)}},
+        {"type": "video_url", "video_url": {"url": video_data_url(clip)}},
+        {"type": "text", "text": "What happens?"},
+    ]
+    resp = client.chat.completions.create(
+        model="qwen2_vl", messages=[{"role": "user", "content": content}], **GREEDY
+    )
+    prompt = media_prompt(tokenizer, "What happens?", ["image", "video"])
+    expected = video_reference(vlm_path, reference, prompt, [pic], clip)
+    assert resp.choices[0].message.content == tokenizer.decode(expected, skip_special_tokens=True)
+    prompts = [
+        media_prompt(tokenizer, "A clip.", ["video"]),
+        media_prompt(tokenizer, "Frames.", ["video"]),
+    ]
+    video_data = [video_data_url(clip), [[data_url(f) for f in frames]]]
+    params = {"max_new_tokens": NUM_NEW, "min_new_tokens": NUM_NEW, "temperature": 0}
+    body = {"text": prompts, "video_data": video_data, "sampling_params": params}
+    out = httpx.post(f"{url}/generate", json=body, timeout=60).json()
+    want = [
+        video_reference(vlm_path, reference, prompts[0], [], clip),
+        video_reference(vlm_path, reference, prompts[1], [], frames),
+    ]
+    assert [o["output_ids"] for o in out] == want
+    assert [
+        o["output_ids"] for o in engine.generate(prompts, params, video_data=video_data)
+    ] == want
+
+
+def test_bad_videos_are_a_400_naming_the_problem_and_the_server_keeps_serving(
+    url: str, client: openai.OpenAI, reference: Any
+) -> None:
+    rng = np.random.default_rng(31)
+    frames = [data_url(f) for f in random_frames(rng, 2, 28, 28)]
+    not_video = "data:video/mp4;base64," + base64.b64encode(b"no frames in here" * 8).decode()
+    cases = [
+        (not_video, "is not a video"),
+        (
+            "data:video/jpeg;base64," + ",".join(f.split(",", 1)[1] for f in frames * 17),
+            "34 frames",
+        ),
+    ]
+    for video_url, problem in cases:
+        content = [
+            {"type": "video_url", "video_url": {"url": video_url}},
+            {"type": "text", "text": "hi"},
+        ]
+        with pytest.raises(openai.BadRequestError, match=problem):
+            client.chat.completions.create(
+                model="qwen2_vl", messages=[{"role": "user", "content": content}], **GREEDY
+            )
+    prompt = media_prompt(reference.tokenizer, "hi", ["video"])
+    odd_sizes = [frames[0], data_url(random_image(rng, 56, 28))]
+    for body, problem in [
+        ({"text": prompt, "video_data": [odd_sizes]}, "frames of one video must have one size"),
+        ({"text": "no placeholder", "video_data": [frames]}, "0 video placeholders"),
+        ({"text": prompt, "video_data": 5}, "video_data"),
+    ]:
+        resp = httpx.post(f"{url}/generate", json=body, timeout=30)
+        assert resp.status_code == 400 and problem in resp.text, resp.text
+    good = images(37, 1)[0]
+    ok = chat_ids(client, [data_url(good)], "hi", reference.tokenizer)
+    assert ok.choices[0].message.content == reference.tokenizer.decode(
+        reference("hi", [good]), skip_special_tokens=True
+    )
 
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"

@@ -106,22 +106,6 @@ OTHER_REFUSALS = [
     ),  # fmt: skip
     pytest.param(
         CHAT,
-        {
-            "messages": [
-                {
-                    "role": "user",
-                    "content": [
-                        {"type": "text", "text": "what is this?"},
-                        {"type": "video_url", "video_url": {"url": "https://example.com/cat.mp4"}},
-                    ],
-                }
-            ]
-        },
-        "messages",
-        id="chat-video-part",
-    ),  # fmt: skip
-    pytest.param(
-        CHAT,
         {"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]},
         "messages",
         id="chat-audio-part",

@@ -31,6 +31,8 @@ _POOLING_ARCHITECTURES: dict[str, type[LlamaForPooling]] = {
     for family in _FAMILIES
     for head in ("ForCausalLM", "Model", "ForSequenceClassification")
 }
+# gme-Qwen2-VL: a Qwen2-VL checkpoint pooled (last token); its unused lm_head is loaded as is.
+_POOLING_ARCHITECTURES["Qwen2VLForConditionalGeneration"] = Qwen2VLForConditionalGeneration  # type: ignore[assignment]
 
 
 def build_model(

@@ -5,12 +5,14 @@ decoder): a vision tower over square tiles, a 2-layer projector, and the decoder
 One image is its base tile's features, then its other tiles' features laid out as the image
 (padding cut off, shrunk beyond `max_num_tiles` tiles) with `image_newline` closing each row;
 several OneVision images take their base tile and one newline each (`multimodal/llava_processing.py`
-counts the same tokens). Parameter names are the published checkpoints' (`vision_tower.*`,
+counts the same tokens). A OneVision video is its frames' features, each pooled to half its side,
+and one newline (`multimodal/video_processing.py` counts them). Parameter names are the published checkpoints' (`vision_tower.*`,
 `multi_modal_projector.*`, `image_newline`, `language_model.*`).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -227,7 +229,8 @@ class ImageRowsModel(nn.Module):
             req = it.req
             if req.mm is not None and it.start < len(req.prompt_ids):
                 ids = np.asarray(req.prompt_ids, dtype=np.int64)
-                image_rows = np.flatnonzero(ids == req.mm.image_token_id)
+                is_item = (ids == req.mm.image_token_id) | (ids == req.mm.video_token_id)
+                image_rows = np.flatnonzero(is_item)
                 lo, hi = np.searchsorted(image_rows, [it.start, it.start + it.num_tokens])
                 if hi > lo:
                     rows.append(image_rows[lo:hi] - it.start + offset)
@@ -284,18 +287,34 @@ class LlavaOnevisionForConditionalGeneration(ImageRowsModel):
     # ------------------------------------------------------------------ images
 
     def encode_images(
-        self, tiles: Tensor, sizes: list[list[int]], counts: list[int]
+        self,
+        tiles: Tensor,
+        sizes: list[list[int]],
+        counts: list[int],
+        is_video: list[bool] | None = None,
     ) -> list[Tensor]:
-        """Each image's features [num_image_tokens, hidden]; tiles [sum(counts), 3, S, S]."""
+        """Each item's features [its placeholder tokens, hidden]; tiles [sum(counts), 3, S, S]:
+        an image's tiles, or a video's frames (`is_video`)."""
+        is_video = is_video or [False] * len(counts)
         features = self.vision_tower.vision_model(tiles)
         if self.vision.drop_first_feature:
             features = features[:, 1:]
         features = self.multi_modal_projector(features)  # [N, L, hidden]
-        is_multi = len(sizes) > 1 and self.vision.single_tile_when_several
+        num_images = sum(1 for video in is_video if not video)
+        is_multi = num_images > 1 and self.vision.single_tile_when_several
         return [
-            self._pack(f, (size[0], size[1]), is_multi)
-            for f, size in zip(features.split(counts), sizes)
+            self._pool_frames(f) if video else self._pack(f, (size[0], size[1]), is_multi)
+            for f, size, video in zip(features.split(counts), sizes, is_video)
         ]
+
+    def _pool_frames(self, frames: Tensor) -> Tensor:
+        """A video's frame features [F, L, hidden], each pooled bilinearly to half its side,
+        then one newline: [F * ceil(side / 2)^2 + 1, hidden] (transformers' apply_pooling)."""
+        side = self.vision.image_size // self.vision.patch_size
+        x = frames.view(frames.shape[0], side, side, -1).permute(0, 3, 1, 2)  # [F, hidden, s, s]
+        x = F.interpolate(x, size=[math.ceil(side / 2)] * 2, mode="bilinear")
+        x = x.permute(0, 2, 3, 1).reshape(-1, frames.shape[-1])
+        return torch.cat([x, self.image_newline.to(x.dtype)[None]])
 
     def _pack(self, tiles: Tensor, size: tuple[int, int], is_multi: bool) -> Tensor:
         """One image's tile features [n, L, hidden] as its placeholder rows."""
@@ -320,4 +339,4 @@ class LlavaOnevisionForConditionalGeneration(ImageRowsModel):
     def encode(self, mm: Any) -> list[Tensor]:
         pixels = torch.frombuffer(bytearray(mm.pixel_values), dtype=_DTYPES[mm.pixel_dtype])
         tiles = pixels.view(mm.pixel_shape).to(self.device)  # [tiles, 3, S, S]
-        return self.encode_images(tiles, mm.image_sizes, mm.num_image_patches)
+        return self.encode_images(tiles, mm.image_sizes, mm.num_image_patches, mm.is_video)

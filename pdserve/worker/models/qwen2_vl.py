@@ -12,7 +12,9 @@ an offset, and a decode worker needs nothing but the delta.
 
 Parameter names are the published checkpoints' (`visual.*`, `model.*`, `lm_head`). The vision
 tower runs on the prefill (or mixed) worker, once per image: encoded images are kept by hash
-(`multimodal/encoder_cache.py`).
+(`multimodal/encoder_cache.py`). A video is an image of several temporal patches (each frame
+pair attends to itself in the tower) whose tokens are `video_token_id`; its M-RoPE temporal
+positions step by 1 (Qwen2-VL) or tokens_per_second * seconds per pair (Qwen2.5-VL).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pdserve.config.vision_config import VisionConfig
 from pdserve.kernels.attention import AttentionBackend
 from pdserve.kernels.rotary_ref import rope_inv_freq
 from pdserve.multimodal.encoder_cache import EncoderCache
-from pdserve.multimodal.mrope import mrope_positions
+from pdserve.multimodal.mrope import mrope_positions, time_intervals
 from pdserve.scheduler.request import Request
 from pdserve.worker.forward_batch import ForwardBatch
 from pdserve.worker.kv_pool import KVPool
@@ -309,12 +311,20 @@ class Qwen2VLForConditionalGeneration(LlamaForCausalLM):
 
     def _request_images(self, req: Request) -> _RequestImages:
         if req.mm_state is None:
-            mm = req.mm
+            mm, v = req.mm, self.vision
+            is_video = mm.is_video or [False] * len(mm.image_grid_thw)
+            intervals = time_intervals(is_video, mm.second_per_grid_ts, v.tokens_per_second)
             found = mrope_positions(
-                req.prompt_ids, mm.image_token_id, mm.image_grid_thw, self.vision.spatial_merge_size
+                req.prompt_ids,
+                mm.image_token_id,
+                mm.image_grid_thw,
+                v.spatial_merge_size,
+                mm.video_token_id,
+                intervals,
             )
             ids = np.asarray(req.prompt_ids, dtype=np.int64)
-            req.mm_state = _RequestImages(found.positions, np.flatnonzero(ids == mm.image_token_id))
+            rows = np.flatnonzero((ids == mm.image_token_id) | (ids == mm.video_token_id))
+            req.mm_state = _RequestImages(found.positions, rows)
         return req.mm_state
 
     def _image_embeds(self, req: Request, state: _RequestImages) -> Tensor:

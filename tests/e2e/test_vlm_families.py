@@ -1,0 +1,210 @@
+"""LLaVA-OneVision and Pixtral served end to end on CPU (Qwen2-VL is `test_vlm_serving.py`'s):
+for each family one prefill + decode cluster (tcp) answers the official openai client (image_url
+parts) and `/generate` (`image_data`), and the in-process Engine runs a mixed worker (through
+examples/token_in_token_out/token_in_token_out_vlm_engine.py); greedy tokens for one and two
+images equal transformers' `generate` on the same tiny model and images. The family's
+examples/multimodal/*_server.py runs against the same cluster."""
+
+from __future__ import annotations
+
+import json
+import re
+import runpy
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import torch
+from e2e_clusters import start_cluster
+
+from pdserve.entrypoints.launch import Cluster
+from pdserve.multimodal.processor import ImageProcessor
+from pdserve.tiny_model.llava import build_tiny_llava_onevision, build_tiny_pixtral
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "multimodal"))
+from vlm_reference import chat_prompt, data_url, random_image  # noqa: E402
+
+pytestmark = pytest.mark.slow
+NUM_NEW = 6
+GREEDY = {"max_new_tokens": NUM_NEW, "min_new_tokens": NUM_NEW, "temperature": 0}
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+BUILDERS = {"llava_onevision": build_tiny_llava_onevision, "pixtral": build_tiny_pixtral}
+
+
+@dataclass
+class Family:
+    """One family's tiny model, its running cluster and transformers' greedy tokens."""
+
+    name: str
+    path: Path
+    cluster: Cluster
+    tokenizer: Any
+    greedy: Callable[[str, list[Any]], list[int]]  # (question, images) -> tokens
+
+    def prompt(self, question: str, num_images: int) -> str:
+        return chat_prompt(self.tokenizer, question, num_images)
+
+    def text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def hf_inputs(name: str, loaded: Any) -> dict[str, torch.Tensor]:
+    """transformers' pixel layout for the images the tokenizer process loaded: OneVision's
+    tiles padded per image [n, tiles, 3, S, S]; Pixtral's images padded to the largest."""
+    flat = torch.from_numpy(loaded.pixel_values)
+    sizes = torch.tensor(loaded.image_sizes)
+    if name == "llava_onevision":
+        per_image = flat.split(loaded.num_patches)
+        most = max(loaded.num_patches)
+        tiles = [torch.cat([t, t.new_zeros(most - len(t), *t.shape[1:])]) for t in per_image]
+        batch_num_images = torch.tensor([len(per_image)])
+        return {"pixel_values": torch.stack(tiles), "image_sizes": sizes,
+                "batch_num_images": batch_num_images}  # fmt: skip
+    height, width = (int(v) for v in sizes.max(dim=0).values)
+    padded, start = torch.zeros(len(sizes), 3, height, width), 0
+    for k, (h, w) in enumerate(loaded.image_sizes):
+        padded[k, :, :h, :w] = flat[start : start + 3 * h * w].view(3, h, w)
+        start += 3 * h * w
+    return {"pixel_values": padded, "image_sizes": sizes}
+
+
+def reference(name: str, path: Path, tokenizer: Any) -> Callable[[str, list[Any]], list[int]]:
+    import transformers
+
+    hf_class = {"llava_onevision": "LlavaOnevisionForConditionalGeneration",
+                "pixtral": "LlavaForConditionalGeneration"}[name]  # fmt: skip
+    model = getattr(transformers, hf_class).from_pretrained(path, dtype=torch.float32).eval()
+    processor = ImageProcessor.for_model(path, tokenizer)
+    assert processor is not None
+    memo: dict[tuple[Any, ...], list[int]] = {}
+
+    def greedy(question: str, images: list[Any]) -> list[int]:
+        key = (question, *map(id, images))
+        if key not in memo:
+            loaded = processor.preprocess([data_url(im) for im in images])
+            prompt = chat_prompt(tokenizer, question, len(images))
+            ids = tokenizer.encode(processor.expand(prompt, loaded), add_special_tokens=False)
+            input_ids = torch.tensor([ids])
+            out = model.generate(
+                input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                **hf_inputs(name, loaded), max_new_tokens=NUM_NEW, min_new_tokens=NUM_NEW,
+                do_sample=False,
+            )  # fmt: skip
+            memo[key] = out[0, len(ids) :].tolist()
+        return memo[key]
+
+    return greedy
+
+
+@pytest.fixture(scope="module", params=list(BUILDERS))
+def family(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Family]:
+    """The family's tiny model and its prefill + decode cluster (tcp), once per module."""
+    from transformers import AutoTokenizer
+
+    name = request.param
+    path = BUILDERS[name](tmp_path_factory.mktemp(name) / name, seed=21)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    cluster = start_cluster(path, "pd", kv_transfer="tcp")
+    try:
+        yield Family(name, path, cluster, tokenizer, reference(name, path, tokenizer))
+    finally:
+        cluster.stop(grace_s=1)
+
+
+# Two images of different shapes (OneVision: tiled alone, one tile each when two; Pixtral: each at
+# its own resolution).
+_RNG = np.random.default_rng(5)
+PICS = [random_image(_RNG, 60, 100), random_image(_RNG, 90, 50)]
+QUESTION = "What is in the pictures?"
+
+
+@pytest.mark.parametrize("num_images", [1, 2])
+def test_openai_chat_with_images_equals_transformers(family: Family, num_images: int) -> None:
+    client = openai.OpenAI(base_url=f"{family.cluster.url}/v1", api_key="unused", max_retries=0)
+    content: list[dict[str, Any]] = [
+        {"type": "image_url", "image_url": {"url": data_url(pic)}} for pic in PICS[:num_images]
+    ]
+    content.append({"type": "text", "text": QUESTION})
+    resp = client.chat.completions.create(
+        model=family.name, messages=[{"role": "user", "content": content}], temperature=0,
+        max_tokens=NUM_NEW, extra_body={"min_tokens": NUM_NEW},
+    )  # fmt: skip
+    assert resp.choices[0].message.content == family.text(
+        family.greedy(QUESTION, PICS[:num_images])
+    )
+    assert resp.usage.completion_tokens == NUM_NEW
+
+
+def test_generate_image_data_equals_transformers(family: Family) -> None:
+    body = {
+        "text": [family.prompt(QUESTION, 1), family.prompt(QUESTION, 2)],
+        "image_data": [data_url(PICS[0]), [data_url(p) for p in PICS]],
+        "sampling_params": GREEDY,
+    }
+    out = httpx.post(f"{family.cluster.url}/generate", json=body, timeout=60).json()
+    assert [o["output_ids"] for o in out] == [
+        family.greedy(QUESTION, PICS[:1]),
+        family.greedy(QUESTION, PICS),
+    ]
+
+
+def run_example(script: str, *args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *args], capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout
+
+
+def test_mixed_in_process_engine_equals_transformers(family: Family) -> None:
+    from pdserve.entrypoints.engine import Engine
+
+    prompts = [family.prompt(QUESTION, 1), family.prompt(QUESTION, 2)]
+    image_data = [data_url(PICS[0]), [data_url(p) for p in PICS]]
+    options = {"device": "cpu", "num_pages": 512, "page_size": 4}
+    with Engine(str(family.path), in_process=True, **options) as engine:
+        outs = engine.generate(prompts, GREEDY, image_data=image_data)
+    assert [o["output_ids"] for o in outs] == [
+        family.greedy(QUESTION, PICS[:1]),
+        family.greedy(QUESTION, PICS),
+    ]
+
+
+def test_token_in_token_out_vlm_engine_example_equals_transformers(
+    family: Family, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: Any
+) -> None:
+    """The token-in/token-out VLM example with --in-process (a mixed worker), run as __main__
+    in this process (a process of its own would spend ~10 s importing): the first image alone,
+    then both, in one batch."""
+    paths = []
+    for k, pic in enumerate(PICS):
+        paths += ["--image", str(tmp_path / f"image{k}.png")]
+        pic.save(paths[-1])
+    script = EXAMPLES / "token_in_token_out" / "token_in_token_out_vlm_engine.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--model", str(family.path), "--device", "cpu",
+                        "--in-process", "--max-new-tokens", str(NUM_NEW), *paths])  # fmt: skip
+    runpy.run_path(str(script), run_name="__main__")
+    out = capsys.readouterr().out
+    got = [json.loads(ids) for ids in re.findall(r"Generated token ids: (\[.*\])", out)]
+    assert got == [
+        family.greedy("Describe this image.", PICS[:1]),
+        family.greedy("What differs between these images?", PICS),
+    ], out
+
+
+def test_server_example_runs_against_the_cluster(family: Family) -> None:
+    out = run_example(f"multimodal/{family.name}_server.py", "--base-url", family.cluster.url)
+    for marker in ("Single image: '", "Two images: '", "/generate with image_data: '"):
+        assert marker in out, out
+    cached = [int(n) for n in re.findall(r"cached (\d+)", out)]
+    assert cached[0] < cached[1], out  # the same image asked again: a prefix-cache hit
