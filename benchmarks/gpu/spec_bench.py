@@ -5,17 +5,20 @@ and proposes `accept - 1` right tokens followed by wrong ones, so every verify p
 tokens per row yields exactly `accept` tokens (the right drafts and the target's own token). The
 draft itself costs nothing here: the table measures the verify side (one k + 1-token extend pass
 per step against one graph-captured decode step), which is the ceiling an EAGLE or n-gram drafter
-approaches as its own cost shrinks.
+approaches as its own cost shrinks. The verify pass replays its CUDA graphs (one per batch-size
+bucket, k + 1 tokens a row: speculative/factory.make_verify_graphs) where the plain loop has
+graphs; --eager-verify runs it eagerly instead, for comparison.
 
     python benchmarks/gpu/spec_bench.py                        # 1B and 8B shapes, batch 1 and 16
     python benchmarks/gpu/spec_bench.py --shapes 1b --batches 1 --accept 2,4
+    python benchmarks/gpu/spec_bench.py --shapes 1b --eager-verify    # the verify pass eagerly
     python benchmarks/gpu/spec_bench.py --device cpu --tiny    # smoke run: the tiny model, CPU
 
 Each row: decode tokens/s over the steps after every request's first token (prefill excluded),
 the accepted tokens per verify row actually measured, the speedup over the plain loop and
 whether the outputs equal the plain run's (bf16 kernels of different shapes may break an argmax
 tie differently on random weights; the oracle then drafts from the plain run's tokens, and the
-measured acceptance shows it).
+measured acceptance shows it). "verify graphs": the verify passes replayed from a graph, of all.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from pdserve.config.sampling_params import SamplingParams  # noqa: E402
 from pdserve.config.speculative_config import SpeculativeConfig  # noqa: E402
 from pdserve.entrypoints.engine import Engine  # noqa: E402
 from pdserve.scheduler.request import Request  # noqa: E402
+from pdserve.worker.speculative.factory import make_verify_graphs  # noqa: E402
 from pdserve.worker.speculative.spec_step import SpeculativeDecoder  # noqa: E402
 
 
@@ -105,6 +109,11 @@ def bench_shape(name: str, model: Path, args: argparse.Namespace) -> list[tuple]
     core = engine.core
     vocab = core.model_config.vocab_size
     rng = random.Random(0)
+    cfg = SpeculativeConfig(
+        speculative_algorithm="NGRAM", speculative_num_draft_tokens=num_drafts + 1
+    )
+    # Captured once: every run below verifies k + 1 tokens a row.
+    graphs = None if args.eager_verify else make_verify_graphs(cfg, core.runner)
     rows = []
     for batch in args.batches:
         prompts = [[rng.randrange(3, min(vocab, 30000)) for _ in range(args.prompt_len)]
@@ -113,16 +122,14 @@ def bench_shape(name: str, model: Path, args: argparse.Namespace) -> list[tuple]
         core.spec = None
         reference, seconds, tokens = run(engine, prompts, args.new_tokens, device, "plain")
         base = tokens / seconds
-        rows.append((name, batch, "plain", "-", "-", base, 1.0, "-"))
+        rows.append((name, batch, "plain", "-", "-", base, 1.0, "-", "-"))
         print(rows[-1], flush=True)
         for n, accept in enumerate([max(args.accept), *args.accept]):  # the first one warms up
-            cfg = SpeculativeConfig(
-                speculative_algorithm="NGRAM", speculative_num_draft_tokens=num_drafts + 1
-            )
             drafter = OracleDrafter({}, accept, vocab)
             core.spec = SpeculativeDecoder(
-                cfg, core.runner, core.scheduler, core._sampling_row, core.max_context_len, drafter
-            )
+                cfg, core.runner, core.scheduler, core._sampling_row, core.max_context_len,
+                drafter, graphs,
+            )  # fmt: skip
             core.overlap = False
             tag = f"a{accept}-{n}-"
             drafter.reference = {f"{tag}{rid}": ids for rid, ids in reference.items()}
@@ -133,8 +140,9 @@ def bench_shape(name: str, model: Path, args: argparse.Namespace) -> list[tuple]
             stats = core.spec.stats
             same = all(outs[rid] == reference[rid] for rid in reference)
             rate = tokens / seconds
+            replayed = f"{stats.num_graph_steps}/{stats.num_verify_steps}" if graphs else "off"
             rows.append((name, batch, f"k={num_drafts}", accept, f"{stats.accept_length:.2f}",
-                         rate, rate / base, "yes" if same else "no"))  # fmt: skip
+                         rate, rate / base, replayed, "yes" if same else "no"))  # fmt: skip
             print(rows[-1], flush=True)
         core.spec = None
         core.overlap = core.config.overlap_schedule
@@ -151,6 +159,9 @@ def main() -> None:
     parser.add_argument("--batches", default=None, help="default: 1,16 (tiny: 1,4)")
     parser.add_argument("--accept", default="2,3,4", help="tokens per verify row to force")
     parser.add_argument("--num-drafts", type=int, default=4, help="drafts per row per step")
+    parser.add_argument(
+        "--eager-verify", action="store_true", help="run the verify pass without its CUDA graphs"
+    )
     parser.add_argument("--prompt-len", type=int, default=None, help="default 128 (tiny: 16)")
     parser.add_argument("--new-tokens", type=int, default=None, help="default 256 (tiny: 24)")
     parser.add_argument(
@@ -186,11 +197,11 @@ def main() -> None:
         rows += bench_shape(name, model, args)
     print(f"\nprompt {args.prompt_len} tokens, {args.new_tokens} new, greedy, device {args.device}")
     print("| model | batch | run | forced accept | measured accept | decode tok/s | speedup | "
-          "same tokens |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
-    for name, batch, kind, accept, measured, rate, speedup, same in rows:
+          "verify graphs | same tokens |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, batch, kind, accept, measured, rate, speedup, replayed, same in rows:
         print(f"| {name} | {batch} | {kind} | {accept} | {measured} | {rate:.1f} | "
-              f"{speedup:.2f}x | {same} |")  # fmt: skip
+              f"{speedup:.2f}x | {replayed} | {same} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -14,6 +14,15 @@ With LoRA on, each bucket gets a second graph captured with the LoRA kernels in 
 batch's adapter tiles from a static buffer (`LoraGraphInputs`: at most max_loras_per_batch
 adapters, the tiles past the batch's empty), so a decode step with adapters replays too. A step
 without adapters replays the first graph and pays nothing for LoRA.
+
+Speculative decoding's chain verify pass (worker/speculative/spec_step.py) replays a second
+runner of its own, `tokens_per_row` = 1 + k: every row is a causal extend of exactly 1 + k tokens
+(a row with fewer is padded after its real tokens: verify_batch.build_padded_chain_batch), so the
+extend kernel's grid (max_extend_len = 1 + k) is fixed at capture. Padding tokens, in a real row
+or a padded one, feed token 0 at position 0 into slot 0 (page 0); a padded row's seq_len is 1 + k
+(an extend over no prefix, reading page 0 only). A real row's tokens see only the keys before
+them (causal), so the padding after them changes nothing they compute. Its graphs return every
+token's hidden state; the caller reads the real rows and computes their logits outside the graph.
 """
 
 from __future__ import annotations
@@ -59,93 +68,127 @@ def num_table_pages(max_context_len: int, page_size: int) -> int:
     return -(-max_context_len // page_size)
 
 
-class DecodeInputs:
+class GraphInputs:
     """The graphs' static inputs, sized for the largest bucket and the longest context.
 
-    Rows of the buffers that hold no real sequence hold the padding values (module docstring).
+    Every row feeds `tokens_per_row` tokens: 1 for a decode step; 1 + k for a chain verify pass
+    (row b's tokens are rows b * tokens_per_row.. of the token arrays). Rows of the buffers that
+    hold no real sequence hold the padding values (module docstring): tokens 0 at position 0
+    writing slot 0, seq_len tokens_per_row (an extend over no prefix), a page table row of zeros.
     """
 
     def __init__(
-        self, max_batch: int, max_pages: int, max_context_len: int, device: torch.device | str
+        self,
+        max_batch: int,
+        max_pages: int,
+        max_context_len: int,
+        device: torch.device | str,
+        tokens_per_row: int = 1,
     ) -> None:
         kw = {"device": device}
+        n = tokens_per_row
         self.max_context_len = max_context_len
-        self.input_ids = torch.zeros(max_batch, dtype=torch.int64, **kw)  # [max_batch]
-        self.positions = torch.zeros(max_batch, dtype=torch.int64, **kw)  # [max_batch]
-        self.slots = torch.zeros(max_batch, dtype=torch.int64, **kw)  # [max_batch]
-        self.seq_lens = torch.ones(max_batch, dtype=torch.int32, **kw)  # [max_batch]
+        self.tokens_per_row = n
+        self.input_ids = torch.zeros(max_batch * n, dtype=torch.int64, **kw)  # [max_batch * n]
+        self.positions = torch.zeros(max_batch * n, dtype=torch.int64, **kw)  # [max_batch * n]
+        self.slots = torch.zeros(max_batch * n, dtype=torch.int64, **kw)  # [max_batch * n]
+        self.seq_lens = torch.full((max_batch,), n, dtype=torch.int32, **kw)  # [max_batch]
         self.page_table = torch.zeros(max_batch, max_pages, dtype=torch.int32, **kw)
-        self.logit_idx = torch.arange(max_batch, dtype=torch.int64, **kw)  # one token per row
-        self.extend_lens = torch.ones(max_batch, dtype=torch.int32, **kw)  # [max_batch]
-        self.extend_starts = torch.arange(max_batch, dtype=torch.int32, **kw)  # [max_batch]
+        rows = torch.arange(max_batch, dtype=torch.int64, **kw)  # [max_batch]
+        self.logit_idx = rows * n + n - 1  # [max_batch]: each row's last token
+        self.extend_lens = torch.full((max_batch,), n, dtype=torch.int32, **kw)  # [max_batch]
+        self.extend_starts = (rows * n).to(torch.int32)  # [max_batch]
         # Rows at or past this hold padding values; rows below may hold an earlier batch's data.
         self._num_dirty_rows = 0
 
     def batch(self, bs: int) -> ForwardBatch:
-        """The first bs rows as a decode batch: what a graph of size bs is captured on."""
+        """The first bs rows as one batch: what a graph of size bs is captured on."""
+        n = self.tokens_per_row
         return ForwardBatch(
-            input_ids=self.input_ids[:bs],
-            positions=self.positions[:bs],
-            slots=self.slots[:bs],
+            input_ids=self.input_ids[: bs * n],
+            positions=self.positions[: bs * n],
+            slots=self.slots[: bs * n],
             page_table=self.page_table[:bs],
             seq_lens=self.seq_lens[:bs],
-            seq_lens_cpu=[1] * bs,
-            extend_lens_cpu=[1] * bs,
+            # Host lists a capturable backend never reads (only the torch reference does).
+            seq_lens_cpu=[n] * bs,
+            extend_lens_cpu=[n] * bs,
             logit_idx=self.logit_idx[:bs],
-            is_decode=True,
+            is_decode=n == 1,
             extend_lens=self.extend_lens[:bs],
             extend_starts=self.extend_starts[:bs],
-            max_extend_len=1,
+            max_extend_len=n,  # fixes the extend kernel's grid
             max_seq_len=self.max_context_len,  # fixes the decode kernel's split count
         )
 
     def load(self, fb: ForwardBatch) -> None:
-        """Copy a decode batch into the first rows; every row after it holds padding values."""
-        bsz, num_pages = fb.batch_size, fb.page_table.shape[1]
-        self.input_ids[:bsz].copy_(fb.input_ids)
-        self.positions[:bsz].copy_(fb.positions)
-        self.slots[:bsz].copy_(fb.slots)
+        """Copy a batch of tokens_per_row tokens a row into the first rows (fb's tensors may be on
+        the host: one copy each); every row after it holds padding values."""
+        bsz, num_pages, n = fb.batch_size, fb.page_table.shape[1], self.tokens_per_row
+        if fb.num_tokens != bsz * n:
+            raise ValueError(
+                f"a batch of {bsz} rows and {fb.num_tokens} tokens: the graphs take exactly "
+                f"{n} tokens a row"
+            )
+        self.input_ids[: bsz * n].copy_(fb.input_ids)
+        self.positions[: bsz * n].copy_(fb.positions)
+        self.slots[: bsz * n].copy_(fb.slots)
         self.seq_lens[:bsz].copy_(fb.seq_lens)
         # Columns past num_pages keep stale page ids, but no row reads past its own seq_len.
         self.page_table[:bsz, :num_pages].copy_(fb.page_table)
         if self._num_dirty_rows > bsz:  # a larger batch wrote these rows: make them padding again
             end = self._num_dirty_rows
-            self.input_ids[bsz:end].zero_()
-            self.positions[bsz:end].zero_()
-            self.slots[bsz:end].zero_()
-            self.seq_lens[bsz:end].fill_(1)
+            self.input_ids[bsz * n : end * n].zero_()
+            self.positions[bsz * n : end * n].zero_()
+            self.slots[bsz * n : end * n].zero_()
+            self.seq_lens[bsz:end].fill_(n)
             self.page_table[bsz:end].zero_()
         self._num_dirty_rows = bsz
 
 
 class CudaGraphRunner:
-    """Captures `model_runner.model` on decode batches; `replay` returns logits [B, V] float32.
+    """Captures `model_runner.model` on batches of `tokens_per_row` tokens a row.
 
-    Does nothing (can_run is always False) when the attention backend's decode cannot be captured.
+    tokens_per_row 1: decode steps; `replay` returns logits [B, V] float32 (with LoRA graphs too).
+    tokens_per_row n > 1: chain verify passes of speculative decoding (worker/speculative/), each
+    row a causal extend of n tokens over its paged KV; `replay` returns the final-normed hidden
+    states of every token, [B * n, hidden], from which the caller computes the logits it reads.
+    Steps with LoRA adapters do not replay these (no LoRA graphs are captured for them).
+
+    Does nothing (can_run is always False) when the attention backend cannot be captured.
     """
 
-    def __init__(self, model_runner: ModelRunner) -> None:
+    def __init__(self, model_runner: ModelRunner, tokens_per_row: int = 1) -> None:
+        if tokens_per_row < 1:
+            raise ValueError(f"tokens_per_row must be >= 1, got {tokens_per_row}")
         config = model_runner.config
         self.model = model_runner.model
         self.kv_pool = model_runner.kv_pool
         self.device = model_runner.device
+        self.tokens_per_row = tokens_per_row
         self.max_context_len = (
             config.scheduler.max_context_len or model_runner.model_config.max_position_embeddings
         )
-        self.max_pages = num_table_pages(self.max_context_len, model_runner.page_size)
+        # A verify row's padding tokens sit after its real ones: up to n - 1 past the context.
+        max_seq_len = self.max_context_len + tokens_per_row - 1
+        self.max_pages = num_table_pages(max_seq_len, model_runner.page_size)
         max_batch = min(config.cuda_graph_max_batch, config.scheduler.max_running_requests)
         self.batch_sizes: list[int] = []  # captured, ascending
-        # (bs, with LoRA) -> graph, and its output [bs, V] float32 in the graph pool
+        # (bs, with LoRA) -> graph, and its output in the graph pool: logits [bs, V] float32
+        # (decode) or hidden states [bs * n, hidden] (verify)
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[int, bool], torch.Tensor] = {}
         self.lora_inputs: LoraGraphInputs | None = None
+        self.num_replays = 0
         attention = self.model.attention
         if not attention.supports_cuda_graph:
             logger.info("CUDA graphs off: attention backend %r cannot be captured", attention.name)
             return
         sizes = capture_batch_sizes(max_batch)
-        self.inputs = DecodeInputs(sizes[-1], self.max_pages, self.max_context_len, self.device)
-        if model_runner.lora is not None:
+        self.inputs = GraphInputs(
+            sizes[-1], self.max_pages, self.max_context_len, self.device, tokens_per_row
+        )
+        if model_runner.lora is not None and tokens_per_row == 1:
             from pdserve.worker.lora.lora_layers import LoraGraphInputs
 
             self.lora_inputs = LoraGraphInputs(model_runner.lora.weights, sizes[-1], self.device)
@@ -165,44 +208,57 @@ class CudaGraphRunner:
         torch.cuda.synchronize(self.device)
         self.batch_sizes = sorted(sizes)
         logger.info(
-            "captured %d CUDA graphs (decode batch sizes %s%s, contexts up to %d) in %.1f s",
+            "captured %d CUDA graphs (%s batch sizes %s%s, contexts up to %d) in %.1f s",
             len(self.graphs),
+            "decode"
+            if self.tokens_per_row == 1
+            else f"verify ({self.tokens_per_row} tokens a row)",
             self.batch_sizes,
             ", with and without LoRA" if self.lora_inputs is not None else "",
             self.max_context_len,
             time.perf_counter() - start,
         )
 
+    def _forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """What a graph runs: logits [B, V] (decode) or every token's hidden state [T, hidden]."""
+        if self.tokens_per_row == 1:
+            return self.model(batch, self.kv_pool)
+        return self.model.forward_hidden(batch, self.kv_pool, all_rows=True)
+
     def _capture_one(self, batch: ForwardBatch, key: tuple[int, bool], pool: object) -> None:
         for _ in range(_NUM_WARMUP_RUNS):
-            self.model(batch, self.kv_pool)
+            self._forward(batch)
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
-            self.outputs[key] = self.model(batch, self.kv_pool)
+            self.outputs[key] = self._forward(batch)
         self.graphs[key] = graph
 
     def can_run(self, fb: ForwardBatch) -> bool:
+        n = self.tokens_per_row
         return (
             bool(self.batch_sizes)
-            and fb.is_decode
+            and fb.is_decode == (n == 1)
+            and fb.tree_mask is None
             and fb.batch_size <= self.batch_sizes[-1]
-            and (fb.max_seq_len or 0) <= self.max_context_len
+            and fb.num_tokens == fb.batch_size * n
+            and (fb.max_seq_len or 0) <= self.max_context_len + n - 1
             and fb.page_table.shape[1] <= self.max_pages
             and (fb.lora is None or self.lora_inputs is not None)
         )
 
     def replay(self, fb: ForwardBatch) -> torch.Tensor:
-        """Logits [B, V] float32 of a decode batch (can_run(fb) must hold).
+        """Logits [B, V] float32 of a decode batch, or hidden states [B * n, hidden] of a verify
+        batch (can_run(fb) must hold).
 
         The result lives in the graphs' memory pool: it is valid until the next replay.
         """
         bsz = fb.batch_size
         bs = padded_batch_size(self.batch_sizes, bsz)
-        if bs is None or not fb.is_decode:
+        if bs is None or fb.is_decode != (self.tokens_per_row == 1):
             raise ValueError(
                 f"no CUDA graph for a batch of {bsz} (decode={fb.is_decode}): captured "
-                f"decode sizes {self.batch_sizes}"
+                f"sizes {self.batch_sizes} of {self.tokens_per_row} tokens a row"
             )
         self.inputs.load(fb)
         key = (bs, fb.lora is not None)
@@ -213,4 +269,5 @@ class CudaGraphRunner:
                 )
             self.lora_inputs.load(fb.lora)
         self.graphs[key].replay()
-        return self.outputs[key][:bsz]
+        self.num_replays += 1
+        return self.outputs[key][: bsz * self.tokens_per_row]

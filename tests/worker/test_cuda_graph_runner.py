@@ -14,7 +14,7 @@ from pdserve.scheduler.scheduler import BatchItem, ScheduledBatch
 from pdserve.worker.cuda_graph_runner import (
     BATCH_SIZE_BUCKETS,
     CudaGraphRunner,
-    DecodeInputs,
+    GraphInputs,
     capture_batch_sizes,
     num_table_pages,
     padded_batch_size,
@@ -89,7 +89,7 @@ def _decode_batch(seq_lens: list[int], tables: list[list[int]], page_size: int) 
     )
 
 
-def _assert_padding_rows(inputs: DecodeInputs, start: int, end: int) -> None:
+def _assert_padding_rows(inputs: GraphInputs, start: int, end: int) -> None:
     assert inputs.input_ids[start:end].eq(0).all()
     assert inputs.positions[start:end].eq(0).all()
     assert inputs.slots[start:end].eq(0).all()  # page 0, never handed out
@@ -98,7 +98,7 @@ def _assert_padding_rows(inputs: DecodeInputs, start: int, end: int) -> None:
 
 
 def test_rows_past_a_smaller_batch_are_reset_to_padding() -> None:
-    inputs = DecodeInputs(max_batch=8, max_pages=4, max_context_len=64, device="cpu")
+    inputs = GraphInputs(max_batch=8, max_pages=4, max_context_len=64, device="cpu")
     big = _decode_batch([5, 20, 33, 9], [[3], [4, 7], [1, 2, 5], [6]], page_size=16)
     inputs.load(big)
     view = inputs.batch(4)
@@ -116,7 +116,7 @@ def test_rows_past_a_smaller_batch_are_reset_to_padding() -> None:
 
 
 def test_graph_view_of_the_inputs_shares_their_memory() -> None:
-    inputs = DecodeInputs(max_batch=4, max_pages=2, max_context_len=32, device="cpu")
+    inputs = GraphInputs(max_batch=4, max_pages=2, max_context_len=32, device="cpu")
     view = inputs.batch(2)
     inputs.load(_decode_batch([3, 4], [[1], [2]], page_size=16))
     assert view.seq_lens.tolist() == [3, 4]

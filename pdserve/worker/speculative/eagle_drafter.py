@@ -1,6 +1,8 @@
 """EAGLE drafting with a chain (topk = 1): the head (eagle_head.py) proposes tokens greedily, one
-head step per draft, from its last output; after each verify pass it is re-run over the accepted
-tokens with the target's hidden states, which overwrites the KV it wrote at rejected guesses.
+head step per draft, from its last output (all steps on the device, replayed from a CUDA graph
+where the worker captures them: eagle_chain.py); after each verify pass it is re-run over the
+accepted tokens with the target's hidden states, which overwrites the KV it wrote at rejected
+guesses. Tree drafting (topk > 1) and the catch-up passes run eagerly.
 
 A request's draft state (`Request.spec_state`, an `EagleState`) is the head's output at position
 num_valid - 1 (it predicts the token after the pending one) with its KV valid below num_valid. A
@@ -23,6 +25,7 @@ from pdserve.scheduler.scheduler import BatchItem
 from pdserve.worker.kv_pool import KVPool
 from pdserve.worker.model_runner import ModelRunner
 from pdserve.worker.speculative.draft_tree import DraftTree
+from pdserve.worker.speculative.eagle_chain import DraftChain, DraftGraphs, page_table_of
 from pdserve.worker.speculative.eagle_head import EagleHead, eagle_model_config
 from pdserve.worker.speculative.spec_step import SpecRow
 from pdserve.worker.speculative.verify_batch import build_extend_batch, build_masked_batch
@@ -64,6 +67,20 @@ class EagleDrafter:
         self.head = head
         self.pool = pool  # one layer, the target's page ids
         self.runner = runner
+        self.chain = DraftChain(head, runner.model, pool, runner.page_size)
+        self.graphs: DraftGraphs | None = None  # the chain's CUDA graphs (capture_graphs)
+
+    def capture_graphs(self, num_steps: int) -> None:
+        """Capture the chain's drafting of up to num_steps tokens a row where the runner
+        captured its decode steps (same batch sizes and contexts)."""
+        decode = self.runner.graph_runner
+        if decode is None or not decode.batch_sizes:
+            return
+        config = self.head.config
+        self.graphs = DraftGraphs(
+            self.chain, num_steps, decode.batch_sizes[-1], decode.max_pages,
+            decode.max_context_len, config.hidden_size, self.runner.dtype, self.runner.device,
+        )  # fmt: skip
 
     @classmethod
     def load(cls, spec: SpeculativeConfig, runner: ModelRunner) -> EagleDrafter:
@@ -80,7 +97,10 @@ class EagleDrafter:
         head = EagleHead(config, runner.model.attention, runner.dtype, runner.device)
         head.load_weights(path)
         pool = KVPool(config, runner.num_pages, runner.page_size, runner.dtype, runner.device)
-        return cls(head, pool, runner)
+        drafter = cls(head, pool, runner)
+        if spec.speculative_eagle_topk == 1:  # trees are drafted eagerly
+            drafter.capture_graphs(spec.num_drafts)
+        return drafter
 
     def has_state(self, req: Request) -> bool:
         state = req.spec_state
@@ -90,31 +110,34 @@ class EagleDrafter:
 
     @torch.inference_mode()
     def draft(self, reqs: list[Request], num_drafts: list[int]) -> list[list[int]]:
-        """Up to num_drafts[b] greedy draft tokens for each request (all have a state)."""
+        """Up to num_drafts[b] greedy draft tokens for each request (all have a state): the
+        head's chain on the device (eagle_chain.py), replayed from a CUDA graph when captured."""
         drafts: list[list[int]] = [[] for _ in reqs]
         live = [b for b, n in enumerate(num_drafts) if n > 0]
         if not live:
             return drafts
         feature = torch.stack([reqs[b].spec_state.feature for b in live])  # [B', H]
-        token = self._argmax(feature)  # [B']
-        step = 0
-        while True:
-            for b, t in zip(live, token.tolist()):  # one read per step
-                drafts[b].append(t)
-            step += 1
-            keep = [k for k, b in enumerate(live) if num_drafts[b] > step]
-            if not keep:
-                return drafts
-            live = [live[k] for k in keep]
-            idx = torch.tensor(keep, device=feature.device)
-            token, feature = token[idx], feature[idx]
-            # Row at position num_valid - 1 + step: the guess's embedding, the last output.
-            entries = [
-                (reqs[b].page_ids, reqs[b].spec_state.num_valid + step - 1, [int(t)])
-                for b, t in zip(live, token.tolist())
-            ]
-            feature = self._run(entries, token, feature, is_decode=True)
-            token = self._argmax(feature)
+        # The head's first step writes at num_valid: the position after its state's.
+        starts = [reqs[b].spec_state.num_valid for b in live]
+        wanted = [num_drafts[b] for b in live]
+        pages = [reqs[b].page_ids for b in live]
+        graphs = self.graphs
+        if graphs is not None and graphs.can_run(len(live), max(map(len, pages)), max(wanted)):
+            tokens = graphs.replay(feature, starts, wanted, pages)  # [B', num_steps]
+        else:
+            device, steps = self.runner.device, max(wanted)
+            tokens = self.chain(
+                feature,
+                torch.tensor(starts, device=device),
+                torch.tensor(wanted, device=device),
+                page_table_of(pages, max(map(len, pages))).to(device),
+                steps,
+                max(starts) + steps,
+                host_rows=(starts, wanted),
+            )  # [B', steps]
+        for b, row, n in zip(live, tokens.tolist(), wanted):  # one read for the whole chain
+            drafts[b] = row[:n]
+        return drafts
 
     @torch.inference_mode()
     def draft_tree(
@@ -196,9 +219,6 @@ class EagleDrafter:
         model = self.runner.model
         embeds = model.model.embed_tokens(torch.tensor(tokens, device=self.runner.device))
         return self.head(embeds, torch.stack(features), fb, self.pool, model.cos_sin_cache)
-
-    def _argmax(self, feature: torch.Tensor) -> torch.Tensor:  # [B, H] -> [B] int64
-        return self.runner.model.compute_logits(feature).argmax(dim=-1)
 
     def _run(
         self,

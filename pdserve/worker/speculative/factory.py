@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from pdserve.config.engine_config import EngineConfig
+from pdserve.config.speculative_config import SpeculativeConfig
 from pdserve.scheduler.request import Request
 from pdserve.scheduler.scheduler import Scheduler
 from pdserve.worker.model_runner import ModelRunner
 from pdserve.worker.sampler import SamplingRow
 from pdserve.worker.speculative.spec_step import SpeculativeDecoder
+
+if TYPE_CHECKING:
+    from pdserve.worker.cuda_graph_runner import CudaGraphRunner
 
 
 def make_speculative_decoder(
@@ -37,4 +42,19 @@ def make_speculative_decoder(
         from pdserve.worker.speculative.eagle_drafter import EagleDrafter
 
         drafter = EagleDrafter.load(spec, runner)
-    return SpeculativeDecoder(spec, runner, scheduler, sampling_row, max_context_len, drafter)
+    graphs = make_verify_graphs(spec, runner)
+    return SpeculativeDecoder(
+        spec, runner, scheduler, sampling_row, max_context_len, drafter, graphs
+    )
+
+
+def make_verify_graphs(spec: SpeculativeConfig, runner: ModelRunner) -> CudaGraphRunner | None:
+    """CUDA graphs of the chain verify pass (1 + num_drafts tokens a row), where the runner
+    captured its decode steps' (CUDA, a capturable attention backend, no tensor parallelism);
+    None for draft trees (speculative_eagle_topk > 1), whose verify passes run eagerly."""
+    decode_graphs = runner.graph_runner
+    if decode_graphs is None or not decode_graphs.batch_sizes or spec.speculative_eagle_topk > 1:
+        return None
+    from pdserve.worker.cuda_graph_runner import CudaGraphRunner
+
+    return CudaGraphRunner(runner, tokens_per_row=spec.num_drafts + 1)

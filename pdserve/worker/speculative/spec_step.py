@@ -7,8 +7,18 @@ stops where the plain loop would. The KV of rejected positions is left as garbag
 
 A step speculates when some row decodes an output token its drafter can serve; prefill chunks
 (and decodes an EAGLE head has no state for yet) are fed in the same pass as scheduled and sampled
-as in the plain loop. A row that wants hidden states or prompt logprobs (read per fed token) makes
-the whole step a plain one (`can_run`). Speculation never preempts: a row gets drafts only for the
+as in the plain loop.
+
+Where the worker captures CUDA graphs, a chain verify pass (NGRAM, EAGLE with topk 1) replays one
+(`verify_graphs`, a CudaGraphRunner of 1 + k tokens a row) when every row feeds at most 1 + k
+tokens and no row uses a LoRA adapter: each row is padded after its real tokens
+(verify_batch.build_padded_chain_batch), which its real tokens never attend to, so the logits at
+the real tokens are those of the eager pass. Tree verify passes (topk > 1), steps with adapters
+and longer prefill chunks riding along run eagerly. (The EAGLE head's chain drafting has graphs
+of its own: eagle_chain.py.)
+
+A row that wants hidden states or prompt logprobs (read per fed token) makes the whole step a
+plain one (`can_run`). Speculation never preempts: a row gets drafts only for the
 pages free now (`Scheduler.reserve_positions`).
 """
 
@@ -18,7 +28,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -38,7 +48,16 @@ from pdserve.worker.sampler import (
 from pdserve.worker.speculative.draft_tree import DraftTree
 from pdserve.worker.speculative.ngram import ngram_draft
 from pdserve.worker.speculative.prompt_hidden import PROMPT_HIDDEN_ROWS, decode_prompt_hidden
-from pdserve.worker.speculative.verify_batch import build_extend_batch, build_tree_batch, slot_of
+from pdserve.worker.speculative.verify_batch import (
+    PaddedBatch,
+    build_extend_batch,
+    build_padded_chain_batch,
+    build_tree_batch,
+    slot_of,
+)
+
+if TYPE_CHECKING:
+    from pdserve.worker.cuda_graph_runner import CudaGraphRunner
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +125,7 @@ class SpecStats:
     num_row_steps: int = 0  # rows verified, summed over passes
     num_drafts: int = 0  # draft tokens proposed
     num_tokens: int = 0  # tokens emitted by verified rows (accepted drafts + one per row)
+    num_graph_steps: int = 0  # verify passes replayed from a CUDA graph
 
     @property
     def accept_length(self) -> float:
@@ -123,14 +143,17 @@ class SpeculativeDecoder:
         sampling_row: Callable[[Request], SamplingRow],
         max_context_len: int,
         drafter: Drafter | None = None,
+        verify_graphs: CudaGraphRunner | None = None,
     ) -> None:
-        """drafter: an EAGLE drafter (eagle_drafter.py); None: prompt lookup (NGRAM)."""
+        """drafter: an EAGLE drafter (eagle_drafter.py); None: prompt lookup (NGRAM).
+        verify_graphs: the chain verify pass's CUDA graphs (factory.make_verify_graphs)."""
         self.config = config
         self.runner = runner
         self.scheduler = scheduler
         self.sampling_row = sampling_row
         self.max_context_len = max_context_len
         self.drafter = drafter
+        self.verify_graphs = verify_graphs
         self.stats = SpecStats()
 
     # ------------------------------------------------------------------ which steps
@@ -274,16 +297,36 @@ class SpeculativeDecoder:
         """The target's logits at every fed token ([T, V] float32), and its final-normed hidden
         states there ([T, hidden]) when all_hidden."""
         runner = self.runner
-        fb = build_verify_batch(rows, runner.page_size, runner.device)
-        fb.lora = runner._lora_batch(
+        lora = runner._lora_batch(
             ScheduledBatch([BatchItem(r.item.req, r.item.start, r.num_tokens) for r in rows])
         )
+        padded = self._graph_batch(rows) if lora is None else None
+        if padded is None:
+            fb = build_verify_batch(rows, runner.page_size, runner.device)
+            fb.lora = lora
         # Prefill chunks are done once fed (their prompt pages go to the prefix cache as in
         # the plain loop); decodes' num_computed moves as their tokens are accepted.
         self.scheduler.advance(ScheduledBatch([r.item for r in rows if not r.speculates]))
-        hidden = runner.model.forward_hidden(fb, runner.kv_pool, all_rows=True)  # [T, hidden]
+        if padded is not None:
+            hidden = self.verify_graphs.replay(padded.batch)  # [B * n, hidden], padding too
+            hidden = hidden[torch.tensor(padded.real_rows, device=hidden.device)]  # [T, hidden]
+            self.stats.num_graph_steps += 1
+        else:
+            hidden = runner.model.forward_hidden(fb, runner.kv_pool, all_rows=True)  # [T, hidden]
         logits = runner.model.compute_logits(hidden)  # [T, V] float32
         return (hidden if all_hidden else None), logits
+
+    def _graph_batch(self, rows: list[SpecRow]) -> PaddedBatch | None:
+        """The pass padded to the verify graphs' 1 + k tokens a row, when they can replay it: a
+        chain, no row feeding more (a longer prefill chunk riding along), a captured size."""
+        graphs = self.verify_graphs
+        if graphs is None or not graphs.batch_sizes or any(r.tree is not None for r in rows):
+            return None
+        if any(r.num_tokens > graphs.tokens_per_row for r in rows):
+            return None
+        entries = [(r.item.req.page_ids, r.item.start, r.fed_ids) for r in rows]
+        padded = build_padded_chain_batch(entries, graphs.tokens_per_row, self.runner.page_size)
+        return padded if graphs.can_run(padded.batch) else None
 
     def _accept(
         self, rows: list[SpecRow], logits: torch.Tensor

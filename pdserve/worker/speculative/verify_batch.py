@@ -1,8 +1,11 @@
 """The ForwardBatch of a speculative pass: ragged sequences of fed tokens at explicit positions,
 causal (a chain, a prefill chunk) or under a tree mask (a draft tree; the EAGLE head's expansion
-rows), over the paged KV."""
+rows), over the paged KV; and a chain pass padded to a fixed number of tokens a row, the shape
+its CUDA graphs are captured on (worker/cuda_graph_runner.py)."""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -53,6 +56,59 @@ def build_extend_batch(
         is_decode=is_decode,
         page_table_cpu=torch.from_numpy(table),
     )
+
+
+class PaddedBatch(NamedTuple):
+    batch: ForwardBatch  # every sequence exactly tokens_per_row tokens, its padding after them
+    real_rows: list[int]  # [T]: the row in batch of each real token, in build_extend_batch's order
+
+
+def build_padded_chain_batch(
+    entries: list[tuple[list[int], int, list[int]]],
+    tokens_per_row: int,
+    page_size: int,
+    device: torch.device | str = "cpu",
+) -> PaddedBatch:
+    """build_extend_batch's causal batch with each sequence padded to tokens_per_row tokens, so
+    every row is an extend of exactly that many (a verify graph's shape). Padding tokens come
+    after a row's real ones, which never see them (causal); they feed token 0 at position 0 into
+    slot 0 (page 0, never allocated), and the row's seq_len counts them. On the host by default:
+    a graph's `GraphInputs.load` copies each array once into its static buffer."""
+    n, bsz = tokens_per_row, len(entries)
+    ext_lens = np.array([len(ids) for _, _, ids in entries], dtype=np.int64)  # [B]
+    if bsz == 0 or ext_lens.min() < 1 or ext_lens.max() > n:
+        raise ValueError(f"sequences of {ext_lens.tolist()} tokens: expected 1..{n} each")
+    starts = np.array([start for _, start, _ in entries], dtype=np.int64)  # [B]
+    table = np.zeros((bsz, max(len(pages) for pages, _, _ in entries)), dtype=np.int32)  # [B, P]
+    input_ids = np.zeros((bsz, n), dtype=np.int64)  # [B, n]
+    for b, (pages, _, ids) in enumerate(entries):
+        table[b, : len(pages)] = pages
+        input_ids[b, : len(ids)] = ids
+    offsets = np.arange(n)  # [n]
+    is_real = offsets[None, :] < ext_lens[:, None]  # [B, n]
+    positions = np.where(is_real, starts[:, None] + offsets[None, :], 0)  # [B, n]
+    rows = np.arange(bsz)[:, None]  # [B, 1]
+    slots = table[rows, positions // page_size].astype(np.int64) * page_size + positions % page_size
+    slots = np.where(is_real, slots, 0)  # [B, n]
+    seq_lens = starts + n  # [B]
+
+    def dev(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        return torch.as_tensor(a, dtype=dtype).to(device)
+
+    batch = ForwardBatch(
+        input_ids=dev(input_ids.reshape(-1), torch.int64),  # [B * n]
+        positions=dev(positions.reshape(-1), torch.int64),  # [B * n]
+        slots=dev(slots.reshape(-1), torch.int64),  # [B * n]
+        page_table=dev(table, torch.int32),
+        seq_lens=dev(seq_lens, torch.int32),
+        seq_lens_cpu=seq_lens.tolist(),
+        extend_lens_cpu=[n] * bsz,
+        logit_idx=dev(np.arange(bsz) * n + ext_lens - 1, torch.int64),
+        is_decode=False,
+        max_extend_len=n,
+        page_table_cpu=torch.from_numpy(table),
+    )
+    return PaddedBatch(batch, np.flatnonzero(is_real.reshape(-1)).tolist())
 
 
 def build_tree_batch(
