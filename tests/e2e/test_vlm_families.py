@@ -2,8 +2,10 @@
 for each family one prefill + decode cluster (tcp) answers the official openai client (image_url
 parts) and `/generate` (`image_data`), and the in-process Engine runs a mixed worker (through
 examples/token_in_token_out/token_in_token_out_vlm_engine.py); greedy tokens for one and two
-images equal transformers' `generate` on the same tiny model and images. The family's
-examples/multimodal/*_server.py runs against the same cluster."""
+images equal transformers' `generate` on the same tiny model and images. LLaVA-OneVision also
+takes a short video (a video_url part on chat, `video_data` on `/generate` and the Engine; a
+file and a list of frames), its greedy tokens equal to transformers' with pixel_values_videos.
+The family's examples/multimodal/*_server.py runs against the same cluster."""
 
 from __future__ import annotations
 
@@ -26,10 +28,19 @@ from e2e_clusters import start_cluster
 
 from pdserve.entrypoints.launch import Cluster
 from pdserve.multimodal.processor import ImageProcessor
-from pdserve.tiny_model.llava import build_tiny_llava_onevision, build_tiny_pixtral
+from pdserve.tiny_model.llava import MEAN, STD, build_tiny_llava_onevision, build_tiny_pixtral
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "multimodal"))
-from vlm_reference import chat_prompt, data_url, random_image  # noqa: E402
+from vlm_reference import (  # noqa: E402 - the multimodal tests' reference helpers
+    chat_prompt,
+    data_url,
+    hf_generate,
+    media_prompt,
+    normalized,
+    random_frames,
+    random_image,
+    video_data_url,
+)
 
 pytestmark = pytest.mark.slow
 NUM_NEW = 6
@@ -47,6 +58,7 @@ class Family:
     cluster: Cluster
     tokenizer: Any
     greedy: Callable[[str, list[Any]], list[int]]  # (question, images) -> tokens
+    model: Any  # transformers' model (the greedy reference's)
 
     def prompt(self, question: str, num_images: int) -> str:
         return chat_prompt(self.tokenizer, question, num_images)
@@ -75,12 +87,17 @@ def hf_inputs(name: str, loaded: Any) -> dict[str, torch.Tensor]:
     return {"pixel_values": padded, "image_sizes": sizes}
 
 
-def reference(name: str, path: Path, tokenizer: Any) -> Callable[[str, list[Any]], list[int]]:
+def hf_model(name: str, path: Path) -> Any:
     import transformers
 
     hf_class = {"llava_onevision": "LlavaOnevisionForConditionalGeneration",
                 "pixtral": "LlavaForConditionalGeneration"}[name]  # fmt: skip
-    model = getattr(transformers, hf_class).from_pretrained(path, dtype=torch.float32).eval()
+    return getattr(transformers, hf_class).from_pretrained(path, dtype=torch.float32).eval()
+
+
+def reference(
+    name: str, path: Path, tokenizer: Any, model: Any
+) -> Callable[[str, list[Any]], list[int]]:
     processor = ImageProcessor.for_model(path, tokenizer)
     assert processor is not None
     memo: dict[tuple[Any, ...], list[int]] = {}
@@ -115,7 +132,8 @@ def family(
     tokenizer = AutoTokenizer.from_pretrained(path)
     cluster = start_cluster(path, "pd", kv_transfer="tcp")
     try:
-        yield Family(name, path, cluster, tokenizer, reference(name, path, tokenizer))
+        model = hf_model(name, path)
+        yield Family(name, path, cluster, tokenizer, reference(name, path, tokenizer, model), model)
     finally:
         cluster.stop(grace_s=1)
 
@@ -155,6 +173,53 @@ def test_generate_image_data_equals_transformers(family: Family) -> None:
         family.greedy(QUESTION, PICS[:1]),
         family.greedy(QUESTION, PICS),
     ]
+
+
+def video_greedy(family: Family, prompt: str, frames: list[Any]) -> list[int]:
+    """transformers' greedy tokens for a video (LLaVA-OneVision): pixel_values_videos built from
+    the frames by the video processor's steps (rescale, normalize: frames at the tile's size are
+    not resized), the prompt's one video placeholder expanded by pdserve's processor, whose
+    token count transformers checks against the pooled features' rows."""
+    processor = ImageProcessor.for_model(family.path, family.tokenizer)
+    assert processor is not None
+    loaded = processor.preprocess_media([], [[data_url(f) for f in frames]])
+    ids = family.tokenizer.encode(processor.expand(prompt, loaded), add_special_tokens=False)
+    pixels = normalized(frames, MEAN, STD)[None]  # [1, F, 3, S, S]
+    return hf_generate(family.model, ids, NUM_NEW, pixel_values_videos=pixels)
+
+
+@pytest.mark.parametrize("family", ["llava_onevision"], indirect=True)  # the cluster above
+def test_video_through_chat_generate_and_the_engine_equals_transformers(family: Family) -> None:
+    """A short video as a file in a video_url part on chat; on /generate and the in-process
+    Engine, the same frames as a list beside another (odd-length) video as a file."""
+    from pdserve.entrypoints.engine import Engine
+
+    rng = np.random.default_rng()  # fresh frames each run
+    clip, other = random_frames(rng, 4, 28, 28), random_frames(rng, 3, 28, 28)  # a tile's size
+    client = openai.OpenAI(base_url=f"{family.cluster.url}/v1", api_key="unused", max_retries=0)
+    content = [
+        {"type": "video_url", "video_url": {"url": video_data_url(clip)}},
+        {"type": "text", "text": "What happens?"},
+    ]
+    resp = client.chat.completions.create(
+        model=family.name, messages=[{"role": "user", "content": content}], temperature=0,
+        max_tokens=NUM_NEW, extra_body={"min_tokens": NUM_NEW},
+    )  # fmt: skip
+    prompts = [
+        media_prompt(family.tokenizer, "What happens?", ["video"]),
+        media_prompt(family.tokenizer, "And here?", ["video"]),
+    ]
+    want = [video_greedy(family, prompts[0], clip), video_greedy(family, prompts[1], other)]
+    assert resp.choices[0].message.content == family.text(want[0])
+    assert resp.usage.completion_tokens == NUM_NEW
+    video_data = [[[data_url(f) for f in clip]], video_data_url(other)]
+    body = {"text": prompts, "video_data": video_data, "sampling_params": GREEDY}
+    out = httpx.post(f"{family.cluster.url}/generate", json=body, timeout=60).json()
+    assert [o["output_ids"] for o in out] == want
+    options = {"device": "cpu", "num_pages": 512, "page_size": 4}
+    with Engine(str(family.path), in_process=True, **options) as engine:
+        outs = engine.generate(prompts, GREEDY, video_data=video_data)
+    assert [o["output_ids"] for o in outs] == want
 
 
 def run_example(script: str, *args: str) -> str:
