@@ -23,7 +23,6 @@ loop: a follower cannot fill input ids from tokens still being sampled on rank 0
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -36,24 +35,28 @@ from pdserve.protocol import Finish
 from pdserve.scheduler.finish_checker import FinishChecker
 from pdserve.scheduler.request import Request
 from pdserve.scheduler.scheduler import BatchItem, ScheduledBatch, Scheduler
-from pdserve.worker.device_copy import to_device
 from pdserve.worker.extra_outputs import ExtraOutputs
 from pdserve.worker.grammar import bind_grammar
-from pdserve.worker.grammar_mask import apply_bitmask, fill_bitmask
 from pdserve.worker.model_runner import ForwardOutput, ModelRunner, PendingTokens
 from pdserve.worker.parallel.tp_group import SINGLE, TPGroup
 from pdserve.worker.pooler import PoolState
 from pdserve.worker.sampler import (
     DeviceSample,
-    SamplingBatch,
     SamplingRow,
     build_skipping_bad_rows,
-    is_plain_greedy_request,
     row_problem,
     sample_on_device,
 )
 from pdserve.worker.speculative.factory import make_speculative_decoder
 from pdserve.worker.speculative.prompt_hidden import needs_prompt_hidden, record_prompt_hidden
+from pdserve.worker.step_rows import (
+    device_index,
+    greedy_under_grammars,
+    is_plain_greedy,
+    needs_host_tokens,
+    on_device,
+    wants_rows,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +171,7 @@ class WorkerCore:
             return touched
         if batch is not None and self._can_overlap(batch):
             items, logits, start = self._launch(batch)
-            if not any(_needs_host_tokens(item.req) for item in items):
+            if not any(needs_host_tokens(item.req) for item in items):
                 launched = self._sample_launched(items, logits, start)
                 touched += self._collect()
             else:
@@ -178,7 +181,7 @@ class WorkerCore:
                 live = [i for i, item in enumerate(items) if item.req.finish is None]
                 if len(live) < len(items):
                     items = [items[i] for i in live]
-                    logits = logits.index_select(0, _index(live, logits.device))
+                    logits = logits.index_select(0, device_index(live, logits.device))
                 launched = self._sample_launched(items, logits, start)
             self._inflight = launched
             return touched
@@ -198,7 +201,7 @@ class WorkerCore:
             return False
         for item in batch.items:
             req = item.req
-            if _wants_rows(req) or req.return_logprob or req.top_logprobs_num > 0:
+            if wants_rows(req) or req.return_logprob or req.top_logprobs_num > 0:
                 return False
         return True
 
@@ -213,7 +216,7 @@ class WorkerCore:
         self.scheduler.advance(batch)
         rows = [i for i, item in enumerate(batch.items) if item.samples]
         if 0 < len(rows) < len(batch.items):  # partial prefill chunks sample nothing
-            logits = logits.index_select(0, _index(rows, logits.device))
+            logits = logits.index_select(0, device_index(rows, logits.device))
         return [batch.items[i] for i in rows], logits, start
 
     def _sample_launched(
@@ -247,11 +250,11 @@ class WorkerCore:
         sampled with ends its request alone and is left out. build_on_host: build the sampling
         batch on the host and copy it without waiting for the step still running (overlapped
         loop); otherwise it is built on the device directly."""
-        if all(_is_plain_greedy(item.req) for item in items):
+        if all(is_plain_greedy(item.req) for item in items):
             # The common benchmark and eval case: one argmax, no SamplingRow built.
             return items, DeviceSample(logits.argmax(dim=-1), None, None, [])
-        if all(_is_plain_greedy(item.req, ignore_grammar=True) for item in items):
-            masked = _greedy_under_grammars(logits, items)
+        if all(is_plain_greedy(item.req, ignore_grammar=True) for item in items):
+            masked = greedy_under_grammars(logits, items)
             if masked is not None:  # else some grammar failed to compile: ended below
                 return items, DeviceSample(masked.argmax(dim=-1), None, None, [])
         rows = [self._sampling_row(item.req, item.req.num_inflight) for item in items]
@@ -269,8 +272,8 @@ class WorkerCore:
             return [], None
         if partial.bad_rows:
             items = [items[i] for i in partial.row_indices]
-            logits = logits.index_select(0, _index(partial.row_indices, device))
-        batch = _on_device(partial.batch, device) if build_on_host else partial.batch
+            logits = logits.index_select(0, device_index(partial.row_indices, device))
+        batch = on_device(partial.batch, device) if build_on_host else partial.batch
         return items, sample_on_device(logits, batch)
 
     def _host_tokens(self, num: int) -> torch.Tensor:
@@ -324,7 +327,7 @@ class WorkerCore:
             self.model_config.is_embedding
             or follows
             or captures
-            or any(_wants_rows(it.req) for it in batch.items)
+            or any(wants_rows(it.req) for it in batch.items)
         ):
             out = self.runner.forward_rows(batch)
             logits = out.logits
@@ -506,49 +509,3 @@ class WorkerCore:
             or bool(self.scheduler.newly_finished)
             or (inflight is not None and any(it.req.finish is None for it in inflight.items))
         )
-
-
-def _is_plain_greedy(req: Request, ignore_grammar: bool = False) -> bool:
-    num_output = len(req.output_ids) + req.num_inflight
-    grammar = None if ignore_grammar else req.grammar
-    return is_plain_greedy_request(
-        req.sampling, num_output, req.return_logprob, req.top_logprobs_num, grammar
-    )
-
-
-def _greedy_under_grammars(logits: torch.Tensor, items: list[BatchItem]) -> torch.Tensor | None:
-    """Greedy rows, some constrained: `logits` [R, V] with each grammar's disallowed tokens at
-    -inf (no SamplingBatch built); None when a grammar's compile failed (the general path ends
-    that request alone)."""
-    grammars = [item.req.grammar for item in items]
-    if any(g is not None and g.problem() is not None for g in grammars):
-        return None
-    bitmask = fill_bitmask(grammars, logits.shape[-1])  # [R, W] int32, host
-    return apply_bitmask(logits, to_device(bitmask, logits.device))
-
-
-def _needs_host_tokens(req: Request) -> bool:
-    """Whether sampling req's next token reads its earlier tokens on the host (a grammar
-    matcher's state, penalty counts): the overlapped loop samples it after they are recorded."""
-    return req.grammar is not None or req.sampling.has_penalties
-
-
-def _wants_rows(req: Request) -> bool:
-    return isinstance(req.outputs, ExtraOutputs) and req.outputs.wants_rows
-
-
-def _index(rows: list[int], device: torch.device) -> torch.Tensor:
-    """[len(rows)] int64 on the device, copied without waiting for the device."""
-    return to_device(torch.tensor(rows, dtype=torch.int64), device)
-
-
-def _on_device(batch: SamplingBatch, device: torch.device) -> SamplingBatch:
-    """A sampling batch built on the host, with its tensors copied to `device` (not waited for)."""
-    changes: dict[str, object] = {}
-    for f in dataclasses.fields(batch):
-        value = getattr(batch, f.name)
-        if isinstance(value, torch.Tensor):
-            changes[f.name] = to_device(value, device)
-        elif isinstance(value, tuple) and value and all(isinstance(v, torch.Tensor) for v in value):
-            changes[f.name] = type(value)(*(to_device(v, device) for v in value))
-    return dataclasses.replace(batch, **changes)

@@ -1,0 +1,62 @@
+"""What the worker core asks of a step's rows before sampling them: which fast path fits (plain
+greedy, greedy under grammars), which rows need their tokens on the host first, and the small
+device copies the overlapped loop makes without waiting."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from pdserve.scheduler.request import Request
+from pdserve.scheduler.scheduler import BatchItem
+from pdserve.worker.device_copy import to_device
+from pdserve.worker.extra_outputs import ExtraOutputs
+from pdserve.worker.grammar_mask import apply_bitmask, fill_bitmask
+from pdserve.worker.sampler import SamplingBatch, is_plain_greedy_request
+
+
+def is_plain_greedy(req: Request, ignore_grammar: bool = False) -> bool:
+    num_output = len(req.output_ids) + req.num_inflight
+    grammar = None if ignore_grammar else req.grammar
+    return is_plain_greedy_request(
+        req.sampling, num_output, req.return_logprob, req.top_logprobs_num, grammar
+    )
+
+
+def greedy_under_grammars(logits: torch.Tensor, items: list[BatchItem]) -> torch.Tensor | None:
+    """Greedy rows, some constrained: `logits` [R, V] with each grammar's disallowed tokens at
+    -inf (no SamplingBatch built); None when a grammar's compile failed (the general path ends
+    that request alone)."""
+    grammars = [item.req.grammar for item in items]
+    if any(g is not None and g.problem() is not None for g in grammars):
+        return None
+    bitmask = fill_bitmask(grammars, logits.shape[-1])  # [R, W] int32, host
+    return apply_bitmask(logits, to_device(bitmask, logits.device))
+
+
+def needs_host_tokens(req: Request) -> bool:
+    """Whether sampling req's next token reads its earlier tokens on the host (a grammar
+    matcher's state, penalty counts): the overlapped loop samples it after they are recorded."""
+    return req.grammar is not None or req.sampling.has_penalties
+
+
+def wants_rows(req: Request) -> bool:
+    return isinstance(req.outputs, ExtraOutputs) and req.outputs.wants_rows
+
+
+def device_index(rows: list[int], device: torch.device) -> torch.Tensor:
+    """[len(rows)] int64 on the device, copied without waiting for the device."""
+    return to_device(torch.tensor(rows, dtype=torch.int64), device)
+
+
+def on_device(batch: SamplingBatch, device: torch.device) -> SamplingBatch:
+    """A sampling batch built on the host, with its tensors copied to `device` (not waited for)."""
+    changes: dict[str, object] = {}
+    for f in dataclasses.fields(batch):
+        value = getattr(batch, f.name)
+        if isinstance(value, torch.Tensor):
+            changes[f.name] = to_device(value, device)
+        elif isinstance(value, tuple) and value and all(isinstance(v, torch.Tensor) for v in value):
+            changes[f.name] = type(value)(*(to_device(v, device) for v in value))
+    return dataclasses.replace(batch, **changes)
