@@ -18,8 +18,10 @@ ranks, and a constrained row's alternatives keep finite logprobs).
 
 Randomness: a row with a seed draws its noise from a counter-based hash of
 (seed, step = len(output_ids), token id), so the same request with the same seed gives the same
-tokens whatever else is in the batch and on whichever device. Unseeded rows use one torch
-generator for the batch (the caller's, or torch's default for the device).
+tokens whatever else is in the batch and on whichever device (on CUDA, batches without top-k /
+top-p draw in one Triton kernel, kernels/triton_sampling.py, from the same noise: only two nearly
+tied tokens may come out in another order). Unseeded rows use one torch generator for the batch
+(the caller's, or torch's default for the device).
 """
 
 from __future__ import annotations

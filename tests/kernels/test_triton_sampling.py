@@ -19,10 +19,13 @@ from pdserve.worker.sampling_noise import seeded_exponential
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(
-    not _HAS_TRITON or not (torch.cuda.is_available() or _INTERPRET),
-    reason="needs triton and a CUDA GPU (or TRITON_INTERPRET=1)",
-)
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not _HAS_TRITON or not (torch.cuda.is_available() or _INTERPRET),
+        reason="needs triton and a CUDA GPU (or TRITON_INTERPRET=1)",
+    ),
+]
 
 
 def reference_scores(logits, temps, min_ps, keys):  # type: ignore[no-untyped-def]
