@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_spec_graphs import context_free, run  # this folder: on sys.path under pytest
 
 from pdserve.config.engine_config import EngineConfig, SchedulerConfig
-from pdserve.config.sampling_params import SamplingParams
 from pdserve.config.speculative_config import SpeculativeConfig
-from pdserve.scheduler.request import Request
 from pdserve.tiny_model import build_tiny_model
 from pdserve.worker.speculative.verify_batch import build_extend_batch, build_padded_chain_batch
 from pdserve.worker.worker_core import WorkerCore
@@ -196,28 +195,9 @@ def test_draft_replay_equals_the_eager_chain(model_dirs: dict[str, Path], dtype:
 def generate(
     core: WorkerCore, prompts: list[list[int]], max_new_tokens: int = 32, late: int = 1
 ) -> list[list[int]]:
-    """Greedy outputs; the first `late` prompts arrive after three steps (prefill chunks riding
-    along in verify passes: those of more than 1 + k tokens run it eagerly)."""
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, ignore_eos=True)
-    reqs = [Request(rid=f"r{i}", prompt_ids=p, sampling=params) for i, p in enumerate(prompts)]
-    for req in reqs[late:]:
-        core.add(req)
-    steps = 0
-    while core.has_work() or steps < 3:
-        if steps == 3:
-            for req in reqs[:late]:
-                core.add(req)
-        core.step()
-        steps += 1
-        assert steps < 5000
-    return [r.output_ids for r in reqs]
-
-
-def context_free(core: WorkerCore) -> WorkerCore:
-    """Zero every attention output: greedy decoding cycles, and prompt lookup predicts it."""
-    for layer in core.runner.model.model.layers:
-        layer.self_attn.o_proj.weight.zero_()
-    return core
+    """Greedy outputs (test_spec_graphs.run); the first `late` prompts arrive after three steps
+    (prefill chunks riding along in verify passes: those of more than 1 + k tokens run eagerly)."""
+    return run(core, prompts, max_new_tokens, late)
 
 
 def prompts_for(core: WorkerCore, num: int, repeat: bool) -> list[list[int]]:
