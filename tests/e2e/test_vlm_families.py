@@ -1,11 +1,13 @@
-"""LLaVA-OneVision and Pixtral served end to end on CPU (Qwen2-VL is `test_vlm_serving.py`'s):
+"""LLaVA-OneVision, LLaVA-NeXT and Pixtral served end to end on CPU (Qwen2-VL is
+`test_vlm_serving.py`'s):
 for each family one prefill + decode cluster (tcp) answers the official openai client (image_url
 parts) and `/generate` (`image_data`), and the in-process Engine runs a mixed worker (through
 examples/token_in_token_out/token_in_token_out_vlm_engine.py); greedy tokens for one and two
 images equal transformers' `generate` on the same tiny model and images. LLaVA-OneVision also
 takes a short video (a video_url part on chat, `video_data` on `/generate` and the Engine; a
 file and a list of frames), its greedy tokens equal to transformers' with pixel_values_videos.
-The family's examples/multimodal/*_server.py runs against the same cluster."""
+The family's examples/multimodal/*_server.py runs against the same cluster (OneVision and Pixtral:
+LLaVA-NeXT has no server example, so that test is not collected for it)."""
 
 from __future__ import annotations
 
@@ -28,7 +30,13 @@ from e2e_clusters import start_cluster
 
 from pdserve.entrypoints.launch import Cluster
 from pdserve.multimodal.processor import ImageProcessor
-from pdserve.tiny_model.llava import MEAN, STD, build_tiny_llava_onevision, build_tiny_pixtral
+from pdserve.tiny_model.llava import (
+    MEAN,
+    STD,
+    build_tiny_llava_next,
+    build_tiny_llava_onevision,
+    build_tiny_pixtral,
+)
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "multimodal"))
 from vlm_reference import (  # noqa: E402 - the multimodal tests' reference helpers
@@ -46,7 +54,13 @@ pytestmark = pytest.mark.slow
 NUM_NEW = 6
 GREEDY = {"max_new_tokens": NUM_NEW, "min_new_tokens": NUM_NEW, "temperature": 0}
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-BUILDERS = {"llava_onevision": build_tiny_llava_onevision, "pixtral": build_tiny_pixtral}
+BUILDERS = {
+    "llava_onevision": build_tiny_llava_onevision,
+    "llava_next": build_tiny_llava_next,
+    "pixtral": build_tiny_pixtral,
+}
+# The families with an examples/multimodal/<family>_server.py (none for LLaVA-NeXT).
+SERVER_EXAMPLES = [n for n in BUILDERS if (EXAMPLES / "multimodal" / f"{n}_server.py").exists()]
 
 
 @dataclass
@@ -68,17 +82,19 @@ class Family:
 
 
 def hf_inputs(name: str, loaded: Any) -> dict[str, torch.Tensor]:
-    """transformers' pixel layout for the images the tokenizer process loaded: OneVision's
-    tiles padded per image [n, tiles, 3, S, S]; Pixtral's images padded to the largest."""
+    """transformers' pixel layout for the images the tokenizer process loaded: OneVision's and
+    NeXT's tiles padded per image [n, tiles, 3, S, S] (OneVision also takes batch_num_images);
+    Pixtral's images padded to the largest."""
     flat = torch.from_numpy(loaded.pixel_values)
     sizes = torch.tensor(loaded.image_sizes)
-    if name == "llava_onevision":
+    if name in ("llava_onevision", "llava_next"):
         per_image = flat.split(loaded.num_patches)
         most = max(loaded.num_patches)
         tiles = [torch.cat([t, t.new_zeros(most - len(t), *t.shape[1:])]) for t in per_image]
-        batch_num_images = torch.tensor([len(per_image)])
-        return {"pixel_values": torch.stack(tiles), "image_sizes": sizes,
-                "batch_num_images": batch_num_images}  # fmt: skip
+        inputs = {"pixel_values": torch.stack(tiles), "image_sizes": sizes}
+        if name == "llava_onevision":
+            inputs["batch_num_images"] = torch.tensor([len(per_image)])
+        return inputs
     height, width = (int(v) for v in sizes.max(dim=0).values)
     padded, start = torch.zeros(len(sizes), 3, height, width), 0
     for k, (h, w) in enumerate(loaded.image_sizes):
@@ -91,6 +107,7 @@ def hf_model(name: str, path: Path) -> Any:
     import transformers
 
     hf_class = {"llava_onevision": "LlavaOnevisionForConditionalGeneration",
+                "llava_next": "LlavaNextForConditionalGeneration",
                 "pixtral": "LlavaForConditionalGeneration"}[name]  # fmt: skip
     return getattr(transformers, hf_class).from_pretrained(path, dtype=torch.float32).eval()
 
@@ -267,6 +284,7 @@ def test_token_in_token_out_vlm_engine_example_equals_transformers(
     ], out
 
 
+@pytest.mark.parametrize("family", SERVER_EXAMPLES, indirect=True)  # the clusters above
 def test_server_example_runs_against_the_cluster(family: Family) -> None:
     out = run_example(f"multimodal/{family.name}_server.py", "--base-url", family.cluster.url)
     for marker in ("Single image: '", "Two images: '", "/generate with image_data: '"):
