@@ -1,7 +1,7 @@
 """Where a batch-1 decode step's time goes on the GPU: host phases timed with synchronization,
 then torch.profiler's top CPU and CUDA entries.
 
-    python benchmarks/gpu/profile_decode.py [--batch 1] [--steps 50]
+    python benchmarks/gpu/profile_decode.py [--batch 1] [--steps 50] [--context 128]
 """
 
 from __future__ import annotations
@@ -25,16 +25,21 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--context", type=int, default=128, help="prompt tokens per request")
     args = parser.parse_args()
     model = rc.write_checkpoint(rc.LLAMA_1B, Path("/dev/shm/pdserve-bench/llama-3.2-1b"), "cuda")
-    engine = Engine(str(model), in_process=True, device="cuda", dtype="bfloat16", num_pages=4096)
+    pages = max(4096, args.batch * (args.context + 20 + 3 * args.steps) // 16 + 64)
+    engine = Engine(
+        str(model), in_process=True, device="cuda", dtype="bfloat16", num_pages=pages,
+        max_running_requests=max(args.batch, 256), cuda_graph_max_batch=max(args.batch, 256),
+    )  # fmt: skip
     core, runner = engine.core, engine.core.runner
     params = SamplingParams(max_new_tokens=10_000, ignore_eos=True, temperature=0)
     for i in range(args.batch):
         core.add(
             Request(
                 rid=f"r{i}",
-                prompt_ids=[(i * 7 + j) % 1000 + 3 for j in range(128)],
+                prompt_ids=[(i * 7 + j) % 1000 + 3 for j in range(args.context)],
                 sampling=params,
             )
         )

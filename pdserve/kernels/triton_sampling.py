@@ -11,8 +11,11 @@ hash of (its keys, token id) as the torch path's seeded noise, so a seeded row d
 token on either path (up to float rounding between two nearly tied tokens); unseeded rows get
 keys drawn from the caller's generator each step.
 
-Disallowed tokens (a grammar's, min_new_tokens' bans) arrive as -inf logits and never win; a row
-whose logits are all -inf returns token 0, as torch's argmax does.
+Disallowed tokens arrive as -inf logits (min_new_tokens' bans, a grammar applied beforehand) or
+as a grammar's bitmask (xgrammar's [B, ceil(V / 32)] int32, bit j of word w allowing token
+32 w + j) that the kernel reads beside the logits, so a constrained step needs no masked copy of
+its logits; either way they never win, greedy rows included. A row with nothing allowed returns
+token 0, as torch's argmax does.
 """
 
 from __future__ import annotations
@@ -35,16 +38,29 @@ def _hash32(x):
 
 
 @triton.jit
+def _allowed_logits(base, mask_row, ids, vocab_size, HAS_MASK: tl.constexpr):
+    """The logits at `ids`, -inf past the vocabulary and where the row's bitmask forbids."""
+    x = tl.load(base + ids, mask=ids < vocab_size, other=float("-inf"))
+    if HAS_MASK:
+        words = tl.load(mask_row + (ids >> 5), mask=ids < vocab_size, other=0)
+        x = tl.where(((words >> (ids & 31)) & 1) != 0, x, float("-inf"))
+    return x
+
+
+@triton.jit
 def _race_kernel(
     logits_ptr,  # [B, V] float32
     temps_ptr,  # [B] float32 (greedy rows: ignored)
     log_min_ps_ptr,  # [B] float32: log(min_p), -inf for none
     greedy_ptr,  # [B] int8: 1 = argmax
     keys_ptr,  # [B, 2] int64 holding 32-bit values
+    mask_ptr,  # [B, W] int32 grammar bitmask (HAS_MASK), else unused
     out_ptr,  # [B] int64
     vocab_size,
     stride_row,
+    stride_mask,
     BLOCK: tl.constexpr,
+    HAS_MASK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride_row
@@ -54,7 +70,7 @@ def _race_kernel(
     best_id = tl.zeros([BLOCK], tl.int32)
     for start in range(0, vocab_size, BLOCK):
         ids = start + offs
-        x = tl.load(base + ids, mask=ids < vocab_size, other=float("-inf"))
+        x = _allowed_logits(base, mask_ptr + row * stride_mask, ids, vocab_size, HAS_MASK)
         take = x > best
         best = tl.where(take, x, best)
         best_id = tl.where(take, ids, best_id)
@@ -70,7 +86,7 @@ def _race_kernel(
     best_id = tl.zeros([BLOCK], tl.int32)
     for start in range(0, vocab_size, BLOCK):
         ids = start + offs
-        x = tl.load(base + ids, mask=ids < vocab_size, other=float("-inf"))
+        x = _allowed_logits(base, mask_ptr + row * stride_mask, ids, vocab_size, HAS_MASK)
         scaled = (x - row_max) * inv_t
         bits = _hash32(_hash32(ids.to(tl.uint32) ^ key0) ^ key1)
         uniform = ((bits >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07  # (0, 1)
@@ -93,9 +109,11 @@ def race_sample(
     min_ps: torch.Tensor,  # [B] or [B, 1] float32
     is_greedy: torch.Tensor,  # [B] bool
     keys: torch.Tensor,  # [B, 2] int64, 32-bit values
+    bitmask: torch.Tensor | None = None,  # [B, ceil(V / 32)] int32: allowed tokens; None: all
 ) -> torch.Tensor:  # [B] int64
     """One token per row: argmax for greedy rows, else a draw from softmax(logits / T) after
-    min-p (module docstring). Nothing is read back to the host."""
+    min-p, over the tokens the bitmask allows (module docstring). Nothing is read back to the
+    host."""
     if logits.dim() != 2 or logits.dtype != torch.float32 or logits.stride(-1) != 1:
         raise ValueError(
             f"logits must be [B, V] float32 with contiguous rows, got {tuple(logits.shape)} "
@@ -108,9 +126,18 @@ def race_sample(
     log_min_ps = torch.log(min_ps.reshape(batch).to(torch.float32))  # log(0) = -inf: no floor
     greedy = is_greedy.reshape(batch).to(torch.int8).contiguous()
     out = torch.empty(batch, dtype=torch.int64, device=logits.device)
+    if bitmask is not None and (
+        bitmask.dtype != torch.int32 or bitmask.shape != (batch, (vocab_size + 31) // 32)
+    ):
+        raise ValueError(
+            f"bitmask must be [{batch}, {(vocab_size + 31) // 32}] int32, got "
+            f"{tuple(bitmask.shape)} {bitmask.dtype}"
+        )
+    mask = bitmask.contiguous() if bitmask is not None else out  # unread without a mask
     if batch:
         _race_kernel[(batch,)](
-            logits, temps, log_min_ps, greedy, keys.contiguous(), out,
-            vocab_size, logits.stride(0), BLOCK=_BLOCK,
+            logits, temps, log_min_ps, greedy, keys.contiguous(), mask, out,
+            vocab_size, logits.stride(0), mask.stride(0), BLOCK=_BLOCK,
+            HAS_MASK=bitmask is not None,
         )  # fmt: skip
     return out

@@ -10,6 +10,7 @@ and bytes are reused only after the copy that read them has completed (a CUDA ev
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -36,12 +37,18 @@ class PinnedRing:
     def stage(self, tensor: torch.Tensor) -> tuple[torch.Tensor, Callable[[], None]]:
         """A staged copy of `tensor` (same dtype and shape, in the ring) and the function to call
         once the device copy reading it has been queued."""
-        tensor = tensor.contiguous()
-        nbytes = tensor.numel() * tensor.element_size()
-        start = self._reserve(nbytes)
-        raw = self.buf[start : start + nbytes]
-        staged = raw.view(tensor.dtype).view(tensor.shape)
+        staged, queued = self.reserve(tensor.shape, tensor.dtype)
         staged.copy_(tensor)
+        return staged, queued
+
+    def reserve(
+        self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype
+    ) -> tuple[torch.Tensor, Callable[[], None]]:
+        """An uninitialised tensor in the ring, to fill in place, and the function to call once
+        the device copy reading it has been queued."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        start = self._reserve(nbytes)
+        staged = self.buf[start : start + nbytes].view(dtype).view(shape)
         end = start + max(nbytes, 1)
 
         def queued() -> None:
@@ -73,16 +80,46 @@ class PinnedRing:
 _rings: dict[torch.device, PinnedRing] = {}
 
 
-def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """`tensor` (on the host) on `device`, queued behind the device's work, not waited for."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return tensor.to(device)
+def _ring(device: torch.device) -> tuple[torch.device, PinnedRing]:
     if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     ring = _rings.get(device)
     if ring is None:
         ring = _rings[device] = PinnedRing(RING_BYTES, True, torch.cuda.Event)
+    return device, ring
+
+
+def host_buffer(
+    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str
+) -> tuple[torch.Tensor, Callable[[], torch.Tensor]]:
+    """A host tensor to fill, and the function that then returns it on `device` (queued, not
+    waited for). On CUDA the tensor lies in the pinned ring, so filling it is the only host
+    copy; elsewhere it is a plain tensor."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        host = torch.empty(shape, dtype=dtype)
+        return host, lambda: host.to(device)
+    device, ring = _ring(device)
+    if not ring.fits(math.prod(shape) * dtype.itemsize):
+        host = torch.empty(shape, dtype=dtype, pin_memory=True)
+        return host, lambda: host.to(device, non_blocking=True)
+    staged, queued = ring.reserve(shape, dtype)
+
+    def send() -> torch.Tensor:
+        with torch.cuda.device(device):
+            out = staged.to(device, non_blocking=True)
+            queued()
+        return out
+
+    return staged, send
+
+
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """`tensor` (on the host) on `device`, queued behind the device's work, not waited for."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return tensor.to(device)
+    device, ring = _ring(device)
     if not ring.fits(tensor.numel() * tensor.element_size()):
         return tensor.pin_memory().to(device, non_blocking=True)
     staged, queued = ring.stage(tensor)

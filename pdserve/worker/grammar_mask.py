@@ -26,10 +26,14 @@ def bitmask_words(vocab_size: int) -> int:
 
 
 def fill_bitmask(
-    grammars: Sequence[RequestGrammar | None], vocab_size: int, pin_memory: bool = False
+    grammars: Sequence[RequestGrammar | None],
+    vocab_size: int,
+    pin_memory: bool = False,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """[B, ceil(V / 32)] int32 on the host: each constrained row's allowed next tokens, all ones
-    for the others; None when no row is constrained. Waits for compiles still running."""
+    for the others; None when no row is constrained. Waits for compiles still running.
+    out: a host tensor of that shape and dtype to fill (returned) instead of a new one."""
     rows = [i for i, g in enumerate(grammars) if g is not None]
     if not rows:
         return None
@@ -39,7 +43,9 @@ def fill_bitmask(
     if _batch_matcher is None:
         _batch_matcher = xgr.BatchGrammarMatcher(max_threads=1)
     shape = (len(grammars), bitmask_words(vocab_size))
-    bitmask = torch.empty(shape, dtype=torch.int32, pin_memory=pin_memory)
+    if out is not None and (tuple(out.shape) != shape or out.dtype != torch.int32):
+        raise ValueError(f"out must be {list(shape)} int32, got {list(out.shape)} {out.dtype}")
+    bitmask = torch.empty(shape, dtype=torch.int32, pin_memory=pin_memory) if out is None else out
     bitmask.numpy().fill(-1)  # one memset: torch.full's thread pool is slow on a busy host
     matchers = [grammars[i].matcher for i in rows]  # type: ignore[union-attr]
     _batch_matcher.batch_fill_next_token_bitmask(matchers, bitmask, rows)

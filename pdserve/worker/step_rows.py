@@ -1,6 +1,6 @@
-"""What the worker core asks of a step's rows before sampling them: which fast path fits (plain
-greedy, greedy under grammars), which rows need their tokens on the host first, and the small
-device copies the overlapped loop makes without waiting."""
+"""What the worker core asks of a step's rows before sampling them: whether they are plain greedy
+(one argmax; worker/light_sampling.py has the next fast path), which rows need their tokens on
+the host first, and the small device copies the overlapped loop makes without waiting."""
 
 from __future__ import annotations
 
@@ -9,30 +9,16 @@ import dataclasses
 import torch
 
 from pdserve.scheduler.request import Request
-from pdserve.scheduler.scheduler import BatchItem
 from pdserve.worker.device_copy import to_device
 from pdserve.worker.extra_outputs import ExtraOutputs
-from pdserve.worker.grammar_mask import apply_bitmask, fill_bitmask
 from pdserve.worker.sampler import SamplingBatch, is_plain_greedy_request
 
 
-def is_plain_greedy(req: Request, ignore_grammar: bool = False) -> bool:
+def is_plain_greedy(req: Request) -> bool:
     num_output = len(req.output_ids) + req.num_inflight
-    grammar = None if ignore_grammar else req.grammar
     return is_plain_greedy_request(
-        req.sampling, num_output, req.return_logprob, req.top_logprobs_num, grammar
+        req.sampling, num_output, req.return_logprob, req.top_logprobs_num, req.grammar
     )
-
-
-def greedy_under_grammars(logits: torch.Tensor, items: list[BatchItem]) -> torch.Tensor | None:
-    """Greedy rows, some constrained: `logits` [R, V] with each grammar's disallowed tokens at
-    -inf (no SamplingBatch built); None when a grammar's compile failed (the general path ends
-    that request alone)."""
-    grammars = [item.req.grammar for item in items]
-    if any(g is not None and g.problem() is not None for g in grammars):
-        return None
-    bitmask = fill_bitmask(grammars, logits.shape[-1])  # [R, W] int32, host
-    return apply_bitmask(logits, to_device(bitmask, logits.device))
 
 
 def needs_host_tokens(req: Request) -> bool:

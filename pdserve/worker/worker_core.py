@@ -37,6 +37,7 @@ from pdserve.scheduler.request import Request
 from pdserve.scheduler.scheduler import BatchItem, ScheduledBatch, Scheduler
 from pdserve.worker.extra_outputs import ExtraOutputs
 from pdserve.worker.grammar import bind_grammar
+from pdserve.worker.light_sampling import LightSampler, is_light
 from pdserve.worker.model_runner import ForwardOutput, ModelRunner, PendingTokens
 from pdserve.worker.parallel.tp_group import SINGLE, TPGroup
 from pdserve.worker.pooler import PoolState
@@ -51,7 +52,6 @@ from pdserve.worker.speculative.factory import make_speculative_decoder
 from pdserve.worker.speculative.prompt_hidden import needs_prompt_hidden, record_prompt_hidden
 from pdserve.worker.step_rows import (
     device_index,
-    greedy_under_grammars,
     is_plain_greedy,
     needs_host_tokens,
     on_device,
@@ -136,6 +136,7 @@ class WorkerCore:
         )
         self.last_step_ms = 0.0
         self.num_steps = 0
+        self.light_sampler = LightSampler(self.config.seed)
         # Speculative decoding (worker/speculative/): its steps run the plain loop.
         self.spec = make_speculative_decoder(
             self.config, self.runner, self.scheduler, self._sampling_row, self.max_context_len
@@ -253,10 +254,10 @@ class WorkerCore:
         if all(is_plain_greedy(item.req) for item in items):
             # The common benchmark and eval case: one argmax, no SamplingRow built.
             return items, DeviceSample(logits.argmax(dim=-1), None, None, [])
-        if all(is_plain_greedy(item.req, ignore_grammar=True) for item in items):
-            masked = greedy_under_grammars(logits, items)
-            if masked is not None:  # else some grammar failed to compile: ended below
-                return items, DeviceSample(masked.argmax(dim=-1), None, None, [])
+        if all(is_light(item.req) for item in items):  # greedy / temperature, grammars
+            token_ids = self.light_sampler.sample(logits, items)
+            if token_ids is not None:  # else some grammar failed to compile: ended below
+                return items, DeviceSample(token_ids, None, None, [])
         rows = [self._sampling_row(item.req, item.req.num_inflight) for item in items]
         device = logits.device
         # check_request ran row_problem on each request's parameters when it was admitted.

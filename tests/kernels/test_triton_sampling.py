@@ -121,3 +121,32 @@ def test_the_samplers_gpu_path_equals_its_torch_path_for_seeded_rows() -> None:
     on_gpu = sample_on_device(logits.cuda(), SamplingBatch.build(rows, vocab, "cuda"))
     on_cpu = sample_on_device(logits, SamplingBatch.build(rows, vocab, "cpu"))
     assert on_gpu.token_ids.cpu().tolist() == on_cpu.token_ids.tolist()
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_the_bitmask_read_in_the_kernel_equals_the_torch_race(seed: int) -> None:
+    """The grammar's bitmask read beside the logits (greedy and seeded rows, min-p, a row with one
+    allowed token, one with none) against worker/race_sampling.py's torch draw of the same rows."""
+    from pdserve.kernels.triton_sampling import race_sample
+    from pdserve.worker.grammar_mask import unpack_bitmask
+    from pdserve.worker.race_sampling import race_draw_torch
+    from tests.worker.test_light_sampling import random_bitmask
+
+    gen = torch.Generator().manual_seed(300 + seed)
+    batch, vocab = 12, 4100  # the last bitmask word is partly past the vocabulary
+    logits, temps, min_ps, keys = random_case(gen, batch, vocab)
+    logits[logits == float("-inf")] = 0.0  # every token finite: the bitmask alone forbids
+    bitmask = random_bitmask(gen, batch, vocab)
+    bitmask[1] = 0
+    bitmask[1, 4099 // 32] = 1 << (4099 % 32)  # the last token only
+    bitmask[2] = 0  # nothing allowed: token 0
+    greedy = torch.arange(batch) % 3 == 0
+    args = [t.to(DEVICE) for t in (logits, temps, min_ps, greedy, keys, bitmask)]
+    got = race_sample(*args).cpu()
+    want = race_draw_torch(logits, temps, min_ps, greedy, keys, bitmask)
+    allowed = unpack_bitmask(bitmask, vocab)
+    assert got[1].item() == 4099 and got[2].item() == 0
+    live = torch.tensor([i != 2 for i in range(batch)])
+    assert bool(allowed[torch.arange(batch), got][live].all()), "a forbidden token was drawn"
+    assert got[greedy].tolist() == want[greedy].tolist()
+    assert (got == want).float().mean() >= 0.9, (got.tolist(), want.tolist())
