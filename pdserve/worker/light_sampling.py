@@ -56,8 +56,8 @@ class LightSampler:
             )
             fill_bitmask(grammars, vocab_size, out=host_mask)
             bitmask = send_mask()
-        host_params, send_params = host_buffer((3, num_rows), torch.float32, device)
-        host_keys, send_keys = host_buffer((num_rows, 2), torch.int64, device)
+        # One copy for the rows' keys [R, 2] int64, then temperature, min-p, greedy [3, R] float32.
+        host, send = host_buffer((num_rows * 28,), torch.uint8, device)
         temps, min_ps, greedy = [], [], []
         keys = []
         for item in items:
@@ -72,7 +72,15 @@ class LightSampler:
             else:
                 key = self._rng.getrandbits(64)
             keys.append((key & MASK32, key >> 32))
-        host_params.copy_(torch.tensor((temps, min_ps, greedy), dtype=torch.float32))
-        host_keys.copy_(torch.tensor(keys, dtype=torch.int64).view(num_rows, 2))
-        params = send_params()
-        return race_draw(logits.float(), params[0], params[1], params[2] != 0, send_keys(), bitmask)
+        split = num_rows * 16
+        host[:split].view(torch.int64).copy_(torch.tensor(keys, dtype=torch.int64).view(-1))
+        host[split:].view(torch.float32).copy_(
+            torch.tensor((temps, min_ps, greedy), dtype=torch.float32).view(-1)
+        )
+        packed = send()
+        keys_d = packed[:split].view(torch.int64).view(num_rows, 2)
+        params = packed[split:].view(torch.float32).view(3, num_rows)
+        return race_draw(
+            logits.float(), params[0], params[1], params[2], keys_d, bitmask,
+            any_min_p=any(m > 0.0 for m in min_ps), all_greedy=all(greedy),
+        )  # fmt: skip

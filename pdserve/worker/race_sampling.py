@@ -19,14 +19,18 @@ def race_draw(
     logits: torch.Tensor,  # [B, V] float32, contiguous rows
     temperatures: torch.Tensor,  # [B] float32 (greedy rows: ignored)
     min_ps: torch.Tensor,  # [B] float32, 0: off
-    is_greedy: torch.Tensor,  # [B] bool
+    is_greedy: torch.Tensor,  # [B] bool, or numbers: nonzero = greedy
     keys: torch.Tensor,  # [B, 2] int64 holding 32-bit values
     bitmask: torch.Tensor | None = None,  # [B, ceil(V / 32)] int32; None: every token allowed
+    any_min_p: bool = True,  # False: every min_p is 0 (known on the host)
+    all_greedy: bool = False,  # True: every row is greedy (known on the host)
 ) -> torch.Tensor:  # [B] int64, on the logits' device, not read back
     if logits.is_cuda:
         from pdserve.kernels.triton_sampling import race_sample
 
-        return race_sample(logits, temperatures, min_ps, is_greedy, keys, bitmask)
+        return race_sample(
+            logits, temperatures, min_ps, is_greedy, keys, bitmask, any_min_p, all_greedy
+        )
     return race_draw_torch(logits, temperatures, min_ps, is_greedy, keys, bitmask)
 
 
@@ -44,6 +48,7 @@ def race_draw_torch(
     if bitmask is not None:
         logits = logits.masked_fill(~unpack_bitmask(bitmask, vocab_size), float("-inf"))
     greedy_ids = logits.argmax(dim=-1)  # [B]
+    is_greedy = is_greedy.view(batch) != 0
     if bool(is_greedy.all()):
         return greedy_ids
     row_max = logits.max(dim=-1, keepdim=True).values  # [B, 1]
@@ -54,5 +59,5 @@ def race_draw_torch(
     score = score.masked_fill((scaled < floor) | (logits == float("-inf")), float("-inf"))
     drawn = score.argmax(dim=-1)
     nothing = score.max(dim=-1).values == float("-inf")  # only when nothing is allowed
-    drawn = torch.where(nothing | is_greedy.view(batch), greedy_ids, drawn)
+    drawn = torch.where(nothing | is_greedy, greedy_ids, drawn)
     return drawn

@@ -150,3 +150,24 @@ def test_the_bitmask_read_in_the_kernel_equals_the_torch_race(seed: int) -> None
     assert bool(allowed[torch.arange(batch), got][live].all()), "a forbidden token was drawn"
     assert got[greedy].tolist() == want[greedy].tolist()
     assert (got == want).float().mean() >= 0.9, (got.tolist(), want.tolist())
+
+
+def test_the_launch_shortcuts_draw_what_the_general_launch_draws() -> None:
+    """`all_greedy` (no race computed) and `any_min_p=False` (no max launch) against the general
+    launches on the same rows, batch 1 (one chunk per block) and batch 40."""
+    from pdserve.kernels.triton_sampling import race_sample
+
+    gen = torch.Generator().manual_seed(21)
+    for batch in (1, 40):
+        logits, temps, min_ps, keys = random_case(gen, batch, 6000)
+        min_ps.zero_()
+        greedy = torch.ones(batch, dtype=torch.bool)
+        args = [t.to(DEVICE) for t in (logits, temps, min_ps)]
+        keys_d = keys.to(DEVICE)
+        want_greedy = race_sample(*args, greedy.to(DEVICE), keys_d).cpu()
+        got_greedy = race_sample(*args, greedy.to(DEVICE), keys_d, all_greedy=True).cpu()
+        assert got_greedy.tolist() == want_greedy.tolist() == logits.argmax(dim=-1).tolist()
+        sampled = (~greedy).to(DEVICE)
+        want = race_sample(*args, sampled, keys_d).cpu()
+        got = race_sample(*args, sampled.float(), keys_d, any_min_p=False).cpu()
+        assert got.tolist() == want.tolist()
