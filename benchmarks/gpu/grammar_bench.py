@@ -79,6 +79,40 @@ def bitmask_fill_us(reqs: list[Request], vocab_size: int) -> float:
     return statistics.median(samples)
 
 
+class PhaseTimer:
+    """Host seconds spent inside some of the core's methods (inclusive; nested ones overlap),
+    by wrapping them on the instance: where a constrained step's host time goes, without a
+    profiler's overhead."""
+
+    def __init__(self, core: Any) -> None:
+        self.totals: dict[str, float] = {}
+        targets = {
+            "schedule": (core.scheduler, "schedule"),
+            "launch (build + forward)": (core, "_launch"),
+            "collect (wait + record)": (core, "_collect"),
+            "record tokens": (core.scheduler, "process_sampled"),
+            "sample launch": (core, "_sample_launched"),
+            "light sampler": (core.light_sampler, "sample"),
+        }
+        for name, (obj, attr) in targets.items():
+            setattr(obj, attr, self._wrap(name, getattr(obj, attr)))
+
+    def _wrap(self, name: str, fn: Any) -> Any:
+        def timed(*a: Any, **k: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - t0
+
+        return timed
+
+    def per_step_us(self, steps: int) -> dict[str, float]:
+        out = {k: round(v / steps * 1e6, 1) for k, v in self.totals.items()}
+        self.totals = {}
+        return out
+
+
 def decode_steps(
     engine: Any, temperature: float, constrained: bool, args: Any, seed: int, profiler: Any = None
 ) -> dict[str, Any]:
@@ -102,9 +136,13 @@ def decode_steps(
         core.step()
     if profiler is not None:
         profiler.enable()
+    phases = getattr(core, "phase_timer", None)
+    if phases is not None:
+        phases.totals = {}
     step_s, sizes = time_steps(core, args.device, args.steps)
     if profiler is not None:
         profiler.disable()
+    host_us = phases.per_step_us(args.steps) if phases is not None else None
     fill_us = bitmask_fill_us(reqs, vocab) if constrained else None
     texts_ok = all(not r.is_finished or r.finish.kind == "length" for r in reqs)
     finish_all(core, reqs)
@@ -113,11 +151,14 @@ def decode_steps(
         "tok_s": args.batch / step_s,
         "pure_decode": all(n == args.batch for n in sizes) and texts_ok,
         "bitmask_fill_us": fill_us,
+        "host_us": host_us,
     }
 
 
 def run(model_dir: Path, args: Any, say: Any) -> list[dict[str, Any]]:
     engine = make_engine(model_dir, args)
+    if args.phases:
+        engine.core.phase_timer = PhaseTimer(engine.core)
     for _, temperature, constrained in MODES:  # warm-up: graphs, compiles, allocator
         decode_steps(engine, temperature, constrained, args, seed=900)
     rounds: dict[str, list[dict[str, Any]]] = {}
@@ -126,6 +167,8 @@ def run(model_dir: Path, args: Any, say: Any) -> list[dict[str, Any]]:
             r = decode_steps(engine, temperature, constrained, args, seed=10 * rnd + 1)
             rounds.setdefault(name, []).append(r)
             say(f"round {rnd} {name}: {r['step_ms']:.3f} ms/step")
+            if r["host_us"] is not None:
+                say(f"  host us/step: {r['host_us']}")
     if args.profile:  # where the host's time goes in constrained greedy steps
         import cProfile
         import pstats
@@ -180,6 +223,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--num-pages", type=int, default=8192)
     p.add_argument("--profile", action="store_true", help="then a host profile of schema steps")
+    p.add_argument("--phases", action="store_true", help="host time per step in core methods")
     args = p.parse_args()
     args.device, args.dtype, args.spec = "cuda", "bfloat16", rc.LLAMA_1B
     if args.smoke:

@@ -7,6 +7,7 @@ then torch.profiler's top CPU and CUDA entries.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -26,6 +27,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--context", type=int, default=128, help="prompt tokens per request")
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--schema", action="store_true", help="under grammar_bench's JSON schema")
     args = parser.parse_args()
     model = rc.write_checkpoint(rc.LLAMA_1B, Path("/dev/shm/pdserve-bench/llama-3.2-1b"), "cuda")
     pages = max(4096, args.batch * (args.context + 20 + 3 * args.steps) // 16 + 64)
@@ -34,8 +37,15 @@ def main() -> None:
         max_running_requests=max(args.batch, 256), cuda_graph_max_batch=max(args.batch, 256),
     )  # fmt: skip
     core, runner = engine.core, engine.core.runner
-    params = SamplingParams(max_new_tokens=10_000, ignore_eos=True, temperature=0)
+    grammar = {}
+    if args.schema:
+        from grammar_bench import BENCH_SCHEMA
+
+        grammar = {"json_schema": json.dumps({**BENCH_SCHEMA, "minItems": 1000})}
     for i in range(args.batch):
+        params = SamplingParams(
+            max_new_tokens=10_000, ignore_eos=True, temperature=args.temperature, seed=i, **grammar
+        )
         core.add(
             Request(
                 rid=f"r{i}",
