@@ -76,7 +76,10 @@ def _chunk_kernel(
     base = logits_ptr + row * stride_row
     mask_row = mask_ptr + row * stride_mask
     offs = tl.arange(0, BLOCK)
-    inv_t = 1.0 / tl.load(temps_ptr + row)
+    if RACE and not MAX_ONLY:  # greedy-only batches pass no temperatures or keys
+        inv_t = 1.0 / tl.load(temps_ptr + row)
+        key0 = tl.load(keys_ptr + 2 * row).to(tl.uint32)
+        key1 = tl.load(keys_ptr + 2 * row + 1).to(tl.uint32)
     if USE_FLOOR:  # min-p keeps token j when (l_j - l_max) / T >= log(min_p)
         parts = tl.arange(0, CHUNKS_P2)
         maxima = tl.load(
@@ -84,8 +87,6 @@ def _chunk_kernel(
         )
         row_max = tl.max(maxima, axis=0)
         floor = tl.log(tl.load(min_ps_ptr + row))
-    key0 = tl.load(keys_ptr + 2 * row).to(tl.uint32)
-    key1 = tl.load(keys_ptr + 2 * row + 1).to(tl.uint32)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
     best_id = tl.zeros([BLOCK], tl.int32)
     race = tl.full([BLOCK], float("-inf"), tl.float32)
@@ -158,13 +159,13 @@ _TARGET_PROGRAMS = 1024  # chunks of all rows together: enough to keep every SM'
 
 def race_sample(
     logits: torch.Tensor,  # [B, V] float32, disallowed tokens at -inf
-    temperatures: torch.Tensor,  # [B] or [B, 1] float32
-    min_ps: torch.Tensor,  # [B] or [B, 1] float32
-    is_greedy: torch.Tensor,  # [B] bool (or any number type: nonzero = greedy)
-    keys: torch.Tensor,  # [B, 2] int64, 32-bit values
+    temperatures: torch.Tensor | None,  # [B] or [B, 1] float32
+    min_ps: torch.Tensor | None,  # [B] or [B, 1] float32
+    is_greedy: torch.Tensor | None,  # [B] bool (or any number type: nonzero = greedy)
+    keys: torch.Tensor | None,  # [B, 2] int64, 32-bit values
     bitmask: torch.Tensor | None = None,  # [B, ceil(V / 32)] int32: allowed tokens; None: all
     any_min_p: bool = True,  # False: the caller knows every min_p is 0 (one launch fewer)
-    all_greedy: bool = False,  # True: the caller knows every row is greedy (no race computed)
+    all_greedy: bool = False,  # True: every row is greedy (the four above may then be None)
 ) -> torch.Tensor:  # [B] int64
     """One token per row: argmax for greedy rows, else a draw from softmax(logits / T) after
     min-p, over the tokens the bitmask allows (module docstring). Nothing is read back to the
@@ -177,7 +178,12 @@ def race_sample(
             f"{logits.dtype} strides {logits.stride()}"
         )
     batch, vocab_size = logits.shape
-    if keys.shape != (batch, 2):
+    if all_greedy:  # unread: any tensor serves as their pointer
+        temperatures = min_ps = is_greedy = logits[:, 0]
+        keys = logits
+    elif temperatures is None or min_ps is None or is_greedy is None or keys is None:
+        raise ValueError("temperatures, min_ps, is_greedy and keys are needed unless all_greedy")
+    elif keys.shape != (batch, 2):
         raise ValueError(f"keys must be [{batch}, 2], got {tuple(keys.shape)}")
     if bitmask is not None and (
         bitmask.dtype != torch.int32 or bitmask.shape != (batch, (vocab_size + 31) // 32)
@@ -190,10 +196,11 @@ def race_sample(
     out = torch.empty(batch, dtype=torch.int64, device=device)
     if not batch:
         return out
-    temps = temperatures.reshape(batch).to(torch.float32).contiguous()
-    min_ps = min_ps.reshape(batch).to(torch.float32).contiguous()
-    greedy = is_greedy.reshape(batch).contiguous()
-    keys = keys.contiguous()
+    if not all_greedy:
+        temperatures = temperatures.reshape(batch).to(torch.float32).contiguous()
+        min_ps = min_ps.reshape(batch).to(torch.float32).contiguous()
+        is_greedy = is_greedy.reshape(batch).contiguous()
+        keys = keys.contiguous()
     blocks = triton.cdiv(vocab_size, _BLOCK)
     num_chunks = max(1, min(blocks, triton.cdiv(_TARGET_PROGRAMS, batch)))
     chunk_len = triton.cdiv(blocks, num_chunks) * _BLOCK
@@ -206,7 +213,7 @@ def race_sample(
     floor = race and any_min_p
     chunks_p2 = triton.next_power_of_2(num_chunks)
     common = (
-        logits, temps, min_ps, keys, mask, part_max, part_max_id, part_score, part_id,
+        logits, temperatures, min_ps, keys, mask, part_max, part_max_id, part_score, part_id,
         vocab_size, logits.stride(0), mask.stride(0), num_chunks, chunk_len,
     )  # fmt: skip
     grid = (batch, num_chunks)
@@ -220,7 +227,7 @@ def race_sample(
         MAX_ONLY=False, USE_FLOOR=floor, RACE=race,
     )  # fmt: skip
     _pick_kernel[(batch,)](
-        part_max, part_max_id, part_score, part_id, greedy, out, vocab_size, num_chunks,
+        part_max, part_max_id, part_score, part_id, is_greedy, out, vocab_size, num_chunks,
         CHUNKS_P2=chunks_p2, RACE=race,
     )  # fmt: skip
     return out

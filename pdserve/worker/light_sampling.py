@@ -12,8 +12,7 @@ from the worker's own generator.
 
 from __future__ import annotations
 
-import random
-
+import numpy as np
 import torch
 
 from pdserve.scheduler.request import Request
@@ -21,7 +20,7 @@ from pdserve.scheduler.scheduler import BatchItem
 from pdserve.worker.device_copy import host_buffer
 from pdserve.worker.grammar_mask import bitmask_words, fill_bitmask
 from pdserve.worker.race_sampling import race_draw
-from pdserve.worker.sampling_noise import MASK32, MASK64, splitmix64
+from pdserve.worker.sampling_noise import MASK32, MASK64
 
 
 def is_light(req: Request) -> bool:
@@ -38,49 +37,68 @@ def is_light(req: Request) -> bool:
 
 class LightSampler:
     def __init__(self, seed: int) -> None:
-        self._rng = random.Random(seed)  # the unseeded rows' keys
+        self._rng = np.random.default_rng(seed)  # the unseeded rows' keys
 
     def sample(self, logits: torch.Tensor, items: list[BatchItem]) -> torch.Tensor | None:
         """[R] int64 on the device: one token per row of logits [R, V]; every item is light
         (`is_light`). None when some row's grammar failed to compile: the general path ends that
         request alone."""
-        grammars = [item.req.grammar for item in items]
-        if any(g is not None and g.problem() is not None for g in grammars):
+        reqs = [item.req for item in items]
+        grammars = [req.grammar for req in reqs]
+        constrained = any(g is not None for g in grammars)
+        if constrained and any(g is not None and g.problem() is not None for g in grammars):
             return None
         device = logits.device
         num_rows, vocab_size = logits.shape
         bitmask = None
-        if any(g is not None for g in grammars):
+        if constrained:
             host_mask, send_mask = host_buffer(
                 (num_rows, bitmask_words(vocab_size)), torch.int32, device
             )
             fill_bitmask(grammars, vocab_size, out=host_mask)
             bitmask = send_mask()
+        params = [req.sampling for req in reqs]
+        greedy = [p.is_greedy for p in params]
+        if all(greedy):
+            return race_draw(logits, None, None, None, None, bitmask, all_greedy=True)
+        temps = [1.0 if g else p.temperature for p, g in zip(params, greedy)]
+        min_ps = [p.min_p for p in params]
         # One copy for the rows' keys [R, 2] int64, then temperature, min-p, greedy [3, R] float32.
         host, send = host_buffer((num_rows * 28,), torch.uint8, device)
-        temps, min_ps, greedy = [], [], []
-        keys = []
-        for item in items:
-            req = item.req
-            p = req.sampling
-            temps.append(1.0 if p.is_greedy else p.temperature)
-            min_ps.append(p.min_p)
-            greedy.append(1.0 if p.is_greedy else 0.0)
-            if p.seed is not None and not p.is_greedy:
-                step = len(req.output_ids) + req.num_inflight
-                key = splitmix64(splitmix64(p.seed & MASK64) ^ step)
-            else:
-                key = self._rng.getrandbits(64)
-            keys.append((key & MASK32, key >> 32))
         split = num_rows * 16
-        host[:split].view(torch.int64).copy_(torch.tensor(keys, dtype=torch.int64).view(-1))
-        host[split:].view(torch.float32).copy_(
-            torch.tensor((temps, min_ps, greedy), dtype=torch.float32).view(-1)
-        )
+        keys = host[:split].view(torch.int64).view(num_rows, 2).numpy()
+        keys[:] = _row_keys(reqs, greedy, self._rng)
+        floats = host[split:].view(torch.float32).view(3, num_rows).numpy()
+        floats[:] = (temps, min_ps, greedy)
         packed = send()
         keys_d = packed[:split].view(torch.int64).view(num_rows, 2)
-        params = packed[split:].view(torch.float32).view(3, num_rows)
+        params_d = packed[split:].view(torch.float32).view(3, num_rows)
         return race_draw(
-            logits.float(), params[0], params[1], params[2], keys_d, bitmask,
-            any_min_p=any(m > 0.0 for m in min_ps), all_greedy=all(greedy),
+            logits, params_d[0], params_d[1], params_d[2], keys_d, bitmask,
+            any_min_p=any(m > 0.0 for m in min_ps),
         )  # fmt: skip
+
+
+def _row_keys(reqs: list[Request], greedy: list[bool], rng: np.random.Generator) -> np.ndarray:
+    """[R, 2] int64: each row's two 32-bit noise keys. A seeded row's come from
+    splitmix64(splitmix64(seed) ^ step) (the SamplingBatch's `_seed_fields`); the others' are
+    random."""
+    keys = rng.integers(0, 2**64, size=len(reqs), dtype=np.uint64, endpoint=False)
+    seeded = [
+        i for i, (req, g) in enumerate(zip(reqs, greedy)) if req.sampling.seed is not None and not g
+    ]
+    if seeded:
+        seeds = np.array([reqs[i].sampling.seed & MASK64 for i in seeded], dtype=np.uint64)
+        steps = np.array(
+            [len(reqs[i].output_ids) + reqs[i].num_inflight for i in seeded], dtype=np.uint64
+        )
+        keys[seeded] = _splitmix64(_splitmix64(seeds) ^ steps)
+    return np.stack((keys & np.uint64(MASK32), keys >> np.uint64(32)), axis=1).astype(np.int64)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """sampling_noise.splitmix64 on a uint64 array (its products wrap mod 2**64 as intended)."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))

@@ -17,13 +17,13 @@ from pdserve.worker.sampling_noise import seeded_exponential
 
 def race_draw(
     logits: torch.Tensor,  # [B, V] float32, contiguous rows
-    temperatures: torch.Tensor,  # [B] float32 (greedy rows: ignored)
-    min_ps: torch.Tensor,  # [B] float32, 0: off
-    is_greedy: torch.Tensor,  # [B] bool, or numbers: nonzero = greedy
-    keys: torch.Tensor,  # [B, 2] int64 holding 32-bit values
+    temperatures: torch.Tensor | None,  # [B] float32 (greedy rows: ignored)
+    min_ps: torch.Tensor | None,  # [B] float32, 0: off
+    is_greedy: torch.Tensor | None,  # [B] bool, or numbers: nonzero = greedy
+    keys: torch.Tensor | None,  # [B, 2] int64 holding 32-bit values
     bitmask: torch.Tensor | None = None,  # [B, ceil(V / 32)] int32; None: every token allowed
     any_min_p: bool = True,  # False: every min_p is 0 (known on the host)
-    all_greedy: bool = False,  # True: every row is greedy (known on the host)
+    all_greedy: bool = False,  # True: every row is greedy (the four above may then be None)
 ) -> torch.Tensor:  # [B] int64, on the logits' device, not read back
     if logits.is_cuda:
         from pdserve.kernels.triton_sampling import race_sample
@@ -31,7 +31,19 @@ def race_draw(
         return race_sample(
             logits, temperatures, min_ps, is_greedy, keys, bitmask, any_min_p, all_greedy
         )
+    if all_greedy:
+        return _allowed(logits, bitmask).argmax(dim=-1)
+    assert temperatures is not None and min_ps is not None and is_greedy is not None
+    assert keys is not None
     return race_draw_torch(logits, temperatures, min_ps, is_greedy, keys, bitmask)
+
+
+def _allowed(logits: torch.Tensor, bitmask: torch.Tensor | None) -> torch.Tensor:
+    """[B, V] float32: the logits, -inf where the bitmask forbids."""
+    logits = logits.to(torch.float32)
+    if bitmask is None:
+        return logits
+    return logits.masked_fill(~unpack_bitmask(bitmask, logits.shape[-1]), float("-inf"))
 
 
 def race_draw_torch(
@@ -44,9 +56,7 @@ def race_draw_torch(
 ) -> torch.Tensor:
     """`race_draw` in torch ops (the kernel's reference; the CPU's path)."""
     batch, vocab_size = logits.shape
-    logits = logits.to(torch.float32)
-    if bitmask is not None:
-        logits = logits.masked_fill(~unpack_bitmask(bitmask, vocab_size), float("-inf"))
+    logits = _allowed(logits, bitmask)
     greedy_ids = logits.argmax(dim=-1)  # [B]
     is_greedy = is_greedy.view(batch) != 0
     if bool(is_greedy.all()):

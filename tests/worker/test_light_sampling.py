@@ -159,6 +159,17 @@ def test_a_seeded_rows_draw_depends_on_its_seed_and_step_only() -> None:
     assert len(draws) > 1
 
 
+def test_the_vectorized_splitmix_equals_the_scalar_one() -> None:
+    import numpy as np
+
+    from pdserve.worker.light_sampling import _splitmix64
+    from pdserve.worker.sampling_noise import splitmix64
+
+    values = [random.randrange(2**64) for _ in range(50)] + [0, 2**64 - 1]
+    got = _splitmix64(np.array(values, dtype=np.uint64)).tolist()
+    assert got == [splitmix64(v) for v in values]
+
+
 def test_host_buffer_on_the_cpu_is_a_plain_tensor() -> None:
     host, send = host_buffer((3, 5), torch.float32, "cpu")
     host.fill_(2.5)
