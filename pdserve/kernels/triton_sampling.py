@@ -166,6 +166,7 @@ def race_sample(
     bitmask: torch.Tensor | None = None,  # [B, ceil(V / 32)] int32: allowed tokens; None: all
     any_min_p: bool = True,  # False: the caller knows every min_p is 0 (one launch fewer)
     all_greedy: bool = False,  # True: every row is greedy (the four above may then be None)
+    out: torch.Tensor | None = None,  # [B] int64 to write the tokens into
 ) -> torch.Tensor:  # [B] int64
     """One token per row: argmax for greedy rows, else a draw from softmax(logits / T) after
     min-p, over the tokens the bitmask allows (module docstring). Nothing is read back to the
@@ -193,7 +194,10 @@ def race_sample(
             f"{tuple(bitmask.shape)} {bitmask.dtype}"
         )
     device = logits.device
-    out = torch.empty(batch, dtype=torch.int64, device=device)
+    if out is None:
+        out = torch.empty(batch, dtype=torch.int64, device=device)
+    elif out.shape != (batch,) or out.dtype != torch.int64 or not out.is_contiguous():
+        raise ValueError(f"out must be [{batch}] int64, got {tuple(out.shape)} {out.dtype}")
     if not batch:
         return out
     if not all_greedy:

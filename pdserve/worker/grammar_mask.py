@@ -8,7 +8,9 @@ anything waits for the device, so on a GPU the filling overlaps the forward pass
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -19,6 +21,8 @@ from pdserve.worker.grammar import RequestGrammar
 # sizes (64 JSON-schema rows, 128k vocabulary: 0.2 ms on one thread, 0.8 ms on two, ~4 ms with
 # its default of half the cores on the H200 host), and the fill already overlaps the device.
 _batch_matcher: Any = None
+_fill_pool: ThreadPoolExecutor | None = None  # fill_bitmask_async's thread, and its own matcher
+_async_matcher: Any = None
 
 
 def bitmask_words(vocab_size: int) -> int:
@@ -34,22 +38,66 @@ def fill_bitmask(
     """[B, ceil(V / 32)] int32 on the host: each constrained row's allowed next tokens, all ones
     for the others; None when no row is constrained. Waits for compiles still running.
     out: a host tensor of that shape and dtype to fill (returned) instead of a new one."""
+    job = _prepare(grammars, vocab_size, pin_memory, out)
+    if job is None:
+        return None
+    global _batch_matcher
+    if _batch_matcher is None:
+        _batch_matcher = _new_batch_matcher()
+    bitmask, matchers, rows = job
+    _batch_matcher.batch_fill_next_token_bitmask(matchers, bitmask, rows)
+    return bitmask
+
+
+def fill_bitmask_async(
+    grammars: Sequence[RequestGrammar | None], vocab_size: int, out: torch.Tensor
+) -> Callable[[], torch.Tensor | None]:
+    """`fill_bitmask` into `out` on the fill thread while the caller goes on (xgrammar releases
+    the GIL while it fills); returns the function that waits for it and gives the result. The
+    matchers must not be advanced before then."""
+    job = _prepare(grammars, vocab_size, False, out)
+    if job is None:
+        return lambda: None
+    global _fill_pool, _async_matcher
+    if _fill_pool is None:
+        _fill_pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-fill")
+        _async_matcher = _new_batch_matcher()
+    bitmask, matchers, rows = job
+    started = threading.Event()
+
+    def fill() -> torch.Tensor:
+        started.set()  # the caller resumes once the fill below lets go of the GIL
+        _async_matcher.batch_fill_next_token_bitmask(matchers, bitmask, rows)
+        return bitmask
+
+    future = _fill_pool.submit(fill)
+    started.wait()  # hands the thread the GIL now, not at the interpreter's next switch (5 ms)
+    return future.result
+
+
+def _new_batch_matcher() -> Any:
+    import xgrammar as xgr
+
+    return xgr.BatchGrammarMatcher(max_threads=1)
+
+
+def _prepare(
+    grammars: Sequence[RequestGrammar | None],
+    vocab_size: int,
+    pin_memory: bool,
+    out: torch.Tensor | None,
+) -> tuple[torch.Tensor, list[Any], list[int]] | None:
+    """The bitmask (all ones), the constrained rows' matchers and their row indices."""
     rows = [i for i, g in enumerate(grammars) if g is not None]
     if not rows:
         return None
-    global _batch_matcher
-    import xgrammar as xgr
-
-    if _batch_matcher is None:
-        _batch_matcher = xgr.BatchGrammarMatcher(max_threads=1)
     shape = (len(grammars), bitmask_words(vocab_size))
     if out is not None and (tuple(out.shape) != shape or out.dtype != torch.int32):
         raise ValueError(f"out must be {list(shape)} int32, got {list(out.shape)} {out.dtype}")
     bitmask = torch.empty(shape, dtype=torch.int32, pin_memory=pin_memory) if out is None else out
     bitmask.numpy().fill(-1)  # one memset: torch.full's thread pool is slow on a busy host
     matchers = [grammars[i].matcher for i in rows]  # type: ignore[union-attr]
-    _batch_matcher.batch_fill_next_token_bitmask(matchers, bitmask, rows)
-    return bitmask
+    return bitmask, matchers, rows
 
 
 def allows_other_than(bitmask_row: torch.Tensor, token_ids: Sequence[int], vocab_size: int) -> bool:

@@ -12,13 +12,15 @@ from the worker's own generator.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
 from pdserve.scheduler.request import Request
 from pdserve.scheduler.scheduler import BatchItem
 from pdserve.worker.device_copy import host_buffer
-from pdserve.worker.grammar_mask import bitmask_words, fill_bitmask
+from pdserve.worker.grammar_mask import bitmask_words, fill_bitmask, fill_bitmask_async
 from pdserve.worker.race_sampling import race_draw
 from pdserve.worker.sampling_noise import MASK32, MASK64
 
@@ -43,6 +45,15 @@ class LightSampler:
         """[R] int64 on the device: one token per row of logits [R, V]; every item is light
         (`is_light`). None when some row's grammar failed to compile: the general path ends that
         request alone."""
+        draw = self.prepare(logits, items, background=False)
+        return draw.launch() if draw is not None else None
+
+    def prepare(
+        self, logits: torch.Tensor, items: list[BatchItem], background: bool
+    ) -> LightDraw | None:
+        """`sample`, up to its launch: the rows' keys and parameters written for their current
+        step, the grammar bitmask being filled (on the fill thread when `background`: the
+        matchers must not advance until the draw is launched)."""
         reqs = [item.req for item in items]
         grammars = [req.grammar for req in reqs]
         constrained = any(g is not None for g in grammars)
@@ -50,32 +61,60 @@ class LightSampler:
             return None
         device = logits.device
         num_rows, vocab_size = logits.shape
-        bitmask = None
+        draw = LightDraw(logits)
         if constrained:
-            host_mask, send_mask = host_buffer(
+            host_mask, draw.send_mask = host_buffer(
                 (num_rows, bitmask_words(vocab_size)), torch.int32, device
             )
-            fill_bitmask(grammars, vocab_size, out=host_mask)
-            bitmask = send_mask()
+            if background:
+                draw.wait_mask = fill_bitmask_async(grammars, vocab_size, host_mask)
+            else:
+                fill_bitmask(grammars, vocab_size, out=host_mask)
         params = [req.sampling for req in reqs]
         greedy = [p.is_greedy for p in params]
-        if all(greedy):
-            return race_draw(logits, None, None, None, None, bitmask, all_greedy=True)
+        draw.all_greedy = all(greedy)
+        if draw.all_greedy:
+            return draw
         temps = [1.0 if g else p.temperature for p, g in zip(params, greedy)]
         min_ps = [p.min_p for p in params]
+        draw.any_min_p = any(m > 0.0 for m in min_ps)
         # One copy for the rows' keys [R, 2] int64, then temperature, min-p, greedy [3, R] float32.
-        host, send = host_buffer((num_rows * 28,), torch.uint8, device)
+        host, draw.send_params = host_buffer((num_rows * 28,), torch.uint8, device)
         split = num_rows * 16
-        keys = host[:split].view(torch.int64).view(num_rows, 2).numpy()
-        keys[:] = _row_keys(reqs, greedy, self._rng)
-        floats = host[split:].view(torch.float32).view(3, num_rows).numpy()
-        floats[:] = (temps, min_ps, greedy)
-        packed = send()
-        keys_d = packed[:split].view(torch.int64).view(num_rows, 2)
-        params_d = packed[split:].view(torch.float32).view(3, num_rows)
+        host[:split].view(torch.int64).view(num_rows, 2).numpy()[:] = _row_keys(
+            reqs, greedy, self._rng
+        )
+        host[split:].view(torch.float32).view(3, num_rows).numpy()[:] = (temps, min_ps, greedy)
+        return draw
+
+
+class LightDraw:
+    """A prepared light draw (`LightSampler.prepare`), launched once."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        self.logits = logits  # [R, V] float32
+        self.all_greedy = True
+        self.any_min_p = False
+        self.send_params: Callable[[], torch.Tensor] | None = None
+        self.send_mask: Callable[[], torch.Tensor] | None = None
+        self.wait_mask: Callable[[], object] | None = None  # the fill thread's, if it runs there
+
+    def launch(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Queue the draw on the device (waiting for a bitmask still being filled); returns the
+        [R] int64 tokens (written into `out` when given)."""
+        if self.wait_mask is not None:
+            self.wait_mask()
+        bitmask = self.send_mask() if self.send_mask is not None else None
+        if self.all_greedy or self.send_params is None:
+            return race_draw(self.logits, None, None, None, None, bitmask, all_greedy=True, out=out)
+        packed = self.send_params()
+        num_rows = self.logits.shape[0]
+        split = num_rows * 16
+        keys = packed[:split].view(torch.int64).view(num_rows, 2)
+        params = packed[split:].view(torch.float32).view(3, num_rows)
         return race_draw(
-            logits, params_d[0], params_d[1], params_d[2], keys_d, bitmask,
-            any_min_p=any(m > 0.0 for m in min_ps),
+            self.logits, params[0], params[1], params[2], keys, bitmask,
+            any_min_p=self.any_min_p, out=out,
         )  # fmt: skip
 
 

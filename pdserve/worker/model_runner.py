@@ -48,6 +48,9 @@ class PendingTokens(NamedTuple):
 
     token_ids: torch.Tensor  # [R] int64, device
     row_of: dict[int, int]  # id(request) -> its row in token_ids
+    # Queues the sampling that writes token_ids when it was deferred: called once the batch is
+    # built on the host, before any of the step's device work.
+    before_read: Callable[[], None] | None = None
 
 
 class ModelRunner:
@@ -143,6 +146,8 @@ class ModelRunner:
             device_buffer = host.buffer.to(self.device, non_blocking=True)
         if self.tp.is_parallel:
             self._announce(command, host, batch.is_decode, device_buffer)
+        if pending is not None and pending.before_read is not None:
+            pending.before_read()
         return self._device_batch(host, device_buffer, batch.is_decode, pending)
 
     def _device_batch(

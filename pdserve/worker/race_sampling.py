@@ -24,18 +24,21 @@ def race_draw(
     bitmask: torch.Tensor | None = None,  # [B, ceil(V / 32)] int32; None: every token allowed
     any_min_p: bool = True,  # False: every min_p is 0 (known on the host)
     all_greedy: bool = False,  # True: every row is greedy (the four above may then be None)
+    out: torch.Tensor | None = None,  # [B] int64 on the device to write the tokens into
 ) -> torch.Tensor:  # [B] int64, on the logits' device, not read back
     if logits.is_cuda:
         from pdserve.kernels.triton_sampling import race_sample
 
         return race_sample(
-            logits, temperatures, min_ps, is_greedy, keys, bitmask, any_min_p, all_greedy
+            logits, temperatures, min_ps, is_greedy, keys, bitmask, any_min_p, all_greedy, out
         )
     if all_greedy:
-        return _allowed(logits, bitmask).argmax(dim=-1)
-    assert temperatures is not None and min_ps is not None and is_greedy is not None
-    assert keys is not None
-    return race_draw_torch(logits, temperatures, min_ps, is_greedy, keys, bitmask)
+        drawn = _allowed(logits, bitmask).argmax(dim=-1)
+    else:
+        assert temperatures is not None and min_ps is not None and is_greedy is not None
+        assert keys is not None
+        drawn = race_draw_torch(logits, temperatures, min_ps, is_greedy, keys, bitmask)
+    return drawn if out is None else out.copy_(drawn)
 
 
 def _allowed(logits: torch.Tensor, bitmask: torch.Tensor | None) -> torch.Tensor:

@@ -12,7 +12,9 @@ when its token is read back may have computed one more token by then; that one i
 outputs and stop checks equal the plain loop's. A step holding a grammar or penalty row launches
 its forward pass first, then records the running step's tokens (advancing the matchers), then
 builds the sampling batch (the grammar bitmask) and samples: the mask is filled while the device
-runs the forward pass. A step holding a row that returns logprobs, hidden states or pooled
+runs the forward pass. When every row is light (worker/light_sampling.py) the draw is queued even
+later, once the next step's batch is built on the host, and the bitmask is filled on a thread
+meanwhile: the fill hides behind the host's own scheduling and batch building. A step holding a row that returns logprobs, hidden states or pooled
 vectors waits for the running step first and runs unoverlapped.
 
 Tensor parallelism (`config.tp_size > 1`): this core is rank 0; it starts the follower ranks
@@ -37,7 +39,7 @@ from pdserve.scheduler.request import Request
 from pdserve.scheduler.scheduler import BatchItem, ScheduledBatch, Scheduler
 from pdserve.worker.extra_outputs import ExtraOutputs
 from pdserve.worker.grammar import bind_grammar
-from pdserve.worker.light_sampling import LightSampler, is_light
+from pdserve.worker.light_sampling import LightDraw, LightSampler, is_light
 from pdserve.worker.model_runner import ForwardOutput, ModelRunner, PendingTokens
 from pdserve.worker.parallel.tp_group import SINGLE, TPGroup
 from pdserve.worker.pooler import PoolState
@@ -71,10 +73,23 @@ class _InflightStep:
     host_ids: torch.Tensor  # [R] int64, host (pinned on CUDA): filled when `done` is reached
     done: torch.cuda.Event | None  # None on the CPU: everything already happened
     started: float  # perf_counter at launch
+    draw: LightDraw | None = None  # a draw still to queue (its grammar bitmask being filled)
     row_of: dict[int, int] = field(init=False)
 
     def __post_init__(self) -> None:
         self.row_of = {id(item.req): i for i, item in enumerate(self.items)}
+
+    def launch(self) -> None:
+        """Queue a deferred draw into token_ids; called before anything reads its tokens or the
+        next forward pass overwrites its logits (a CUDA graph's output buffer)."""
+        if self.draw is None:
+            return
+        draw, self.draw = self.draw, None
+        draw.launch(out=self.token_ids)
+        self.host_ids.copy_(self.token_ids, non_blocking=True)
+        if self.token_ids.is_cuda:
+            self.done = torch.cuda.Event()
+            self.done.record()
 
 
 class _PendingLength(Sequence[int]):
@@ -183,7 +198,7 @@ class WorkerCore:
                 if len(live) < len(items):
                     items = [items[i] for i in live]
                     logits = logits.index_select(0, device_index(live, logits.device))
-                launched = self._sample_launched(items, logits, start)
+                launched = self._sample_launched(items, logits, start, defer=True)
             self._inflight = launched
             return touched
         touched += self._collect()
@@ -212,7 +227,9 @@ class WorkerCore:
         start = time.perf_counter()
         self.num_overlapped_steps += 1
         prev = self._inflight
-        pending = PendingTokens(prev.token_ids, prev.row_of) if prev is not None else None
+        pending = None
+        if prev is not None:  # a deferred draw is queued once the batch is built on the host
+            pending = PendingTokens(prev.token_ids, prev.row_of, before_read=prev.launch)
         logits = self.runner.forward(batch, pending)  # [B, V] float32
         self.scheduler.advance(batch)
         rows = [i for i, item in enumerate(batch.items) if item.samples]
@@ -221,9 +238,21 @@ class WorkerCore:
         return [batch.items[i] for i in rows], logits, start
 
     def _sample_launched(
-        self, items: list[BatchItem], logits: torch.Tensor, start: float
+        self, items: list[BatchItem], logits: torch.Tensor, start: float, defer: bool = False
     ) -> _InflightStep:
-        """Queue the sampling of a launched step's rows; their tokens are read back next step."""
+        """Queue the sampling of a launched step's rows; their tokens are read back next step.
+        defer: light rows under grammars are queued later, when the next step's batch is built
+        (`_InflightStep.launch`), their bitmask filled on the fill thread meanwhile, so the
+        fill hides behind the host's scheduling and batch building."""
+        if defer and items and all(is_light(item.req) for item in items):
+            draw = self.light_sampler.prepare(logits, items, background=True)
+            if draw is not None:  # else a grammar failed to compile: ended below
+                for item in items:
+                    item.req.num_inflight += 1
+                token_ids = torch.empty(len(items), dtype=torch.int64, device=logits.device)
+                epochs = [item.req.num_preemptions for item in items]
+                host_ids = self._host_tokens(len(items))
+                return _InflightStep(items, epochs, token_ids, host_ids, None, start, draw)
         token_ids = torch.empty(0, dtype=torch.int64, device=logits.device)
         if items:
             kept, sampled = self._sample_rows(logits, items, build_on_host=True)
@@ -294,6 +323,7 @@ class WorkerCore:
         if step is None:
             return []
         self._inflight = None
+        step.launch()
         if step.done is not None:
             step.done.synchronize()
         touched = []
@@ -311,8 +341,10 @@ class WorkerCore:
     def wait_device(self) -> None:
         """Wait until the running step's device work is done (not reading its tokens): pages
         freed while it ran may still be written by it until then."""
-        if self._inflight is not None and self._inflight.done is not None:
-            self._inflight.done.synchronize()
+        if self._inflight is not None:
+            self._inflight.launch()
+            if self._inflight.done is not None:
+                self._inflight.done.synchronize()
 
     # ------------------------------------------------------------------ plain steps
 
