@@ -93,9 +93,20 @@ class PhaseTimer:
             "record tokens": (core.scheduler, "process_sampled"),
             "sample launch": (core, "_sample_launched"),
             "light sampler": (core.light_sampler, "sample"),
+            "light prepare": (core.light_sampler, "prepare"),
         }
         for name, (obj, attr) in targets.items():
             setattr(obj, attr, self._wrap(name, getattr(obj, attr)))
+        import pdserve.worker.light_sampling as light
+
+        fill_async = light.fill_bitmask_async
+
+        def timed_fill(*a: Any, **k: Any) -> Any:  # the main thread's wait for the fill thread
+            wait = fill_async(*a, **k)
+            return self._wrap("wait for the fill thread", wait)
+
+        light.fill_bitmask_async = timed_fill
+        light.LightDraw.launch = self._wrap("light draw launch", light.LightDraw.launch)
 
     def _wrap(self, name: str, fn: Any) -> Any:
         def timed(*a: Any, **k: Any) -> Any:
@@ -108,6 +119,9 @@ class PhaseTimer:
         return timed
 
     def per_step_us(self, steps: int) -> dict[str, float]:
+        from pdserve.worker.grammar_mask import ASYNC_FILL_SECONDS
+
+        self.totals["fill (on the fill thread)"] = ASYNC_FILL_SECONDS[0]
         out = {k: round(v / steps * 1e6, 1) for k, v in self.totals.items()}
         self.totals = {}
         return out
@@ -138,7 +152,10 @@ def decode_steps(
         profiler.enable()
     phases = getattr(core, "phase_timer", None)
     if phases is not None:
+        from pdserve.worker.grammar_mask import ASYNC_FILL_SECONDS
+
         phases.totals = {}
+        ASYNC_FILL_SECONDS[0] = 0.0
     step_s, sizes = time_steps(core, args.device, args.steps)
     if profiler is not None:
         profiler.disable()
