@@ -7,7 +7,10 @@ same forward pass (parallel/follower.py): the collectives inside the model pair 
 
 from __future__ import annotations
 
+import functools
+import itertools
 import logging
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -157,8 +160,10 @@ class ModelRunner:
         is_decode: bool,
         pending: PendingTokens | None,
     ) -> ForwardBatch:
-        on_host = host.views(host.buffer)
-        on_device = host.views(device_buffer) if self.device.type != "cpu" else on_host
+        on_device = host.views(device_buffer)
+        page_table_cpu = on_device["page_table"]
+        if self.device.type != "cpu":
+            page_table_cpu = host.views(host.buffer, ("page_table",))["page_table"]
         fill_dst, fill_src = on_device.pop("fill_dst"), on_device.pop("fill_src")
         if fill_dst.numel():
             if pending is None:
@@ -171,7 +176,7 @@ class ModelRunner:
             is_decode=is_decode,
             max_extend_len=max(host.extend_lens_cpu),
             max_seq_len=max(host.seq_lens_cpu),
-            page_table_cpu=on_host["page_table"],
+            page_table_cpu=page_table_cpu,
         )
 
     def _announce(
@@ -301,16 +306,19 @@ def _input_ids(
 _ALIGN_BYTES = 16
 
 
-def _layout_sizes(layout: dict[str, tuple[int, torch.dtype, tuple[int, ...]]]) -> tuple[int, ...]:
+Layout = dict[str, tuple[int, int, torch.dtype, tuple[int, ...]]]
+
+
+def _layout_sizes(layout: Layout) -> tuple[int, ...]:
     """(num_tokens, bsz, max_pages, num_fills): the arguments _layout built `layout` from."""
-    bsz, max_pages = layout["page_table"][2]
-    return layout["input_ids"][2][0], bsz, max_pages, layout["fill_dst"][2][0]
+    bsz, max_pages = layout["page_table"][3]
+    return layout["input_ids"][3][0], bsz, max_pages, layout["fill_dst"][3][0]
 
 
-def _layout(
-    num_tokens: int, bsz: int, max_pages: int, num_fills: int
-) -> tuple[dict[str, tuple[int, torch.dtype, tuple[int, ...]]], int]:
-    """name -> (byte offset, dtype, shape) of each array of the packed batch, and the total bytes."""
+@functools.lru_cache(maxsize=1024)
+def _layout(num_tokens: int, bsz: int, max_pages: int, num_fills: int) -> tuple[Layout, int]:
+    """name -> (byte offset, bytes, dtype, shape) of each array of the packed batch, and the total
+    bytes (cached: decode steps repeat their sizes; do not modify)."""
     fields: list[tuple[str, torch.dtype, tuple[int, ...]]] = [
         ("input_ids", torch.int64, (num_tokens,)),
         ("positions", torch.int64, (num_tokens,)),
@@ -325,10 +333,11 @@ def _layout(
         ("fill_dst", torch.int64, (num_fills,)),
         ("fill_src", torch.int64, (num_fills,)),
     ]
-    layout, offset = {}, 0
+    layout: Layout = {}
+    offset = 0
     for name, dtype, shape in fields:
-        layout[name] = (offset, dtype, shape)
-        num_bytes = int(np.prod(shape)) * dtype.itemsize
+        num_bytes = math.prod(shape) * dtype.itemsize
+        layout[name] = (offset, num_bytes, dtype, shape)
         offset += -(-num_bytes // _ALIGN_BYTES) * _ALIGN_BYTES
     return layout, offset
 
@@ -338,7 +347,7 @@ class _HostBatch:
     """A batch's index arrays packed into one byte buffer (see _layout), filled on the host."""
 
     buffer: torch.Tensor  # [num_bytes] uint8, cpu (pinned for a CUDA device)
-    layout: dict[str, tuple[int, torch.dtype, tuple[int, ...]]]
+    layout: Layout
     seq_lens_cpu: list[int]  # [B]
     extend_lens_cpu: list[int]  # [B]
 
@@ -366,11 +375,20 @@ class _HostBatch:
             seq_lens.tolist(),
             ext_lens.tolist(),
         )
-        arrays = {name: t.numpy() for name, t in host.views(host.buffer).items()}
+        base = host.buffer.numpy()
+        arrays = {
+            name: base[offset : offset + num_bytes].view(_NUMPY_DTYPES[dtype]).reshape(shape)
+            for name, (offset, num_bytes, dtype, shape) in layout.items()
+        }
         table = arrays["page_table"]  # [B, P]
         table.fill(0)
-        for row, it in enumerate(items):
-            table[row, : len(it.req.page_ids)] = it.req.page_ids
+        page_lists = [it.req.page_ids for it in items]
+        counts = np.fromiter(map(len, page_lists), np.int64, bsz)  # [B]
+        flat = np.fromiter(itertools.chain.from_iterable(page_lists), np.int32, int(counts.sum()))
+        # Row r's pages go to table[r, :counts[r]]: flat index r * P + column.
+        firsts = np.cumsum(counts) - counts  # [B]: where each row's pages start in flat
+        columns = np.arange(flat.size) - np.repeat(firsts, counts)
+        table.reshape(-1)[np.repeat(np.arange(bsz) * max_pages, counts) + columns] = flat
         arrays["input_ids"][:] = input_ids
         arrays["fill_dst"][:] = fill_dst
         arrays["fill_src"][:] = fill_src
@@ -386,10 +404,15 @@ class _HostBatch:
         arrays["extend_starts"][:] = ends - ext_lens
         return host
 
-    def views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The named arrays inside `buf`: this buffer, or its copy on the device."""
+    def views(
+        self, buf: torch.Tensor, names: tuple[str, ...] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The named arrays inside `buf` (all, or `names`): this buffer, or its device copy."""
         out = {}
-        for name, (offset, dtype, shape) in self.layout.items():
-            num_bytes = int(np.prod(shape)) * dtype.itemsize
+        for name in names or self.layout:
+            offset, num_bytes, dtype, shape = self.layout[name]
             out[name] = buf[offset : offset + num_bytes].view(dtype).view(shape)
         return out
+
+
+_NUMPY_DTYPES = {torch.int64: np.int64, torch.int32: np.int32}
