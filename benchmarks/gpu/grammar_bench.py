@@ -54,6 +54,7 @@ MODES = (  # (name, temperature, constrained)
     ("temperature 1, unconstrained", 1.0, False),
     ("temperature 1, JSON schema", 1.0, True),
 )
+NO_DEFER = " (draw not deferred)"  # --compare-defer: the grammar draw queued in its own step
 
 
 def make_engine(model_dir: Path, args: Any) -> Any:
@@ -176,11 +177,15 @@ def run(model_dir: Path, args: Any, say: Any) -> list[dict[str, Any]]:
     engine = make_engine(model_dir, args)
     if args.phases:
         engine.core.phase_timer = PhaseTimer(engine.core)
+    modes = list(MODES)
+    if args.compare_defer:
+        modes += [(name + NO_DEFER, t, c) for name, t, c in MODES if c]
     for _, temperature, constrained in MODES:  # warm-up: graphs, compiles, allocator
         decode_steps(engine, temperature, constrained, args, seed=900)
     rounds: dict[str, list[dict[str, Any]]] = {}
     for rnd in range(args.rounds):
-        for name, temperature, constrained in MODES:
+        for name, temperature, constrained in modes:
+            engine.core.defer_grammar_draws = not name.endswith(NO_DEFER)
             r = decode_steps(engine, temperature, constrained, args, seed=10 * rnd + 1)
             rounds.setdefault(name, []).append(r)
             say(f"round {rnd} {name}: {r['step_ms']:.3f} ms/step")
@@ -195,8 +200,9 @@ def run(model_dir: Path, args: Any, say: Any) -> list[dict[str, Any]]:
         print(f"host profile: {args.steps} greedy JSON-schema steps (tottime, then cumtime)")
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(40)
+    engine.core.defer_grammar_draws = True
     results = []
-    for name, temperature, constrained in MODES:
+    for name, temperature, constrained in modes:
         rs = rounds[name]
         step_ms = statistics.median(r["step_ms"] for r in rs)
         fills = [r["bitmask_fill_us"] for r in rs if r["bitmask_fill_us"] is not None]
@@ -241,6 +247,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--num-pages", type=int, default=8192)
     p.add_argument("--profile", action="store_true", help="then a host profile of schema steps")
     p.add_argument("--phases", action="store_true", help="host time per step in core methods")
+    p.add_argument(
+        "--compare-defer", action="store_true",
+        help="also the schema modes with the grammar draw queued in its own step (not deferred)",
+    )  # fmt: skip
     args = p.parse_args()
     args.device, args.dtype, args.spec = "cuda", "bfloat16", rc.LLAMA_1B
     if args.smoke:

@@ -152,6 +152,7 @@ class WorkerCore:
         self.last_step_ms = 0.0
         self.num_steps = 0
         self.light_sampler = LightSampler(self.config.seed)
+        self.defer_grammar_draws = True  # _sample_launched's `defer` (benchmarks compare both)
         # Speculative decoding (worker/speculative/): its steps run the plain loop.
         self.spec = make_speculative_decoder(
             self.config, self.runner, self.scheduler, self._sampling_row, self.max_context_len
@@ -198,7 +199,8 @@ class WorkerCore:
                 if len(live) < len(items):
                     items = [items[i] for i in live]
                     logits = logits.index_select(0, device_index(live, logits.device))
-                launched = self._sample_launched(items, logits, start, defer=True)
+                defer = self.defer_grammar_draws
+                launched = self._sample_launched(items, logits, start, defer=defer)
             self._inflight = launched
             return touched
         touched += self._collect()
