@@ -95,6 +95,18 @@ class SamplingParams:
         _set(self, "stop_token_ids", _checked_token_ids("stop_token_ids", self.stop_token_ids))
         _set(self, "logit_bias", _checked_logit_bias(self.logit_bias))
         _check_grammar_fields(self)
+        # What the worker asks of a row every step, once (not fields: not compared or sent).
+        greedy = self.temperature <= _EPS or self.top_k == 1
+        penalties = (
+            self.repetition_penalty != 1.0
+            or self.frequency_penalty != 0.0
+            or self.presence_penalty != 0.0
+        )
+        _set(self, "_is_greedy", greedy)
+        _set(self, "_has_penalties", penalties)
+        # Sampled with temperature / min-p / a seed at most (worker/light_sampling.py).
+        light = not penalties and not self.logit_bias
+        _set(self, "_is_light", light and (greedy or (self.top_k <= 0 and self.top_p >= 1.0)))
 
     @property
     def grammar(self) -> GrammarSpec | None:
@@ -109,15 +121,17 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature <= _EPS or self.top_k == 1
+        return self._is_greedy  # type: ignore[attr-defined,no-any-return]
 
     @property
     def has_penalties(self) -> bool:
-        return (
-            self.repetition_penalty != 1.0
-            or self.frequency_penalty != 0.0
-            or self.presence_penalty != 0.0
-        )
+        return self._has_penalties  # type: ignore[attr-defined,no-any-return]
+
+    @property
+    def is_light(self) -> bool:
+        """Greedy, or temperature with min-p and a seed at most: no penalties, logit bias, top-k
+        or top-p (the worker's light sampling path; the request's other asks aside)."""
+        return self._is_light  # type: ignore[attr-defined,no-any-return]
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> SamplingParams:

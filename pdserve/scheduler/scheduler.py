@@ -178,9 +178,12 @@ class Scheduler:
             if budget <= 0:
                 break
             # status, not list membership: a request preempted earlier in this loop is WAITING
-            if req.status != Status.RUNNING or req.num_pending != 1:
+            seq_len = req.seq_len
+            if req.status != Status.RUNNING or seq_len - req.num_computed != 1:
                 continue
-            if not self._ensure_pages(req, req.seq_len, preempt=True):
+            if len(req.page_ids) * self.page_size < seq_len and not self._ensure_pages(
+                req, seq_len, preempt=True
+            ):
                 continue  # req itself was preempted
             items.append(BatchItem(req, req.num_computed, 1))
             budget -= 1

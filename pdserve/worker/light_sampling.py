@@ -28,13 +28,12 @@ from pdserve.worker.sampling_noise import MASK32, MASK64
 def is_light(req: Request) -> bool:
     """Whether req's next token can be drawn on the fast path."""
     p = req.sampling
-    if req.return_logprob or req.top_logprobs_num > 0 or p.has_penalties or p.logit_bias:
+    if not p.is_light or req.return_logprob or req.top_logprobs_num > 0:
         return False
     if req.checked_sampling is not p:  # its numbers were not validated at admission
         return False
-    if len(req.output_ids) + req.num_inflight < p.min_new_tokens:
-        return False  # EOS and stop ids are banned this step
-    return p.is_greedy or (p.top_k <= 0 and p.top_p >= 1.0)
+    # Before min_new_tokens, EOS and stop ids are banned this step.
+    return p.min_new_tokens == 0 or len(req.output_ids) + req.num_inflight >= p.min_new_tokens
 
 
 class LightSampler:

@@ -15,9 +15,12 @@ from pdserve.worker.sampler import SamplingBatch, is_plain_greedy_request
 
 
 def is_plain_greedy(req: Request) -> bool:
-    num_output = len(req.output_ids) + req.num_inflight
+    p = req.sampling
+    if not p.is_greedy or req.grammar is not None:  # the common answers first, cheaply
+        return False
+    num_output = len(req.output_ids) + req.num_inflight if p.min_new_tokens else 0
     return is_plain_greedy_request(
-        req.sampling, num_output, req.return_logprob, req.top_logprobs_num, req.grammar
+        p, num_output, req.return_logprob, req.top_logprobs_num, req.grammar
     )
 
 
