@@ -27,8 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -39,7 +38,8 @@ from pdserve.scheduler.request import Request
 from pdserve.scheduler.scheduler import BatchItem, ScheduledBatch, Scheduler
 from pdserve.worker.extra_outputs import ExtraOutputs
 from pdserve.worker.grammar import bind_grammar
-from pdserve.worker.light_sampling import LightDraw, LightSampler, is_light
+from pdserve.worker.inflight import InflightStep, PendingLength
+from pdserve.worker.light_sampling import LightSampler, is_light
 from pdserve.worker.model_runner import ForwardOutput, ModelRunner, PendingTokens
 from pdserve.worker.parallel.tp_group import SINGLE, TPGroup
 from pdserve.worker.pooler import PoolState
@@ -61,58 +61,6 @@ from pdserve.worker.step_rows import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class _InflightStep:
-    """A launched step whose sampled tokens are not read back yet."""
-
-    items: list[BatchItem]  # the rows that sample, in the order of token_ids
-    epochs: list[int]  # each row's req.num_preemptions at launch: a preempted row is stale
-    token_ids: torch.Tensor  # [R] int64, device
-    host_ids: torch.Tensor  # [R] int64, host (pinned on CUDA): filled when `done` is reached
-    done: torch.cuda.Event | None  # None on the CPU: everything already happened
-    started: float  # perf_counter at launch
-    draw: LightDraw | None = None  # a draw still to queue (its grammar bitmask being filled)
-    row_of: dict[int, int] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.row_of = {id(item.req): i for i, item in enumerate(self.items)}
-
-    def launch(self) -> None:
-        """Queue a deferred draw into token_ids; called before anything reads its tokens or the
-        next forward pass overwrites its logits (a CUDA graph's output buffer)."""
-        if self.draw is None:
-            return
-        draw, self.draw = self.draw, None
-        draw.launch(out=self.token_ids)
-        self.host_ids.copy_(self.token_ids, non_blocking=True)
-        if self.token_ids.is_cuda:
-            self.done = torch.cuda.Event()
-            self.done.record()
-
-
-class _PendingLength(Sequence[int]):
-    """A request's output ids as the sampler sees them while its last tokens are still being
-    sampled: the right length (the seed's step, min_new_tokens), and no values for those tokens
-    (rows that read values, penalties, never run overlapped)."""
-
-    def __init__(self, known: list[int], num_pending: int) -> None:
-        self._known = known
-        self._len = len(known) + num_pending
-
-    def __len__(self) -> int:
-        return self._len
-
-    def __getitem__(self, index):  # type: ignore[no-untyped-def]
-        if not isinstance(index, slice) and index < 0:
-            index += self._len
-        if isinstance(index, slice) or not 0 <= index < len(self._known):
-            raise LookupError("output token ids still being sampled are not on the host")
-        return self._known[index]
-
-    def __iter__(self) -> Iterator[int]:
-        raise LookupError("output token ids still being sampled are not on the host")
 
 
 class WorkerCore:
@@ -161,7 +109,7 @@ class WorkerCore:
             overlap = self.config.overlap_schedule
         self.overlap = overlap and not self.model_config.is_embedding and not tp.is_parallel
         self.overlap = self.overlap and self.spec is None
-        self._inflight: _InflightStep | None = None
+        self._inflight: InflightStep | None = None
         self.num_overlapped_steps = 0
         self._host_ids: list[torch.Tensor | None] = [None, None]  # pinned, used in turn
         self._host_turn = 0
@@ -241,10 +189,10 @@ class WorkerCore:
 
     def _sample_launched(
         self, items: list[BatchItem], logits: torch.Tensor, start: float, defer: bool = False
-    ) -> _InflightStep:
+    ) -> InflightStep:
         """Queue the sampling of a launched step's rows; their tokens are read back next step.
         defer: light rows under grammars are queued later, when the next step's batch is built
-        (`_InflightStep.launch`), their bitmask filled on the fill thread meanwhile, so the
+        (`InflightStep.launch`), their bitmask filled on the fill thread meanwhile, so the
         fill hides behind the host's scheduling and batch building."""
         if defer and items and all(is_light(item.req) for item in items):
             draw = self.light_sampler.prepare(logits, items, background=True)
@@ -254,7 +202,7 @@ class WorkerCore:
                 token_ids = torch.empty(len(items), dtype=torch.int64, device=logits.device)
                 epochs = [item.req.num_preemptions for item in items]
                 host_ids = self._host_tokens(len(items))
-                return _InflightStep(items, epochs, token_ids, host_ids, None, start, draw)
+                return InflightStep(items, epochs, token_ids, host_ids, None, start, draw)
         token_ids = torch.empty(0, dtype=torch.int64, device=logits.device)
         if items:
             kept, sampled = self._sample_rows(logits, items, build_on_host=True)
@@ -272,7 +220,7 @@ class WorkerCore:
             done = torch.cuda.Event()
             done.record()
         epochs = [item.req.num_preemptions for item in items]
-        return _InflightStep(items, epochs, token_ids, host_ids, done, start)
+        return InflightStep(items, epochs, token_ids, host_ids, done, start)
 
     def _sample_rows(
         self, logits: torch.Tensor, items: list[BatchItem], build_on_host: bool
@@ -420,7 +368,7 @@ class WorkerCore:
         """num_pending: the request's tokens being sampled by a step still running."""
         output_ids = req.output_ids
         if num_pending:
-            output_ids = _PendingLength(req.output_ids, num_pending)
+            output_ids = PendingLength(req.output_ids, num_pending)
         return SamplingRow(
             params=req.sampling,
             prompt_ids=req.prompt_ids,

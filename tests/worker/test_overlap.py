@@ -13,7 +13,8 @@ import pytest
 from pdserve.config.engine_config import EngineConfig, SchedulerConfig
 from pdserve.config.sampling_params import SamplingParams
 from pdserve.scheduler.request import Request
-from pdserve.worker.worker_core import WorkerCore, _PendingLength
+from pdserve.worker.inflight import PendingLength
+from pdserve.worker.worker_core import WorkerCore
 
 
 def make_core(model: Path, overlap: bool, num_pages: int = 256) -> WorkerCore:
@@ -202,7 +203,7 @@ def test_an_abort_while_a_token_is_in_flight_frees_everything(tiny_llama: Path) 
 
 
 def test_output_ids_still_being_sampled_have_a_length_but_no_values() -> None:
-    ids = _PendingLength([3, 4], 1)
+    ids = PendingLength([3, 4], 1)
     assert len(ids) == 3 and ids[0] == 3 and ids[1] == 4 and ids[-2] == 4
     for index in (2, -1):
         with pytest.raises(LookupError):
