@@ -47,9 +47,9 @@ from pdserve.worker.sampler import (
     DeviceSample,
     SamplingRow,
     build_skipping_bad_rows,
-    row_problem,
     sample_on_device,
 )
+from pdserve.worker.sampling_checks import row_problem
 from pdserve.worker.speculative.factory import make_speculative_decoder
 from pdserve.worker.speculative.prompt_hidden import needs_prompt_hidden, record_prompt_hidden
 from pdserve.worker.step_rows import (

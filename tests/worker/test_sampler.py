@@ -10,15 +10,13 @@ import torch
 
 from pdserve.config.sampling_params import SamplingParams
 from pdserve.worker.sampler import (
-    BadRow,
     SamplingBatch,
     SamplingRow,
-    SamplingRowError,
     build_skipping_bad_rows,
-    find_bad_rows,
     process_logits,
     sample,
 )
+from pdserve.worker.sampling_checks import BadRow, SamplingRowError, find_bad_rows
 
 V = 32
 NUM_DRAWS = 4000
