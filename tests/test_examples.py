@@ -1,24 +1,26 @@
 """The scripts in examples/ run as their users run them: subprocesses, exit code 0, output shape.
 
-Two clusters in all: custom_server.py's Engine, and one prefill + decode cluster shared by the
-server examples (--base-url). The other Engine examples run with --in-process.
+Two clusters in all: custom_server.py's Engine, and the session's prefill + decode cluster
+(tests/conftest.py, shared with tests/e2e) for the server examples (--base-url). The other Engine
+examples run with --in-process, as `__main__` in this process with their command line (a process
+of their own would spend most of its time importing torch and transformers).
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import re
+import runpy
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from pdserve.config.topology import Topology
 from pdserve.entrypoints.launch import Cluster, _free_port
 
 pytestmark = pytest.mark.slow
@@ -39,15 +41,10 @@ def run_example(script: str, *args: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def pd_url(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    data_dir = str(tmp_path_factory.mktemp("examples-data"))  # the batch examples' files
-    topology = Topology.for_model(
-        str(tiny_llama), mode="pd", device="cpu", port=_free_port(), kv_transfer="tcp",
-        num_pages=1024, router={"data_dir": data_dir},
-    )  # fmt: skip
-    cluster = Cluster(topology, log_level="warning", start_timeout_s=120).start()
-    yield cluster.url
-    cluster.stop(grace_s=1)
+def pd_url(pd_cluster: Cluster) -> str:
+    """The session's prefill + decode cluster (tests/conftest.py; its router keeps the batch
+    examples' files in a temporary folder)."""
+    return pd_cluster.url
 
 
 @pytest.mark.parametrize(
@@ -60,8 +57,21 @@ def pd_url(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         ("hidden_states/hidden_states_engine.py", ["Hidden states: (", "Prompt_Tokens: "]),
     ],
 )
-def test_engine_example(tiny_llama: Path, script: str, markers: list[str]) -> None:
-    out = run_example(script, "--model", str(tiny_llama), "--device", "cpu", "--in-process")
+def test_engine_example(
+    tiny_llama: Path,
+    script: str,
+    markers: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = EXAMPLES / script
+    argv = [str(path), "--model", str(tiny_llama), "--device", "cpu", "--in-process"]
+    monkeypatch.setattr(sys, "argv", argv)
+    try:
+        runpy.run_path(str(path), run_name="__main__")
+    finally:
+        gc.collect()  # the engine's KV pool (reference cycles) goes now, not in a later test
+    out = capsys.readouterr().out
     for marker in markers:
         assert marker in out, out
     if "offline_batch" in script or "token_in_token_out" in script or "embedding" in script:

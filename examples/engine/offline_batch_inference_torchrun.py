@@ -31,6 +31,9 @@ def main() -> None:
     parser.add_argument("--dp-size", type=int, default=2)
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument(
+        "--num-pages", type=int, default=None, help="KV pool pages per rank (default: from memory)"
+    )
     args = parser.parse_args()
     device = args.device
     if device == "auto":
@@ -69,6 +72,7 @@ def main() -> None:
         tp_group=mesh["tp"].get_group(),
         device_index=local_rank,
         device=device,
+        num_pages=args.num_pages,
     )
     my_prompts = prompts[dp_rank :: args.dp_size]  # each dp group its own share
     outputs = fragment.generate(my_prompts, sampling_params)

@@ -54,6 +54,9 @@ def main() -> None:
     parser.add_argument("--model", help="a Hugging Face VLM directory (default: tiny Qwen2-VL)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--image", action="append", help="an image path or URL (repeatable)")
+    parser.add_argument(
+        "--in-process", action="store_true", help="run the engine core in this process"
+    )
     args = parser.parse_args()
 
     from transformers import AutoTokenizer
@@ -69,7 +72,7 @@ def main() -> None:
         image_data = [images[0], images]  # one entry per prompt: an image, or a list of them
         sampling_params = {"temperature": 0, "max_new_tokens": 16}
 
-        llm = pdserve.Engine(model_path=model_path, device=args.device)
+        llm = pdserve.Engine(model_path=model_path, device=args.device, in_process=args.in_process)
         outputs = llm.generate(prompts, sampling_params, image_data=image_data)
         for prompt, output in zip(prompts, outputs):
             print("===============================")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -55,15 +56,25 @@ def start(topology: Topology, pod: str) -> Cluster:
 
 @pytest.fixture(scope="module")
 def pods(topology: Topology) -> Iterator[dict[str, Cluster]]:
-    started = {}
+    """Every pod's launcher started at once, as Kubernetes starts them: the router's waits for
+    every node."""
+    started: dict[str, Cluster] = {}
+    pool = ThreadPoolExecutor(len(WORKER_PODS) + 1)
+    futures = {pod: pool.submit(start, topology, pod) for pod in (*WORKER_PODS, "pdserve-router")}
     try:
-        for pod in WORKER_PODS:
-            started[pod] = start(topology, pod)
-        started["pdserve-router"] = start(topology, "pdserve-router")  # waits for every node
+        for pod, future in futures.items():
+            started[pod] = future.result()
         yield started
     finally:
-        for cluster in reversed(started.values()):
-            cluster.stop(grace_s=0)
+        pool.shutdown()  # waits for every launcher, also when one of them failed
+        for pod, future in futures.items():
+            if pod not in started and future.exception() is None:
+                started[pod] = future.result()
+        router = started.pop("pdserve-router", None)
+        if router is not None:
+            router.stop(grace_s=0)  # first, then the worker pods, all at once
+        with ThreadPoolExecutor(len(started) or 1) as stopping:
+            list(stopping.map(lambda cluster: cluster.stop(grace_s=0), started.values()))
 
 
 def complete(url: str, n: int) -> list[int]:

@@ -1,4 +1,5 @@
-"""Real process trees on CPU: a prefill + decode cluster over tcp, and a mixed-worker cluster."""
+"""Real process trees on CPU: a mixed-worker cluster (the prefill + decode one over tcp,
+`pd_cluster`, is in tests/conftest.py: the examples' tests share it)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,6 @@ from e2e_clusters import start_cluster
 from pdserve.entrypoints.launch import Cluster
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="session")
-def pd_cluster(tiny_llama: Path) -> Iterator[Cluster]:
-    cluster = start_cluster(tiny_llama, "pd", kv_transfer="tcp")
-    yield cluster
-    cluster.stop(grace_s=1)
 
 
 @pytest.fixture(scope="session")

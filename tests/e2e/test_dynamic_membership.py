@@ -79,11 +79,11 @@ def test_workers_join_a_lone_router_under_load_and_leave_by_drain_or_death(
             time.sleep(3.0)
             t1 = time.monotonic()
             rate_one = load.num_ok_between(t0, t1) / (t1 - t0)
-            # 3. A second prefill, then a second decode worker join while the load runs.
+            # 3. A second prefill and a second decode worker join while the load runs (started
+            # together: each joins on its own, whichever registers first).
             workers.start("prefill", "prefill-b")
-            workers.wait_routable("prefill-b")
             workers.start("decode", "decode-b")
-            workers.wait_routable("decode-b")
+            workers.wait_routable("prefill-b", "decode-b")
             time.sleep(1.0)
             t2 = time.monotonic()
             time.sleep(3.0)

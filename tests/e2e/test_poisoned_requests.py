@@ -7,15 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from pdserve.config.topology import Topology
-from pdserve.entrypoints.launch import Cluster, _free_port
+from pdserve.entrypoints.launch import Cluster
 
 pytestmark = pytest.mark.slow
 
@@ -77,14 +74,10 @@ POISONED: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_llama: Path) -> Iterator[Cluster]:
-    topology = Topology.for_model(
-        str(tiny_llama), mode="pd", device="cpu", port=_free_port(), kv_transfer="tcp",
-        num_pages=1024, page_size=4,
-    )  # fmt: skip
-    c = Cluster(topology, log_level="warning", start_timeout_s=180).start()
-    yield c
-    c.stop(grace_s=1)
+def cluster(pd_cluster: Cluster) -> Cluster:
+    """The session's prefill + decode cluster over tcp (conftest.py), shared with the other
+    end-to-end tests: the poison must leave it serving them."""
+    return pd_cluster
 
 
 def output_of(path: str, resp: httpx.Response) -> Any:

@@ -4,6 +4,7 @@ cluster secret. Outputs equal the in-process engine."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import openai
@@ -35,20 +36,27 @@ def test_prefill_and_decode_on_two_nodes_over_tcp(tiny_llama: Path) -> None:
     ref = Engine(str(tiny_llama), in_process=True, device="cpu", num_pages=256)
     params = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}
     expected = [o["text"] for o in ref.generate(PROMPTS, params)]
-    with Cluster(topology, node="b", log_level="warning", start_timeout_s=120):
-        with Cluster(topology, node="a", log_level="warning", start_timeout_s=120) as a:
-            assert {c.name for c in a.children} == {"prefill0", "tokenizer0", "router"}
-            client = openai.OpenAI(base_url=f"{a.url}/v1", api_key="x", max_retries=0)
-            got = [
-                client.completions.create(
-                    model="llama",
-                    prompt=p,
-                    max_tokens=8,
-                    temperature=0,
-                    extra_body={"ignore_eos": True},
-                )
-                .choices[0]
-                .text
-                for p in PROMPTS
-            ]
+    node_b = Cluster(topology, node="b", log_level="warning", start_timeout_s=120)
+    with ThreadPoolExecutor(1) as pool:  # both launchers start at once, as on two machines
+        b_started = pool.submit(node_b.start)
+        try:
+            with Cluster(topology, node="a", log_level="warning", start_timeout_s=120) as a:
+                assert {c.name for c in b_started.result().children} == {"decode0"}
+                assert {c.name for c in a.children} == {"prefill0", "tokenizer0", "router"}
+                client = openai.OpenAI(base_url=f"{a.url}/v1", api_key="x", max_retries=0)
+                got = [
+                    client.completions.create(
+                        model="llama",
+                        prompt=p,
+                        max_tokens=8,
+                        temperature=0,
+                        extra_body={"ignore_eos": True},
+                    )
+                    .choices[0]
+                    .text
+                    for p in PROMPTS
+                ]
+        finally:
+            b_started.exception()  # node b's start has ended, whether or not node a's did
+            node_b.stop()
     assert got == expected

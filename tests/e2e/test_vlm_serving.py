@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import gc
 import http.server
 import json
 import re
+import runpy
 import subprocess
 import sys
 import threading
@@ -332,9 +334,13 @@ def test_token_in_token_out_vlm_example_runs_against_the_cluster(url: str, vlm_p
     assert len(output_ids) > 0 and num_prompt > len(input_ids)  # the placeholder was expanded
 
 
-def test_offline_vlm_engine_example_serves_llava_onevision(tmp_path: Path) -> None:
-    """The Engine example (a mixed worker) on a tiny LLaVA-OneVision, one image then two: its
-    texts equal transformers' greedy ones."""
+def test_offline_vlm_engine_example_serves_llava_onevision(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The Engine example on a tiny LLaVA-OneVision, one image then two: its texts equal
+    transformers' greedy ones. It runs with --in-process as __main__ in this process with its
+    command line, as the other Engine examples' tests run them (a process of its own would spend
+    most of its time importing); served LLaVA-OneVision is test_vlm_families.py's."""
     from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
 
     from pdserve.multimodal.processor import ImageProcessor
@@ -345,9 +351,14 @@ def test_offline_vlm_engine_example_serves_llava_onevision(tmp_path: Path) -> No
     for i, pic in enumerate(pics):
         paths.append(tmp_path / f"image{i}.png")
         paths[-1].write_bytes(png_bytes(pic))
-    args = ["--model", str(model_path), "--device", "cpu"]
-    out = run_example("engine/offline_batch_inference_vlm.py", *args, "--image", str(paths[0]),
-                      "--image", str(paths[1]))  # fmt: skip
+    script = EXAMPLES / "engine/offline_batch_inference_vlm.py"
+    argv = [str(script), "--model", str(model_path), "--device", "cpu", "--in-process"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--image", str(paths[0]), "--image", str(paths[1])])
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        gc.collect()  # the engine's KV pool (reference cycles) goes now, not in a later test
+    out = capsys.readouterr().out
     texts = [eval(t) for t in re.findall(r"Generated text: ('.*'|\".*\")", out)]  # noqa: S307
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     hf = LlavaOnevisionForConditionalGeneration.from_pretrained(model_path, dtype=torch.float32)
