@@ -3,6 +3,9 @@ schema against unconstrained decoding, on one engine, in alternating rounds.
 
     python benchmarks/gpu/grammar_bench.py            # Llama-1B shape, random weights, ~2 min
     python benchmarks/gpu/grammar_bench.py --smoke    # tiny shapes on the CPU: the plumbing only
+    ... --phases          # host microseconds per step inside the core's methods, per mode
+    ... --compare-defer   # also the schema modes with the grammar draw queued in its own step
+    ... --profile         # then cProfile of 20 constrained greedy steps
 
 64 requests of 512 random prompt tokens are prefilled, then 20 pure decode steps are timed back to
 back (CUDA graphs on, the engine's default overlapped loop), four ways: greedy and
