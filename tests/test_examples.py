@@ -8,10 +8,8 @@ of their own would spend most of its time importing torch and transformers).
 
 from __future__ import annotations
 
-import gc
 import json
 import re
-import runpy
 import signal
 import subprocess
 import sys
@@ -22,22 +20,11 @@ import httpx
 import pytest
 
 from pdserve.entrypoints.launch import Cluster, _free_port
+from tests.example_runner import EXAMPLES, run_example, run_example_in_process
 
 pytestmark = pytest.mark.slow
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TIMEOUT_S = 180
-
-
-def run_example(script: str, *args: str) -> str:
-    proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / script), *args],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-    )
-    assert proc.returncode == 0, f"{script} exited {proc.returncode}:\n{proc.stderr[-4000:]}"
-    return proc.stdout
 
 
 @pytest.fixture(scope="module")
@@ -64,14 +51,8 @@ def test_engine_example(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    path = EXAMPLES / script
-    argv = [str(path), "--model", str(tiny_llama), "--device", "cpu", "--in-process"]
-    monkeypatch.setattr(sys, "argv", argv)
-    try:
-        runpy.run_path(str(path), run_name="__main__")
-    finally:
-        gc.collect()  # the engine's KV pool (reference cycles) goes now, not in a later test
-    out = capsys.readouterr().out
+    args = ["--model", str(tiny_llama), "--device", "cpu", "--in-process"]
+    out = run_example_in_process(script, args, monkeypatch, capsys)
     for marker in markers:
         assert marker in out, out
     if "offline_batch" in script or "token_in_token_out" in script or "embedding" in script:

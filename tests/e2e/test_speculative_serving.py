@@ -114,21 +114,12 @@ def test_eagle_example_runs(
 ) -> None:
     """The EAGLE example with --in-process, run as __main__ in this process with its command line
     (a process of its own would spend most of its time importing torch and transformers)."""
-    import gc
-    import runpy
-    import sys
+    from tests.example_runner import run_example_in_process
 
-    script = (
-        Path(__file__).resolve().parents[2] / "examples/engine/offline_batch_inference_eagle.py"
-    )
-    argv = [str(script), "--model", str(tiny_llama), "--draft-model", str(eagle_head),
-            "--device", "cpu", "--in-process"]  # fmt: skip
-    monkeypatch.setattr(sys, "argv", argv)
-    try:
-        runpy.run_path(str(script), run_name="__main__")
-    finally:
-        gc.collect()  # the engine's KV pools (reference cycles) go now, not in a later test
-    out = capsys.readouterr().out
+    script = "engine/offline_batch_inference_eagle.py"
+    args = ["--model", str(tiny_llama), "--draft-model", str(eagle_head), "--device", "cpu",
+            "--in-process"]  # fmt: skip
+    out = run_example_in_process(script, args, monkeypatch, capsys)
     assert out.count("===============================") == 4, out
     assert out.count("Tokens per verify step: ") == 4, out
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import re
-import runpy
-import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -37,6 +35,7 @@ from pdserve.tiny_model.llava import (
     build_tiny_llava_onevision,
     build_tiny_pixtral,
 )
+from tests.example_runner import EXAMPLES, run_example, run_example_in_process
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "multimodal"))
 from vlm_reference import (  # noqa: E402 - the multimodal tests' reference helpers
@@ -53,7 +52,6 @@ from vlm_reference import (  # noqa: E402 - the multimodal tests' reference help
 pytestmark = pytest.mark.slow
 NUM_NEW = 6
 GREEDY = {"max_new_tokens": NUM_NEW, "min_new_tokens": NUM_NEW, "temperature": 0}
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 BUILDERS = {
     "llava_onevision": build_tiny_llava_onevision,
     "llava_next": build_tiny_llava_next,
@@ -239,15 +237,6 @@ def test_video_through_chat_generate_and_the_engine_equals_transformers(family: 
     assert [o["output_ids"] for o in outs] == want
 
 
-def run_example(script: str, *args: str) -> str:
-    proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / script), *args], capture_output=True, text=True,
-        timeout=120,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc.stdout
-
-
 def test_mixed_in_process_engine_equals_transformers(family: Family) -> None:
     from pdserve.entrypoints.engine import Engine
 
@@ -272,11 +261,10 @@ def test_token_in_token_out_vlm_engine_example_equals_transformers(
     for k, pic in enumerate(PICS):
         paths += ["--image", str(tmp_path / f"image{k}.png")]
         pic.save(paths[-1])
-    script = EXAMPLES / "token_in_token_out" / "token_in_token_out_vlm_engine.py"
-    monkeypatch.setattr(sys, "argv", [str(script), "--model", str(family.path), "--device", "cpu",
-                        "--in-process", "--max-new-tokens", str(NUM_NEW), *paths])  # fmt: skip
-    runpy.run_path(str(script), run_name="__main__")
-    out = capsys.readouterr().out
+    script = "token_in_token_out/token_in_token_out_vlm_engine.py"
+    args = ["--model", str(family.path), "--device", "cpu", "--in-process", "--max-new-tokens",
+            str(NUM_NEW), *paths]  # fmt: skip
+    out = run_example_in_process(script, args, monkeypatch, capsys)
     got = [json.loads(ids) for ids in re.findall(r"Generated token ids: (\[.*\])", out)]
     assert got == [
         family.greedy("Describe this image.", PICS[:1]),

@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
-import gc
 import http.server
 import json
 import re
-import runpy
-import subprocess
 import sys
 import threading
 import time
@@ -31,6 +28,7 @@ from pdserve.config.topology import Topology
 from pdserve.entrypoints.launch import _free_port
 from pdserve.tiny_model.llava import build_tiny_llava_onevision
 from pdserve.tiny_model.vlm import build_tiny_vlm
+from tests.example_runner import run_example, run_example_in_process
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "multimodal"))
 from vlm_reference import (  # noqa: E402 - the multimodal tests' reference helpers
@@ -303,20 +301,6 @@ def test_bad_videos_are_a_400_naming_the_problem_and_the_server_keeps_serving(
     )
 
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-
-
-def run_example(script: str, *args: str) -> str:
-    proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / script), *args],
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert proc.returncode == 0, f"{script} exited {proc.returncode}:\n{proc.stderr[-4000:]}"
-    return proc.stdout
-
-
 def test_server_example_runs_against_the_cluster(url: str) -> None:
     out = run_example("multimodal/qwen2_vl_server.py", "--base-url", url)
     for marker in ("Single image: '", "Two images: '", "/generate with image_data: '"):
@@ -351,14 +335,10 @@ def test_offline_vlm_engine_example_serves_llava_onevision(
     for i, pic in enumerate(pics):
         paths.append(tmp_path / f"image{i}.png")
         paths[-1].write_bytes(png_bytes(pic))
-    script = EXAMPLES / "engine/offline_batch_inference_vlm.py"
-    argv = [str(script), "--model", str(model_path), "--device", "cpu", "--in-process"]
-    monkeypatch.setattr(sys, "argv", [*argv, "--image", str(paths[0]), "--image", str(paths[1])])
-    try:
-        runpy.run_path(str(script), run_name="__main__")
-    finally:
-        gc.collect()  # the engine's KV pool (reference cycles) goes now, not in a later test
-    out = capsys.readouterr().out
+    script = "engine/offline_batch_inference_vlm.py"
+    args = ["--model", str(model_path), "--device", "cpu", "--in-process",
+            "--image", str(paths[0]), "--image", str(paths[1])]  # fmt: skip
+    out = run_example_in_process(script, args, monkeypatch, capsys)
     texts = [eval(t) for t in re.findall(r"Generated text: ('.*'|\".*\")", out)]  # noqa: S307
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     hf = LlavaOnevisionForConditionalGeneration.from_pretrained(model_path, dtype=torch.float32)
