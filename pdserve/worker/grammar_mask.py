@@ -9,7 +9,6 @@ anything waits for the device, so on a GPU the filling overlaps the forward pass
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -24,7 +23,6 @@ from pdserve.worker.grammar import RequestGrammar
 _batch_matcher: Any = None
 _fill_pool: ThreadPoolExecutor | None = None  # fill_bitmask_async's thread, and its own matcher
 _async_matcher: Any = None
-ASYNC_FILL_SECONDS = [0.0]  # time the fill thread spent filling (benchmarks read it)
 
 
 def bitmask_words(vocab_size: int) -> int:
@@ -69,9 +67,7 @@ def fill_bitmask_async(
 
     def fill() -> torch.Tensor:
         started.set()  # the caller resumes once the fill below lets go of the GIL
-        t0 = time.perf_counter()
         _async_matcher.batch_fill_next_token_bitmask(matchers, bitmask, rows)
-        ASYNC_FILL_SECONDS[0] += time.perf_counter() - t0
         return bitmask
 
     future = _fill_pool.submit(fill)

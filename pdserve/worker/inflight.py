@@ -35,6 +35,10 @@ class InflightStep:
             return
         draw, self.draw = self.draw, None
         draw.launch(out=self.token_ids)
+        self.read_back()
+
+    def read_back(self) -> None:
+        """Queue the tokens' copy to host_ids once they are sampled, and the event `done`."""
         self.host_ids.copy_(self.token_ids, non_blocking=True)
         if self.token_ids.is_cuda:
             self.done = torch.cuda.Event()

@@ -22,7 +22,7 @@ from pdserve.scheduler.scheduler import BatchItem
 from pdserve.worker.device_copy import host_buffer
 from pdserve.worker.grammar_mask import bitmask_words, fill_bitmask, fill_bitmask_async
 from pdserve.worker.race_sampling import race_draw
-from pdserve.worker.sampling_noise import MASK32, MASK64
+from pdserve.worker.sampling_noise import seed_keys, split_keys
 
 
 def is_light(req: Request) -> bool:
@@ -71,19 +71,15 @@ class LightSampler:
                 fill_bitmask(grammars, vocab_size, out=host_mask)
         params = [req.sampling for req in reqs]
         greedy = [p.is_greedy for p in params]
-        draw.all_greedy = all(greedy)
-        if draw.all_greedy:
-            return draw
+        if all(greedy):
+            return draw  # no temperatures or keys to send
         temps = [1.0 if g else p.temperature for p, g in zip(params, greedy)]
         min_ps = [p.min_p for p in params]
         draw.any_min_p = any(m > 0.0 for m in min_ps)
-        # One copy for the rows' keys [R, 2] int64, then temperature, min-p, greedy [3, R] float32.
         host, draw.send_params = host_buffer((num_rows * 28,), torch.uint8, device)
-        split = num_rows * 16
-        host[:split].view(torch.int64).view(num_rows, 2).numpy()[:] = _row_keys(
-            reqs, greedy, self._rng
-        )
-        host[split:].view(torch.float32).view(3, num_rows).numpy()[:] = (temps, min_ps, greedy)
+        keys, floats = _packed(host, num_rows)
+        keys.numpy()[:] = _row_keys(reqs, greedy, self._rng)
+        floats.numpy()[:] = (temps, min_ps, greedy)
         return draw
 
 
@@ -92,9 +88,8 @@ class LightDraw:
 
     def __init__(self, logits: torch.Tensor) -> None:
         self.logits = logits  # [R, V] float32
-        self.all_greedy = True
         self.any_min_p = False
-        self.send_params: Callable[[], torch.Tensor] | None = None
+        self.send_params: Callable[[], torch.Tensor] | None = None  # None: every row greedy
         self.send_mask: Callable[[], torch.Tensor] | None = None
         self.wait_mask: Callable[[], object] | None = None  # the fill thread's, if it runs there
 
@@ -104,13 +99,9 @@ class LightDraw:
         if self.wait_mask is not None:
             self.wait_mask()
         bitmask = self.send_mask() if self.send_mask is not None else None
-        if self.all_greedy or self.send_params is None:
+        if self.send_params is None:  # every row greedy
             return race_draw(self.logits, None, None, None, None, bitmask, all_greedy=True, out=out)
-        packed = self.send_params()
-        num_rows = self.logits.shape[0]
-        split = num_rows * 16
-        keys = packed[:split].view(torch.int64).view(num_rows, 2)
-        params = packed[split:].view(torch.float32).view(3, num_rows)
+        keys, params = _packed(self.send_params(), self.logits.shape[0])
         return race_draw(
             self.logits, params[0], params[1], params[2], keys, bitmask,
             any_min_p=self.any_min_p, out=out,
@@ -118,25 +109,21 @@ class LightDraw:
 
 
 def _row_keys(reqs: list[Request], greedy: list[bool], rng: np.random.Generator) -> np.ndarray:
-    """[R, 2] int64: each row's two 32-bit noise keys. A seeded row's come from
-    splitmix64(splitmix64(seed) ^ step) (the SamplingBatch's `_seed_fields`); the others' are
-    random."""
-    keys = rng.integers(0, 2**64, size=len(reqs), dtype=np.uint64, endpoint=False)
+    """[R, 2] int64: each row's two 32-bit noise keys: a seeded row's from its seed and step (as
+    the SamplingBatch's `_seed_fields`), the others' random."""
+    keys = split_keys(rng.integers(0, 2**64, size=len(reqs), dtype=np.uint64, endpoint=False))
     seeded = [
         i for i, (req, g) in enumerate(zip(reqs, greedy)) if req.sampling.seed is not None and not g
     ]
     if seeded:
-        seeds = np.array([reqs[i].sampling.seed & MASK64 for i in seeded], dtype=np.uint64)
-        steps = np.array(
-            [len(reqs[i].output_ids) + reqs[i].num_inflight for i in seeded], dtype=np.uint64
-        )
-        keys[seeded] = _splitmix64(_splitmix64(seeds) ^ steps)
-    return np.stack((keys & np.uint64(MASK32), keys >> np.uint64(32)), axis=1).astype(np.int64)
+        steps = [len(reqs[i].output_ids) + reqs[i].num_inflight for i in seeded]
+        keys[seeded] = seed_keys([reqs[i].sampling.seed for i in seeded], steps)
+    return keys
 
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """sampling_noise.splitmix64 on a uint64 array (its products wrap mod 2**64 as intended)."""
-    x = x + np.uint64(0x9E3779B97F4A7C15)
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
+def _packed(buf: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows' keys [R, 2] int64 and their temperature, min-p, greedy [3, R] float32 inside
+    one [28 R] uint8 buffer (host or device), so that one copy moves both."""
+    split = num_rows * 16
+    keys = buf[:split].view(torch.int64).view(num_rows, 2)
+    return keys, buf[split:].view(torch.float32).view(3, num_rows)

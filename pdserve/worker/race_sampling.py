@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from pdserve.worker.grammar_mask import unpack_bitmask
+from pdserve.worker.grammar_mask import apply_bitmask
 from pdserve.worker.sampling_noise import seeded_exponential
 
 
@@ -44,9 +44,7 @@ def race_draw(
 def _allowed(logits: torch.Tensor, bitmask: torch.Tensor | None) -> torch.Tensor:
     """[B, V] float32: the logits, -inf where the bitmask forbids."""
     logits = logits.to(torch.float32)
-    if bitmask is None:
-        return logits
-    return logits.masked_fill(~unpack_bitmask(bitmask, logits.shape[-1]), float("-inf"))
+    return logits if bitmask is None else apply_bitmask(logits, bitmask)
 
 
 def race_draw_torch(

@@ -42,7 +42,7 @@ from pdserve.worker.sampling_checks import (
     find_bad_rows,
     is_int,
 )
-from pdserve.worker.sampling_noise import MASK32, MASK64, seeded_exponential, splitmix64
+from pdserve.worker.sampling_noise import seed_keys, seeded_exponential
 
 
 @dataclass(frozen=True, eq=False)
@@ -302,13 +302,12 @@ def _seed_fields(
     seeded = [
         i for i, row in enumerate(rows) if row.params.seed is not None and not row.params.is_greedy
     ]
-    keys = []
-    for i in seeded:
-        key = splitmix64(splitmix64(rows[i].params.seed & MASK64) ^ len(rows[i].output_ids))
-        keys.append([key & MASK32, key >> 32])
+    keys = seed_keys(
+        [rows[i].params.seed for i in seeded], [len(rows[i].output_ids) for i in seeded]
+    )
     return {
         "seeded_rows": torch.tensor(seeded, dtype=torch.int64).to(device),
-        "seed_keys": torch.tensor(keys, dtype=torch.int64).view(-1, 2).to(device),
+        "seed_keys": torch.from_numpy(keys).view(-1, 2).to(device),
     }
 
 

@@ -4,6 +4,7 @@ draws the same tokens whatever else is in its batch and on whichever device
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 MASK32 = 0xFFFFFFFF
@@ -15,6 +16,29 @@ def splitmix64(x: int) -> int:
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
     return x ^ (x >> 31)
+
+
+def splitmix64_array(x: np.ndarray) -> np.ndarray:
+    """splitmix64 on a uint64 array (its products wrap mod 2**64 as intended)."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def seed_keys(seeds: list[int], steps: list[int]) -> np.ndarray:
+    """[S, 2] int64: the two 32-bit noise keys of each seeded row at its step (the number of
+    tokens it has output), from splitmix64(splitmix64(seed) ^ step)."""
+    mixed = splitmix64_array(
+        splitmix64_array(np.array([s & MASK64 for s in seeds], dtype=np.uint64))
+        ^ np.array(steps, dtype=np.uint64)
+    )
+    return split_keys(mixed)
+
+
+def split_keys(keys: np.ndarray) -> np.ndarray:
+    """[N] uint64 -> [N, 2] int64: each key's low and high 32 bits."""
+    return np.stack((keys & np.uint64(MASK32), keys >> np.uint64(32)), axis=1).astype(np.int64)
 
 
 def mul32(x: torch.Tensor, c: int) -> torch.Tensor:

@@ -16,8 +16,6 @@ from pdserve.worker.sampler import SamplingBatch, is_plain_greedy_request
 
 def is_plain_greedy(req: Request) -> bool:
     p = req.sampling
-    if not p.is_greedy or req.grammar is not None:  # the common answers first, cheaply
-        return False
     num_output = len(req.output_ids) + req.num_inflight if p.min_new_tokens else 0
     return is_plain_greedy_request(
         p, num_output, req.return_logprob, req.top_logprobs_num, req.grammar

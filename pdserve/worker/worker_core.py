@@ -147,8 +147,9 @@ class WorkerCore:
                 if len(live) < len(items):
                     items = [items[i] for i in live]
                     logits = logits.index_select(0, device_index(live, logits.device))
-                defer = self.defer_grammar_draws
-                launched = self._sample_launched(items, logits, start, defer=defer)
+                launched = self._sample_launched(
+                    items, logits, start, defer=self.defer_grammar_draws
+                )
             self._inflight = launched
             return touched
         touched += self._collect()
@@ -194,33 +195,31 @@ class WorkerCore:
         defer: light rows under grammars are queued later, when the next step's batch is built
         (`InflightStep.launch`), their bitmask filled on the fill thread meanwhile, so the
         fill hides behind the host's scheduling and batch building."""
+        draw = None
         if defer and items and all(is_light(item.req) for item in items):
+            # None when a grammar failed to compile: the general path below ends that request.
             draw = self.light_sampler.prepare(logits, items, background=True)
-            if draw is not None:  # else a grammar failed to compile: ended below
-                for item in items:
-                    item.req.num_inflight += 1
-                token_ids = torch.empty(len(items), dtype=torch.int64, device=logits.device)
-                epochs = [item.req.num_preemptions for item in items]
-                host_ids = self._host_tokens(len(items))
-                return InflightStep(items, epochs, token_ids, host_ids, None, start, draw)
-        token_ids = torch.empty(0, dtype=torch.int64, device=logits.device)
-        if items:
-            kept, sampled = self._sample_rows(logits, items, build_on_host=True)
-            # Rows whose own parameters could not be sampled with ended: reported next step.
-            self.scheduler.newly_finished += [it.req for it in items if it.req.finish is not None]
-            items = kept
-            if sampled is not None:
-                token_ids = sampled.token_ids
+        if draw is not None:
+            token_ids = torch.empty(len(items), dtype=torch.int64, device=logits.device)
+        else:
+            token_ids = torch.empty(0, dtype=torch.int64, device=logits.device)
+            if items:
+                kept, sampled = self._sample_rows(logits, items, build_on_host=True)
+                # Rows whose own parameters could not be sampled with ended: reported next step.
+                self.scheduler.newly_finished += [
+                    it.req for it in items if it.req.finish is not None
+                ]
+                items = kept
+                if sampled is not None:
+                    token_ids = sampled.token_ids
         for item in items:
             item.req.num_inflight += 1
-        host_ids = self._host_tokens(token_ids.numel())
-        host_ids.copy_(token_ids, non_blocking=True)
-        done = None
-        if token_ids.is_cuda:
-            done = torch.cuda.Event()
-            done.record()
         epochs = [item.req.num_preemptions for item in items]
-        return InflightStep(items, epochs, token_ids, host_ids, done, start)
+        host_ids = self._host_tokens(token_ids.numel())
+        step = InflightStep(items, epochs, token_ids, host_ids, None, start, draw)
+        if draw is None:
+            step.read_back()
+        return step
 
     def _sample_rows(
         self, logits: torch.Tensor, items: list[BatchItem], build_on_host: bool

@@ -162,11 +162,10 @@ def test_a_seeded_rows_draw_depends_on_its_seed_and_step_only() -> None:
 def test_the_vectorized_splitmix_equals_the_scalar_one() -> None:
     import numpy as np
 
-    from pdserve.worker.light_sampling import _splitmix64
-    from pdserve.worker.sampling_noise import splitmix64
+    from pdserve.worker.sampling_noise import splitmix64, splitmix64_array
 
     values = [random.randrange(2**64) for _ in range(50)] + [0, 2**64 - 1]
-    got = _splitmix64(np.array(values, dtype=np.uint64)).tolist()
+    got = splitmix64_array(np.array(values, dtype=np.uint64)).tolist()
     assert got == [splitmix64(v) for v in values]
 
 
