@@ -25,13 +25,15 @@ class FinishChecker:
         self.max_context_len = max_context_len
         self.decode = decode
 
-    def check(self, req: Request) -> Finish | None:
+    def check(self, req: Request, advance_grammar: bool = True) -> Finish | None:
         """The finish reason if the token just appended to req.output_ids ends it, else None.
-        A constrained request's grammar advances past the token here (see worker/grammar.py)."""
+        A constrained request's grammar advances past the token here (see worker/grammar.py),
+        unless `advance_grammar` is False: the caller feeds the matcher itself and applies
+        `grammar_finish`, whose verdict comes first."""
         params = req.sampling
         num_out = len(req.output_ids)
         last = req.output_ids[-1]
-        if req.grammar is not None:
+        if req.grammar is not None and advance_grammar:
             grammar_end = _advance_grammar(req, last)
             if grammar_end is not None:
                 return grammar_end
@@ -71,7 +73,13 @@ def _advance_grammar(req: Request, token_id: int) -> Finish | None:
     problem = req.grammar.problem()  # waits for a compile still running
     if problem is not None:
         return Finish.abort(problem)
-    if not req.grammar.accept_token(token_id):
+    return grammar_finish(req, token_id, req.grammar.accept_token(token_id))
+
+
+def grammar_finish(req: Request, token_id: int, accepted: bool) -> Finish | None:
+    """How the request ends after its matcher was fed `token_id` (`accepted`: whether the grammar
+    took it), or None while the grammar goes on."""
+    if not accepted:
         logger.error("request %s: token %d breaks its grammar", req.rid, token_id)
         return Finish.abort(f"internal error: token {token_id} breaks the request's grammar", 500)
     if req.grammar.is_terminated():

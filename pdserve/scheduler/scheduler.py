@@ -262,8 +262,11 @@ class Scheduler:
         token_id: int,
         logprob: float | None = None,
         top_logprobs: list[list[float]] | None = None,
+        advance_grammar: bool = True,
     ) -> None:
-        """Record one sampled token; sets req.finish when the request is done."""
+        """Record one sampled token; sets req.finish when the request is done. advance_grammar:
+        False when the caller feeds the token to the request's grammar matcher itself (and ends
+        the request by the grammar's verdict with `end`)."""
         req = item.req
         req.output_ids.append(token_id)
         if logprob is not None:
@@ -275,10 +278,20 @@ class Scheduler:
             self.running.remove(req)
             self._cache_prompt_pages(req)
             return
-        req.finish = self.finish_checker.check(req)
-        if req.finish is not None:
+        finish = self.finish_checker.check(req, advance_grammar)
+        if finish is not None:
+            self.end(req, finish)
+
+    def end(self, req: Request, finish: Finish) -> None:
+        """End a running request that got its last token with `finish`. One already ended by
+        `process_sampled` takes the new reason instead (the grammar's verdict on a token, learned
+        after the length or stop checks, comes first), unless it was aborted."""
+        if req.finish is None:
             self.running.remove(req)
+            req.finish = finish
             self.release(req)
+        elif not req.finish.is_abort:
+            req.finish = finish
 
     def advance(self, batch: ScheduledBatch) -> None:
         """Mark the step's KV as computed; call before process_sampled."""

@@ -54,23 +54,52 @@ def fill_bitmask_async(
 ) -> Callable[[], torch.Tensor | None]:
     """`fill_bitmask` into `out` on the fill thread while the caller goes on (xgrammar releases
     the GIL while it fills); returns the function that waits for it and gives the result. The
-    matchers must not be advanced before then."""
+    matchers must not be advanced before then. Runs after the tokens that `accept_async` was
+    given before it; a matcher that has terminated by then (its request has ended) keeps an
+    all-ones row."""
     job = _prepare(grammars, vocab_size, False, out)
     if job is None:
         return lambda: None
+    bitmask, matchers, rows = job
+
+    def fill(matcher: Any) -> torch.Tensor:
+        live = [i for i, m in enumerate(matchers) if not m.is_terminated()]
+        if len(live) < len(rows):
+            matcher.batch_fill_next_token_bitmask(
+                [matchers[i] for i in live], bitmask, [rows[i] for i in live]
+            )
+        else:
+            matcher.batch_fill_next_token_bitmask(matchers, bitmask, rows)
+        return bitmask
+
+    return _on_fill_thread(fill)
+
+
+def accept_async(matchers: list[Any], token_ids: list[int]) -> Callable[[], list[bool]]:
+    """Feed each xgrammar matcher its token on the fill thread (xgrammar releases the GIL while
+    it accepts), before any fill queued after this call; returns the function that waits and
+    gives whether each grammar took its token."""
+    import xgrammar as xgr
+
+    return _on_fill_thread(
+        lambda _: xgr.BatchGrammarMatcher.batch_accept_token(matchers, token_ids)
+    )
+
+
+def _on_fill_thread(work: Callable[[Any], Any]) -> Callable[[], Any]:
+    """Run work(batch_matcher) on the fill thread, after the jobs queued before it; returns the
+    function that waits for its result."""
     global _fill_pool, _async_matcher
     if _fill_pool is None:
         _fill_pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-fill")
         _async_matcher = _new_batch_matcher()
-    bitmask, matchers, rows = job
     started = threading.Event()
 
-    def fill() -> torch.Tensor:
-        started.set()  # the caller resumes once the fill below lets go of the GIL
-        _async_matcher.batch_fill_next_token_bitmask(matchers, bitmask, rows)
-        return bitmask
+    def run() -> Any:
+        started.set()  # the caller resumes once the work below lets go of the GIL
+        return work(_async_matcher)
 
-    future = _fill_pool.submit(fill)
+    future = _fill_pool.submit(run)
     started.wait()  # hands the thread the GIL now, not at the interpreter's next switch (5 ms)
     return future.result
 

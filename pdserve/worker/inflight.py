@@ -1,5 +1,6 @@
 """The overlapped loop's bookkeeping (worker_core.py): a launched step whose tokens are not read
-back yet, and a request's output ids as the sampler sees them meanwhile."""
+back yet, a request's output ids as the sampler sees them meanwhile, and read-back tokens being
+fed to their grammar matchers on the fill thread."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pdserve.scheduler.scheduler import BatchItem
+from pdserve.scheduler.finish_checker import grammar_finish
+from pdserve.scheduler.request import Request
+from pdserve.scheduler.scheduler import BatchItem, Scheduler
+from pdserve.worker.grammar_mask import accept_async
 from pdserve.worker.light_sampling import LightDraw
 
 
@@ -66,3 +70,39 @@ class PendingLength(Sequence[int]):
 
     def __iter__(self) -> Iterator[int]:
         raise LookupError("output token ids still being sampled are not on the host")
+
+
+class GrammarAccept:
+    """Read-back tokens being fed to their requests' grammar matchers on the fill thread while
+    the main thread records them (`Scheduler.process_sampled` with advance_grammar=False) and
+    prepares the next draw, whose bitmask fill is queued behind the accept. `settle` applies
+    the grammars' verdicts before the step returns, so a request ends on the same token and with
+    the same reason as in the plain loop."""
+
+    def __init__(self, records: list[tuple[Request, int]]) -> None:
+        """records: (request, token) pairs read back this step, in order."""
+        self.reqs: list[Request] = []
+        tokens: list[int] = []
+        for req, token in records:
+            grammar = req.grammar
+            # A grammar still compiling, or broken, is left to the inline check (it waits, or
+            # ends the request).
+            if grammar is not None and grammar.is_ready() and grammar.problem() is None:
+                self.reqs.append(req)
+                tokens.append(token)
+        self.covered = {id(req) for req in self.reqs}
+        self._tokens = tokens
+        self._wait = (
+            accept_async([r.grammar.matcher for r in self.reqs], tokens) if tokens else None
+        )
+
+    def settle(self, scheduler: Scheduler) -> None:
+        """Wait for the matchers and end each request whose grammar has ended (or refused its
+        token). Called once."""
+        if self._wait is None:
+            return
+        accepted, self._wait = self._wait(), None
+        for req, token, ok in zip(self.reqs, self._tokens, accepted):
+            finish = grammar_finish(req, token, ok)
+            if finish is not None:
+                scheduler.end(req, finish)

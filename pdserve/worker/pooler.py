@@ -10,10 +10,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from pdserve.config.engine_config import PoolingKind
+from pdserve.protocol import Finish
+from pdserve.scheduler.request import Request
+from pdserve.scheduler.scheduler import ScheduledBatch, Scheduler
+from pdserve.worker.extra_outputs import ExtraOutputs
+
+if TYPE_CHECKING:
+    from pdserve.worker.model_runner import ForwardOutput
 
 
 @dataclass
@@ -57,3 +65,35 @@ class PoolState:
         if normalize:
             pooled = torch.nn.functional.normalize(pooled, p=2.0, dim=-1)
         return pooled.tolist()
+
+
+def record_rows(
+    batch: ScheduledBatch,
+    out: ForwardOutput,
+    compute_logits: Callable[[torch.Tensor], torch.Tensor],
+) -> None:
+    """Hand each request that asked for rows its slice of the step's hidden states."""
+    for item, row_start in zip(batch.items, out.row_starts):
+        outputs = item.req.outputs
+        rows = out.hidden[row_start : row_start + item.num_tokens]  # [n, hidden]
+        if isinstance(outputs, PoolState):
+            outputs.add(rows, item.start)
+        elif isinstance(outputs, ExtraOutputs) and outputs.wants_rows:
+            req = item.req
+            outputs.record(rows, item.start, req.all_ids, len(req.prompt_ids), compute_logits)
+
+
+def finish_pooled(
+    reqs: list[Request],
+    scheduler: Scheduler,
+    normalize: bool,
+    scores: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> list[Request]:
+    """Pooling model: each request, its prompt done, gets its vector and ends."""
+    for req in reqs:
+        state: PoolState = req.outputs
+        state.embedding = state.result(len(req.prompt_ids), normalize, scores)
+        req.finish = Finish.stop(None)
+        scheduler.running.remove(req)
+        scheduler.release(req)  # full pages stay in the prefix cache
+    return reqs

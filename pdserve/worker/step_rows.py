@@ -9,6 +9,7 @@ import dataclasses
 import torch
 
 from pdserve.scheduler.request import Request
+from pdserve.scheduler.scheduler import BatchItem
 from pdserve.worker.device_copy import to_device
 from pdserve.worker.extra_outputs import ExtraOutputs
 from pdserve.worker.sampler import SamplingBatch, is_plain_greedy_request
@@ -47,3 +48,11 @@ def on_device(batch: SamplingBatch, device: torch.device) -> SamplingBatch:
         elif isinstance(value, tuple) and value and all(isinstance(v, torch.Tensor) for v in value):
             changes[f.name] = type(value)(*(to_device(v, device) for v in value))
     return dataclasses.replace(batch, **changes)
+
+
+def live_rows(items: list[BatchItem], logits: torch.Tensor) -> tuple[list[BatchItem], torch.Tensor]:
+    """The items whose requests have not ended, and their rows of logits [len(items), V]."""
+    live = [i for i, item in enumerate(items) if item.req.finish is None]
+    if len(live) == len(items):
+        return items, logits
+    return [items[i] for i in live], logits.index_select(0, device_index(live, logits.device))

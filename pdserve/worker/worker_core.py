@@ -14,7 +14,9 @@ its forward pass first, then records the running step's tokens (advancing the ma
 builds the sampling batch (the grammar bitmask) and samples: the mask is filled while the device
 runs the forward pass. When every row is light (worker/light_sampling.py) the draw is queued even
 later, once the next step's batch is built on the host, and the bitmask is filled on a thread
-meanwhile: the fill hides behind the host's own scheduling and batch building. A step holding a row that returns logprobs, hidden states or pooled
+meanwhile: the fill hides behind the host's own scheduling and batch building. That thread also
+feeds the read-back tokens to their matchers first, while this one records them; the grammars'
+verdicts are applied before the step returns (`GrammarAccept`). A step holding a row that returns logprobs, hidden states or pooled
 vectors waits for the running step first and runs unoverlapped.
 
 Tensor parallelism (`config.tp_size > 1`): this core is rank 0; it starts the follower ranks
@@ -32,17 +34,16 @@ from collections.abc import Callable, Sequence
 import torch
 
 from pdserve.config.engine_config import EngineConfig, ModelConfig
-from pdserve.protocol import Finish
 from pdserve.scheduler.finish_checker import FinishChecker
 from pdserve.scheduler.request import Request
 from pdserve.scheduler.scheduler import BatchItem, ScheduledBatch, Scheduler
 from pdserve.worker.extra_outputs import ExtraOutputs
 from pdserve.worker.grammar import bind_grammar
-from pdserve.worker.inflight import InflightStep, PendingLength
+from pdserve.worker.inflight import GrammarAccept, InflightStep, PendingLength
 from pdserve.worker.light_sampling import LightSampler, is_light
-from pdserve.worker.model_runner import ForwardOutput, ModelRunner, PendingTokens
+from pdserve.worker.model_runner import ModelRunner, PendingTokens
 from pdserve.worker.parallel.tp_group import SINGLE, TPGroup
-from pdserve.worker.pooler import PoolState
+from pdserve.worker.pooler import PoolState, finish_pooled, record_rows
 from pdserve.worker.sampler import (
     DeviceSample,
     SamplingRow,
@@ -55,6 +56,7 @@ from pdserve.worker.speculative.prompt_hidden import needs_prompt_hidden, record
 from pdserve.worker.step_rows import (
     device_index,
     is_plain_greedy,
+    live_rows,
     needs_host_tokens,
     on_device,
     wants_rows,
@@ -138,21 +140,21 @@ class WorkerCore:
             items, logits, start = self._launch(batch)
             if not any(needs_host_tokens(item.req) for item in items):
                 launched = self._sample_launched(items, logits, start)
-                touched += self._collect()
+                touched += self._collect()[0]
             else:
                 # Grammar masks and penalties need the running step's tokens: record them while
-                # this step's forward pass runs, then build the sampling batch and sample.
-                touched += self._collect()
-                live = [i for i, item in enumerate(items) if item.req.finish is None]
-                if len(live) < len(items):
-                    items = [items[i] for i in live]
-                    logits = logits.index_select(0, device_index(live, logits.device))
-                launched = self._sample_launched(
-                    items, logits, start, defer=self.defer_grammar_draws
-                )
+                # this step's forward pass runs, then build the sampling batch and sample. When
+                # the draw is deferred, the matchers take the tokens on the fill thread meanwhile.
+                defer = self.defer_grammar_draws and all(is_light(item.req) for item in items)
+                collected, accepting = self._collect(accept_on_thread=defer)
+                touched += collected
+                items, logits = live_rows(items, logits)
+                launched = self._sample_launched(items, logits, start, defer, accepting)
+                if accepting is not None:
+                    accepting.settle(sched)
             self._inflight = launched
             return touched
-        touched += self._collect()
+        touched += self._collect()[0]
         if batch is not None:
             # Requests that ended when the running step's tokens came back leave the batch.
             batch.items = [it for it in batch.items if it.req.finish is None]
@@ -189,12 +191,19 @@ class WorkerCore:
         return [batch.items[i] for i in rows], logits, start
 
     def _sample_launched(
-        self, items: list[BatchItem], logits: torch.Tensor, start: float, defer: bool = False
+        self,
+        items: list[BatchItem],
+        logits: torch.Tensor,
+        start: float,
+        defer: bool = False,
+        accepting: GrammarAccept | None = None,
     ) -> InflightStep:
         """Queue the sampling of a launched step's rows; their tokens are read back next step.
         defer: light rows under grammars are queued later, when the next step's batch is built
         (`InflightStep.launch`), their bitmask filled on the fill thread meanwhile, so the
-        fill hides behind the host's scheduling and batch building."""
+        fill hides behind the host's scheduling and batch building. accepting: the tokens just
+        read back, still being fed to their matchers on that thread: settled here before a
+        bitmask is filled on this one."""
         draw = None
         if defer and items and all(is_light(item.req) for item in items):
             # None when a grammar failed to compile: the general path below ends that request.
@@ -202,6 +211,9 @@ class WorkerCore:
         if draw is not None:
             token_ids = torch.empty(len(items), dtype=torch.int64, device=logits.device)
         else:
+            if accepting is not None:  # the grammars' verdicts first: ended rows are not sampled
+                accepting.settle(self.scheduler)
+                items, logits = live_rows(items, logits)
             token_ids = torch.empty(0, dtype=torch.int64, device=logits.device)
             if items:
                 kept, sampled = self._sample_rows(logits, items, build_on_host=True)
@@ -266,26 +278,38 @@ class WorkerCore:
             self._host_ids[turn] = buf
         return buf[:num]
 
-    def _collect(self) -> list[Request]:
-        """Read back the running step's tokens (waiting for it) and record them."""
+    def _collect(
+        self, accept_on_thread: bool = False
+    ) -> tuple[list[Request], GrammarAccept | None]:
+        """Read back the running step's tokens (waiting for it) and record them.
+        accept_on_thread: feed the constrained rows' tokens to their matchers on the fill thread
+        while the others are recorded here; returns the requests that got a token, and that
+        accept, which the caller settles before it fills a bitmask or returns."""
         step = self._inflight
         if step is None:
-            return []
+            return [], None
         self._inflight = None
         step.launch()
         if step.done is not None:
             step.done.synchronize()
-        touched = []
-        for item, epoch, token_id in zip(step.items, step.epochs, step.host_ids.tolist()):
-            req = item.req
-            if req.finish is not None or req.num_preemptions != epoch:
-                continue  # ended meanwhile, or preempted (the token is sampled again)
-            req.num_inflight -= 1
-            self.scheduler.process_sampled(item, token_id)
-            touched.append(req)
+        records = [
+            (item, token_id)
+            for item, epoch, token_id in zip(step.items, step.epochs, step.host_ids.tolist())
+            # not ended meanwhile, nor preempted (its token is sampled again)
+            if item.req.finish is None and item.req.num_preemptions == epoch
+        ]
+        accepting = None
+        if accept_on_thread and records:
+            accepting = GrammarAccept([(item.req, token) for item, token in records])
+        covered = accepting.covered if accepting is not None else ()
+        for item, token_id in records:
+            item.req.num_inflight -= 1
+            self.scheduler.process_sampled(
+                item, token_id, advance_grammar=id(item.req) not in covered
+            )
         self.last_step_ms = (time.perf_counter() - step.started) * 1e3
         self.num_steps += 1
-        return touched
+        return [item.req for item, _ in records], accepting
 
     def wait_device(self) -> None:
         """Wait until the running step's device work is done (not reading its tokens): pages
@@ -317,10 +341,12 @@ class WorkerCore:
             logits = self.runner.forward(batch)  # [B, V] float32
         sched.advance(batch)
         if out is not None:
-            self._record_rows(batch, out)
+            record_rows(batch, out, self.runner.compute_logits)
         rows = [i for i, item in enumerate(batch.items) if item.samples]
         if self.model_config.is_embedding:
-            touched.extend(self._finish_pooled([batch.items[i] for i in rows]))
+            scores = self.runner.compute_scores if self.model_config.num_labels > 0 else None
+            pooled = [batch.items[i].req for i in rows]
+            touched.extend(finish_pooled(pooled, sched, self.model_config.normalize, scores))
             rows = []
         if rows:
             sampling_items = [batch.items[i] for i in rows]
@@ -335,33 +361,6 @@ class WorkerCore:
         self.last_step_ms = (time.perf_counter() - start) * 1e3
         self.num_steps += 1
         return touched
-
-    def _record_rows(self, batch: ScheduledBatch, out: ForwardOutput) -> None:
-        """Hand each request that asked for rows its slice of the step's hidden states."""
-        for item, row_start in zip(batch.items, out.row_starts):
-            outputs = item.req.outputs
-            rows = out.hidden[row_start : row_start + item.num_tokens]  # [n, hidden]
-            if isinstance(outputs, PoolState):
-                outputs.add(rows, item.start)
-            elif isinstance(outputs, ExtraOutputs) and outputs.wants_rows:
-                req = item.req
-                outputs.record(
-                    rows, item.start, req.all_ids, len(req.prompt_ids), self.runner.compute_logits
-                )
-
-    def _finish_pooled(self, items: list[BatchItem]) -> list[Request]:
-        """Pooling model: each request whose prompt is done gets its vector and ends."""
-        scores = self.runner.compute_scores if self.model_config.num_labels > 0 else None
-        done = []
-        for item in items:
-            req = item.req
-            state: PoolState = req.outputs
-            state.embedding = state.result(len(req.prompt_ids), self.model_config.normalize, scores)
-            req.finish = Finish.stop(None)
-            self.scheduler.running.remove(req)
-            self.scheduler.release(req)  # full pages stay in the prefix cache
-            done.append(req)
-        return done
 
     def _sampling_row(self, req: Request, num_pending: int = 0) -> SamplingRow:
         """num_pending: the request's tokens being sampled by a step still running."""

@@ -233,13 +233,69 @@ def test_light_runs_give_the_general_paths_tokens(
     specs = light_specs(random.Random(seed), 20)
     core = make_core(tiny_llama, overlap=overlap)
     now, deferred = count_light_steps(core)
+    accepted = count_thread_accepts(monkeypatch)
     light = run(core, specs)
     assert sum(now) + sum(deferred) > 0, "no step took the light path"
     if overlap and any("regex" in spec["params"] for spec in specs):
         assert sum(deferred) > 0, "no grammar step deferred its draw"
+        assert sum(accepted) > 0, "no tokens went to the matchers on the fill thread"
     monkeypatch.setattr(worker_core, "is_light", lambda req: False)
     general = run(make_core(tiny_llama, overlap=False), specs)
     assert_same(general, light, seed)
+
+
+def count_thread_accepts(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that gets the rows of each batch of tokens fed to matchers on the fill thread."""
+    rows: list[int] = []
+    real = worker_core.GrammarAccept
+
+    def counting(records):  # type: ignore[no-untyped-def]
+        accept = real(records)
+        rows.append(len(accept.reqs))
+        return accept
+
+    monkeypatch.setattr(worker_core, "GrammarAccept", counting)
+    return rows
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlapped"])
+def test_a_grammars_end_wins_over_the_length_limit_on_the_same_token(
+    tiny_llama: Path, overlap: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ignore_eos, the token that completes a grammar (its stop token) ends the request as a
+    stop even when max_new_tokens also ends there, as when the limit is far; overlapped, the
+    matchers take the read-back tokens on the fill thread and their verdict comes first."""
+    rng = random.Random()
+    regexes = [r"(ab|cd)x", r"[0-9]{2,4}", r"yes|no", r"[a-c]+d"]
+
+    def specs(limits: dict[str, int]) -> list[dict]:
+        return [
+            {
+                "rid": f"r{i}",
+                "prompt": [5 + i, 9, 11 + i],
+                "params": {
+                    "max_new_tokens": limits.get(f"r{i}", 40),
+                    "ignore_eos": True,
+                    "temperature": 1.0,
+                    "seed": 7 * i + 1,
+                    "regex": regex,
+                },
+                "logprobs": False,
+                "arrive": rng.randint(0, 3),
+            }  # fmt: skip
+            for i, regex in enumerate(regexes)
+        ]
+
+    free = run(make_core(tiny_llama, overlap=False), specs({}))
+    for rid, (ids, finish, _, _) in free.items():
+        assert finish.kind == "stop" and len(ids) < 40, (rid, finish)
+    accepted = count_thread_accepts(monkeypatch)
+    tight = run(
+        make_core(tiny_llama, overlap=overlap), specs({r: len(v[0]) for r, v in free.items()})
+    )
+    assert_same(free, tight, 0)
+    if overlap:
+        assert sum(accepted) > 0, "no tokens went to the matchers on the fill thread"
 
 
 @pytest.mark.gpu
