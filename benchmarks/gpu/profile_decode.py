@@ -1,7 +1,9 @@
-"""Where a batch-1 decode step's time goes on the GPU: host phases timed with synchronization,
-then torch.profiler's top CPU and CUDA entries.
+"""Where a decode step's time goes on the GPU: host phases timed with synchronization, then
+torch.profiler's top CPU and CUDA entries.
 
     python benchmarks/gpu/profile_decode.py [--batch 1] [--steps 50] [--context 128]
+    ... --prefill-chunk 1024   # each step also carries one 1,024-token prompt (a mixed step, as
+                               # under a burst of new requests: decode_step_prefill_tokens)
 """
 
 from __future__ import annotations
@@ -29,12 +31,19 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=128, help="prompt tokens per request")
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--schema", action="store_true", help="under grammar_bench's JSON schema")
+    parser.add_argument(
+        "--prefill-chunk", type=int, default=0, help="a prompt of this many tokens in every step"
+    )
     args = parser.parse_args()
     model = rc.write_checkpoint(rc.LLAMA_1B, Path("/dev/shm/pdserve-bench/llama-3.2-1b"), "cuda")
     pages = max(4096, args.batch * (args.context + 20 + 3 * args.steps) // 16 + 64)
+    chunk = args.prefill_chunk
+    pages += 4 * chunk // 16
+    extra = {"chunk_size": chunk, "decode_step_prefill_tokens": chunk} if chunk else {}
     engine = Engine(
         str(model), in_process=True, device="cuda", dtype="bfloat16", num_pages=pages,
-        max_running_requests=max(args.batch, 256), cuda_graph_max_batch=max(args.batch, 256),
+        max_running_requests=max(args.batch + 2, 256), cuda_graph_max_batch=max(args.batch, 256),
+        **extra,
     )  # fmt: skip
     core, runner = engine.core, engine.core.runner
     grammar = {}
@@ -55,6 +64,13 @@ def main() -> None:
         )
     for _ in range(20):
         core.step()
+    if chunk:  # one fresh prompt per step from here on (its one token ends it)
+        for i in range(40 + 3 * args.steps):
+            prompt = [(i * 13 + j) % 5000 + 3 for j in range(chunk)]
+            params = SamplingParams(max_new_tokens=1, ignore_eos=True)
+            core.add(Request(rid=f"p{i}", prompt_ids=prompt, sampling=params))
+        for _ in range(3):
+            core.step()
     core._collect()  # the overlapped loop's last tokens: the phases below step unoverlapped
     phases = {"schedule": 0.0, "build_batch": 0.0, "forward": 0.0, "sample+record": 0.0}
     sync = torch.cuda.synchronize
