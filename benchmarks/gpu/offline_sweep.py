@@ -1,0 +1,63 @@
+"""Offline throughput of the in-process Engine against how many requests it runs at once (issue
+17's offline row: 1,000 prompts of 512 random tokens, 256 generated greedily each), Llama-3.2-1B's
+shape with random bf16 weights, one engine per setting in one call.
+
+    python benchmarks/gpu/offline_sweep.py --max-running 256,512,1024
+    python benchmarks/gpu/offline_sweep.py --smoke       # tiny shapes on the CPU: the plumbing
+
+Each setting gets a KV pool for all its running requests (`--num-pages`, default: enough for
+every prompt at once) and CUDA graphs up to min(max_running, --graph-max) rows. Printed: output
+tokens/s and the seconds of the run, per setting, and the ratio to the first setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import random_checkpoint as rc  # noqa: E402
+from engine_bench import free_device_memory, make_engine, offline_throughput  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--max-running", default="256,512,1024", help="comma-separated settings")
+    p.add_argument("--graph-max", type=int, default=512, help="most rows of a CUDA graph")
+    p.add_argument("--prompts", type=int, default=1000)
+    p.add_argument("--input-len", type=int, default=512)
+    p.add_argument("--output-len", type=int, default=256)
+    p.add_argument("--num-pages", type=int, default=0, help="0: every prompt's pages at once")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
+    args = p.parse_args()
+    if args.smoke:
+        spec, device, dtype, root = rc.SMOKE_1B, "cpu", "float32", "/tmp/pdserve-bench-smoke"
+        args.prompts, args.input_len, args.output_len = 12, 16, 8
+    else:
+        spec, device, dtype, root = rc.LLAMA_1B, "cuda", "bfloat16", "/dev/shm/pdserve-bench"
+    model = rc.write_checkpoint(spec, Path(root) / spec.name, device)
+    page = 16
+    pages = args.num_pages or args.prompts * (args.input_len + args.output_len + page) // page + 64
+    rows = []
+    for max_running in (int(x) for x in args.max_running.split(",")):
+        engine = make_engine(
+            model, device, dtype, "auto", num_pages=pages, max_running_requests=max_running,
+            cuda_graph=device == "cuda", cuda_graph_max_batch=min(max_running, args.graph_max),
+        )  # fmt: skip
+        r = offline_throughput(
+            engine, spec.vocab_size, args.prompts, args.input_len, args.output_len, device
+        )
+        rows.append((max_running, r["output_tok_s"], r["seconds"]))
+        print(f"max_running {max_running}: {r['output_tok_s']:.0f} output tok/s", flush=True)
+        engine.shutdown()
+        del engine
+        free_device_memory()
+    print("| max_running_requests | output tok/s | seconds | vs first |")
+    print("|---|---|---|---|")
+    for max_running, tok_s, seconds in rows:
+        print(f"| {max_running} | {tok_s:,.0f} | {seconds:.1f} | {tok_s / rows[0][1]:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
