@@ -8,7 +8,8 @@ bytes): no pickle crosses the boundary.
 While the cluster runs, a watcher thread supervises the children (`supervisor.py`): a tokenizer or
 worker that exits is reported to the router (its requests end with an error) and restarted; a router
 that exits has every request aborted on every process, then is restarted too. Every child exits
-with the launcher, even after `kill -9` of it (`parent_watch.py`).
+with the launcher, even after `kill -9` of it (`parent_watch.py`). Every inbox's address comes
+from `plan_endpoints` (`endpoint_plan.py`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -36,6 +36,7 @@ from pdserve.config.process_specs import KVTransferSpec, TokenizerSpec, WorkerSp
 from pdserve.config.router_spec import RouterSpec, WorkerEntry
 from pdserve.config.topology import Topology
 from pdserve.config.topology_sections import WorkerPlan
+from pdserve.entrypoints.endpoint_plan import Endpoint, plan_endpoints
 from pdserve.entrypoints.parent_watch import exit_with_parent
 from pdserve.entrypoints.supervisor import Child, ChildKind, Supervisor
 from pdserve.ipc import Inbox, Outbox, new_ipc_address, new_socket_dir
@@ -49,52 +50,6 @@ _ENTRIES = {
 }
 _POLL_S = 0.2
 _ROUTER_EXIT_S = 5.0  # past the grace period: the router ends what is left, then exits
-_WILDCARD_HOSTS = ("0.0.0.0", "::", "*")
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """A process's inbox: the owner binds `bind`, its peers connect to `connect`."""
-
-    bind: str
-    connect: str
-
-
-def plan_endpoints(
-    topo: Topology, workers: list[WorkerPlan], socket_dir: str | None = None
-) -> dict[str, Endpoint]:
-    """Every inbox of the cluster, and each decode worker's KV socket (`<name>-kv`).
-
-    One machine: fresh ipc:// paths. Several: tcp on each process's node, at router.port + 1 + k
-    for the k-th name in a fixed order, so every node's launcher computes the same plan. With
-    router.membership on one machine: tcp on bind_host too (the router at port + 1, tokenizer i
-    at port + 2 + i), since workers elsewhere join through them.
-    """
-    names = ["router"] + [f"tokenizer{i}" for i in range(topo.tokenizer.replicas)]
-    node_of: dict[str, str | None] = dict.fromkeys(names, topo.router.node)
-    for w in workers:
-        node_of[w.name] = w.node
-        if w.role == "decode":
-            node_of[f"{w.name}-kv"] = w.node
-    if topo.router.membership and not topo.is_multi_node:
-        host = topo.bind_host
-        local = "127.0.0.1" if host in _WILDCARD_HOSTS else host  # where this node dials them
-        return {
-            name: Endpoint(f"tcp://{host}:{port}", f"tcp://{local}:{port}")
-            for k, name in enumerate(node_of)
-            for port in [topo.router.port + 1 + k]
-        }
-    if not topo.is_multi_node:
-        return {
-            name: Endpoint(a, a) for name in node_of for a in [new_ipc_address(name, socket_dir)]
-        }
-    plan = {}
-    for k, (name, node) in enumerate(node_of.items()):
-        port = topo.router.port + 1 + k
-        plan[name] = Endpoint(
-            f"tcp://{topo.bind_address(node)}:{port}", f"tcp://{topo.node_address(node)}:{port}"
-        )
-    return plan
 
 
 class Cluster:

@@ -28,11 +28,8 @@ from pdserve.kv_transfer.base import (
     KVReceiver,
     KVSender,
     PagePush,
-    check_pages,
     dtype_from_name,
-    gather_pages,
     layout_of,
-    scatter_pages,
 )
 from pdserve.kv_transfer.head_copy import (
     check_rank_pool,
@@ -41,6 +38,7 @@ from pdserve.kv_transfer.head_copy import (
     plan_head_copies,
 )
 from pdserve.kv_transfer.head_map import HeadRoute, rank_handshakes, routes_from
+from pdserve.kv_transfer.page_copy import check_pages, gather_pages, scatter_pages
 
 logger = logging.getLogger(__name__)
 

@@ -36,11 +36,11 @@ from pdserve.kv_transfer.base import (
     KVSender,
     KVTransferError,
     dtype_name,
-    gather_pages,
     layout_of,
     staging_shape,
 )
 from pdserve.kv_transfer.head_map import HeadRoute, rank_handshakes, routes_from
+from pdserve.kv_transfer.page_copy import gather_pages
 from pdserve.kv_transfer.tcp import bind_pull, connect_push
 
 logger = logging.getLogger(__name__)

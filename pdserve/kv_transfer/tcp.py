@@ -30,11 +30,11 @@ from pdserve.kv_transfer.base import (
     KVSender,
     KVTransferError,
     dtype_name,
-    gather_pages,
     layout_of,
     staging_shape,
 )
 from pdserve.kv_transfer.head_map import HeadRoute, rank_handshakes, routes_from
+from pdserve.kv_transfer.page_copy import gather_pages
 
 logger = logging.getLogger(__name__)
 

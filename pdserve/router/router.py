@@ -23,7 +23,8 @@ silent: no heartbeat nor load report for `liveness_timeout_s`):
 | decode/mixed worker | every request decoding (or waiting to) there                  |
 | prefill worker      | those not handed over yet: no token from decode has arrived   |
 
-Routing skips a lost process until it is heard from again (a restarted one: a new pid).
+Routing skips a lost process until it is heard from again (a restarted one: a new pid). What the
+router reports about itself (readiness, /health, /server_info) is router_status.py's.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ from pdserve.protocol import (
     TokenizeOut,
     WorkerDied,
 )
+from pdserve.router import router_status
 from pdserve.router.errors import APIError
 from pdserve.router.lora_adapters import LoraRegistry
 from pdserve.router.membership import Membership, refuse_without_membership
@@ -215,13 +217,13 @@ class Router:
     def _route(self) -> tuple[int, WorkerState, WorkerState | None]:
         decode_side = self.workers.decode_side()
         if not decode_side:
-            raise APIError(self._no_worker_message("decode"), 503)
+            raise APIError(self.no_worker_message("decode"), 503)
         decode = self._decode_policy.pick(decode_side)
         prefill = None
         if decode.spec.role == "decode":
             prefills = self.workers.prefill()
             if not prefills:
-                raise APIError(self._no_worker_message("prefill"), 503)
+                raise APIError(self.no_worker_message("prefill"), 503)
             prefill = self._prefill_policy.pick(prefills)
         tokenizers = self.workers.healthy_tokenizers()
         if not tokenizers:
@@ -231,7 +233,8 @@ class Router:
         tokenizer.num_requests += 1
         return tokenizer.idx, decode, prefill
 
-    def _no_worker_message(self, role: str) -> str:
+    def no_worker_message(self, role: str) -> str:
+        """The 503's message when no `role` worker can take a request."""
         if self.membership is None:
             return f"no healthy {role} worker"
         return self.membership.no_worker_message(role)
@@ -299,45 +302,20 @@ class Router:
         self._fail_process(state, f"{msg.name} is unavailable: {reason}")
 
     def is_ready(self) -> bool:
-        """Started, and every tokenizer and worker healthy (what /health reports); with
-        membership, also a complete route: a router no worker has joined is not ready."""
-        if self.membership is not None and not self.can_serve():
-            return False
-        return self.is_started and self.workers.all_healthy()
+        """Started, every process healthy, and with membership a complete route (router_status)."""
+        return router_status.is_ready(self)
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         """(is ready, the /health body): every process by name with its status."""
-        processes = {p.name: p.live.status for p in self.workers.processes()}
-        if self.is_ready():
-            return True, {"status": "ok", "processes": processes}
-        unhealthy = [name for name, status in processes.items() if status != "healthy"]
-        status = "starting" if not self.is_started else "unhealthy"
-        body = {"status": status, "unhealthy": unhealthy, "processes": processes}
-        if self.is_started and self.membership is not None:
-            try:
-                self._route_probe()
-            except APIError as e:
-                body["message"] = e.message
-        return False, body
+        return router_status.health(self)
 
     def can_serve(self) -> bool:
         """Started, and at least one complete route (a decode-side worker, and prefill if needed)."""
-        if not self.is_started:
-            return False
-        try:
-            self._route_probe()
-        except APIError:
-            return False
-        return True
+        return router_status.can_serve(self)
 
-    def _route_probe(self) -> None:
-        decode_side = self.workers.decode_side()
-        if not decode_side:
-            raise APIError(self._no_worker_message("decode"), 503)
-        if all(s.spec.role == "decode" for s in decode_side) and not self.workers.prefill():
-            raise APIError(self._no_worker_message("prefill"), 503)
-        if not self.workers.healthy_tokenizers():
-            raise APIError("no healthy tokenizer", 503)
+    def server_info(self) -> dict[str, Any]:
+        """/server_info: the spec's facts, every worker's and tokenizer's state and load."""
+        return router_status.server_info(self)
 
     def _fail_process(self, state: ProcessState, message: str) -> None:
         if isinstance(state, WorkerState):
@@ -501,58 +479,3 @@ class Router:
             for tracked in self.tracker.older_than(now - self.spec.request_timeout_s):
                 limit = self.spec.request_timeout_s
                 self._fail(tracked, f"request timed out after {limit:g} s", 504)
-
-    # ------------------------------------------------------------------ introspection
-
-    def server_info(self) -> dict[str, Any]:
-        now = time.monotonic()
-        return {
-            "model_name": self.spec.model_name,
-            "model_path": self.spec.model_path,
-            "routing_policy": self.spec.routing_policy,
-            "max_context_len": self.spec.max_context_len,
-            "num_tokenizers": len(self.workers.tokenizers),  # with those that joined
-            "num_requests_in_flight": len(self.tracker),
-            "topology": self.spec.topology,
-            "workers": [_worker_info(s, now) for s in self.workers],
-            "tokenizers": [
-                {
-                    "name": t.name,
-                    "idx": t.idx,
-                    "status": t.live.status,
-                    "pid": t.live.pid,
-                    "routable": t.can_take_requests,
-                    "num_requests": t.num_requests,  # routed through it so far
-                    "num_in_flight": len(self.tracker.lost_with_tokenizer(t.idx)),
-                }
-                for t in self.workers.tokenizers
-            ],
-        }
-
-
-def _worker_info(state: WorkerState, now: float) -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "name": state.name,
-        "role": state.spec.role,
-        "idx": state.spec.idx,
-        "healthy": state.is_healthy,
-        "routable": state.can_take_requests,
-        "status": state.live.status,
-        "pid": state.live.pid,
-        "last_report_age_s": round(now - state.report_at, 3) if state.report_at else None,
-    }
-    r = state.report
-    if r is not None:
-        info.update(
-            num_running_reqs=r.num_running,
-            num_queue_reqs=r.num_queued,
-            num_free_pages=r.num_free_pages,
-            num_total_pages=r.num_total_pages,
-            num_cached_pages=r.num_cached_pages,
-            cache_hit_rate=r.cache_hit_rate,
-            step_time_ms=r.step_time_ms,
-            num_preemptions=r.num_preemptions,
-            num_loaded_adapters=r.num_loaded_adapters,
-            num_adapter_slots_used=r.num_adapter_slots_used,
-        )
-    return info
