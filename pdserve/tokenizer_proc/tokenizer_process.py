@@ -45,7 +45,7 @@ from pdserve.protocol import (
 )
 from pdserve.tokenizer_proc.chat_template import render_chat
 from pdserve.tokenizer_proc.incremental_detokenizer import IncrementalDetokenizer
-from pdserve.tokenizer_proc.message_dispatch import dispatch as _dispatch
+from pdserve.tokenizer_proc.message_dispatch import dispatch
 from pdserve.tokenizer_proc.ordered_output import ReqState, accept, error_output, piece_of
 
 if TYPE_CHECKING:
@@ -434,7 +434,7 @@ async def serve(spec: TokenizerSpec, member: JoinedTokenizer | None = None) -> N
                 core.num_workers = len(to_workers)
                 to_router.send(PeerTableAck(name, msg.version))
                 continue
-            _dispatch(core, msg, to_router, to_workers, encoder)
+            dispatch(core, msg, to_router, to_workers, encoder)
             # pyzmq returns a queued frame without yielding: under a steady stream of TokenOuts
             # the loop would never run the callbacks of prompts tokenized off the loop.
             await asyncio.sleep(0)

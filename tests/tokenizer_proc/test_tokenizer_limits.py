@@ -14,7 +14,8 @@ import pytest
 from pdserve.config.sampling_params import SamplingParams
 from pdserve.protocol import Abort, Finish, GenerateReq, ReqOutput, TokenizedReq, TokenOut
 from pdserve.tokenizer_proc import tokenizer_process
-from pdserve.tokenizer_proc.tokenizer_process import TokenizerCore, _dispatch
+from pdserve.tokenizer_proc.message_dispatch import dispatch
+from pdserve.tokenizer_proc.tokenizer_process import TokenizerCore
 
 CHAT = [{"role": "user", "content": "Tell me about the lighthouse."}]
 
@@ -139,15 +140,15 @@ def test_other_requests_stream_while_a_long_prompt_is_tokenized(tokenizer: Any) 
     encoder = ThreadPoolExecutor(1)
 
     async def scenario() -> None:
-        _dispatch(core, GenerateReq(rid="short", sampling=sampling(), text="hi"), to_router,
+        dispatch(core, GenerateReq(rid="short", sampling=sampling(), text="hi"), to_router,
                   [to_worker], encoder)  # fmt: skip
         assert [m.rid for m in to_worker.sent] == ["short"]  # short prompts: inline
         long_text = "one two three " * 1000  # over the inline limit: to the thread
-        _dispatch(core, GenerateReq(rid="long", sampling=sampling(), text=long_text), to_router,
+        dispatch(core, GenerateReq(rid="long", sampling=sampling(), text=long_text), to_router,
                   [to_worker], encoder)  # fmt: skip
         ids = tokenizer.encode("still streaming")
         tokens = TokenOut(["short"], [ids], [0], [Finish.at_length(len(ids))])
-        _dispatch(core, tokens, to_router, [to_worker], encoder)
+        dispatch(core, tokens, to_router, [to_worker], encoder)
         # The short request's text went out while the long prompt is still being tokenized.
         assert "long" in core.tokenizing
         (out,) = to_router.sent
@@ -175,11 +176,11 @@ def test_a_request_aborted_while_tokenized_is_dropped(tokenizer: Any) -> None:
 
     async def scenario() -> None:
         req = GenerateReq(rid="gone", sampling=sampling(), text="x y " * 5000)
-        _dispatch(core, req, to_router, [to_worker], encoder)
-        _dispatch(core, req, to_router, [to_worker], encoder)  # the same rid again: refused
+        dispatch(core, req, to_router, [to_worker], encoder)
+        dispatch(core, req, to_router, [to_worker], encoder)  # the same rid again: refused
         (dup,) = to_router.sent
         assert dup.rid == "gone" and "already in flight" in dup.error
-        _dispatch(core, Abort(rid="gone"), to_router, [to_worker], encoder)
+        dispatch(core, Abort(rid="gone"), to_router, [to_worker], encoder)
         await asyncio.sleep(0.5)
         assert to_worker.sent == [] and len(to_router.sent) == 1
         assert "gone" not in core.states and not core.tokenizing
