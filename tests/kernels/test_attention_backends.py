@@ -168,20 +168,23 @@ def test_gpu_backend_matches_the_reference(name: str, dtype: torch.dtype) -> Non
     heads = (8, 2, 64)  # a head size FlashInfer builds, four query heads per KV head
     scale = heads[2] ** -0.5
     tol = 1e-4 if dtype == torch.float32 else 2e-2
-    for extend_lens, prefix_lens in (([3, 1, 17], [0, 6, 2]), ([1, 1, 1, 1], [0, 9, 4, 30])):
+    cases = (
+        ([3, 1, 17], [0, 6, 2]),
+        ([1, 1, 1, 1], [0, 9, 4, 30]),
+        # a mixed step: decodes first (the decode kernel takes them), then prefill chunks
+        ([1, 1, 1, 9, 1, 20], [40, 3, 17, 0, 8, 5]),
+    )
+    for extend_lens, prefix_lens in cases:
         meta, q, k_cache, v_cache, k, v = _paged_batch(
             extend_lens, prefix_lens, device, dtype, heads
         )
         backend.store_kv(k_cache, v_cache, meta.slots, k, v)
+        outs = [backend.extend_attention(q, k_cache, v_cache, meta, scale)]
+        ref = attention_ref.extend_attention_ref(
+            q, k_cache, v_cache, meta.page_table, meta.seq_lens_cpu, meta.extend_lens_cpu, scale
+        )
         if meta.is_decode:
-            out = backend.decode_attention(q, k_cache, v_cache, meta, scale)
-            ref = attention_ref.decode_attention_ref(
-                q, k_cache, v_cache, meta.page_table, meta.seq_lens, scale
-            )
-        else:
-            out = backend.extend_attention(q, k_cache, v_cache, meta, scale)
-            ref = attention_ref.extend_attention_ref(
-                q, k_cache, v_cache, meta.page_table, meta.seq_lens_cpu, meta.extend_lens_cpu, scale
-            )
-        err = (out.float() - ref.float()).abs().max().item()
-        assert err <= tol * ref.float().abs().max().item(), (name, extend_lens, err)
+            outs.append(backend.decode_attention(q, k_cache, v_cache, meta, scale))
+        for out in outs:
+            err = (out.float() - ref.float()).abs().max().item()
+            assert err <= tol * ref.float().abs().max().item(), (name, extend_lens, err)
