@@ -2,17 +2,17 @@
 the call on the GPU machine does not fail on something a CPU could have caught: every default
 section, the compiled-peer rows beside each decode row (an eager peer on the CPU), and the
 attention-kernels section (pdserve's torch references in place of its Triton kernels, no
-FlashInfer)."""
+FlashInfer). Its main() runs in the test process (tests/bench_script_runner.py), twice: the
+default sections, and the kernels section; its own children (clusters, the transformers and KV
+helpers) are processes as on the GPU machine."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from bench_script_runner import run_script_main
 
 pytestmark = pytest.mark.slow  # starts process trees (the serving section)
 
@@ -20,26 +20,26 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "gpu" / "run_gpu_bench.py"
 
 
-def run_smoke(tmp: Path, *flags: str) -> dict:
+def run_smoke(tmp: Path, model_root: Path, *flags: str) -> dict:
     md, out_json = tmp / "BENCHMARKS.md", tmp / "bench.json"
-    argv = [sys.executable, str(SCRIPT), "--smoke", "--model-dir-root", str(tmp / "models")]
+    argv = ["--smoke", "--model-dir-root", str(model_root)]
     argv += [*flags, "--out-md", str(md), "--out-json", str(out_json)]
-    env = {k: v for k, v in os.environ.items() if k != "OUT"}
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=180, env=env, cwd=tmp)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = run_script_main(SCRIPT, argv)
+    assert proc.returncode == 0, proc.stdout[-3000:]
     return {"md": md.read_text(), "json": json.loads(out_json.read_text()), "stdout": proc.stdout}
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def smoke_run(tmp_path_factory: pytest.TempPathFactory, bench_model_root: Path) -> dict:
     """The default sections, as the GPU machine's call runs them (peers on)."""
-    return run_smoke(tmp_path_factory.mktemp("gpu_bench"))
+    return run_smoke(tmp_path_factory.mktemp("gpu_bench"), bench_model_root)
 
 
 @pytest.fixture(scope="module")
-def kernels_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def kernels_run(tmp_path_factory: pytest.TempPathFactory, bench_model_root: Path) -> dict:
     """The kernels section, opt-in on the CPU (no engine, no cluster)."""
-    return run_smoke(tmp_path_factory.mktemp("gpu_bench_kernels"), "--sections", "kernels")
+    tmp = tmp_path_factory.mktemp("gpu_bench_kernels")
+    return run_smoke(tmp, bench_model_root, "--sections", "kernels")
 
 
 def test_every_cpu_section_runs_without_error(smoke_run: dict) -> None:

@@ -1,15 +1,14 @@
 """benchmarks/gpu/grammar_bench.py in its --smoke mode (tiny shapes, CPU), so that the call on the
-GPU machine does not fail on something a CPU could have caught."""
+GPU machine does not fail on something a CPU could have caught. Its main() runs in the test
+process (tests/bench_script_runner.py): a process of its own spent half the test importing torch."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from bench_script_runner import run_script_main
 
 pytestmark = pytest.mark.slow
 
@@ -17,12 +16,8 @@ SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu" / "gramma
 
 
 def test_grammar_bench_smoke_measures_every_mode_in_pure_decode(tmp_path: Path) -> None:
-    env = {**os.environ, "OUT": str(tmp_path)}
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--smoke", "--root", str(tmp_path / "models")],
-        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = run_script_main(SCRIPT, ["--smoke", "--root", str(tmp_path / "models")], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:]
     results = json.loads((tmp_path / "grammar_bench.json").read_text())
     assert [r["constrained"] for r in results] == [False, True, False, True]
     assert all(r["pure_decode"] and r["step_ms"] > 0 and r["batch"] == 8 for r in results)

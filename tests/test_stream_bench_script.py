@@ -1,16 +1,16 @@
 """The smooth-streams GPU benchmark (benchmarks/gpu/stream_bench.py) run end to end in its --smoke
 mode (tiny shapes, CPU, a mixed worker), so that its GPU call does not fail on what a CPU could
-have caught."""
+have caught. Its main() runs in the test process (tests/bench_script_runner.py): a process of its
+own, and each of its client processes re-importing it as their __main__, spent most of the
+test's time importing torch."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from bench_script_runner import run_script_main
 
 pytestmark = pytest.mark.slow  # starts a process tree and client processes
 
@@ -18,13 +18,14 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "gpu" / "stream_bench.py"
 
 
-def test_smoke_run_measures_the_steady_and_burst_loads(tmp_path: Path) -> None:
+def test_smoke_run_measures_the_steady_and_burst_loads(
+    tmp_path: Path, bench_model_root: Path
+) -> None:
     out_json = tmp_path / "stream.json"
-    argv = [sys.executable, str(SCRIPT), "--smoke", "--modes", "mixed"]
-    argv += ["--model-dir-root", str(tmp_path / "models"), "--out-json", str(out_json)]
-    env = {k: v for k, v in os.environ.items() if k != "OUT"}
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    argv = ["--smoke", "--modes", "mixed"]
+    argv += ["--model-dir-root", str(bench_model_root), "--out-json", str(out_json)]
+    proc = run_script_main(SCRIPT, argv)
+    assert proc.returncode == 0, proc.stdout[-3000:]
     report = json.loads(out_json.read_text())
     assert report["errors"] == []
     (run,) = report["runs"]

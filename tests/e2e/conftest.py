@@ -1,21 +1,12 @@
-"""Real process trees on CPU: a mixed-worker cluster (the prefill + decode one over tcp,
-`pd_cluster`, is in tests/conftest.py: the examples' tests share it)."""
+"""Real process trees on CPU. The prefill + decode cluster over tcp (`pd_cluster`) and the
+mixed-worker one (`mixed_cluster`) are in tests/conftest.py: the examples' tests share the first,
+and both stop once the last test that may use them has run."""
 
 from __future__ import annotations
-
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from e2e_clusters import start_cluster
 
-from pdserve.entrypoints.launch import Cluster
+__all__ = ["start_cluster"]  # tests/e2e/test_embeddings_and_rewards.py imports it from here
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="session")
-def mixed_cluster(tiny_llama: Path) -> Iterator[Cluster]:
-    cluster = start_cluster(tiny_llama, "mixed")
-    yield cluster
-    cluster.stop(grace_s=1)
