@@ -3,7 +3,11 @@
 shape with random bf16 weights, one engine per setting in one call.
 
     python benchmarks/gpu/offline_sweep.py --max-running 256,512,1024
+    python benchmarks/gpu/offline_sweep.py --max-running 256 --ab-mixed-split
     python benchmarks/gpu/offline_sweep.py --smoke       # tiny shapes on the CPU: the plumbing
+
+--ab-mixed-split runs each setting twice: as shipped, and with a mixed step's decode rows left in
+the extend kernel (kernels/attention.py `_leading_single_rows` patched to 0), the A/B of that split.
 
 Each setting gets a KV pool for all its running requests (`--num-pages`, default: enough for
 every prompt at once) and CUDA graphs up to min(max_running, --graph-max) rows. Printed: output
@@ -29,6 +33,7 @@ def main() -> None:
     p.add_argument("--input-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--num-pages", type=int, default=0, help="0: every prompt's pages at once")
+    p.add_argument("--ab-mixed-split", action="store_true", help="also without the mixed split")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
     args = p.parse_args()
     if args.smoke:
@@ -40,20 +45,29 @@ def main() -> None:
     page = 16
     pages = args.num_pages or args.prompts * (args.input_len + args.output_len + page) // page + 64
     rows = []
+    import pdserve.kernels.attention as attention
+
+    shipped = attention._leading_single_rows
+    variants = [("as shipped", shipped)]
+    if args.ab_mixed_split:
+        variants.append(("decodes in the extend kernel", lambda extend_lens: 0))
     for max_running in (int(x) for x in args.max_running.split(",")):
-        engine = make_engine(
-            model, device, dtype, "auto", num_pages=pages, max_running_requests=max_running,
-            cuda_graph=device == "cuda", cuda_graph_max_batch=min(max_running, args.graph_max),
-        )  # fmt: skip
-        r = offline_throughput(
-            engine, spec.vocab_size, args.prompts, args.input_len, args.output_len, device
-        )
-        rows.append((max_running, r["output_tok_s"], r["seconds"]))
-        print(f"max_running {max_running}: {r['output_tok_s']:.0f} output tok/s", flush=True)
-        engine.shutdown()
-        del engine
-        free_device_memory()
-    print("| max_running_requests | output tok/s | seconds | vs first |")
+        for name, split in variants:
+            attention._leading_single_rows = split
+            engine = make_engine(
+                model, device, dtype, "auto", num_pages=pages, max_running_requests=max_running,
+                cuda_graph=device == "cuda", cuda_graph_max_batch=min(max_running, args.graph_max),
+            )  # fmt: skip
+            r = offline_throughput(
+                engine, spec.vocab_size, args.prompts, args.input_len, args.output_len, device
+            )
+            rows.append((f"{max_running}, {name}", r["output_tok_s"], r["seconds"]))
+            print(f"max_running {max_running}, {name}: {r['output_tok_s']:.0f} tok/s", flush=True)
+            engine.shutdown()
+            del engine
+            free_device_memory()
+    attention._leading_single_rows = shipped
+    print("| max_running_requests, variant | output tok/s | seconds | vs first |")
     print("|---|---|---|---|")
     for max_running, tok_s, seconds in rows:
         print(f"| {max_running} | {tok_s:,.0f} | {seconds:.1f} | {tok_s / rows[0][1]:.2f}x |")

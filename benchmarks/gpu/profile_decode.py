@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument(
         "--prefill-chunk", type=int, default=0, help="a prompt of this many tokens in every step"
     )
+    parser.add_argument("--cprofile", action="store_true", help="also cProfile 10 core.step()s")
     args = parser.parse_args()
     model = rc.write_checkpoint(rc.LLAMA_1B, Path("/dev/shm/pdserve-bench/llama-3.2-1b"), "cuda")
     pages = max(4096, args.batch * (args.context + 20 + 3 * args.steps) // 16 + 64)
@@ -102,6 +103,17 @@ def main() -> None:
         core.step()
     sync()
     print(f"core.step: {(time.perf_counter() - start) / args.steps * 1e3:.3f} ms/step")
+    if args.cprofile:  # the host's share of core.step, by function
+        import cProfile
+        import pstats
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(10):
+            core.step()
+        sync()
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(22)
     with torch.profiler.profile(
         activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     ) as prof:
