@@ -156,11 +156,12 @@ def _triton_extend(ext: Any, dec: Any) -> Attention:
             q[:d], k_cache, v_cache, meta.page_table[:d], meta.seq_lens[:d], scale,
             out=out[:d], max_seq_len=max(meta.seq_lens_cpu[:d]),
         )  # fmt: skip
-        if d < len(meta.extend_lens_cpu):  # the rest: extend_starts index rows of the whole q
-            ext.extend_attention(
-                q, k_cache, v_cache, meta.page_table[d:], meta.seq_lens[d:],
-                meta.extend_lens[d:], meta.extend_starts[d:], meta.max_extend_len, scale, out=out,
-            )  # fmt: skip
+        # The rest in the extend kernel, by sequence index (slices of the metadata would start
+        # at addresses of changing alignment, each a new compile of the kernel).
+        ext.extend_attention(
+            q, k_cache, v_cache, meta.page_table, meta.seq_lens, meta.extend_lens,
+            meta.extend_starts, meta.max_extend_len, scale, out=out, first_seq=d,
+        )  # fmt: skip
         return out
 
     return extend

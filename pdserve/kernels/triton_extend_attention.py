@@ -85,7 +85,7 @@ def _extend_step(
     return acc, m_new, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["first_seq"])
 def _extend_kernel(
     q_ptr,  # [T, Hq, D]
     k_ptr,  # [num_pages, page_size, Hkv, D]
@@ -107,6 +107,7 @@ def _extend_kernel(
     stride_ot,
     stride_oh,
     stride_ptb,
+    first_seq,  # the grid's sequence 0 is this one of the batch (earlier ones are done elsewhere)
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -118,7 +119,7 @@ def _extend_kernel(
 ):
     m_block = tl.program_id(0)
     head = tl.program_id(1)
-    b = tl.program_id(2)
+    b = tl.program_id(2) + first_seq
 
     extend_len = tl.load(extend_lens_ptr + b)
     m0 = m_block * BLOCK_M
@@ -276,6 +277,7 @@ def extend_attention(
     *,
     out: torch.Tensor | None = None,  # [T, Hq, D], q's dtype
     config: ExtendConfig | None = None,
+    first_seq: int = 0,  # sequences before it are left alone (their rows of out untouched)
 ) -> torch.Tensor:  # [T, Hq, D]
     """Causal attention of each sequence's new tokens over its cached prefix and themselves."""
     _check_inputs(q, k_cache, v_cache, page_table, seq_lens, extend_lens, extend_starts)
@@ -291,10 +293,12 @@ def extend_attention(
             f"out must be {tuple(q.shape)} {q.dtype} with a contiguous last dim, got "
             f"{tuple(out.shape)} {out.dtype}"
         )
-    if num_tokens == 0 or batch == 0 or max_extend_len == 0:
+    if not 0 <= first_seq <= batch:
+        raise ValueError(f"first_seq must be in [0, {batch}], got {first_seq}")
+    if num_tokens == 0 or batch == first_seq or max_extend_len == 0:
         return out
     cfg = config or default_extend_config(head_dim, q.dtype)
-    grid = (triton.cdiv(max_extend_len, cfg.block_m), num_q_heads, batch)
+    grid = (triton.cdiv(max_extend_len, cfg.block_m), num_q_heads, batch - first_seq)
     block_d = max(16, triton.next_power_of_2(head_dim))
     _extend_kernel[grid](
         q, k_cache, v_cache, out, page_table, seq_lens, extend_lens, extend_starts,
@@ -303,7 +307,7 @@ def extend_attention(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1),
-        page_table.stride(0),
+        page_table.stride(0), first_seq,
         GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_D=block_d, EVEN_D=block_d == head_dim,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PAGE_SIZE=page_size,
