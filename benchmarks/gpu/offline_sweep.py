@@ -7,7 +7,7 @@ shape with random bf16 weights, one engine per setting in one call.
     python benchmarks/gpu/offline_sweep.py --smoke       # tiny shapes on the CPU: the plumbing
 
 --ab-mixed-split runs each setting twice: as shipped, and with a mixed step's decode rows left in
-the extend kernel (kernels/attention.py `_leading_single_rows` patched to 0), the A/B of that split.
+the extend kernel (`ForwardBatch.leading_decodes` patched to none), the A/B of that split.
 
 Each setting gets a KV pool for all its running requests (`--num-pages`, default: enough for
 every prompt at once) and CUDA graphs up to min(max_running, --graph-max) rows. Printed: output
@@ -52,17 +52,17 @@ def main() -> None:
     page = 16
     pages = args.num_pages or args.prompts * (args.input_len + args.output_len + page) // page + 64
     rows = []
-    import pdserve.kernels.attention as attention
+    from pdserve.worker.forward_batch import ForwardBatch
 
-    shipped = attention._leading_single_rows
+    shipped = ForwardBatch.leading_decodes
     variants = [("as shipped", shipped)]
     if args.ab_mixed_split:
-        variants.append(("decodes in the extend kernel", lambda extend_lens: 0))
+        variants.append(("decodes in the extend kernel", property(lambda batch: (0, 0))))
     settings = [int(x) for x in args.max_running.split(",")]
     for max_running, (name, split) in (
         (m, v) for m in settings for _ in range(args.repeat) for v in variants
     ):
-        attention._leading_single_rows = split
+        ForwardBatch.leading_decodes = split
         engine = make_engine(
             model, device, dtype, "auto", num_pages=pages, max_running_requests=max_running,
             cuda_graph=device == "cuda", cuda_graph_max_batch=min(max_running, args.graph_max),
@@ -75,7 +75,7 @@ def main() -> None:
         engine.shutdown()
         del engine
         free_device_memory()
-    attention._leading_single_rows = shipped
+    ForwardBatch.leading_decodes = shipped
     print("| max_running_requests, variant | output tok/s | seconds | vs first |")
     print("|---|---|---|---|")
     for max_running, tok_s, seconds in rows:

@@ -45,6 +45,8 @@ class AttentionMetadata(Protocol):
     max_extend_len: int | None  # host max of extend_lens
     max_seq_len: int | None  # host bound on seq_lens (picks the decode split count)
     page_table_cpu: torch.Tensor | None  # [B, max_pages] int32, cpu
+    # (sequences at the batch's head adding one token each, their longest KV length)
+    leading_decodes: tuple[int, int]
 
 
 StoreKV = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -144,17 +146,16 @@ def _triton_extend(ext: Any, dec: Any) -> Attention:
                 q, k_cache, v_cache, meta.page_table, meta.seq_lens_cpu, meta.extend_lens_cpu,
                 meta.tree_starts, tree_mask, scale,
             )  # fmt: skip
-        num_single = _leading_single_rows(meta.extend_lens_cpu)
-        if num_single == 0:
+        d, max_decode_len = meta.leading_decodes  # rows 0..d-1 of q: sequences 0..d-1
+        if d == 0:
             return ext.extend_attention(
                 q, k_cache, v_cache, meta.page_table, meta.seq_lens, meta.extend_lens,
                 meta.extend_starts, meta.max_extend_len, scale,
             )  # fmt: skip
         out = torch.empty_like(q)  # [T, Hq, D]
-        d = num_single  # rows 0..d-1 of q are sequences 0..d-1, one token each
         dec.decode_attention(
             q[:d], k_cache, v_cache, meta.page_table[:d], meta.seq_lens[:d], scale,
-            out=out[:d], max_seq_len=max(meta.seq_lens_cpu[:d]),
+            out=out[:d], max_seq_len=max_decode_len,
         )  # fmt: skip
         # The rest in the extend kernel, by sequence index (slices of the metadata would start
         # at addresses of changing alignment, each a new compile of the kernel).
@@ -165,14 +166,6 @@ def _triton_extend(ext: Any, dec: Any) -> Attention:
         return out
 
     return extend
-
-
-def _leading_single_rows(extend_lens: list[int]) -> int:
-    """How many sequences at the batch's head add one token each."""
-    for i, n in enumerate(extend_lens):
-        if n != 1:
-            return i
-    return len(extend_lens)
 
 
 def _triton_decode(dec: Any) -> Attention:

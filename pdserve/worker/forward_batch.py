@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +62,18 @@ class ForwardBatch:
             self.max_extend_len = max(self.extend_lens_cpu, default=0)
         if self.max_seq_len is None:
             self.max_seq_len = max(self.seq_lens_cpu, default=0)
+
+    @functools.cached_property
+    def leading_decodes(self) -> tuple[int, int]:
+        """(how many sequences at the head of the batch add one token each, the longest KV
+        length among them): a mixed step's decodes, which the scheduler puts first. Computed once
+        per batch, read by every layer's attention."""
+        count = len(self.extend_lens_cpu)
+        for i, n in enumerate(self.extend_lens_cpu):
+            if n != 1:
+                count = i
+                break
+        return count, max(self.seq_lens_cpu[:count], default=0)
 
     @property
     def batch_size(self) -> int:

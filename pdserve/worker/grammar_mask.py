@@ -64,12 +64,9 @@ def fill_bitmask_async(
 
     def fill(matcher: Any) -> torch.Tensor:
         live = [i for i, m in enumerate(matchers) if not m.is_terminated()]
-        if len(live) < len(rows):
-            matcher.batch_fill_next_token_bitmask(
-                [matchers[i] for i in live], bitmask, [rows[i] for i in live]
-            )
-        else:
-            matcher.batch_fill_next_token_bitmask(matchers, bitmask, rows)
+        matcher.batch_fill_next_token_bitmask(
+            [matchers[i] for i in live], bitmask, [rows[i] for i in live]
+        )
         return bitmask
 
     return _on_fill_thread(fill)

@@ -93,7 +93,5 @@ def finish_pooled(
     for req in reqs:
         state: PoolState = req.outputs
         state.embedding = state.result(len(req.prompt_ids), normalize, scores)
-        req.finish = Finish.stop(None)
-        scheduler.running.remove(req)
-        scheduler.release(req)  # full pages stay in the prefix cache
+        scheduler.end(req, Finish.stop(None))  # full pages stay in the prefix cache
     return reqs

@@ -199,13 +199,13 @@ class WorkerCore:
         accepting: GrammarAccept | None = None,
     ) -> InflightStep:
         """Queue the sampling of a launched step's rows; their tokens are read back next step.
-        defer: light rows under grammars are queued later, when the next step's batch is built
-        (`InflightStep.launch`), their bitmask filled on the fill thread meanwhile, so the
-        fill hides behind the host's scheduling and batch building. accepting: the tokens just
+        defer: every row is light (the caller checked); the draw is queued later, when the
+        next step's batch is built (`InflightStep.launch`), the rows' bitmask filled on the fill
+        thread meanwhile, so the fill hides behind the host's scheduling and batch building. accepting: the tokens just
         read back, still being fed to their matchers on that thread: settled here before a
         bitmask is filled on this one."""
         draw = None
-        if defer and items and all(is_light(item.req) for item in items):
+        if defer and items:
             # None when a grammar failed to compile: the general path below ends that request.
             draw = self.light_sampler.prepare(logits, items, background=True)
         if draw is not None:
