@@ -105,9 +105,11 @@ class PhaseTimer:
 
         fill_async = light.fill_bitmask_async
 
-        def timed_fill(*a: Any, **k: Any) -> Any:  # the main thread's wait for the fill thread
-            wait = fill_async(*a, **k)
-            return self._wrap("wait for the fill thread", wait)
+        def timed_fill(*a: Any, **k: Any) -> Any:  # the main thread's waits for the fill thread
+            job = fill_async(*a, **k)
+            job.wait = self._wrap("wait for the fill thread", job.wait)
+            job.hand_over = self._wrap("fill hand-over after the accept", job.hand_over)
+            return job
 
         light.fill_bitmask_async = timed_fill
         light.LightDraw.launch = self._wrap("light draw launch", light.LightDraw.launch)

@@ -59,6 +59,9 @@ def _chunk_kernel(
     part_max_id_ptr,  # [B, S] int32: its first index
     part_score_ptr,  # [B, S] float32: each chunk's best race score
     part_id_ptr,  # [B, S] int32: its first index
+    greedy_ptr,  # [B] any number type: nonzero = argmax
+    out_ptr,  # [B] int64: each row's token
+    count_ptr,  # [B] int32, zeros: how many of a row's chunks are done (reset to 0 after)
     vocab_size,
     stride_row,
     stride_mask,
@@ -71,6 +74,8 @@ def _chunk_kernel(
     USE_FLOOR: tl.constexpr,  # min-p: read the row's max from part_max (the first launch)
     RACE: tl.constexpr,  # False when every row is greedy
 ):
+    """Each chunk's best allowed logit and best race score; the row's last chunk to finish then
+    picks the row's token from all of them (`_pick_row`), so one launch draws (two with min-p)."""
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     base = logits_ptr + row * stride_row
@@ -118,10 +123,21 @@ def _chunk_kernel(
         top = tl.max(race, axis=0)
         tl.store(part_score_ptr + out, top)
         tl.store(part_id_ptr + out, tl.min(tl.where(race == top, race_id, vocab_size), axis=0))
+    if not MAX_ONLY:
+        # Release this chunk's results, acquire the others' (acq_rel, GPU scope): the last one in
+        # sees them all.
+        finished = tl.atomic_add(count_ptr + row, 1, sem="acq_rel", scope="gpu")
+        if finished == num_chunks - 1:
+            _pick_row(
+                row, part_max_ptr, part_max_id_ptr, part_score_ptr, part_id_ptr, greedy_ptr,
+                out_ptr, vocab_size, num_chunks, CHUNKS_P2, RACE,
+            )  # fmt: skip
+            tl.store(count_ptr + row, 0)  # ready for the next launch
 
 
 @triton.jit
-def _pick_kernel(
+def _pick_row(
+    row,
     part_max_ptr,
     part_max_id_ptr,
     part_score_ptr,
@@ -133,19 +149,20 @@ def _pick_kernel(
     CHUNKS_P2: tl.constexpr,
     RACE: tl.constexpr,
 ):
-    """Each row's token from its chunks' partial results; the first index wins ties, as in
-    torch.argmax (chunks are in vocabulary order)."""
-    row = tl.program_id(0).to(tl.int64)
+    """A row's token from its chunks' partial results; the first index wins ties, as in
+    torch.argmax (chunks are in vocabulary order). The partial results come from other programs:
+    read past the L1 cache (.cg)."""
     parts = tl.arange(0, CHUNKS_P2)
     live = parts < num_chunks
-    maxima = tl.load(part_max_ptr + row * num_chunks + parts, mask=live, other=float("-inf"))
-    max_ids = tl.load(part_max_id_ptr + row * num_chunks + parts, mask=live, other=vocab_size)
+    at = row * num_chunks + parts
+    maxima = tl.load(part_max_ptr + at, mask=live, other=float("-inf"), cache_modifier=".cg")
+    max_ids = tl.load(part_max_id_ptr + at, mask=live, other=vocab_size, cache_modifier=".cg")
     top = tl.max(maxima, axis=0)
     greedy_id = tl.min(tl.where(maxima == top, max_ids, vocab_size), axis=0)
     drawn = greedy_id
     if RACE:
-        scores = tl.load(part_score_ptr + row * num_chunks + parts, mask=live, other=float("-inf"))
-        ids = tl.load(part_id_ptr + row * num_chunks + parts, mask=live, other=vocab_size)
+        scores = tl.load(part_score_ptr + at, mask=live, other=float("-inf"), cache_modifier=".cg")
+        ids = tl.load(part_id_ptr + at, mask=live, other=vocab_size, cache_modifier=".cg")
         best = tl.max(scores, axis=0)
         raced = tl.min(tl.where(scores == best, ids, vocab_size), axis=0)
         # Every allowed token lost to -inf only if none was allowed: the greedy token then.
@@ -172,8 +189,8 @@ def race_sample(
     min-p, over the tokens the bitmask allows (module docstring). Nothing is read back to the
     host. Each row's vocabulary is split into chunks run side by side (one program per row
     walked 128k tokens serially on 64 of the H200's 132 SMs at batch 64; the chunked draw took
-    36 us there, profile_decode --temperature 1 --schema); a second small kernel picks each
-    row's token from its chunks' results."""
+    36 us there, profile_decode --temperature 1 --schema); the last chunk of each row to finish
+    picks the row's token from its chunks' results (a second launch cost the host ~30-80 us)."""
     if logits.dim() != 2 or logits.dtype != torch.float32 or logits.stride(-1) != 1:
         raise ValueError(
             f"logits must be [B, V] float32 with contiguous rows, got {tuple(logits.shape)} "
@@ -217,9 +234,11 @@ def race_sample(
     race = not all_greedy
     floor = race and any_min_p
     chunks_p2 = triton.next_power_of_2(num_chunks)
+    count = _chunk_counters(device, batch)
     common = (
         logits, temperatures, min_ps, keys, mask, part_max, part_max_id, part_score, part_id,
-        vocab_size, logits.stride(0), mask.stride(0), num_chunks, chunk_len,
+        is_greedy, out, count, vocab_size, logits.stride(0), mask.stride(0), num_chunks,
+        chunk_len,
     )  # fmt: skip
     grid = (batch, num_chunks)
     if floor:
@@ -231,8 +250,17 @@ def race_sample(
         *common, BLOCK=_BLOCK, CHUNKS_P2=chunks_p2, HAS_MASK=bitmask is not None,
         MAX_ONLY=False, USE_FLOOR=floor, RACE=race,
     )  # fmt: skip
-    _pick_kernel[(batch,)](
-        part_max, part_max_id, part_score, part_id, is_greedy, out, vocab_size, num_chunks,
-        CHUNKS_P2=chunks_p2, RACE=race,
-    )  # fmt: skip
     return out
+
+
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def _chunk_counters(device: torch.device, batch: int) -> torch.Tensor:
+    """[batch] int32 zeros on `device`, kept between draws (each launch leaves them zero).
+    Draws run on one stream: two at once would share them."""
+    counters = _counters.get(device)
+    if counters is None or counters.numel() < batch:
+        counters = torch.zeros(max(batch, 256), dtype=torch.int32, device=device)
+        _counters[device] = counters
+    return counters[:batch]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -49,33 +49,62 @@ def fill_bitmask(
     return bitmask
 
 
+class FillJob:
+    """Work queued on the fill thread (`_on_fill_thread`): `wait()` gives its result, and
+    `hand_over()` returns once the thread has started it."""
+
+    def __init__(self, future: Future | None, started: threading.Event | None) -> None:
+        self._future = future
+        self._started = started
+
+    def hand_over(self) -> None:
+        """Block (letting go of the GIL) until the thread has started this job: the thread gets
+        the GIL now, not at the interpreter's next forced switch (5 ms), and this thread resumes
+        once the job is inside xgrammar, which lets go of the GIL."""
+        if self._started is not None:
+            self._started.wait()
+
+    def wait(self) -> Any:
+        return self._future.result() if self._future is not None else None
+
+
 def fill_bitmask_async(
-    grammars: Sequence[RequestGrammar | None], vocab_size: int, out: torch.Tensor
-) -> Callable[[], torch.Tensor | None]:
+    grammars: Sequence[RequestGrammar | None],
+    vocab_size: int,
+    out: torch.Tensor,
+    hand_over: bool = True,
+) -> FillJob:
     """`fill_bitmask` into `out` on the fill thread while the caller goes on (xgrammar releases
-    the GIL while it fills); returns the function that waits for it and gives the result. The
-    matchers must not be advanced before then. Runs after the tokens that `accept_async` was
-    given before it; a matcher that has terminated by then (its request has ended) keeps an
-    all-ones row."""
-    job = _prepare(grammars, vocab_size, False, out)
+    the GIL while it fills); the job's `wait()` gives the result. The matchers must not be
+    advanced before then. Runs after the tokens that `accept_async` was given before it; a
+    matcher that has terminated by then (its request has ended) keeps an all-ones row.
+    hand_over: wait until the thread has started the job (`FillJob.hand_over`); False when it is
+    queued behind a job the caller is about to wait for (that wait hands the GIL over too), so the
+    caller hands over later."""
+    job = _prepare(grammars, vocab_size, False, out, fill_ones=False)
     if job is None:
-        return lambda: None
+        return FillJob(None, None)
     bitmask, matchers, rows = job
 
     def fill(matcher: Any) -> torch.Tensor:
         live = [i for i, m in enumerate(matchers) if not m.is_terminated()]
+        # Rows no matcher writes allow every token: all ones, written here, off the main thread.
+        filled = set(rows[i] for i in live)
+        ones = [r for r in range(bitmask.shape[0]) if r not in filled]
+        if ones:
+            bitmask.numpy()[ones] = -1
         matcher.batch_fill_next_token_bitmask(
             [matchers[i] for i in live], bitmask, [rows[i] for i in live]
         )
         return bitmask
 
-    return _on_fill_thread(fill)
+    return _on_fill_thread(fill, hand_over)
 
 
-def accept_async(matchers: list[Any], token_ids: list[int]) -> Callable[[], list[bool]]:
+def accept_async(matchers: list[Any], token_ids: list[int]) -> FillJob:
     """Feed each xgrammar matcher its token on the fill thread (xgrammar releases the GIL while
-    it accepts), before any fill queued after this call; returns the function that waits and
-    gives whether each grammar took its token."""
+    it accepts), before any fill queued after this call; the job's `wait()` gives whether each
+    grammar took its token."""
     import xgrammar as xgr
 
     return _on_fill_thread(
@@ -83,9 +112,8 @@ def accept_async(matchers: list[Any], token_ids: list[int]) -> Callable[[], list
     )
 
 
-def _on_fill_thread(work: Callable[[Any], Any]) -> Callable[[], Any]:
-    """Run work(batch_matcher) on the fill thread, after the jobs queued before it; returns the
-    function that waits for its result."""
+def _on_fill_thread(work: Callable[[Any], Any], hand_over: bool = True) -> FillJob:
+    """Run work(batch_matcher) on the fill thread, after the jobs queued before it."""
     global _fill_pool, _async_matcher
     if _fill_pool is None:
         _fill_pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-fill")
@@ -96,9 +124,10 @@ def _on_fill_thread(work: Callable[[Any], Any]) -> Callable[[], Any]:
         started.set()  # the caller resumes once the work below lets go of the GIL
         return work(_async_matcher)
 
-    future = _fill_pool.submit(run)
-    started.wait()  # hands the thread the GIL now, not at the interpreter's next switch (5 ms)
-    return future.result
+    job = FillJob(_fill_pool.submit(run), started)
+    if hand_over:
+        job.hand_over()
+    return job
 
 
 def _new_batch_matcher() -> Any:
@@ -112,8 +141,10 @@ def _prepare(
     vocab_size: int,
     pin_memory: bool,
     out: torch.Tensor | None,
+    fill_ones: bool = True,
 ) -> tuple[torch.Tensor, list[Any], list[int]] | None:
-    """The bitmask (all ones), the constrained rows' matchers and their row indices."""
+    """The bitmask (all ones unless not `fill_ones`), the constrained rows' matchers and their
+    row indices."""
     rows = [i for i, g in enumerate(grammars) if g is not None]
     if not rows:
         return None
@@ -121,7 +152,8 @@ def _prepare(
     if out is not None and (tuple(out.shape) != shape or out.dtype != torch.int32):
         raise ValueError(f"out must be {list(shape)} int32, got {list(out.shape)} {out.dtype}")
     bitmask = torch.empty(shape, dtype=torch.int32, pin_memory=pin_memory) if out is None else out
-    bitmask.numpy().fill(-1)  # one memset: torch.full's thread pool is slow on a busy host
+    if fill_ones:
+        bitmask.numpy().fill(-1)  # one memset: torch.full's thread pool is slow on a busy host
     matchers = [grammars[i].matcher for i in rows]  # type: ignore[union-attr]
     return bitmask, matchers, rows
 

@@ -92,16 +92,14 @@ class GrammarAccept:
                 tokens.append(token)
         self.covered = {id(req) for req in self.reqs}
         self._tokens = tokens
-        self._wait = (
-            accept_async([r.grammar.matcher for r in self.reqs], tokens) if tokens else None
-        )
+        self._job = accept_async([r.grammar.matcher for r in self.reqs], tokens) if tokens else None
 
     def settle(self, scheduler: Scheduler) -> None:
         """Wait for the matchers and end each request whose grammar has ended (or refused its
         token). Called once."""
-        if self._wait is None:
+        if self._job is None:
             return
-        accepted, self._wait = self._wait(), None
+        accepted, self._job = self._job.wait(), None
         for req, token, ok in zip(self.reqs, self._tokens, accepted):
             finish = grammar_finish(req, token, ok)
             if finish is not None:

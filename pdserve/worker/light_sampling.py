@@ -20,7 +20,7 @@ import torch
 from pdserve.scheduler.request import Request
 from pdserve.scheduler.scheduler import BatchItem
 from pdserve.worker.device_copy import host_buffer
-from pdserve.worker.grammar_mask import bitmask_words, fill_bitmask, fill_bitmask_async
+from pdserve.worker.grammar_mask import FillJob, bitmask_words, fill_bitmask, fill_bitmask_async
 from pdserve.worker.race_sampling import race_draw
 from pdserve.worker.sampling_noise import seed_keys, split_keys
 
@@ -48,11 +48,16 @@ class LightSampler:
         return draw.launch() if draw is not None else None
 
     def prepare(
-        self, logits: torch.Tensor, items: list[BatchItem], background: bool
+        self,
+        logits: torch.Tensor,
+        items: list[BatchItem],
+        background: bool,
+        hand_over: bool = True,
     ) -> LightDraw | None:
         """`sample`, up to its launch: the rows' keys and parameters written for their current
         step, the grammar bitmask being filled (on the fill thread when `background`: the
-        matchers must not advance until the draw is launched)."""
+        matchers must not advance until the draw is launched). hand_over: False when the fill is
+        queued behind an accept the caller waits for next; it then calls `LightDraw.hand_over`."""
         reqs = [item.req for item in items]
         grammars = [req.grammar for req in reqs]
         constrained = any(g is not None for g in grammars)
@@ -61,22 +66,31 @@ class LightSampler:
         device = logits.device
         num_rows, vocab_size = logits.shape
         draw = LightDraw(logits)
-        if constrained:
-            host_mask, draw.send_mask = host_buffer(
-                (num_rows, bitmask_words(vocab_size)), torch.int32, device
-            )
-            if background:
-                draw.wait_mask = fill_bitmask_async(grammars, vocab_size, host_mask)
-            else:
-                fill_bitmask(grammars, vocab_size, out=host_mask)
         params = [req.sampling for req in reqs]
         greedy = [p.is_greedy for p in params]
-        if all(greedy):
+        all_greedy = all(greedy)
+        # One host buffer, one copy: the keys and parameters (28 bytes a row, none when every
+        # row is greedy), then the bitmask's words from a 64-byte boundary (the kernel is
+        # compiled for an aligned pointer).
+        param_bytes = 0 if all_greedy else -(-num_rows * 28 // 64) * 64
+        mask_words = bitmask_words(vocab_size) if constrained else 0
+        if param_bytes or mask_words:
+            host, draw.send = host_buffer(
+                (param_bytes + num_rows * mask_words * 4,), torch.uint8, device
+            )
+            draw.param_bytes = param_bytes
+        if constrained:
+            host_mask = _mask_view(host, param_bytes, num_rows, mask_words)
+            if background:
+                draw.fill = fill_bitmask_async(grammars, vocab_size, host_mask, hand_over)
+            else:
+                fill_bitmask(grammars, vocab_size, out=host_mask)
+            draw.mask_words = mask_words
+        if all_greedy:
             return draw  # no temperatures or keys to send
         temps = [1.0 if g else p.temperature for p, g in zip(params, greedy)]
         min_ps = [p.min_p for p in params]
         draw.any_min_p = any(m > 0.0 for m in min_ps)
-        host, draw.send_params = host_buffer((num_rows * 28,), torch.uint8, device)
         keys, floats = _packed(host, num_rows)
         keys.numpy()[:] = _row_keys(reqs, greedy, self._rng)
         floats.numpy()[:] = (temps, min_ps, greedy)
@@ -89,23 +103,38 @@ class LightDraw:
     def __init__(self, logits: torch.Tensor) -> None:
         self.logits = logits  # [R, V] float32
         self.any_min_p = False
-        self.send_params: Callable[[], torch.Tensor] | None = None  # None: every row greedy
-        self.send_mask: Callable[[], torch.Tensor] | None = None
-        self.wait_mask: Callable[[], object] | None = None  # the fill thread's, if it runs there
+        self.send: Callable[[], torch.Tensor] | None = None  # the host buffer's device copy
+        self.param_bytes = 0  # 0: every row greedy (no temperatures or keys)
+        self.mask_words = 0  # 0: no grammar bitmask
+        self.fill: FillJob | None = None  # the bitmask's fill, when it runs on the fill thread
+
+    def hand_over(self) -> None:
+        """Make sure the fill thread has started the bitmask's fill (`FillJob.hand_over`)."""
+        if self.fill is not None:
+            self.fill.hand_over()
 
     def launch(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """Queue the draw on the device (waiting for a bitmask still being filled); returns the
         [R] int64 tokens (written into `out` when given)."""
-        if self.wait_mask is not None:
-            self.wait_mask()
-        bitmask = self.send_mask() if self.send_mask is not None else None
-        if self.send_params is None:  # every row greedy
+        if self.fill is not None:
+            self.fill.wait()
+        num_rows = self.logits.shape[0]
+        sent = self.send() if self.send is not None else None
+        bitmask = None
+        if self.mask_words:
+            bitmask = _mask_view(sent, self.param_bytes, num_rows, self.mask_words)
+        if not self.param_bytes:  # every row greedy
             return race_draw(self.logits, None, None, None, None, bitmask, all_greedy=True, out=out)
-        keys, params = _packed(self.send_params(), self.logits.shape[0])
+        keys, params = _packed(sent, num_rows)
         return race_draw(
             self.logits, params[0], params[1], params[2], keys, bitmask,
             any_min_p=self.any_min_p, out=out,
         )  # fmt: skip
+
+
+def _mask_view(buf: torch.Tensor, start: int, num_rows: int, words: int) -> torch.Tensor:
+    """The bitmask [R, W] int32 lying at byte `start` of a uint8 buffer."""
+    return buf[start : start + num_rows * words * 4].view(torch.int32).view(num_rows, words)
 
 
 def _row_keys(reqs: list[Request], greedy: list[bool], rng: np.random.Generator) -> np.ndarray:
@@ -122,8 +151,8 @@ def _row_keys(reqs: list[Request], greedy: list[bool], rng: np.random.Generator)
 
 
 def _packed(buf: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rows' keys [R, 2] int64 and their temperature, min-p, greedy [3, R] float32 inside
-    one [28 R] uint8 buffer (host or device), so that one copy moves both."""
+    """The rows' keys [R, 2] int64 and their temperature, min-p, greedy [3, R] float32: the first
+    28 R bytes of a uint8 buffer (host or device), so that one copy moves both."""
     split = num_rows * 16
     keys = buf[:split].view(torch.int64).view(num_rows, 2)
-    return keys, buf[split:].view(torch.float32).view(3, num_rows)
+    return keys, buf[split : num_rows * 28].view(torch.float32).view(3, num_rows)

@@ -15,9 +15,10 @@ builds the sampling batch (the grammar bitmask) and samples: the mask is filled 
 runs the forward pass. When every row is light (worker/light_sampling.py) the draw is queued even
 later, once the next step's batch is built on the host, and the bitmask is filled on a thread
 meanwhile: the fill hides behind the host's own scheduling and batch building. That thread also
-feeds the read-back tokens to their matchers first, while this one records them; the grammars'
-verdicts are applied before the step returns (`GrammarAccept`). A step holding a row that returns logprobs, hidden states or pooled
-vectors waits for the running step first and runs unoverlapped.
+feeds the read-back tokens to their matchers first, while this one records them and writes the
+next draw's keys; the grammars' verdicts are applied before the step returns (`GrammarAccept`).
+A step holding a row that returns logprobs, hidden states or pooled vectors waits for the running
+step first and runs unoverlapped.
 
 Tensor parallelism (`config.tp_size > 1`): this core is rank 0; it starts the follower ranks
 (worker/parallel/tp_launch.py), which run each step's forward pass as the model runner announces
@@ -150,8 +151,6 @@ class WorkerCore:
                 touched += collected
                 items, logits = live_rows(items, logits)
                 launched = self._sample_launched(items, logits, start, defer, accepting)
-                if accepting is not None:
-                    accepting.settle(sched)
             self._inflight = launched
             return touched
         touched += self._collect()[0]
@@ -201,18 +200,25 @@ class WorkerCore:
         """Queue the sampling of a launched step's rows; their tokens are read back next step.
         defer: every row is light (the caller checked); the draw is queued later, when the
         next step's batch is built (`InflightStep.launch`), the rows' bitmask filled on the fill
-        thread meanwhile, so the fill hides behind the host's scheduling and batch building. accepting: the tokens just
-        read back, still being fed to their matchers on that thread: settled here before a
-        bitmask is filled on this one."""
+        thread meanwhile, so the fill hides behind the host's scheduling and batch building.
+        accepting: the tokens just read back, still being fed to their matchers on that thread:
+        settled here (the grammars' verdicts applied) before this returns. A deferred draw's fill
+        is queued behind that accept, so the rows' keys are written while it runs; a row whose
+        grammar ends it then is drawn all the same (its matcher is not filled) and its token
+        discarded, as any row that ends while its next token is being sampled."""
         draw = None
         if defer and items:
             # None when a grammar failed to compile: the general path below ends that request.
-            draw = self.light_sampler.prepare(logits, items, background=True)
+            draw = self.light_sampler.prepare(
+                logits, items, background=True, hand_over=accepting is None
+            )
+        if accepting is not None:
+            accepting.settle(self.scheduler)  # the fill, if any, starts on the thread meanwhile
         if draw is not None:
+            draw.hand_over()
             token_ids = torch.empty(len(items), dtype=torch.int64, device=logits.device)
         else:
-            if accepting is not None:  # the grammars' verdicts first: ended rows are not sampled
-                accepting.settle(self.scheduler)
+            if accepting is not None:  # ended rows are not sampled
                 items, logits = live_rows(items, logits)
             token_ids = torch.empty(0, dtype=torch.int64, device=logits.device)
             if items:

@@ -216,8 +216,8 @@ def count_light_steps(core: worker_core.WorkerCore) -> tuple[list[int], list[int
     deferred: list[int] = []
     prepare = core.light_sampler.prepare
 
-    def counting(logits, items, background):  # type: ignore[no-untyped-def]
-        draw = prepare(logits, items, background)
+    def counting(logits, items, background, hand_over=True):  # type: ignore[no-untyped-def]
+        draw = prepare(logits, items, background, hand_over)
         (deferred if background else now).append(0 if draw is None else len(items))
         return draw
 
