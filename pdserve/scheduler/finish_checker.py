@@ -76,12 +76,17 @@ def _advance_grammar(req: Request, token_id: int) -> Finish | None:
     return grammar_finish(req, token_id, req.grammar.accept_token(token_id))
 
 
-def grammar_finish(req: Request, token_id: int, accepted: bool) -> Finish | None:
+def grammar_finish(
+    req: Request, token_id: int, accepted: bool, terminated: bool | None = None
+) -> Finish | None:
     """How the request ends after its matcher was fed `token_id` (`accepted`: whether the grammar
-    took it), or None while the grammar goes on."""
+    took it; `terminated`: whether the grammar is now complete, asked of the matcher when None),
+    or None while the grammar goes on."""
     if not accepted:
         logger.error("request %s: token %d breaks its grammar", req.rid, token_id)
         return Finish.abort(f"internal error: token {token_id} breaks the request's grammar", 500)
-    if req.grammar.is_terminated():
+    if terminated is None:
+        terminated = req.grammar.is_terminated()
+    if terminated:
         return Finish.stop(token_id)
     return None

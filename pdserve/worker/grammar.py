@@ -71,20 +71,22 @@ class RequestGrammar:
 
     def is_ready(self) -> bool:
         """The compile has ended (well or not): nothing that needs the matcher will wait."""
-        return self._compiled.done()
+        return self._matcher is not None or self._compiled.done()
 
     def problem(self) -> str | None:
         """Why this grammar cannot constrain sampling (its compile failed), or None; waits for
         the compile."""
-        self._resolve()
+        if self._matcher is None:  # read every step for every constrained row: the fast path
+            self._resolve()
         return self._problem
 
     @property
     def matcher(self) -> Any:
         """The xgrammar.GrammarMatcher (waits for the compile); ValueError if it failed."""
-        self._resolve()
         if self._matcher is None:
-            raise ValueError(self._problem)
+            self._resolve()
+            if self._matcher is None:
+                raise ValueError(self._problem)
         return self._matcher
 
     def accept_token(self, token_id: int) -> bool:

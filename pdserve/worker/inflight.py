@@ -99,8 +99,8 @@ class GrammarAccept:
         token). Called once."""
         if self._job is None:
             return
-        accepted, self._job = self._job.wait(), None
-        for req, token, ok in zip(self.reqs, self._tokens, accepted):
-            finish = grammar_finish(req, token, ok)
-            if finish is not None:
-                scheduler.end(req, finish)
+        (accepted, terminated), self._job = self._job.wait(), None
+        for i, (ok, done) in enumerate(zip(accepted, terminated)):
+            if done or not ok:
+                req = self.reqs[i]
+                scheduler.end(req, grammar_finish(req, self._tokens[i], ok, done))
