@@ -5,6 +5,7 @@ schema against unconstrained decoding, on one engine, in alternating rounds.
     python benchmarks/gpu/grammar_bench.py --smoke    # tiny shapes on the CPU: the plumbing only
     ... --phases          # host microseconds per step inside the core's methods, per mode
     ... --compare-defer   # also the schema modes with the grammar draw queued in its own step
+    ... --compare-accept  # also the schema modes with the tokens accepted on the fill thread
     ... --profile         # then cProfile of 20 constrained greedy steps
 
 64 requests of 512 random prompt tokens are prefilled, then 20 pure decode steps are timed back to
@@ -58,6 +59,7 @@ MODES = (  # (name, temperature, constrained)
     ("temperature 1, JSON schema", 1.0, True),
 )
 NO_DEFER = " (draw not deferred)"  # --compare-defer: the grammar draw queued in its own step
+ON_THREAD = " (accept on the fill thread)"  # --compare-accept: GrammarAccept instead of inline
 
 
 def make_engine(model_dir: Path, args: Any) -> Any:
@@ -192,12 +194,16 @@ def run(model_dir: Path, args: Any, say: Any) -> list[dict[str, Any]]:
     modes = list(MODES)
     if args.compare_defer:
         modes += [(name + NO_DEFER, t, c) for name, t, c in MODES if c]
+    if args.compare_accept:
+        modes += [(name + ON_THREAD, t, c) for name, t, c in MODES if c]
+    shipped = engine.core.accept_on_fill_thread
     for _, temperature, constrained in MODES:  # warm-up: graphs, compiles, allocator
         decode_steps(engine, temperature, constrained, args, seed=900)
     rounds: dict[str, list[dict[str, Any]]] = {}
     for rnd in range(args.rounds):
         for name, temperature, constrained in modes:
             engine.core.defer_grammar_draws = not name.endswith(NO_DEFER)
+            engine.core.accept_on_fill_thread = shipped or name.endswith(ON_THREAD)
             r = decode_steps(engine, temperature, constrained, args, seed=10 * rnd + 1)
             rounds.setdefault(name, []).append(r)
             say(f"round {rnd} {name}: {r['step_ms']:.3f} ms/step")
@@ -213,6 +219,7 @@ def run(model_dir: Path, args: Any, say: Any) -> list[dict[str, Any]]:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(40)
     engine.core.defer_grammar_draws = True
+    engine.core.accept_on_fill_thread = shipped
     results = []
     for name, temperature, constrained in modes:
         rs = rounds[name]
@@ -262,6 +269,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--compare-defer", action="store_true",
         help="also the schema modes with the grammar draw queued in its own step (not deferred)",
+    )  # fmt: skip
+    p.add_argument(
+        "--compare-accept", action="store_true",
+        help="also the schema modes with the read-back tokens fed to the matchers on the fill "
+        "thread (WorkerCore.accept_on_fill_thread)",
     )  # fmt: skip
     args = p.parse_args()
     args.device, args.dtype, args.spec = "cuda", "bfloat16", rc.LLAMA_1B

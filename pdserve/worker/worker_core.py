@@ -104,6 +104,9 @@ class WorkerCore:
         self.num_steps = 0
         self.light_sampler = LightSampler(self.config.seed)
         self.defer_grammar_draws = True  # _sample_launched's `defer` (benchmarks compare both)
+        # A deferred draw's step feeds the read-back tokens to the matchers on the fill thread
+        # (GrammarAccept) instead of here: the benchmarks compare both (grammar_bench.py).
+        self.accept_on_fill_thread = False
         # Speculative decoding (worker/speculative/): its steps run the plain loop.
         self.spec = make_speculative_decoder(
             self.config, self.runner, self.scheduler, self._sampling_row, self.max_context_len
@@ -147,7 +150,7 @@ class WorkerCore:
                 # this step's forward pass runs, then build the sampling batch and sample. When
                 # the draw is deferred, the matchers take the tokens on the fill thread meanwhile.
                 defer = self.defer_grammar_draws and all(is_light(item.req) for item in items)
-                collected, accepting = self._collect(accept_on_thread=defer)
+                collected, accepting = self._collect(defer and self.accept_on_fill_thread)
                 touched += collected
                 items, logits = live_rows(items, logits)
                 launched = self._sample_launched(items, logits, start, defer, accepting)

@@ -225,20 +225,34 @@ def count_light_steps(core: worker_core.WorkerCore) -> tuple[list[int], list[int
     return now, deferred
 
 
-@pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlapped"])
+# The loops a core runs: plain; overlapped (a deferred grammar draw's step feeds the read-back
+# tokens to the matchers inline); overlapped with those tokens fed on the fill thread.
+LOOPS = {"plain": (False, False), "overlapped": (True, False), "thread-accept": (True, True)}
+
+
+def make_loop_core(model_dir: Path, loop: str) -> worker_core.WorkerCore:
+    overlap, on_thread = LOOPS[loop]
+    core = make_core(model_dir, overlap=overlap)
+    core.accept_on_fill_thread = on_thread
+    return core
+
+
+@pytest.mark.parametrize("loop", list(LOOPS))
 def test_light_runs_give_the_general_paths_tokens(
-    tiny_llama: Path, overlap: bool, monkeypatch: pytest.MonkeyPatch
+    tiny_llama: Path, loop: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seed = random.randrange(2**32)
     specs = light_specs(random.Random(seed), 20)
-    core = make_core(tiny_llama, overlap=overlap)
+    core = make_loop_core(tiny_llama, loop)
     now, deferred = count_light_steps(core)
     accepted = count_thread_accepts(monkeypatch)
     light = run(core, specs)
     assert sum(now) + sum(deferred) > 0, "no step took the light path"
-    if overlap and any("regex" in spec["params"] for spec in specs):
+    if LOOPS[loop][0] and any("regex" in spec["params"] for spec in specs):
         assert sum(deferred) > 0, "no grammar step deferred its draw"
-        assert sum(accepted) > 0, "no tokens went to the matchers on the fill thread"
+        if LOOPS[loop][1]:
+            assert sum(accepted) > 0, "no tokens went to the matchers on the fill thread"
+    assert LOOPS[loop][1] or not accepted, "tokens went to the fill thread, not asked to"
     monkeypatch.setattr(worker_core, "is_light", lambda req: False)
     general = run(make_core(tiny_llama, overlap=False), specs)
     assert_same(general, light, seed)
@@ -258,13 +272,13 @@ def count_thread_accepts(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return rows
 
 
-@pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlapped"])
+@pytest.mark.parametrize("loop", list(LOOPS))
 def test_a_grammars_end_wins_over_the_length_limit_on_the_same_token(
-    tiny_llama: Path, overlap: bool, monkeypatch: pytest.MonkeyPatch
+    tiny_llama: Path, loop: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With ignore_eos, the token that completes a grammar (its stop token) ends the request as a
-    stop even when max_new_tokens also ends there, as when the limit is far; overlapped, the
-    matchers take the read-back tokens on the fill thread and their verdict comes first."""
+    stop even when max_new_tokens also ends there, as when the limit is far; with thread-accept,
+    the matchers take the read-back tokens on the fill thread and their verdict comes first."""
     rng = random.Random()
     regexes = [r"(ab|cd)x", r"[0-9]{2,4}", r"yes|no", r"[a-c]+d"]
 
@@ -290,11 +304,9 @@ def test_a_grammars_end_wins_over_the_length_limit_on_the_same_token(
     for rid, (ids, finish, _, _) in free.items():
         assert finish.kind == "stop" and len(ids) < 40, (rid, finish)
     accepted = count_thread_accepts(monkeypatch)
-    tight = run(
-        make_core(tiny_llama, overlap=overlap), specs({r: len(v[0]) for r, v in free.items()})
-    )
+    tight = run(make_loop_core(tiny_llama, loop), specs({r: len(v[0]) for r, v in free.items()}))
     assert_same(free, tight, 0)
-    if overlap:
+    if LOOPS[loop][1]:
         assert sum(accepted) > 0, "no tokens went to the matchers on the fill thread"
 
 
