@@ -86,7 +86,7 @@ def grammar_finish(
         logger.error("request %s: token %d breaks its grammar", req.rid, token_id)
         return Finish.abort(f"internal error: token {token_id} breaks the request's grammar", 500)
     if terminated is None:
-        terminated = req.grammar.is_terminated()
+        terminated = req.grammar.ended_by(token_id)
     if terminated:
         return Finish.stop(token_id)
     return None

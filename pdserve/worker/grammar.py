@@ -68,6 +68,9 @@ class RequestGrammar:
         self._compiled = compiled
         self._matcher: Any = None  # xgrammar.GrammarMatcher once compiled
         self._problem: str | None = None
+        # The matcher's stop tokens: it terminates only by accepting one (xgrammar's default,
+        # terminate_without_stop_token=False), so no other token needs `is_terminated` asked.
+        self.stop_ids: frozenset[int] = frozenset()
 
     def is_ready(self) -> bool:
         """The compile has ended (well or not): nothing that needs the matcher will wait."""
@@ -97,6 +100,11 @@ class RequestGrammar:
         """The grammar is complete and has accepted its stop token: nothing may follow."""
         return bool(self.matcher.is_terminated())
 
+    def ended_by(self, token_id: int) -> bool:
+        """`is_terminated`, just after the matcher accepted `token_id`: asked of xgrammar only
+        for a stop token."""
+        return token_id in self.stop_ids and self.is_terminated()
+
     def _resolve(self) -> None:
         if self._matcher is not None or self._problem is not None:
             return
@@ -108,6 +116,7 @@ class RequestGrammar:
             self._problem = f"{self.spec.kind} could not be compiled: {xgrammar_reason(e)}"
             return
         self._matcher = xgr.GrammarMatcher(compiled)
+        self.stop_ids = frozenset(self._matcher.stop_token_ids)
 
 
 # ---- the process's backends --------------------------------------------------------------

@@ -53,16 +53,17 @@ def fill_bitmask(
 
 class FillJob:
     """Work queued on the fill thread (`_on_fill_thread`): `wait()` gives its result, and
-    `hand_over()` returns once the thread has started it."""
+    `hand_over()` returns once the thread is inside xgrammar with it."""
 
     def __init__(self, future: Future | None, started: threading.Event | None) -> None:
         self._future = future
         self._started = started
+        self.ended: set[int] = set()  # an accept's matchers that terminated (their ids)
 
     def hand_over(self) -> None:
-        """Block (letting go of the GIL) until the thread has started this job: the thread gets
-        the GIL now, not at the interpreter's next forced switch (5 ms), and this thread resumes
-        once the job is inside xgrammar, which lets go of the GIL."""
+        """Block (letting go of the GIL) until the thread has entered xgrammar with this job: the
+        thread runs the job's Python part now, not at the interpreter's next switch, and this
+        thread resumes once xgrammar lets go of the GIL."""
         if self._started is not None:
             self._started.wait()
 
@@ -75,49 +76,71 @@ def fill_bitmask_async(
     vocab_size: int,
     out: torch.Tensor,
     hand_over: bool = True,
+    after: FillJob | None = None,
 ) -> FillJob:
     """`fill_bitmask` into `out` on the fill thread while the caller goes on (xgrammar releases
     the GIL while it fills); the job's `wait()` gives the result. The matchers must not be
-    advanced before then. Runs after the tokens that `accept_async` was given before it; a
-    matcher that has terminated by then (its request has ended) keeps an all-ones row.
-    hand_over: wait until the thread has started the job (`FillJob.hand_over`); False when it is
-    queued behind a job the caller is about to wait for (that wait hands the GIL over too), so the
-    caller hands over later."""
+    advanced before then. after: the `accept_async` job queued just before (the matchers take
+    its tokens first): a matcher that terminated there (its request has ended) keeps an all-ones
+    row. hand_over: wait until the thread is inside xgrammar (`FillJob.hand_over`); False when the
+    job is queued behind one the caller is about to wait for (that wait hands the GIL over too),
+    so the caller hands over later."""
     job = _prepare(grammars, vocab_size, False, out, fill_ones=False)
     if job is None:
         return FillJob(None, None)
     bitmask, matchers, rows = job
+    # Rows no matcher writes allow every token: all ones, written on the thread.
+    ones = sorted(set(range(len(grammars))) - set(rows))
 
-    def fill(matcher: Any) -> torch.Tensor:
-        live = [i for i, m in enumerate(matchers) if not m.is_terminated()]
-        # Rows no matcher writes allow every token: all ones, written here, off the main thread.
-        filled = set(rows[i] for i in live)
-        ones = [r for r in range(bitmask.shape[0]) if r not in filled]
-        if ones:
-            bitmask.numpy()[ones] = -1
-        matcher.batch_fill_next_token_bitmask(
-            [matchers[i] for i in live], bitmask, [rows[i] for i in live]
-        )
+    def fill(matcher: Any, ready: Callable[[], None]) -> torch.Tensor:
+        fill_matchers, fill_rows, ones_rows = matchers, rows, ones
+        ended = after.ended if after is not None else ()
+        if ended:
+            live = [i for i, m in enumerate(matchers) if id(m) not in ended]
+            fill_matchers = [matchers[i] for i in live]
+            fill_rows = [rows[i] for i in live]
+            ones_rows = sorted(set(ones) | (set(rows) - set(fill_rows)))
+        if ones_rows:
+            bitmask.numpy()[ones_rows] = -1
+        ready()
+        matcher.batch_fill_next_token_bitmask(fill_matchers, bitmask, fill_rows)
         return bitmask
 
     return _on_fill_thread(fill, hand_over)
 
 
-def accept_async(matchers: list[Any], token_ids: list[int]) -> FillJob:
-    """Feed each xgrammar matcher its token on the fill thread (xgrammar releases the GIL while
-    it accepts), before any fill queued after this call; the job's `wait()` gives, per matcher,
-    whether its grammar took the token and whether it has terminated since."""
+def accept_async(grammars: list[RequestGrammar], token_ids: list[int]) -> FillJob:
+    """Feed each grammar's matcher its token on the fill thread (xgrammar releases the GIL while
+    it accepts), before any fill queued after this call; the job's `wait()` gives, per grammar,
+    whether it took the token and whether it has terminated since (the job's `ended` then holds
+    those matchers' ids, for a fill queued after it)."""
     import xgrammar as xgr
 
-    def accept(_: Any) -> tuple[list[bool], list[bool]]:
+    matchers = [g.matcher for g in grammars]
+    # Only a stop token can terminate a matcher (RequestGrammar.stop_ids).
+    maybe_ended = [i for i, (g, t) in enumerate(zip(grammars, token_ids)) if t in g.stop_ids]
+    ended: set[int] = set()
+
+    def accept(_: Any, ready: Callable[[], None]) -> tuple[list[bool], list[bool]]:
+        ready()
         accepted = xgr.BatchGrammarMatcher.batch_accept_token(matchers, token_ids)
-        return accepted, [m.is_terminated() for m in matchers]
+        terminated = [False] * len(matchers)
+        for i in maybe_ended:
+            terminated[i] = bool(matchers[i].is_terminated())
+            if terminated[i]:
+                ended.add(id(matchers[i]))
+        return accepted, terminated
 
-    return _on_fill_thread(accept)
+    job = _on_fill_thread(accept)
+    job.ended = ended
+    return job
 
 
-def _on_fill_thread(work: Callable[[Any], Any], hand_over: bool = True) -> FillJob:
-    """Run work(batch_matcher) on the fill thread, after the jobs queued before it."""
+def _on_fill_thread(
+    work: Callable[[Any, Callable[[], None]], Any], hand_over: bool = True
+) -> FillJob:
+    """Run work(batch_matcher, ready) on the fill thread, after the jobs queued before it; work
+    calls ready() just before it enters xgrammar (`FillJob.hand_over` returns then)."""
     global _fill_pool, _async_matcher
     if _fill_pool is None:
         _fill_pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-fill")
@@ -127,12 +150,7 @@ def _on_fill_thread(work: Callable[[Any], Any], hand_over: bool = True) -> FillJ
         # its jobs took 5 ms beside a busy main thread, ~0.2 ms at 50 us.
         sys.setswitchinterval(min(sys.getswitchinterval(), _SWITCH_INTERVAL_S))
     started = threading.Event()
-
-    def run() -> Any:
-        started.set()  # the caller resumes once the work below lets go of the GIL
-        return work(_async_matcher)
-
-    job = FillJob(_fill_pool.submit(run), started)
+    job = FillJob(_fill_pool.submit(lambda: work(_async_matcher, started.set)), started)
     if hand_over:
         job.hand_over()
     return job

@@ -92,14 +92,16 @@ class GrammarAccept:
                 tokens.append(token)
         self.covered = {id(req) for req in self.reqs}
         self._tokens = tokens
-        self._job = accept_async([r.grammar.matcher for r in self.reqs], tokens) if tokens else None
+        self._settled = False
+        self.job = accept_async([r.grammar for r in self.reqs], tokens) if tokens else None
 
     def settle(self, scheduler: Scheduler) -> None:
         """Wait for the matchers and end each request whose grammar has ended (or refused its
         token). Called once."""
-        if self._job is None:
+        if self.job is None or self._settled:
             return
-        (accepted, terminated), self._job = self._job.wait(), None
+        self._settled = True
+        accepted, terminated = self.job.wait()
         for i, (ok, done) in enumerate(zip(accepted, terminated)):
             if done or not ok:
                 req = self.reqs[i]

@@ -52,12 +52,13 @@ class LightSampler:
         logits: torch.Tensor,
         items: list[BatchItem],
         background: bool,
-        hand_over: bool = True,
+        after: FillJob | None = None,
     ) -> LightDraw | None:
         """`sample`, up to its launch: the rows' keys and parameters written for their current
         step, the grammar bitmask being filled (on the fill thread when `background`: the
-        matchers must not advance until the draw is launched). hand_over: False when the fill is
-        queued behind an accept the caller waits for next; it then calls `LightDraw.hand_over`."""
+        matchers must not advance until the draw is launched). after: the accept queued on that
+        thread just before, which the caller waits for next; the caller then calls
+        `LightDraw.hand_over`."""
         reqs = [item.req for item in items]
         grammars = [req.grammar for req in reqs]
         constrained = any(g is not None for g in grammars)
@@ -82,7 +83,9 @@ class LightSampler:
         if constrained:
             host_mask = _mask_view(host, param_bytes, num_rows, mask_words)
             if background:
-                draw.fill = fill_bitmask_async(grammars, vocab_size, host_mask, hand_over)
+                draw.fill = fill_bitmask_async(
+                    grammars, vocab_size, host_mask, hand_over=after is None, after=after
+                )
             else:
                 fill_bitmask(grammars, vocab_size, out=host_mask)
             draw.mask_words = mask_words

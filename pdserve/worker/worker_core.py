@@ -212,9 +212,8 @@ class WorkerCore:
         draw = None
         if defer and items:
             # None when a grammar failed to compile: the general path below ends that request.
-            draw = self.light_sampler.prepare(
-                logits, items, background=True, hand_over=accepting is None
-            )
+            after = accepting.job if accepting is not None else None
+            draw = self.light_sampler.prepare(logits, items, background=True, after=after)
         if accepting is not None:
             accepting.settle(self.scheduler)  # the fill, if any, starts on the thread meanwhile
         if draw is not None:
