@@ -198,8 +198,7 @@ def race_sample(
         )
     batch, vocab_size = logits.shape
     if all_greedy:  # unread: any tensor serves as their pointer
-        temperatures = min_ps = is_greedy = logits[:, 0]
-        keys = logits
+        temperatures = min_ps = is_greedy = keys = logits
     elif temperatures is None or min_ps is None or is_greedy is None or keys is None:
         raise ValueError("temperatures, min_ps, is_greedy and keys are needed unless all_greedy")
     elif keys.shape != (batch, 2):
@@ -218,19 +217,22 @@ def race_sample(
         raise ValueError(f"out must be [{batch}] int64, got {tuple(out.shape)} {out.dtype}")
     if not batch:
         return out
-    if not all_greedy:
-        temperatures = temperatures.reshape(batch).to(torch.float32).contiguous()
-        min_ps = min_ps.reshape(batch).to(torch.float32).contiguous()
-        is_greedy = is_greedy.reshape(batch).contiguous()
-        keys = keys.contiguous()
+    if not all_greedy:  # each launch costs host time: convert only what needs it
+        temperatures, min_ps = _flat_float(temperatures, batch), _flat_float(min_ps, batch)
+        if is_greedy.dim() != 1 or not is_greedy.is_contiguous():
+            is_greedy = is_greedy.reshape(batch).contiguous()
+        if not keys.is_contiguous():
+            keys = keys.contiguous()
     blocks = triton.cdiv(vocab_size, _BLOCK)
     num_chunks = max(1, min(blocks, triton.cdiv(_TARGET_PROGRAMS, batch)))
     chunk_len = triton.cdiv(blocks, num_chunks) * _BLOCK
     num_chunks = triton.cdiv(vocab_size, chunk_len)
-    parts = torch.empty(4, batch, num_chunks, dtype=torch.float32, device=device)
+    parts = _scratch(device, 4 * batch * num_chunks).view(4, batch, num_chunks)
     part_max, part_score = parts[0], parts[1]
     part_max_id, part_id = parts[2].view(torch.int32), parts[3].view(torch.int32)
-    mask = bitmask.contiguous() if bitmask is not None else out  # unread without a mask
+    mask = out  # unread without a mask
+    if bitmask is not None:
+        mask = bitmask if bitmask.is_contiguous() else bitmask.contiguous()
     race = not all_greedy
     floor = race and any_min_p
     chunks_p2 = triton.next_power_of_2(num_chunks)
@@ -254,6 +256,23 @@ def race_sample(
 
 
 _counters: dict[torch.device, torch.Tensor] = {}
+_scratches: dict[torch.device, torch.Tensor] = {}
+
+
+def _flat_float(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """[batch] float32 contiguous: `t` itself when it already is."""
+    if t.dim() == 1 and t.dtype == torch.float32 and t.is_contiguous():
+        return t
+    return t.reshape(batch).to(torch.float32).contiguous()
+
+
+def _scratch(device: torch.device, numel: int) -> torch.Tensor:
+    """[numel] float32 on `device` for the chunks' partial results, kept between draws (they
+    run on one stream, each reading only what it wrote)."""
+    buf = _scratches.get(device)
+    if buf is None or buf.numel() < numel:
+        buf = _scratches[device] = torch.empty(max(numel, 1 << 16), device=device)
+    return buf[:numel]
 
 
 def _chunk_counters(device: torch.device, batch: int) -> torch.Tensor:
