@@ -4,6 +4,7 @@ shape with random bf16 weights, one engine per setting in one call.
 
     python benchmarks/gpu/offline_sweep.py --max-running 256,512,1024
     python benchmarks/gpu/offline_sweep.py --max-running 256 --ab-mixed-split
+    python benchmarks/gpu/offline_sweep.py --max-running 256 --prefill-budgets 512,1024
     python benchmarks/gpu/offline_sweep.py --smoke       # tiny shapes on the CPU: the plumbing
 
 --ab-mixed-split runs each setting twice: as shipped, and with a mixed step's decode rows left in
@@ -29,6 +30,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--max-running", default="256,512,1024", help="comma-separated settings")
     p.add_argument("--graph-max", type=int, default=512, help="most rows of a CUDA graph")
+    p.add_argument(
+        "--prefill-budgets", default="",
+        help="comma-separated decode_step_prefill_tokens settings (empty: the default)",
+    )  # fmt: skip
     p.add_argument("--prompts", type=int, default=1000)
     p.add_argument("--input-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=256)
@@ -59,19 +64,23 @@ def main() -> None:
     if args.ab_mixed_split:
         variants.append(("decodes in the extend kernel", property(lambda batch: (0, 0))))
     settings = [int(x) for x in args.max_running.split(",")]
-    for max_running, (name, split) in (
-        (m, v) for m in settings for _ in range(args.repeat) for v in variants
+    budgets = [int(x) for x in args.prefill_budgets.split(",") if x] or [None]
+    for max_running, budget, (name, split) in (
+        (m, b, v) for m in settings for _ in range(args.repeat) for b in budgets for v in variants
     ):
         ForwardBatch.leading_decodes = split
+        extra = {} if budget is None else {"decode_step_prefill_tokens": budget}
         engine = make_engine(
             model, device, dtype, "auto", num_pages=pages, max_running_requests=max_running,
             cuda_graph=device == "cuda", cuda_graph_max_batch=min(max_running, args.graph_max),
+            **extra,
         )  # fmt: skip
         r = offline_throughput(
             engine, spec.vocab_size, args.prompts, args.input_len, args.output_len, device
         )
-        rows.append((f"{max_running}, {name}", r["output_tok_s"], r["seconds"]))
-        print(f"max_running {max_running}, {name}: {r['output_tok_s']:.0f} tok/s", flush=True)
+        label = f"{max_running}, {name}" + ("" if budget is None else f", budget {budget}")
+        rows.append((label, r["output_tok_s"], r["seconds"]))
+        print(f"max_running {label}: {r['output_tok_s']:.0f} tok/s", flush=True)
         engine.shutdown()
         del engine
         free_device_memory()
