@@ -62,6 +62,7 @@ from pdserve.worker.step_rows import (
     on_device,
     wants_rows,
 )
+from pdserve.worker.warm_up import warm_up
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +121,8 @@ class WorkerCore:
         self._host_ids: list[torch.Tensor | None] = [None, None]  # pinned, used in turn
         self._host_turn = 0
         self.scheduler.before_remote_write = self.wait_device
+        if self.runner.device.type == "cuda" and not tp.is_parallel:
+            warm_up(self)  # compiles the loop's kernels before any client's request
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -201,14 +204,11 @@ class WorkerCore:
         accepting: GrammarAccept | None = None,
     ) -> InflightStep:
         """Queue the sampling of a launched step's rows; their tokens are read back next step.
-        defer: every row is light (the caller checked); the draw is queued later, when the
-        next step's batch is built (`InflightStep.launch`), the rows' bitmask filled on the fill
-        thread meanwhile, so the fill hides behind the host's scheduling and batch building.
-        accepting: the tokens just read back, still being fed to their matchers on that thread:
-        settled here (the grammars' verdicts applied) before this returns. A deferred draw's fill
-        is queued behind that accept, so the rows' keys are written while it runs; a row whose
-        grammar ends it then is drawn all the same (its matcher is not filled) and its token
-        discarded, as any row that ends while its next token is being sampled."""
+        defer: every row is light (the caller checked); the draw is queued when the next step's
+        batch is built (`InflightStep.launch`), the bitmask filled on the fill thread meanwhile.
+        accepting: read-back tokens being fed to their matchers on that thread, settled here; a
+        deferred fill is queued behind them, and a row whose grammar ends then is drawn all the
+        same (its matcher not filled) and its token discarded, as any row ending in flight."""
         draw = None
         if defer and items:
             # None when a grammar failed to compile: the general path below ends that request.

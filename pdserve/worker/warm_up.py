@@ -1,0 +1,49 @@
+"""A worker core's warm-up before it serves: a few requests run through its loop so the Triton
+kernels' first specializations compile then, not on the first clients' steps (a process's first
+offline run measured 27k output tokens/s against 32k warm, docs/BENCHMARKS.md sixth session).
+
+The requests are a prompt alone, decodes, then decodes beside a prefill chunk (the mixed step of
+every burst). Nothing of them stays: their cached pages are freed and the counters they moved are
+reset. CUDA only (WorkerCore calls it); an embedding model has no loop to warm.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pdserve.config.sampling_params import SamplingParams
+from pdserve.scheduler.request import Request
+
+if TYPE_CHECKING:
+    from pdserve.worker.worker_core import WorkerCore
+
+_MAX_CHUNK = 256  # the later prompt's tokens: one chunk beside the decodes
+
+
+def warm_up(core: WorkerCore) -> None:
+    if core.model_config.is_embedding:
+        return
+    vocab = core.model_config.vocab_size
+    chunk = min(core.config.scheduler.chunk_size, core.max_context_len // 2, _MAX_CHUNK)
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True, temperature=0.0)
+
+    def request(i: int, length: int) -> Request:
+        prompt = [(7 * i + 13 * j + 1) % vocab for j in range(length)]
+        return Request(rid=f"warm-up-{i}", prompt_ids=prompt, sampling=params)
+
+    first = [request(0, 16), request(1, 33)]
+    for req in first:
+        core.add(req)
+    while not all(len(r.output_ids) >= 2 or r.finish is not None for r in first):
+        core.step()
+    core.add(request(2, chunk))  # its chunk runs beside the first ones' decodes
+    while core.has_work():
+        core.step()
+    scheduler = core.scheduler
+    scheduler.cache.reset()
+    scheduler.newly_finished = []
+    cache = scheduler.cache
+    if hasattr(cache, "num_queried_tokens"):
+        cache.num_queried_tokens = cache.num_matched_tokens = 0
+    core.num_steps = core.num_overlapped_steps = 0
+    core.last_step_ms = 0.0

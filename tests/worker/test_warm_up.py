@@ -1,0 +1,63 @@
+"""The worker core's warm-up (worker/warm_up.py, run at startup on CUDA): it runs a prompt, decodes
+and a mixed step through the loop, then leaves nothing behind: no request, no cached or held page,
+no step count; and a request served afterwards gets the tokens a fresh core gives it (greedy,
+random prompts)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from pdserve.config.engine_config import EngineConfig, SchedulerConfig
+from pdserve.config.sampling_params import SamplingParams
+from pdserve.scheduler.request import Request
+from pdserve.worker.warm_up import warm_up
+from pdserve.worker.worker_core import WorkerCore
+
+
+def make_core(model: Path, overlap: bool) -> WorkerCore:
+    sched = SchedulerConfig(num_pages=256, page_size=4, chunk_size=64)
+    return WorkerCore(
+        EngineConfig(model_path=str(model), device="cpu", scheduler=sched), overlap=overlap
+    )
+
+
+def serve(core: WorkerCore, prompts: list[list[int]]) -> list[list[int]]:
+    reqs = [
+        Request(
+            rid=f"r{i}", prompt_ids=p, sampling=SamplingParams(max_new_tokens=6, temperature=0.0)
+        )
+        for i, p in enumerate(prompts)
+    ]
+    for req in reqs:
+        core.add(req)
+    for _ in range(500):
+        if not core.has_work():
+            break
+        core.step()
+    assert all(r.finish is not None for r in reqs)
+    return [list(r.output_ids) for r in reqs]
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlapped"])
+def test_warm_up_leaves_nothing_behind(tiny_llama: Path, overlap: bool) -> None:
+    rng = random.Random()
+    core = make_core(tiny_llama, overlap)
+    assert core.num_steps == 0  # on the CPU the core does not warm itself up
+    free_before = core.scheduler.allocator.num_free
+    steps = []
+    real_step = core.step
+    core.step = lambda: steps.append(1) or real_step()  # type: ignore[method-assign]
+    warm_up(core)
+    core.step = real_step  # type: ignore[method-assign]
+    assert len(steps) >= 4, "the warm-up ran no loop"
+    sched = core.scheduler
+    assert not sched.running and not len(sched.waiting) and not sched.newly_finished
+    assert not core.has_work()
+    assert sched.allocator.num_free == free_before, "pages stayed held or cached"
+    assert core.num_steps == 0 and core.num_overlapped_steps == 0
+    vocab = core.model_config.vocab_size
+    prompts = [[rng.randrange(vocab) for _ in range(rng.randint(3, 40))] for _ in range(4)]
+    assert serve(core, prompts) == serve(make_core(tiny_llama, overlap), prompts)
