@@ -4,7 +4,8 @@ offline run measured 27k output tokens/s against 32k warm, docs/BENCHMARKS.md si
 
 The requests are a prompt alone, decodes, then decodes beside a prefill chunk (the mixed step of
 every burst). Nothing of them stays: their cached pages are freed and the counters they moved are
-reset. CUDA only (WorkerCore calls it); an embedding model has no loop to warm.
+reset. CUDA only (WorkerCore calls it); not for an embedding model (no loop) nor with speculative
+decoding (its steps run their own graphs).
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ _MAX_CHUNK = 256  # the later prompt's tokens: one chunk beside the decodes
 
 
 def warm_up(core: WorkerCore) -> None:
-    if core.model_config.is_embedding:
-        return
+    if core.model_config.is_embedding or core.spec is not None:
+        return  # no loop to warm; speculative steps keep their own graphs and counts
     vocab = core.model_config.vocab_size
     chunk = min(core.config.scheduler.chunk_size, core.max_context_len // 2, _MAX_CHUNK)
     params = SamplingParams(max_new_tokens=4, ignore_eos=True, temperature=0.0)
@@ -47,3 +48,5 @@ def warm_up(core: WorkerCore) -> None:
         cache.num_queried_tokens = cache.num_matched_tokens = 0
     core.num_steps = core.num_overlapped_steps = 0
     core.last_step_ms = 0.0
+    if core.runner.graph_runner is not None:
+        core.runner.graph_runner.num_replays = 0
