@@ -41,6 +41,13 @@ def race_draw(
     return drawn if out is None else out.copy_(drawn)
 
 
+def greedy_draw(logits: torch.Tensor) -> torch.Tensor:
+    """[B] int64: each row's first largest logit, as torch.argmax (logits [B, V] float32); on CUDA
+    the race kernel's chunked argmax (torch's reduction took 27 us for one 128k row on the H200,
+    profile_decode --batch 1)."""
+    return race_draw(logits, None, None, None, None, all_greedy=True)
+
+
 def _allowed(logits: torch.Tensor, bitmask: torch.Tensor | None) -> torch.Tensor:
     """[B, V] float32: the logits, -inf where the bitmask forbids."""
     logits = logits.to(torch.float32)

@@ -45,6 +45,7 @@ from pdserve.worker.light_sampling import LightSampler, is_light
 from pdserve.worker.model_runner import ModelRunner, PendingTokens
 from pdserve.worker.parallel.tp_group import SINGLE, TPGroup
 from pdserve.worker.pooler import PoolState, finish_pooled, record_rows
+from pdserve.worker.race_sampling import greedy_draw
 from pdserve.worker.sampler import (
     DeviceSample,
     SamplingRow,
@@ -105,9 +106,7 @@ class WorkerCore:
         self.num_steps = 0
         self.light_sampler = LightSampler(self.config.seed)
         self.defer_grammar_draws = True  # _sample_launched's `defer` (benchmarks compare both)
-        # A deferred draw's step feeds the read-back tokens to the matchers on the fill thread
-        # (GrammarAccept) instead of here: the benchmarks compare both (grammar_bench.py).
-        self.accept_on_fill_thread = False
+        self.accept_on_fill_thread = False  # GrammarAccept in deferred draws' steps (benchmarks)
         # Speculative decoding (worker/speculative/): its steps run the plain loop.
         self.spec = make_speculative_decoder(
             self.config, self.runner, self.scheduler, self._sampling_row, self.max_context_len
@@ -251,7 +250,7 @@ class WorkerCore:
         loop); otherwise it is built on the device directly."""
         if all(is_plain_greedy(item.req) for item in items):
             # The common benchmark and eval case: one argmax, no SamplingRow built.
-            return items, DeviceSample(logits.argmax(dim=-1), None, None, [])
+            return items, DeviceSample(greedy_draw(logits), None, None, [])
         if all(is_light(item.req) for item in items):  # greedy / temperature, grammars
             token_ids = self.light_sampler.sample(logits, items)
             if token_ids is not None:  # else some grammar failed to compile: ended below
