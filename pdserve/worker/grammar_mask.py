@@ -150,7 +150,14 @@ def _on_fill_thread(
         # its jobs took 5 ms beside a busy main thread, ~0.2 ms at 50 us.
         sys.setswitchinterval(min(sys.getswitchinterval(), _SWITCH_INTERVAL_S))
     started = threading.Event()
-    job = FillJob(_fill_pool.submit(lambda: work(_async_matcher, started.set)), started)
+
+    def run() -> Any:
+        try:
+            return work(_async_matcher, started.set)
+        finally:
+            started.set()  # a job that failed before ready() must not leave hand_over waiting
+
+    job = FillJob(_fill_pool.submit(run), started)
     if hand_over:
         job.hand_over()
     return job

@@ -25,14 +25,20 @@ def warm_up(core: WorkerCore) -> None:
     if core.model_config.is_embedding or core.spec is not None:
         return  # no loop to warm; speculative steps keep their own graphs and counts
     vocab = core.model_config.vocab_size
-    chunk = min(core.config.scheduler.chunk_size, core.max_context_len // 2, _MAX_CHUNK)
+    sched = core.config.scheduler
+    # Each request fits a quarter of the pool and its context limit, with room for its tokens.
+    pool_tokens = core.scheduler.allocator.num_total * sched.page_size
+    limit = min(core.max_context_len, pool_tokens // 4) - 8
+    if limit < 16:
+        return  # a pool or context this small has nothing worth compiling ahead
+    chunk = min(sched.chunk_size, limit, _MAX_CHUNK)
     params = SamplingParams(max_new_tokens=4, ignore_eos=True, temperature=0.0)
 
     def request(i: int, length: int) -> Request:
         prompt = [(7 * i + 13 * j + 1) % vocab for j in range(length)]
         return Request(rid=f"warm-up-{i}", prompt_ids=prompt, sampling=params)
 
-    first = [request(0, 16), request(1, 33)]
+    first = [request(0, 16), request(1, min(33, limit))]
     for req in first:
         core.add(req)
     while not all(len(r.output_ids) >= 2 or r.finish is not None for r in first):

@@ -342,3 +342,17 @@ def test_light_runs_on_cuda_give_the_cpu_general_paths_tokens(
     assert len(differ) <= 2, f"seed {seed}: {differ}"
     for rid, (_ids, finish, _, _) in on_gpu.items():
         assert finish is not None and finish.kind != "abort", (seed, rid, finish)
+
+
+@pytest.mark.timeout(30)
+def test_a_fill_job_that_fails_before_entering_xgrammar_does_not_hang_the_hand_over() -> None:
+    """The fill thread's job raising before it calls ready(): hand_over returns, and wait()
+    raises the job's error (the step then fails its requests, never hangs)."""
+    from pdserve.worker.grammar_mask import _on_fill_thread
+
+    def broken(matcher, ready):  # type: ignore[no-untyped-def]
+        raise RuntimeError("boom")
+
+    job = _on_fill_thread(broken)  # hands over: returns only once the job let go
+    with pytest.raises(RuntimeError, match="boom"):
+        job.wait()

@@ -61,3 +61,17 @@ def test_warm_up_leaves_nothing_behind(tiny_llama: Path, overlap: bool) -> None:
     vocab = core.model_config.vocab_size
     prompts = [[rng.randrange(vocab) for _ in range(rng.randint(3, 40))] for _ in range(4)]
     assert serve(core, prompts) == serve(make_core(tiny_llama, overlap), prompts)
+
+
+def test_warm_up_fits_a_small_pool_and_context(tiny_llama: Path) -> None:
+    """A pool of 16 pages of 4 tokens or a context limit of 20 tokens leaves nothing worth
+    warming up (its requests would not fit); a pool of 48 pages takes shorter ones. No error, and
+    nothing left behind, either way."""
+    for pages, context in ((16, None), (256, 20), (48, None)):
+        sched = SchedulerConfig(
+            num_pages=pages, page_size=4, chunk_size=64, max_context_len=context
+        )
+        core = WorkerCore(EngineConfig(model_path=str(tiny_llama), device="cpu", scheduler=sched))
+        free_before = core.scheduler.allocator.num_free
+        warm_up(core)
+        assert not core.has_work() and core.scheduler.allocator.num_free == free_before
