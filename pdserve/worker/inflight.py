@@ -95,14 +95,45 @@ class GrammarAccept:
         self._settled = False
         self.job = accept_async([r.grammar for r in self.reqs], tokens) if tokens else None
 
-    def settle(self, scheduler: Scheduler) -> None:
+    def can_wait(self) -> bool:
+        """Whether the verdicts may be applied a step later: no covered request has ended
+        meanwhile (its finish reason, the length limit say, must yield to its grammar's before it
+        is reported). A grammar that ends its request then ends it before the next step is
+        scheduled, with the same tokens and reason; only the report comes a step later."""
+        return all(req.finish is None for req in self.reqs)
+
+    def settle(self, scheduler: Scheduler) -> list[Request]:
         """Wait for the matchers and end each request whose grammar has ended (or refused its
-        token). Called once."""
+        token); returns those that had not ended before (a later settle reports them). Called
+        once."""
         if self.job is None or self._settled:
-            return
+            return []
         self._settled = True
         accepted, terminated = self.job.wait()
+        ended = []
         for i, (ok, done) in enumerate(zip(accepted, terminated)):
             if done or not ok:
                 req = self.reqs[i]
+                if req.finish is None:
+                    ended.append(req)
                 scheduler.end(req, grammar_finish(req, self._tokens[i], ok, done))
+        return ended
+
+
+class HostTokens:
+    """The overlapped loop's read-back buffers: [num] int64 on the host (pinned on CUDA); two
+    serve alternate steps."""
+
+    def __init__(self, pin: bool) -> None:
+        self._pin = pin
+        self._bufs: list[torch.Tensor | None] = [None, None]
+        self._turn = 0
+
+    def __call__(self, num: int) -> torch.Tensor:
+        turn = self._turn
+        self._turn ^= 1
+        buf = self._bufs[turn]
+        if buf is None or buf.numel() < num:
+            buf = torch.empty(max(num, 256), dtype=torch.int64, pin_memory=self._pin)
+            self._bufs[turn] = buf
+        return buf[:num]

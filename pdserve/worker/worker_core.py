@@ -14,9 +14,9 @@ its forward pass first, then records the running step's tokens (advancing the ma
 builds the sampling batch (the grammar bitmask) and samples: the mask is filled while the device
 runs the forward pass. When every row is light (worker/light_sampling.py) the draw is queued even
 later, once the next step's batch is built on the host, and the bitmask is filled on a thread
-meanwhile: the fill hides behind the host's own scheduling and batch building. That thread also
-feeds the read-back tokens to their matchers first, while this one records them and writes the
-next draw's keys; the grammars' verdicts are applied before the step returns (`GrammarAccept`).
+meanwhile: the fill hides behind the host's own scheduling and batch building. With
+`accept_on_fill_thread` that thread also feeds the read-back tokens to their matchers first, and
+their verdicts end requests when the next step starts (`GrammarAccept`).
 A step holding a row that returns logprobs, hidden states or pooled vectors waits for the running
 step first and runs unoverlapped.
 
@@ -40,7 +40,7 @@ from pdserve.scheduler.request import Request
 from pdserve.scheduler.scheduler import BatchItem, ScheduledBatch, Scheduler
 from pdserve.worker.extra_outputs import ExtraOutputs
 from pdserve.worker.grammar import bind_grammar
-from pdserve.worker.inflight import GrammarAccept, InflightStep, PendingLength
+from pdserve.worker.inflight import GrammarAccept, HostTokens, InflightStep, PendingLength
 from pdserve.worker.light_sampling import LightSampler, is_light
 from pdserve.worker.model_runner import ModelRunner, PendingTokens
 from pdserve.worker.parallel.tp_group import SINGLE, TPGroup
@@ -117,8 +117,8 @@ class WorkerCore:
         self.overlap = self.overlap and self.spec is None
         self._inflight: InflightStep | None = None
         self.num_overlapped_steps = 0
-        self._host_ids: list[torch.Tensor | None] = [None, None]  # pinned, used in turn
-        self._host_turn = 0
+        self._host_tokens = HostTokens(pin=self.runner.device.type == "cuda")
+        self._unsettled: GrammarAccept | None = None  # verdicts applied at the next step's start
         self.scheduler.before_remote_write = self.wait_device
         if self.runner.device.type == "cuda" and not tp.is_parallel:
             warm_up(self)  # compiles the loop's kernels before any client's request
@@ -133,6 +133,9 @@ class WorkerCore:
         if self.tp_followers is not None:
             self.tp_followers.check()
         sched = self.scheduler
+        if self._unsettled is not None:  # the grammars' verdicts on the last tokens read back
+            unsettled, self._unsettled = self._unsettled, None
+            sched.newly_finished += unsettled.settle(sched)
         batch = sched.schedule()
         touched = sched.newly_finished
         sched.newly_finished = []
@@ -213,7 +216,9 @@ class WorkerCore:
             # None when a grammar failed to compile: the general path below ends that request.
             after = accepting.job if accepting is not None else None
             draw = self.light_sampler.prepare(logits, items, background=True, after=after)
-        if accepting is not None:
+        if accepting is not None and draw is not None and accepting.can_wait():
+            self._unsettled = accepting  # settled when the next step starts: nothing waits here
+        elif accepting is not None:
             accepting.settle(self.scheduler)  # the fill, if any, starts on the thread meanwhile
         if draw is not None:
             draw.hand_over()
@@ -273,17 +278,6 @@ class WorkerCore:
             logits = logits.index_select(0, device_index(partial.row_indices, device))
         batch = on_device(partial.batch, device) if build_on_host else partial.batch
         return items, sample_on_device(logits, batch)
-
-    def _host_tokens(self, num: int) -> torch.Tensor:
-        """[num] int64 on the host (pinned on CUDA); two buffers serve alternate steps."""
-        turn = self._host_turn
-        self._host_turn ^= 1
-        buf = self._host_ids[turn]
-        if buf is None or buf.numel() < num:
-            pin = self.runner.device.type == "cuda"
-            buf = torch.empty(max(num, 256), dtype=torch.int64, pin_memory=pin)
-            self._host_ids[turn] = buf
-        return buf[:num]
 
     def _collect(
         self, accept_on_thread: bool = False
@@ -495,5 +489,6 @@ class WorkerCore:
         return (
             self.scheduler.has_work()
             or bool(self.scheduler.newly_finished)
+            or self._unsettled is not None
             or (inflight is not None and any(it.req.finish is None for it in inflight.items))
         )

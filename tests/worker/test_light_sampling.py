@@ -247,9 +247,9 @@ def test_light_runs_give_the_general_paths_tokens(
     now, deferred = count_light_steps(core)
     accepted = count_thread_accepts(monkeypatch)
     light = run(core, specs)
-    assert sum(now) + sum(deferred) > 0, "no step took the light path"
+    assert sum(now) + sum(deferred) > 0, f"no step took the light path (seed {seed})"
     if LOOPS[loop][0] and any("regex" in spec["params"] for spec in specs):
-        assert sum(deferred) > 0, "no grammar step deferred its draw"
+        assert sum(deferred) > 0, f"no grammar step deferred its draw (seed {seed})"
         if LOOPS[loop][1]:
             assert sum(accepted) > 0, "no tokens went to the matchers on the fill thread"
     assert LOOPS[loop][1] or not accepted, "tokens went to the fill thread, not asked to"

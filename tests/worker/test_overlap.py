@@ -102,6 +102,7 @@ def count_plain_steps(core: WorkerCore) -> list[int]:
 
 def run(core: WorkerCore, specs: list[dict]) -> dict[str, tuple]:
     reqs = {}
+    reported: dict[str, tuple] = {}  # rid -> (output ids, finish) when step() first reported it
     pending = sorted(specs, key=lambda s: s["arrive"])
     step = 0
     while pending or core.has_work():
@@ -116,13 +117,17 @@ def run(core: WorkerCore, specs: list[dict]) -> dict[str, tuple]:
             )
             core.add(req)
             reqs[req.rid] = req
-        core.step()
+        for req in core.step():  # what an owner streams: the finish as first reported
+            if req.finish is not None and req.rid not in reported:
+                reported[req.rid] = (list(req.output_ids), req.finish)
         step += 1
         assert step < 2000, "the core never ran out of work"
     sched = core.scheduler
     assert not sched.requests and not sched.running and not sched.waiting
     assert sched.allocator.num_free + sched.cache.num_cached_pages == sched.allocator.num_total
     assert sched.cache.num_locked_pages == 0
+    for rid, r in reqs.items():
+        assert reported.get(rid) == (r.output_ids, r.finish), f"{rid}: reported {reported.get(rid)}"
     return {
         rid: (r.output_ids, r.finish, r.output_logprobs, r.output_top_logprobs)
         for rid, r in reqs.items()
