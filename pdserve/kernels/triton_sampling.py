@@ -227,7 +227,7 @@ def race_sample(
     num_chunks = max(1, min(blocks, triton.cdiv(_TARGET_PROGRAMS, batch)))
     chunk_len = triton.cdiv(blocks, num_chunks) * _BLOCK
     num_chunks = triton.cdiv(vocab_size, chunk_len)
-    parts = _scratch(device, 4 * batch * num_chunks).view(4, batch, num_chunks)
+    parts = _kept_zeros(device, 4 * batch * num_chunks, torch.float32).view(4, batch, num_chunks)
     part_max, part_score = parts[0], parts[1]
     part_max_id, part_id = parts[2].view(torch.int32), parts[3].view(torch.int32)
     mask = out  # unread without a mask
@@ -236,7 +236,7 @@ def race_sample(
     race = not all_greedy
     floor = race and any_min_p
     chunks_p2 = triton.next_power_of_2(num_chunks)
-    count = _chunk_counters(device, batch)
+    count = _kept_zeros(device, batch, torch.int32)
     common = (
         logits, temperatures, min_ps, keys, mask, part_max, part_max_id, part_score, part_id,
         is_greedy, out, count, vocab_size, logits.stride(0), mask.stride(0), num_chunks,
@@ -255,8 +255,7 @@ def race_sample(
     return out
 
 
-_counters: dict[torch.device, torch.Tensor] = {}
-_scratches: dict[torch.device, torch.Tensor] = {}
+_kept: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
 def _flat_float(t: torch.Tensor, batch: int) -> torch.Tensor:
@@ -266,20 +265,11 @@ def _flat_float(t: torch.Tensor, batch: int) -> torch.Tensor:
     return t.reshape(batch).to(torch.float32).contiguous()
 
 
-def _scratch(device: torch.device, numel: int) -> torch.Tensor:
-    """[numel] float32 on `device` for the chunks' partial results, kept between draws (they
-    run on one stream, each reading only what it wrote)."""
-    buf = _scratches.get(device)
+def _kept_zeros(device: torch.device, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """[numel] of `dtype` on `device`, zeros when first made, kept between draws: the chunks'
+    partial results (float32, each draw reads only what it wrote) and the per-row chunk counters
+    (int32, each draw leaves them zero). Draws run on one stream: two at once would share them."""
+    buf = _kept.get((device, dtype))
     if buf is None or buf.numel() < numel:
-        buf = _scratches[device] = torch.empty(max(numel, 1 << 16), device=device)
+        buf = _kept[device, dtype] = torch.zeros(max(numel, 1 << 16), dtype=dtype, device=device)
     return buf[:numel]
-
-
-def _chunk_counters(device: torch.device, batch: int) -> torch.Tensor:
-    """[batch] int32 zeros on `device`, kept between draws (each launch leaves them zero).
-    Draws run on one stream: two at once would share them."""
-    counters = _counters.get(device)
-    if counters is None or counters.numel() < batch:
-        counters = torch.zeros(max(batch, 256), dtype=torch.int32, device=device)
-        _counters[device] = counters
-    return counters[:batch]

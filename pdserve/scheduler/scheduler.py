@@ -200,10 +200,8 @@ class Scheduler:
         return budget
 
     def _admit_waiting(self, items: list[BatchItem], budget: int) -> None:
-        if not self.waiting or budget <= 0:
-            return
-        if len(self.running) >= self.config.max_running_requests:
-            return  # a burst's usual step: no need to count what the running requests are owed
+        if not self.waiting or budget <= 0 or len(self.running) >= self.config.max_running_requests:
+            return  # (a burst's usual step) before counting what the running requests are owed
         promised = sum(self._pages_owed(r) for r in self.running)
         while self.waiting and budget > 0 and len(self.running) < self.config.max_running_requests:
             req = self.waiting[0]

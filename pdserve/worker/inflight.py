@@ -92,7 +92,6 @@ class GrammarAccept:
                 tokens.append(token)
         self.covered = {id(req) for req in self.reqs}
         self._tokens = tokens
-        self._settled = False
         self.job = accept_async([r.grammar for r in self.reqs], tokens) if tokens else None
 
     def can_wait(self) -> bool:
@@ -106,9 +105,8 @@ class GrammarAccept:
         """Wait for the matchers and end each request whose grammar has ended (or refused its
         token); returns those that had not ended before (a later settle reports them). Called
         once."""
-        if self.job is None or self._settled:
+        if self.job is None:
             return []
-        self._settled = True
         accepted, terminated = self.job.wait()
         ended = []
         for i, (ok, done) in enumerate(zip(accepted, terminated)):

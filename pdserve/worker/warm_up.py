@@ -46,12 +46,9 @@ def warm_up(core: WorkerCore) -> None:
     core.add(request(2, chunk))  # its chunk runs beside the first ones' decodes
     while core.has_work():
         core.step()
-    scheduler = core.scheduler
-    scheduler.cache.reset()
-    scheduler.newly_finished = []
-    cache = scheduler.cache
-    if hasattr(cache, "num_queried_tokens"):
-        cache.num_queried_tokens = cache.num_matched_tokens = 0
+    cache = core.scheduler.cache
+    cache.reset()
+    cache.num_queried_tokens = cache.num_matched_tokens = 0  # the hit rate counts clients only
     core.num_steps = core.num_overlapped_steps = 0
     core.last_step_ms = 0.0
     if core.runner.graph_runner is not None:
