@@ -93,3 +93,15 @@ def tp_one_gpu(environ: Mapping[str, str] = os.environ) -> bool:
     two ranks on one GPU), so tensor-parallel paths run on a one-GPU machine. Slow; never for
     serving. Set it in the environment the workers start from (the launcher passes it on)."""
     return environ.get(TP_ONE_GPU_VAR, "") not in ("", "0")
+
+
+PROFILE_DIR_VAR = "PDSERVE_PROFILE_DIR"
+
+
+def profile_dir(environ: Mapping[str, str] = os.environ) -> Path | None:
+    """`PDSERVE_PROFILE_DIR=<dir>`, a diagnostic: each worker process runs its loop under
+    cProfile and writes the statistics to `<dir>/<worker name>.pstats` when it stops (read them
+    with `python -m pstats`). cProfile slows the loop's Python; the shares are what it is for.
+    Set it in the environment the workers start from (the launcher passes it on)."""
+    value = environ.get(PROFILE_DIR_VAR, "")
+    return Path(value) if value else None

@@ -19,8 +19,10 @@ SCRIPT = REPO / "benchmarks" / "gpu" / "stream_bench.py"
 
 
 def test_smoke_run_measures_the_steady_and_burst_loads(
-    tmp_path: Path, bench_model_root: Path
+    tmp_path: Path, bench_model_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Also: with PDSERVE_PROFILE_DIR set, each worker leaves its loop's cProfile there."""
+    monkeypatch.setenv("PDSERVE_PROFILE_DIR", str(tmp_path / "profiles"))
     out_json = tmp_path / "stream.json"
     argv = ["--smoke", "--modes", "mixed"]
     argv += ["--model-dir-root", str(bench_model_root), "--out-json", str(out_json)]
@@ -37,3 +39,8 @@ def test_smoke_run_measures_the_steady_and_burst_loads(
         assert {"router", "tokenizer0", "mixed0"} <= set(load["cpu_us_per_output_token"])
     assert run["itl_p90_over_tpot"] > 0 and run["burst_over_steady_tpot"] > 0
     assert "mean TPOT burst / steady" in proc.stdout
+    import pstats
+
+    profile = tmp_path / "profiles" / "mixed0.pstats"  # the last cluster's: the first one's too
+    calls = {func[2] for func in pstats.Stats(str(profile)).stats}  # type: ignore[attr-defined]
+    assert "_step" in calls and "_emit" in calls

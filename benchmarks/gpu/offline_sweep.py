@@ -34,6 +34,10 @@ def main() -> None:
         "--prefill-budgets", default="",
         help="comma-separated decode_step_prefill_tokens settings (empty: the default)",
     )  # fmt: skip
+    p.add_argument(
+        "--piecewise-max-tokens", default="",
+        help="comma-separated piecewise_graph_max_tokens settings (empty: the default; 0: off)",
+    )  # fmt: skip
     p.add_argument("--prompts", type=int, default=1000)
     p.add_argument("--input-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=256)
@@ -65,11 +69,19 @@ def main() -> None:
         variants.append(("decodes in the extend kernel", property(lambda batch: (0, 0))))
     settings = [int(x) for x in args.max_running.split(",")]
     budgets = [int(x) for x in args.prefill_budgets.split(",") if x] or [None]
-    for max_running, budget, (name, split) in (
-        (m, b, v) for m in settings for _ in range(args.repeat) for b in budgets for v in variants
+    piecewise = [int(x) for x in args.piecewise_max_tokens.split(",") if x] or [None]
+    for max_running, budget, pw, (name, split) in (
+        (m, b, w, v)
+        for m in settings
+        for _ in range(args.repeat)
+        for b in budgets
+        for w in piecewise
+        for v in variants
     ):
         ForwardBatch.leading_decodes = split
         extra = {} if budget is None else {"decode_step_prefill_tokens": budget}
+        if pw is not None:
+            extra["piecewise_graph_max_tokens"] = pw
         engine = make_engine(
             model, device, dtype, "auto", num_pages=pages, max_running_requests=max_running,
             cuda_graph=device == "cuda", cuda_graph_max_batch=min(max_running, args.graph_max),
@@ -79,6 +91,7 @@ def main() -> None:
             engine, spec.vocab_size, args.prompts, args.input_len, args.output_len, device
         )
         label = f"{max_running}, {name}" + ("" if budget is None else f", budget {budget}")
+        label += "" if pw is None else f", piecewise graphs up to {pw} tokens"
         rows.append((label, r["output_tok_s"], r["seconds"]))
         print(f"max_running {label}: {r['output_tok_s']:.0f} tok/s", flush=True)
         engine.shutdown()

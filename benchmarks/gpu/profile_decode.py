@@ -113,7 +113,9 @@ def main() -> None:
             core.step()
         sync()
         profiler.disable()
-        pstats.Stats(profiler).sort_stats("tottime").print_stats(22)
+        stats = pstats.Stats(profiler)
+        stats.sort_stats("tottime").print_stats(30)
+        stats.sort_stats("cumulative").print_stats(40)
     with torch.profiler.profile(
         activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     ) as prof:

@@ -247,6 +247,9 @@ class EngineConfig:
     # Schedule and build step N+1 on the host while the device runs step N (worker_core.py).
     overlap_schedule: bool = True
     cuda_graph_max_batch: int = 256
+    # Steps the decode graphs do not take (prefill, mixed, larger decode batches) of up to this
+    # many tokens replay piecewise graphs (worker/piecewise_graphs.py); 0: they run eagerly.
+    piecewise_graph_max_tokens: int = 2048
     seed: int = 0
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     is_embedding: bool | None = None  # None: detected from the model directory
@@ -262,6 +265,12 @@ class EngineConfig:
             self.device in ("auto", "cpu", "cuda"), "device", self.device, "'auto', 'cpu' or 'cuda'"
         )
         _require(type(self.tp_size) is int and self.tp_size >= 1, "tp_size", self.tp_size, ">= 1")
+        _require(
+            type(self.piecewise_graph_max_tokens) is int and self.piecewise_graph_max_tokens >= 0,
+            "piecewise_graph_max_tokens",
+            self.piecewise_graph_max_tokens,
+            "an integer >= 0 (0: no piecewise graphs)",
+        )
         if self.tp_size > 1 and self.speculative.enabled:
             raise ValueError(
                 f"tp_size={self.tp_size} is invalid with speculative_algorithm="
@@ -368,6 +377,7 @@ SGLANG_ALIASES: dict[str, OptionAlias] = {
     "disable_cuda_graph": OptionAlias("cuda_graph", negate=True),
     "disable_overlap_schedule": OptionAlias("overlap_schedule", negate=True),
     "cuda_graph_max_bs": OptionAlias("cuda_graph_max_batch"),
+    "piecewise_cuda_graph_max_tokens": OptionAlias("piecewise_graph_max_tokens"),
 }
 # Parallelism SGLang sizes by option: tp_size is each worker's tensor-parallel degree; data
 # parallelism comes from more workers in the topology, so dp_size and pp_size accept only 1.

@@ -65,6 +65,7 @@ class Topology:
     cuda_graph: bool = _ENGINE_DEFAULTS["cuda_graph"]
     overlap_schedule: bool = _ENGINE_DEFAULTS["overlap_schedule"]
     cuda_graph_max_batch: int = _ENGINE_DEFAULTS["cuda_graph_max_batch"]
+    piecewise_graph_max_tokens: int = _ENGINE_DEFAULTS["piecewise_graph_max_tokens"]
     seed: int = _ENGINE_DEFAULTS["seed"]
     is_embedding: bool | None = None  # embeddings/rewards; None: detected (resolved() decides)
     router: RouterConfig = field(default_factory=RouterConfig)
@@ -267,6 +268,7 @@ class Topology:
             cuda_graph=self.cuda_graph,
             overlap_schedule=self.overlap_schedule,
             cuda_graph_max_batch=self.cuda_graph_max_batch,
+            piecewise_graph_max_tokens=self.piecewise_graph_max_tokens,
             seed=self.seed,
             scheduler=scheduler,
             is_embedding=self.is_embedding,
@@ -372,6 +374,12 @@ class Topology:
             "cuda_graph_max_batch",
             self.cuda_graph_max_batch,
             "an integer >= 1",
+        )
+        check_value(
+            is_int(self.piecewise_graph_max_tokens) and self.piecewise_graph_max_tokens >= 0,
+            "piecewise_graph_max_tokens",
+            self.piecewise_graph_max_tokens,
+            "an integer >= 0 (0: no piecewise graphs)",
         )
         check_value(is_int(self.seed), "seed", self.seed, "an integer")
         check_value(

@@ -40,6 +40,7 @@ _ENGINE_FLAG_KEYS = (
     "cuda_graph",
     "overlap_schedule",
     "cuda_graph_max_batch",
+    "piecewise_graph_max_tokens",
     "is_embedding",
     *PARALLEL_SIZE_OPTIONS,
     *LORA_KEYS,
@@ -102,6 +103,14 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="largest decode batch captured in a CUDA graph",
+    )
+    parser.add_argument(
+        *_flags("piecewise_graph_max_tokens"),
+        dest="piecewise_graph_max_tokens",
+        type=int,
+        default=None,
+        help="prefill and mixed steps of up to this many tokens replay piecewise CUDA graphs "
+        "(captured per token bucket at startup; attention runs between them); 0: eager",
     )
     parser.add_argument(
         "--is-embedding",

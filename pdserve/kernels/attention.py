@@ -3,9 +3,11 @@ runs them. Backends are imported only when chosen, so CPU processes never load t
 
 Every backend has these signatures (attention_ref.py is the numerical contract):
   store_kv(k_cache, v_cache, slots, k, v) -> None
-  extend_attention(q, k_cache, v_cache, meta, scale) -> out   # ragged new tokens over a prefix
-  decode_attention(q, k_cache, v_cache, meta, scale) -> out   # one new token per sequence
-where `meta` is the batch's AttentionMetadata (the worker's ForwardBatch is one).
+  extend_attention(q, k_cache, v_cache, meta, scale, out=None) -> out   # ragged new tokens
+  decode_attention(q, k_cache, v_cache, meta, scale, out=None) -> out   # one new token each
+where `meta` is the batch's AttentionMetadata (the worker's ForwardBatch is one) and `out`, when
+given, is the [T, Hq, D] tensor the result is written into (the piecewise CUDA graphs' static
+buffer, worker/piecewise_graphs.py).
 
 | name       | store_kv   | extend                 | decode                        | CUDA graphs |
 |------------|------------|------------------------|-------------------------------|-------------|
@@ -50,9 +52,16 @@ class AttentionMetadata(Protocol):
 
 
 StoreKV = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
-Attention = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float], torch.Tensor
-]
+# (q, k_cache, v_cache, meta, scale, out=None) -> out
+Attention = Callable[..., torch.Tensor]
+
+
+def _into(out: torch.Tensor | None, result: torch.Tensor) -> torch.Tensor:
+    """result, or out holding a copy of it (backends whose kernels take no output tensor)."""
+    if out is None:
+        return result
+    out.copy_(result)
+    return out
 
 
 @dataclass(frozen=True)
@@ -77,18 +86,19 @@ def _torch_backend() -> AttentionBackend:
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         tree_mask = getattr(meta, "tree_mask", None)  # speculative tree verification
         if tree_mask is not None:
             from pdserve.kernels.tree_attention_ref import tree_extend_attention_ref
 
-            return tree_extend_attention_ref(
+            return _into(out, tree_extend_attention_ref(
                 q, k_cache, v_cache, meta.page_table, meta.seq_lens_cpu, meta.extend_lens_cpu,
                 meta.tree_starts, tree_mask, scale,
-            )  # fmt: skip
-        return attention_ref.extend_attention_ref(
+            ))  # fmt: skip
+        return _into(out, attention_ref.extend_attention_ref(
             q, k_cache, v_cache, meta.page_table, meta.seq_lens_cpu, meta.extend_lens_cpu, scale
-        )
+        ))  # fmt: skip
 
     def decode(
         q: torch.Tensor,
@@ -96,10 +106,11 @@ def _torch_backend() -> AttentionBackend:
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return attention_ref.decode_attention_ref(
+        return _into(out, attention_ref.decode_attention_ref(
             q, k_cache, v_cache, meta.page_table, meta.seq_lens, scale
-        )
+        ))  # fmt: skip
 
     return AttentionBackend(
         name="torch",
@@ -137,22 +148,24 @@ def _triton_extend(ext: Any, dec: Any) -> Attention:
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         tree_mask = getattr(meta, "tree_mask", None)  # speculative tree verification
         if tree_mask is not None:
             from pdserve.kernels.triton_tree_attention import tree_attention
 
-            return tree_attention(
+            return _into(out, tree_attention(
                 q, k_cache, v_cache, meta.page_table, meta.seq_lens_cpu, meta.extend_lens_cpu,
                 meta.tree_starts, tree_mask, scale,
-            )  # fmt: skip
+            ))  # fmt: skip
         d, max_decode_len = meta.leading_decodes  # rows 0..d-1 of q: sequences 0..d-1
         if d == 0:
             return ext.extend_attention(
                 q, k_cache, v_cache, meta.page_table, meta.seq_lens, meta.extend_lens,
-                meta.extend_starts, meta.max_extend_len, scale,
+                meta.extend_starts, meta.max_extend_len, scale, out=out,
             )  # fmt: skip
-        out = torch.empty_like(q)  # [T, Hq, D]
+        if out is None:
+            out = torch.empty_like(q)  # [T, Hq, D]
         dec.decode_attention(
             q[:d], k_cache, v_cache, meta.page_table[:d], meta.seq_lens[:d], scale,
             out=out[:d], max_seq_len=max_decode_len,
@@ -175,12 +188,14 @@ def _triton_decode(dec: Any) -> Attention:
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         # max_seq_len is a host int: inside a CUDA graph it is the graph's fixed bound, so the split
         # count (a launch parameter) stays the one captured.
         return dec.decode_attention(
-            q, k_cache, v_cache, meta.page_table, meta.seq_lens, scale, max_seq_len=meta.max_seq_len
-        )
+            q, k_cache, v_cache, meta.page_table, meta.seq_lens, scale, out=out,
+            max_seq_len=meta.max_seq_len,
+        )  # fmt: skip
 
     return decode
 
@@ -228,13 +243,14 @@ class _FlashInferDecode:
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        out: torch.Tensor | None = None,  # [B, Hq, D]
     ) -> torch.Tensor:  # [B, Hq, D]
         if q.shape[-1] not in _FLASHINFER_HEAD_DIMS or q.dtype not in _FLASHINFER_DTYPES:
-            return self._fallback(q, k_cache, v_cache, meta, scale)
+            return self._fallback(q, k_cache, v_cache, meta, scale, out=out)
         if self._planned_for is not meta:
             self._plan(q, k_cache, meta, scale)
             self._planned_for = meta
-        return self._wrapper.run(q.contiguous(), (k_cache, v_cache))
+        return _into(out, self._wrapper.run(q.contiguous(), (k_cache, v_cache)))
 
     def _get_wrapper(self, device: torch.device, use_tensor_cores: bool) -> Any:
         key = (device, use_tensor_cores)

@@ -98,6 +98,13 @@ class ModelRunner:
             from pdserve.worker.cuda_graph_runner import CudaGraphRunner
 
             self.graph_runner = CudaGraphRunner(self)
+        # The other steps (prefill, mixed, decode above the graphs' batch) in pieces.
+        self.piecewise = None
+        if self.graph_runner is not None and self.graph_runner.batch_sizes:
+            from pdserve.worker.piecewise_graphs import PiecewiseGraphRunner, supports_piecewise
+
+            if config.piecewise_graph_max_tokens and supports_piecewise(self.model):
+                self.piecewise = PiecewiseGraphRunner(self, config.piecewise_graph_max_tokens)
 
     def _decide_num_pages(self) -> int:
         sched = self.config.scheduler
@@ -235,6 +242,8 @@ class ModelRunner:
         # A step with adapters replays a graph captured with the LoRA kernels (cuda_graph_runner).
         if self.graph_runner is not None and self.graph_runner.can_run(fb):
             return self.graph_runner.replay(fb)
+        if self.piecewise is not None and self.piecewise.can_run(fb):
+            return self.piecewise.run(fb)
         return self.model(fb, self.kv_pool)
 
     @torch.inference_mode()

@@ -53,3 +53,5 @@ def warm_up(core: WorkerCore) -> None:
     core.last_step_ms = 0.0
     if core.runner.graph_runner is not None:
         core.runner.graph_runner.num_replays = 0
+    if core.runner.piecewise is not None:
+        core.runner.piecewise.num_runs = 0

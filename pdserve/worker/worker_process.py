@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pdserve import protocol
+from pdserve import env, protocol
 from pdserve.config.process_specs import WorkerSpec
 from pdserve.fault_injection import FaultInjector
 from pdserve.ipc import Inbox, Outbox
@@ -332,8 +332,19 @@ def main(spec_dict: dict[str, Any]) -> None:
     if spec.router_inbox:  # from a thread: a long step never looks like a dead worker
         heartbeat = HeartbeatSender(worker.name, spec.router_inbox, spec.heartbeat_interval_s)
         heartbeat.start()
+    profiler = None
+    out_dir = env.profile_dir()
+    if out_dir is not None:  # a diagnostic: the loop's host time by function
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     try:
         worker.run()
     finally:
         if heartbeat is not None:
             heartbeat.stop()
+        if profiler is not None and out_dir is not None:
+            profiler.disable()
+            out_dir.mkdir(parents=True, exist_ok=True)
+            profiler.dump_stats(str(out_dir / f"{worker.name}.pstats"))

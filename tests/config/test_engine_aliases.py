@@ -41,9 +41,12 @@ def test_sglang_names_become_pdserve_names(sglang: dict[str, Any], pdserve: dict
 
 
 def test_every_alias_targets_an_option_the_engine_config_has() -> None:
-    config_keys = {"seed", "cuda_graph", "overlap_schedule", "cuda_graph_max_batch"} | {
-        f for f in SchedulerConfig.__dataclass_fields__
-    }
+    engine_keys = {"seed", "cuda_graph", "overlap_schedule", "cuda_graph_max_batch"}
+    config_keys = (
+        engine_keys
+        | {"piecewise_graph_max_tokens"}
+        | {f for f in SchedulerConfig.__dataclass_fields__}
+    )
     assert {a.target for a in SGLANG_ALIASES.values()} <= config_keys
 
 

@@ -198,10 +198,12 @@ def _generate(path: Path, prompts: list[list[int]], **options: Any) -> tuple[lis
     results = engine.generate(input_ids=prompts, sampling_params=params)
     elapsed = time.perf_counter() - start
     outputs = [r["output_ids"] for r in results]
+    piecewise = engine.core.runner.piecewise
+    piecewise_runs = piecewise.num_runs if piecewise is not None else 0
     engine.shutdown()
-    del engine, graphs
+    del engine, graphs, piecewise
     _free_gpu()
-    return outputs, {"replays": replays, "seconds": elapsed}
+    return outputs, {"replays": replays, "seconds": elapsed, "piecewise_runs": piecewise_runs}
 
 
 def _agreement(outs: list[list[int]], refs: list[list[int]]) -> tuple[float, float, float]:

@@ -141,6 +141,16 @@ class LlamaAttention(nn.Module):
         kv_pool: KVPool,
         cos_sin_cache: torch.Tensor,  # [max_positions, D] float32
     ) -> torch.Tensor:  # [T, hidden]
+        q = self.project_qkv(x, batch, kv_pool, cos_sin_cache)
+        return self.project_out(self.attend(q, batch, kv_pool), batch.lora)
+
+    def project_qkv(
+        self,
+        x: torch.Tensor,  # [T, hidden]
+        batch: ForwardBatch,
+        kv_pool: KVPool,
+        cos_sin_cache: torch.Tensor,  # [max_positions, D] float32
+    ) -> torch.Tensor:  # q [T, Hq, D], rotated; the new tokens' K and V stored in the cache
         num_tokens = x.shape[0]
         if batch.lora is None:
             qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) D]
@@ -155,20 +165,34 @@ class LlamaAttention(nn.Module):
         k_cache, v_cache = kv_pool.k(self.layer_idx), kv_pool.v(self.layer_idx)
         rotary_and_store = self.kernels.rotary_and_store
         if rotary_and_store is not None:
-            q = rotary_and_store(
+            return rotary_and_store(
                 q, k, v, batch.positions, cos_sin_cache, k_cache, v_cache, batch.slots
             )
-        else:
-            q, k = self.kernels.apply_rotary(q, k, batch.positions, cos_sin_cache)
-            self.attention.store_kv(k_cache, v_cache, batch.slots, k, v)
+        q, k = self.kernels.apply_rotary(q, k, batch.positions, cos_sin_cache)
+        self.attention.store_kv(k_cache, v_cache, batch.slots, k, v)
+        return q
+
+    def attend(
+        self,
+        q: torch.Tensor,  # [T, Hq, D]
+        batch: ForwardBatch,
+        kv_pool: KVPool,
+        out: torch.Tensor | None = None,  # [T, Hq, D]: where to write the result
+    ) -> torch.Tensor:  # [T, Hq D]
+        k_cache, v_cache = kv_pool.k(self.layer_idx), kv_pool.v(self.layer_idx)
         if batch.is_decode:
-            out = self.attention.decode_attention(q, k_cache, v_cache, batch, self.scale)
+            attend = self.attention.decode_attention
         else:
-            out = self.attention.extend_attention(q, k_cache, v_cache, batch, self.scale)
-        out = out.reshape(num_tokens, self.num_heads * self.head_dim)  # [T, Hq D]
-        if batch.lora is None:
+            attend = self.attention.extend_attention
+        out = attend(q, k_cache, v_cache, batch, self.scale, out=out)
+        return out.reshape(q.shape[0], self.num_heads * self.head_dim)  # [T, Hq D]
+
+    def project_out(
+        self, out: torch.Tensor, lora: LoraBatch | None = None
+    ) -> torch.Tensor:  # [T, Hq D] -> [T, hidden]
+        if lora is None:
             return self.o_proj(out)
-        return batch.lora.linear(self.layer_idx, "o_proj", self.o_proj, out)  # [T, hidden]
+        return lora.linear(self.layer_idx, "o_proj", self.o_proj, out)
 
 
 class LlamaMLP(nn.Module):
