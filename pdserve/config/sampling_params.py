@@ -107,6 +107,9 @@ class SamplingParams:
         # Sampled with temperature / min-p / a seed at most (worker/light_sampling.py).
         light = not penalties and not self.logit_bias
         _set(self, "_is_light", light and (greedy or (self.top_k <= 0 and self.top_p >= 1.0)))
+        # min_new_tokens bans what would end the request: stop ids, and EOS unless ignored.
+        bans = self.min_new_tokens > 0 and (bool(self.stop_token_ids) or not self.ignore_eos)
+        _set(self, "_min_new_tokens_bans", bans)
 
     @property
     def grammar(self) -> GrammarSpec | None:
@@ -126,6 +129,12 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return self._has_penalties  # type: ignore[attr-defined,no-any-return]
+
+    @property
+    def min_new_tokens_bans(self) -> bool:
+        """Whether min_new_tokens bans any token until it is reached: stop_token_ids, and EOS
+        unless ignore_eos (an EOS that ends nothing is not banned, as in vLLM)."""
+        return self._min_new_tokens_bans  # type: ignore[attr-defined,no-any-return]
 
     @property
     def is_light(self) -> bool:

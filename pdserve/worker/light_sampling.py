@@ -32,8 +32,10 @@ def is_light(req: Request) -> bool:
         return False
     if req.checked_sampling is not p:  # its numbers were not validated at admission
         return False
-    # Before min_new_tokens, EOS and stop ids are banned this step.
-    return p.min_new_tokens == 0 or len(req.output_ids) + req.num_inflight >= p.min_new_tokens
+    # Before min_new_tokens, EOS (unless ignored) and stop ids are banned this step.
+    if not p.min_new_tokens_bans:
+        return True
+    return len(req.output_ids) + req.num_inflight >= p.min_new_tokens
 
 
 class LightSampler:

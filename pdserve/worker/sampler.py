@@ -6,8 +6,9 @@ Order, as in HF transformers and vLLM:
   2. repetition_penalty (HF/CTRL)    tokens seen in prompt + output: logit > 0 -> logit / p,
                                      else logit * p
   3. frequency/presence (OpenAI)     logit -= count_in_output * f + (count_in_output > 0) * p
-  4. min_new_tokens                  EOS and stop_token_ids -> -inf until enough tokens exist
-                                     (unless the row's grammar allows nothing else)
+  4. min_new_tokens                  EOS (unless ignore_eos) and stop_token_ids -> -inf until
+                                     enough tokens exist (unless the row's grammar allows
+                                     nothing else)
   5. grammar                         tokens the row's grammar does not allow next -> -inf
   6. greedy rows: argmax. Other rows: / temperature, top-k, top-p (renormalized after top-k),
      min-p, then one draw.
@@ -242,11 +243,13 @@ def _banned_before_min_new_tokens(
     device: torch.device | str,
     grammar_bitmask: torch.Tensor | None = None,
 ) -> _SparseAdd | None:
-    """EOS and stop_token_ids of the rows short of min_new_tokens, except where the row's
+    """EOS (unless ignore_eos) and stop_token_ids of the rows short of min_new_tokens, except where the row's
     grammar (bitmask [B, ceil(V / 32)] int32, host) allows nothing else: a complete grammar
     ends the request."""
     banned = [
-        sorted(set(row.eos_token_ids) | set(row.params.stop_token_ids))
+        sorted(
+            set(() if row.params.ignore_eos else row.eos_token_ids) | set(row.params.stop_token_ids)
+        )
         if len(row.output_ids) < row.params.min_new_tokens
         else []
         for row in rows
@@ -431,7 +434,7 @@ def is_plain_greedy_request(
         and not params.logit_bias
         and not return_logprob
         and top_logprobs_num == 0
-        and num_output >= params.min_new_tokens
+        and (num_output >= params.min_new_tokens or not params.min_new_tokens_bans)
         and grammar is None
     )
 

@@ -288,6 +288,34 @@ def test_min_new_tokens_masks_eos_and_stop_ids_until_reached() -> None:
     assert sample(logits, batch).token_ids == [11, 5, 5]
 
 
+def test_min_new_tokens_leaves_an_ignored_eos_alone() -> None:
+    """With ignore_eos an EOS ends nothing, so min_new_tokens does not ban it (as in vLLM); the
+    stop ids it still bans. A row whose minimum bans nothing is plain greedy and light (the
+    worker's fast paths): a benchmark's min_tokens + ignore_eos requests take them."""
+    from pdserve.worker.sampler import is_plain_greedy_request
+
+    logits = torch.zeros(2, V)
+    logits[:, 5] = 10.0  # EOS
+    logits[:, 7] = 9.0  # stop token
+    base = dict(temperature=0.0, min_new_tokens=3, max_new_tokens=8, ignore_eos=True)
+    rows = [
+        row(output_ids=[1], eos_token_ids=(5,), **base),
+        row(output_ids=[1], eos_token_ids=(5,), stop_token_ids=(5, 7), **base),
+    ]
+    batch = SamplingBatch.build(rows, V, "cpu")
+    processed = process_logits(logits, batch)
+    assert torch.isfinite(processed[0]).all()
+    assert processed[1, 5] == -math.inf and processed[1, 7] == -math.inf
+    assert sample(logits, batch).token_ids == [5, 0]
+    assert is_plain_greedy_request(rows[0].params, 1, False, 0, None)
+    assert not is_plain_greedy_request(rows[1].params, 1, False, 0, None)
+    unignored = SamplingParams(temperature=0.0, min_new_tokens=3, max_new_tokens=8)
+    assert not is_plain_greedy_request(unignored, 1, False, 0, None)
+    assert is_plain_greedy_request(unignored, 3, False, 0, None)
+    assert rows[0].params.is_light and not rows[0].params.min_new_tokens_bans
+    assert rows[1].params.min_new_tokens_bans and unignored.min_new_tokens_bans
+
+
 def test_min_new_tokens_holds_for_sampled_rows() -> None:
     logits = torch.zeros(NUM_DRAWS, V)
     logits[:, 5] = 3.0
