@@ -48,7 +48,8 @@ def _allowed_logits(base, mask_row, ids, vocab_size, HAS_MASK: tl.constexpr):
     return x
 
 
-@triton.jit
+# num_chunks changes with the batch size: not specialized on (one compile serves every batch).
+@triton.jit(do_not_specialize=["num_chunks"])
 def _chunk_kernel(
     logits_ptr,  # [B, V] float32
     temps_ptr,  # [B] float32 (greedy rows: ignored)
@@ -68,7 +69,7 @@ def _chunk_kernel(
     num_chunks,
     chunk_len,  # a multiple of BLOCK
     BLOCK: tl.constexpr,
-    CHUNKS_P2: tl.constexpr,  # num_chunks rounded up to a power of two
+    CHUNKS_P2: tl.constexpr,  # a power of two >= num_chunks (fixed by the vocabulary)
     HAS_MASK: tl.constexpr,
     MAX_ONLY: tl.constexpr,  # first launch of a min-p batch: the chunk maxima only
     USE_FLOOR: tl.constexpr,  # min-p: read the row's max from part_max (the first launch)
@@ -235,7 +236,9 @@ def race_sample(
         mask = bitmask if bitmask.is_contiguous() else bitmask.contiguous()
     race = not all_greedy
     floor = race and any_min_p
-    chunks_p2 = triton.next_power_of_2(num_chunks)
+    # From the vocabulary alone, not the batch: each new value was a new compile (~1 s of a
+    # serving step the first time a batch of that size came).
+    chunks_p2 = triton.next_power_of_2(blocks)
     count = _kept_zeros(device, batch, torch.int32)
     common = (
         logits, temperatures, min_ps, keys, mask, part_max, part_max_id, part_score, part_id,
