@@ -57,7 +57,7 @@ TARGET_RATIO = 2.0
 GPU = {
     "spec": rc.LLAMA_1B, "device": "cuda", "roots": ("/dev/shm/pdserve-bench", "/tmp/pdserve-bench"),
     "num_prompts": 1000, "input_len": 1024, "output_len": 256, "steady_streams": 64,
-    "steady_prompts": 192, "client_procs": 8, "tokenizer_replicas": 4, "prefill_budgets": "1024",
+    "steady_prompts": 192, "client_procs": 8, "tokenizer_replicas": 4, "prefill_budgets": "512",
     "engine": {"num_pages": 24000, "max_running_requests": 256, "cuda_graph_max_batch": 256},
     "run_timeout_s": 240.0, "start_timeout_s": 240.0,
 }  # fmt: skip

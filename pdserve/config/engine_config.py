@@ -199,8 +199,10 @@ class SchedulerConfig:
     chunk_size: int = 4096  # longest prefill piece of one request in one step
     # Most prompt tokens a step that carries decodes may add, so that those decodes' step stays
     # short (Sarathi-Serve's token budget); a step with no decode fills max_batch_tokens. 0: no
-    # cap but max_batch_tokens.
-    decode_step_prefill_tokens: int = 1024
+    # cap but max_batch_tokens. 512: on the H200 (Llama-1B, 256 streams beside a burst of
+    # 1,024-token prompts) the streams' TPOT 4.5 ms against 7.5 at 1,024, for 10% less burst
+    # and 18% less offline throughput (docs/BENCHMARKS.md, eighth session).
+    decode_step_prefill_tokens: int = 512
     max_running_requests: int = 256
     num_pages: int | None = None  # fixed pool size; None: sized from mem_fraction
     mem_fraction: float = 0.85  # of free device memory (after weights) given to the KV pool

@@ -15,7 +15,7 @@ from pdserve.entrypoints.cli import main
 
 
 def test_the_default_caps_prompt_tokens_beside_decodes() -> None:
-    assert SchedulerConfig().decode_step_prefill_tokens == 1024
+    assert SchedulerConfig().decode_step_prefill_tokens == 512
 
 
 def test_the_topology_key_and_the_flat_key_set_it(tmp_path: Path, tiny_llama: Path) -> None:
@@ -40,8 +40,8 @@ def test_the_launch_flag_sets_it(tiny_llama: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(launch, "Cluster", Launched)
     monkeypatch.setattr(launch_cli, "_serve", lambda cluster, grace_s: 0)
     argv = ["launch", "--model", str(tiny_llama), "--device", "cpu"]
-    assert main([*argv, "--decode-step-prefill-tokens", "512", "--log-level", "warning"]) == 0
-    assert seen[0].scheduler.decode_step_prefill_tokens == 512
+    assert main([*argv, "--decode-step-prefill-tokens", "768", "--log-level", "warning"]) == 0
+    assert seen[0].scheduler.decode_step_prefill_tokens == 768
 
 
 def test_the_engine_option_sets_it(tiny_llama: Path) -> None:
