@@ -99,9 +99,10 @@ PROFILE_DIR_VAR = "PDSERVE_PROFILE_DIR"
 
 
 def profile_dir(environ: Mapping[str, str] = os.environ) -> Path | None:
-    """`PDSERVE_PROFILE_DIR=<dir>`, a diagnostic: each worker process runs its loop under
-    cProfile and writes the statistics to `<dir>/<worker name>.pstats` when it stops (read them
-    with `python -m pstats`). cProfile slows the loop's Python; the shares are what it is for.
-    Set it in the environment the workers start from (the launcher passes it on)."""
+    """`PDSERVE_PROFILE_DIR=<dir>`, a diagnostic: each worker process and the router run their
+    loops under cProfile and write the statistics to `<dir>/<worker name>.pstats` and
+    `<dir>/router.pstats` when they stop (read them with `python -m pstats`; profiling.py).
+    cProfile slows the loops' Python; the shares are what it is for. Set it in the environment
+    the processes start from (the launcher passes it on)."""
     value = environ.get(PROFILE_DIR_VAR, "")
     return Path(value) if value else None

@@ -13,6 +13,7 @@ from typing import Any
 
 import uvicorn
 
+from pdserve.profiling import profiled
 from pdserve.router.app import build_app
 from pdserve.router.router import Router
 
@@ -29,9 +30,12 @@ def main(spec: dict[str, Any]) -> None:
     try:  # the loop runs every stream's writes: uvloop's is the faster one, when it is installed
         import uvloop
     except ImportError:
-        asyncio.run(serve(router))
-    else:
-        uvloop.run(serve(router))
+        uvloop = None
+    with profiled("router"):  # PDSERVE_PROFILE_DIR: a diagnostic
+        if uvloop is None:
+            asyncio.run(serve(router))
+        else:
+            uvloop.run(serve(router))
 
 
 async def serve(router: Router) -> None:

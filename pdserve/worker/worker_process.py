@@ -10,11 +10,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pdserve import env, protocol
+from pdserve import protocol
 from pdserve.config.process_specs import WorkerSpec
 from pdserve.fault_injection import FaultInjector
 from pdserve.ipc import Inbox, Outbox
 from pdserve.kv_transfer.base import TransferStats
+from pdserve.profiling import profiled
 from pdserve.protocol import Finish
 from pdserve.scheduler.request import Request
 from pdserve.worker.extra_outputs_wire import append_extra_outputs
@@ -332,19 +333,9 @@ def main(spec_dict: dict[str, Any]) -> None:
     if spec.router_inbox:  # from a thread: a long step never looks like a dead worker
         heartbeat = HeartbeatSender(worker.name, spec.router_inbox, spec.heartbeat_interval_s)
         heartbeat.start()
-    profiler = None
-    out_dir = env.profile_dir()
-    if out_dir is not None:  # a diagnostic: the loop's host time by function
-        import cProfile
-
-        profiler = cProfile.Profile()
-        profiler.enable()
     try:
-        worker.run()
+        with profiled(worker.name):  # PDSERVE_PROFILE_DIR: a diagnostic
+            worker.run()
     finally:
         if heartbeat is not None:
             heartbeat.stop()
-        if profiler is not None and out_dir is not None:
-            profiler.disable()
-            out_dir.mkdir(parents=True, exist_ok=True)
-            profiler.dump_stats(str(out_dir / f"{worker.name}.pstats"))
