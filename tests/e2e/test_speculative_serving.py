@@ -46,7 +46,7 @@ def eagle_pd_cluster(tiny_llama: Path, eagle_head: Path) -> Iterator[Cluster]:
         device="cpu",
         port=_free_port(),
         kv_transfer="tcp",
-        num_pages=26,  # 104 tokens for 4 requests of up to 41: the decode worker preempts
+        num_pages=16,  # 64 tokens for 4 requests of up to 41 (11 pages): any two overlapping preempt
         page_size=4,
         speculative_algorithm="EAGLE",
         speculative_draft_model_path=str(eagle_head),
