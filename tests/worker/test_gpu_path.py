@@ -85,10 +85,23 @@ def _random_decode_batch(
     seq_lens: list[int], vocab_size: int, page_size: int, rng: random.Random
 ) -> ScheduledBatch:
     """Decode items over scattered pages; fake requests carry only what build_forward_batch reads."""
+    return random_batch(seq_lens, [], vocab_size, page_size, rng)
+
+
+def random_batch(
+    decode_lens: list[int],
+    prefills: list[tuple[int, int]],
+    vocab_size: int,
+    page_size: int,
+    rng: random.Random,
+) -> ScheduledBatch:
+    """Decode rows (KV lengths after the step), then prefill chunks (prefix, new tokens), over
+    scattered pages; fake requests carry only what build_forward_batch reads."""
     free = list(range(1, NUM_PAGES))  # page 0 is reserved
     rng.shuffle(free)
     items = []
-    for seq_len in seq_lens:
+    rows = [(n, n - 1, 1) for n in decode_lens] + [(p + e, p, e) for p, e in prefills]
+    for seq_len, start, num in rows:
         num_pages = -(-seq_len // page_size)
         pages, free = free[:num_pages], free[num_pages:]
         req = SimpleNamespace(
@@ -96,7 +109,7 @@ def _random_decode_batch(
             output_ids=[rng.randrange(vocab_size)],
             page_ids=pages,
         )
-        items.append(BatchItem(req=req, start=seq_len - 1, num_tokens=1))  # type: ignore[arg-type]
+        items.append(BatchItem(req=req, start=start, num_tokens=num))  # type: ignore[arg-type]
     return ScheduledBatch(items)
 
 

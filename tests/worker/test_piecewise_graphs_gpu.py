@@ -10,22 +10,22 @@ import importlib.util
 import random
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from pdserve.config.engine_config import EngineConfig, ModelConfig, SchedulerConfig
-from pdserve.scheduler.scheduler import BatchItem, ScheduledBatch
 from pdserve.worker.model_runner import ModelRunner
 from pdserve.worker.models import load_model
 from tests.worker.test_gpu_path import (
+    NUM_PAGES,
     _agreement,
     _free_gpu,
     _generate,
     _prompts,
     _rel_err,
     model_dirs,  # noqa: F401  (the fixture)
+    random_batch,
 )
 
 pytestmark = [
@@ -36,34 +36,7 @@ pytestmark = [
     ),
 ]
 
-NUM_PAGES = 8192
 MAX_TOKENS = 512
-
-
-def _mixed_batch(
-    decode_lens: list[int],
-    prefills: list[tuple[int, int]],
-    vocab_size: int,
-    page_size: int,
-    rng: random.Random,
-) -> ScheduledBatch:
-    """Decode rows (KV lengths after the step), then prefill chunks (prefix, new tokens), over
-    scattered pages; fake requests carry only what build_forward_batch reads."""
-    free = list(range(1, NUM_PAGES))  # page 0 is reserved
-    rng.shuffle(free)
-    items = []
-    for seq_len, start, num in [(n, n - 1, 1) for n in decode_lens] + [
-        (p + e, p, e) for p, e in prefills
-    ]:
-        num_pages = -(-seq_len // page_size)
-        pages, free = free[:num_pages], free[num_pages:]
-        req = SimpleNamespace(
-            prompt_ids=[rng.randrange(vocab_size) for _ in range(seq_len - 1)],
-            output_ids=[rng.randrange(vocab_size)],
-            page_ids=pages,
-        )
-        items.append(BatchItem(req=req, start=start, num_tokens=num))  # type: ignore[arg-type]
-    return ScheduledBatch(items)
 
 
 @pytest.mark.parametrize(
@@ -104,7 +77,7 @@ def test_piecewise_logits_and_kv_equal_eager_and_torch_backend(
     used_buckets = set()
     with torch.inference_mode():
         for decode_lens, prefills in shapes:
-            batch = _mixed_batch(
+            batch = random_batch(
                 decode_lens, prefills, model_config.vocab_size, runner.page_size, rng
             )
             fb = runner.build_forward_batch(batch)
