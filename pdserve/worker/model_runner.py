@@ -101,10 +101,10 @@ class ModelRunner:
         # The other steps (prefill, mixed, decode above the graphs' batch) in pieces.
         self.piecewise = None
         if self.graph_runner is not None and self.graph_runner.batch_sizes:
-            from pdserve.worker.piecewise_graphs import PiecewiseGraphRunner, supports_piecewise
+            from pdserve.worker.piecewise_graphs import build_piecewise, supports_piecewise
 
             if config.piecewise_graph_max_tokens and supports_piecewise(self.model):
-                self.piecewise = PiecewiseGraphRunner(self, config.piecewise_graph_max_tokens)
+                self.piecewise = build_piecewise(self, config.piecewise_graph_max_tokens)
 
     def _decide_num_pages(self) -> int:
         sched = self.config.scheduler

@@ -66,6 +66,26 @@ def token_buckets(max_tokens: int) -> list[int]:
     return sizes + [max_tokens]
 
 
+def build_piecewise(
+    model_runner: ModelRunner, max_tokens: int, capture: bool = True
+) -> PiecewiseGraphRunner | None:
+    """The runner's piecewise graphs, or None (logged) when capturing them ran out of device
+    memory: the worker then runs those steps eagerly rather than not start."""
+    try:
+        return PiecewiseGraphRunner(model_runner, max_tokens, capture)
+    except torch.OutOfMemoryError as e:
+        logger.warning(
+            "piecewise CUDA graphs off: capturing them for up to %d tokens ran out of device "
+            "memory (%s); prefill and mixed steps run eagerly (piecewise_graph_max_tokens sets "
+            "the bound, 0 turns them off)",
+            max_tokens,
+            str(e).splitlines()[0] if str(e) else type(e).__name__,
+        )
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return None
+
+
 def supports_piecewise(model: object) -> bool:
     """Whether `model` is the plain decoder whose layers this runner knows how to cut."""
     from pdserve.worker.models.llama import LlamaForCausalLM

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pdserve.config.engine_config import EngineConfig
-from pdserve.worker.piecewise_graphs import PiecewiseGraphRunner, token_buckets
+from pdserve.worker.piecewise_graphs import PiecewiseGraphRunner, build_piecewise, token_buckets
 from pdserve.worker.worker_core import WorkerCore
 from tests.worker.test_overlap import KINDS, assert_same, make_core, random_requests, run
 
@@ -124,3 +124,20 @@ def test_a_shorter_step_after_a_longer_one_pads_with_slot_zero(tiny_llama: Path)
     for num_tokens, row_slots in seen:
         assert all(s == 0 for s in row_slots[num_tokens:]), (num_tokens, row_slots)
         assert all(s != 0 for s in row_slots[:num_tokens])
+
+
+def test_running_out_of_memory_in_capture_leaves_the_steps_eager(
+    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    core = make_core(tiny_llama, overlap=False)
+
+    def no_memory(self: PiecewiseGraphRunner) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(PiecewiseGraphRunner, "_capture", no_memory)
+    assert build_piecewise(core.runner, 64) is None
+    assert "piecewise CUDA graphs off" in caplog.text and "2.00 GiB" in caplog.text
+    assert build_piecewise(core.runner, 64, capture=False) is not None
+    monkeypatch.setattr(PiecewiseGraphRunner, "_capture", lambda self: 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # anything else is a bug: it is not swallowed
+        build_piecewise(core.runner, 64)
