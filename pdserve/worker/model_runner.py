@@ -103,8 +103,10 @@ class ModelRunner:
         if self.graph_runner is not None and self.graph_runner.batch_sizes:
             from pdserve.worker.piecewise_graphs import build_piecewise, supports_piecewise
 
-            if config.piecewise_graph_max_tokens and supports_piecewise(self.model):
-                self.piecewise = build_piecewise(self, config.piecewise_graph_max_tokens)
+            # No step holds more than max_batch_tokens: no bucket above it is captured.
+            max_tokens = min(config.piecewise_graph_max_tokens, config.scheduler.max_batch_tokens)
+            if max_tokens and supports_piecewise(self.model):
+                self.piecewise = build_piecewise(self, max_tokens)
 
     def _decide_num_pages(self) -> int:
         sched = self.config.scheduler
