@@ -161,11 +161,10 @@ class PiecewiseGraphRunner:
         num_tokens = fb.num_tokens
         tb = self.bucket(num_tokens)
         self._load(fb)
-        num_heads, head_dim = self.q_shape
+        shape = (num_tokens, *self.q_shape)
+        q, out = self.q[:num_tokens].view(shape), self.attn_out[:num_tokens].view(shape)
         for i, layer in enumerate(self.layers):
             self._run_segment(i, tb)
-            q = self.q[:num_tokens].view(num_tokens, num_heads, head_dim)
-            out = self.attn_out[:num_tokens].view(num_tokens, num_heads, head_dim)
             layer.self_attn.attend(q, fb, self.kv_pool, out=out)
         self._run_segment(len(self.layers), tb)
         self.num_runs += 1
@@ -196,17 +195,12 @@ class PiecewiseGraphRunner:
             x = model.embed_tokens(self.input_ids[:tb])  # [tb, hidden]
             residual = torch.zeros_like(x)
         else:
-            prev = self.layers[i - 1]
-            out = prev.self_attn.project_out(self.attn_out[:tb])
-            x, residual = prev.post_attention_layernorm.add_and_norm(out, self.residual[:tb])
-            x = prev.mlp(x)
+            x, residual = self.layers[i - 1].after_attention(self.attn_out[:tb], self.residual[:tb])
         if i == len(self.layers):
             self.hidden[:tb].copy_(x)
         else:
-            layer = self.layers[i]
-            x, residual = layer.input_layernorm.add_and_norm(x, residual)
-            q = layer.self_attn.project_qkv(
-                x, self._static[tb], self.kv_pool, self.model.cos_sin_cache
+            q, residual = self.layers[i].before_attention(
+                x, residual, self._static[tb], self.kv_pool, self.model.cos_sin_cache
             )  # [tb, Hq, D]
             self.q[:tb].view(q.shape).copy_(q)
         self.residual[:tb].copy_(residual)

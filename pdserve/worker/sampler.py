@@ -243,9 +243,9 @@ def _banned_before_min_new_tokens(
     device: torch.device | str,
     grammar_bitmask: torch.Tensor | None = None,
 ) -> _SparseAdd | None:
-    """EOS (unless ignore_eos) and stop_token_ids of the rows short of min_new_tokens, except where the row's
-    grammar (bitmask [B, ceil(V / 32)] int32, host) allows nothing else: a complete grammar
-    ends the request."""
+    """EOS (unless ignore_eos) and stop_token_ids of the rows short of min_new_tokens, except
+    where the row's grammar (bitmask [B, ceil(V / 32)] int32, host) allows nothing else: a
+    complete grammar ends the request."""
     banned = [
         sorted(
             set(() if row.params.ignore_eos else row.eos_token_ids) | set(row.params.stop_token_ids)

@@ -251,11 +251,35 @@ class LlamaDecoderLayer(nn.Module):
         kv_pool: KVPool,
         cos_sin_cache: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:  # (mlp output, residual stream without it)
-        # Each residual add is deferred into the next norm so the two can run as one fused kernel.
+        q, residual = self.before_attention(x, residual, batch, kv_pool, cos_sin_cache)
+        out = self.self_attn.attend(q, batch, kv_pool)
+        return self.after_attention(out, residual, batch.lora)
+
+    # The layer's two halves around its attention call: the piecewise CUDA graphs capture them
+    # apart (worker/piecewise_graphs.py). Each residual add is deferred into the next norm so the
+    # two run as one fused kernel.
+
+    def before_attention(
+        self,
+        x: torch.Tensor,  # [T, hidden]: the previous sublayer's output (the embeddings at layer 0)
+        residual: torch.Tensor,  # [T, hidden]
+        batch: ForwardBatch,
+        kv_pool: KVPool,
+        cos_sin_cache: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # (q [T, Hq, D], residual stream with x added)
         x, residual = self.input_layernorm.add_and_norm(x, residual)
-        x = self.self_attn(x, batch, kv_pool, cos_sin_cache)
-        x, residual = self.post_attention_layernorm.add_and_norm(x, residual)
-        return self.mlp(x, batch.lora), residual
+        return self.self_attn.project_qkv(x, batch, kv_pool, cos_sin_cache), residual
+
+    def after_attention(
+        self,
+        out: torch.Tensor,  # [T, Hq D]: the attention's output
+        residual: torch.Tensor,  # [T, hidden]
+        lora: LoraBatch | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # (mlp output, residual stream without it)
+        x, residual = self.post_attention_layernorm.add_and_norm(
+            self.self_attn.project_out(out, lora), residual
+        )
+        return self.mlp(x, lora), residual
 
 
 class LlamaModel(nn.Module):
