@@ -4,11 +4,13 @@ At decode batch 1 a linear layer is a matrix-vector product that reads its weigh
 elementwise kernel before it (the residual add + RMSNorm before q/k/v and gate/up, the SiLU-and-mul
 before down_proj) is a separate launch of a few microseconds that reads a few kilobytes. Here each
 program computes BLOCK_N outputs over the whole of K, so the fused prologue runs in every program on
-the (L2-resident) input row: the residual add + RMSNorm re-derives the row's statistics, the
-SiLU-and-mul its activations, and the separate launch is gone.
+the (L2-resident) input row: the residual add + RMSNorm accumulates the row's statistics beside the
+product, the SiLU-and-mul computes its activations, and the separate launch is gone.
 
-Rounds like the unfused torch path (`norm_ref.py`, `activation_ref.py`): the normalized row and the
-activation are rounded to the model dtype before the product, which accumulates in float32.
+Products accumulate in float32. The residual sum and the activation are rounded to the model dtype
+as in the unfused torch path (`norm_ref.py`, `activation_ref.py`); the RMSNorm's 1 / rms, one
+factor per row, multiplies the finished sums (the unfused path rounds the normalized row to the
+model dtype first: the two differ by that rounding, within bf16's error).
 """
 
 from __future__ import annotations
@@ -56,23 +58,7 @@ def _gemv_kernel(
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     x_rows = x_ptr + offs_m[:, None] * stride_xm  # [BLOCK_M, 1]
-    if PROLOGUE == 1:  # the row's statistics first: every program needs the whole row's
-        sum_sq = tl.zeros((BLOCK_M,), tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mk = m_mask[:, None] & (offs_k < K)[None, :]
-            xv = tl.load(x_rows + offs_k[None, :], mask=mk, other=0.0).to(tl.float32)
-            rv = tl.load(
-                res_ptr + offs_m[:, None] * stride_rm + offs_k[None, :], mask=mk, other=0.0
-            ).to(tl.float32)
-            summed = (xv + rv).to(dtype)
-            if pid == 0:
-                tl.store(
-                    res_out_ptr + offs_m[:, None] * stride_ro + offs_k[None, :], summed, mask=mk
-                )
-            s32 = summed.to(tl.float32)
-            sum_sq += tl.sum(s32 * s32, axis=1)
-        rstd = tl.rsqrt(sum_sq / K + eps)  # [BLOCK_M]
+    sum_sq = tl.zeros((BLOCK_M,), tl.float32)  # PROLOGUE 1: the rows' sums of squares
     acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -86,20 +72,29 @@ def _gemv_kernel(
         if PROLOGUE == 0:
             xv = tl.load(x_rows + offs_k[None, :], mask=mk, other=0.0).to(tl.float32)
         elif PROLOGUE == 1:
+            # The norm's 1 / rms scales a whole row, so it is applied to the sums at the end:
+            # one pass over K, the weight's loads never wait for the row's statistics.
             xv = tl.load(x_rows + offs_k[None, :], mask=mk, other=0.0).to(tl.float32)
             rv = tl.load(
                 res_ptr + offs_m[:, None] * stride_rm + offs_k[None, :], mask=mk, other=0.0
             ).to(tl.float32)
-            summed = (xv + rv).to(dtype).to(tl.float32)
-            normed = (summed * rstd[:, None]).to(dtype).to(tl.float32)
+            summed = (xv + rv).to(dtype)  # rounded as the unfused residual stream is
+            if pid == 0:
+                tl.store(
+                    res_out_ptr + offs_m[:, None] * stride_ro + offs_k[None, :], summed, mask=mk
+                )
+            s32 = summed.to(tl.float32)
+            sum_sq += tl.sum(s32 * s32, axis=1)
             gamma = tl.load(gamma_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-            xv = (normed * gamma[None, :]).to(dtype).to(tl.float32)
+            xv = s32 * gamma[None, :]
         else:
             gate = tl.load(x_rows + offs_k[None, :], mask=mk, other=0.0).to(tl.float32)
             up = tl.load(x_rows + K + offs_k[None, :], mask=mk, other=0.0).to(tl.float32)
             xv = (gate * tl.sigmoid(gate) * up).to(dtype).to(tl.float32)
         acc += w[None, :, :] * xv[:, None, :]
     out = tl.sum(acc, axis=2)  # [BLOCK_M, BLOCK_N]
+    if PROLOGUE == 1:
+        out *= tl.rsqrt(sum_sq / K + eps)[:, None]
     if HAS_BIAS:
         out += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     tl.store(
