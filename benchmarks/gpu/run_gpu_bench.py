@@ -401,11 +401,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--peer", action=argparse.BooleanOptionalAction, default=True,
         help="time the compiled plain-torch peer beside every decode row",
     )  # fmt: skip
-    p.add_argument(
-        "--fused-gemv", action=argparse.BooleanOptionalAction, default=True,
-        help="steps of 1-4 tokens through the fused small-batch linears (kernels/triton_gemv); "
-        "--no-fused-gemv: the elementwise kernels, then cuBLAS, as before them",
-    )  # fmt: skip
     args = p.parse_args(argv)
     plan = SMOKE if args.smoke else FULL
     if args.sections is None:
@@ -414,14 +409,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         p.error(f"--sections: unknown {unknown}: expected some of {list(SECTIONS)}")
     return args
-
-
-def without_fused_gemv() -> None:
-    """Models built after this use no fused small-batch linears (the engine runs in-process)."""
-    from pdserve.worker.models import llama
-
-    select = llama.select_kernels
-    llama.select_kernels = lambda use_triton: select(use_triton)._replace(gemv=None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -435,8 +422,6 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/gpu/run_gpu_bench.py " + shlex.join(
         sys.argv[1:] if argv is None else argv
     )
-    if not args.fused_gemv:
-        without_fused_gemv()
     b = Bench(plan, args, Report(command.strip(), environment(plan)))
     md_path, json_path = Path(args.out_md), Path(args.out_json)
     chosen = args.sections.split(",")

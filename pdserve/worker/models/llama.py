@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from types import ModuleType
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -52,20 +51,6 @@ class Kernels(NamedTuple):
     # Rotary on q and k plus the KV-cache store of k and v in one launch (returns q); None: the
     # two steps apart (apply_rotary, then the attention backend's store_kv).
     rotary_and_store: Callable[..., Tensor] | None = None
-    # The linears of a step of at most `gemv.MAX_ROWS` tokens (decode at batch 1 to 4), with the
-    # norm or the activation before them fused in: kernels/triton_gemv (its torch reference is
-    # kernels/gemv_ref). None: the elementwise kernel, then the GEMM, at every size.
-    gemv: ModuleType | None = None
-
-
-def fused_gemv(kernels: Kernels, x: Tensor, linear: nn.Linear) -> ModuleType | None:
-    """The fused small-batch kernels when they can compute `linear` on x's rows: few rows, and no
-    all-reduce after the product (a row-parallel linear under tensor parallelism)."""
-    gemv = kernels.gemv
-    if gemv is None or not 0 < x.shape[0] <= gemv.MAX_ROWS:
-        return None
-    tp = getattr(linear, "tp", SINGLE)
-    return None if tp.is_parallel else gemv
 
 
 TORCH_KERNELS = Kernels(rms_norm_ref, fused_add_rms_norm_ref, apply_rotary_ref, silu_and_mul_ref)
@@ -76,7 +61,7 @@ def select_kernels(use_triton: bool) -> Kernels:
     """Chosen once when the model is built (by the attention backend); triton imported only here."""
     if not use_triton:
         return TORCH_KERNELS
-    from pdserve.kernels import triton_activation, triton_gemv, triton_norm, triton_rotary
+    from pdserve.kernels import triton_activation, triton_norm, triton_rotary
 
     def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
         # q/k heads sliced out of the fused qkv output cannot be viewed as rows: copy them (Qwen3).
@@ -88,7 +73,6 @@ def select_kernels(use_triton: bool) -> Kernels:
         apply_rotary=triton_rotary.apply_rotary_,  # in place on q and k
         silu_and_mul=triton_activation.silu_and_mul,
         rotary_and_store=triton_rotary.apply_rotary_and_store_,
-        gemv=triton_gemv,
     )
 
 
@@ -108,17 +92,6 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:  # (normed, new residual)
         return self.kernels.fused_add_rms_norm(x, residual, self.weight, self.eps)
-
-    def add_norm_linear(
-        self, x: torch.Tensor, residual: torch.Tensor, linear: nn.Linear
-    ) -> tuple[torch.Tensor, torch.Tensor]:  # (linear(norm(x + residual)), x + residual)
-        gemv = fused_gemv(self.kernels, x, linear)
-        if gemv is not None:
-            return gemv.add_norm_gemv(
-                x, residual, self.weight, self.eps, linear.weight, linear.bias
-            )
-        x, residual = self.add_and_norm(x, residual)
-        return linear(x), residual
 
 
 class LlamaAttention(nn.Module):
@@ -178,20 +151,11 @@ class LlamaAttention(nn.Module):
         kv_pool: KVPool,
         cos_sin_cache: torch.Tensor,  # [max_positions, D] float32
     ) -> torch.Tensor:  # q [T, Hq, D], rotated; the new tokens' K and V stored in the cache
+        num_tokens = x.shape[0]
         if batch.lora is None:
             qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) D]
         else:  # with the adapters' deltas on the q/k/v columns (rows may be strided)
             qkv = batch.lora.linear(self.layer_idx, "qkv_proj", self.qkv_proj, x)
-        return self.rotate_and_store(qkv, batch, kv_pool, cos_sin_cache)
-
-    def rotate_and_store(
-        self,
-        qkv: torch.Tensor,  # [T, (Hq + 2 Hkv) D]: the q/k/v projection's output
-        batch: ForwardBatch,
-        kv_pool: KVPool,
-        cos_sin_cache: torch.Tensor,  # [max_positions, D] float32
-    ) -> torch.Tensor:  # q [T, Hq, D], rotated; the new tokens' K and V stored in the cache
-        num_tokens = qkv.shape[0]
         q, k, v = qkv.split(self.qkv_sizes, dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, Hq, D]
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
@@ -226,12 +190,9 @@ class LlamaAttention(nn.Module):
     def project_out(
         self, out: torch.Tensor, lora: LoraBatch | None = None
     ) -> torch.Tensor:  # [T, Hq D] -> [T, hidden]
-        if lora is not None:
-            return lora.linear(self.layer_idx, "o_proj", self.o_proj, out)
-        gemv = fused_gemv(self.kernels, out, self.o_proj)
-        if gemv is not None:
-            return gemv.gemv(out, self.o_proj.weight, self.o_proj.bias)
-        return self.o_proj(out)
+        if lora is None:
+            return self.o_proj(out)
+        return lora.linear(self.layer_idx, "o_proj", self.o_proj, out)
 
 
 class LlamaMLP(nn.Module):
@@ -257,18 +218,12 @@ class LlamaMLP(nn.Module):
         self, x: torch.Tensor, lora: LoraBatch | None = None
     ) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
         if lora is None:
-            return self.down(self.gate_up_proj(x))
+            return self.down_proj(
+                self.kernels.silu_and_mul(self.gate_up_proj(x))
+            )  # [T, 2I]->[T, I]
         gate_up = lora.linear(self.layer_idx, "gate_up_proj", self.gate_up_proj, x)  # [T, 2I]
         act = self.kernels.silu_and_mul(gate_up)  # [T, I]
         return lora.linear(self.layer_idx, "down_proj", self.down_proj, act)  # [T, hidden]
-
-    def down(self, gate_up: torch.Tensor) -> torch.Tensor:  # [T, 2I] -> [T, hidden], no LoRA
-        gemv = fused_gemv(self.kernels, gate_up, self.down_proj)
-        if gemv is not None:
-            return gemv.silu_mul_gemv(gate_up, self.down_proj.weight, self.down_proj.bias)
-        return self.down_proj(
-            self.kernels.silu_and_mul(gate_up)
-        )  # [T, 2I] -> [T, I] -> [T, hidden]
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -312,12 +267,8 @@ class LlamaDecoderLayer(nn.Module):
         kv_pool: KVPool,
         cos_sin_cache: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:  # (q [T, Hq, D], residual stream with x added)
-        attn = self.self_attn
-        if batch.lora is None:  # the norm fused into the q/k/v projection at small batch
-            qkv, residual = self.input_layernorm.add_norm_linear(x, residual, attn.qkv_proj)
-            return attn.rotate_and_store(qkv, batch, kv_pool, cos_sin_cache), residual
         x, residual = self.input_layernorm.add_and_norm(x, residual)
-        return attn.project_qkv(x, batch, kv_pool, cos_sin_cache), residual
+        return self.self_attn.project_qkv(x, batch, kv_pool, cos_sin_cache), residual
 
     def after_attention(
         self,
@@ -325,12 +276,9 @@ class LlamaDecoderLayer(nn.Module):
         residual: torch.Tensor,  # [T, hidden]
         lora: LoraBatch | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:  # (mlp output, residual stream without it)
-        x = self.self_attn.project_out(out, lora)
-        norm = self.post_attention_layernorm
-        if lora is None:  # the norm fused into gate/up at small batch
-            gate_up, residual = norm.add_norm_linear(x, residual, self.mlp.gate_up_proj)
-            return self.mlp.down(gate_up), residual
-        x, residual = norm.add_and_norm(x, residual)
+        x, residual = self.post_attention_layernorm.add_and_norm(
+            self.self_attn.project_out(out, lora), residual
+        )
         return self.mlp(x, lora), residual
 
 
