@@ -253,20 +253,28 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def _sm_count(device: torch.device) -> int:
+    return _num_sms(device.index or 0) if device.type == "cuda" else 8
+
+
+_DEFAULT = DecodeConfig()
+_UNSPLIT = DecodeConfig(block_n=128, num_splits=1)
+
+
 def default_config(
     batch: int, num_kv_heads: int, head_dim: int, device: torch.device
 ) -> DecodeConfig:
-    """64 KV tokens a step; 128 when the grid fills the GPU without splits and the head is small.
+    """64 KV tokens a step, splits chosen by `choose_num_splits`; when the grid fills the GPU
+    (that function's one split) and the head is small, one split of 128 tokens a step.
 
     Measured on an H200 (`benchmarks/gpu/decode_config_sweep.py`, head_dim 64, 8 KV heads, 16
     layers in a CUDA graph): 128 tokens a step took 38.1 against 41.8 us a layer at 64 x 1,024
     and 140.1 against 147.3 at 256 x 1,024; batches that need splits keep 64, whose splits are
     shorter (batch 1 splits its context into ~16).
     """
-    num_sms = _num_sms(device.index or 0) if device.type == "cuda" else 8
-    if head_dim <= 64 and batch * num_kv_heads >= num_sms:
-        return DecodeConfig(block_n=128)
-    return DecodeConfig()
+    if head_dim <= 64 and batch * num_kv_heads >= _sm_count(device):
+        return _UNSPLIT
+    return _DEFAULT
 
 
 def choose_num_splits(
@@ -281,7 +289,7 @@ def choose_num_splits(
     Measured on an H100: with B * Hkv >= the SM count one split is fastest (2 splits doubled the
     time at 64 x 1024); at batch 1 eight splits of 128 tokens were fastest.
     """
-    num_sms = _num_sms(device.index or 0) if device.type == "cuda" else 8
+    num_sms = _sm_count(device)
     programs = max(1, batch * num_kv_heads)
     if programs >= num_sms:
         return 1
