@@ -174,6 +174,7 @@ class Scheduler:
         return min(budget, cap) if items and cap > 0 else budget
 
     def _schedule_decodes(self, items: list[BatchItem], budget: int) -> int:
+        num_preemptions = self.num_preemptions
         for req in list(self.running):
             if budget <= 0:
                 break
@@ -187,6 +188,12 @@ class Scheduler:
                 continue  # req itself was preempted
             items.append(BatchItem(req, req.num_computed, 1))
             budget -= 1
+        if self.num_preemptions != num_preemptions:
+            # A request scheduled earlier in the loop may have been preempted for a later one of
+            # higher priority: its pages are gone, so it leaves the step.
+            kept = [item for item in items if item.req.status == Status.RUNNING]
+            budget += len(items) - len(kept)
+            items[:] = kept
         return budget
 
     def _schedule_running_prefills(self, items: list[BatchItem], budget: int) -> int:

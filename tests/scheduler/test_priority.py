@@ -168,3 +168,26 @@ def test_decode_handoff_reserves_pages_for_online_requests_first() -> None:
     actions = handoff.reserve(now=0.0)
     assert [a.req.rid for a in actions if isinstance(a, SendPrefillTask)] == ["b0", "b1"]
     handoff.check_integrity()
+
+
+def test_a_request_preempted_after_it_was_scheduled_leaves_the_step() -> None:
+    # "batch_old" comes first in the decode loop and is scheduled; "online", after it, needs a
+    # page at its first decode (8 prompt tokens fill 2 pages of 4), none is free, and it preempts
+    # batch_old (lower priority): the step must not run batch_old on the pages it gave back.
+    # (5 pages: one is the pool's padding page.)
+    sched = make_scheduler(num_pages=5, max_running_requests=8)
+    sched.add(request("batch_old", BATCH, prompt_len=6, out=12))
+    assert admitted_rids(sched) == ["batch_old"]
+    sched.add(request("online", prompt_len=8, out=12))
+    assert admitted_rids(sched) == ["online"]
+    while sched.num_preemptions == 0:
+        batch = sched.schedule()
+        assert batch is not None
+        for item in batch.items:
+            assert item.req.status == Status.RUNNING, item.req.rid
+            assert len(item.req.page_ids) * PAGE_SIZE >= item.start + item.num_tokens
+        sched.advance(batch)
+        for item in batch.items:
+            if item.samples:
+                sched.process_sampled(item, 7)
+    assert [r.rid for r in sched.waiting] == ["batch_old"]
