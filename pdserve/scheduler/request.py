@@ -30,8 +30,12 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     # Pages, in position order. page_ids[:num_shared_pages] belong to the radix cache (locked via
-    # cache_node); the rest are owned by this request alone.
+    # cache_node); the rest are owned by this request alone. Replaced by a new list on every
+    # change, never changed in place: the model runner keeps a numpy copy of it (`page_row`)
+    # for as long as this very list object is the request's.
     page_ids: list[int] = field(default_factory=list)
+    page_row: Any = field(default=None, repr=False)  # np.ndarray int32: page_ids, see page_row()
+    page_row_of: Any = field(default=None, repr=False)  # the page_ids list page_row copies
     num_shared_pages: int = 0
     cache_node: Any = None  # the prefix-cache node it holds a lock on while it runs
     num_computed: int = 0  # tokens of all_ids whose KV is in page_ids

@@ -197,11 +197,13 @@ class Scheduler:
         return budget
 
     def _schedule_running_prefills(self, items: list[BatchItem], budget: int) -> int:
+        if len(items) == len(self.running):  # every running request decodes (items: decodes)
+            return budget
         scheduled = {id(item.req) for item in items}
         for req in self.running:
             if budget <= 0:
                 break
-            if req.num_pending <= 1 or id(req) in scheduled:
+            if id(req) in scheduled or req.num_pending <= 1:
                 continue
             budget -= self._schedule_chunk(req, items, budget)
         return budget
@@ -303,9 +305,10 @@ class Scheduler:
     def advance(self, batch: ScheduledBatch) -> None:
         """Mark the step's KV as computed; call before process_sampled."""
         for item in batch.items:
-            item.req.num_computed = item.start + item.num_tokens
-            if item.samples and item.req.num_computed == len(item.req.prompt_ids):
-                self._cache_prompt_pages(item.req)
+            req = item.req
+            req.num_computed = item.start + item.num_tokens
+            if req.num_computed == len(req.prompt_ids) and item.samples:
+                self._cache_prompt_pages(req)
 
     # ------------------------------------------------------------------ decode role
 
@@ -381,7 +384,7 @@ class Scheduler:
         while need > 0:
             pages = self._alloc(need)
             if pages is not None:
-                req.page_ids.extend(pages)
+                req.page_ids = req.page_ids + pages  # a new list: see Request.page_ids
                 return True
             if not preempt:
                 return False
@@ -413,7 +416,7 @@ class Scheduler:
         keep = max(self._pages_for(req.seq_len), req.num_shared_pages)
         extra = req.page_ids[keep:]
         if extra:
-            del req.page_ids[keep:]
+            req.page_ids = req.page_ids[:keep]
             self.allocator.free(extra)
 
     def _preempt(self, req: Request) -> None:
@@ -460,7 +463,7 @@ class Scheduler:
         self.cache.lock(match.node)
         self.cache.unlock(req.cache_node)
         req.cache_node = match.node
-        req.page_ids[: len(match.page_ids)] = match.page_ids
+        req.page_ids = list(match.page_ids) + req.page_ids[len(match.page_ids) :]
         req.num_shared_pages = len(match.page_ids)
         if duplicates:
             self.allocator.free(duplicates)

@@ -8,7 +8,6 @@ same forward pass (parallel/follower.py): the collectives inside the model pair 
 from __future__ import annotations
 
 import functools
-import itertools
 import logging
 import math
 import os
@@ -286,6 +285,18 @@ def _new_token_ids(req: Request, start: int, end: int) -> list[int]:
     return req.prompt_ids[start:] + req.output_ids[: end - num_prompt]
 
 
+def page_row(req: Request) -> np.ndarray:
+    """req.page_ids as an int32 array, copied once per list: the scheduler replaces the list on
+    every change (Request.page_ids), so a decode step reuses the rows of all requests that did
+    not get a page since the last one instead of converting every page id of the batch again."""
+    pages = req.page_ids
+    row = req.page_row
+    if row is None or req.page_row_of is not pages or row.size != len(pages):
+        row = np.array(pages, dtype=np.int32)
+        req.page_row, req.page_row_of = row, pages
+    return row
+
+
 def _input_ids(
     items: list[BatchItem], pending_rows: dict[int, int] | None
 ) -> tuple[list[int], list[int], list[int]]:
@@ -294,20 +305,24 @@ def _input_ids(
     ids: list[int] = []
     fill_dst: list[int] = []
     fill_src: list[int] = []
-    for it in items:
+    pending = pending_rows if pending_rows is not None else {}
+    for it in items:  # (a decode step's hot loop: one pass, no call for a pending token alone)
         req = it.req
+        start = it.start
+        end = start + it.num_tokens
         known = len(req.prompt_ids) + len(req.output_ids)
-        end = it.start + it.num_tokens
         if end <= known:
-            ids.extend(_new_token_ids(req, it.start, end))
+            ids += _new_token_ids(req, start, end)
             continue
-        if pending_rows is None or end - known != 1 or id(req) not in pending_rows:
+        src = pending.get(id(req))
+        if src is None or end - known != 1:
             raise RuntimeError(
                 f"request {req.rid}: tokens {known}..{end - 1} are not known and not pending"
             )
-        ids.extend(_new_token_ids(req, it.start, known))
+        if start < known:
+            ids += _new_token_ids(req, start, known)
         fill_dst.append(len(ids))
-        fill_src.append(pending_rows[id(req)])
+        fill_src.append(src)
         ids.append(0)
     return ids, fill_dst, fill_src
 
@@ -378,7 +393,9 @@ class _HostBatch:
         seq_lens = starts + ext_lens
         ends = np.cumsum(ext_lens)  # [B]: one past each sequence's last token in T
         num_tokens = int(ends[-1])
-        max_pages = max(len(it.req.page_ids) for it in items)
+        page_rows = [page_row(it.req) for it in items]
+        counts = np.fromiter(map(len, page_rows), np.int64, bsz)  # [B]
+        max_pages = int(counts.max())
         layout, num_bytes = _layout(num_tokens, bsz, max_pages, len(fill_dst))
         host = cls(
             host_buffer(num_bytes),
@@ -393,13 +410,9 @@ class _HostBatch:
         }
         table = arrays["page_table"]  # [B, P]
         table.fill(0)
-        page_lists = [it.req.page_ids for it in items]
-        counts = np.fromiter(map(len, page_lists), np.int64, bsz)  # [B]
-        flat = np.fromiter(itertools.chain.from_iterable(page_lists), np.int32, int(counts.sum()))
-        # Row r's pages go to table[r, :counts[r]]: flat index r * P + column.
-        firsts = np.cumsum(counts) - counts  # [B]: where each row's pages start in flat
-        columns = np.arange(flat.size) - np.repeat(firsts, counts)
-        table.reshape(-1)[np.repeat(np.arange(bsz) * max_pages, counts) + columns] = flat
+        # Row r's pages go to table[r, :counts[r]]: the mask's cells in row-major order are the
+        # rows' pages one after the other.
+        table[np.arange(max_pages) < counts[:, None]] = np.concatenate(page_rows)
         arrays["input_ids"][:] = input_ids
         arrays["fill_dst"][:] = fill_dst
         arrays["fill_src"][:] = fill_src

@@ -9,7 +9,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from pdserve.config.sampling_params import SamplingParams
 from pdserve.kernels.attention import get_attention_backend
+from pdserve.scheduler.request import Request
 from pdserve.scheduler.scheduler import BatchItem, ScheduledBatch
 from pdserve.worker.cuda_graph_runner import (
     BATCH_SIZE_BUCKETS,
@@ -149,7 +151,8 @@ def test_forward_batch_is_packed_into_one_aligned_buffer() -> None:
     def item(
         prompt: list[int], output: list[int], pages: list[int], start: int, num: int
     ) -> BatchItem:
-        req = SimpleNamespace(prompt_ids=prompt, output_ids=output, page_ids=pages)
+        req = Request(rid=str(prompt), prompt_ids=prompt, sampling=SamplingParams())
+        req.output_ids, req.page_ids = output, pages
         return BatchItem(req=req, start=start, num_tokens=num)  # type: ignore[arg-type]
 
     batch = ScheduledBatch(

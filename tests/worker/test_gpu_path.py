@@ -108,6 +108,8 @@ def random_batch(
             prompt_ids=[rng.randrange(vocab_size) for _ in range(seq_len - 1)],
             output_ids=[rng.randrange(vocab_size)],
             page_ids=pages,
+            page_row=None,  # the model runner's copy of page_ids (Request.page_row)
+            page_row_of=None,
         )
         items.append(BatchItem(req=req, start=start, num_tokens=num))  # type: ignore[arg-type]
     return ScheduledBatch(items)
