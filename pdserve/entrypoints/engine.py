@@ -41,6 +41,12 @@ logger = logging.getLogger(__name__)
 
 _PROGRESS_MIN_PROMPTS = 8  # a tqdm bar for batches at least this large
 _POOLED_SAMPLING = SamplingParams(max_new_tokens=0)  # an embedding: one forward pass, no token
+# The offline Engine favours throughput, as vLLM's `LLM` class does over its server: a step beside
+# decodes may add more prompt tokens than the server's default (512, which keeps streamed tokens
+# evenly paced; no client watches the pace of an offline batch). 1,024 keeps a step of 256 decodes
+# and its prompt tokens inside the piecewise CUDA graphs' default 2,048 tokens (at 2,048 such steps
+# ran eagerly and were slower). Given as an option, or in a topology, the setting is kept.
+OFFLINE_DECODE_STEP_PREFILL_TOKENS = 1024
 
 
 def Engine(  # noqa: N802 - a factory named like SGLang's class, so its users' code runs as is
@@ -56,8 +62,11 @@ def Engine(  # noqa: N802 - a factory named like SGLang's class, so its users' c
     or a Topology) and talks to them; `in_process=True` runs the engine core inside this process
     (no child processes, no HTTP: the quickest start, used by the correctness tests). Options take
     pdserve's names or SGLang's for the same setting (`engine_config.SGLANG_ALIASES`), plus
-    `skip_tokenizer_init` and `log_level` (`EngineOptions`).
+    `skip_tokenizer_init` and `log_level` (`EngineOptions`). Without a topology,
+    `decode_step_prefill_tokens` defaults to OFFLINE_DECODE_STEP_PREFILL_TOKENS (throughput).
     """
+    if topology is None and options.get("decode_step_prefill_tokens") is None:
+        options = {**options, "decode_step_prefill_tokens": OFFLINE_DECODE_STEP_PREFILL_TOKENS}
     if in_process:
         if topology is not None or model_path is None:
             raise ValueError(

@@ -47,3 +47,36 @@ def test_the_launch_flag_sets_it(tiny_llama: Path, monkeypatch: pytest.MonkeyPat
 def test_the_engine_option_sets_it(tiny_llama: Path) -> None:
     config = EngineConfig.from_options(str(tiny_llama), decode_step_prefill_tokens=128)
     assert config.scheduler.decode_step_prefill_tokens == 128
+
+
+def test_the_offline_engine_defaults_to_its_throughput_budget(
+    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pdserve.entrypoints import engine, process_engine
+
+    built: list[dict[str, Any]] = []
+
+    class Recorded:
+        def __init__(self, model_path: str, **options: Any) -> None:
+            built.append(options)
+
+    monkeypatch.setattr(process_engine, "ProcessEngine", Recorded)
+    offline = engine.Engine(str(tiny_llama), in_process=True, device="cpu")
+    assert offline.config.scheduler.decode_step_prefill_tokens == (
+        engine.OFFLINE_DECODE_STEP_PREFILL_TOKENS
+    )
+    assert engine.OFFLINE_DECODE_STEP_PREFILL_TOKENS > SchedulerConfig().decode_step_prefill_tokens
+    offline.shutdown()
+    kept = engine.Engine(
+        str(tiny_llama), in_process=True, device="cpu", decode_step_prefill_tokens=64
+    )
+    assert kept.config.scheduler.decode_step_prefill_tokens == 64
+    kept.shutdown()
+    engine.Engine(str(tiny_llama))  # the process engine: the same default reaches its worker
+    engine.Engine(str(tiny_llama), decode_step_prefill_tokens=None)  # an unset flag: the default
+    engine.Engine(str(tiny_llama), topology="t.yaml")  # a topology's scheduler section decides
+    assert [o.get("decode_step_prefill_tokens") for o in built] == [
+        engine.OFFLINE_DECODE_STEP_PREFILL_TOKENS,
+        engine.OFFLINE_DECODE_STEP_PREFILL_TOKENS,
+        None,
+    ]
