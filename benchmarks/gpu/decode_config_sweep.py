@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
 import sys
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from device_timer import copy_bandwidth  # noqa: E402
+from device_timer import copy_bandwidth, cuda_graph_seconds  # noqa: E402
 
 from pdserve.kernels.triton_decode_attention import (  # noqa: E402
     DecodeConfig,
@@ -30,27 +29,9 @@ HQ, HKV, D, PAGE = 32, 8, 64, 16
 LAYERS = 16
 
 
-def graph_us(fn, replays: int = 10) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(replays):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) * 1e3 / (replays * LAYERS))
-    return statistics.median(samples)
+def graph_us(fn) -> float:
+    """Microseconds a layer: `fn` runs all LAYERS layers' caches in one CUDA graph."""
+    return cuda_graph_seconds(fn) * 1e6 / LAYERS
 
 
 def sweep(shape: str, copy_bw: float) -> None:

@@ -56,3 +56,29 @@ def matmul_rate(device: str, n: int, dtype: torch.dtype, repeats: int = 20) -> f
     out = torch.empty((n, n), dtype=dtype, device=device)
     seconds = median_seconds(lambda: torch.matmul(a, b, out=out), device, repeats)
     return 2 * n**3 / seconds
+
+
+def cuda_graph_seconds(fn: Callable[[], object], replays: int = 10, repeats: int = 5) -> float:
+    """Median seconds of one call of `fn` captured in a CUDA graph: run once first on a side
+    stream (lazy setup and kernel compiles happen outside the capture), then `repeats` rounds of
+    `replays` back-to-back replays timed with CUDA events."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / 1e3 / replays)
+    return statistics.median(samples)
