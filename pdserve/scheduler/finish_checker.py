@@ -42,9 +42,10 @@ class FinishChecker:
                 not params.ignore_eos and last in self.eos_token_ids
             ):
                 return Finish.stop(last)
-            matched = self._match_stop_string(req)
-            if matched is not None:
-                return Finish.stop(matched)
+            if params.stop:
+                matched = self._match_stop_string(req)
+                if matched is not None:
+                    return Finish.stop(matched)
         if num_out >= params.max_new_tokens:
             return Finish.at_length(num_out)
         if len(req.prompt_ids) + num_out >= self.max_context_len:

@@ -42,7 +42,7 @@ from pdserve.scheduler.waiting_queue import WaitingQueue
 logger = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(slots=True)
 class BatchItem:
     req: Request
     start: int  # position of the first new token (== req.num_computed when scheduled)

@@ -82,6 +82,7 @@ class ModelRunner:
         # Two [bytes] uint8 host buffers used in turn (see _host_buffer).
         self._staging: list[torch.Tensor | None] = [None, None]
         self._staging_turn = 0
+        self._page_tables = PageTableCache()
         self.lora = None  # LoraManager when LoRA is on
         if config.lora.enabled:
             from pdserve.worker.lora.lora_manager import LoraManager
@@ -151,7 +152,9 @@ class ModelRunner:
         tokens still being sampled (`pending`) are filled in on the device. Under tensor
         parallelism the same buffer goes to the other ranks with `command` (what they run)."""
         pending_rows = pending.row_of if pending is not None else None
-        host = _HostBatch.build(batch, self.page_size, self._host_buffer, pending_rows)
+        host = _HostBatch.build(
+            batch, self.page_size, self._host_buffer, pending_rows, self._page_tables
+        )
         device_buffer = host.buffer
         if self.device.type != "cpu":
             device_buffer = host.buffer.to(self.device, non_blocking=True)
@@ -297,6 +300,34 @@ def page_row(req: Request) -> np.ndarray:
     return row
 
 
+class PageTableCache:
+    """The last step's page table and the page rows it was made of: a decode step, whose rows
+    are mostly the same requests in the same order with the same pages, rewrites only the rows
+    whose page_row changed (a new page every page_size tokens) and copies the rest."""
+
+    def __init__(self) -> None:
+        self.rows: list[np.ndarray] = []
+        self.table = np.zeros((0, 0), dtype=np.int32)
+
+    def fill(self, out: np.ndarray, rows: list[np.ndarray], counts: np.ndarray) -> None:
+        """out [B, P] int32 := row r holds rows[r] (counts[r] pages), zeros after it."""
+        table = self.table
+        changed = None
+        if table.shape == out.shape:
+            changed = [r for r, (new, old) in enumerate(zip(rows, self.rows)) if new is not old]
+        if changed is None or 2 * len(changed) > len(rows):
+            table = np.zeros(out.shape, dtype=np.int32)
+            # The mask's cells in row-major order are the rows' pages one after the other.
+            table[np.arange(out.shape[1]) < counts[:, None]] = np.concatenate(rows)
+        else:
+            for r in changed:
+                row = rows[r]
+                table[r, : row.size] = row
+                table[r, row.size :] = 0
+        self.rows, self.table = rows, table
+        out[:] = table
+
+
 def _input_ids(
     items: list[BatchItem], pending_rows: dict[int, int] | None
 ) -> tuple[list[int], list[int], list[int]]:
@@ -384,6 +415,7 @@ class _HostBatch:
         page_size: int,
         host_buffer: Callable[[int], torch.Tensor],
         pending_rows: dict[int, int] | None = None,
+        page_tables: PageTableCache | None = None,
     ) -> _HostBatch:
         items = batch.items
         input_ids, fill_dst, fill_src = _input_ids(items, pending_rows)
@@ -409,10 +441,7 @@ class _HostBatch:
             for name, (offset, num_bytes, dtype, shape) in layout.items()
         }
         table = arrays["page_table"]  # [B, P]
-        table.fill(0)
-        # Row r's pages go to table[r, :counts[r]]: the mask's cells in row-major order are the
-        # rows' pages one after the other.
-        table[np.arange(max_pages) < counts[:, None]] = np.concatenate(page_rows)
+        (page_tables or PageTableCache()).fill(table, page_rows, counts)
         arrays["input_ids"][:] = input_ids
         arrays["fill_dst"][:] = fill_dst
         arrays["fill_src"][:] = fill_src

@@ -22,7 +22,7 @@ from pdserve.worker.cuda_graph_runner import (
     padded_batch_size,
 )
 from pdserve.worker.forward_batch import ForwardBatch
-from pdserve.worker.model_runner import ModelRunner
+from pdserve.worker.model_runner import ModelRunner, PageTableCache
 from pdserve.worker.parallel.tp_group import SINGLE
 
 
@@ -163,7 +163,12 @@ def test_forward_batch_is_packed_into_one_aligned_buffer() -> None:
         ]
     )
     runner = SimpleNamespace(
-        page_size=4, device=torch.device("cpu"), _staging=[None, None], _staging_turn=0, tp=SINGLE
+        page_size=4,
+        device=torch.device("cpu"),
+        _staging=[None, None],
+        _staging_turn=0,
+        tp=SINGLE,
+        _page_tables=PageTableCache(),
     )
     runner._host_buffer = lambda n: ModelRunner._host_buffer(runner, n)  # type: ignore[arg-type]
     runner._device_batch = lambda *a: ModelRunner._device_batch(runner, *a)  # type: ignore[arg-type]
