@@ -401,6 +401,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--peer", action=argparse.BooleanOptionalAction, default=True,
         help="time the compiled plain-torch peer beside every decode row",
     )  # fmt: skip
+    p.add_argument(
+        "--fused-decode", action=argparse.BooleanOptionalAction, default=None,
+        help="the Triton decode kernel does the rotary and new-token KV store itself "
+        "(attention.TRITON_FUSED_DECODE; default: as the tree sets it)",
+    )  # fmt: skip
     args = p.parse_args(argv)
     plan = SMOKE if args.smoke else FULL
     if args.sections is None:
@@ -422,6 +427,10 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/gpu/run_gpu_bench.py " + shlex.join(
         sys.argv[1:] if argv is None else argv
     )
+    if args.fused_decode is not None:
+        from pdserve.kernels import attention
+
+        attention.TRITON_FUSED_DECODE = args.fused_decode
     b = Bench(plan, args, Report(command.strip(), environment(plan)))
     md_path, json_path = Path(args.out_md), Path(args.out_json)
     chosen = args.sections.split(",")

@@ -72,6 +72,10 @@ class AttentionBackend:
     decode_attention: Attention  # one new token per sequence: q [B, Hq, D] -> [B, Hq, D]
     use_triton_kernels: bool  # the model's norms, rotary and activation run as Triton kernels
     supports_cuda_graph: bool  # decode has no host sync and no host-side planning
+    # A decode batch's rotary, new-token KV store and attention in one call:
+    # (q, k_cache, v_cache, meta, scale, new: attention_ref.NewToken, out=None) -> out, q and
+    # new.k not rotated yet. None: the model runs rotary + store, then decode_attention.
+    decode_with_new_token: Attention | None = None
 
 
 # --------------------------------------------------------------------------- torch
@@ -112,6 +116,19 @@ def _torch_backend() -> AttentionBackend:
             q, k_cache, v_cache, meta.page_table, meta.seq_lens, scale
         ))  # fmt: skip
 
+    def decode_with_new_token(
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        new: attention_ref.NewToken,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return _into(out, attention_ref.decode_with_new_token_ref(
+            q, k_cache, v_cache, meta.page_table, meta.seq_lens, scale, new
+        ))  # fmt: skip
+
     return AttentionBackend(
         name="torch",
         store_kv=attention_ref.store_kv,
@@ -119,6 +136,7 @@ def _torch_backend() -> AttentionBackend:
         decode_attention=decode,
         use_triton_kernels=False,
         supports_cuda_graph=False,
+        decode_with_new_token=decode_with_new_token,
     )
 
 
@@ -200,6 +218,30 @@ def _triton_decode(dec: Any) -> Attention:
     return decode
 
 
+def _triton_decode_with_new_token(dec: Any) -> Attention:
+    def decode_with_new_token(
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        new: Any,  # attention_ref.NewToken
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return dec.decode_attention(
+            q, k_cache, v_cache, meta.page_table, meta.seq_lens, scale, out=out,
+            max_seq_len=meta.max_seq_len, new_token=new,
+        )  # fmt: skip
+
+    return decode_with_new_token
+
+
+# The Triton decode kernel's rotary + new-token store (one launch a layer fewer) is correct on the
+# CPU's interpreter (fp32/fp16) but not yet measured on a GPU: off until benchmarks/gpu shows it
+# faster there (benchmarks may set this before building an engine).
+TRITON_FUSED_DECODE = False
+
+
 def _triton_backend() -> AttentionBackend:
     from pdserve.kernels import attention_ref
 
@@ -211,6 +253,7 @@ def _triton_backend() -> AttentionBackend:
         decode_attention=_triton_decode(dec),
         use_triton_kernels=True,
         supports_cuda_graph=True,
+        decode_with_new_token=_triton_decode_with_new_token(dec) if TRITON_FUSED_DECODE else None,
     )
 
 

@@ -6,6 +6,8 @@ A token's slot is page_id * page_size + offset; `page_table[b, i]` is the i-th p
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 
@@ -94,3 +96,38 @@ def decode_attention_ref(
     probs = torch.softmax(scores, dim=-1)
     out = torch.einsum("bhgs,bshd->bhgd", probs, v)
     return out.reshape(batch, num_q_heads, head_dim).to(q.dtype)
+
+
+class NewToken(NamedTuple):
+    """Each sequence's new token as the q/k/v projection left it (q, k not rotated yet): k and v
+    go to the cache at `slots`, rotated by `cos_sin_cache[positions]` (rotate-half layout; the
+    dimensions past the cache's width are left as they are)."""
+
+    k: torch.Tensor  # [B, Hkv, D]
+    v: torch.Tensor  # [B, Hkv, D]
+    positions: torch.Tensor  # [B] int32/int64
+    slots: torch.Tensor  # [B] int64: page_id * page_size + offset
+    cos_sin_cache: torch.Tensor  # [max_positions, rotary_dim] float32: cos | sin halves
+
+
+def decode_with_new_token_ref(
+    q: torch.Tensor,  # [B, Hq, D], not rotated yet (left as it is)
+    k_cache: torch.Tensor,  # [num_pages, page_size, Hkv, D]
+    v_cache: torch.Tensor,
+    page_table: torch.Tensor,  # [B, max_pages] int32
+    seq_lens: torch.Tensor,  # [B] int32: KV length including the new token
+    scale: float,
+    new: NewToken,
+) -> torch.Tensor:  # [B, Hq, D]
+    """Rotary on q and the new k, the new k and v stored at their slots, then decode attention:
+    what the model runs as three steps when the backend has no fused decode."""
+    from pdserve.kernels.rotary_ref import apply_rotary_ref
+
+    rot = new.cos_sin_cache.shape[-1]
+    q_rot, k_rot = apply_rotary_ref(
+        q[..., :rot], new.k[..., :rot], new.positions, new.cos_sin_cache
+    )
+    q = torch.cat([q_rot, q[..., rot:]], dim=-1)
+    k = torch.cat([k_rot, new.k[..., rot:]], dim=-1)
+    store_kv(k_cache, v_cache, new.slots, k, new.v)
+    return decode_attention_ref(q, k_cache, v_cache, page_table, seq_lens, scale)

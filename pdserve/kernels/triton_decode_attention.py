@@ -5,6 +5,11 @@ each KV page is read from memory once for the whole group. Long contexts are cut
 chunks processed in parallel (flash-decoding); a second kernel merges the chunks' partial outputs by
 their log-sum-exp. With one split the first kernel writes the output directly.
 The torch reference is `attention_ref.decode_attention_ref`.
+
+With `new_token` the first kernel also does what runs before it otherwise (`triton_rotary`'s rotary
+and KV store): it rotates q and the new token's k, and the program whose split holds the new
+position writes k and v to the cache and attends to them from registers (no other program reads
+that position), one launch fewer a layer. Reference: `attention_ref.decode_with_new_token_ref` (`attention_ref.NewToken` is its input).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pdserve.kernels.attention_ref import NewToken
 from pdserve.kernels.triton_paged_rows import load_rows
 
 _LOG2E = 1.4426950408889634
@@ -31,6 +37,19 @@ class DecodeConfig(NamedTuple):
     num_warps: int = 4
     num_stages: int = 3
     num_splits: int | None = None
+
+
+@triton.jit
+def _rotation(cos_sin_row, offs_d, HALF: tl.constexpr):
+    """Per dimension d of a head: (cos, signed sin, partner) so that a rotate-half rotation is
+    x * cos + x[partner] * sin; dimensions past the rotary ones keep x (cos 1, sin 0)."""
+    first = offs_d < HALF
+    rotated = offs_d < 2 * HALF
+    j = tl.where(first, offs_d, offs_d - HALF)
+    cos = tl.load(cos_sin_row + j, mask=rotated, other=1.0)
+    sin = tl.load(cos_sin_row + HALF + j, mask=rotated, other=0.0)
+    partner = tl.where(first, offs_d + HALF, offs_d - HALF)
+    return cos, tl.where(first, -sin, sin), partner, rotated
 
 
 @triton.jit
@@ -90,6 +109,11 @@ def _decode_split_kernel(
     part_out_ptr,  # [B, Hq, S, D] float32 (unused when DIRECT_OUT)
     part_lse_ptr,  # [B, Hq, S] float32, log2 units (unused when DIRECT_OUT)
     out_ptr,  # [B, Hq, D] (used only when DIRECT_OUT)
+    k_new_ptr,  # [B, Hkv, D] (FUSE_NEW only, as are the next four)
+    v_new_ptr,  # [B, Hkv, D]
+    positions_ptr,  # [B] int
+    slots_ptr,  # [B] int: page_id * page_size + offset
+    cos_sin_ptr,  # [max_positions, 2 * HALF] float32: cos | sin
     scale_log2e,
     num_splits,
     stride_qb,
@@ -108,6 +132,11 @@ def _decode_split_kernel(
     stride_plh,
     stride_ob,
     stride_oh,
+    stride_knb,
+    stride_knh,
+    stride_vnb,
+    stride_vnh,
+    stride_cs,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -117,6 +146,8 @@ def _decode_split_kernel(
     PAGE_SIZE: tl.constexpr,
     DIRECT_OUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    FUSE_NEW: tl.constexpr,
+    HALF: tl.constexpr,
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -137,6 +168,36 @@ def _decode_split_kernel(
 
     q_ptrs = q_ptr + b.to(tl.int64) * stride_qb + q_heads[:, None] * stride_qh + offs_d[None, :]
     q = tl.load(q_ptrs, mask=mask_h[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_H, BLOCK_D]
+
+    last = seq_len - 1
+    owns_new = (last >= start) & (last < end)
+    if FUSE_NEW:
+        pos = tl.load(positions_ptr + b).to(tl.int64)
+        cos, sin, partner, rotated = _rotation(cos_sin_ptr + pos * stride_cs, offs_d, HALF)
+        q_partner = tl.load(
+            q_ptrs - offs_d[None, :] + partner[None, :],
+            mask=mask_h[:, None] & rotated[None, :],
+            other=0.0,
+        )
+        q = (q.to(tl.float32) * cos[None, :] + q_partner.to(tl.float32) * sin[None, :]).to(
+            q_ptr.dtype.element_ty
+        )  # rounded as the separate rotary kernel stores it
+        k_row = k_new_ptr + b.to(tl.int64) * stride_knb + kv_head * stride_knh
+        k_new = tl.load(k_row + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        k_partner = tl.load(k_row + partner, mask=rotated, other=0.0).to(tl.float32)
+        cache_dtype = k_ptr.dtype.element_ty
+        k_new = (k_new * cos + k_partner * sin).to(cache_dtype)  # [BLOCK_D]
+        v_new_row = v_new_ptr + b.to(tl.int64) * stride_vnb + kv_head * stride_vnh
+        v_new = tl.load(v_new_row + offs_d, mask=mask_d, other=0.0).to(cache_dtype)
+        if owns_new:  # the one program whose split holds the new position stores it
+            slot = tl.load(slots_ptr + b).to(tl.int64)
+            page = slot // PAGE_SIZE
+            in_page = slot % PAGE_SIZE
+            k_dst = k_ptr + page * stride_kp + in_page * stride_ks + kv_head * stride_kh
+            v_dst = v_ptr + page * stride_vp + in_page * stride_vs + kv_head * stride_vh
+            tl.store(k_dst + offs_d, k_new, mask=mask_d)
+            tl.store(v_dst + offs_d, v_new, mask=mask_d)
+        end = tl.where(owns_new, last, end)  # the cache loop stops before it: from registers
 
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)  # running max, log2 units
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)  # running softmax denominator
@@ -192,6 +253,16 @@ def _decode_split_kernel(
             EVEN_D,
             DOT_PRECISION,
         )
+
+    if FUSE_NEW:
+        if owns_new:
+            qk = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * scale_log2e
+            m_new = tl.maximum(m_i, qk)  # [BLOCK_H]
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new)
+            l_i = l_i * alpha + p
+            acc = acc * alpha[:, None] + p[:, None] * v_new.to(tl.float32)[None, :]
+            m_i = m_new
 
     # An empty split (start >= end) leaves l_i == 0: write a zero output with lse = -inf.
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
@@ -350,6 +421,43 @@ def _check_inputs(
             raise ValueError(f"{name} is on {t.device}, q on {q.device}")
 
 
+def _check_new_token(new: NewToken, q: torch.Tensor, k_cache: torch.Tensor) -> None:
+    batch, _, head_dim = q.shape
+    kv_shape = (batch, k_cache.shape[2], head_dim)
+    cos_sin = new.cos_sin_cache
+    problems = []
+    if tuple(new.k.shape) != kv_shape or tuple(new.v.shape) != kv_shape:
+        problems.append(f"k and v must be {kv_shape}, got {tuple(new.k.shape)}, "
+                        f"{tuple(new.v.shape)}")  # fmt: skip
+    elif new.k.dtype != q.dtype or new.v.dtype != q.dtype:
+        problems.append(f"k and v must be {q.dtype}, got {new.k.dtype}, {new.v.dtype}")
+    elif new.k.stride(-1) != 1 or new.v.stride(-1) != 1:
+        problems.append("k and v need a contiguous last dimension")
+    for name, t in (("positions", new.positions), ("slots", new.slots)):
+        if t.shape != (batch,) or t.dtype not in (torch.int32, torch.int64):
+            problems.append(f"{name} must be [B={batch}] int32/int64, got {tuple(t.shape)} "
+                            f"{t.dtype}")  # fmt: skip
+        elif not t.is_contiguous():
+            problems.append(f"{name} must be contiguous")
+    if (
+        cos_sin.dim() != 2
+        or cos_sin.dtype != torch.float32
+        or cos_sin.shape[1] % 2
+        or cos_sin.shape[1] > head_dim
+        or cos_sin.stride(-1) != 1
+    ):
+        problems.append(f"cos_sin_cache must be [max_positions, rotary_dim <= {head_dim}] float32 "
+                        f"(even width, contiguous rows), got {tuple(cos_sin.shape)} "
+                        f"{cos_sin.dtype}")  # fmt: skip
+    devices = {t.device for t in (new.k, new.v, new.positions, new.slots, cos_sin)}
+    if devices != {q.device}:
+        problems.append(
+            f"new_token's tensors must be on {q.device}, got {sorted(map(str, devices))}"
+        )
+    if problems:
+        raise ValueError("decode_attention new_token: " + "; ".join(problems))
+
+
 def decode_attention(
     q: torch.Tensor,  # [B, Hq, D]
     k_cache: torch.Tensor,  # [num_pages, page_size, Hkv, D]
@@ -361,9 +469,13 @@ def decode_attention(
     out: torch.Tensor | None = None,  # [B, Hq, D], q's dtype
     max_seq_len: int | None = None,  # optional host-side bound, only used to pick num_splits
     config: DecodeConfig | None = None,
+    new_token: NewToken | None = None,  # q and this k not rotated yet, k and v not stored yet
 ) -> torch.Tensor:  # [B, Hq, D]
-    """Attention of each sequence's one new query token over its paged KV; no host sync."""
+    """Attention of each sequence's one new query token over its paged KV; no host sync. With
+    `new_token`, the rotary and the new token's KV store happen inside (q is not modified)."""
     _check_inputs(q, k_cache, v_cache, page_table, seq_lens)
+    if new_token is not None:
+        _check_new_token(new_token, q, k_cache)
     batch, num_q_heads, head_dim = q.shape
     page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     if out is None:
@@ -392,8 +504,18 @@ def decode_attention(
         part_out = out.new_empty((batch, num_q_heads, num_splits, head_dim), dtype=torch.float32)
         part_lse = out.new_empty((batch, num_q_heads, num_splits), dtype=torch.float32)
 
+    if new_token is None:  # pointers the kernel never reads (FUSE_NEW off): no allocation
+        k_new = v_new = cos_sin = q
+        positions = slots = seq_lens
+        new_strides, half = (0, 0, 0, 0, 0), 1
+    else:
+        k_new, v_new, positions, slots, cos_sin = new_token
+        new_strides = (k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
+                       cos_sin.stride(0))  # fmt: skip
+        half = cos_sin.shape[1] // 2
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, page_table, seq_lens, part_out, part_lse, out,
+        k_new, v_new, positions, slots, cos_sin,
         scale * _LOG2E, num_splits,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -402,10 +524,12 @@ def decode_attention(
         part_out.stride(0), part_out.stride(1), part_out.stride(2),
         part_lse.stride(0), part_lse.stride(1),
         out.stride(0), out.stride(1),
+        *new_strides,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, EVEN_D=block_d == head_dim,
         BLOCK_H=block_h,
         BLOCK_N=cfg.block_n, PAGE_SIZE=page_size, DIRECT_OUT=direct,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        FUSE_NEW=new_token is not None, HALF=half,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if not direct:

@@ -118,6 +118,59 @@ def test_decode_attention_matches_reference(
     assert_rel_close(out, ref, dtype)
 
 
+FUSED_DECODE_CASES = [
+    # batch, Hq, Hkv, D, rotary_dim, dtype, num_splits, max_len
+    (5, 32, 8, 64, 64, BF16, None, 300),  # Llama-1B's heads, the launcher's split count
+    (9, 32, 8, 128, 128, BF16, 1, 200),  # one split: the new token in the only program
+    (7, 16, 4, 64, 64, FP32, 4, 150),  # new tokens in the last split, or alone in it
+    (6, 8, 2, 64, 32, FP32, 3, 100),  # partial rotary: the tail of q and k as it is
+    (4, 28, 4, 80, 80, FP16, 2, 90),  # head_dim not a power of two
+]
+
+
+@pytest.mark.parametrize("batch,hq,hkv,dim,rot,dtype,num_splits,max_len", FUSED_DECODE_CASES)
+def test_decode_with_the_new_token_equals_rotary_store_then_decode(
+    batch: int,
+    hq: int,
+    hkv: int,
+    dim: int,
+    rot: int,
+    dtype: torch.dtype,
+    num_splits: int | None,
+    max_len: int,
+) -> None:
+    from pdserve.kernels.attention_ref import NewToken, decode_with_new_token_ref
+    from pdserve.kernels.triton_decode_attention import DecodeConfig, decode_attention
+
+    page_size = 16
+    lens = random_lens(batch, 2, max_len, page_size)
+    k_cache, v_cache, page_table = make_paged_kv(lens, page_size, hkv, dim, dtype)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    last = seq_lens.long() - 1  # the new token's position, and its slot in its page
+    slots = page_table.long()[torch.arange(batch, device=DEVICE), last // page_size] * page_size
+    slots = slots + last % page_size
+    cos_sin = rope_cos_sin_cache(rot, 4096, 500000.0, RopeScaling(), DEVICE)
+    # q, k, v as views of one fused qkv projection, as the model hands them over
+    qkv = torch.randn((batch, (hq + 2 * hkv) * dim), dtype=dtype, device=DEVICE)
+    q = qkv[:, : hq * dim].view(batch, hq, dim)
+    k = qkv[:, hq * dim : (hq + hkv) * dim].view(batch, hkv, dim)
+    v = qkv[:, (hq + hkv) * dim :].view(batch, hkv, dim)
+    new = NewToken(k, v, last, slots, cos_sin)
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+    ref = decode_with_new_token_ref(q, ref_k, ref_v, page_table, seq_lens, dim**-0.5, new)
+    q_before = q.clone()
+    out = decode_attention(
+        q, k_cache, v_cache, page_table, seq_lens, dim**-0.5,
+        config=DecodeConfig(num_splits=num_splits), new_token=new,
+    )  # fmt: skip
+    assert_rel_close(out, ref, dtype)
+    assert torch.equal(q, q_before), "q must not be modified"
+    # The new k and v at their slots (rounded as the reference's store rounds), nothing else.
+    tol = 0 if dtype == FP32 else 1e-2
+    torch.testing.assert_close(k_cache.float(), ref_k.float(), atol=tol, rtol=tol)
+    assert torch.equal(v_cache, ref_v)
+
+
 def test_decode_attention_reads_a_layer_view_of_the_pool() -> None:
     from pdserve.kernels.triton_decode_attention import decode_attention
 

@@ -22,6 +22,7 @@ from torch import nn
 from pdserve.config.engine_config import ModelConfig
 from pdserve.kernels.activation_ref import silu_and_mul_ref
 from pdserve.kernels.attention import AttentionBackend
+from pdserve.kernels.attention_ref import NewToken
 from pdserve.kernels.norm_ref import fused_add_rms_norm_ref, rms_norm_ref
 from pdserve.kernels.rotary_ref import apply_rotary_ref, rope_cos_sin_cache
 from pdserve.worker.forward_batch import ForwardBatch
@@ -151,6 +152,21 @@ class LlamaAttention(nn.Module):
         kv_pool: KVPool,
         cos_sin_cache: torch.Tensor,  # [max_positions, D] float32
     ) -> torch.Tensor:  # q [T, Hq, D], rotated; the new tokens' K and V stored in the cache
+        q, k, v = self.project(x, batch)
+        k_cache, v_cache = kv_pool.k(self.layer_idx), kv_pool.v(self.layer_idx)
+        rotary_and_store = self.kernels.rotary_and_store
+        if rotary_and_store is not None:
+            return rotary_and_store(
+                q, k, v, batch.positions, cos_sin_cache, k_cache, v_cache, batch.slots
+            )
+        q, k = self.kernels.apply_rotary(q, k, batch.positions, cos_sin_cache)
+        self.attention.store_kv(k_cache, v_cache, batch.slots, k, v)
+        return q
+
+    def project(
+        self, x: torch.Tensor, batch: ForwardBatch
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # q [T, Hq, D], k, v [T, Hkv, D]
+        """The q/k/v projection (with the batch's adapters, and Qwen3's q/k norms); no rotary."""
         num_tokens = x.shape[0]
         if batch.lora is None:
             qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) D]
@@ -162,15 +178,23 @@ class LlamaAttention(nn.Module):
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
+
+    def decode_new_tokens(
+        self,
+        x: torch.Tensor,  # [B, hidden]: one new token per sequence
+        batch: ForwardBatch,
+        kv_pool: KVPool,
+        cos_sin_cache: torch.Tensor,  # [max_positions, D] float32
+    ) -> torch.Tensor:  # [B, Hq D]
+        """A decode batch's attention in one call of the backend's decode_with_new_token: the
+        rotary, the new tokens' KV store and the attention (one launch on the Triton backend)."""
+        q, k, v = self.project(x, batch)
+        new = NewToken(k, v, batch.positions, batch.slots, cos_sin_cache)
         k_cache, v_cache = kv_pool.k(self.layer_idx), kv_pool.v(self.layer_idx)
-        rotary_and_store = self.kernels.rotary_and_store
-        if rotary_and_store is not None:
-            return rotary_and_store(
-                q, k, v, batch.positions, cos_sin_cache, k_cache, v_cache, batch.slots
-            )
-        q, k = self.kernels.apply_rotary(q, k, batch.positions, cos_sin_cache)
-        self.attention.store_kv(k_cache, v_cache, batch.slots, k, v)
-        return q
+        decode = self.attention.decode_with_new_token
+        out = decode(q, k_cache, v_cache, batch, self.scale, new)  # type: ignore[misc]
+        return out.reshape(q.shape[0], self.num_heads * self.head_dim)
 
     def attend(
         self,
@@ -251,8 +275,13 @@ class LlamaDecoderLayer(nn.Module):
         kv_pool: KVPool,
         cos_sin_cache: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:  # (mlp output, residual stream without it)
-        q, residual = self.before_attention(x, residual, batch, kv_pool, cos_sin_cache)
-        out = self.self_attn.attend(q, batch, kv_pool)
+        attn = self.self_attn
+        if batch.is_decode and attn.attention.decode_with_new_token is not None:
+            x, residual = self.input_layernorm.add_and_norm(x, residual)
+            out = attn.decode_new_tokens(x, batch, kv_pool, cos_sin_cache)
+        else:
+            q, residual = self.before_attention(x, residual, batch, kv_pool, cos_sin_cache)
+            out = attn.attend(q, batch, kv_pool)
         return self.after_attention(out, residual, batch.lora)
 
     # The layer's two halves around its attention call: the piecewise CUDA graphs capture them
