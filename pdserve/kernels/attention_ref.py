@@ -124,10 +124,13 @@ def decode_with_new_token_ref(
     from pdserve.kernels.rotary_ref import apply_rotary_ref
 
     rot = new.cos_sin_cache.shape[-1]
-    q_rot, k_rot = apply_rotary_ref(
-        q[..., :rot], new.k[..., :rot], new.positions, new.cos_sin_cache
-    )
-    q = torch.cat([q_rot, q[..., rot:]], dim=-1)
-    k = torch.cat([k_rot, new.k[..., rot:]], dim=-1)
+    if rot == q.shape[-1]:
+        q, k = apply_rotary_ref(q, new.k, new.positions, new.cos_sin_cache)
+    else:  # partial rotary: the tail as it is
+        q_rot, k_rot = apply_rotary_ref(
+            q[..., :rot], new.k[..., :rot], new.positions, new.cos_sin_cache
+        )
+        q = torch.cat([q_rot, q[..., rot:]], dim=-1)
+        k = torch.cat([k_rot, new.k[..., rot:]], dim=-1)
     store_kv(k_cache, v_cache, new.slots, k, new.v)
     return decode_attention_ref(q, k_cache, v_cache, page_table, seq_lens, scale)
