@@ -1,0 +1,20 @@
+"""benchmarks/gpu/host_share.py in its --smoke mode (tiny model, CPU): the real and the stubbed
+steps both run as pure decode steps at each batch, and the table and profile are printed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu" / "host_share.py"
+
+
+def test_the_host_share_benchmark_runs_on_the_cpu() -> None:
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke"], capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| ")]
+    assert [row.split("|")[1].strip() for row in rows[1:]] == ["1", "4"]  # pure decode at both
+    assert "cProfile of 5 host-only steps at batch 4" in out.stdout
