@@ -72,10 +72,9 @@ class AttentionBackend:
     decode_attention: Attention  # one new token per sequence: q [B, Hq, D] -> [B, Hq, D]
     use_triton_kernels: bool  # the model's norms, rotary and activation run as Triton kernels
     supports_cuda_graph: bool  # decode has no host sync and no host-side planning
-    # A decode batch's rotary, new-token KV store and attention in one call:
-    # (q, k_cache, v_cache, meta, scale, new: attention_ref.NewToken, out=None) -> out, q and
-    # new.k not rotated yet. None: the model runs rotary + store, then decode_attention.
-    decode_with_new_token: Attention | None = None
+    # decode_attention(..., new=attention_ref.NewToken) does a decode batch's rotary and new-token
+    # KV store too (q and new.k not rotated yet). False: the model runs rotary + store first.
+    decode_takes_new_token: bool = False
 
 
 # --------------------------------------------------------------------------- torch
@@ -111,22 +110,14 @@ def _torch_backend() -> AttentionBackend:
         meta: AttentionMetadata,
         scale: float,
         out: torch.Tensor | None = None,
+        new: attention_ref.NewToken | None = None,
     ) -> torch.Tensor:
+        if new is not None:
+            return _into(out, attention_ref.decode_with_new_token_ref(
+                q, k_cache, v_cache, meta.page_table, meta.seq_lens, scale, new
+            ))  # fmt: skip
         return _into(out, attention_ref.decode_attention_ref(
             q, k_cache, v_cache, meta.page_table, meta.seq_lens, scale
-        ))  # fmt: skip
-
-    def decode_with_new_token(
-        q: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        meta: AttentionMetadata,
-        scale: float,
-        new: attention_ref.NewToken,
-        out: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        return _into(out, attention_ref.decode_with_new_token_ref(
-            q, k_cache, v_cache, meta.page_table, meta.seq_lens, scale, new
         ))  # fmt: skip
 
     return AttentionBackend(
@@ -136,7 +127,7 @@ def _torch_backend() -> AttentionBackend:
         decode_attention=decode,
         use_triton_kernels=False,
         supports_cuda_graph=False,
-        decode_with_new_token=decode_with_new_token,
+        decode_takes_new_token=True,
     )
 
 
@@ -207,33 +198,16 @@ def _triton_decode(dec: Any) -> Attention:
         meta: AttentionMetadata,
         scale: float,
         out: torch.Tensor | None = None,
+        new: Any = None,  # attention_ref.NewToken
     ) -> torch.Tensor:
         # max_seq_len is a host int: inside a CUDA graph it is the graph's fixed bound, so the split
         # count (a launch parameter) stays the one captured.
         return dec.decode_attention(
             q, k_cache, v_cache, meta.page_table, meta.seq_lens, scale, out=out,
-            max_seq_len=meta.max_seq_len,
-        )  # fmt: skip
-
-    return decode
-
-
-def _triton_decode_with_new_token(dec: Any) -> Attention:
-    def decode_with_new_token(
-        q: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        meta: AttentionMetadata,
-        scale: float,
-        new: Any,  # attention_ref.NewToken
-        out: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        return dec.decode_attention(
-            q, k_cache, v_cache, meta.page_table, meta.seq_lens, scale, out=out,
             max_seq_len=meta.max_seq_len, new_token=new,
         )  # fmt: skip
 
-    return decode_with_new_token
+    return decode
 
 
 # The Triton decode kernel's rotary + new-token store (one launch a layer fewer) is correct on the
@@ -253,7 +227,7 @@ def _triton_backend() -> AttentionBackend:
         decode_attention=_triton_decode(dec),
         use_triton_kernels=True,
         supports_cuda_graph=True,
-        decode_with_new_token=_triton_decode_with_new_token(dec) if TRITON_FUSED_DECODE else None,
+        decode_takes_new_token=TRITON_FUSED_DECODE,
     )
 
 

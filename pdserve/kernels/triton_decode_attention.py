@@ -9,7 +9,8 @@ The torch reference is `attention_ref.decode_attention_ref`.
 With `new_token` the first kernel also does what runs before it otherwise (`triton_rotary`'s rotary
 and KV store): it rotates q and the new token's k, and the program whose split holds the new
 position writes k and v to the cache and attends to them from registers (no other program reads
-that position), one launch fewer a layer. Reference: `attention_ref.decode_with_new_token_ref` (`attention_ref.NewToken` is its input).
+that position), one launch fewer a layer. Reference: `attention_ref.decode_with_new_token_ref`
+(its input is an `attention_ref.NewToken`).
 """
 
 from __future__ import annotations
@@ -169,9 +170,9 @@ def _decode_split_kernel(
     q_ptrs = q_ptr + b.to(tl.int64) * stride_qb + q_heads[:, None] * stride_qh + offs_d[None, :]
     q = tl.load(q_ptrs, mask=mask_h[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_H, BLOCK_D]
 
-    last = seq_len - 1
-    owns_new = (last >= start) & (last < end)
     if FUSE_NEW:
+        last = seq_len - 1
+        owns_new = (last >= start) & (last < end)
         pos = tl.load(positions_ptr + b).to(tl.int64)
         cos, sin, partner, rotated = _rotation(cos_sin_ptr + pos * stride_cs, offs_d, HALF)
         q_partner = tl.load(

@@ -414,8 +414,8 @@ class _HostBatch:
         batch: ScheduledBatch,
         page_size: int,
         host_buffer: Callable[[int], torch.Tensor],
-        pending_rows: dict[int, int] | None = None,
-        page_tables: PageTableCache | None = None,
+        pending_rows: dict[int, int] | None,
+        page_tables: PageTableCache,
     ) -> _HostBatch:
         items = batch.items
         input_ids, fill_dst, fill_src = _input_ids(items, pending_rows)
@@ -441,7 +441,7 @@ class _HostBatch:
             for name, (offset, num_bytes, dtype, shape) in layout.items()
         }
         table = arrays["page_table"]  # [B, P]
-        (page_tables or PageTableCache()).fill(table, page_rows, counts)
+        page_tables.fill(table, page_rows, counts)
         arrays["input_ids"][:] = input_ids
         arrays["fill_dst"][:] = fill_dst
         arrays["fill_src"][:] = fill_src

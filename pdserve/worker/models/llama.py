@@ -187,13 +187,12 @@ class LlamaAttention(nn.Module):
         kv_pool: KVPool,
         cos_sin_cache: torch.Tensor,  # [max_positions, D] float32
     ) -> torch.Tensor:  # [B, Hq D]
-        """A decode batch's attention in one call of the backend's decode_with_new_token: the
-        rotary, the new tokens' KV store and the attention (one launch on the Triton backend)."""
+        """A decode batch's attention in one backend call that also does the rotary and the new
+        tokens' KV store (one launch on the Triton backend; `decode_takes_new_token`)."""
         q, k, v = self.project(x, batch)
         new = NewToken(k, v, batch.positions, batch.slots, cos_sin_cache)
         k_cache, v_cache = kv_pool.k(self.layer_idx), kv_pool.v(self.layer_idx)
-        decode = self.attention.decode_with_new_token
-        out = decode(q, k_cache, v_cache, batch, self.scale, new)  # type: ignore[misc]
+        out = self.attention.decode_attention(q, k_cache, v_cache, batch, self.scale, new=new)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
 
     def attend(
@@ -276,7 +275,7 @@ class LlamaDecoderLayer(nn.Module):
         cos_sin_cache: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:  # (mlp output, residual stream without it)
         attn = self.self_attn
-        if batch.is_decode and attn.attention.decode_with_new_token is not None:
+        if batch.is_decode and attn.attention.decode_takes_new_token:
             x, residual = self.input_layernorm.add_and_norm(x, residual)
             out = attn.decode_new_tokens(x, batch, kv_pool, cos_sin_cache)
         else:
