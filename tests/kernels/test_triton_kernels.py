@@ -165,8 +165,9 @@ def test_decode_with_the_new_token_equals_rotary_store_then_decode(
     )  # fmt: skip
     assert_rel_close(out, ref, dtype)
     assert torch.equal(q, q_before), "q must not be modified"
-    # The new k and v at their slots (rounded as the reference's store rounds), nothing else.
-    tol = 0 if dtype == FP32 else 1e-2
+    # The new k and v at their slots (rounded as the reference's store rounds), nothing else. The
+    # kernel's rotary may fuse multiply and add where torch rounds twice: a few ulps in float32.
+    tol = 1e-5 if dtype == FP32 else 1e-2
     torch.testing.assert_close(k_cache.float(), ref_k.float(), atol=tol, rtol=tol)
     assert torch.equal(v_cache, ref_v)
 
