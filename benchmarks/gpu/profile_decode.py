@@ -35,7 +35,15 @@ def main() -> None:
         "--prefill-chunk", type=int, default=0, help="a prompt of this many tokens in every step"
     )
     parser.add_argument("--cprofile", action="store_true", help="also cProfile 10 core.step()s")
+    parser.add_argument(
+        "--fused-decode", action=argparse.BooleanOptionalAction, default=None,
+        help="set attention.TRITON_FUSED_DECODE (rotary + KV store inside the decode kernel)",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.fused_decode is not None:
+        from pdserve.kernels import attention
+
+        attention.TRITON_FUSED_DECODE = args.fused_decode
     model = rc.write_checkpoint(rc.LLAMA_1B, Path("/dev/shm/pdserve-bench/llama-3.2-1b"), "cuda")
     pages = max(4096, args.batch * (args.context + 20 + 3 * args.steps) // 16 + 64)
     chunk = args.prefill_chunk

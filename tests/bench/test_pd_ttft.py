@@ -24,7 +24,7 @@ def test_the_pd_ttft_benchmark_runs_on_the_cpu(tmp_path: Path) -> None:
         for load in report["runs"][mode]["loads"].values():
             assert (load["completed"], load["failed"]) == (4, 0), load
     added = {row["concurrency"]: row for row in report["added"]}
-    assert sorted(added) == [1, 2]
+    assert sorted(added) == ["1", "2"]
     for row in added.values():  # the difference is of the two measured means
         want = row["pd"]["mean_ttft_ms"] - row["mixed"]["mean_ttft_ms"]
         assert abs(row["added_mean_ms"] - want) < 1e-9
