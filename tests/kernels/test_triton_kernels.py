@@ -201,6 +201,112 @@ def test_decode_attention_rejects_mismatched_inputs() -> None:
         decode_attention(q, k_cache, v_cache, page_table.long(), seq_lens, 1.0)
 
 
+# The interpreter runs a launch's programs one after another, so there the last split to count is
+# always the grid's last; the GPU runs them in any order (benchmarks/gpu/merge_bench.py checks 2,000
+# calls a shape in a CUDA graph). The interpreter's bf16 tl.dot is wrong: bf16 cases are GPU-only.
+_GPU_ONLY = pytest.mark.skipif(_INTERPRET, reason="the Triton interpreter's bf16 dot is wrong")
+
+MERGE_IN_LAST_CASES = [
+    # batch, Hq, Hkv, D, page_size, dtype, num_splits, max_len
+    (1, 32, 8, 64, 16, FP32, 16, 300),  # Llama-1B's heads at batch 1: 11 of 16 splits empty
+    (5, 28, 4, 64, 16, FP16, 3, 200),  # group 7
+    (6, 8, 2, 80, 16, FP32, 7, 150),  # head_dim not a power of two; short rows, empty splits
+    (9, 16, 4, 128, 1, FP16, 4, 100),  # one token per page
+    (4, 8, 2, 64, 16, FP32, 1, 100),  # one split: written directly, no counter
+    (3, 32, 4, 128, 16, FP16, 16, 1200),  # group 8, D 128: merged in two rounds of 8 splits
+    pytest.param(2, 32, 8, 128, 16, BF16, 16, 3000, marks=_GPU_ONLY),
+    pytest.param(37, 32, 8, 64, 16, BF16, None, 600, marks=_GPU_ONLY),
+]
+
+
+@pytest.mark.parametrize("batch,hq,hkv,dim,page_size,dtype,num_splits,max_len", MERGE_IN_LAST_CASES)
+def test_decode_merged_by_the_last_split_program_matches_reference(
+    batch: int,
+    hq: int,
+    hkv: int,
+    dim: int,
+    page_size: int,
+    dtype: torch.dtype,
+    num_splits: int | None,
+    max_len: int,
+) -> None:
+    from pdserve.kernels.triton_decode_attention import DecodeConfig, decode_attention
+
+    lens = random_lens(batch, 1, max_len, page_size)
+    k_cache, v_cache, page_table = make_paged_kv(lens, page_size, hkv, dim, dtype)
+    q = torch.randn((batch, hq, dim), dtype=dtype, device=DEVICE)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    out = decode_attention(
+        q, k_cache, v_cache, page_table, seq_lens, dim**-0.5,
+        config=DecodeConfig(num_splits=num_splits), merge_in_last=True,
+    )  # fmt: skip
+    ref = decode_attention_ref(q, k_cache, v_cache, page_table, seq_lens, dim**-0.5)
+    assert_rel_close(out, ref, dtype)
+
+
+@pytest.mark.parametrize(
+    "batch,hkv,dtype,num_splits,max_len",
+    [
+        (7, 4, FP32, 4, 150),
+        (4, 4, FP16, 5, 90),
+        pytest.param(5, 8, BF16, None, 300, marks=_GPU_ONLY),
+    ],
+)
+def test_decode_with_the_new_token_merged_by_the_last_split_program(
+    batch: int, hkv: int, dtype: torch.dtype, num_splits: int | None, max_len: int
+) -> None:
+    from pdserve.kernels.attention_ref import NewToken, decode_with_new_token_ref
+    from pdserve.kernels.triton_decode_attention import DecodeConfig, decode_attention
+
+    hq, dim, page_size = 4 * hkv, 64, 16
+    lens = random_lens(batch, 2, max_len, page_size)
+    k_cache, v_cache, page_table = make_paged_kv(lens, page_size, hkv, dim, dtype)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    last = seq_lens.long() - 1  # the new token's position, and its slot in its page
+    slots = page_table.long()[torch.arange(batch, device=DEVICE), last // page_size] * page_size
+    cos_sin = rope_cos_sin_cache(dim, 4096, 500000.0, RopeScaling(), DEVICE)
+    q = torch.randn((batch, hq, dim), dtype=dtype, device=DEVICE)
+    k, v = torch.randn((2, batch, hkv, dim), dtype=dtype, device=DEVICE)
+    new = NewToken(k, v, last, slots + last % page_size, cos_sin)
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+    ref = decode_with_new_token_ref(q, ref_k, ref_v, page_table, seq_lens, dim**-0.5, new)
+    out = decode_attention(
+        q, k_cache, v_cache, page_table, seq_lens, dim**-0.5,
+        config=DecodeConfig(num_splits=num_splits), new_token=new, merge_in_last=True,
+    )  # fmt: skip
+    assert_rel_close(out, ref, dtype)
+    tol = 1e-5 if dtype == FP32 else 1e-2  # the fused rotary rounds as in the test above
+    torch.testing.assert_close(k_cache.float(), ref_k.float(), atol=tol, rtol=tol)
+    assert torch.equal(v_cache, ref_v)
+
+
+def test_merge_counters_are_zero_after_each_call_and_reused() -> None:
+    from pdserve.kernels.triton_decode_attention import (
+        DecodeConfig,
+        decode_attention,
+        merge_counters,
+    )
+
+    device = torch.device(DEVICE)
+    hq, hkv, dim = 8, 2, 64
+    counters = merge_counters(device, 1)
+    counters.fill_(0)  # from zero, whatever an earlier failing test left
+    for lens in ([1, 200, 65], [300, 2]):  # the second call reuses the first's counters
+        k_cache, v_cache, page_table = make_paged_kv(lens, 16, hkv, dim, FP32)
+        q = torch.randn((len(lens), hq, dim), dtype=FP32, device=DEVICE)
+        seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+        out = decode_attention(
+            q, k_cache, v_cache, page_table, seq_lens, 0.125,
+            config=DecodeConfig(num_splits=5), merge_in_last=True,
+        )  # fmt: skip
+        ref = decode_attention_ref(q, k_cache, v_cache, page_table, seq_lens, 0.125)
+        assert_rel_close(out, ref, FP32)
+        assert merge_counters(device, len(lens) * hkv) is counters, "the buffer must be reused"
+        assert not counters.any(), f"counters left nonzero: {counters.nonzero().flatten()}"
+    grown = merge_counters(device, counters.numel() + 1)
+    assert grown.numel() > counters.numel() and not grown.any(), "a grown buffer starts at zero"
+
+
 # ---- extend ----------------------------------------------------------------------------------
 
 EXTEND_CASES = [
