@@ -11,16 +11,11 @@ and KV store): it rotates q and the new token's k, and the program whose split h
 position writes k and v to the cache and attends to them from registers (no other program reads
 that position), one launch fewer a layer. Reference: `attention_ref.decode_with_new_token_ref`
 (its input is an `attention_ref.NewToken`).
-
-With `merge_in_last` (module default `MERGE_IN_LAST`) the merge kernel is not launched: each split
-program counts itself done on a per-(sequence, KV head) counter, and the last of them merges the
-splits ("last block reduces"); see `_merge_if_last` and `merge_counters`.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 import math
 from typing import NamedTuple
 
@@ -31,19 +26,9 @@ import triton.language as tl
 from pdserve.kernels.attention_ref import NewToken
 from pdserve.kernels.triton_paged_rows import load_rows
 
-logger = logging.getLogger(__name__)
-
 _LOG2E = 1.4426950408889634
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _MAX_SPLITS = 16
-# The last split program merges (no second launch) when True; decode_attention(merge_in_last=...)
-# overrides it per call. Measured on an H200 (benchmarks/gpu/merge_bench.py, 32 q / 8 KV heads,
-# bf16, 16 layers in a CUDA graph, splits from a 4,096 bound), us a layer, two launches -> merged:
-# batch 1, D 64: 5.10 -> 5.10 (the merged tail, a fence, the atomic and one round of L2 reads,
-# added 1.5 us to the split kernel: what the 1.4 us merge kernel and its 0.1 us gap cost);
-# batch 1, D 128, 1,024 tokens: 7.77 -> 7.30; batch 16, D 128, 128 tokens: 10.41 -> 8.62. Off: no
-# gain at Llama-1B's batch 1, which it was built for; a whole decode step should decide.
-MERGE_IN_LAST = False
 
 
 class DecodeConfig(NamedTuple):
@@ -116,81 +101,6 @@ def _decode_step(
 
 
 @triton.jit
-def _merge_if_last(
-    part_out_ptr,  # [B, Hq, S, D] float32, this program's split already stored
-    part_lse_ptr,  # [B, Hq, S] float32, log2 units
-    out_ptr,  # [B, Hq, D]
-    counter_ptr,  # this (sequence, KV head)'s int32 counter: splits done so far, 0 at launch
-    num_splits,
-    b,
-    kv_head,
-    stride_pob,
-    stride_poh,
-    stride_pos,
-    stride_plb,
-    stride_plh,
-    stride_ob,
-    stride_oh,
-    GROUP: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_G: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    """The last split program of (b, kv_head) to finish merges every split's partial output for
-    the GROUP query heads by their log-sum-exp (the weights of `_decode_merge_kernel`), and sets
-    the counter back to 0."""
-    # The scalar atomic below runs on one thread; the barrier puts every thread's partial stores
-    # before it, and its release (gpu scope) publishes them to the program that counts last.
-    tl.debug_barrier()
-    num_done = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
-    if num_done == num_splits - 1:
-        offs_g = tl.arange(0, BLOCK_G)
-        offs_c = tl.arange(0, BLOCK_C)
-        offs_d = tl.arange(0, BLOCK_D)
-        mask_g = offs_g < GROUP
-        mask_d = offs_d < HEAD_DIM
-        heads = kv_head * GROUP + offs_g  # [BLOCK_G]
-        b64 = b.to(tl.int64)
-        lse_row = part_lse_ptr + b64 * stride_plb + heads * stride_plh  # [BLOCK_G]
-        po_row = part_out_ptr + b64 * stride_pob + heads[:, None] * stride_poh + offs_d[None, :]
-        # Online over chunks of BLOCK_C splits (usually one: all loads in one round trip, the
-        # merge's latency), the running max keeping the weights finite; empty splits weigh 0.
-        m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-        for s0 in range(0, num_splits, BLOCK_C):
-            splits = s0 + offs_c
-            mask_gc = mask_g[:, None] & (splits < num_splits)[None, :]
-            # ".cg" reads L2: this SM's L1 may hold these addresses from an earlier call.
-            lse = tl.load(
-                lse_row[:, None] + splits[None, :],
-                mask=mask_gc,
-                other=float("-inf"),
-                cache_modifier=".cg",
-            )  # [BLOCK_G, BLOCK_C]
-            part = tl.load(
-                po_row[:, None, :] + splits[None, :, None] * stride_pos,
-                mask=mask_gc[:, :, None] & mask_d[None, None, :],
-                other=0.0,
-                cache_modifier=".cg",
-            )  # [BLOCK_G, BLOCK_C, BLOCK_D]
-            m_new = tl.maximum(m_i, tl.max(lse, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)  # [BLOCK_G]
-            weight = tl.exp2(lse - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(weight, 1)
-            acc = acc * alpha[:, None] + tl.sum(part * weight[:, :, None], 1)
-            m_i = m_new
-        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-        o_ptrs = out_ptr + b64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
-        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_g[:, None] & mask_d[None, :])
-        # Every split has counted, so no program of this launch touches the counter again; the
-        # next launch on the stream finds it 0 (no memset between calls or graph replays).
-        tl.store(counter_ptr, 0)
-
-
-@triton.jit
 def _decode_split_kernel(
     q_ptr,  # [B, Hq, D]
     k_ptr,  # [num_pages, page_size, Hkv, D]
@@ -205,7 +115,6 @@ def _decode_split_kernel(
     positions_ptr,  # [B] int
     slots_ptr,  # [B] int: page_id * page_size + offset
     cos_sin_ptr,  # [max_positions, 2 * HALF] float32: cos | sin
-    counters_ptr,  # [>= B * Hkv] int32, zero at launch (MERGE_IN_LAST only)
     scale_log2e,
     num_splits,
     stride_qb,
@@ -240,9 +149,6 @@ def _decode_split_kernel(
     DOT_PRECISION: tl.constexpr,
     FUSE_NEW: tl.constexpr,
     HALF: tl.constexpr,
-    MERGE_IN_LAST: tl.constexpr,
-    BLOCK_G: tl.constexpr,  # merge rows: next_power_of_2(GROUP) (MERGE_IN_LAST only)
-    BLOCK_C: tl.constexpr,  # splits merged per round (MERGE_IN_LAST only)
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -374,13 +280,6 @@ def _decode_split_kernel(
         lse = m_i + tl.log2(l_i)  # -inf for an empty split
         lse_ptrs = part_lse_ptr + b.to(tl.int64) * stride_plb + q_heads * stride_plh + split
         tl.store(lse_ptrs, lse, mask=mask_h)
-        if MERGE_IN_LAST:
-            counter = counters_ptr + b * tl.num_programs(1) + kv_head
-            _merge_if_last(
-                part_out_ptr, part_lse_ptr, out_ptr, counter, num_splits, b, kv_head,
-                stride_pob, stride_poh, stride_pos, stride_plb, stride_plh, stride_ob, stride_oh,
-                GROUP, HEAD_DIM, BLOCK_D, BLOCK_G, BLOCK_C,
-            )  # fmt: skip
 
 
 @triton.jit
@@ -470,41 +369,6 @@ def choose_num_splits(
     if max_seq_len is not None:
         splits = min(splits, max(1, math.ceil(max_seq_len / (2 * block_n))))
     return splits
-
-
-_MIN_COUNTERS = 4096  # 16 KB: B x Hkv of every batch that splits on an H200 (B * Hkv < 132)
-_counters: dict[torch.device, torch.Tensor] = {}  # device -> [n] int32, zero between launches
-# Buffers replaced by a larger one: a CUDA graph captured with one keeps its address, so it is
-# never freed (and handed to another tensor) while a replay may still count on it.
-_retired_counters: list[torch.Tensor] = []
-
-
-def merge_counters(device: torch.device, num_counters: int) -> torch.Tensor:  # [>= n] int32
-    """The merge-in-last counters of `device`: one int32 a (sequence, KV head), all zero between
-    launches (the last split program of each resets its own), so graph replays and later calls
-    reuse the buffer without a memset. Grown (to zeros) on demand; call this before capturing a
-    CUDA graph with the largest B * Hkv it will see, so no capture allocates it.
-
-    One buffer a device: two launches running at once on different streams must not use it
-    (their counts would mix). pdserve runs one stream per worker, so its launches never overlap.
-    """
-    buf = _counters.get(device)
-    if buf is not None and buf.numel() >= num_counters:
-        return buf
-    size = max(_MIN_COUNTERS, triton.next_power_of_2(num_counters))
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        # Zeros allocated here are only filled when the graph replays, so a cached buffer could
-        # hold garbage for a call outside it: this call gets its own, its memset in the graph.
-        logger.warning(
-            "decode_attention: merge counters for %d (B x Hkv) allocated inside CUDA graph "
-            "capture (one memset a call); call merge_counters(device, n) before capturing",
-            num_counters,
-        )
-        return torch.zeros(size, dtype=torch.int32, device=device)
-    if buf is not None:
-        _retired_counters.append(buf)
-    _counters[device] = torch.zeros(size, dtype=torch.int32, device=device)
-    return _counters[device]
 
 
 def _check_inputs(
@@ -607,12 +471,9 @@ def decode_attention(
     max_seq_len: int | None = None,  # optional host-side bound, only used to pick num_splits
     config: DecodeConfig | None = None,
     new_token: NewToken | None = None,  # q and this k not rotated yet, k and v not stored yet
-    merge_in_last: bool | None = None,  # None: MERGE_IN_LAST
 ) -> torch.Tensor:  # [B, Hq, D]
     """Attention of each sequence's one new query token over its paged KV; no host sync. With
-    `new_token`, the rotary and the new token's KV store happen inside (q is not modified). With
-    `merge_in_last` the last split program of each (sequence, KV head) merges the splits, in the
-    same launch (it uses `merge_counters`, one buffer a device: see there about streams)."""
+    `new_token`, the rotary and the new token's KV store happen inside (q is not modified)."""
     _check_inputs(q, k_cache, v_cache, page_table, seq_lens)
     if new_token is not None:
         _check_new_token(new_token, q, k_cache)
@@ -643,16 +504,6 @@ def decode_attention(
     else:
         part_out = out.new_empty((batch, num_q_heads, num_splits, head_dim), dtype=torch.float32)
         part_lse = out.new_empty((batch, num_q_heads, num_splits), dtype=torch.float32)
-    # One split writes out directly: nothing to merge, no counter.
-    merge_in_last = not direct and (MERGE_IN_LAST if merge_in_last is None else merge_in_last)
-    counters = merge_counters(q.device, batch * num_kv_heads) if merge_in_last else seq_lens
-    # All splits in one round of loads where the [G, S, D] tile fits 64 floats a thread; 1 when
-    # off, so the split count stays a runtime argument there (no compile per count).
-    merge_g = triton.next_power_of_2(group) if merge_in_last else 1
-    merge_c = 1
-    if merge_in_last:
-        fit = max(1, 64 * 32 * cfg.num_warps // (merge_g * block_d))
-        merge_c = min(triton.next_power_of_2(num_splits), 1 << (fit.bit_length() - 1))
 
     if new_token is None:  # pointers the kernel never reads (FUSE_NEW off): no allocation
         k_new = v_new = cos_sin = q
@@ -665,7 +516,7 @@ def decode_attention(
         half = cos_sin.shape[1] // 2
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, page_table, seq_lens, part_out, part_lse, out,
-        k_new, v_new, positions, slots, cos_sin, counters,
+        k_new, v_new, positions, slots, cos_sin,
         scale * _LOG2E, num_splits,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -680,10 +531,9 @@ def decode_attention(
         BLOCK_N=cfg.block_n, PAGE_SIZE=page_size, DIRECT_OUT=direct,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         FUSE_NEW=new_token is not None, HALF=half,
-        MERGE_IN_LAST=merge_in_last, BLOCK_G=merge_g, BLOCK_C=merge_c,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
-    if not direct and not merge_in_last:
+    if not direct:
         _decode_merge_kernel[(batch, num_q_heads)](
             part_out, part_lse, out, num_splits,
             part_out.stride(0), part_out.stride(1), part_out.stride(2),
