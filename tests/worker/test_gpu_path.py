@@ -267,16 +267,21 @@ def test_greedy_generation_matches_torch_backend(
             assert first >= 0.75
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "separate-rotary-store"])
 @pytest.mark.parametrize("model,dtype", [("llama", "float32"), ("qwen3", "bfloat16")])
 def test_fused_decode_generation_matches_torch_backend(
-    model_dirs: dict[str, Path], model: str, dtype: str, monkeypatch: pytest.MonkeyPatch
+    model_dirs: dict[str, Path],
+    model: str,
+    dtype: str,
+    fused: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The Triton decode kernel doing the rotary and the new token's KV store itself
-    (attention.TRITON_FUSED_DECODE), in CUDA graphs and eagerly: greedy tokens as the torch
-    backend's."""
+    (attention.TRITON_FUSED_DECODE, the default), and the separate rotary + store kernel before
+    it, in CUDA graphs and eagerly: greedy tokens as the torch backend's."""
     from pdserve.kernels import attention
 
-    monkeypatch.setattr(attention, "TRITON_FUSED_DECODE", True)
+    monkeypatch.setattr(attention, "TRITON_FUSED_DECODE", fused)
     path = model_dirs[model]
     prompts = _prompts(ModelConfig.from_hf(path).vocab_size)
     refs, _ = _generate(path, prompts, dtype=dtype, attention_backend="torch")
@@ -286,7 +291,7 @@ def test_fused_decode_generation_matches_torch_backend(
         )
         assert (info["replays"] > 0) == cuda_graph
         exact, first, prefix = _agreement(outs, refs)
-        print(f"RESULT fused decode {model} {dtype} graphs={cuda_graph}: exact {exact:.0%}, "
+        print(f"RESULT fused={fused} decode {model} {dtype} graphs={cuda_graph}: exact {exact:.0%}, "
               f"first {first:.0%}, prefix {prefix:.0%}")  # fmt: skip
         if dtype == "float32":
             assert exact >= 0.9
