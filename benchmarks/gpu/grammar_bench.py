@@ -4,7 +4,7 @@ schema against unconstrained decoding, on one engine, in alternating rounds.
     python benchmarks/gpu/grammar_bench.py            # Llama-1B shape, random weights, ~2 min
     python benchmarks/gpu/grammar_bench.py --smoke    # tiny shapes on the CPU: the plumbing only
     ... --phases          # host microseconds per step inside the core's methods, per mode
-    ... --compare-defer   # also the schema modes with the grammar draw queued in its own step
+    ... --compare-defer   # also the schema modes with the other `defer_grammar_draws` setting
     ... --compare-accept  # also the schema modes with the tokens accepted on the fill thread
     ... --profile         # then cProfile of 20 constrained greedy steps
 
@@ -58,7 +58,9 @@ MODES = (  # (name, temperature, constrained)
     ("temperature 1, unconstrained", 1.0, False),
     ("temperature 1, JSON schema", 1.0, True),
 )
-NO_DEFER = " (draw not deferred)"  # --compare-defer: the grammar draw queued in its own step
+# --compare-defer: the schema modes with the worker's other setting of defer_grammar_draws
+NO_DEFER = " (draw not deferred)"  # the draw queued in its own step, the bitmask filled inline
+DEFER = " (draw deferred)"  # the draw queued after the next batch's build, filled on a thread
 ON_THREAD = " (accept on the fill thread)"  # --compare-accept: GrammarAccept instead of inline
 
 
@@ -192,17 +194,21 @@ def run(model_dir: Path, args: Any, say: Any) -> list[dict[str, Any]]:
     if args.phases:
         engine.core.phase_timer = PhaseTimer(engine.core)
     modes = list(MODES)
-    if args.compare_defer:
-        modes += [(name + NO_DEFER, t, c) for name, t, c in MODES if c]
-    if args.compare_accept:
-        modes += [(name + ON_THREAD, t, c) for name, t, c in MODES if c]
+    shipped_defer = engine.core.defer_grammar_draws
     shipped = engine.core.accept_on_fill_thread
+    if args.compare_defer:
+        other = NO_DEFER if shipped_defer else DEFER
+        modes += [(name + other, t, c) for name, t, c in MODES if c]
+    if args.compare_accept:  # the accept on the thread exists only in deferred draws' steps
+        modes += [(name + ON_THREAD, t, c) for name, t, c in MODES if c]
     for _, temperature, constrained in MODES:  # warm-up: graphs, compiles, allocator
         decode_steps(engine, temperature, constrained, args, seed=900)
     rounds: dict[str, list[dict[str, Any]]] = {}
     for rnd in range(args.rounds):
         for name, temperature, constrained in modes:
-            engine.core.defer_grammar_draws = not name.endswith(NO_DEFER)
+            engine.core.defer_grammar_draws = (
+                shipped_defer or name.endswith((DEFER, ON_THREAD))
+            ) and not name.endswith(NO_DEFER)
             engine.core.accept_on_fill_thread = shipped or name.endswith(ON_THREAD)
             r = decode_steps(engine, temperature, constrained, args, seed=10 * rnd + 1)
             rounds.setdefault(name, []).append(r)
@@ -218,7 +224,7 @@ def run(model_dir: Path, args: Any, say: Any) -> list[dict[str, Any]]:
         print(f"host profile: {args.steps} greedy JSON-schema steps (tottime, then cumtime)")
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(40)
-    engine.core.defer_grammar_draws = True
+    engine.core.defer_grammar_draws = shipped_defer
     engine.core.accept_on_fill_thread = shipped
     results = []
     for name, temperature, constrained in modes:
@@ -268,7 +274,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--phases", action="store_true", help="host time per step in core methods")
     p.add_argument(
         "--compare-defer", action="store_true",
-        help="also the schema modes with the grammar draw queued in its own step (not deferred)",
+        help="also the schema modes with the other defer_grammar_draws setting (the worker's "
+        "default: the draw queued in its own step, the bitmask filled inline)",
     )  # fmt: skip
     p.add_argument(
         "--compare-accept", action="store_true",

@@ -100,7 +100,14 @@ def _decode_step(
     return acc, m_new, l_i
 
 
-@triton.jit
+# Integers that follow the batch's shape (the page table's width, the split count and the partial
+# buffers' strides it sets) are not specialized on: Triton would compile a new variant the first
+# time a value of another class (1, a multiple of 16, other) came, in a serving step (the first
+# concurrent load after startup measured one such compile, benchmarks/gpu/compile_watch.py).
+_SHAPE_INTS = ["num_splits", "stride_ptb", "stride_pob", "stride_poh", "stride_plb", "stride_plh"]
+
+
+@triton.jit(do_not_specialize=_SHAPE_INTS)
 def _decode_split_kernel(
     q_ptr,  # [B, Hq, D]
     k_ptr,  # [num_pages, page_size, Hkv, D]
@@ -282,7 +289,9 @@ def _decode_split_kernel(
         tl.store(lse_ptrs, lse, mask=mask_h)
 
 
-@triton.jit
+@triton.jit(
+    do_not_specialize=["num_splits", "stride_pob", "stride_poh", "stride_plb", "stride_plh"]
+)
 def _decode_merge_kernel(
     part_out_ptr,  # [B, Hq, S, D] float32
     part_lse_ptr,  # [B, Hq, S] float32, log2 units

@@ -85,7 +85,7 @@ def _extend_step(
     return acc, m_new, l_i
 
 
-@triton.jit(do_not_specialize=["first_seq"])
+@triton.jit(do_not_specialize=["first_seq", "stride_ptb"])  # the page table's width varies
 def _extend_kernel(
     q_ptr,  # [T, Hq, D]
     k_ptr,  # [num_pages, page_size, Hkv, D]

@@ -228,7 +228,12 @@ def race_sample(
     num_chunks = max(1, min(blocks, triton.cdiv(_TARGET_PROGRAMS, batch)))
     chunk_len = triton.cdiv(blocks, num_chunks) * _BLOCK
     num_chunks = triton.cdiv(vocab_size, chunk_len)
-    parts = _kept_zeros(device, 4 * batch * num_chunks, torch.float32).view(4, batch, num_chunks)
+    # Each part starts 64 bytes into the next, whatever batch x num_chunks is: a pointer's
+    # alignment is part of what Triton specializes on, so an unaligned part was a new compile the
+    # first time a batch size of its class came (benchmarks/gpu/compile_watch.py).
+    stride = -(-batch * num_chunks // 16) * 16
+    parts = _kept_zeros(device, 4 * stride, torch.float32).view(4, stride)[:, : batch * num_chunks]
+    parts = parts.unflatten(1, (batch, num_chunks))  # [4, B, S] views, rows contiguous
     part_max, part_score = parts[0], parts[1]
     part_max_id, part_id = parts[2].view(torch.int32), parts[3].view(torch.int32)
     mask = out  # unread without a mask

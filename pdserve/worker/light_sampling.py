@@ -72,10 +72,10 @@ class LightSampler:
         params = [req.sampling for req in reqs]
         greedy = [p.is_greedy for p in params]
         all_greedy = all(greedy)
-        # One host buffer, one copy: the keys and parameters (28 bytes a row, none when every
-        # row is greedy), then the bitmask's words from a 64-byte boundary (the kernel is
+        # One host buffer, one copy: the keys and parameters (about 28 bytes a row, none when
+        # every row is greedy), then the bitmask's words from a 64-byte boundary (the kernel is
         # compiled for an aligned pointer).
-        param_bytes = 0 if all_greedy else -(-num_rows * 28 // 64) * 64
+        param_bytes = 0 if all_greedy else -(-_packed_bytes(num_rows) // 64) * 64
         mask_words = bitmask_words(vocab_size) if constrained else 0
         if param_bytes or mask_words:
             host, draw.send = host_buffer(
@@ -155,9 +155,23 @@ def _row_keys(reqs: list[Request], greedy: list[bool], rng: np.random.Generator)
     return keys
 
 
+def _padded_rows(num_rows: int) -> int:
+    """Rows of each float array in the packed buffer: a multiple of 4, so that every array starts
+    16 bytes aligned whatever the batch (the race kernel is specialized on its pointers'
+    alignment: an unaligned one was a new compile the first time a batch size of its class came)."""
+    return -(-num_rows // 4) * 4
+
+
+def _packed_bytes(num_rows: int) -> int:
+    return num_rows * 16 + 3 * _padded_rows(num_rows) * 4
+
+
 def _packed(buf: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rows' keys [R, 2] int64 and their temperature, min-p, greedy [3, R] float32: the first
-    28 R bytes of a uint8 buffer (host or device), so that one copy moves both."""
+    """The rows' keys [R, 2] int64 and their temperature, min-p, greedy [3, R] float32 (each row
+    of the latter contiguous and 16-byte aligned): the first `_packed_bytes(R)` bytes of a uint8
+    buffer (host or device), so that one copy moves both."""
     split = num_rows * 16
     keys = buf[:split].view(torch.int64).view(num_rows, 2)
-    return keys, buf[split : num_rows * 28].view(torch.float32).view(3, num_rows)
+    padded = _padded_rows(num_rows)
+    floats = buf[split : split + 12 * padded].view(torch.float32).view(3, padded)
+    return keys, floats[:, :num_rows]

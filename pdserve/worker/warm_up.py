@@ -3,7 +3,7 @@ kernels' first specializations compile then, not on the first clients' steps (a 
 offline run measured 27k output tokens/s against 32k warm, docs/BENCHMARKS.md sixth session).
 
 The requests are a prompt alone, decodes, then decodes beside a prefill chunk (the mixed step of
-every burst). Nothing of them stays: their cached pages are freed and the counters they moved are
+every burst), short and then long enough for the decode kernel to split the context. Nothing of them stays: their cached pages are freed and the counters they moved are
 reset. CUDA only (WorkerCore calls it); not for an embedding model (no loop) nor with speculative
 decoding (its steps run their own graphs).
 """
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from pdserve.worker.worker_core import WorkerCore
 
 _MAX_CHUNK = 256  # the later prompt's tokens: one chunk beside the decodes
+_LONG_DECODE = 300  # a context the decode kernel splits at small batches (> 2 steps of 64)
 
 
 def warm_up(core: WorkerCore) -> None:
@@ -44,6 +45,15 @@ def warm_up(core: WorkerCore) -> None:
     while not all(len(r.output_ids) >= 2 or r.finish is not None for r in first):
         core.step()
     core.add(request(2, chunk))  # its chunk runs beside the first ones' decodes
+    while core.has_work():
+        core.step()
+    # Then a decode long enough to be split beside another chunk: the eager decode kernel's
+    # split-and-merge variant (the first concurrent long prompts compiled it otherwise).
+    long = request(3, min(limit, _LONG_DECODE))
+    core.add(long)
+    while len(long.output_ids) < 2 and long.finish is None:
+        core.step()
+    core.add(request(4, chunk))
     while core.has_work():
         core.step()
     cache = core.scheduler.cache

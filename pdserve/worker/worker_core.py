@@ -12,11 +12,11 @@ when its token is read back may have computed one more token by then; that one i
 outputs and stop checks equal the plain loop's. A step holding a grammar or penalty row launches
 its forward pass first, then records the running step's tokens (advancing the matchers), then
 builds the sampling batch (the grammar bitmask) and samples: the mask is filled while the device
-runs the forward pass. When every row is light (worker/light_sampling.py) the draw is queued even
-later, once the next step's batch is built on the host, and the bitmask is filled on a thread
-meanwhile: the fill hides behind the host's own scheduling and batch building. With
-`accept_on_fill_thread` that thread also feeds the read-back tokens to their matchers first, and
-their verdicts end requests when the next step starts (`GrammarAccept`).
+runs the forward pass. With `defer_grammar_draws` (off by default: measured slower) and every row
+light (worker/light_sampling.py) the draw is queued even later, once the next step's batch is built
+on the host, and the bitmask is filled on a thread meanwhile. With `accept_on_fill_thread` that
+thread also feeds the read-back tokens to their matchers first, and their verdicts end requests
+when the next step starts (`GrammarAccept`).
 A step holding a row that returns logprobs, hidden states or pooled vectors waits for the running
 step first and runs unoverlapped.
 
@@ -105,7 +105,10 @@ class WorkerCore:
         self.last_step_ms = 0.0
         self.num_steps = 0
         self.light_sampler = LightSampler(self.config.seed)
-        self.defer_grammar_draws = True  # _sample_launched's `defer` (benchmarks compare both)
+        # _sample_launched's `defer`. Off: on the H200 the bitmask filled inline beat the fill on
+        # a thread (99% / 98% of unconstrained against 96% / 97%, docs/BENCHMARKS.md eleventh
+        # session): the thread's hand-overs cost the main thread more than the fill it hides.
+        self.defer_grammar_draws = False
         self.accept_on_fill_thread = False  # GrammarAccept in deferred draws' steps (benchmarks)
         # Speculative decoding (worker/speculative/): its steps run the plain loop.
         self.spec = make_speculative_decoder(

@@ -225,14 +225,22 @@ def count_light_steps(core: worker_core.WorkerCore) -> tuple[list[int], list[int
     return now, deferred
 
 
-# The loops a core runs: plain; overlapped (a deferred grammar draw's step feeds the read-back
-# tokens to the matchers inline); overlapped with those tokens fed on the fill thread.
-LOOPS = {"plain": (False, False), "overlapped": (True, False), "thread-accept": (True, True)}
+# The loops a core runs, (overlap, defer_grammar_draws, accept_on_fill_thread): plain;
+# overlapped (the default: grammar draws queued in their own step, bitmasks filled inline);
+# overlapped with deferred grammar draws (bitmasks filled on the fill thread, the read-back tokens
+# fed to the matchers inline); deferred, with those tokens fed on the fill thread.
+LOOPS = {
+    "plain": (False, False, False),
+    "overlapped": (True, False, False),
+    "deferred": (True, True, False),
+    "thread-accept": (True, True, True),
+}
 
 
 def make_loop_core(model_dir: Path, loop: str) -> worker_core.WorkerCore:
-    overlap, on_thread = LOOPS[loop]
+    overlap, defer, on_thread = LOOPS[loop]
     core = make_core(model_dir, overlap=overlap)
+    core.defer_grammar_draws = defer
     core.accept_on_fill_thread = on_thread
     return core
 
@@ -256,11 +264,14 @@ def test_light_runs_give_the_general_paths_tokens(
     accepted = count_thread_accepts(monkeypatch)
     light = run(core, specs)
     assert sum(now) + sum(deferred) > 0, f"no step took the light path (seed {seed})"
-    if LOOPS[loop][0]:
+    overlap, defer, on_thread = LOOPS[loop]
+    if overlap and defer:
         assert sum(deferred) > 0, f"no grammar step deferred its draw (seed {seed})"
-        if LOOPS[loop][1]:
+        if on_thread:
             assert sum(accepted) > 0, "no tokens went to the matchers on the fill thread"
-    assert LOOPS[loop][1] or not accepted, "tokens went to the fill thread, not asked to"
+    else:
+        assert not sum(deferred), f"a draw was deferred, not asked to (seed {seed})"
+    assert on_thread or not accepted, "tokens went to the fill thread, not asked to"
     monkeypatch.setattr(worker_core, "is_light", lambda req: False)
     general = run(make_core(tiny_llama, overlap=False), specs)
     assert_same(general, light, seed)
@@ -317,7 +328,7 @@ def test_a_grammars_end_wins_over_the_length_limit_on_the_same_token(
     assert_same(free, run(make_loop_core(tiny_llama, loop), specs({})), 0)
     tight = run(make_loop_core(tiny_llama, loop), specs({r: len(v[0]) for r, v in free.items()}))
     assert_same(free, tight, 0)
-    if LOOPS[loop][1]:
+    if LOOPS[loop][2]:
         assert sum(accepted) > 0, "no tokens went to the matchers on the fill thread"
 
 
@@ -326,7 +337,7 @@ def test_a_grammars_end_wins_over_the_length_limit_on_the_same_token(
 def test_light_runs_on_cuda_give_the_cpu_general_paths_tokens(
     tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The Triton race (chunks, bitmask read beside the logits) and the deferred grammar draws
+    """The Triton race (chunks, bitmask read beside the logits) and the grammar draws
     with CUDA graphs, float32, against the CPU's general path: equal tokens but where two tokens
     nearly tie (at most 2 requests of 24 may part ways)."""
     from transformers import AutoTokenizer

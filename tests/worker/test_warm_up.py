@@ -75,3 +75,27 @@ def test_warm_up_fits_a_small_pool_and_context(tiny_llama: Path) -> None:
         free_before = core.scheduler.allocator.num_free
         warm_up(core)
         assert not core.has_work() and core.scheduler.allocator.num_free == free_before
+
+
+def test_warm_up_runs_short_and_split_decodes_beside_a_chunk(tiny_llama: Path) -> None:
+    """The mixed steps of the warm-up hold decodes short enough for the decode kernel's one-split
+    variant and, later, one long enough for its split-and-merge variant (contexts over two of its
+    64-token steps), each beside a prefill chunk, so no serving step compiles either."""
+    core = make_core(tiny_llama, overlap=True)
+    mixed_contexts: list[int] = []  # per mixed step: the longest decode's context
+    real_schedule = core.scheduler.schedule
+
+    def schedule():  # type: ignore[no-untyped-def]
+        batch = real_schedule()
+        if batch is not None:
+            decodes = [it for it in batch.items if it.num_tokens == 1]
+            chunks = [it for it in batch.items if it.num_tokens > 1]
+            if decodes and chunks:
+                mixed_contexts.append(max(it.start + 1 for it in decodes))
+        return batch
+
+    core.scheduler.schedule = schedule  # type: ignore[method-assign]
+    warm_up(core)
+    assert mixed_contexts, "no decode ran beside a prefill chunk"
+    assert min(mixed_contexts) <= 128, mixed_contexts
+    assert max(mixed_contexts) > 128, mixed_contexts
