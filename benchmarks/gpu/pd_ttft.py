@@ -25,7 +25,6 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: no progre
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import json  # noqa: E402
-import logging  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
@@ -37,7 +36,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 import random_checkpoint as rc  # noqa: E402
-from stream_bench import checkpoint_dir, say  # noqa: E402  (sets PYTHONPATH for the children)
+from stream_bench import prepare_run, say  # noqa: E402  (sets PYTHONPATH for the children)
 
 TARGET_MS = 5.0
 GPU = {
@@ -161,27 +160,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    plan = dict(SMOKE if args.smoke else GPU)
-    for key in ("num_prompts", "input_len", "output_len", "concurrencies"):
-        if getattr(args, key) is not None:
-            plan[key] = getattr(args, key)
-    if plan["device"] == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            print("no CUDA device: run with --smoke for the CPU shapes", file=sys.stderr)
-            return 2
-    logging.basicConfig(level=logging.WARNING)
-    out_dir = os.environ.get("OUT")
-    out_json = Path(args.out_json or (f"{out_dir}/pd_ttft.json" if out_dir else
-                                      "/tmp/pdserve-pd-ttft.json"))  # fmt: skip
-    model_dir = checkpoint_dir(plan, args.model_dir_root)
-    say(f"checkpoint {model_dir}")
-    report: dict[str, Any] = {
-        "command": " ".join(["python", "benchmarks/gpu/pd_ttft.py", *(argv or sys.argv[1:])]),
-        "plan": {k: v for k, v in plan.items() if k != "spec"} | {"model": plan["spec"].name},
-        "runs": {}, "errors": [],
-    }  # fmt: skip
+    keys = ("num_prompts", "input_len", "output_len", "concurrencies")
+    prepared = prepare_run(args, argv, (GPU, SMOKE), keys, "benchmarks/gpu/pd_ttft.py")
+    if prepared is None:
+        return 2
+    plan, out_json, model_dir, report = prepared
+    report["runs"] = {}
     for mode in args.modes.split(","):
         say(f"{mode}: starting")
         try:

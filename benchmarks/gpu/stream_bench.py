@@ -249,11 +249,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    plan = dict(SMOKE if args.smoke else GPU)
-    for key in ("num_prompts", "input_len", "output_len", "steady_streams", "steady_prompts",
-                "client_procs", "tokenizer_replicas", "prefill_budgets"):  # fmt: skip
+def prepare_run(
+    args: argparse.Namespace,
+    argv: list[str] | None,
+    plans: tuple[dict[str, Any], dict[str, Any]],
+    keys: tuple[str, ...],
+    script: str,
+) -> tuple[dict[str, Any], Path, Path, dict[str, Any]] | None:
+    """A cluster benchmark's start: its plan (plans = (GPU, smoke), the `keys` given on the
+    command line override it), the JSON's path ($OUT/<script>.json, else /tmp), the random
+    checkpoint and the report's head; None (said on stderr) for a GPU plan without a GPU."""
+    plan = dict(plans[1] if args.smoke else plans[0])
+    for key in keys:
         if getattr(args, key) is not None:
             plan[key] = getattr(args, key)
     if plan["device"] == "cuda":
@@ -261,18 +268,31 @@ def main(argv: list[str] | None = None) -> int:
 
         if not torch.cuda.is_available():
             print("no CUDA device: run with --smoke for the CPU shapes", file=sys.stderr)
-            return 2
+            return None
     logging.basicConfig(level=logging.WARNING)
     out_dir = os.environ.get("OUT")
-    out_json = Path(args.out_json or (f"{out_dir}/stream_bench.json" if out_dir else
-                                      "/tmp/pdserve-stream-bench.json"))  # fmt: skip
+    name = Path(script).stem
+    out_json = Path(args.out_json or (f"{out_dir}/{name}.json" if out_dir else
+                                      f"/tmp/pdserve-{name.replace('_', '-')}.json"))  # fmt: skip
     model_dir = checkpoint_dir(plan, args.model_dir_root)
     say(f"checkpoint {model_dir}")
     report: dict[str, Any] = {
-        "command": " ".join(["python", "benchmarks/gpu/stream_bench.py", *(argv or sys.argv[1:])]),
+        "command": " ".join(["python", script, *(argv or sys.argv[1:])]),
         "plan": {k: v for k, v in plan.items() if k != "spec"} | {"model": plan["spec"].name},
-        "runs": [], "errors": [],
+        "errors": [],
     }  # fmt: skip
+    return plan, out_json, model_dir, report
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    keys = ("num_prompts", "input_len", "output_len", "steady_streams", "steady_prompts",
+            "client_procs", "tokenizer_replicas", "prefill_budgets")  # fmt: skip
+    prepared = prepare_run(args, argv, (GPU, SMOKE), keys, "benchmarks/gpu/stream_bench.py")
+    if prepared is None:
+        return 2
+    plan, out_json, model_dir, report = prepared
+    report["runs"] = []
     budgets = [int(b) for b in str(plan["prefill_budgets"]).split(",")]
     for mode in args.modes.split(","):
         for budget in budgets:
