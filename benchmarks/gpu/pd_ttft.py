@@ -36,7 +36,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 import random_checkpoint as rc  # noqa: E402
-from stream_bench import prepare_run, say  # noqa: E402  (sets PYTHONPATH for the children)
+from stream_bench import cluster_parser, prepare_run, say  # noqa: E402  (sets PYTHONPATH for the children)
 
 TARGET_MS = 5.0
 GPU = {
@@ -142,19 +142,11 @@ def table(rows: list[dict[str, Any]], input_len: int) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (the CPU test)")
-    p.add_argument("--modes", default="mixed,pd", help="mixed, pd, or both (comma-separated)")
+    p = cluster_parser(__doc__, ("num_prompts", "input_len", "output_len"))
     p.add_argument(
         "--concurrencies", default=None,
         help="comma-separated (default 1,16); one given twice is loaded twice (warm the 2nd time)",
     )  # fmt: skip
-    for name in ("num_prompts", "input_len", "output_len"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=None)
-    p.add_argument("--model-dir-root", default=None, help="where the random checkpoint goes")
-    p.add_argument("--out-json", default=None)
     return p.parse_args(argv)
 
 

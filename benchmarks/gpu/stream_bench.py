@@ -229,23 +229,30 @@ def checkpoint_dir(plan: dict[str, Any], root_arg: str | None) -> Path:
     return rc.write_checkpoint(spec, Path(root) / spec.name, plan["device"], shard_bytes)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def cluster_parser(doc: str | None, int_options: tuple[str, ...]) -> argparse.ArgumentParser:
+    """The options a cluster benchmark shares: --smoke, --modes, --model-dir-root, --out-json,
+    and an int option per name of `int_options` (default None: the plan's)."""
     p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (the CPU test)")
     p.add_argument("--modes", default="mixed,pd", help="mixed, pd, or both (comma-separated)")
+    for name in int_options:
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=None)
+    p.add_argument("--model-dir-root", default=None, help="where the random checkpoint goes")
+    p.add_argument("--out-json", default=None)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = cluster_parser(__doc__, ("num_prompts", "input_len", "output_len", "steady_streams",
+                                 "steady_prompts", "client_procs", "tokenizer_replicas"))  # fmt: skip
     p.add_argument(
         "--prefill-budgets",
         default=None,
         help="decode_step_prefill_tokens values, comma-separated: a cluster each (default: the "
         "scheduler's default; smoke: 64)",
     )
-    for name in ("num_prompts", "input_len", "output_len", "steady_streams", "steady_prompts",
-                 "client_procs", "tokenizer_replicas"):  # fmt: skip
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=None)
-    p.add_argument("--model-dir-root", default=None, help="where the random checkpoint goes")
-    p.add_argument("--out-json", default=None)
     return p.parse_args(argv)
 
 
