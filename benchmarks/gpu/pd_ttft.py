@@ -26,7 +26,6 @@ import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -35,18 +34,24 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-import random_checkpoint as rc  # noqa: E402
-from stream_bench import cluster_parser, prepare_run, say  # noqa: E402  (sets PYTHONPATH for the children)
+from stream_bench import (  # noqa: E402  (sets PYTHONPATH for the children)
+    GPU_MODEL,
+    SMOKE_MODEL,
+    cluster_parser,
+    prepare_run,
+    say,
+    start_cluster,
+)
 
 TARGET_MS = 5.0
 GPU = {
-    "spec": rc.LLAMA_1B, "device": "cuda", "roots": ("/dev/shm/pdserve-bench", "/tmp/pdserve-bench"),
+    **GPU_MODEL,
     "num_prompts": 48, "input_len": 1024, "output_len": 16, "concurrencies": "1,16",
     "engine": {"num_pages": 8192, "max_running_requests": 64, "cuda_graph_max_batch": 64},
     "run_timeout_s": 120.0, "start_timeout_s": 240.0,
 }  # fmt: skip
 SMOKE = {
-    "spec": rc.SMOKE_1B, "device": "cpu", "roots": ("/tmp/pdserve-bench-smoke",),
+    **SMOKE_MODEL,
     "num_prompts": 4, "input_len": 24, "output_len": 3, "concurrencies": "1,2",
     "engine": {"num_pages": 256, "page_size": 4, "max_running_requests": 8},
     "run_timeout_s": 120.0, "start_timeout_s": 180.0,
@@ -56,17 +61,9 @@ SMOKE = {
 def run_mode(model_dir: Path, mode: str, plan: dict[str, Any]) -> dict[str, Any]:
     """Start one cluster, send each concurrency's load, stop it: TTFT figures per concurrency."""
     from pdserve.bench.serve import ServeConfig, run_serve
-    from pdserve.config.topology import Topology
-    from pdserve.entrypoints.launch import Cluster
 
-    overrides: dict[str, Any] = {"device": plan["device"], "port": 0, **plan["engine"]}
-    if mode == "pd":  # one GPU: NCCL refuses two ranks on it, so the pages go over CUDA IPC
-        overrides["kv_transfer"] = "cuda_ipc" if plan["device"] == "cuda" else "tcp"
-    topology = Topology.for_model(str(model_dir), mode=mode, **overrides)
-    t0 = time.perf_counter()
-    cluster = Cluster(topology, log_level="warning", start_timeout_s=plan["start_timeout_s"])
-    cluster.start()
-    out: dict[str, Any] = {"mode": mode, "cluster_start_s": time.perf_counter() - t0, "loads": {}}
+    cluster, start_s = start_cluster(model_dir, mode, plan)
+    out: dict[str, Any] = {"mode": mode, "cluster_start_s": start_s, "loads": {}}
     try:
         for key, concurrency in load_keys(plan["concurrencies"]):
             config = ServeConfig(

@@ -54,15 +54,19 @@ import numpy as np  # noqa: E402
 import random_checkpoint as rc  # noqa: E402
 
 TARGET_RATIO = 2.0
+# Where a cluster benchmark runs and on what model (the plans below, pd_ttft.py's too, add loads).
+GPU_MODEL = {"spec": rc.LLAMA_1B, "device": "cuda",
+             "roots": ("/dev/shm/pdserve-bench", "/tmp/pdserve-bench")}  # fmt: skip
+SMOKE_MODEL = {"spec": rc.SMOKE_1B, "device": "cpu", "roots": ("/tmp/pdserve-bench-smoke",)}
 GPU = {
-    "spec": rc.LLAMA_1B, "device": "cuda", "roots": ("/dev/shm/pdserve-bench", "/tmp/pdserve-bench"),
+    **GPU_MODEL,
     "num_prompts": 1000, "input_len": 1024, "output_len": 256, "steady_streams": 64,
     "steady_prompts": 192, "client_procs": 8, "tokenizer_replicas": 4, "prefill_budgets": "512",
     "engine": {"num_pages": 24000, "max_running_requests": 256, "cuda_graph_max_batch": 256},
     "run_timeout_s": 240.0, "start_timeout_s": 240.0,
 }  # fmt: skip
 SMOKE = {
-    "spec": rc.SMOKE_1B, "device": "cpu", "roots": ("/tmp/pdserve-bench-smoke",),
+    **SMOKE_MODEL,
     "num_prompts": 12, "input_len": 24, "output_len": 6, "steady_streams": 3,
     "steady_prompts": 6, "client_procs": 2, "tokenizer_replicas": 1, "prefill_budgets": "64",
     "engine": {"num_pages": 512, "page_size": 4, "max_running_requests": 16},
@@ -159,22 +163,32 @@ def run_load(cluster: Any, plan: dict[str, Any], burst: bool, seed: int) -> dict
     }  # fmt: skip
 
 
-def run_cluster(model_dir: Path, mode: str, budget: int, plan: dict[str, Any]) -> dict[str, Any]:
-    """Start one cluster; the steady load, then the burst; stop it."""
+def start_cluster(
+    model_dir: Path, mode: str, plan: dict[str, Any], **options: Any
+) -> tuple[Any, float]:
+    """A started cluster ("mixed", or "pd" on the one device: KV over CUDA IPC, tcp on the CPU)
+    with the plan's engine options and `options`; and the seconds its start took."""
     from pdserve.config.topology import Topology
     from pdserve.entrypoints.launch import Cluster
 
-    overrides: dict[str, Any] = {"device": plan["device"], "port": 0, **plan["engine"]}
-    overrides["decode_step_prefill_tokens"] = budget
-    overrides["tokenizer_replicas"] = plan["tokenizer_replicas"]
+    overrides: dict[str, Any] = {"device": plan["device"], "port": 0, **plan["engine"], **options}
     if mode == "pd":  # one GPU: NCCL refuses two ranks on it, so the pages go over CUDA IPC
         overrides["kv_transfer"] = "cuda_ipc" if plan["device"] == "cuda" else "tcp"
     topology = Topology.for_model(str(model_dir), mode=mode, **overrides)
     t0 = time.perf_counter()
     cluster = Cluster(topology, log_level="warning", start_timeout_s=plan["start_timeout_s"])
     cluster.start()
+    return cluster, time.perf_counter() - t0
+
+
+def run_cluster(model_dir: Path, mode: str, budget: int, plan: dict[str, Any]) -> dict[str, Any]:
+    """Start one cluster; the steady load, then the burst; stop it."""
+    cluster, start_s = start_cluster(
+        model_dir, mode, plan,
+        decode_step_prefill_tokens=budget, tokenizer_replicas=plan["tokenizer_replicas"],
+    )  # fmt: skip
     out: dict[str, Any] = {"mode": mode, "decode_step_prefill_tokens": budget}
-    out["cluster_start_s"] = time.perf_counter() - t0
+    out["cluster_start_s"] = start_s
     try:
         out["steady"] = run_load(cluster, plan, burst=False, seed=1)
         out["burst"] = run_load(cluster, plan, burst=True, seed=2)
