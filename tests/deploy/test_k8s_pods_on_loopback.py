@@ -5,6 +5,7 @@ the tiny model. Requests are served by the router node; a decode pod that stops 
 
 from __future__ import annotations
 
+import random
 import socket
 import time
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ import pytest
 import yaml
 
 from pdserve.config.topology import Topology
-from pdserve.entrypoints.launch import Cluster, _free_port
+from pdserve.entrypoints.launch import Cluster
 
 pytestmark = pytest.mark.slow
 
@@ -26,9 +27,12 @@ WORKER_PODS = ("pdserve-prefill-0", "pdserve-decode-0", "pdserve-decode-1")
 
 
 def free_port_block(size: int) -> int:
-    """A port p with p .. p + size all free now: the router's and each internal socket's."""
+    """A port p with p .. p + size all free now: the router's and each internal socket's. Below
+    Linux's ephemeral range (32768-60999), which outgoing connections draw from while the pods
+    start: a block inside it was once taken by one before a tokenizer could bind its port."""
+    rng = random.Random()
     for _ in range(50):
-        base = _free_port()
+        base = rng.randrange(20000, 32768 - size - 1)
         try:
             for port in range(base, base + size + 1):
                 with socket.socket() as s:
