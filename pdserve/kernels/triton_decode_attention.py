@@ -102,8 +102,8 @@ def _decode_step(
 
 # Integers that follow the batch's shape (the page table's width, the split count and the partial
 # buffers' strides it sets) are not specialized on: Triton would compile a new variant the first
-# time a value of another class (1, a multiple of 16, other) came, in a serving step (the first
-# concurrent load after startup measured one such compile, benchmarks/gpu/compile_watch.py).
+# time a value of another class (1, a multiple of 16, other) came, in a serving step (a compile of
+# this kernel stalled the first concurrent load after startup, benchmarks/gpu/compile_watch.py).
 _SHAPE_INTS = ["num_splits", "stride_ptb", "stride_pob", "stride_poh", "stride_plb", "stride_plh"]
 
 

@@ -3,8 +3,8 @@ kernels' first specializations compile then, not on the first clients' steps (a 
 offline run measured 27k output tokens/s against 32k warm, docs/BENCHMARKS.md sixth session).
 
 The requests are a prompt alone, decodes, then decodes beside a prefill chunk (the mixed step of
-every burst), short and then long enough for the decode kernel to split the context. Nothing of them stays: their cached pages are freed and the counters they moved are
-reset. CUDA only (WorkerCore calls it); not for an embedding model (no loop) nor with speculative
+every burst), short and then long enough for the decode kernel to split the context. Nothing of
+them stays: their cached pages are freed and the counters they moved are reset. CUDA only (WorkerCore calls it); not for an embedding model (no loop) nor with speculative
 decoding (its steps run their own graphs).
 """
 
@@ -48,7 +48,8 @@ def warm_up(core: WorkerCore) -> None:
     while core.has_work():
         core.step()
     # Then a decode long enough to be split beside another chunk: the eager decode kernel's
-    # split-and-merge variant (the first concurrent long prompts compiled it otherwise).
+    # split-and-merge variant, which nothing above runs (the first concurrent long prompts after
+    # startup compiled a decode kernel variant, benchmarks/gpu/compile_watch.py; likely this one).
     long = request(3, min(limit, _LONG_DECODE))
     core.add(long)
     while len(long.output_ids) < 2 and long.finish is None:

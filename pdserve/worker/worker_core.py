@@ -107,7 +107,8 @@ class WorkerCore:
         self.light_sampler = LightSampler(self.config.seed)
         # _sample_launched's `defer`. Off: on the H200 the bitmask filled inline beat the fill on
         # a thread (99% / 98% of unconstrained against 96% / 97%, docs/BENCHMARKS.md eleventh
-        # session): the thread's hand-overs cost the main thread more than the fill it hides.
+        # session): the thread's hand-overs seem to cost the main thread more than the fill it
+        # hides.
         self.defer_grammar_draws = False
         self.accept_on_fill_thread = False  # GrammarAccept in deferred draws' steps (benchmarks)
         # Speculative decoding (worker/speculative/): its steps run the plain loop.
