@@ -23,7 +23,6 @@ import os
 os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: no progress bars in logs
 
 import argparse  # noqa: E402
-import asyncio  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 import traceback  # noqa: E402
@@ -40,6 +39,7 @@ from stream_bench import (  # noqa: E402  (sets PYTHONPATH for the children)
     cluster_parser,
     prepare_run,
     say,
+    serve_load,
     start_cluster,
 )
 
@@ -60,27 +60,14 @@ SMOKE = {
 
 def run_mode(model_dir: Path, mode: str, plan: dict[str, Any]) -> dict[str, Any]:
     """Start one cluster, send each concurrency's load, stop it: TTFT figures per concurrency."""
-    from pdserve.bench.serve import ServeConfig, run_serve
-
     cluster, start_s = start_cluster(model_dir, mode, plan)
     out: dict[str, Any] = {"mode": mode, "cluster_start_s": start_s, "loads": {}}
     try:
         for key, concurrency in load_keys(plan["concurrencies"]):
-            config = ServeConfig(
-                base_url=cluster.url,
-                tokenizer="none",  # random token ids below the real vocabulary: exact lengths
-                vocab_size=plan["spec"].vocab_size,
-                input_len=plan["input_len"],
-                output_len=plan["output_len"],
-                num_prompts=plan["num_prompts"],
-                max_concurrency=concurrency,
-                num_warmups=2,
-                seed=concurrency,  # the same prompts in both modes
-                disable_tqdm=True,
-                timeout_s=plan["run_timeout_s"],
-            )
-            run = asyncio.run(asyncio.wait_for(run_serve(config), plan["run_timeout_s"]))
-            s = run.summary
+            s = serve_load(
+                cluster, plan, num_prompts=plan["num_prompts"], max_concurrency=concurrency,
+                num_warmups=2, seed=concurrency,  # the same prompts in both modes
+            )  # fmt: skip
             out["loads"][key] = {
                 "completed": s.completed, "failed": s.failed, "errors": s.errors,
                 "mean_ttft_ms": s.ttft_ms.mean, "p50_ttft_ms": s.ttft_ms.median,

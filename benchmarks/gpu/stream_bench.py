@@ -124,8 +124,10 @@ def cpu_seconds(cluster: Any) -> dict[str, float]:
     return out
 
 
-def run_load(cluster: Any, plan: dict[str, Any], burst: bool, seed: int) -> dict[str, Any]:
-    """One load (steady or burst) on a running cluster: the numbers of the targets and why."""
+def serve_load(cluster: Any, plan: dict[str, Any], **load: Any) -> Any:
+    """One load of `pdserve bench serve`'s client on a running cluster, its prompts the plan's
+    lengths of random token ids; `load`: ServeConfig's other fields (num_prompts, ...). Its
+    summary (pdserve.bench.serve.ServeSummary)."""
     from pdserve.bench.serve import ServeConfig, run_serve
 
     config = ServeConfig(
@@ -134,19 +136,26 @@ def run_load(cluster: Any, plan: dict[str, Any], burst: bool, seed: int) -> dict
         vocab_size=plan["spec"].vocab_size,
         input_len=plan["input_len"],
         output_len=plan["output_len"],
-        num_prompts=plan["num_prompts"] if burst else plan["steady_prompts"],
-        max_concurrency=None if burst else plan["steady_streams"],
-        num_warmups=0 if burst else 2,
-        seed=seed,
         disable_tqdm=True,
         timeout_s=plan["run_timeout_s"],
-        num_client_procs=plan["client_procs"],
+        **load,
     )
+    return asyncio.run(asyncio.wait_for(run_serve(config), plan["run_timeout_s"])).summary
+
+
+def run_load(cluster: Any, plan: dict[str, Any], burst: bool, seed: int) -> dict[str, Any]:
+    """One load (steady or burst) on a running cluster: the numbers of the targets and why."""
     before = cpu_seconds(cluster)
     with StepSampler(cluster.url) as steps:
-        run = asyncio.run(asyncio.wait_for(run_serve(config), plan["run_timeout_s"]))
+        s = serve_load(
+            cluster, plan,
+            num_prompts=plan["num_prompts"] if burst else plan["steady_prompts"],
+            max_concurrency=None if burst else plan["steady_streams"],
+            num_warmups=0 if burst else 2,
+            seed=seed,
+            num_client_procs=plan["client_procs"],
+        )  # fmt: skip
     after = cpu_seconds(cluster)
-    s = run.summary
     tokens = max(s.total_output_tokens, 1)
     cpu_us = {n: (after[n] - before[n]) / tokens * 1e6 for n in after if n in before}
     step_ms = steps.samples or [0.0]

@@ -104,10 +104,10 @@ def _decode_step(
 # buffers' strides it sets) are not specialized on: Triton would compile a new variant the first
 # time a value of another class (1, a multiple of 16, other) came, in a serving step (a compile of
 # this kernel stalled the first concurrent load after startup, benchmarks/gpu/compile_watch.py).
-_SHAPE_INTS = ["num_splits", "stride_ptb", "stride_pob", "stride_poh", "stride_plb", "stride_plh"]
+_SPLIT_INTS = ["num_splits", "stride_pob", "stride_poh", "stride_plb", "stride_plh"]
 
 
-@triton.jit(do_not_specialize=_SHAPE_INTS)
+@triton.jit(do_not_specialize=[*_SPLIT_INTS, "stride_ptb"])
 def _decode_split_kernel(
     q_ptr,  # [B, Hq, D]
     k_ptr,  # [num_pages, page_size, Hkv, D]
@@ -289,9 +289,7 @@ def _decode_split_kernel(
         tl.store(lse_ptrs, lse, mask=mask_h)
 
 
-@triton.jit(
-    do_not_specialize=["num_splits", "stride_pob", "stride_poh", "stride_plb", "stride_plh"]
-)
+@triton.jit(do_not_specialize=_SPLIT_INTS)
 def _decode_merge_kernel(
     part_out_ptr,  # [B, Hq, S, D] float32
     part_lse_ptr,  # [B, Hq, S] float32, log2 units

@@ -4,8 +4,9 @@ offline run measured 27k output tokens/s against 32k warm, docs/BENCHMARKS.md si
 
 The requests are a prompt alone, decodes, then decodes beside a prefill chunk (the mixed step of
 every burst), short and then long enough for the decode kernel to split the context. Nothing of
-them stays: their cached pages are freed and the counters they moved are reset. CUDA only (WorkerCore calls it); not for an embedding model (no loop) nor with speculative
-decoding (its steps run their own graphs).
+them stays: their cached pages are freed and the counters they moved are reset. CUDA only
+(WorkerCore calls it); not for an embedding model (no loop) nor with speculative decoding (its
+steps run their own graphs).
 """
 
 from __future__ import annotations

@@ -3,18 +3,11 @@ see): both rounds of the closed loop finish every request and the report is prin
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu" / "compile_watch.py"
+from tests.bench.bench_scripts import run_script
 
 
 def test_the_compile_watch_runs_on_the_cpu() -> None:
-    out = subprocess.run(
-        [sys.executable, str(SCRIPT), "--smoke"], capture_output=True, text=True, timeout=600
-    )
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    out = run_script("compile_watch.py", "--smoke")
     rounds = [line for line in out.stdout.splitlines() if line.startswith("round ")]
     assert len(rounds) == 2 and all(line.startswith(f"round {i}: 6/6 requests") for i, line in
                                     zip((1, 2), rounds)), rounds  # fmt: skip

@@ -3,18 +3,11 @@ steps both run as pure decode steps at each batch, and the table and profile are
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu" / "host_share.py"
+from tests.bench.bench_scripts import run_script
 
 
 def test_the_host_share_benchmark_runs_on_the_cpu() -> None:
-    out = subprocess.run(
-        [sys.executable, str(SCRIPT), "--smoke"], capture_output=True, text=True, timeout=600
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
+    out = run_script("host_share.py", "--smoke")
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ")]
     assert [row.split("|")[1].strip() for row in rows[1:]] == ["1", "4"]  # pure decode at both
     assert "cProfile of 5 host-only steps at batch 4" in out.stdout

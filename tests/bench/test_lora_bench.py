@@ -3,23 +3,13 @@ folded and the split (old) LoRA paths side by side with the base model, and the 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu" / "lora_bench.py"
+from tests.bench.bench_scripts import run_script
 
 
 def test_the_lora_benchmark_runs_on_the_cpu(tmp_path: Path) -> None:
-    out = subprocess.run(
-        [sys.executable, str(SCRIPT), "--smoke"],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env={**os.environ, "OUT": str(tmp_path)},
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = run_script("lora_bench.py", "--smoke", timeout=900, env={"OUT": str(tmp_path)})
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ")][1:]
     engines = [row.split(" | ")[0].lstrip("| ") for row in rows]
     assert engines.count("base model") == 1 and len(rows) == 9, out.stdout

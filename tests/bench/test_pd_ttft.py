@@ -5,20 +5,14 @@ their TTFTs for each concurrency."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu" / "pd_ttft.py"
+from tests.bench.bench_scripts import run_script
 
 
 def test_the_pd_ttft_benchmark_runs_on_the_cpu(tmp_path: Path) -> None:
     out_json = tmp_path / "pd_ttft.json"
-    out = subprocess.run(
-        [sys.executable, str(SCRIPT), "--smoke", "--out-json", str(out_json)],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    out = run_script("pd_ttft.py", "--smoke", "--out-json", str(out_json))
     report = json.loads(out_json.read_text())
     for mode in ("mixed", "pd"):
         for load in report["runs"][mode]["loads"].values():

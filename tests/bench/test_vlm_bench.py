@@ -5,21 +5,13 @@ table and the JSON hold one row per images-per-request count."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu" / "vlm_bench.py"
+from tests.bench.bench_scripts import run_script
 
 
 def test_the_vlm_benchmark_runs_on_the_cpu(tmp_path: Path) -> None:
-    out = subprocess.run(
-        [sys.executable, str(SCRIPT), "--smoke", "--out-dir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = run_script("vlm_bench.py", "--smoke", "--out-dir", str(tmp_path))
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "---" not in line]
     assert [row.split("|")[1].strip() for row in rows[1:]] == ["1", "4"], out.stdout
     result = json.loads((tmp_path / "vlm_bench.json").read_text())
