@@ -6,7 +6,7 @@ schema against unconstrained decoding, on one engine, in alternating rounds.
     ... --phases          # host microseconds per step inside the core's methods, per mode
     ... --compare-defer   # also the schema modes with the other `defer_grammar_draws` setting
     ... --compare-accept  # also the schema modes with the tokens accepted on the fill thread
-    ... --profile         # then cProfile of 20 constrained greedy steps
+    ... --profile [T]     # then cProfile of 20 constrained steps at temperature T (0)
 
 64 requests of 512 random prompt tokens are prefilled, then 20 pure decode steps are timed back to
 back (CUDA graphs on, the engine's default overlapped loop), four ways: greedy and
@@ -215,13 +215,16 @@ def run(model_dir: Path, args: Any, say: Any) -> list[dict[str, Any]]:
             say(f"round {rnd} {name}: {r['step_ms']:.3f} ms/step")
             if r["host_us"] is not None:
                 say(f"  host us/step: {r['host_us']}")
-    if args.profile:  # where the host's time goes in constrained greedy steps
+    if args.profile is not None:  # where the host's time goes in constrained steps
         import cProfile
         import pstats
 
         profiler = cProfile.Profile()
-        decode_steps(engine, 0.0, True, args, seed=77, profiler=profiler)
-        print(f"host profile: {args.steps} greedy JSON-schema steps (tottime, then cumtime)")
+        decode_steps(engine, args.profile, True, args, seed=77, profiler=profiler)
+        print(
+            f"host profile: {args.steps} JSON-schema steps at temperature {args.profile} "
+            "(tottime, then cumtime)"
+        )
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(40)
     engine.core.defer_grammar_draws = shipped_defer
@@ -270,7 +273,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--num-pages", type=int, default=8192)
-    p.add_argument("--profile", action="store_true", help="then a host profile of schema steps")
+    p.add_argument(
+        "--profile", type=float, nargs="?", const=0.0, default=None, metavar="TEMPERATURE",
+        help="then a host profile (cProfile) of JSON-schema steps at this temperature (0: greedy)",
+    )  # fmt: skip
     p.add_argument("--phases", action="store_true", help="host time per step in core methods")
     p.add_argument(
         "--compare-defer", action="store_true",

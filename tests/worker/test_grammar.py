@@ -73,6 +73,18 @@ def test_bitmask_allows_the_grammar_tokens_only_and_free_rows_everything() -> No
     assert fill_bitmask([None, None], V) is None
 
 
+def test_bitmask_into_a_used_buffer_overwrites_every_row() -> None:
+    # fill_bitmask sets only the free rows to ones and leaves the constrained rows to xgrammar,
+    # which must write the whole row: a reused buffer's old bits never leak into the mask.
+    g1, g2 = grammar("(a|b)+c"), grammar("(a|b)+c", fed=[1, 3])
+    fresh = fill_bitmask([g1, None, g2], V)
+    assert fresh is not None
+    for old in (0, 0x55555555, -1):
+        out = torch.full((3, 2), old, dtype=torch.int32)
+        assert fill_bitmask([g1, None, g2], V, out=out) is out
+        assert torch.equal(out, fresh)
+
+
 def test_grammar_ends_with_eos_only_once_complete() -> None:
     assert allowed_ids(grammar("(a|b)+c", fed=[1])) == {1, 2, 3, 4}
     assert allowed_ids(grammar("(a|b)+c", fed=[1, 3])) == {EOS}

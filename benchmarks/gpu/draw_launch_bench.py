@@ -1,0 +1,120 @@
+"""The host's cost of queuing one sampling draw (issue 18: on a slow host, a constrained batch-64
+step is bound by the host, not the GPU), in one call: microseconds of host time per call of each
+piece of the light path, against the same draw replayed from a CUDA graph, and against a plain
+torch launch as the host's own speed reference.
+
+    python benchmarks/gpu/draw_launch_bench.py            # batch 64, 128k vocabulary, ~20 s
+    python benchmarks/gpu/draw_launch_bench.py --smoke    # CPU: the pieces that run there
+
+Each figure is the median over rounds of `--calls` back-to-back calls (fewer than the device's
+launch queue holds, so the host never waits for the device); the device is synchronized between
+rounds. The graph's replay is checked to draw the same tokens as the eager kernel first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from pdserve.config.sampling_params import SamplingParams
+from pdserve.scheduler.request import Request
+from pdserve.scheduler.scheduler import BatchItem
+from pdserve.worker.device_copy import host_buffer
+from pdserve.worker.light_sampling import LightSampler
+from pdserve.worker.race_sampling import greedy_draw, race_draw
+
+
+def host_us(fn: Callable[[], Any], calls: int, rounds: int, sync: Callable[[], None]) -> float:
+    """Median over rounds of the host microseconds per call of `calls` back-to-back calls."""
+    fn()
+    sync()
+    samples = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        samples.append((time.perf_counter() - t0) / calls * 1e6)
+        sync()
+    return statistics.median(samples)
+
+
+def light_items(batch: int, temperature: float) -> list[BatchItem]:
+    items = []
+    for i in range(batch):
+        params = SamplingParams(max_new_tokens=64, temperature=temperature, seed=i)
+        req = Request(rid=f"r{i}", prompt_ids=[1, 2, 3], sampling=params)
+        req.output_ids = [5] * 17
+        req.checked_sampling = params
+        items.append(BatchItem(req, 20, 1))
+    return items
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--smoke", action="store_true", help="CPU, small shapes: the script runs")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--vocab", type=int, default=128256)
+    p.add_argument("--calls", type=int, default=200)
+    p.add_argument("--rounds", type=int, default=7)
+    args = p.parse_args()
+    if args.smoke:
+        device, args.batch, args.vocab, args.calls, args.rounds = "cpu", 8, 1024, 20, 3
+    elif torch.cuda.is_available():
+        device = "cuda"
+    else:
+        raise SystemExit("draw_launch_bench needs a CUDA GPU (or --smoke)")
+    cuda = device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    batch, vocab = args.batch, args.vocab
+    gen = torch.Generator(device=device).manual_seed(0)
+    logits = torch.randn(batch, vocab, device=device, generator=gen)
+    words = (vocab + 31) // 32
+    bitmask = torch.full((batch, words), -1, dtype=torch.int32, device=device)
+    temps = torch.ones(batch, device=device)
+    min_ps = torch.zeros(batch, device=device)
+    greedy = torch.zeros(batch, device=device)
+    keys = torch.randint(0, 2**32, (batch, 2), device=device, generator=gen)
+    sampler = LightSampler(0)
+    items = light_items(batch, 1.0)
+    scratch = torch.empty(64, device=device)
+    staged, _ = host_buffer((batch * (16 + 12) + batch * words * 4,), torch.uint8, device)
+
+    def race() -> torch.Tensor:
+        return race_draw(logits, temps, min_ps, greedy, keys, bitmask, any_min_p=False)
+
+    rows: list[tuple[str, Callable[[], Any]]] = [
+        ("torch add_ (the host's speed reference)", lambda: scratch.add_(1.0)),
+        ("greedy draw (race kernel, all greedy)", lambda: greedy_draw(logits)),
+        ("temperature draw with a bitmask (race kernel)", race),
+        (f"light prepare ({batch} rows' keys and parameters)",
+         lambda: sampler.prepare(logits, items, False)),
+        ("light prepare + launch", lambda: sampler.sample(logits, items)),
+        ("host-to-device copy of a draw's inputs", lambda: staged.to(device, non_blocking=True)),
+    ]  # fmt: skip
+    if cuda:
+        out = torch.empty(batch, dtype=torch.int64, device=device)
+        eager = race()
+        race_draw(logits, temps, min_ps, greedy, keys, bitmask, any_min_p=False, out=out)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            race_draw(logits, temps, min_ps, greedy, keys, bitmask, any_min_p=False, out=out)
+        out.zero_()
+        graph.replay()
+        sync()
+        if not torch.equal(out, eager):
+            raise SystemExit("the graph's draw differs from the eager kernel's")
+        rows.append(("temperature draw with a bitmask (graph replay)", graph.replay))
+    print(f"device {device}, batch {batch}, vocabulary {vocab}; host us per call:")
+    print("| what | host us / call |")
+    print("|---|---|")
+    for name, fn in rows:
+        print(f"| {name} | {host_us(fn, args.calls, args.rounds, sync):.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
