@@ -25,6 +25,7 @@ from pdserve.config.sampling_params import SamplingParams
 from pdserve.scheduler.request import Request
 from pdserve.scheduler.scheduler import BatchItem
 from pdserve.worker.device_copy import host_buffer
+from pdserve.worker.draw_graphs import DrawGraphs, DrawLayout
 from pdserve.worker.light_sampling import LightSampler
 from pdserve.worker.race_sampling import greedy_draw, race_draw
 
@@ -96,6 +97,15 @@ def main() -> None:
         ("light prepare + launch", lambda: sampler.sample(logits, items)),
         ("host-to-device copy of a draw's inputs", lambda: staged.to(device, non_blocking=True)),
     ]  # fmt: skip
+    # What the worker runs over a decode graph's logits: the draw replayed (draw_graphs.py).
+    graphs = DrawGraphs(torch.device(device))
+    graphs.add_logits_buffer(logits)
+    replaying = LightSampler(0, graphs)
+    greedy_layout = DrawLayout(batch, 0, 0, False)
+    rows += [
+        ("greedy draw (DrawGraphs)", lambda: graphs.draw(logits, greedy_layout, None)),
+        ("light prepare + launch (DrawGraphs)", lambda: replaying.sample(logits, items)),
+    ]
     if cuda:
         out = torch.empty(batch, dtype=torch.int64, device=device)
         eager = race()

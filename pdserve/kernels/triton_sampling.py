@@ -264,6 +264,9 @@ def race_sample(
 
 
 _kept: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+# Outgrown buffers stay allocated: a CUDA graph of a draw (worker/draw_graphs.py) reads the
+# buffer it was captured with for as long as it lives.
+_outgrown: list[torch.Tensor] = []
 
 
 def _flat_float(t: torch.Tensor, batch: int) -> torch.Tensor:
@@ -279,5 +282,7 @@ def _kept_zeros(device: torch.device, numel: int, dtype: torch.dtype) -> torch.T
     (int32, each draw leaves them zero). Draws run on one stream: two at once would share them."""
     buf = _kept.get((device, dtype))
     if buf is None or buf.numel() < numel:
+        if buf is not None:
+            _outgrown.append(buf)
         buf = _kept[device, dtype] = torch.zeros(max(numel, 1 << 16), dtype=dtype, device=device)
     return buf[:numel]

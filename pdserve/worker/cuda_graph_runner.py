@@ -165,6 +165,7 @@ class CudaGraphRunner:
         self.model = model_runner.model
         self.kv_pool = model_runner.kv_pool
         self.device = model_runner.device
+        self.draw_graphs = model_runner.draw_graphs  # decode graphs register their logits there
         self.tokens_per_row = tokens_per_row
         self.max_context_len = (
             config.scheduler.max_context_len or model_runner.model_config.max_position_embeddings
@@ -233,6 +234,8 @@ class CudaGraphRunner:
         with torch.cuda.graph(graph, pool=pool):
             self.outputs[key] = self._forward(batch)
         self.graphs[key] = graph
+        if self.tokens_per_row == 1 and self.draw_graphs is not None:
+            self.draw_graphs.add_logits_buffer(self.outputs[key])  # the draw replays too
 
     def can_run(self, fb: ForwardBatch) -> bool:
         n = self.tokens_per_row

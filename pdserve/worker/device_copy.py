@@ -91,23 +91,37 @@ def _ring(device: torch.device) -> tuple[torch.device, PinnedRing]:
 
 def host_buffer(
     shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str
-) -> tuple[torch.Tensor, Callable[[], torch.Tensor]]:
-    """A host tensor to fill, and the function that then returns it on `device` (queued, not
-    waited for). On CUDA the tensor lies in the pinned ring, so filling it is the only host
-    copy; elsewhere it is a plain tensor."""
+) -> tuple[torch.Tensor, Callable[..., torch.Tensor]]:
+    """A host tensor to fill, and the function `send(into=None)` that then returns it on
+    `device` (queued, not waited for): copied into `into` when given (a device tensor of its
+    shape and dtype), else a new tensor. On CUDA the host tensor lies in the pinned ring, so
+    filling it is the only host copy; elsewhere it is a plain tensor."""
     device = torch.device(device)
     if device.type != "cuda":
         host = torch.empty(shape, dtype=dtype)
-        return host, lambda: host.to(device)
+
+        def send_plain(into: torch.Tensor | None = None) -> torch.Tensor:
+            return host.to(device) if into is None else into.copy_(host)
+
+        return host, send_plain
     device, ring = _ring(device)
     if not ring.fits(math.prod(shape) * dtype.itemsize):
         host = torch.empty(shape, dtype=dtype, pin_memory=True)
-        return host, lambda: host.to(device, non_blocking=True)
+
+        def send_pinned(into: torch.Tensor | None = None) -> torch.Tensor:
+            if into is None:
+                return host.to(device, non_blocking=True)
+            return into.copy_(host, non_blocking=True)
+
+        return host, send_pinned
     staged, queued = ring.reserve(shape, dtype)
 
-    def send() -> torch.Tensor:
+    def send(into: torch.Tensor | None = None) -> torch.Tensor:
         with torch.cuda.device(device):
-            out = staged.to(device, non_blocking=True)
+            if into is None:
+                out = staged.to(device, non_blocking=True)
+            else:
+                out = into.copy_(staged, non_blocking=True)
             queued()
         return out
 

@@ -20,6 +20,7 @@ import torch
 from pdserve.scheduler.request import Request
 from pdserve.scheduler.scheduler import BatchItem
 from pdserve.worker.device_copy import host_buffer
+from pdserve.worker.draw_graphs import DrawGraphs, DrawLayout, mask_view, packed, packed_bytes
 from pdserve.worker.grammar_mask import FillJob, bitmask_words, fill_bitmask, fill_bitmask_async
 from pdserve.worker.race_sampling import race_draw
 from pdserve.worker.sampling_noise import seed_keys, split_keys
@@ -39,8 +40,9 @@ def is_light(req: Request) -> bool:
 
 
 class LightSampler:
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, graphs: DrawGraphs | None = None) -> None:
         self._rng = np.random.default_rng(seed)  # the unseeded rows' keys
+        self.graphs = graphs  # draws over a decode graph's logits replay (worker/draw_graphs.py)
 
     def sample(self, logits: torch.Tensor, items: list[BatchItem]) -> torch.Tensor | None:
         """[R] int64 on the device: one token per row of logits [R, V]; every item is light
@@ -68,49 +70,55 @@ class LightSampler:
             return None
         device = logits.device
         num_rows, vocab_size = logits.shape
-        draw = LightDraw(logits)
         params = [req.sampling for req in reqs]
         greedy = [p.is_greedy for p in params]
         all_greedy = all(greedy)
+        min_ps = None if all_greedy else [p.min_p for p in params]
+        # Over a decode graph's logits, the inputs are laid out for all of its rows (the draw
+        # replays a graph over them); the rows past the batch are drawn greedy and ignored.
+        rows = self.graphs.rows_for(logits) if self.graphs is not None else None
+        layout_rows = rows if rows is not None else num_rows
         # One host buffer, one copy: the keys and parameters (about 28 bytes a row, none when
         # every row is greedy), then the bitmask's words from a 64-byte boundary (the kernel is
         # compiled for an aligned pointer).
-        param_bytes = 0 if all_greedy else -(-_packed_bytes(num_rows) // 64) * 64
-        mask_words = bitmask_words(vocab_size) if constrained else 0
-        if param_bytes or mask_words:
-            host, draw.send = host_buffer(
-                (param_bytes + num_rows * mask_words * 4,), torch.uint8, device
-            )
-            draw.param_bytes = param_bytes
+        layout = DrawLayout(
+            layout_rows,
+            0 if all_greedy else -(-packed_bytes(layout_rows) // 64) * 64,
+            bitmask_words(vocab_size) if constrained else 0,
+            min_ps is not None and any(m > 0.0 for m in min_ps),
+        )
+        draw = LightDraw(logits, layout, self.graphs if rows is not None else None)
+        if layout.num_bytes:
+            host, draw.send = host_buffer((layout.num_bytes,), torch.uint8, device)
         if constrained:
-            host_mask = _mask_view(host, param_bytes, num_rows, mask_words)
+            host_mask = mask_view(host, layout.param_bytes, layout_rows, layout.mask_words)
+            host_mask = host_mask[:num_rows]
             if background:
                 draw.fill = fill_bitmask_async(
                     grammars, vocab_size, host_mask, hand_over=after is None, after=after
                 )
             else:
                 fill_bitmask(grammars, vocab_size, out=host_mask)
-            draw.mask_words = mask_words
         if all_greedy:
             return draw  # no temperatures or keys to send
         temps = [1.0 if g else p.temperature for p, g in zip(params, greedy)]
-        min_ps = [p.min_p for p in params]
-        draw.any_min_p = any(m > 0.0 for m in min_ps)
-        keys, floats = _packed(host, num_rows)
-        keys.numpy()[:] = _row_keys(reqs, greedy, self._rng)
-        floats.numpy()[:] = (temps, min_ps, greedy)
+        keys, floats = packed(host, layout_rows)
+        keys.numpy()[:num_rows] = _row_keys(reqs, greedy, self._rng)
+        floats = floats.numpy()
+        floats[:, :num_rows] = (temps, min_ps, greedy)
+        floats[:, num_rows:] = ((1.0,), (0.0,), (1.0,))  # rows past the batch: greedy
         return draw
 
 
 class LightDraw:
     """A prepared light draw (`LightSampler.prepare`), launched once."""
 
-    def __init__(self, logits: torch.Tensor) -> None:
+    def __init__(self, logits: torch.Tensor, layout: DrawLayout, graphs: DrawGraphs | None) -> None:
         self.logits = logits  # [R, V] float32
-        self.any_min_p = False
-        self.send: Callable[[], torch.Tensor] | None = None  # the host buffer's device copy
-        self.param_bytes = 0  # 0: every row greedy (no temperatures or keys)
-        self.mask_words = 0  # 0: no grammar bitmask
+        self.layout = layout  # its inputs' bytes (for layout.rows >= R rows)
+        self.graphs = graphs  # set when the draw replays a graph (logits: a graph's output)
+        # The host bytes' device copy: into a given tensor, else a new one.
+        self.send: Callable[..., torch.Tensor] | None = None
         self.fill: FillJob | None = None  # the bitmask's fill, when it runs on the fill thread
 
     def hand_over(self) -> None:
@@ -123,23 +131,22 @@ class LightDraw:
         [R] int64 tokens (written into `out` when given)."""
         if self.fill is not None:
             self.fill.wait()
+        layout = self.layout
+        if self.graphs is not None:
+            drawn = self.graphs.draw(self.logits, layout, self.send)
+            return drawn if out is None else out.copy_(drawn)
         num_rows = self.logits.shape[0]
         sent = self.send() if self.send is not None else None
         bitmask = None
-        if self.mask_words:
-            bitmask = _mask_view(sent, self.param_bytes, num_rows, self.mask_words)
-        if not self.param_bytes:  # every row greedy
+        if layout.mask_words:
+            bitmask = mask_view(sent, layout.param_bytes, num_rows, layout.mask_words)
+        if not layout.param_bytes:  # every row greedy
             return race_draw(self.logits, None, None, None, None, bitmask, all_greedy=True, out=out)
-        keys, params = _packed(sent, num_rows)
+        keys, params = packed(sent, num_rows)
         return race_draw(
             self.logits, params[0], params[1], params[2], keys, bitmask,
-            any_min_p=self.any_min_p, out=out,
+            any_min_p=layout.any_min_p, out=out,
         )  # fmt: skip
-
-
-def _mask_view(buf: torch.Tensor, start: int, num_rows: int, words: int) -> torch.Tensor:
-    """The bitmask [R, W] int32 lying at byte `start` of a uint8 buffer."""
-    return buf[start : start + num_rows * words * 4].view(torch.int32).view(num_rows, words)
 
 
 def _row_keys(reqs: list[Request], greedy: list[bool], rng: np.random.Generator) -> np.ndarray:
@@ -153,25 +160,3 @@ def _row_keys(reqs: list[Request], greedy: list[bool], rng: np.random.Generator)
         steps = [len(reqs[i].output_ids) + reqs[i].num_inflight for i in seeded]
         keys[seeded] = seed_keys([reqs[i].sampling.seed for i in seeded], steps)
     return keys
-
-
-def _padded_rows(num_rows: int) -> int:
-    """Rows of each float array in the packed buffer: a multiple of 4, so that every array starts
-    16 bytes aligned whatever the batch (the race kernel is specialized on its pointers'
-    alignment: an unaligned one was a new compile the first time a batch size of its class came)."""
-    return -(-num_rows // 4) * 4
-
-
-def _packed_bytes(num_rows: int) -> int:
-    return num_rows * 16 + 3 * _padded_rows(num_rows) * 4
-
-
-def _packed(buf: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rows' keys [R, 2] int64 and their temperature, min-p, greedy [3, R] float32 (each row
-    of the latter contiguous and 16-byte aligned): the first `_packed_bytes(R)` bytes of a uint8
-    buffer (host or device), so that one copy moves both."""
-    split = num_rows * 16
-    keys = buf[:split].view(torch.int64).view(num_rows, 2)
-    padded = _padded_rows(num_rows)
-    floats = buf[split : split + 12 * padded].view(torch.float32).view(3, padded)
-    return keys, floats[:, :num_rows]

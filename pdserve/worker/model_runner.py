@@ -21,6 +21,7 @@ import torch
 from pdserve.config.engine_config import EngineConfig, ModelConfig
 from pdserve.scheduler.request import Request
 from pdserve.scheduler.scheduler import BatchItem, ScheduledBatch
+from pdserve.worker.draw_graphs import DrawGraphs
 from pdserve.worker.forward_batch import ForwardBatch
 from pdserve.worker.kv_pool import KVPool
 from pdserve.worker.parallel.batch_broadcast import Command, Header, receive_tensor, send_header
@@ -89,6 +90,8 @@ class ModelRunner:
 
             # Folds the adapter slots into the model's projections: before any graph capture.
             self.lora = LoraManager(config.lora, model_config, self.dtype, self.device, self.model)
+        # The sampling draw over a decode graph's logits replays a graph of its own.
+        self.draw_graphs = DrawGraphs(self.device) if self.device.type == "cuda" else None
         self.graph_runner = None
         # Graphs capture the decode step; an embedding model never decodes (and has no logits).
         # Not under tensor parallelism yet: a replay would skip the followers' announcement.

@@ -137,6 +137,7 @@ def test_runner_stays_off_for_a_backend_that_cannot_be_captured() -> None:
         device=torch.device("cpu"),
         model_config=SimpleNamespace(max_position_embeddings=128),
         page_size=16,
+        draw_graphs=None,
     )
     runner = CudaGraphRunner(model_runner)  # type: ignore[arg-type]
     assert runner.batch_sizes == []

@@ -338,7 +338,7 @@ def test_light_runs_on_cuda_give_the_cpu_general_paths_tokens(
     tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The Triton race (chunks, bitmask read beside the logits) and the grammar draws
-    with CUDA graphs, float32, against the CPU's general path: equal tokens but where two tokens
+    with CUDA graphs (the draws over a decode graph's logits replayed), float32, against the CPU's general path: equal tokens but where two tokens
     nearly tie (at most 2 requests of 24 may part ways)."""
     from transformers import AutoTokenizer
 
@@ -355,6 +355,8 @@ def test_light_runs_on_cuda_give_the_cpu_general_paths_tokens(
     now, deferred = count_light_steps(core)
     on_gpu = run(core, specs)
     assert sum(now) + sum(deferred) > 0
+    draws = core.runner.draw_graphs
+    assert draws is not None and draws.num_replays > 0, "no draw replayed a CUDA graph"
     monkeypatch.setattr(worker_core, "is_light", lambda req: False)
     general = run(make_core(tiny_llama, overlap=False), specs)
     differ = [rid for rid in general if general[rid][0] != on_gpu[rid][0]]
