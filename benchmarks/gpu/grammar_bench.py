@@ -6,6 +6,7 @@ schema against unconstrained decoding, on one engine, in alternating rounds.
     ... --phases          # host microseconds per step inside the core's methods, per mode
     ... --compare-defer   # also the schema modes with the other `defer_grammar_draws` setting
     ... --compare-accept  # also the schema modes with the tokens accepted on the fill thread
+    ... --compare-draw-graphs  # also every mode with eager draws (no draw graph replays)
     ... --profile [T]     # then cProfile of 20 constrained steps at temperature T (0)
 
 64 requests of 512 random prompt tokens are prefilled, then 20 pure decode steps are timed back to
@@ -62,6 +63,7 @@ MODES = (  # (name, temperature, constrained)
 NO_DEFER = " (draw not deferred)"  # the draw queued in its own step, the bitmask filled inline
 DEFER = " (draw deferred)"  # the draw queued after the next batch's build, filled on a thread
 ON_THREAD = " (accept on the fill thread)"  # --compare-accept: GrammarAccept instead of inline
+EAGER = " (eager draws)"  # --compare-draw-graphs: no draw replays a graph (worker/draw_graphs.py)
 
 
 def make_engine(model_dir: Path, args: Any) -> Any:
@@ -201,6 +203,9 @@ def run(model_dir: Path, args: Any, say: Any) -> list[dict[str, Any]]:
         modes += [(name + other, t, c) for name, t, c in MODES if c]
     if args.compare_accept:  # the accept on the thread exists only in deferred draws' steps
         modes += [(name + ON_THREAD, t, c) for name, t, c in MODES if c]
+    if args.compare_draw_graphs:
+        modes += [(name + EAGER, t, c) for name, t, c in MODES]
+    draw_graphs = engine.core.light_sampler.graphs
     for _, temperature, constrained in MODES:  # warm-up: graphs, compiles, allocator
         decode_steps(engine, temperature, constrained, args, seed=900)
     rounds: dict[str, list[dict[str, Any]]] = {}
@@ -210,6 +215,7 @@ def run(model_dir: Path, args: Any, say: Any) -> list[dict[str, Any]]:
                 shipped_defer or name.endswith((DEFER, ON_THREAD))
             ) and not name.endswith(NO_DEFER)
             engine.core.accept_on_fill_thread = shipped or name.endswith(ON_THREAD)
+            engine.core.light_sampler.graphs = None if name.endswith(EAGER) else draw_graphs
             r = decode_steps(engine, temperature, constrained, args, seed=10 * rnd + 1)
             rounds.setdefault(name, []).append(r)
             say(f"round {rnd} {name}: {r['step_ms']:.3f} ms/step")
@@ -229,6 +235,7 @@ def run(model_dir: Path, args: Any, say: Any) -> list[dict[str, Any]]:
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(40)
     engine.core.defer_grammar_draws = shipped_defer
     engine.core.accept_on_fill_thread = shipped
+    engine.core.light_sampler.graphs = draw_graphs
     results = []
     for name, temperature, constrained in modes:
         rs = rounds[name]
@@ -251,9 +258,13 @@ def table(results: list[dict[str, Any]]) -> str:
         "| mode | ms/step | tokens/s | vs unconstrained | bitmask fill (host) | rounds |",
         "|---|---|---|---|---|---|",
     ]
-    base = {r["temperature"]: r for r in results if not r["constrained"]}
+    # Against the unconstrained mode of the same variant (eager draws), else the plain one.
+    base = {
+        (r["temperature"], r["mode"].endswith(EAGER)): r for r in results if not r["constrained"]
+    }
     for r in results:
-        ratio = base[r["temperature"]]["step_ms"] / r["step_ms"]
+        variant = (r["temperature"], r["mode"].endswith(EAGER))
+        ratio = base.get(variant, base[r["temperature"], False])["step_ms"] / r["step_ms"]
         fill = f"{r['bitmask_fill_us']:.0f} us" if r["bitmask_fill_us"] is not None else "-"
         flag = "" if r["pure_decode"] else " (not pure decode)"
         lines.append(
@@ -282,6 +293,10 @@ def parse_args() -> argparse.Namespace:
         "--compare-defer", action="store_true",
         help="also the schema modes with the other defer_grammar_draws setting (the worker's "
         "default: the draw queued in its own step, the bitmask filled inline)",
+    )  # fmt: skip
+    p.add_argument(
+        "--compare-draw-graphs", action="store_true",
+        help="also every mode with the draws queued eagerly, not replayed from CUDA graphs",
     )  # fmt: skip
     p.add_argument(
         "--compare-accept", action="store_true",
