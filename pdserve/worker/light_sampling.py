@@ -12,6 +12,9 @@ from the worker's own generator.
 
 from __future__ import annotations
 
+import functools
+import operator
+import sys
 from collections.abc import Callable
 
 import numpy as np
@@ -23,7 +26,7 @@ from pdserve.worker.device_copy import host_buffer
 from pdserve.worker.draw_graphs import DrawGraphs, DrawLayout, mask_view, packed, packed_bytes
 from pdserve.worker.grammar_mask import FillJob, bitmask_words, fill_bitmask, fill_bitmask_async
 from pdserve.worker.race_sampling import race_draw
-from pdserve.worker.sampling_noise import seed_keys, split_keys
+from pdserve.worker.sampling_noise import MASK64, split_keys, splitmix64, splitmix64_array
 
 
 def is_light(req: Request) -> bool:
@@ -42,6 +45,7 @@ def is_light(req: Request) -> bool:
 class LightSampler:
     def __init__(self, seed: int, graphs: DrawGraphs | None = None) -> None:
         self._rng = np.random.default_rng(seed)  # the unseeded rows' keys
+        self._rows: _BatchRows | None = None  # the last batch's rows
         self.graphs = graphs  # draws over a decode graph's logits replay (worker/draw_graphs.py)
 
     def sample(self, logits: torch.Tensor, items: list[BatchItem]) -> torch.Tensor | None:
@@ -64,16 +68,13 @@ class LightSampler:
         thread just before, which the caller waits for next; the caller then calls
         `LightDraw.hand_over`."""
         reqs = [item.req for item in items]
-        grammars = [req.grammar for req in reqs]
-        constrained = any(g is not None for g in grammars)
-        if constrained and any(g is not None and g.problem() is not None for g in grammars):
+        rows_info = self._rows
+        if rows_info is None or not rows_info.holds(reqs):
+            rows_info = self._rows = _BatchRows(reqs)
+        if rows_info.constrained and rows_info.grammar_problem():
             return None
         device = logits.device
         num_rows, vocab_size = logits.shape
-        params = [req.sampling for req in reqs]
-        greedy = [p.is_greedy for p in params]
-        all_greedy = all(greedy)
-        min_ps = None if all_greedy else [p.min_p for p in params]
         # Over a decode graph's logits, the inputs are laid out for all of its rows (the draw
         # replays a graph over them); the rows past the batch are drawn greedy and ignored.
         rows = self.graphs.rows_for(logits) if self.graphs is not None else None
@@ -83,14 +84,15 @@ class LightSampler:
         # compiled for an aligned pointer).
         layout = DrawLayout(
             layout_rows,
-            0 if all_greedy else -(-packed_bytes(layout_rows) // 64) * 64,
-            bitmask_words(vocab_size) if constrained else 0,
-            min_ps is not None and any(m > 0.0 for m in min_ps),
+            0 if rows_info.all_greedy else -(-packed_bytes(layout_rows) // 64) * 64,
+            bitmask_words(vocab_size) if rows_info.constrained else 0,
+            rows_info.any_min_p,
         )
         draw = LightDraw(logits, layout, self.graphs if rows is not None else None)
         if layout.num_bytes:
             host, draw.send = host_buffer((layout.num_bytes,), torch.uint8, device)
-        if constrained:
+        if rows_info.constrained:
+            grammars = rows_info.grammars
             host_mask = mask_view(host, layout.param_bytes, layout_rows, layout.mask_words)
             host_mask = host_mask[:num_rows]
             if background:
@@ -99,15 +101,68 @@ class LightSampler:
                 )
             else:
                 fill_bitmask(grammars, vocab_size, out=host_mask)
-        if all_greedy:
+        if rows_info.all_greedy:
             return draw  # no temperatures or keys to send
-        temps = [1.0 if g else p.temperature for p, g in zip(params, greedy)]
         keys, floats = packed(host, layout_rows)
-        keys.numpy()[:num_rows] = _row_keys(reqs, greedy, self._rng)
+        keys.numpy()[:num_rows] = rows_info.keys(self._rng)
         floats = floats.numpy()
-        floats[:, :num_rows] = (temps, min_ps, greedy)
+        floats[:, :num_rows] = rows_info.floats
         floats[:, num_rows:] = ((1.0,), (0.0,), (1.0,))  # rows past the batch: greedy
         return draw
+
+
+class _BatchRows:
+    """What a batch's light draw needs of its rows' fixed parameters, worked out once and kept
+    while the batch holds the same requests in the same order, as a decode step's mostly does
+    (the host's per-row Python was most of a 64-row draw's ~170 us on the H200's host,
+    benchmarks/gpu/draw_launch_bench.py). A request's sampling parameters and grammar do not
+    change while it runs."""
+
+    def __init__(self, reqs: list[Request]) -> None:
+        self.reqs = reqs
+        self.grammars = [req.grammar for req in reqs]
+        self.constrained = any(g is not None for g in self.grammars)
+        self._problem_free = False  # every grammar compiled well (checked until it holds)
+        params = [req.sampling for req in reqs]
+        greedy = [p.is_greedy for p in params]
+        self.all_greedy = all(greedy)
+        temps = [1.0 if g else p.temperature for p, g in zip(params, greedy)]
+        min_ps = [p.min_p for p in params]
+        self.any_min_p = not self.all_greedy and any(m > 0.0 for m in min_ps)
+        self.floats = np.array((temps, min_ps, greedy), dtype=np.float32)  # [3, R]
+        # Seeded rows (not greedy): their index, and their seed's first mix.
+        self.seeded = [
+            i for i, (p, g) in enumerate(zip(params, greedy)) if p.seed is not None and not g
+        ]
+        self.seeded_reqs = [reqs[i] for i in self.seeded]
+        self.seed_mixes = np.array([_seed_mix(params[i].seed) for i in self.seeded], np.uint64)
+
+    def holds(self, reqs: list[Request]) -> bool:
+        """Whether `reqs` are this batch's requests, in its order."""
+        return len(reqs) == len(self.reqs) and all(map(operator.is_, reqs, self.reqs))
+
+    def grammar_problem(self) -> bool:
+        """Whether some row's grammar failed to compile (waits for compiles still running)."""
+        if self._problem_free:
+            return False
+        if any(g is not None and g.problem() is not None for g in self.grammars):
+            return True
+        self._problem_free = True
+        return False
+
+    def keys(self, rng: np.random.Generator) -> np.ndarray:
+        """[R, 2] int64: each row's two 32-bit noise keys at its current step: a seeded row's
+        from its seed and step, splitmix64(splitmix64(seed) ^ step) (`seed_keys`, as the
+        SamplingBatch's `_seed_fields`), the others' random."""
+        num = len(self.reqs)
+        mixed = rng.integers(0, 2**64, size=num, dtype=np.uint64, endpoint=False)
+        if self.seeded:
+            steps = [len(r.output_ids) + r.num_inflight for r in self.seeded_reqs]
+            mixed[self.seeded] = splitmix64_array(self.seed_mixes ^ np.array(steps, np.uint64))
+        if sys.byteorder != "little":
+            return split_keys(mixed)
+        # Each key's low then high 32 bits (a little-endian host's word order), widened to int64.
+        return mixed.view(np.uint32).reshape(num, 2).astype(np.int64)
 
 
 class LightDraw:
@@ -149,14 +204,7 @@ class LightDraw:
         )  # fmt: skip
 
 
-def _row_keys(reqs: list[Request], greedy: list[bool], rng: np.random.Generator) -> np.ndarray:
-    """[R, 2] int64: each row's two 32-bit noise keys: a seeded row's from its seed and step (as
-    the SamplingBatch's `_seed_fields`), the others' random."""
-    keys = split_keys(rng.integers(0, 2**64, size=len(reqs), dtype=np.uint64, endpoint=False))
-    seeded = [
-        i for i, (req, g) in enumerate(zip(reqs, greedy)) if req.sampling.seed is not None and not g
-    ]
-    if seeded:
-        steps = [len(reqs[i].output_ids) + reqs[i].num_inflight for i in seeded]
-        keys[seeded] = seed_keys([reqs[i].sampling.seed for i in seeded], steps)
-    return keys
+@functools.lru_cache(maxsize=1 << 16)
+def _seed_mix(seed: int) -> int:
+    """splitmix64 of a seed: the first half of a seeded row's key, the same at every step."""
+    return splitmix64(seed & MASK64)

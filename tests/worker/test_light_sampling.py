@@ -159,6 +159,41 @@ def test_a_seeded_rows_draw_depends_on_its_seed_and_step_only() -> None:
     assert len(draws) > 1
 
 
+def test_row_keys_are_the_seeded_keys_or_the_generators_draws() -> None:
+    """A seeded row's keys are seed_keys(seed, step) (the SamplingBatch's), whatever the others,
+    at each step; the other rows take the generator's draws in row order, greedy rows included."""
+    import numpy as np
+
+    from pdserve.worker.light_sampling import _BatchRows
+    from pdserve.worker.sampling_noise import seed_keys, split_keys
+
+    rng = random.Random()
+    reqs = [
+        checked_request(
+            [1] * rng.randrange(9),
+            temperature=rng.choice([0.0, 0.7, 1.0]),
+            seed=rng.choice([None, rng.randrange(2**63), rng.randrange(2**31)]),
+        )  # fmt: skip
+        for _ in range(40)
+    ]
+    rows = _BatchRows(reqs)
+    assert rows.holds(list(reqs)) and not rows.holds(reqs[::-1]) and not rows.holds(reqs[1:])
+    gen, ref = np.random.default_rng(3), np.random.default_rng(3)
+    for _ in range(3):
+        for req in reqs:
+            req.output_ids.append(5)
+            req.num_inflight = rng.randrange(2)
+        got = rows.keys(gen)
+        want = split_keys(ref.integers(0, 2**64, size=40, dtype=np.uint64, endpoint=False))
+        seeded = [
+            i for i, r in enumerate(reqs) if r.sampling.seed is not None and r.sampling.temperature
+        ]
+        steps = [len(reqs[i].output_ids) + reqs[i].num_inflight for i in seeded]
+        want[seeded] = seed_keys([reqs[i].sampling.seed for i in seeded], steps)
+        assert got.dtype == np.int64 and got.shape == (40, 2)
+        assert np.array_equal(got, want)
+
+
 def test_the_vectorized_splitmix_equals_the_scalar_one() -> None:
     import numpy as np
 
