@@ -44,6 +44,67 @@ def host_us(fn: Callable[[], Any], calls: int, rounds: int, sync: Callable[[], N
     return statistics.median(samples)
 
 
+class _Recorder:
+    """Stands in for a Triton kernel: records each launch's grid and arguments, then launches."""
+
+    def __init__(self, kernel: Any) -> None:
+        self.kernel = kernel
+        self.calls: list[tuple[Any, tuple, dict]] = []
+
+    def __getitem__(self, grid: Any) -> Callable[..., Any]:
+        def launch(*args: Any, **kwargs: Any) -> Any:
+            self.calls.append((grid, args, kwargs))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+def triton_launch_rows(race: Callable[[], torch.Tensor]) -> list[tuple[str, Callable[[], Any]]]:
+    """Where the race kernel's launch goes: the same launch (its arguments recorded from a
+    race_draw) through Triton's JIT call, and straight through the compiled kernel's launcher
+    (`CompiledKernel.run`, Triton's internals: skipped with a note where they differ), checked to
+    draw the JIT call's tokens first. What a launcher that skips Triton's binding would save in
+    the steps that launch kernels eagerly (a mixed step's attention, ~2 a layer)."""
+    import pdserve.kernels.triton_sampling as ts
+
+    real = ts._chunk_kernel
+    recorder = _Recorder(real)
+    ts._chunk_kernel = recorder
+    try:
+        race()
+    finally:
+        ts._chunk_kernel = real
+    grid, args, kwargs = recorder.calls[-1]
+    rows: list[tuple[str, Callable[[], Any]]] = [
+        ("race kernel: Triton's JIT call alone", lambda: real[grid](*args, **kwargs))
+    ]
+    try:
+        compiled = real[grid](*args, **kwargs)
+        binder = real.device_caches[torch.cuda.current_device()][-1]
+        bound = list(binder(*args, **kwargs)[0].values())
+        stream = torch.cuda.current_stream().cuda_stream
+        g0, g1, g2 = (tuple(grid) + (1, 1))[:3]
+
+        def direct() -> None:
+            compiled.run(
+                g0, g1, g2, stream, compiled.function, compiled.packed_metadata, None, None,
+                None, *bound,
+            )  # fmt: skip
+
+        tokens = args[10]  # the recorded launch's `out` (triton_sampling.race_sample: common[10])
+        want = tokens.clone()
+        tokens.zero_()
+        direct()
+        torch.cuda.synchronize()
+        if torch.equal(tokens, want):
+            rows.append(("race kernel: CompiledKernel.run (no binding)", direct))
+        else:
+            print("note: the direct launch's tokens differ from the JIT call's; row left out")
+    except Exception as exc:  # Triton's internals differ in this version
+        print(f"note: no direct launch through Triton's internals here ({exc!r})")
+    return rows
+
+
 def light_items(batch: int, temperature: float) -> list[BatchItem]:
     items = []
     for i in range(batch):
@@ -119,6 +180,7 @@ def main() -> None:
         if not torch.equal(out, eager):
             raise SystemExit("the graph's draw differs from the eager kernel's")
         rows.append(("temperature draw with a bitmask (graph replay)", graph.replay))
+        rows += triton_launch_rows(race)
     print(f"device {device}, batch {batch}, vocabulary {vocab}; host us per call:")
     print("| what | host us / call |")
     print("|---|---|")
