@@ -105,6 +105,17 @@ class PhaseTimer:
             "light sampler": (core.light_sampler, "sample"),
             "light prepare": (core.light_sampler, "prepare"),
         }
+        # Inside the launch: the batch's host build, its device views and pending-token fill,
+        # the graph's input copies and the replay.
+        runner = core.runner
+        targets["  build_forward_batch (host build, copy, device views)"] = (
+            runner,
+            "build_forward_batch",
+        )
+        targets["  device views + pending fill"] = (runner, "_device_batch")
+        if runner.graph_runner is not None:
+            targets["  graph replay (input copies + launch)"] = (runner.graph_runner, "replay")
+            targets["  graph input copies"] = (runner.graph_runner.inputs, "load")
         for name, (obj, attr) in targets.items():
             setattr(obj, attr, self._wrap(name, getattr(obj, attr)))
         import pdserve.worker.light_sampling as light
