@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pdserve.kernels.launch_math import cdiv, next_power_of_2
+
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _BLOCK = 1024
 
@@ -63,8 +65,8 @@ def silu_and_mul(
     num_tokens = x2.shape[0]
     if num_tokens == 0 or inter_size == 0:
         return out
-    block = min(_BLOCK, triton.next_power_of_2(inter_size))
-    grid = (num_tokens, triton.cdiv(inter_size, block))
+    block = min(_BLOCK, next_power_of_2(inter_size))
+    grid = (num_tokens, cdiv(inter_size, block))
     _silu_and_mul_kernel[grid](
         x2, out2, inter_size, x2.stride(0), out2.stride(0), BLOCK=block, num_warps=4
     )

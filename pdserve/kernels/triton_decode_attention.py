@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from pdserve.kernels.attention_ref import NewToken
+from pdserve.kernels.launch_math import next_power_of_2
 from pdserve.kernels.triton_paged_rows import load_rows
 
 _LOG2E = 1.4426950408889634
@@ -502,8 +503,8 @@ def decode_attention(
     if not 1 <= num_splits <= 64:
         raise ValueError(f"num_splits must be in [1, 64], got {num_splits}")
     group = num_q_heads // num_kv_heads
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    block_h = max(16, triton.next_power_of_2(group))  # tl.dot needs 16 rows
+    block_d = max(16, next_power_of_2(head_dim))
+    block_h = max(16, next_power_of_2(group))  # tl.dot needs 16 rows
     direct = num_splits == 1
     if direct:
         part_out = out.new_empty((1, 1, 1, 1), dtype=torch.float32)
@@ -546,7 +547,7 @@ def decode_attention(
             part_out.stride(0), part_out.stride(1), part_out.stride(2),
             part_lse.stride(0), part_lse.stride(1),
             out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=next_power_of_2(num_splits),
             num_warps=4 if head_dim > 64 else 2,
         )  # fmt: skip
     return out

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pdserve.kernels.launch_math import cdiv, next_power_of_2
 from pdserve.kernels.triton_paged_rows import load_rows
 
 _LOG2E = 1.4426950408889634
@@ -298,8 +299,8 @@ def extend_attention(
     if num_tokens == 0 or batch == first_seq or max_extend_len == 0:
         return out
     cfg = config or default_extend_config(head_dim, q.dtype)
-    grid = (triton.cdiv(max_extend_len, cfg.block_m), num_q_heads, batch - first_seq)
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    grid = (cdiv(max_extend_len, cfg.block_m), num_q_heads, batch - first_seq)
+    block_d = max(16, next_power_of_2(head_dim))
     _extend_kernel[grid](
         q, k_cache, v_cache, out, page_table, seq_lens, extend_lens, extend_starts,
         scale * _LOG2E,

@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pdserve.kernels.launch_math import cdiv, next_power_of_2
+
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _BLOCK_K = 128
 # Shrink's reduction per program and its most splits (the split path; a sweep in lora_bench.py
@@ -205,9 +207,9 @@ def _check(x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor)
 
 def _num_splits(in_f: int) -> tuple[int, int]:
     """(num_splits, k_per_split) of shrink's reduction over in_f (k_per_split a BLOCK_K multiple)."""
-    splits = max(1, min(_MAX_SPLITS, triton.cdiv(in_f, _K_PER_SPLIT_TARGET)))
-    k_per_split = triton.cdiv(triton.cdiv(in_f, splits), _BLOCK_K) * _BLOCK_K
-    return triton.cdiv(in_f, k_per_split), k_per_split
+    splits = max(1, min(_MAX_SPLITS, cdiv(in_f, _K_PER_SPLIT_TARGET)))
+    k_per_split = cdiv(cdiv(in_f, splits), _BLOCK_K) * _BLOCK_K
+    return cdiv(in_f, k_per_split), k_per_split
 
 
 def lora_shrink(x: torch.Tensor, a: torch.Tensor, tiles: LoraTiles, tile_rows: int) -> torch.Tensor:
@@ -217,8 +219,8 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, tiles: LoraTiles, tile_rows: i
     ny = a.shape[1]
     num_splits, k_per_split = _num_splits(in_f)
     y = torch.empty(num_splits, num_tokens, ny, dtype=torch.float32, device=x.device)
-    block_n = min(64, max(16, triton.next_power_of_2(ny)))
-    grid = (tiles.tile_start.shape[0], triton.cdiv(ny, block_n), num_splits)
+    block_n = min(64, max(16, next_power_of_2(ny)))
+    grid = (tiles.tile_start.shape[0], cdiv(ny, block_n), num_splits)
     if grid[0] == 0 or num_tokens == 0:
         return y
     _shrink_kernel[grid](
@@ -247,14 +249,14 @@ def lora_expand(
     if n_sub > 3 or ny != n_sub * rank or list(bounds) != sorted(bounds):
         raise ValueError(f"y [.., {ny}] and bounds {bounds} do not fit b {tuple(b.shape)}")
     b1, b2 = (*bounds, n_out, n_out)[:2]
-    grid = (tiles.tile_start.shape[0], triton.cdiv(n_out, _EXPAND_BLOCK_N))
+    grid = (tiles.tile_start.shape[0], cdiv(n_out, _EXPAND_BLOCK_N))
     if grid[0] == 0 or out.shape[0] == 0:
         return
     _expand_kernel[grid](
         y, b, out, *tiles, n_out, rank, b1, b2,
         y.stride(0), y.stride(1), 0, b.stride(0), b.stride(1), out.stride(0),
         NUM_SPLITS=num_splits, N_SUB=n_sub, BLOCK_M=tile_rows, BLOCK_N=_EXPAND_BLOCK_N,
-        BLOCK_R=max(16, triton.next_power_of_2(rank)),
+        BLOCK_R=max(16, next_power_of_2(rank)),
         DOT_PRECISION="ieee" if out.dtype == torch.float32 else "tf32",
         num_warps=4,
     )  # fmt: skip
@@ -311,14 +313,14 @@ def lora_expand_folded(
     n_out, rank = b.shape[1], b.shape[2]
     n_sub = len(bounds) + 1
     b1, b2 = (*bounds, n_out, n_out)[:2]
-    grid = (tiles.tile_start.shape[0], triton.cdiv(n_out, _EXPAND_BLOCK_N))
+    grid = (tiles.tile_start.shape[0], cdiv(n_out, _EXPAND_BLOCK_N))
     if grid[0] == 0 or out.shape[0] == 0:
         return
     _expand_kernel[grid](
         shrunk, b, out, *tiles, n_out, rank, b1, b2,
         0, shrunk.stride(0), n_sub * rank, b.stride(0), b.stride(1), out.stride(0),
         NUM_SPLITS=1, N_SUB=n_sub, BLOCK_M=tile_rows, BLOCK_N=_EXPAND_BLOCK_N,
-        BLOCK_R=max(16, triton.next_power_of_2(rank)),
+        BLOCK_R=max(16, next_power_of_2(rank)),
         DOT_PRECISION="ieee" if out.dtype == torch.float32 else "tf32",
         num_warps=4,
     )  # fmt: skip

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pdserve.kernels.launch_math import next_power_of_2
+
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _MAX_BLOCK = 65536
 
@@ -68,7 +70,7 @@ def _check(x: torch.Tensor, weight: torch.Tensor) -> int:
     if weight.device != x.device:
         raise ValueError(f"weight is on {weight.device}, x on {x.device}")
     n_cols = weight.shape[0]
-    if triton.next_power_of_2(n_cols) > _MAX_BLOCK:
+    if next_power_of_2(n_cols) > _MAX_BLOCK:
         raise ValueError(f"hidden size {n_cols} is larger than this kernel's {_MAX_BLOCK}")
     return n_cols
 
@@ -84,7 +86,7 @@ def _launch(
     n_rows, n_cols = x2.shape
     if n_rows == 0:
         return
-    block = triton.next_power_of_2(n_cols)
+    block = next_power_of_2(n_cols)
     has_residual = residual2 is not None
     residual2 = residual2 if has_residual else x2
     sum2 = sum2 if sum2 is not None else out2

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pdserve.kernels.launch_math import cdiv, next_power_of_2
+
 _MAX_BLOCK_WORDS = 4096
 
 
@@ -166,8 +168,8 @@ def _launch(
     num_layers, num_kv, num_ids, page_words = words.shape
     if words.numel() == 0:
         return
-    block = min(_MAX_BLOCK_WORDS, triton.next_power_of_2(page_words))
-    grid = (num_ids, num_layers * num_kv, triton.cdiv(page_words, block))
+    block = min(_MAX_BLOCK_WORDS, next_power_of_2(page_words))
+    grid = (num_ids, num_layers * num_kv, cdiv(page_words, block))
     _page_copy_kernel[grid](
         pool, words, page_ids, num_kv, num_ids,
         pool.stride(0), pool.stride(1), pool.stride(2),
@@ -244,9 +246,9 @@ class PoolCopy:
         self._dst = _as_words("dst", dst)
         num_layers, num_kv, _, page_words = self._src.shape
         self.page_words = page_words
-        self.block = block or min(_MAX_BLOCK_WORDS, triton.next_power_of_2(page_words))
+        self.block = block or min(_MAX_BLOCK_WORDS, next_power_of_2(page_words))
         self.num_warps = num_warps or (4 if self.block >= 1024 else 1)
-        self._grid_yz = (num_layers * num_kv, triton.cdiv(page_words, self.block))
+        self._grid_yz = (num_layers * num_kv, cdiv(page_words, self.block))
         self._shape_args = (num_kv, *self._src.stride()[:3], *self._dst.stride()[:3])
         self._meta = {"PAGE_WORDS": page_words, "BLOCK": self.block, "num_warps": self.num_warps}
         self._pool_ptrs = (self._src.data_ptr(), self._dst.data_ptr())

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pdserve.kernels.launch_math import next_power_of_2
+
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -134,13 +136,13 @@ def apply_rotary_(
     half = cos_sin_cache.shape[1] // 2
     if num_tokens == 0 or half == 0:
         return q, k
-    block_hq = triton.next_power_of_2(num_q_heads)
+    block_hq = next_power_of_2(num_q_heads)
     _rotary_kernel[(num_tokens,)](
         q, k, positions, cos_sin_cache,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0),
         NUM_Q_HEADS=num_q_heads, NUM_K_HEADS=num_k_heads, HALF=half,
-        BLOCK_HALF=triton.next_power_of_2(half), BLOCK_HQ=block_hq,
-        BLOCK_HK=triton.next_power_of_2(num_k_heads),
+        BLOCK_HALF=next_power_of_2(half), BLOCK_HQ=block_hq,
+        BLOCK_HK=next_power_of_2(num_k_heads),
         num_warps=4 if block_hq * half >= 1024 else 2,
     )  # fmt: skip
     return q, k
@@ -255,14 +257,14 @@ def apply_rotary_and_store_(
     half = cos_sin_cache.shape[1] // 2
     if num_tokens == 0:
         return q
-    block_hq = triton.next_power_of_2(num_q_heads)
+    block_hq = next_power_of_2(num_q_heads)
     _rotary_store_kernel[(num_tokens,)](
         q, k, v, positions, slots, cos_sin_cache, k_cache, v_cache,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         cos_sin_cache.stride(0), strides[0], strides[1],
         NUM_Q_HEADS=num_q_heads, NUM_K_HEADS=num_k_heads, HEAD_DIM=head_dim, HALF=half,
-        BLOCK_HALF=triton.next_power_of_2(max(half, 1)), BLOCK_HQ=block_hq,
-        BLOCK_HK=triton.next_power_of_2(num_k_heads), BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_HALF=next_power_of_2(max(half, 1)), BLOCK_HQ=block_hq,
+        BLOCK_HK=next_power_of_2(num_k_heads), BLOCK_D=next_power_of_2(head_dim),
         num_warps=4 if block_hq * half >= 1024 else 2,
     )  # fmt: skip
     return q

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pdserve.kernels.launch_math import cdiv, next_power_of_2
+
 _BLOCK = 2048
 
 
@@ -224,10 +226,10 @@ def race_sample(
             is_greedy = is_greedy.reshape(batch).contiguous()
         if not keys.is_contiguous():
             keys = keys.contiguous()
-    blocks = triton.cdiv(vocab_size, _BLOCK)
-    num_chunks = max(1, min(blocks, triton.cdiv(_TARGET_PROGRAMS, batch)))
-    chunk_len = triton.cdiv(blocks, num_chunks) * _BLOCK
-    num_chunks = triton.cdiv(vocab_size, chunk_len)
+    blocks = cdiv(vocab_size, _BLOCK)
+    num_chunks = max(1, min(blocks, cdiv(_TARGET_PROGRAMS, batch)))
+    chunk_len = cdiv(blocks, num_chunks) * _BLOCK
+    num_chunks = cdiv(vocab_size, chunk_len)
     # Each part starts 64 bytes into the next, whatever batch x num_chunks is: a pointer's
     # alignment is part of what Triton specializes on, so an unaligned part was a new compile the
     # first time a batch size of its class came (benchmarks/gpu/compile_watch.py).
@@ -243,7 +245,7 @@ def race_sample(
     floor = race and any_min_p
     # From the vocabulary alone, not the batch: each new value was a new compile (~1 s of a
     # serving step the first time a batch of that size came).
-    chunks_p2 = triton.next_power_of_2(blocks)
+    chunks_p2 = next_power_of_2(blocks)
     count = _kept_zeros(device, batch, torch.int32)
     common = (
         logits, temperatures, min_ps, keys, mask, part_max, part_max_id, part_score, part_id,

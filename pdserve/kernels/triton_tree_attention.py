@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pdserve.kernels.launch_math import next_power_of_2
+
 _LOG2E = 1.4426950408889634
 
 
@@ -136,6 +138,6 @@ def tree_attention(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
         page_table.stride(0), mask.stride(0),
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
-        BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_N=64, PAGE_SIZE=k_cache.shape[1],
+        BLOCK_D=next_power_of_2(head_dim), BLOCK_N=64, PAGE_SIZE=k_cache.shape[1],
     )  # fmt: skip
     return out
