@@ -88,7 +88,6 @@ class DrawGraphs:
         are none (every row greedy, no bitmask). The result lies in the graph's static output,
         valid until its next draw (the stream orders any reader queued before then)."""
         batch = logits.shape[0]
-        full = torch.as_strided(logits, (layout.rows, logits.shape[1]), logits.stride())
         inputs = None
         if layout.num_bytes:
             inputs = self._inputs.get(layout)
@@ -105,9 +104,10 @@ class DrawGraphs:
             self.num_replays += 1
             return out[:batch]
         out = torch.empty(layout.rows, dtype=torch.int64, device=self.device)
+        full = torch.as_strided(logits, (layout.rows, logits.shape[1]), logits.stride())
 
         def run() -> None:
-            _draw_from_bytes(full, inputs, layout, out)
+            draw_from_bytes(full, inputs, layout, out)
 
         run()  # this draw's tokens (and the kernel compiled before any capture)
         self._graphs[key] = (self._capture(run), out)
@@ -134,18 +134,22 @@ class DrawGraphs:
         return graph
 
 
-def _draw_from_bytes(
-    logits: torch.Tensor, inputs: torch.Tensor | None, layout: DrawLayout, out: torch.Tensor
-) -> None:
-    """The race draw over all `layout.rows` rows, its inputs read from `inputs` (device bytes)."""
+def draw_from_bytes(
+    logits: torch.Tensor,
+    inputs: torch.Tensor | None,
+    layout: DrawLayout,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The race draw over the `layout.rows` rows of `logits`, its inputs read from `inputs`
+    (device bytes laid out as `layout`; None when it has none); [rows] int64 tokens, written
+    into `out` when given."""
     bitmask = None
     if layout.mask_words:
         bitmask = mask_view(inputs, layout.param_bytes, layout.rows, layout.mask_words)
-    if not layout.param_bytes:
-        race_draw(logits, None, None, None, None, bitmask, all_greedy=True, out=out)
-        return
+    if not layout.param_bytes:  # every row greedy
+        return race_draw(logits, None, None, None, None, bitmask, all_greedy=True, out=out)
     keys, params = packed(inputs, layout.rows)
-    race_draw(
+    return race_draw(
         logits, params[0], params[1], params[2], keys, bitmask,
         any_min_p=layout.any_min_p, out=out,
     )  # fmt: skip

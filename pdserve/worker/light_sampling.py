@@ -23,9 +23,16 @@ import torch
 from pdserve.scheduler.request import Request
 from pdserve.scheduler.scheduler import BatchItem
 from pdserve.worker.device_copy import host_buffer
-from pdserve.worker.draw_graphs import DrawGraphs, DrawLayout, mask_view, packed, packed_bytes
+from pdserve.worker.draw_graphs import (
+    DrawGraphs,
+    DrawLayout,
+    draw_from_bytes,
+    mask_view,
+    packed,
+    packed_bytes,
+)
 from pdserve.worker.grammar_mask import FillJob, bitmask_words, fill_bitmask, fill_bitmask_async
-from pdserve.worker.race_sampling import race_draw
+from pdserve.worker.race_sampling import greedy_draw
 from pdserve.worker.sampling_noise import MASK64, split_keys, splitmix64, splitmix64_array
 
 
@@ -47,6 +54,14 @@ class LightSampler:
         self._rng = np.random.default_rng(seed)  # the unseeded rows' keys
         self._rows: _BatchRows | None = None  # the last batch's rows
         self.graphs = graphs  # draws over a decode graph's logits replay (worker/draw_graphs.py)
+
+    def greedy(self, logits: torch.Tensor) -> torch.Tensor:
+        """[R] int64 on the device: each row's argmax (every row plain greedy), replayed from a
+        graph over a decode graph's logits."""
+        rows = self.graphs.rows_for(logits) if self.graphs is not None else None
+        if rows is None:
+            return greedy_draw(logits)
+        return self.graphs.draw(logits, DrawLayout(rows, 0, 0, False), None)
 
     def sample(self, logits: torch.Tensor, items: list[BatchItem]) -> torch.Tensor | None:
         """[R] int64 on the device: one token per row of logits [R, V]; every item is light
@@ -190,18 +205,8 @@ class LightDraw:
         if self.graphs is not None:
             drawn = self.graphs.draw(self.logits, layout, self.send)
             return drawn if out is None else out.copy_(drawn)
-        num_rows = self.logits.shape[0]
         sent = self.send() if self.send is not None else None
-        bitmask = None
-        if layout.mask_words:
-            bitmask = mask_view(sent, layout.param_bytes, num_rows, layout.mask_words)
-        if not layout.param_bytes:  # every row greedy
-            return race_draw(self.logits, None, None, None, None, bitmask, all_greedy=True, out=out)
-        keys, params = packed(sent, num_rows)
-        return race_draw(
-            self.logits, params[0], params[1], params[2], keys, bitmask,
-            any_min_p=layout.any_min_p, out=out,
-        )  # fmt: skip
+        return draw_from_bytes(self.logits, sent, layout, out)
 
 
 @functools.lru_cache(maxsize=1 << 16)

@@ -38,7 +38,6 @@ from pdserve.config.engine_config import EngineConfig, ModelConfig
 from pdserve.scheduler.finish_checker import FinishChecker
 from pdserve.scheduler.request import Request
 from pdserve.scheduler.scheduler import BatchItem, ScheduledBatch, Scheduler
-from pdserve.worker.draw_graphs import DrawLayout
 from pdserve.worker.extra_outputs import ExtraOutputs
 from pdserve.worker.grammar import bind_grammar
 from pdserve.worker.inflight import GrammarAccept, HostTokens, InflightStep, PendingLength
@@ -46,7 +45,6 @@ from pdserve.worker.light_sampling import LightSampler, is_light
 from pdserve.worker.model_runner import ModelRunner, PendingTokens
 from pdserve.worker.parallel.tp_group import SINGLE, TPGroup
 from pdserve.worker.pooler import PoolState, finish_pooled, record_rows
-from pdserve.worker.race_sampling import greedy_draw
 from pdserve.worker.sampler import (
     DeviceSample,
     SamplingRow,
@@ -260,7 +258,7 @@ class WorkerCore:
         loop); otherwise it is built on the device directly."""
         if all(is_plain_greedy(item.req) for item in items):
             # The common benchmark and eval case: one argmax, no SamplingRow built.
-            return items, DeviceSample(self._greedy_draw(logits), None, None, [])
+            return items, DeviceSample(self.light_sampler.greedy(logits), None, None, [])
         if all(is_light(item.req) for item in items):  # greedy / temperature, grammars
             token_ids = self.light_sampler.sample(logits, items)
             if token_ids is not None:  # else some grammar failed to compile: ended below
@@ -283,14 +281,6 @@ class WorkerCore:
             logits = logits.index_select(0, device_index(partial.row_indices, device))
         batch = on_device(partial.batch, device) if build_on_host else partial.batch
         return items, sample_on_device(logits, batch)
-
-    def _greedy_draw(self, logits: torch.Tensor) -> torch.Tensor:
-        """[R] int64: each row's argmax, replayed from a graph over a decode graph's logits."""
-        graphs = self.light_sampler.graphs
-        rows = graphs.rows_for(logits) if graphs is not None else None
-        if rows is None:
-            return greedy_draw(logits)
-        return graphs.draw(logits, DrawLayout(rows, 0, 0, False), None)
 
     def _collect(
         self, accept_on_thread: bool = False
