@@ -7,6 +7,7 @@ schema against unconstrained decoding, on one engine, in alternating rounds.
     ... --compare-defer   # also the schema modes with the other `defer_grammar_draws` setting
     ... --compare-accept  # also the schema modes with the tokens accepted on the fill thread
     ... --compare-draw-graphs  # also every mode with eager draws (no draw graph replays)
+    ... --compare-graph-feed   # also every mode with decode steps built the general way
     ... --profile [T]     # then cProfile of 20 constrained steps at temperature T (0)
 
 64 requests of 512 random prompt tokens are prefilled, then 20 pure decode steps are timed back to
@@ -64,6 +65,9 @@ NO_DEFER = " (draw not deferred)"  # the draw queued in its own step, the bitmas
 DEFER = " (draw deferred)"  # the draw queued after the next batch's build, filled on a thread
 ON_THREAD = " (accept on the fill thread)"  # --compare-accept: GrammarAccept instead of inline
 EAGER = " (eager draws)"  # --compare-draw-graphs: no draw replays a graph (worker/draw_graphs.py)
+# --compare-graph-feed: decode steps built as a ForwardBatch, then copied into the graph's inputs
+NO_FEED = " (no graph feed)"  # (ModelRunner.graph_feed off: worker/graph_feed.py)
+VARIANTS = (EAGER, NO_FEED)  # each compared with the unconstrained mode of its own variant
 
 
 def make_engine(model_dir: Path, args: Any) -> Any:
@@ -105,17 +109,29 @@ class PhaseTimer:
             "light sampler": (core.light_sampler, "sample"),
             "light prepare": (core.light_sampler, "prepare"),
         }
-        # Inside the launch: the batch's host build, its device views and pending-token fill,
-        # the graph's input copies and the replay.
+        # Inside the launch: a decode step fed to its graph (graph_feed.py: host build, copies,
+        # pending fill, replay), or the general path (the batch's host build, its device views
+        # and pending-token fill, the graph's input copies and the replay).
         runner = core.runner
+        feed = getattr(runner, "graph_feed", None)
+        if feed is not None:
+            import pdserve.worker.graph_feed as graph_feed
+
+            targets["  graph feed (host build, copies, pending fill, replay)"] = (feed, "replay")
+            targets["    host build (decode_rows + pack_decode)"] = (graph_feed, "pack_decode")
+            targets["    decode_rows"] = (graph_feed, "decode_rows")
+            targets["    graph replay"] = (runner.graph_runner, "replay_loaded")
         targets["  build_forward_batch (host build, copy, device views)"] = (
             runner,
             "build_forward_batch",
         )
         targets["  device views + pending fill"] = (runner, "_device_batch")
         if runner.graph_runner is not None:
-            targets["  graph replay (input copies + launch)"] = (runner.graph_runner, "replay")
-            targets["  graph input copies"] = (runner.graph_runner.inputs, "load")
+            targets["  general path: graph replay (input copies + launch)"] = (
+                runner.graph_runner,
+                "replay",
+            )
+            targets["  general path: graph input copies"] = (runner.graph_runner.inputs, "load")
         for name, (obj, attr) in targets.items():
             setattr(obj, attr, self._wrap(name, getattr(obj, attr)))
         import pdserve.worker.light_sampling as light
@@ -216,7 +232,10 @@ def run(model_dir: Path, args: Any, say: Any) -> list[dict[str, Any]]:
         modes += [(name + ON_THREAD, t, c) for name, t, c in MODES if c]
     if args.compare_draw_graphs:
         modes += [(name + EAGER, t, c) for name, t, c in MODES]
+    if args.compare_graph_feed:
+        modes += [(name + NO_FEED, t, c) for name, t, c in MODES]
     draw_graphs = engine.core.light_sampler.graphs
+    graph_feed = getattr(engine.core.runner, "graph_feed", None)
     for _, temperature, constrained in MODES:  # warm-up: graphs, compiles, allocator
         decode_steps(engine, temperature, constrained, args, seed=900)
     rounds: dict[str, list[dict[str, Any]]] = {}
@@ -227,6 +246,7 @@ def run(model_dir: Path, args: Any, say: Any) -> list[dict[str, Any]]:
             ) and not name.endswith(NO_DEFER)
             engine.core.accept_on_fill_thread = shipped or name.endswith(ON_THREAD)
             engine.core.light_sampler.graphs = None if name.endswith(EAGER) else draw_graphs
+            engine.core.runner.graph_feed = None if name.endswith(NO_FEED) else graph_feed
             r = decode_steps(engine, temperature, constrained, args, seed=10 * rnd + 1)
             rounds.setdefault(name, []).append(r)
             say(f"round {rnd} {name}: {r['step_ms']:.3f} ms/step")
@@ -247,6 +267,7 @@ def run(model_dir: Path, args: Any, say: Any) -> list[dict[str, Any]]:
     engine.core.defer_grammar_draws = shipped_defer
     engine.core.accept_on_fill_thread = shipped
     engine.core.light_sampler.graphs = draw_graphs
+    engine.core.runner.graph_feed = graph_feed
     results = []
     for name, temperature, constrained in modes:
         rs = rounds[name]
@@ -269,13 +290,15 @@ def table(results: list[dict[str, Any]]) -> str:
         "| mode | ms/step | tokens/s | vs unconstrained | bitmask fill (host) | rounds |",
         "|---|---|---|---|---|---|",
     ]
-    # Against the unconstrained mode of the same variant (eager draws), else the plain one.
-    base = {
-        (r["temperature"], r["mode"].endswith(EAGER)): r for r in results if not r["constrained"]
-    }
+
+    # Against the unconstrained mode of the same variant (VARIANTS), else the plain one.
+    def variant(mode: str) -> str:
+        return next((v for v in VARIANTS if mode.endswith(v)), "")
+
+    base = {(r["temperature"], variant(r["mode"])): r for r in results if not r["constrained"]}
     for r in results:
-        variant = (r["temperature"], r["mode"].endswith(EAGER))
-        ratio = base.get(variant, base[r["temperature"], False])["step_ms"] / r["step_ms"]
+        key = (r["temperature"], variant(r["mode"]))
+        ratio = base.get(key, base[r["temperature"], ""])["step_ms"] / r["step_ms"]
         fill = f"{r['bitmask_fill_us']:.0f} us" if r["bitmask_fill_us"] is not None else "-"
         flag = "" if r["pure_decode"] else " (not pure decode)"
         lines.append(
@@ -308,6 +331,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--compare-draw-graphs", action="store_true",
         help="also every mode with the draws queued eagerly, not replayed from CUDA graphs",
+    )  # fmt: skip
+    p.add_argument(
+        "--compare-graph-feed", action="store_true",
+        help="also every mode with decode steps built as a ForwardBatch and copied into the "
+        "graph's inputs (the general path), not fed to the graph directly",
     )  # fmt: skip
     p.add_argument(
         "--compare-accept", action="store_true",

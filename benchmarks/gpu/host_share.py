@@ -43,11 +43,16 @@ def stub_forward(engine: Any, vocab: int, max_batch: int) -> Any:
     logits = torch.randn(max_batch, vocab, device=device, dtype=torch.float32)
     graphs = runner.graph_runner
     if graphs is not None:
-        real = graphs.replay
+        # A decode step replays through graph_feed's replay_loaded; replay only in older trees.
+        real, real_loaded = graphs.replay, getattr(graphs, "replay_loaded", None)
         graphs.replay = lambda fb: logits[: fb.batch_size]
+        if real_loaded is not None:
+            graphs.replay_loaded = lambda bs, with_lora, bsz: logits[:bsz]
 
         def undo() -> None:
             graphs.replay = real
+            if real_loaded is not None:
+                graphs.replay_loaded = real_loaded
 
         return undo
     real_model = runner.model

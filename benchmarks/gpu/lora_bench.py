@@ -121,6 +121,12 @@ def use_split_path(engine: Any) -> None:
         runner.graph_runner = None
         free_device_memory()
         runner.graph_runner = CudaGraphRunner(runner)
+        if getattr(runner, "graph_feed", None) is not None:  # decode steps feed the new graphs
+            from pdserve.worker.graph_feed import GraphFeed
+
+            runner.graph_feed = GraphFeed(
+                runner.graph_runner, runner.page_size, runner._host_buffer, runner._page_tables
+            )
 
 
 # ---------------------------------------------------------------------------- 1. model-level check

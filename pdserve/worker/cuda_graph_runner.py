@@ -68,18 +68,84 @@ def num_table_pages(max_context_len: int, page_size: int) -> int:
     return -(-max_context_len // page_size)
 
 
+# Each bucket's input block: (name, dtype, elements per row); every array 16-byte aligned.
+# input_ids .. seq_lens are what its graph reads. fill_dst / fill_src have room for one entry
+# a token: a step fed from the host (graph_feed.py) lists there the input ids still being
+# sampled on the device (their rows in input_ids, their rows in the pending tokens).
+_BLOCK_FIELDS = (
+    ("input_ids", torch.int64, "token"),
+    ("positions", torch.int64, "token"),
+    ("slots", torch.int64, "token"),
+    ("seq_lens", torch.int32, "row"),
+    ("fill_dst", torch.int64, "token"),
+    ("fill_src", torch.int64, "token"),
+)
+_ALIGN_BYTES = 16  # Triton specialises pointer arguments on 16-byte alignment
+
+
+def block_layout(
+    bs: int, tokens_per_row: int
+) -> tuple[dict[str, tuple[int, torch.dtype, int]], int]:
+    """name -> (byte offset, dtype, elements) of a bucket's input block, and its total bytes."""
+    layout = {}
+    offset = 0
+    for name, dtype, per in _BLOCK_FIELDS:
+        numel = bs * tokens_per_row if per == "token" else bs
+        layout[name] = (offset, dtype, numel)
+        offset += -(-numel * dtype.itemsize // _ALIGN_BYTES) * _ALIGN_BYTES
+    return layout, offset
+
+
+class BucketInputs:
+    """One captured batch size's static inputs: a single device block (`block_layout`), so a
+    step fed from the host copies its bytes in whole with one transfer. Rows past the batch hold
+    the padding values (module docstring): token 0 at position 0 writing slot 0, seq_len
+    tokens_per_row."""
+
+    def __init__(self, bs: int, tokens_per_row: int, device: torch.device | str) -> None:
+        self.bs = bs
+        self.layout, self.num_bytes = block_layout(bs, tokens_per_row)
+        self.block = torch.zeros(self.num_bytes, dtype=torch.uint8, device=device)
+        views = {
+            name: self.block[offset : offset + numel * dtype.itemsize].view(dtype)
+            for name, (offset, dtype, numel) in self.layout.items()
+        }
+        self.input_ids = views["input_ids"]  # [bs * n] int64
+        self.positions = views["positions"]  # [bs * n] int64
+        self.slots = views["slots"]  # [bs * n] int64
+        self.seq_lens = views["seq_lens"]  # [bs] int32
+        self.fill_dst = views["fill_dst"]  # [bs * n] int64: rows of input_ids ..
+        self.fill_src = views["fill_src"]  # [bs * n] int64: .. and of the pending tokens
+        self.seq_lens.fill_(tokens_per_row)
+        self._fill_views: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def fill_views(self, num_fills: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input_ids[:k], fill_dst[:k], fill_src[:k]) for k = num_fills, made once (a view op
+        costs the host microseconds a step)."""
+        views = self._fill_views.get(num_fills)
+        if views is None:
+            views = self._fill_views[num_fills] = (
+                self.input_ids[:num_fills],
+                self.fill_dst[:num_fills],
+                self.fill_src[:num_fills],
+            )
+        return views
+
+
 class GraphInputs:
-    """The graphs' static inputs, sized for the largest bucket and the longest context.
+    """The graphs' static inputs: one `BucketInputs` block per captured batch size, and one page
+    table sized for the largest bucket and the longest context, shared by every graph (only one
+    runs at a time).
 
     Every row feeds `tokens_per_row` tokens: 1 for a decode step; 1 + k for a chain verify pass
-    (row b's tokens are rows b * tokens_per_row.. of the token arrays). Rows of the buffers that
-    hold no real sequence hold the padding values (module docstring): tokens 0 at position 0
-    writing slot 0, seq_len tokens_per_row (an extend over no prefix), a page table row of zeros.
+    (row b's tokens are rows b * tokens_per_row.. of the token arrays). A bucket's rows past the
+    batch hold padding values, and their page table rows zeros up to the batch's page count;
+    page table columns past it may keep stale page ids (no row reads past its own seq_len).
     """
 
     def __init__(
         self,
-        max_batch: int,
+        batch_sizes: list[int],
         max_pages: int,
         max_context_len: int,
         device: torch.device | str,
@@ -87,29 +153,34 @@ class GraphInputs:
     ) -> None:
         kw = {"device": device}
         n = tokens_per_row
+        max_batch = max(batch_sizes)
         self.max_context_len = max_context_len
         self.tokens_per_row = n
-        self.input_ids = torch.zeros(max_batch * n, dtype=torch.int64, **kw)  # [max_batch * n]
-        self.positions = torch.zeros(max_batch * n, dtype=torch.int64, **kw)  # [max_batch * n]
-        self.slots = torch.zeros(max_batch * n, dtype=torch.int64, **kw)  # [max_batch * n]
-        self.seq_lens = torch.full((max_batch,), n, dtype=torch.int32, **kw)  # [max_batch]
+        self.buckets = {bs: BucketInputs(bs, n, device) for bs in batch_sizes}
         self.page_table = torch.zeros(max_batch, max_pages, dtype=torch.int32, **kw)
         rows = torch.arange(max_batch, dtype=torch.int64, **kw)  # [max_batch]
         self.logit_idx = rows * n + n - 1  # [max_batch]: each row's last token
         self.extend_lens = torch.full((max_batch,), n, dtype=torch.int32, **kw)  # [max_batch]
         self.extend_starts = (rows * n).to(torch.int32)  # [max_batch]
-        # Rows at or past this hold padding values; rows below may hold an earlier batch's data.
-        self._num_dirty_rows = 0
+        self._table_views: dict[tuple[int, int], torch.Tensor] = {}
+
+    def table_view(self, bs: int, num_pages: int) -> torch.Tensor:
+        """page_table[:bs, :num_pages], made once per shape."""
+        view = self._table_views.get((bs, num_pages))
+        if view is None:
+            view = self._table_views[(bs, num_pages)] = self.page_table[:bs, :num_pages]
+        return view
 
     def batch(self, bs: int) -> ForwardBatch:
-        """The first bs rows as one batch: what a graph of size bs is captured on."""
+        """What the graph of size bs is captured on: its bucket's block and the shared table."""
         n = self.tokens_per_row
+        bucket = self.buckets[bs]
         return ForwardBatch(
-            input_ids=self.input_ids[: bs * n],
-            positions=self.positions[: bs * n],
-            slots=self.slots[: bs * n],
+            input_ids=bucket.input_ids,
+            positions=bucket.positions,
+            slots=bucket.slots,
             page_table=self.page_table[:bs],
-            seq_lens=self.seq_lens[:bs],
+            seq_lens=bucket.seq_lens,
             # Host lists a capturable backend never reads (only the torch reference does).
             seq_lens_cpu=[n] * bs,
             extend_lens_cpu=[n] * bs,
@@ -121,29 +192,29 @@ class GraphInputs:
             max_seq_len=self.max_context_len,  # fixes the decode kernel's split count
         )
 
-    def load(self, fb: ForwardBatch) -> None:
-        """Copy a batch of tokens_per_row tokens a row into the first rows (fb's tensors may be on
-        the host: one copy each); every row after it holds padding values."""
+    def load(self, fb: ForwardBatch, bs: int) -> None:
+        """Copy a batch of tokens_per_row tokens a row into the first rows of bucket bs (fb's
+        tensors may be on the host: one copy each); the bucket's rows after it become padding."""
         bsz, num_pages, n = fb.batch_size, fb.page_table.shape[1], self.tokens_per_row
         if fb.num_tokens != bsz * n:
             raise ValueError(
                 f"a batch of {bsz} rows and {fb.num_tokens} tokens: the graphs take exactly "
                 f"{n} tokens a row"
             )
-        self.input_ids[: bsz * n].copy_(fb.input_ids)
-        self.positions[: bsz * n].copy_(fb.positions)
-        self.slots[: bsz * n].copy_(fb.slots)
-        self.seq_lens[:bsz].copy_(fb.seq_lens)
-        # Columns past num_pages keep stale page ids, but no row reads past its own seq_len.
+        if bsz > bs:
+            raise ValueError(f"a batch of {bsz} rows does not fit the graph of {bs}")
+        bucket = self.buckets[bs]
+        bucket.input_ids[: bsz * n].copy_(fb.input_ids)
+        bucket.positions[: bsz * n].copy_(fb.positions)
+        bucket.slots[: bsz * n].copy_(fb.slots)
+        bucket.seq_lens[:bsz].copy_(fb.seq_lens)
         self.page_table[:bsz, :num_pages].copy_(fb.page_table)
-        if self._num_dirty_rows > bsz:  # a larger batch wrote these rows: make them padding again
-            end = self._num_dirty_rows
-            self.input_ids[bsz * n : end * n].zero_()
-            self.positions[bsz * n : end * n].zero_()
-            self.slots[bsz * n : end * n].zero_()
-            self.seq_lens[bsz:end].fill_(n)
-            self.page_table[bsz:end].zero_()
-        self._num_dirty_rows = bsz
+        if bsz < bs:  # rows an earlier, larger batch of this bucket may have written
+            bucket.input_ids[bsz * n :].zero_()
+            bucket.positions[bsz * n :].zero_()
+            bucket.slots[bsz * n :].zero_()
+            bucket.seq_lens[bsz:].fill_(n)
+            self.page_table[bsz:bs, :num_pages].zero_()
 
 
 class CudaGraphRunner:
@@ -181,13 +252,14 @@ class CudaGraphRunner:
         self.outputs: dict[tuple[int, bool], torch.Tensor] = {}
         self.lora_inputs: LoraGraphInputs | None = None
         self.num_replays = 0
+        self._output_rows: dict[tuple[tuple[int, bool], int], torch.Tensor] = {}
         attention = self.model.attention
         if not attention.supports_cuda_graph:
             logger.info("CUDA graphs off: attention backend %r cannot be captured", attention.name)
             return
         sizes = capture_batch_sizes(max_batch)
         self.inputs = GraphInputs(
-            sizes[-1], self.max_pages, self.max_context_len, self.device, tokens_per_row
+            sizes, self.max_pages, self.max_context_len, self.device, tokens_per_row
         )
         if model_runner.lora is not None and tokens_per_row == 1:
             from pdserve.worker.lora.lora_layers import LoraGraphInputs
@@ -252,7 +324,8 @@ class CudaGraphRunner:
 
     def replay(self, fb: ForwardBatch) -> torch.Tensor:
         """Logits [B, V] float32 of a decode batch, or hidden states [B * n, hidden] of a verify
-        batch (can_run(fb) must hold).
+        batch (can_run(fb) must hold). A decode step the model runner builds itself is fed to
+        its graph without a ForwardBatch (graph_feed.py).
 
         The result lives in the graphs' memory pool: it is valid until the next replay.
         """
@@ -263,14 +336,22 @@ class CudaGraphRunner:
                 f"no CUDA graph for a batch of {bsz} (decode={fb.is_decode}): captured "
                 f"sizes {self.batch_sizes} of {self.tokens_per_row} tokens a row"
             )
-        self.inputs.load(fb)
-        key = (bs, fb.lora is not None)
+        self.inputs.load(fb, bs)
         if fb.lora is not None:
             if self.lora_inputs is None:
                 raise ValueError(
                     "a batch with LoRA adapters, but no graphs were captured with LoRA"
                 )
             self.lora_inputs.load(fb.lora)
+        return self.replay_loaded(bs, fb.lora is not None, bsz)
+
+    def replay_loaded(self, bs: int, with_lora: bool, bsz: int) -> torch.Tensor:
+        """Replay the graph of bucket bs (its inputs loaded) and return its first bsz rows."""
+        key = (bs, with_lora)
         self.graphs[key].replay()
         self.num_replays += 1
-        return self.outputs[key][: bsz * self.tokens_per_row]
+        rows = self._output_rows.get((key, bsz))
+        if rows is None:  # a view op costs the host microseconds a step: made once
+            rows = self.outputs[key][: bsz * self.tokens_per_row]
+            self._output_rows[(key, bsz)] = rows
+        return rows

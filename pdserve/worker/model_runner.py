@@ -110,6 +110,14 @@ class ModelRunner:
             max_tokens = min(config.piecewise_graph_max_tokens, config.scheduler.max_batch_tokens)
             if max_tokens and supports_piecewise(self.model):
                 self.piecewise = build_piecewise(self, max_tokens)
+        # Decode steps a graph takes skip the general path's ForwardBatch (graph_feed.py).
+        self.graph_feed = None
+        if self.graph_runner is not None and self.graph_runner.batch_sizes:
+            from pdserve.worker.graph_feed import GraphFeed
+
+            self.graph_feed = GraphFeed(
+                self.graph_runner, self.page_size, self._host_buffer, self._page_tables
+            )
 
     def _decide_num_pages(self) -> int:
         sched = self.config.scheduler
@@ -245,6 +253,10 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, batch: ScheduledBatch, pending: PendingTokens | None = None) -> torch.Tensor:
         """Logits [B, vocab] float32 on the device, one row per batch item."""
+        if self.graph_feed is not None and batch.is_decode:
+            logits = self.graph_feed.replay(batch, pending, self._lora_batch(batch))
+            if logits is not None:
+                return logits
         fb = self._forward_batch(batch, pending)
         # A step with adapters replays a graph captured with the LoRA kernels (cuda_graph_runner).
         if self.graph_runner is not None and self.graph_runner.can_run(fb):
@@ -331,7 +343,7 @@ class PageTableCache:
         out[:] = table
 
 
-def _input_ids(
+def new_input_ids(
     items: list[BatchItem], pending_rows: dict[int, int] | None
 ) -> tuple[list[int], list[int], list[int]]:
     """The batch's new token ids, and for each token still being sampled on the device (a zero
@@ -421,7 +433,7 @@ class _HostBatch:
         page_tables: PageTableCache,
     ) -> _HostBatch:
         items = batch.items
-        input_ids, fill_dst, fill_src = _input_ids(items, pending_rows)
+        input_ids, fill_dst, fill_src = new_input_ids(items, pending_rows)
         bsz = len(items)
         starts = np.fromiter((it.start for it in items), np.int64, bsz)  # [B]
         ext_lens = np.fromiter((it.num_tokens for it in items), np.int64, bsz)  # [B]

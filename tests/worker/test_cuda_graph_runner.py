@@ -91,39 +91,55 @@ def _decode_batch(seq_lens: list[int], tables: list[list[int]], page_size: int) 
     )
 
 
-def _assert_padding_rows(inputs: GraphInputs, start: int, end: int) -> None:
-    assert inputs.input_ids[start:end].eq(0).all()
-    assert inputs.positions[start:end].eq(0).all()
-    assert inputs.slots[start:end].eq(0).all()  # page 0, never handed out
-    assert inputs.seq_lens[start:end].eq(1).all()
-    assert inputs.page_table[start:end].eq(0).all()
+def _assert_padding_rows(inputs: GraphInputs, bs: int, start: int, num_pages: int) -> None:
+    bucket = inputs.buckets[bs]
+    assert bucket.input_ids[start:].eq(0).all()
+    assert bucket.positions[start:].eq(0).all()
+    assert bucket.slots[start:].eq(0).all()  # page 0, never handed out
+    assert bucket.seq_lens[start:].eq(1).all()
+    assert inputs.page_table[start:bs, :num_pages].eq(0).all()
 
 
 def test_rows_past_a_smaller_batch_are_reset_to_padding() -> None:
-    inputs = GraphInputs(max_batch=8, max_pages=4, max_context_len=64, device="cpu")
-    big = _decode_batch([5, 20, 33, 9], [[3], [4, 7], [1, 2, 5], [6]], page_size=16)
-    inputs.load(big)
-    view = inputs.batch(4)
+    inputs = GraphInputs([4, 8], max_pages=4, max_context_len=64, device="cpu")
+    big = _decode_batch([5, 20, 33, 9, 40], [[3], [4, 7], [1, 2, 5], [6], [8, 9, 11]], 16)
+    inputs.load(big, 8)
+    view = inputs.batch(8)
     assert view.is_decode and view.max_seq_len == 64 and view.max_extend_len == 1
-    assert torch.equal(view.seq_lens, big.seq_lens)
-    assert torch.equal(view.slots, big.slots)
-    assert torch.equal(view.page_table[:, :3], big.page_table)
-    _assert_padding_rows(inputs, 4, 8)
+    assert torch.equal(view.seq_lens[:5], big.seq_lens)
+    assert torch.equal(view.slots[:5], big.slots)
+    assert torch.equal(view.page_table[:5, :3], big.page_table)
+    _assert_padding_rows(inputs, 8, 5, 3)
 
     small = _decode_batch([17], [[9, 10]], page_size=16)
-    inputs.load(small)
-    assert inputs.input_ids[0] == 100 and inputs.seq_lens[0] == 17 and inputs.slots[0] == 160
+    inputs.load(small, 8)
+    bucket = inputs.buckets[8]
+    assert bucket.input_ids[0] == 100 and bucket.seq_lens[0] == 17 and bucket.slots[0] == 160
     assert inputs.page_table[0, :2].tolist() == [9, 10]
-    _assert_padding_rows(inputs, 1, 8)
+    _assert_padding_rows(inputs, 8, 1, 2)
+    with pytest.raises(ValueError, match="does not fit the graph of 4"):
+        inputs.load(big, 4)
 
 
 def test_graph_view_of_the_inputs_shares_their_memory() -> None:
-    inputs = GraphInputs(max_batch=4, max_pages=2, max_context_len=32, device="cpu")
+    inputs = GraphInputs([2, 4], max_pages=2, max_context_len=32, device="cpu")
     view = inputs.batch(2)
-    inputs.load(_decode_batch([3, 4], [[1], [2]], page_size=16))
+    inputs.load(_decode_batch([3, 4], [[1], [2]], page_size=16), 2)
     assert view.seq_lens.tolist() == [3, 4]
     assert view.logit_idx.tolist() == [0, 1]
     assert view.extend_starts.tolist() == [0, 1]
+    assert inputs.buckets[4].seq_lens.tolist() == [1, 1, 1, 1]  # another bucket: untouched
+
+
+def test_each_bucket_is_one_aligned_block() -> None:
+    inputs = GraphInputs([3, 8], max_pages=2, max_context_len=32, device="cpu", tokens_per_row=2)
+    for bs, bucket in inputs.buckets.items():
+        views = [bucket.input_ids, bucket.positions, bucket.slots, bucket.seq_lens]
+        views += [bucket.fill_dst, bucket.fill_src]
+        assert {v.untyped_storage().data_ptr() for v in views} == {bucket.block.data_ptr()}
+        assert all(v.data_ptr() % 16 == 0 for v in views)
+        assert [v.numel() for v in views] == [2 * bs, 2 * bs, 2 * bs, bs, 2 * bs, 2 * bs]
+        assert bucket.seq_lens.eq(2).all() and bucket.input_ids.eq(0).all()
 
 
 def test_runner_stays_off_for_a_backend_that_cannot_be_captured() -> None:

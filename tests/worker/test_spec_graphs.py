@@ -91,25 +91,25 @@ def test_padded_chain_batch_refuses_a_row_longer_than_the_graphs_take() -> None:
 
 
 def test_verify_inputs_reset_rows_past_a_smaller_batch_to_padding() -> None:
-    inputs = GraphInputs(
-        max_batch=4, max_pages=3, max_context_len=8, device="cpu", tokens_per_row=3
-    )
+    inputs = GraphInputs([2, 4], max_pages=3, max_context_len=8, device="cpu", tokens_per_row=3)
     view = inputs.batch(2)
     assert view.logit_idx.tolist() == [2, 5] and view.extend_starts.tolist() == [0, 3]
     assert (view.is_decode, view.max_extend_len, view.max_seq_len) == (False, 3, 8)
     big = build_padded_chain_batch(
         [([1], 0, [5, 6, 7]), ([2], 1, [8]), ([3, 4], 3, [9, 10])], 3, PAGE_SIZE
     ).batch
-    inputs.load(big)
-    assert inputs.slots[:9].tolist() == [4, 5, 6, 9, 0, 0, 15, 16, 0]
-    inputs.load(build_padded_chain_batch([([5], 2, [1, 2])], 3, PAGE_SIZE).batch)
-    assert inputs.input_ids.tolist() == [1, 2] + [0] * 10
-    assert inputs.positions.tolist() == [2, 3] + [0] * 10
-    assert inputs.slots.tolist() == [22, 23] + [0] * 10  # padding writes slot 0 only
-    assert inputs.seq_lens.tolist() == [5, 3, 3, 3]  # padding rows: an extend over no prefix
-    assert inputs.page_table[1:].eq(0).all()
+    inputs.load(big, 4)
+    bucket = inputs.buckets[4]
+    assert bucket.slots[:9].tolist() == [4, 5, 6, 9, 0, 0, 15, 16, 0]
+    inputs.load(build_padded_chain_batch([([5], 2, [1, 2])], 3, PAGE_SIZE).batch, 4)
+    assert bucket.input_ids.tolist() == [1, 2] + [0] * 10
+    assert bucket.positions.tolist() == [2, 3] + [0] * 10
+    assert bucket.slots.tolist() == [22, 23] + [0] * 10  # padding writes slot 0 only
+    assert bucket.seq_lens.tolist() == [5, 3, 3, 3]  # padding rows: an extend over no prefix
+    assert inputs.page_table[1:4, :1].eq(0).all()  # the columns a padding row reads
+    assert inputs.buckets[2].seq_lens.tolist() == [3, 3]  # the other bucket: untouched
     with pytest.raises(ValueError, match="exactly 3 tokens a row"):
-        inputs.load(build_extend_batch([([1], 0, [5, 6])], PAGE_SIZE, torch.device("cpu")))
+        inputs.load(build_extend_batch([([1], 0, [5, 6])], PAGE_SIZE, torch.device("cpu")), 4)
 
 
 # ------------------------------------------------- eager on the static buffers vs the eager pass
@@ -140,7 +140,7 @@ def slot_values(pool: torch.Tensor) -> torch.Tensor:
 def host_lists_of(view: ForwardBatch, inputs: GraphInputs, bs: int) -> ForwardBatch:
     """The torch backend reads each row's lengths from host lists, fixed at capture: refresh them
     from the static buffers (a capturable backend reads the device tensors, as a replay does)."""
-    return dataclasses.replace(view, seq_lens_cpu=inputs.seq_lens[:bs].tolist())
+    return dataclasses.replace(view, seq_lens_cpu=inputs.buckets[bs].seq_lens.tolist())
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -153,8 +153,8 @@ def test_eager_run_on_the_graph_buffers_equals_the_eager_verify_pass(
     model, pool = runner.model, runner.kv_pool.buffer
     pool.copy_(torch.randn_like(pool))  # every slot holds something: a stray write shows
     before = pool.clone()
-    inputs = GraphInputs(8, num_table_pages(64 + ROW, PAGE_SIZE), 64, "cpu", tokens_per_row=ROW)
     sizes = capture_batch_sizes(8)
+    inputs = GraphInputs(sizes, num_table_pages(64 + ROW, PAGE_SIZE), 64, "cpu", tokens_per_row=ROW)
     # A bigger batch first: its rows past the next batch must turn back into padding.
     for num_rows in (7, 3):
         entries = random_entries(rng, num_rows, runner.num_pages)
@@ -166,8 +166,8 @@ def test_eager_run_on_the_graph_buffers_equals_the_eager_verify_pass(
 
         pool.copy_(before)
         padded = build_padded_chain_batch(entries, ROW, PAGE_SIZE)
-        inputs.load(padded.batch)
         bs = padded_batch_size(sizes, len(entries))
+        inputs.load(padded.batch, bs)
         with torch.inference_mode():
             view = host_lists_of(inputs.batch(bs), inputs, bs)
             got = model.forward_hidden(view, runner.kv_pool, all_rows=True)  # [bs * ROW, H]
@@ -455,7 +455,7 @@ TRITON_CHECK = textwrap.dedent(
     torch.manual_seed(0)
     pool.copy_(torch.randn_like(pool))
     before = pool.clone()
-    inputs = GraphInputs(4, num_table_pages(64 + ROW, PAGE_SIZE), 64, "cpu", tokens_per_row=ROW)
+    inputs = GraphInputs([4], num_table_pages(64 + ROW, PAGE_SIZE), 64, "cpu", tokens_per_row=ROW)
     rng = random.Random(0)
     for entries in (random_entries(rng, 4, 200), random_entries(rng, 3, 200)):
         pool.copy_(before)
@@ -464,7 +464,7 @@ TRITON_CHECK = textwrap.dedent(
             want = model.forward_hidden(fb, runner.kv_pool, all_rows=True)
         pool.copy_(before)
         padded = build_padded_chain_batch(entries, ROW, PAGE_SIZE)
-        inputs.load(padded.batch)
+        inputs.load(padded.batch, 4)
         with torch.inference_mode():  # the captured batch itself: host lists as at capture
             got = model.forward_hidden(inputs.batch(4), runner.kv_pool, all_rows=True)
         got = got[torch.tensor(padded.real_rows)]

@@ -1,0 +1,169 @@
+"""A decode step fed straight into its CUDA graph's static inputs (ModelRunner.forward's path for
+every decode step a graph can run).
+
+The general path (`ModelRunner.build_forward_batch`) packs a batch's index arrays into one host
+buffer, copies it to the device and slices a view per array; a replay then copies five of those
+views into the graph's static inputs and resets the rows past the batch. That is some thirty
+torch calls a step, each several microseconds of host time (ten or more on a slow host), and a
+decode step's host time is what a grammar's bitmask fill and a light draw must fit beside.
+
+Here the host lays a decode step out exactly as its bucket's input block
+(`cuda_graph_runner.block_layout`, padding rows included) followed by its page table rows; one
+copy moves the block, one the table rows, an indexing call fills the input ids still being
+sampled on the device (`PendingTokens`), and the graph replays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from pdserve.scheduler.scheduler import BatchItem, ScheduledBatch
+from pdserve.worker.cuda_graph_runner import CudaGraphRunner, padded_batch_size
+from pdserve.worker.model_runner import PageTableCache, PendingTokens, page_row
+
+if TYPE_CHECKING:
+    from pdserve.worker.lora.lora_layers import LoraBatch
+
+_NUMPY = {torch.int64: np.int64, torch.int32: np.int32}
+
+
+class GraphFeed:
+    """Feeds decode batches to `graphs` (a decode CudaGraphRunner with captured sizes).
+
+    host_buffer(num_bytes): a host byte buffer (pinned on CUDA) not in use by the step still
+    running; page_tables: the model runner's PageTableCache (shared with its general path)."""
+
+    def __init__(
+        self,
+        graphs: CudaGraphRunner,
+        page_size: int,
+        host_buffer: Callable[[int], torch.Tensor],
+        page_tables: PageTableCache,
+    ) -> None:
+        if graphs.tokens_per_row != 1 or not graphs.batch_sizes:
+            raise ValueError("a GraphFeed feeds captured decode graphs (one token a row)")
+        self.graphs = graphs
+        self.inputs = graphs.inputs
+        self.page_size = page_size
+        self._host_buffer = host_buffer
+        self._page_tables = page_tables
+        self.num_fed = 0
+
+    def replay(
+        self, batch: ScheduledBatch, pending: PendingTokens | None, lora: LoraBatch | None
+    ) -> torch.Tensor | None:
+        """Logits [B, V] float32 of a decode batch (every item one token) through its graph, or
+        None, having done nothing, when no graph takes it (too many rows, a context past the
+        captured one, adapters without LoRA graphs): the caller runs it the general way."""
+        graphs = self.graphs
+        items = batch.items
+        bsz = len(items)
+        bs = padded_batch_size(graphs.batch_sizes, bsz)
+        if bs is None or (lora is not None and graphs.lora_inputs is None):
+            return None
+        pending_rows = pending.row_of if pending is not None else None
+        ids, fill_dst, fill_src, starts, page_rows = decode_rows(items, pending_rows)
+        counts = np.fromiter(map(len, page_rows), np.int64, bsz)  # [B]
+        num_pages = int(counts.max())
+        if int(starts.max()) + 1 > graphs.max_context_len or num_pages > graphs.max_pages:
+            return None
+        bucket = self.inputs.buckets[bs]
+        host = self._host_buffer(bucket.num_bytes + bs * num_pages * 4)
+        pack_decode(
+            host.numpy(), bucket.layout, bucket.num_bytes, bs, num_pages, ids, fill_dst,
+            fill_src, starts, page_rows, counts, self.page_size, self._page_tables,
+        )  # fmt: skip
+        num_fills = len(fill_dst)
+        bucket.block.copy_(host[: bucket.num_bytes], non_blocking=True)
+        table = host[bucket.num_bytes :].view(torch.int32).view(bs, num_pages)
+        self.inputs.table_view(bs, num_pages).copy_(table, non_blocking=True)
+        if pending is not None and pending.before_read is not None:
+            pending.before_read()  # queues the sampling that writes pending.token_ids
+        if num_fills:
+            head, dst, src = bucket.fill_views(num_fills)
+            if fill_dst[-1] == num_fills - 1:  # (increasing) the rows 0, 1, ..: one call
+                torch.index_select(pending.token_ids, 0, src, out=head)  # type: ignore[union-attr]
+            else:
+                bucket.input_ids.index_copy_(0, dst, pending.token_ids[src])  # type: ignore[union-attr]
+        if lora is not None:
+            graphs.lora_inputs.load(lora)  # type: ignore[union-attr]
+        self.num_fed += 1
+        return graphs.replay_loaded(bs, lora is not None, bsz)
+
+
+def decode_rows(
+    items: list[BatchItem], pending_rows: dict[int, int] | None
+) -> tuple[list[int], list[int], list[int], np.ndarray, list[np.ndarray]]:
+    """One pass over a decode batch: its input ids (0 where still being sampled), the rows of
+    those (increasing) and their rows in the pending tokens, each item's position [B] int64,
+    and its page row (model_runner.page_row)."""
+    ids = [0] * len(items)
+    fill_dst: list[int] = []
+    fill_src: list[int] = []
+    starts: list[int] = []
+    page_rows: list[np.ndarray] = []
+    pending = pending_rows if pending_rows is not None else {}
+    for row, it in enumerate(items):
+        req, start = it.req, it.start
+        starts.append(start)
+        page_rows.append(page_row(req))
+        num_prompt = len(req.prompt_ids)
+        known = num_prompt + len(req.output_ids)
+        if start < known:
+            ids[row] = (
+                req.prompt_ids[start] if start < num_prompt else req.output_ids[start - num_prompt]
+            )
+            continue
+        src = pending.get(id(req))
+        if src is None or start != known:
+            raise RuntimeError(
+                f"request {req.rid}: tokens {known}..{start} are not known and not pending"
+            )
+        fill_dst.append(row)
+        fill_src.append(src)
+    return ids, fill_dst, fill_src, np.array(starts, dtype=np.int64), page_rows
+
+
+def pack_decode(
+    host: np.ndarray,  # [>= block_bytes + bs * num_pages * 4] uint8
+    layout: dict[str, tuple[int, torch.dtype, int]],  # cuda_graph_runner.block_layout(bs, 1)
+    block_bytes: int,
+    bs: int,
+    num_pages: int,
+    ids: list[int],  # [B]: decode_rows' outputs ..
+    fill_dst: list[int],
+    fill_src: list[int],
+    starts: np.ndarray,
+    page_rows: list[np.ndarray],
+    counts: np.ndarray,  # [B] int64: each row's page count
+    page_size: int,
+    page_tables: PageTableCache,
+) -> None:
+    """Lay a decode batch of B <= bs rows out in `host`: the bucket's block (rows past B
+    padding: token 0, position 0, slot 0, seq_len 1; the fills listed) then its page table
+    [bs, num_pages] int32 (rows past B zeros)."""
+    bsz = len(ids)
+    arrays = {
+        name: host[offset : offset + numel * dtype.itemsize].view(_NUMPY[dtype])
+        for name, (offset, dtype, numel) in layout.items()
+    }
+    table = host[block_bytes : block_bytes + bs * num_pages * 4].view(np.int32)
+    table = table.reshape(bs, num_pages)
+    page_tables.fill(table[:bsz], page_rows, counts)
+    table[bsz:] = 0
+    arrays["input_ids"][:bsz] = ids
+    arrays["positions"][:bsz] = starts
+    arrays["slots"][:bsz] = (
+        table[np.arange(bsz), starts // page_size] * page_size + starts % page_size
+    )
+    arrays["seq_lens"][:bsz] = starts + 1
+    for name in ("input_ids", "positions", "slots"):
+        arrays[name][bsz:] = 0
+    arrays["seq_lens"][bsz:] = 1
+    num_fills = len(fill_dst)
+    arrays["fill_dst"][:num_fills] = fill_dst
+    arrays["fill_src"][:num_fills] = fill_src
