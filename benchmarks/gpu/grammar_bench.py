@@ -80,6 +80,17 @@ def make_engine(model_dir: Path, args: Any) -> Any:
     )  # fmt: skip
 
 
+def host_probe_us() -> float:
+    """Host microseconds of a fixed pure-Python loop (the best of 3), taken before each mode's
+    run: lent hosts and their rounds differ in speed, and a constrained step is the host's."""
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        sum(range(100_000))
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e6
+
+
 def bitmask_fill_us(reqs: list[Request], vocab_size: int) -> float:
     """Host microseconds of one bitmask fill for the requests' matchers (median of 20)."""
     from pdserve.worker.grammar_mask import fill_bitmask
@@ -247,9 +258,11 @@ def run(model_dir: Path, args: Any, say: Any) -> list[dict[str, Any]]:
             engine.core.accept_on_fill_thread = shipped or name.endswith(ON_THREAD)
             engine.core.light_sampler.graphs = None if name.endswith(EAGER) else draw_graphs
             engine.core.runner.graph_feed = None if name.endswith(NO_FEED) else graph_feed
+            probe = host_probe_us()
             r = decode_steps(engine, temperature, constrained, args, seed=10 * rnd + 1)
+            r["host_probe_us"] = probe
             rounds.setdefault(name, []).append(r)
-            say(f"round {rnd} {name}: {r['step_ms']:.3f} ms/step")
+            say(f"round {rnd} {name}: {r['step_ms']:.3f} ms/step (host probe {probe:.0f} us)")
             if r["host_us"] is not None:
                 say(f"  host us/step: {r['host_us']}")
     if args.profile is not None:  # where the host's time goes in constrained steps
@@ -279,6 +292,7 @@ def run(model_dir: Path, args: Any, say: Any) -> list[dict[str, Any]]:
             "pure_decode": all(r["pure_decode"] for r in rs),
             "bitmask_fill_us": statistics.median(fills) if fills else None,
             "rounds_ms": [round(r["step_ms"], 3) for r in rs],
+            "host_probe_us": [round(r["host_probe_us"]) for r in rs],
         })  # fmt: skip
     del engine
     free_device_memory()
@@ -287,8 +301,9 @@ def run(model_dir: Path, args: Any, say: Any) -> list[dict[str, Any]]:
 
 def table(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| mode | ms/step | tokens/s | vs unconstrained | bitmask fill (host) | rounds |",
-        "|---|---|---|---|---|---|",
+        "| mode | ms/step | tokens/s | vs unconstrained | bitmask fill (host) | rounds (ms) "
+        "| host probe before each round (us) |",
+        "|---|---|---|---|---|---|---|",
     ]
 
     # Against the unconstrained mode of the same variant (VARIANTS), else the plain one.
@@ -303,7 +318,7 @@ def table(results: list[dict[str, Any]]) -> str:
         flag = "" if r["pure_decode"] else " (not pure decode)"
         lines.append(
             f"| {r['mode']}{flag} | {r['step_ms']:.2f} | {r['tok_s']:,.0f} | {ratio:.0%} | {fill} "
-            f"| {r['rounds_ms']} |"
+            f"| {r['rounds_ms']} | {r['host_probe_us']} |"
         )
     return "\n".join(lines)
 

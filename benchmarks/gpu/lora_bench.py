@@ -125,7 +125,7 @@ def use_split_path(engine: Any) -> None:
             from pdserve.worker.graph_feed import GraphFeed
 
             runner.graph_feed = GraphFeed(
-                runner.graph_runner, runner.page_size, runner._host_buffer, runner._page_tables
+                runner.graph_runner, runner.page_size, runner._page_tables
             )
 
 

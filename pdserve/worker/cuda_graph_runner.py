@@ -100,12 +100,19 @@ class BucketInputs:
     """One captured batch size's static inputs: a single device block (`block_layout`), so a
     step fed from the host copies its bytes in whole with one transfer. Rows past the batch hold
     the padding values (module docstring): token 0 at position 0 writing slot 0, seq_len
-    tokens_per_row."""
+    tokens_per_row. table_pages: room after the block for a [bs, table_pages] int32 page table
+    (`staging`), which that same transfer carries and a device copy moves into the graphs' page
+    table (decode graphs: graph_feed.py)."""
 
-    def __init__(self, bs: int, tokens_per_row: int, device: torch.device | str) -> None:
+    def __init__(
+        self, bs: int, tokens_per_row: int, device: torch.device | str, table_pages: int = 0
+    ) -> None:
         self.bs = bs
         self.layout, self.num_bytes = block_layout(bs, tokens_per_row)
-        self.block = torch.zeros(self.num_bytes, dtype=torch.uint8, device=device)
+        self.staging = torch.zeros(
+            self.num_bytes + bs * table_pages * 4, dtype=torch.uint8, device=device
+        )
+        self.block = self.staging[: self.num_bytes]
         views = {
             name: self.block[offset : offset + numel * dtype.itemsize].view(dtype)
             for name, (offset, dtype, numel) in self.layout.items()
@@ -156,20 +163,14 @@ class GraphInputs:
         max_batch = max(batch_sizes)
         self.max_context_len = max_context_len
         self.tokens_per_row = n
-        self.buckets = {bs: BucketInputs(bs, n, device) for bs in batch_sizes}
+        # Decode graphs are fed from the host with their page tables (graph_feed.py).
+        table_pages = max_pages if n == 1 else 0
+        self.buckets = {bs: BucketInputs(bs, n, device, table_pages) for bs in batch_sizes}
         self.page_table = torch.zeros(max_batch, max_pages, dtype=torch.int32, **kw)
         rows = torch.arange(max_batch, dtype=torch.int64, **kw)  # [max_batch]
         self.logit_idx = rows * n + n - 1  # [max_batch]: each row's last token
         self.extend_lens = torch.full((max_batch,), n, dtype=torch.int32, **kw)  # [max_batch]
         self.extend_starts = (rows * n).to(torch.int32)  # [max_batch]
-        self._table_views: dict[tuple[int, int], torch.Tensor] = {}
-
-    def table_view(self, bs: int, num_pages: int) -> torch.Tensor:
-        """page_table[:bs, :num_pages], made once per shape."""
-        view = self._table_views.get((bs, num_pages))
-        if view is None:
-            view = self._table_views[(bs, num_pages)] = self.page_table[:bs, :num_pages]
-        return view
 
     def batch(self, bs: int) -> ForwardBatch:
         """What the graph of size bs is captured on: its bucket's block and the shared table."""

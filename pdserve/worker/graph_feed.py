@@ -7,50 +7,63 @@ views into the graph's static inputs and resets the rows past the batch. That is
 torch calls a step, each several microseconds of host time (ten or more on a slow host), and a
 decode step's host time is what a grammar's bitmask fill and a light draw must fit beside.
 
-Here the host lays a decode step out exactly as its bucket's input block
-(`cuda_graph_runner.block_layout`, padding rows included) followed by its page table rows; one
-copy moves the block, one the table rows, an indexing call fills the input ids still being
-sampled on the device (`PendingTokens`), and the graph replays.
+Here the host lays a decode step out exactly as its bucket's staging area on the device
+(`cuda_graph_runner.BucketInputs`: the input block, padding rows included, then the step's page
+table rows); one copy moves it all, a device copy moves the table rows into the graphs' page
+table, an indexing call fills the input ids still being sampled on the device (`PendingTokens`),
+and the graph replays. Every view those calls take is made once per shape and kept.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
 
 from pdserve.scheduler.scheduler import BatchItem, ScheduledBatch
-from pdserve.worker.cuda_graph_runner import CudaGraphRunner, padded_batch_size
+from pdserve.worker.cuda_graph_runner import BucketInputs, CudaGraphRunner, padded_batch_size
 from pdserve.worker.model_runner import PageTableCache, PendingTokens, page_row
 
 if TYPE_CHECKING:
     from pdserve.worker.lora.lora_layers import LoraBatch
 
 _NUMPY = {torch.int64: np.int64, torch.int32: np.int32}
+_MAX_KEPT_VIEWS = 256  # (turn, bucket, page count) view sets kept; all dropped past it
+
+
+class _Views(NamedTuple):
+    """One (host buffer, bucket, page count)'s views, made once."""
+
+    arrays: dict[str, np.ndarray]  # the block's arrays in the host buffer
+    table: np.ndarray  # [bs, num_pages] int32 in the host buffer, after the block
+    host: torch.Tensor  # [block + table bytes] uint8: the host bytes to copy ..
+    staging: torch.Tensor  # .. into the bucket's staging area on the device
+    table_src: torch.Tensor  # [bs, num_pages] int32: the table rows there ..
+    table_dst: torch.Tensor  # .. and where the graphs read them: page_table[:bs, :num_pages]
 
 
 class GraphFeed:
     """Feeds decode batches to `graphs` (a decode CudaGraphRunner with captured sizes).
 
-    host_buffer(num_bytes): a host byte buffer (pinned on CUDA) not in use by the step still
-    running; page_tables: the model runner's PageTableCache (shared with its general path)."""
+    page_tables: the model runner's PageTableCache (shared with its general path). Two host
+    buffers (pinned on CUDA) serve alternate steps: step N+1 is laid out while step N runs, and
+    step N-1's copy out of the other buffer was done before its tokens were read back."""
 
     def __init__(
-        self,
-        graphs: CudaGraphRunner,
-        page_size: int,
-        host_buffer: Callable[[int], torch.Tensor],
-        page_tables: PageTableCache,
+        self, graphs: CudaGraphRunner, page_size: int, page_tables: PageTableCache
     ) -> None:
         if graphs.tokens_per_row != 1 or not graphs.batch_sizes:
             raise ValueError("a GraphFeed feeds captured decode graphs (one token a row)")
         self.graphs = graphs
         self.inputs = graphs.inputs
         self.page_size = page_size
-        self._host_buffer = host_buffer
         self._page_tables = page_tables
+        size = max(b.staging.numel() for b in self.inputs.buckets.values())
+        pin = graphs.device.type == "cuda"
+        self._host = [torch.zeros(size, dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
+        self._turn = 0
+        self._views: dict[tuple[int, int, int], _Views] = {}
         self.num_fed = 0
 
     def replay(
@@ -72,17 +85,17 @@ class GraphFeed:
         if int(starts.max()) + 1 > graphs.max_context_len or num_pages > graphs.max_pages:
             return None
         bucket = self.inputs.buckets[bs]
-        host = self._host_buffer(bucket.num_bytes + bs * num_pages * 4)
+        views = self._views_for(bucket, num_pages)
+        self._turn ^= 1
         pack_decode(
-            host.numpy(), bucket.layout, bucket.num_bytes, bs, num_pages, ids, fill_dst,
-            fill_src, starts, page_rows, counts, self.page_size, self._page_tables,
+            views.arrays, views.table, ids, fill_dst, fill_src, starts, page_rows, counts,
+            self.page_size, self._page_tables,
         )  # fmt: skip
-        num_fills = len(fill_dst)
-        bucket.block.copy_(host[: bucket.num_bytes], non_blocking=True)
-        table = host[bucket.num_bytes :].view(torch.int32).view(bs, num_pages)
-        self.inputs.table_view(bs, num_pages).copy_(table, non_blocking=True)
+        views.staging.copy_(views.host, non_blocking=True)
+        views.table_dst.copy_(views.table_src)
         if pending is not None and pending.before_read is not None:
             pending.before_read()  # queues the sampling that writes pending.token_ids
+        num_fills = len(fill_dst)
         if num_fills:
             head, dst, src = bucket.fill_views(num_fills)
             if fill_dst[-1] == num_fills - 1:  # (increasing) the rows 0, 1, ..: one call
@@ -93,6 +106,33 @@ class GraphFeed:
             graphs.lora_inputs.load(lora)  # type: ignore[union-attr]
         self.num_fed += 1
         return graphs.replay_loaded(bs, lora is not None, bsz)
+
+    def _views_for(self, bucket: BucketInputs, num_pages: int) -> _Views:
+        key = (self._turn, bucket.bs, num_pages)
+        views = self._views.get(key)
+        if views is not None:
+            return views
+        if len(self._views) >= _MAX_KEPT_VIEWS:
+            self._views.clear()
+        bs, block = bucket.bs, bucket.num_bytes
+        end = block + bs * num_pages * 4
+        host = self._host[self._turn][:end]
+        base = host.numpy()
+        arrays = {
+            name: base[offset : offset + numel * dtype.itemsize].view(_NUMPY[dtype])
+            for name, (offset, dtype, numel) in bucket.layout.items()
+        }
+        table_src = bucket.staging[block:end].view(torch.int32).view(bs, num_pages)
+        views = _Views(
+            arrays,
+            base[block:end].view(np.int32).reshape(bs, num_pages),
+            host,
+            bucket.staging[:end],
+            table_src,
+            self.inputs.page_table[:bs, :num_pages],
+        )
+        self._views[key] = views
+        return views
 
 
 def decode_rows(
@@ -110,7 +150,10 @@ def decode_rows(
     for row, it in enumerate(items):
         req, start = it.req, it.start
         starts.append(start)
-        page_rows.append(page_row(req))
+        pages, prow = req.page_ids, req.page_row  # model_runner.page_row, inline
+        if prow is None or req.page_row_of is not pages or prow.size != len(pages):
+            prow = page_row(req)
+        page_rows.append(prow)
         num_prompt = len(req.prompt_ids)
         known = num_prompt + len(req.output_ids)
         if start < known:
@@ -129,11 +172,8 @@ def decode_rows(
 
 
 def pack_decode(
-    host: np.ndarray,  # [>= block_bytes + bs * num_pages * 4] uint8
-    layout: dict[str, tuple[int, torch.dtype, int]],  # cuda_graph_runner.block_layout(bs, 1)
-    block_bytes: int,
-    bs: int,
-    num_pages: int,
+    arrays: dict[str, np.ndarray],  # the bucket's block arrays in the host buffer (block_layout)
+    table: np.ndarray,  # [bs, num_pages] int32: its page table rows after them
     ids: list[int],  # [B]: decode_rows' outputs ..
     fill_dst: list[int],
     fill_src: list[int],
@@ -143,27 +183,22 @@ def pack_decode(
     page_size: int,
     page_tables: PageTableCache,
 ) -> None:
-    """Lay a decode batch of B <= bs rows out in `host`: the bucket's block (rows past B
-    padding: token 0, position 0, slot 0, seq_len 1; the fills listed) then its page table
-    [bs, num_pages] int32 (rows past B zeros)."""
+    """Lay a decode batch of B <= bs rows out on the host: the bucket's block (rows past B
+    padding: token 0, position 0, slot 0, seq_len 1; the fills listed) and its page table rows
+    (rows past B zeros)."""
     bsz = len(ids)
-    arrays = {
-        name: host[offset : offset + numel * dtype.itemsize].view(_NUMPY[dtype])
-        for name, (offset, dtype, numel) in layout.items()
-    }
-    table = host[block_bytes : block_bytes + bs * num_pages * 4].view(np.int32)
-    table = table.reshape(bs, num_pages)
     page_tables.fill(table[:bsz], page_rows, counts)
-    table[bsz:] = 0
     arrays["input_ids"][:bsz] = ids
     arrays["positions"][:bsz] = starts
     arrays["slots"][:bsz] = (
         table[np.arange(bsz), starts // page_size] * page_size + starts % page_size
     )
     arrays["seq_lens"][:bsz] = starts + 1
-    for name in ("input_ids", "positions", "slots"):
-        arrays[name][bsz:] = 0
-    arrays["seq_lens"][bsz:] = 1
+    if bsz < table.shape[0]:  # padding rows (a host buffer serves other shapes between)
+        table[bsz:] = 0
+        for name in ("input_ids", "positions", "slots"):
+            arrays[name][bsz:] = 0
+        arrays["seq_lens"][bsz:] = 1
     num_fills = len(fill_dst)
     arrays["fill_dst"][:num_fills] = fill_dst
     arrays["fill_src"][:num_fills] = fill_src

@@ -115,9 +115,7 @@ class ModelRunner:
         if self.graph_runner is not None and self.graph_runner.batch_sizes:
             from pdserve.worker.graph_feed import GraphFeed
 
-            self.graph_feed = GraphFeed(
-                self.graph_runner, self.page_size, self._host_buffer, self._page_tables
-            )
+            self.graph_feed = GraphFeed(self.graph_runner, self.page_size, self._page_tables)
 
     def _decide_num_pages(self) -> int:
         sched = self.config.scheduler

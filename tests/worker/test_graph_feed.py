@@ -14,6 +14,7 @@ import torch
 from pdserve.config.sampling_params import SamplingParams
 from pdserve.scheduler.request import Request
 from pdserve.scheduler.scheduler import BatchItem, ScheduledBatch
+from pdserve.worker import graph_feed
 from pdserve.worker.cuda_graph_runner import GraphInputs, padded_batch_size
 from pdserve.worker.graph_feed import GraphFeed
 from pdserve.worker.model_runner import ModelRunner, PageTableCache, PendingTokens
@@ -29,6 +30,7 @@ class _Graphs:
     """The decode CudaGraphRunner's surface a GraphFeed uses; a replay records its inputs."""
 
     tokens_per_row = 1
+    device = torch.device("cpu")
 
     def __init__(self) -> None:
         self.batch_sizes = SIZES
@@ -96,12 +98,15 @@ def _fed_and_expected(
     return bs, fb.page_table.shape[1]
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_fed_inputs_equal_the_general_paths_step_after_step(seed: int) -> None:
+@pytest.mark.parametrize(("seed", "views_kept"), [(0, 256), (1, 256), (2, 3)])
+def test_fed_inputs_equal_the_general_paths_step_after_step(
+    seed: int, views_kept: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(graph_feed, "_MAX_KEPT_VIEWS", views_kept)  # 3: views made again
     rng = random.Random(seed)
     graphs = _Graphs()
     general = _runner()
-    feed = GraphFeed(graphs, PAGE_SIZE, general._host_buffer, PageTableCache())  # type: ignore[arg-type]
+    feed = GraphFeed(graphs, PAGE_SIZE, PageTableCache())  # type: ignore[arg-type]
     expected = GraphInputs(SIZES, MAX_PAGES, MAX_CONTEXT, "cpu")
     # Sizes that share a bucket, shrink within it (stale rows) and move between buckets.
     for num_rows in [8, 5, 7, 1, 3, 8, 6, 2, 4, 4]:
@@ -120,7 +125,7 @@ def test_fed_inputs_equal_the_general_paths_step_after_step(seed: int) -> None:
 def test_pending_rows_in_order_and_not() -> None:
     """Every input pending, in row order (one index_select), and a mix (index_copy_)."""
     graphs = _Graphs()
-    feed = GraphFeed(graphs, PAGE_SIZE, _runner()._host_buffer, PageTableCache())  # type: ignore[arg-type]
+    feed = GraphFeed(graphs, PAGE_SIZE, PageTableCache())  # type: ignore[arg-type]
     reqs = []
     for i in range(3):
         req = Request(rid=f"r{i}", prompt_ids=[5, 6, 7], sampling=SamplingParams())
@@ -141,7 +146,7 @@ def test_pending_rows_in_order_and_not() -> None:
 
 def test_a_batch_no_graph_takes_is_left_alone() -> None:
     graphs = _Graphs()
-    feed = GraphFeed(graphs, PAGE_SIZE, _runner()._host_buffer, PageTableCache())  # type: ignore[arg-type]
+    feed = GraphFeed(graphs, PAGE_SIZE, PageTableCache())  # type: ignore[arg-type]
     calls: list[int] = []
     rng = random.Random(7)
     too_many, pending = _random_step(rng, 9)  # past the largest bucket
@@ -162,7 +167,7 @@ def test_a_batch_no_graph_takes_is_left_alone() -> None:
 
 def test_a_pending_token_without_pending_tokens_is_an_error() -> None:
     graphs = _Graphs()
-    feed = GraphFeed(graphs, PAGE_SIZE, _runner()._host_buffer, PageTableCache())  # type: ignore[arg-type]
+    feed = GraphFeed(graphs, PAGE_SIZE, PageTableCache())  # type: ignore[arg-type]
     batch, _ = _random_step(random.Random(3), 4, max_len=10)
     batch.items[0].start = len(batch.items[0].req.prompt_ids) + len(batch.items[0].req.output_ids)
     with pytest.raises(RuntimeError, match="not known and not pending"):
