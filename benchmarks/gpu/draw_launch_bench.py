@@ -24,7 +24,7 @@ import torch
 from pdserve.config.sampling_params import SamplingParams
 from pdserve.scheduler.request import Request
 from pdserve.scheduler.scheduler import BatchItem
-from pdserve.worker.device_copy import host_buffer
+from pdserve.worker.device_copy import current_stream, host_buffer, record_event
 from pdserve.worker.draw_graphs import DrawGraphs, DrawLayout
 from pdserve.worker.light_sampling import LightSampler
 from pdserve.worker.race_sampling import greedy_draw, race_draw
@@ -181,6 +181,18 @@ def main() -> None:
             raise SystemExit("the graph's draw differs from the eager kernel's")
         rows.append(("temperature draw with a bitmask (graph replay)", graph.replay))
         rows += triton_launch_rows(race)
+        # Each staged copy and each step's read-back records an event (device_copy.py).
+        dev = torch.device("cuda", torch.cuda.current_device())
+        kept = torch.cuda.Event()
+        rows += [
+            ("torch.cuda.current_stream()", torch.cuda.current_stream),
+            ("new torch.cuda.Event() + record() (current stream looked up)",
+             lambda: torch.cuda.Event().record()),
+            ("device_copy.current_stream (the stream's object kept)",
+             lambda: current_stream(dev)),
+            ("an event recorded again on the kept stream (the ring's)",
+             lambda: record_event(dev, kept)),
+        ]  # fmt: skip
     print(f"device {device}, batch {batch}, vocabulary {vocab}; host us per call:")
     print("| what | host us / call |")
     print("|---|---|")

@@ -6,6 +6,11 @@ pinned memory with non_blocking=True does not wait. `tensor.pin_memory()` per co
 on the H200 host (eight of them a step made a constrained decode step 2.8 ms longer), so small
 tensors are staged through one pinned ring buffer instead: each copy takes the next free bytes,
 and bytes are reused only after the copy that read them has completed (a CUDA event per copy).
+
+Host time matters here (a decode step's copies sit on the overlapped loop's host path):
+`torch.cuda.current_stream()` builds a new Stream object on every call (tens of microseconds on a
+slow host, and `Event.record()` without a stream calls it), so `current_stream` keeps the object
+per stream id, and the ring reuses the events of copies that have completed.
 """
 
 from __future__ import annotations
@@ -21,15 +26,49 @@ RING_BYTES = 32 << 20  # pinned staging for the small per-step tensors (sampling
 _ALIGN = 64
 
 
+def current_stream(device: torch.device) -> torch.cuda.Stream:
+    """`torch.cuda.current_stream(device)` (device: a CUDA device with its index), the Python
+    object kept per stream: asking torch for the current stream's id is cheap, building its
+    Stream object is not."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    raw = torch._C._cuda_getCurrentStream(index)  # (stream id, device index, device type)
+    stream = _streams.get(raw)
+    if stream is None:
+        stream = _streams[raw] = torch.cuda.Stream(
+            stream_id=raw[0], device_index=raw[1], device_type=raw[2]
+        )
+    return stream
+
+
+_streams: dict[tuple[int, int, int], torch.cuda.Stream] = {}
+
+
+def record_event(device: torch.device, event: torch.cuda.Event | None = None) -> torch.cuda.Event:
+    """`event` (a new one when None) recorded on `device`'s current stream."""
+    event = torch.cuda.Event() if event is None else event
+    event.record(current_stream(device))
+    return event
+
+
 class PinnedRing:
     """A ring of host bytes (pinned on CUDA) that copies stage through. `make_event()` returns
-    an object with record(), query() and synchronize() (a torch.cuda.Event on CUDA)."""
+    an object with record(), query() and synchronize() (a torch.cuda.Event on CUDA); `record`
+    (event): records it where the copies are queued (event.record() when None). An event whose
+    copy has completed is recorded again for a later copy."""
 
-    def __init__(self, nbytes: int, pin: bool, make_event: Callable[[], Any]) -> None:
+    def __init__(
+        self,
+        nbytes: int,
+        pin: bool,
+        make_event: Callable[[], Any],
+        record: Callable[[Any], None] | None = None,
+    ) -> None:
         self.buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
         self.head = 0
         self.make_event = make_event
+        self.record = record
         self.in_flight: deque[tuple[int, int, Any]] = deque()  # (start, end, event), oldest first
+        self._spare: list[Any] = []  # events whose copies completed
 
     def fits(self, nbytes: int) -> bool:
         return nbytes <= self.buf.numel() // 4
@@ -52,8 +91,11 @@ class PinnedRing:
         end = start + max(nbytes, 1)
 
         def queued() -> None:
-            event = self.make_event()
-            event.record()
+            event = self._spare.pop() if self._spare else self.make_event()
+            if self.record is None:
+                event.record()
+            else:
+                self.record(event)
             self.in_flight.append((start, end, event))
 
         return staged, queued
@@ -70,9 +112,11 @@ class PinnedRing:
             if lo < end and hi > start:
                 last = i
         for _ in range(last + 1):
-            self.in_flight.popleft()[2].synchronize()
+            event = self.in_flight.popleft()[2]
+            event.synchronize()
+            self._spare.append(event)
         while self.in_flight and self.in_flight[0][2].query():
-            self.in_flight.popleft()
+            self._spare.append(self.in_flight.popleft()[2])
         self.head = end
         return start
 
@@ -85,7 +129,9 @@ def _ring(device: torch.device) -> tuple[torch.device, PinnedRing]:
         device = torch.device("cuda", torch.cuda.current_device())
     ring = _rings.get(device)
     if ring is None:
-        ring = _rings[device] = PinnedRing(RING_BYTES, True, torch.cuda.Event)
+        ring = _rings[device] = PinnedRing(
+            RING_BYTES, True, torch.cuda.Event, lambda event: record_event(device, event)
+        )
     return device, ring
 
 
@@ -117,12 +163,12 @@ def host_buffer(
     staged, queued = ring.reserve(shape, dtype)
 
     def send(into: torch.Tensor | None = None) -> torch.Tensor:
-        with torch.cuda.device(device):
-            if into is None:
-                out = staged.to(device, non_blocking=True)
-            else:
-                out = into.copy_(staged, non_blocking=True)
-            queued()
+        # (copy_ and to() queue on the target device's current stream, where queued() records)
+        if into is None:
+            out = staged.to(device, non_blocking=True)
+        else:
+            out = into.copy_(staged, non_blocking=True)
+        queued()
         return out
 
     return staged, send

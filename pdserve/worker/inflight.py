@@ -12,6 +12,7 @@ import torch
 from pdserve.scheduler.finish_checker import grammar_finish
 from pdserve.scheduler.request import Request
 from pdserve.scheduler.scheduler import BatchItem, Scheduler
+from pdserve.worker.device_copy import record_event
 from pdserve.worker.grammar_mask import accept_async
 from pdserve.worker.light_sampling import LightDraw
 
@@ -45,8 +46,7 @@ class InflightStep:
         """Queue the tokens' copy to host_ids once they are sampled, and the event `done`."""
         self.host_ids.copy_(self.token_ids, non_blocking=True)
         if self.token_ids.is_cuda:
-            self.done = torch.cuda.Event()
-            self.done.record()
+            self.done = record_event(self.token_ids.device)
 
 
 class PendingLength(Sequence[int]):

@@ -34,6 +34,7 @@ class FakeEvent:
         self.staged: torch.Tensor | None = None
 
     def record(self) -> None:
+        self.done = False  # recorded again: it completes with its new copy
         self.device.queue.append(self)
 
     def query(self) -> bool:
@@ -63,7 +64,7 @@ def test_the_ring_never_overwrites_a_copy_the_device_has_not_read(seed: int) -> 
         staged, queued = ring.stage(src)
         assert staged.dtype == dtype and staged.shape == src.shape
         queued()
-        events[-1].staged = staged
+        device.queue[-1].staged = staged  # the event just recorded: new or reused
         sent.append(src)
         while device.queue and rng.random() < 0.3:  # the device catches up now and then
             device.complete_oldest()
@@ -72,6 +73,25 @@ def test_the_ring_never_overwrites_a_copy_the_device_has_not_read(seed: int) -> 
     assert len(device.received) == len(sent)
     for got, want in zip(device.received, sent):
         assert torch.equal(got, want), f"seed {seed}: a staged copy was overwritten too early"
+    assert len(events) < len(sent) // 2, "the events of completed copies were not reused"
+
+
+def test_the_ring_records_its_events_where_it_is_told() -> None:
+    device = FakeDevice()
+    recorded: list[FakeEvent] = []
+
+    def record(event: FakeEvent) -> None:
+        recorded.append(event)
+        event.record()
+
+    ring = PinnedRing(4096, pin=False, make_event=lambda: FakeEvent(device), record=record)
+    for i in range(20):
+        staged, queued = ring.stage(torch.arange(100) + i)
+        queued()
+        device.queue[-1].staged = staged
+        device.complete_oldest()
+    assert [int(got[0]) for got in device.received] == list(range(20))
+    assert len(recorded) == 20 and len({id(e) for e in recorded}) <= 2
 
 
 def test_a_large_tensor_does_not_fit_the_ring() -> None:
