@@ -171,6 +171,7 @@ class GraphInputs:
         self.logit_idx = rows * n + n - 1  # [max_batch]: each row's last token
         self.extend_lens = torch.full((max_batch,), n, dtype=torch.int32, **kw)  # [max_batch]
         self.extend_starts = (rows * n).to(torch.int32)  # [max_batch]
+        self.table_loads = 0  # `load`s so far: each writes the page table (graph_feed.py)
 
     def batch(self, bs: int) -> ForwardBatch:
         """What the graph of size bs is captured on: its bucket's block and the shared table."""
@@ -205,6 +206,7 @@ class GraphInputs:
         if bsz > bs:
             raise ValueError(f"a batch of {bsz} rows does not fit the graph of {bs}")
         bucket = self.buckets[bs]
+        self.table_loads += 1
         bucket.input_ids[: bsz * n].copy_(fb.input_ids)
         bucket.positions[: bsz * n].copy_(fb.positions)
         bucket.slots[: bsz * n].copy_(fb.slots)

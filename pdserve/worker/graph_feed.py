@@ -11,11 +11,14 @@ Here the host lays a decode step out exactly as its bucket's staging area on the
 (`cuda_graph_runner.BucketInputs`: the input block, padding rows included, then the step's page
 table rows); one copy moves it all, a device copy moves the table rows into the graphs' page
 table, an indexing call fills the input ids still being sampled on the device (`PendingTokens`),
-and the graph replays. Every view those calls take is made once per shape and kept.
+and the graph replays. Every view those calls take is made once per shape and kept. While the
+batch keeps its rows' pages (a page every page_size tokens a row), the graphs' page table already
+holds them: only the input block is copied.
 """
 
 from __future__ import annotations
 
+import operator
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -39,6 +42,7 @@ class _Views(NamedTuple):
     table: np.ndarray  # [bs, num_pages] int32 in the host buffer, after the block
     host: torch.Tensor  # [block + table bytes] uint8: the host bytes to copy ..
     staging: torch.Tensor  # .. into the bucket's staging area on the device
+    host_block: torch.Tensor  # host[:block]: the bytes to copy when the table is unchanged
     table_src: torch.Tensor  # [bs, num_pages] int32: the table rows there ..
     table_dst: torch.Tensor  # .. and where the graphs read them: page_table[:bs, :num_pages]
 
@@ -64,7 +68,12 @@ class GraphFeed:
         self._host = [torch.zeros(size, dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
         self._turn = 0
         self._views: dict[tuple[int, int, int], _Views] = {}
+        # What the graphs' page table holds since this feed last wrote it: (bucket, rows, page
+        # count, the inputs' table_loads then) and the page rows (model_runner.page_row) written.
+        self._table_key: tuple[int, int, int, int] | None = None
+        self._table_rows: list[np.ndarray] = []
         self.num_fed = 0
+        self.num_table_copies = 0
 
     def replay(
         self, batch: ScheduledBatch, pending: PendingTokens | None, lora: LoraBatch | None
@@ -91,8 +100,15 @@ class GraphFeed:
             views.arrays, views.table, ids, fill_dst, fill_src, starts, page_rows, counts,
             self.page_size, self._page_tables,
         )  # fmt: skip
-        views.staging.copy_(views.host, non_blocking=True)
-        views.table_dst.copy_(views.table_src)
+        # page_row arrays are replaced, never changed in place: the same objects, the same pages.
+        table_key = (bs, bsz, num_pages, self.inputs.table_loads)
+        if table_key == self._table_key and all(map(operator.is_, page_rows, self._table_rows)):
+            bucket.block.copy_(views.host_block, non_blocking=True)
+        else:
+            views.staging.copy_(views.host, non_blocking=True)
+            views.table_dst.copy_(views.table_src)
+            self._table_key, self._table_rows = table_key, page_rows
+            self.num_table_copies += 1
         if pending is not None and pending.before_read is not None:
             pending.before_read()  # queues the sampling that writes pending.token_ids
         num_fills = len(fill_dst)
@@ -128,6 +144,7 @@ class GraphFeed:
             base[block:end].view(np.int32).reshape(bs, num_pages),
             host,
             bucket.staging[:end],
+            host[:block],
             table_src,
             self.inputs.page_table[:bs, :num_pages],
         )

@@ -172,3 +172,50 @@ def test_a_pending_token_without_pending_tokens_is_an_error() -> None:
     batch.items[0].start = len(batch.items[0].req.prompt_ids) + len(batch.items[0].req.output_ids)
     with pytest.raises(RuntimeError, match="not known and not pending"):
         feed.replay(batch, None, None)
+
+
+def test_the_table_is_copied_only_when_a_rows_pages_change() -> None:
+    """Two requests decoding step after step (a new page every PAGE_SIZE tokens, at the same
+    steps): the table is copied on those steps only, the graphs' inputs equal the general path's
+    at every step, and a write by someone else (GraphInputs.load) makes the next step copy it."""
+    graphs = _Graphs()
+    general = _runner()
+    feed = GraphFeed(graphs, PAGE_SIZE, PageTableCache())  # type: ignore[arg-type]
+    expected = GraphInputs(SIZES, MAX_PAGES, MAX_CONTEXT, "cpu")
+    reqs = []
+    for i, prompt_len in enumerate((5, 9)):  # positions 5 and 9: both cross a page at 8 and 12
+        req = Request(rid=f"s{i}", prompt_ids=list(range(10, 10 + prompt_len)),
+                      sampling=SamplingParams())  # fmt: skip
+        req.output_ids = [50 + i]
+        req.page_ids = [20 * i + p for p in range(1, prompt_len // PAGE_SIZE + 2)]
+        reqs.append(req)
+    copies = []
+    for step in range(12):
+        items = []
+        for req in reqs:
+            position = len(req.prompt_ids) + len(req.output_ids) - 1
+            if len(req.page_ids) * PAGE_SIZE <= position:  # a new list: page_row is rebuilt
+                req.page_ids = [*req.page_ids, req.page_ids[-1] + 1]
+            items.append(BatchItem(req=req, start=position, num_tokens=1))  # type: ignore[arg-type]
+        if step == 5:  # someone else writes the table: the next feed must copy it again
+            other, _ = _random_step(random.Random(5), 2, max_len=10)
+            fb = ModelRunner.build_forward_batch(_runner(), other)  # type: ignore[arg-type]
+            graphs.inputs.load(fb, 2)
+        before = feed.num_table_copies
+        bs, num_pages = _fed_and_expected(
+            feed, general, expected, ScheduledBatch(items), PendingTokens(torch.zeros(1), {})
+        )
+        copies.append(feed.num_table_copies - before)
+        for name in ("input_ids", "positions", "slots", "seq_lens"):
+            got, want = (
+                getattr(graphs.inputs.buckets[bs], name),
+                getattr(expected.buckets[bs], name),
+            )
+            assert torch.equal(got, want), (step, name)
+        assert torch.equal(
+            graphs.inputs.page_table[:bs, :num_pages], expected.page_table[:bs, :num_pages]
+        ), step
+        for i, req in enumerate(reqs):
+            req.output_ids.append(60 + step + i)
+    # Positions 5 / 9 at step 0: new pages at steps 3, 7 and 11; step 5 follows the load.
+    assert copies == [1, 0, 0, 1, 0, 1, 0, 1, 0, 0, 0, 1], copies
