@@ -164,6 +164,21 @@ def test_runner_stays_off_for_a_backend_that_cannot_be_captured() -> None:
 # --- the batches the runner is fed: ModelRunner.build_forward_batch's one packed buffer ----------
 
 
+def cpu_batch_builder(page_size: int) -> SimpleNamespace:
+    """What ModelRunner.build_forward_batch reads of its runner, on CPU."""
+    runner = SimpleNamespace(
+        page_size=page_size,
+        device=torch.device("cpu"),
+        _staging=[None, None],
+        _staging_turn=0,
+        tp=SINGLE,
+        _page_tables=PageTableCache(),
+    )
+    runner._host_buffer = lambda n: ModelRunner._host_buffer(runner, n)  # type: ignore[arg-type]
+    runner._device_batch = lambda *a: ModelRunner._device_batch(runner, *a)  # type: ignore[arg-type]
+    return runner
+
+
 def test_forward_batch_is_packed_into_one_aligned_buffer() -> None:
     def item(
         prompt: list[int], output: list[int], pages: list[int], start: int, num: int
@@ -179,17 +194,7 @@ def test_forward_batch_is_packed_into_one_aligned_buffer() -> None:
             item([4], [], [2], start=0, num=1),  # a one-token prompt
         ]
     )
-    runner = SimpleNamespace(
-        page_size=4,
-        device=torch.device("cpu"),
-        _staging=[None, None],
-        _staging_turn=0,
-        tp=SINGLE,
-        _page_tables=PageTableCache(),
-    )
-    runner._host_buffer = lambda n: ModelRunner._host_buffer(runner, n)  # type: ignore[arg-type]
-    runner._device_batch = lambda *a: ModelRunner._device_batch(runner, *a)  # type: ignore[arg-type]
-    fb = ModelRunner.build_forward_batch(runner, batch)  # type: ignore[arg-type]
+    fb = ModelRunner.build_forward_batch(cpu_batch_builder(4), batch)  # type: ignore[arg-type]
     assert fb.input_ids.tolist() == [12, 13, 14, 15, 8, 4]
     assert fb.positions.tolist() == [2, 3, 4, 5, 4, 0]
     assert fb.slots.tolist() == [22, 23, 36, 37, 24, 8]

@@ -18,7 +18,7 @@ from pdserve.worker import graph_feed
 from pdserve.worker.cuda_graph_runner import GraphInputs, padded_batch_size
 from pdserve.worker.graph_feed import GraphFeed
 from pdserve.worker.model_runner import ModelRunner, PageTableCache, PendingTokens
-from pdserve.worker.parallel.tp_group import SINGLE
+from tests.worker.test_cuda_graph_runner import cpu_batch_builder
 
 PAGE_SIZE = 4
 SIZES = [1, 2, 4, 8]
@@ -46,18 +46,7 @@ class _Graphs:
 
 
 def _runner() -> SimpleNamespace:
-    """What ModelRunner.build_forward_batch reads of its runner, on CPU."""
-    runner = SimpleNamespace(
-        page_size=PAGE_SIZE,
-        device=torch.device("cpu"),
-        _staging=[None, None],
-        _staging_turn=0,
-        tp=SINGLE,
-        _page_tables=PageTableCache(),
-    )
-    runner._host_buffer = lambda n: ModelRunner._host_buffer(runner, n)  # type: ignore[arg-type]
-    runner._device_batch = lambda *a: ModelRunner._device_batch(runner, *a)  # type: ignore[arg-type]
-    return runner
+    return cpu_batch_builder(PAGE_SIZE)
 
 
 def _random_step(
