@@ -26,7 +26,7 @@ import torch
 
 from pdserve.scheduler.scheduler import BatchItem, ScheduledBatch
 from pdserve.worker.cuda_graph_runner import BucketInputs, CudaGraphRunner, padded_batch_size
-from pdserve.worker.model_runner import PageTableCache, PendingTokens, page_row
+from pdserve.worker.model_runner import PageTableCache, PendingTokens, new_input_ids, page_row
 
 if TYPE_CHECKING:
     from pdserve.worker.lora.lora_layers import LoraBatch
@@ -155,37 +155,12 @@ class GraphFeed:
 def decode_rows(
     items: list[BatchItem], pending_rows: dict[int, int] | None
 ) -> tuple[list[int], list[int], list[int], np.ndarray, list[np.ndarray]]:
-    """One pass over a decode batch: its input ids (0 where still being sampled), the rows of
-    those (increasing) and their rows in the pending tokens, each item's position [B] int64,
-    and its page row (model_runner.page_row)."""
-    ids = [0] * len(items)
-    fill_dst: list[int] = []
-    fill_src: list[int] = []
-    starts: list[int] = []
-    page_rows: list[np.ndarray] = []
-    pending = pending_rows if pending_rows is not None else {}
-    for row, it in enumerate(items):
-        req, start = it.req, it.start
-        starts.append(start)
-        pages, prow = req.page_ids, req.page_row  # model_runner.page_row, inline
-        if prow is None or req.page_row_of is not pages or prow.size != len(pages):
-            prow = page_row(req)
-        page_rows.append(prow)
-        num_prompt = len(req.prompt_ids)
-        known = num_prompt + len(req.output_ids)
-        if start < known:
-            ids[row] = (
-                req.prompt_ids[start] if start < num_prompt else req.output_ids[start - num_prompt]
-            )
-            continue
-        src = pending.get(id(req))
-        if src is None or start != known:
-            raise RuntimeError(
-                f"request {req.rid}: tokens {known}..{start} are not known and not pending"
-            )
-        fill_dst.append(row)
-        fill_src.append(src)
-    return ids, fill_dst, fill_src, np.array(starts, dtype=np.int64), page_rows
+    """A decode batch's input ids with the rows still being sampled (`new_input_ids`: zeros
+    there, their rows, their rows in the pending tokens), each item's position [B] int64, and
+    its page row (`page_row`)."""
+    ids, fill_dst, fill_src = new_input_ids(items, pending_rows)
+    starts = np.fromiter((it.start for it in items), np.int64, len(items))
+    return ids, fill_dst, fill_src, starts, [page_row(it.req) for it in items]
 
 
 def pack_decode(
