@@ -7,9 +7,17 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pdserve.config.sampling_params import GrammarSpec, SamplingParams
-from pdserve.grammar_check import check_grammar, grammar_problem, xgrammar_reason
+from pdserve.grammar_check import (
+    MAX_SCHEMA_DEPTH,
+    check_grammar,
+    grammar_problem,
+    json_depth,
+    xgrammar_reason,
+)
 
 SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
 
@@ -78,3 +86,48 @@ def test_good_grammars_pass_and_answers_are_remembered_by_text() -> None:
 def test_a_long_reason_is_cut() -> None:
     reason = xgrammar_reason(RuntimeError("[01:02:03] /p/a.cc:12: " + "x" * 1000))
     assert reason.startswith("xxx") and len(reason) < 420
+
+
+def _nested_arrays(levels: int) -> dict:
+    schema: dict = {"type": "integer"}
+    for _ in range(levels - 1):
+        schema = {"type": "array", "items": schema}
+    return schema  # `levels` objects deep: JSON depth `levels`
+
+
+def test_a_schema_deeper_than_the_limit_is_refused_before_xgrammar_parses_it() -> None:
+    at_limit = json.dumps(_nested_arrays(MAX_SCHEMA_DEPTH))
+    assert json_depth(at_limit) == MAX_SCHEMA_DEPTH
+    check_grammar(SamplingParams(json_schema=at_limit))
+    # xgrammar would take minutes over it (and json.dumps cannot write it)
+    too_deep = '{"type": "array", "items": ' * 4999 + '{"type": "integer"}' + "}" * 4999
+    with pytest.raises(ValueError) as info:
+        check_grammar(SamplingParams(json_schema=too_deep))
+    assert str(info.value).startswith("json_schema='{")
+    assert str(info.value).endswith(
+        f"it nests 5000 levels deep; expected at most {MAX_SCHEMA_DEPTH}"
+    )
+
+
+def _depth(value: object) -> int:
+    """The reference: nesting counted on the parsed value."""
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    return 0
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(alphabet='[]{}"\\ab,:'),
+    lambda kids: (
+        st.lists(kids, max_size=3) | st.dictionaries(st.text('[]{}"\\ab'), kids, max_size=3)
+    ),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(value=JSON_VALUES, indent=st.sampled_from([None, 1]))
+def test_json_depth_equals_the_depth_of_the_parsed_value(value: object, indent: int | None) -> None:
+    assert json_depth(json.dumps(value, indent=indent)) == _depth(value)

@@ -34,6 +34,7 @@ _BOOL_KEYS = (
 )
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range: [-100, 100]
 GRAMMAR_KEYS = ("json_schema", "regex", "ebnf", "json_object")  # at most one per request
+GRAMMAR_TEXT_KEYS = ("json_schema", "regex", "ebnf")  # those whose value is a grammar's text
 JSON_OBJECT_SCHEMA = '{"type": "object"}'  # json_object: any JSON object (extra keys allowed)
 
 GrammarKind = Literal["json_schema", "regex", "ebnf", "json_object"]
@@ -240,7 +241,7 @@ def _check_grammar_fields(params: SamplingParams) -> None:
     can compile it is checked where the tokenizer is (`pdserve/grammar_check.py`)."""
     if isinstance(params.json_schema, (dict, bool)):
         _set(params, "json_schema", json.dumps(params.json_schema))
-    for key in ("json_schema", "regex", "ebnf"):
+    for key in GRAMMAR_TEXT_KEYS:
         text = getattr(params, key)
         if text is not None and (not isinstance(text, str) or not text or has_surrogates(text)):
             raise _bad(key, text, "a non-empty string of valid Unicode text")

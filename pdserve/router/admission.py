@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from pdserve.config.request_limits import RequestLimits
+from pdserve.config.sampling_params import GRAMMAR_TEXT_KEYS
 from pdserve.protocol import GenerateReq
 from pdserve.router.errors import APIError, bad_request
 from pdserve.router.openai_serving import Fanout
@@ -110,6 +111,14 @@ def _check_sampling(limits: RequestLimits, sampling: dict) -> None:
             f"{num_ids} stop_token_ids: expected at most {limits.max_stop_token_ids}",
             "stop_token_ids",
         )
+    for key in GRAMMAR_TEXT_KEYS:
+        text = sampling.get(key)
+        if isinstance(text, str) and len(text) > limits.max_grammar_chars:
+            raise bad_request(
+                f"{key} has {len(text)} characters: expected at most {limits.max_grammar_chars} "
+                "(router.limits.max_grammar_chars)",
+                key,
+            )
     num_bias = len(sampling.get("logit_bias") or ())
     if num_bias > limits.max_logit_bias:
         raise bad_request(

@@ -119,6 +119,12 @@ def test_10000_prompts_get_400_quickly(cluster: Cluster) -> None:
     assert_nothing_in_flight(cluster)
 
 
+def test_a_grammar_at_the_limit_goes_on(cluster: Cluster) -> None:
+    body = {"text": "a", "sampling_params": {"regex": "a" * 65_536, "max_new_tokens": 2}}
+    assert post(cluster, "/generate", body).status_code == 200
+    assert cluster.find_req(lambda r: len(r.sampling.get("regex") or "") == 65_536)
+
+
 @pytest.mark.parametrize(
     ("path", "body", "param", "message"),
     [
@@ -139,6 +145,30 @@ def test_10000_prompts_get_400_quickly(cluster: Cluster) -> None:
             "1025 entries",
         ),  # fmt: skip
         ("/generate", {"text": "a", "sampling_params": {"stop": ["s"] * 33}}, "stop", "33 stop"),
+        (
+            "/generate",
+            {"text": "a", "sampling_params": {"regex": "a" * 65_537}},
+            "regex",
+            "regex has 65537 characters: expected at most 65536",
+        ),  # fmt: skip
+        (
+            CHAT,
+            {"messages": USER_MSG, "ebnf": 'root ::= "' + "a" * 70_000 + '"'},
+            "ebnf",
+            "ebnf has 70011 characters",
+        ),  # fmt: skip
+        (
+            CHAT,
+            {
+                "messages": USER_MSG,
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "big", "schema": {"enum": ["x" * 100] * 700}},
+                },
+            },
+            "json_schema",
+            "router.limits.max_grammar_chars",
+        ),  # fmt: skip
     ],
 )
 def test_requests_over_a_size_limit_get_400_naming_it(
