@@ -23,7 +23,7 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
-class _Request(_Body):
+class RequestBody(_Body):
     """A request body: no field may hold text that is not valid Unicode (a lone surrogate such
     as "\\ud800" is legal JSON but cannot be encoded, tokenized or sent on)."""
 
@@ -182,7 +182,7 @@ class ResponseFormat(_Body):
     json_schema: JsonSchemaFormat | None = None
 
 
-class SamplingFields(_Request):
+class SamplingFields(RequestBody):
     """Fields shared by chat and completions; OpenAI's names plus vLLM/SGLang extras."""
 
     model_config = ConfigDict(extra="allow")  # for request_fields.check_fields
@@ -239,7 +239,7 @@ class CompletionRequest(SamplingFields):
     best_of: int | None = Field(None, ge=1)
 
 
-class GenerateRequest(_Request):
+class GenerateRequest(RequestBody):
     """Native `/generate`, in SGLang's shapes."""
 
     model_config = ConfigDict(extra="allow")  # for request_fields.check_fields
@@ -260,12 +260,12 @@ class GenerateRequest(_Request):
     priority: int | None = Field(None, ge=-(2**31), lt=2**31)  # higher first; None: online (0)
 
 
-class AbortRequest(_Request):
+class AbortRequest(RequestBody):
     rid: str = ""
     abort_all: bool = False
 
 
-class EmbeddingRequest(_Request):
+class EmbeddingRequest(RequestBody):
     """OpenAI's `/v1/embeddings`: text(s) or token ids in, one vector per input out; or, for a
     multimodal embedding model, items {"text": ..., "image": ...} (`embedding_inputs.py`)."""
 
@@ -276,7 +276,7 @@ class EmbeddingRequest(_Request):
     user: str | None = None
 
 
-class EncodeRequest(_Request):
+class EncodeRequest(RequestBody):
     """SGLang's `/encode` and `/classify`: `text` or `input_ids`, one or a batch."""
 
     model: str | None = None

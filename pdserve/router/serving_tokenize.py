@@ -22,20 +22,17 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict
 
 from pdserve.protocol import DetokenizeReq, TokenizeOut, TokenizeReq
 from pdserve.router.errors import APIError, bad_request
-from pdserve.router.openai_models import ChatMessage, TokenId
+from pdserve.router.openai_models import ChatMessage, RequestBody, TokenId
 from pdserve.router.openai_serving import check_model
 from pdserve.router.router import Router
 
 ANSWER_TIMEOUT_S = 30.0  # a tokenizer that does not answer by then is lost: 503
 
 
-class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class TokenizeRequest(RequestBody):
     model: str | None = None
     prompt: str | list[str] | None = None
     messages: list[ChatMessage] | None = None
@@ -45,9 +42,7 @@ class TokenizeRequest(BaseModel):
     return_token_strs: bool = False
 
 
-class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class DetokenizeRequest(RequestBody):
     model: str | None = None
     tokens: list[TokenId] | list[list[TokenId]]
     skip_special_tokens: bool = True  # SGLang's default

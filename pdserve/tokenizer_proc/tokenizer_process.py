@@ -279,8 +279,9 @@ class TokenizerCore:
         return list(input_ids)
 
     def check_length(self, req: GenerateReq, prompt_len: int, max_new_tokens: int) -> None:
-        if prompt_len == 0:
-            raise ValueError("the prompt is empty: expected at least one token")
+        if prompt_len == 0:  # named first, so the router's 400 names the parameter
+            where = "messages" if req.messages is not None else "prompt"
+            raise ValueError(f"{where} has no tokens: the prompt is empty, expected at least one")
         limits = [n for n in (self.max_context_len, req.max_context_len) if n > 0]
         if not limits:
             return

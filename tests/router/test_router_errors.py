@@ -7,6 +7,8 @@ import openai
 import pytest
 from router_fakes import API_KEY, MODEL, Cluster
 
+from pdserve.router.errors import tokenizer_error
+
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 USER_MSG = [{"role": "user", "content": "hi"}]
@@ -140,3 +142,20 @@ def test_health_needs_no_key(cluster: Cluster) -> None:
 def test_unknown_route_gets_404_error_body(cluster: Cluster, auth: dict[str, str]) -> None:
     resp = httpx.get(cluster.url + "/v1/nothing", headers=auth)
     assert resp.status_code == 404 and "error" in resp.json()
+
+
+@pytest.mark.parametrize(
+    ("message", "param"),
+    [
+        ("prompt has no tokens: the prompt is empty, expected at least one", "prompt"),
+        ("messages has no tokens: the prompt is empty, expected at least one", "messages"),
+        ("input_ids[1]=99999 is not a token id: expected an integer in [0, 512)", "input_ids"),
+        ("max_new_tokens=0 is invalid: expected an integer >= 1", "max_tokens"),
+        ("This model's maximum context length is 256 tokens.", None),
+    ],
+)
+def test_a_tokenizer_refusal_names_the_parameter_its_message_starts_with(
+    message: str, param: str | None
+) -> None:
+    err = tokenizer_error(message)
+    assert (err.status, err.param) == (400, param)

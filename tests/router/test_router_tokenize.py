@@ -130,10 +130,22 @@ def test_bad_requests_get_openais_error_body(
     assert message in err["message"] and err["param"] == param
 
 
-def test_text_that_is_not_unicode_is_refused(client: TestClient) -> None:
-    raw = b'{"prompt": "\\ud800"}'  # legal JSON, a lone surrogate: no codec can carry it
-    res = client.post("/tokenize", content=raw, headers={"Content-Type": "application/json"})
-    assert res.status_code == 400 and "could not be encoded" in res.json()["error"]["message"]
+@pytest.mark.parametrize(
+    ("path", "raw", "param"),
+    [
+        ("/tokenize", b'{"prompt": "\\ud800"}', "prompt"),
+        ("/tokenize", b'{"prompt": ["ok", "a \\udfff"]}', "prompt"),
+        ("/tokenize", b'{"messages": [{"role": "user", "content": "\\ud800"}]}', "messages"),
+    ],
+)
+def test_text_that_is_not_unicode_is_refused_naming_its_field(
+    client: TestClient, path: str, raw: bytes, param: str
+) -> None:
+    # legal JSON, a lone surrogate: no codec can carry it
+    res = client.post(path, content=raw, headers={"Content-Type": "application/json"})
+    assert res.status_code == 400, res.text
+    err = res.json()["error"]
+    assert err["param"] == param and "lone UTF-16 surrogate" in err["message"], err
 
 
 def test_a_tokenizer_that_never_answers_gives_503(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -127,7 +127,7 @@ def test_token_in_token_out_has_no_text(core: TokenizerCore):
             "in the prompt, 300 in the comp",
         ),
         ({"messages": CHAT, "max_context_len": 20}, "in the messages"),
-        ({"text": ""}, "the prompt is empty"),
+        ({"text": ""}, "^prompt has no tokens: the prompt is empty"),
         ({"input_ids": [1, 99999]}, r"input_ids\[1\]=99999"),
         ({"input_ids": [1, "x"]}, r"input_ids\[1\]='x'"),
         ({"text": "a", "input_ids": [1]}, "exactly one of"),
