@@ -160,11 +160,6 @@ def last_hidden_state(c: ChoiceState) -> list[float]:
     return rows[-1] if len(rows) > 1 else []
 
 
-def check_logprob_request(top_n: int | None, echo: bool = False) -> None:
-    if echo and top_n is not None:
-        raise bad_request("echo with logprobs is not supported (no prompt logprobs)", "echo")
-
-
 class _TokenRow(NamedTuple):
     """One generated token as both OpenAI logprobs shapes show it."""
 
@@ -228,3 +223,35 @@ def completion_logprobs(
         "text_offset": offsets,
     }
     return shape, text_offset
+
+
+def echoed_logprobs(
+    out: ReqOutput | ChoiceState, top_n: int, after: dict[str, Any]
+) -> dict[str, Any]:
+    """`after` (the generated tokens' legacy logprobs) preceded by the prompt's, for `echo`
+    with `logprobs` (vLLM's shape): the first prompt token has no logprob and no alternatives
+    (None), each later one its logprob given the tokens before it; offsets count from 0."""
+    tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
+    offset = 0
+    tops = list(out.input_top_logprobs or ())
+    for j, (logprob, token_id, text) in enumerate(out.input_token_logprobs or ()):
+        text = text if text is not None else f"token_id:{token_id}"
+        tokens.append(text)
+        token_logprobs.append(None if logprob is None else float(logprob))
+        top = tops[j] if j < len(tops) else None
+        if logprob is None:
+            top_logprobs.append(None)
+        else:
+            alternatives: dict[str, float] = {}
+            for alt_logprob, alt_id, alt_text in (top or [])[:top_n]:
+                name = alt_text if alt_text is not None else f"token_id:{alt_id}"
+                alternatives.setdefault(name, float(alt_logprob))
+            top_logprobs.append(alternatives)
+        offsets.append(offset)
+        offset += len(text)
+    return {
+        "tokens": tokens + after["tokens"],
+        "token_logprobs": token_logprobs + after["token_logprobs"],
+        "top_logprobs": top_logprobs + after["top_logprobs"],
+        "text_offset": offsets + after["text_offset"],
+    }

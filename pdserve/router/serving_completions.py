@@ -26,8 +26,8 @@ from pdserve.router.openai_models import CompletionRequest, PromptType
 from pdserve.router.openai_serving import (
     Fanout,
     Prompt,
-    check_logprob_request,
     completion_logprobs,
+    echoed_logprobs,
     fan_out,
     finish_reason,
     last_hidden_state,
@@ -59,7 +59,6 @@ def prompts_of(prompt: PromptType) -> list[Prompt]:
 
 def build_completion(spec: RouterSpec, body: CompletionRequest) -> Fanout:
     check_fields(body, "completions")  # the model (or adapter) name: create_completion
-    check_logprob_request(body.logprobs, body.echo)
     if body.best_of is not None and body.best_of != body.n:
         raise bad_request("best_of other than n is not supported", "best_of")
     max_tokens = OPENAI_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
@@ -70,6 +69,8 @@ def build_completion(spec: RouterSpec, body: CompletionRequest) -> Fanout:
         return_logprob=body.logprobs is not None,
         top_logprobs_num=body.logprobs or 0,
         echo=body.echo,
+        # echo with logprobs: the prompt's token logprobs too, as vLLM gives them
+        logprob_start_len=0 if body.echo and body.logprobs is not None else -1,
         return_hidden_states=extra_flag(body, "return_hidden_states"),
     )
 
@@ -99,6 +100,8 @@ def _completion_response(
         logprobs = None
         if body.logprobs is not None:
             logprobs, _ = completion_logprobs(c, body.logprobs, len(prefix))
+            if body.echo:
+                logprobs = echoed_logprobs(c, body.logprobs, logprobs)
         choice = {
             "index": c.index,
             "text": prefix + c.text,
@@ -150,6 +153,10 @@ async def _completion_events(
         logprobs = None
         if body.logprobs is not None and out.logprobs:
             logprobs, offsets[index] = completion_logprobs(out, body.logprobs, offsets[index])
+        if body.logprobs is not None and body.echo and out.input_token_logprobs:
+            empty: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [],
+                                      "text_offset": []}  # fmt: skip
+            logprobs = echoed_logprobs(out, body.logprobs, logprobs or empty)
         reason = finish_reason(out.finish)
         if not text and reason is None and logprobs is None:
             continue

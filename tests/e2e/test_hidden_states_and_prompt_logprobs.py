@@ -121,3 +121,53 @@ def test_one_token_completion_has_no_hidden_state_row(mixed_cluster: Cluster) ->
     prompt's rows, is not the last token's)."""
     assert openai_hidden_states(mixed_cluster, "completions", False, prompt=PROMPT_IDS,
                                 max_tokens=1) == []  # fmt: skip
+
+
+def echoed(cluster: Cluster, stream: bool, **kw: object) -> tuple[str, dict[str, list]]:
+    """A completion with echo and logprobs through the openai client: its text and its legacy
+    logprobs, joined over the streamed chunks when streamed."""
+    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="unused", max_retries=0)
+    res = client.completions.create(model=MODEL, echo=True, temperature=0, stream=stream, **kw)
+    choices = [res.choices[0]] if not stream else [c.choices[0] for c in res if c.choices]
+    joined: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [],
+                               "text_offset": []}  # fmt: skip
+    for choice in choices:
+        if choice.logprobs is not None:
+            for key in joined:
+                joined[key] += getattr(choice.logprobs, key)
+    return "".join(c.text for c in choices), joined
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("topology", ["mixed", "pd"])
+def test_echo_with_logprobs_gives_the_prompts_logprobs_as_transformers_does(
+    topology: str, stream: bool, request: pytest.FixtureRequest, hf_model: torch.nn.Module
+) -> None:
+    """vLLM's shape (what lm-eval's loglikelihood reads): the prompt's tokens first, the first
+    without a logprob, then the generated ones; offsets index the echoed text."""
+    cluster = request.getfixturevalue(f"{topology}_cluster")
+    text, lp = echoed(cluster, stream, prompt=PROMPT_IDS, max_tokens=2, logprobs=2,
+                      extra_body={"ignore_eos": True})  # fmt: skip
+    with torch.no_grad():
+        logprobs = torch.log_softmax(hf_model(torch.tensor([PROMPT_IDS])).logits[0], dim=-1)
+    n = len(PROMPT_IDS)
+    assert len(lp["tokens"]) == n + 2
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    for i in range(1, n):
+        assert lp["token_logprobs"][i] == pytest.approx(
+            logprobs[i - 1, PROMPT_IDS[i]].item(), abs=TOL
+        )
+        want_top = logprobs[i - 1].topk(2).values.tolist()
+        assert sorted(lp["top_logprobs"][i].values(), reverse=True) == pytest.approx(
+            want_top, abs=TOL
+        )
+    first_generated = logprobs[n - 1].max().item()  # greedy: the likeliest token's logprob
+    assert lp["token_logprobs"][n] == pytest.approx(first_generated, abs=TOL)
+    assert len(lp["top_logprobs"][n]) <= 2
+    # The text echoes the prompt, and each token starts where its text does.
+    prompt_text = httpx.post(f"{cluster.url}/detokenize", json={"tokens": PROMPT_IDS}).json()[
+        "text"
+    ]
+    assert text.startswith(prompt_text)
+    for offset, token in zip(lp["text_offset"], lp["tokens"]):
+        assert text[offset : offset + len(token)] == token, (offset, token, text)
