@@ -82,6 +82,7 @@ class GenerateReq:
     input_ids: list[int] | None = None  # token in, token out
     continue_final_message: bool = False
     add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None  # messages only: template variables
     return_logprob: bool = False
     top_logprobs_num: int = 0
     return_text: bool = True  # False: tokenizer skipped on the way out (output_ids only)
@@ -353,6 +354,7 @@ class TokenizeReq:
     add_special_tokens: bool = True
     add_generation_prompt: bool = True  # messages only
     continue_final_message: bool = False  # messages only
+    chat_template_kwargs: dict[str, Any] | None = None  # messages only: template variables
     return_token_strs: bool = False  # also each id's vocabulary string (vLLM's token_strs)
 
 

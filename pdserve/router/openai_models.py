@@ -227,6 +227,7 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     continue_final_message: bool = False
     add_generation_prompt: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # template variables (enable_thinking)
 
 
 PromptType = str | list[str] | list[TokenId] | list[list[TokenId]]

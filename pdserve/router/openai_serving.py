@@ -16,6 +16,7 @@ from pdserve.router.choice_state import ChoiceState
 from pdserve.router.errors import APIError, bad_request, sampling_error
 from pdserve.router.generate_result import hidden_states
 from pdserve.router.openai_models import SamplingFields
+from pdserve.tokenizer_proc.chat_template import check_template_kwargs
 
 
 @dataclass
@@ -143,6 +144,14 @@ def usage(choices: list[ChoiceState], n: int) -> dict[str, Any]:
         "total_tokens": prompt_tokens + completion_tokens,
         "prompt_tokens_details": {"cached_tokens": sum(c.cached_tokens for c in firsts)},
     }
+
+
+def template_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A request's `chat_template_kwargs`, checked (400 naming it); None when empty."""
+    try:
+        return check_template_kwargs(kwargs) or None
+    except ValueError as e:
+        raise bad_request(str(e), "chat_template_kwargs") from None
 
 
 def finish_reason(finish: Finish | None) -> str | None:

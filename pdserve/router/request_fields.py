@@ -95,7 +95,6 @@ REFUSED: dict[str, Refusal] = {
     "audio": Refusal(f"audio output {_TEXT_ONLY}", CHAT),
     "modalities": Refusal("only modalities ['text'] is supported", CHAT, _is_text_modality),
     "web_search_options": Refusal("web search is not supported", CHAT),
-    "chat_template_kwargs": Refusal("chat_template_kwargs is not supported", CHAT, _is_empty),
     "suffix": Refusal("suffix is not supported", frozenset({"completions"}), _is_empty_text),
 }
 

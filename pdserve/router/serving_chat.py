@@ -31,6 +31,7 @@ from pdserve.router.openai_serving import (
     finish_reason,
     last_hidden_state,
     sampling_dicts,
+    template_kwargs,
     usage,
 )
 from pdserve.router.request_fields import check_fields, extra_flag
@@ -66,6 +67,7 @@ def build_chat(spec: RouterSpec, body: ChatCompletionRequest) -> Fanout:
         samplings,
         continue_final_message=body.continue_final_message,
         add_generation_prompt=add_generation_prompt is not False,
+        chat_template_kwargs=template_kwargs(body.chat_template_kwargs),
         return_logprob=body.logprobs,
         top_logprobs_num=body.top_logprobs or 0,
         return_hidden_states=extra_flag(body, "return_hidden_states"),

@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, Response
 from pdserve.protocol import DetokenizeReq, TokenizeOut, TokenizeReq
 from pdserve.router.errors import APIError, bad_request
 from pdserve.router.openai_models import ChatMessage, RequestBody, TokenId
-from pdserve.router.openai_serving import check_model
+from pdserve.router.openai_serving import check_model, template_kwargs
 from pdserve.router.router import Router
 
 ANSWER_TIMEOUT_S = 30.0  # a tokenizer that does not answer by then is lost: 503
@@ -39,6 +39,7 @@ class TokenizeRequest(RequestBody):
     add_special_tokens: bool | None = None  # None: true for a prompt, false for messages (vLLM)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
     return_token_strs: bool = False
 
 
@@ -82,6 +83,7 @@ async def tokenize(router: Router, body: TokenizeRequest) -> dict[str, Any]:
         ),
         add_generation_prompt=body.add_generation_prompt,
         continue_final_message=body.continue_final_message,
+        chat_template_kwargs=template_kwargs(body.chat_template_kwargs),
         return_token_strs=body.return_token_strs,
     )
     out = await _ask(router, msg)

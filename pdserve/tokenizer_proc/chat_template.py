@@ -8,6 +8,35 @@ from __future__ import annotations
 
 from typing import Any
 
+# apply_chat_template's own arguments, which chat_template_kwargs may not set: the request's
+# fields (add_generation_prompt, continue_final_message) set some, and the rest would change what
+# the call returns rather than what the template renders.
+RESERVED_TEMPLATE_KWARGS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
+    "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs",
+})  # fmt: skip
+
+
+def check_template_kwargs(kwargs: Any) -> dict[str, Any]:
+    """`chat_template_kwargs` (variables for the template, e.g. Qwen3's `enable_thinking`) as a
+    dict; ValueError naming what is wrong."""
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, dict):
+        raise ValueError(
+            f"chat_template_kwargs must be an object of template variables, got {kwargs!r:.80}"
+        )
+    for key in kwargs:
+        if not isinstance(key, str) or not key.isidentifier():
+            raise ValueError(f"chat_template_kwargs: {key!r:.80} is not a template variable name")
+        if key in RESERVED_TEMPLATE_KWARGS:
+            raise ValueError(
+                f"chat_template_kwargs: {key!r} cannot be set here (an argument of the template "
+                "call itself; add_generation_prompt and continue_final_message are request fields)"
+            )
+    return kwargs
+
 
 def normalize_messages(messages: Any) -> list[dict[str, Any]]:
     """Check OpenAI-style messages and turn content-part lists into plain strings.
@@ -61,9 +90,10 @@ def render_chat(
     messages: Any,
     add_generation_prompt: bool = True,
     continue_final_message: bool = False,
-    tools: list[dict[str, Any]] | None = None,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> str:
-    """The prompt text the template makes of `messages`.
+    """The prompt text the template makes of `messages`; `template_kwargs` are extra variables
+    for the template (a request's `chat_template_kwargs`).
 
     continue_final_message: the last message must be the assistant's; its turn is left open
     (no end-of-turn token after it), so the model continues that text. It overrides
@@ -80,10 +110,10 @@ def render_chat(
     try:
         return tokenizer.apply_chat_template(
             messages,
-            tools=tools,
             tokenize=False,
             add_generation_prompt=add_generation_prompt and not continue_final_message,
             continue_final_message=continue_final_message,
+            **check_template_kwargs(template_kwargs),
         )
     except ValueError:
         raise
@@ -96,8 +126,10 @@ def apply_chat_template(
     messages: Any,
     add_generation_prompt: bool = True,
     continue_final_message: bool = False,
-    tools: list[dict[str, Any]] | None = None,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> list[int]:
     """Token ids of the templated chat (see `render_chat`); no special token added twice."""
-    prompt = render_chat(tokenizer, messages, add_generation_prompt, continue_final_message, tools)
+    prompt = render_chat(
+        tokenizer, messages, add_generation_prompt, continue_final_message, template_kwargs
+    )
     return list(tokenizer.encode(prompt, add_special_tokens=False))

@@ -231,6 +231,7 @@ class TokenizerCore:
                 req.messages,
                 add_generation_prompt=req.add_generation_prompt,
                 continue_final_message=req.continue_final_message,
+                template_kwargs=req.chat_template_kwargs,
             )
             prompt = self.with_images(prompt, images)
             # The template writes its own BOS: adding one more would double it.
@@ -338,6 +339,7 @@ class TokenizerCore:
                     msg.messages,
                     add_generation_prompt=msg.add_generation_prompt,
                     continue_final_message=msg.continue_final_message,
+                    template_kwargs=msg.chat_template_kwargs,
                 )
                 ids = [self.encode(chat, add_special_tokens=msg.add_special_tokens)]
             elif msg.add_special_tokens:  # with BOS kept single, as /generate and completions do

@@ -44,7 +44,6 @@ ASKING = {
     "audio": {"voice": "alloy", "format": "wav"},
     "modalities": ["text", "audio"],
     "web_search_options": {},
-    "chat_template_kwargs": {"enable_thinking": False},
     "suffix": " the end",
 }
 REFUSED_CASES = [
@@ -126,6 +125,16 @@ OTHER_REFUSALS = [
         id="chat-message-tool_calls",
     ),  # fmt: skip
     pytest.param(COMPLETIONS, {"priority": 1}, "priority", id="cmpl-priority-unknown"),
+    pytest.param(
+        CHAT,
+        {"chat_template_kwargs": {"tokenize": True}},
+        "chat_template_kwargs",
+        id="chat-kw-call",
+    ),
+    pytest.param(CHAT, {"chat_template_kwargs": [1]}, "chat_template_kwargs", id="chat-kw-list"),
+    pytest.param(
+        COMPLETIONS, {"chat_template_kwargs": {"a": 1}}, "chat_template_kwargs", id="cmpl-kw"
+    ),
     pytest.param(
         CHAT, {"return_hidden_states": "yes"}, "return_hidden_states", id="chat-hidden-not-bool"
     ),
@@ -279,3 +288,15 @@ def test_openai_routes_carry_return_hidden_states_to_the_tokenizer(
     group_id = resp.json()["id"].split("-", 1)[1]
     assert not cluster.find_req(lambda r: r.rid == group_id).return_hidden_states
     assert all("hidden_states" not in choice for choice in resp.json()["choices"])
+
+
+def test_chat_carries_chat_template_kwargs_to_the_tokenizer(cluster: Cluster) -> None:
+    kwargs = {"enable_thinking": False, "names": ["a", "é"], "depth": {"n": 2}}
+    resp = post(cluster, CHAT, {"chat_template_kwargs": kwargs, "n": 2})
+    assert resp.status_code == 200, resp.text
+    group_id = resp.json()["id"].split("-", 1)[1]
+    sent = [r for r in cluster.requests() if r.rid.startswith(group_id)]
+    assert len(sent) == 2 and all(r.chat_template_kwargs == kwargs for r in sent)
+    resp = post(cluster, CHAT, {"chat_template_kwargs": {}})
+    group_id = resp.json()["id"].split("-", 1)[1]
+    assert cluster.find_req(lambda r: r.rid == group_id).chat_template_kwargs is None

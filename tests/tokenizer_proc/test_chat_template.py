@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -9,7 +10,11 @@ from typing import Any
 
 import pytest
 
-from pdserve.tokenizer_proc.chat_template import apply_chat_template, render_chat
+from pdserve.tokenizer_proc.chat_template import (
+    apply_chat_template,
+    check_template_kwargs,
+    render_chat,
+)
 
 CHAT = [
     {"role": "system", "content": "Be brief."},
@@ -97,3 +102,41 @@ def test_bos_written_by_the_template_is_not_doubled(tokenizer_dir: Path, tmp_pat
 
     ids = apply_chat_template(tok, CHAT)
     assert ids[0] == bos and ids.count(bos) == 1
+
+
+THINKING_TEMPLATE = (
+    "{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n"
+    "{%- if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n"
+    "{%- endif %}{%- endif %}"
+)  # Qwen3's switch, reduced
+
+
+def test_template_kwargs_reach_the_template_as_transformers_passes_them(tokenizer: Any):
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = THINKING_TEMPLATE
+    default = render_chat(tokenizer, CHAT)
+    off = render_chat(tokenizer, CHAT, template_kwargs={"enable_thinking": False})
+    assert "<think>" not in default and off.endswith("assistant<think>\n\n</think>")
+    want = tokenizer.apply_chat_template(
+        CHAT, tokenize=False, add_generation_prompt=True, enable_thinking=False
+    )
+    assert off == want
+    ids = apply_chat_template(tokenizer, CHAT, template_kwargs={"enable_thinking": False})
+    assert tokenizer.decode(ids) == want
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ([1], "must be an object of template variables"),
+        ({"tokenize": True}, "'tokenize' cannot be set here"),
+        ({"add_generation_prompt": False}, "request fields"),
+        ({"not a name": 1}, "is not a template variable name"),
+    ],
+)
+def test_template_kwargs_that_are_not_template_variables_are_refused(
+    kwargs: Any, error: str
+) -> None:
+    with pytest.raises(ValueError, match=error):
+        check_template_kwargs(kwargs)

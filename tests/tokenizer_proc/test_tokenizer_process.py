@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 import zmq.asyncio
 
+from pdserve import codec
 from pdserve.config.process_specs import TokenizerSpec
 from pdserve.config.sampling_params import SamplingParams
 from pdserve.ipc import AsyncInbox, AsyncOutbox, new_ipc_address
@@ -24,6 +26,7 @@ from pdserve.protocol import (
     ReqOutput,
     Shutdown,
     TokenizedReq,
+    TokenizeReq,
     TokenOut,
 )
 from pdserve.tokenizer_proc.chat_template import apply_chat_template
@@ -272,3 +275,35 @@ def test_serve_answers_bad_requests_and_keeps_serving(tokenizer_dir: Path, token
             assert out.text_delta == "still alive" and out.error is None
 
     asyncio.run(scenario())
+
+
+THINKING_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}"
+    "{% endif %}"
+)
+
+
+def test_chat_template_kwargs_travel_and_reach_the_template(tokenizer: Any) -> None:
+    """Through the codec (as the router sends them) into the tokenizer's render, for generation
+    and for /tokenize; transformers' own apply_chat_template with the same variable is the
+    reference."""
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = THINKING_TEMPLATE
+    core = TokenizerCore(tokenizer, idx=0, max_context_len=256, num_workers=1)
+    kwargs = {"enable_thinking": False}
+    want_text = tokenizer.apply_chat_template(
+        CHAT, tokenize=False, add_generation_prompt=True, enable_thinking=False
+    )
+    assert "<think></think>" in want_text
+    want = tokenizer.encode(want_text, add_special_tokens=False)
+    req = codec.decode(codec.encode(GenerateReq(
+        rid="k", sampling=sampling(), messages=CHAT, chat_template_kwargs=kwargs
+    )))  # fmt: skip
+    assert req.chat_template_kwargs == kwargs
+    assert core.on_generate(req)[1].input_ids == want
+    plain = core.on_generate(GenerateReq(rid="p", sampling=sampling(), messages=CHAT))[1]
+    assert plain.input_ids != want
+    tok = TokenizeReq(rid="t", messages=CHAT, add_special_tokens=False, chat_template_kwargs=kwargs)
+    assert core.on_tokenize(codec.decode(codec.encode(tok))).token_ids == [want]
