@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,8 @@ PoolingKind = Literal["last", "mean", "cls"]
 _FAMILIES = ("Llama", "Mistral", "Qwen2", "Qwen3")
 _HEADS = ("ForCausalLM", "Model", "ForSequenceClassification")
 AttentionBackend = Literal["auto", "torch", "triton", "flashinfer"]
+
+logger = logging.getLogger(__name__)
 
 
 def _require(cond: bool, key: str, value: Any, expected: str) -> None:
@@ -76,6 +79,10 @@ class ModelConfig:
     matryoshka_dims: tuple[int, ...] = ()  # output sizes `dimensions` may truncate to
     # a vision-language model's tower
     vision: VisionConfig | LlavaVisionConfig | PixtralVisionConfig | None = None
+    # Tokens each position attends back over (Mistral 7B v0.1's 4,096); 0: the whole context.
+    # pdserve's attention is full, which equals the window's while the context fits in it, so
+    # the context is capped at the window (`context_limit`).
+    sliding_window: int = 0
 
     @property
     def family(self) -> str:
@@ -86,6 +93,21 @@ class ModelConfig:
     def has_lm_head(self) -> bool:
         """The checkpoint holds an lm_head (a *ForCausalLM directory)."""
         return self.architecture.endswith("ForCausalLM") or self.vision is not None
+
+    def context_limit(self, requested: int | None = None) -> int:
+        """The longest context (prompt + output) served: `requested` (scheduler.max_context_len)
+        or max_position_embeddings, at most the sliding window."""
+        limit = requested or self.max_position_embeddings
+        if self.sliding_window and limit > self.sliding_window:
+            if requested:
+                logger.warning(
+                    "max_context_len=%d is capped at the model's sliding window (%d tokens): "
+                    "pdserve's attention is full, exact only within the window",
+                    requested,
+                    self.sliding_window,
+                )
+            return self.sliding_window
+        return limit
 
     def __post_init__(self) -> None:
         _require(
@@ -160,7 +182,20 @@ class ModelConfig:
             torch_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "float32"),
             num_labels=_num_labels(hf) if arch.endswith("ForSequenceClassification") else 0,
             vision=vision,
+            sliding_window=sliding_window_of(hf),
         )
+
+
+def sliding_window_of(hf: Mapping[str, Any]) -> int:
+    """The attention window a Hugging Face config asks for, as transformers applies it: Mistral's
+    `sliding_window` when set; Qwen2's and Qwen3's only with `use_sliding_window`; 0 for none."""
+    window = hf.get("sliding_window")
+    if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
+        return 0
+    if "use_sliding_window" in hf and not hf["use_sliding_window"]:
+        return 0
+    model_type = str(hf.get("model_type", ""))
+    return window if model_type.startswith(("mistral", "qwen2", "qwen3")) else 0
 
 
 def _split_architecture(arch: str) -> tuple[str, str]:

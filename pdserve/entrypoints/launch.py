@@ -240,8 +240,8 @@ class Cluster:
     def _max_context_len(self) -> int:
         from pdserve.config.engine_config import ModelConfig
 
-        limit = ModelConfig.from_hf(self.topology.model).max_position_embeddings
-        return self.topology.scheduler.max_context_len or limit
+        config = ModelConfig.from_hf(self.topology.model)
+        return config.context_limit(self.topology.scheduler.max_context_len)
 
     def _spawn(
         self,

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import zmq
 import zmq.asyncio
 
+from pdserve.config.engine_config import sliding_window_of
 from pdserve.config.process_specs import TokenizerSpec
 from pdserve.config.sampling_params import SamplingParams
 from pdserve.grammar_check import check_grammar
@@ -74,9 +75,11 @@ def model_context_len(model_path: str, tokenizer: Any) -> int:
     config_file = Path(model_path) / "config.json"
     if config_file.is_file():
         config = json.loads(config_file.read_text())
+        text_config = config.get("text_config") or config  # a vision-language model's decoder
+        window = sliding_window_of(text_config)  # the workers serve no more than the window
         for key in _CONFIG_LEN_KEYS:
             if isinstance(config.get(key), int) and config[key] > 0:
-                return config[key]
+                return min(config[key], window) if window else config[key]
     limit = getattr(tokenizer, "model_max_length", 0)
     return limit if isinstance(limit, int) and 0 < limit < 10**9 else 0
 

@@ -241,8 +241,8 @@ class CudaGraphRunner:
         self.device = model_runner.device
         self.draw_graphs = model_runner.draw_graphs  # decode graphs register their logits there
         self.tokens_per_row = tokens_per_row
-        self.max_context_len = (
-            config.scheduler.max_context_len or model_runner.model_config.max_position_embeddings
+        self.max_context_len = model_runner.model_config.context_limit(
+            config.scheduler.max_context_len
         )
         # A verify row's padding tokens sit after its real ones: up to n - 1 past the context.
         max_seq_len = self.max_context_len + tokens_per_row - 1

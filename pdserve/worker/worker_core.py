@@ -95,7 +95,7 @@ class WorkerCore:
             tp = self.tp_followers.group
         self.runner = ModelRunner(self.config, self.model_config, tp)
         sched = self.config.scheduler
-        self.max_context_len = sched.max_context_len or self.model_config.max_position_embeddings
+        self.max_context_len = self.model_config.context_limit(sched.max_context_len)
         checker = FinishChecker(self.model_config.eos_token_ids, self.max_context_len, decode)
         max_loras = self.config.lora.max_loras_per_batch if self.runner.lora else None
         self.scheduler = Scheduler(

@@ -151,7 +151,7 @@ def test_runner_stays_off_for_a_backend_that_cannot_be_captured() -> None:
         model=SimpleNamespace(attention=get_attention_backend("torch")),
         kv_pool=None,
         device=torch.device("cpu"),
-        model_config=SimpleNamespace(max_position_embeddings=128),
+        model_config=SimpleNamespace(context_limit=lambda requested: requested or 128),
         page_size=16,
         draw_graphs=None,
     )

@@ -41,12 +41,17 @@ LLAMA3_SCALING = dict(
     # Tiny, so the test's positions and head_dim touch all three bands of the scaling.
     original_max_position_embeddings=32,
 )
+WINDOW = 16
 ARCHS = {
     "llama3": lambda: transformers.LlamaForCausalLM(
         transformers.LlamaConfig(**SHAPE, rope_theta=500000.0, rope_scaling=LLAMA3_SCALING)
     ),
     "mistral": lambda: transformers.MistralForCausalLM(
         transformers.MistralConfig(**SHAPE, sliding_window=None)
+    ),
+    # Mistral 7B v0.1's sliding window, small: every sequence below fits in it.
+    "mistral_window": lambda: transformers.MistralForCausalLM(
+        transformers.MistralConfig(**SHAPE, sliding_window=WINDOW)
     ),
     "qwen2": lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**SHAPE)),
     "qwen3_tied": lambda: transformers.Qwen3ForCausalLM(
@@ -235,3 +240,28 @@ def test_half_precision_is_close_to_hf(hf_model: HFModel, dtype: torch.dtype) ->
     assert logits.dtype == torch.float32
     scale = expected.abs().max().item()
     assert (logits - expected).abs().max().item() < HALF_TOLERANCE[dtype] * scale
+
+
+def test_a_sliding_window_caps_the_context_where_full_attention_equals_it(
+    hf_model: HFModel,
+) -> None:
+    """pdserve's attention is full: exact for a windowed model only within the window, so the
+    model's context is capped there; past it, transformers' windowed logits differ."""
+    config = ModelConfig.from_hf(hf_model.path)
+    if not isinstance(hf_model.model.config, transformers.MistralConfig):
+        assert config.sliding_window == 0
+        assert config.context_limit() == config.max_position_embeddings
+        return
+    window = hf_model.model.config.sliding_window or 0
+    assert config.sliding_window == window
+    assert config.context_limit() == (window or config.max_position_embeddings)
+    if not window:
+        return
+    assert config.context_limit(4 * window) == window and config.context_limit(8) == 8
+    long = random_ids([window + 8], seed=7)[0]
+    model, pool = _pdserve(hf_model)
+    batch = make_batch(make_steps([long], [0], scattered_pages([len(long)])), PAGE_SIZE)
+    with torch.inference_mode():
+        full = model(batch, pool)[0]
+    windowed = _hf_logits(hf_model, long)[-1]
+    assert (full - windowed).abs().max().item() > 1e-2  # the window matters past it
