@@ -83,6 +83,7 @@ class GenerateReq:
     continue_final_message: bool = False
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None  # messages only: template variables
+    tools: list[dict[str, Any]] | None = None  # messages only: OpenAI tools, for the template
     return_logprob: bool = False
     top_logprobs_num: int = 0
     return_text: bool = True  # False: tokenizer skipped on the way out (output_ids only)

@@ -9,6 +9,7 @@ rest with a 400 naming the field.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -100,7 +101,7 @@ class ChatMessage(_Body):
     content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
-    # An assistant message as the API returned it carries these, empty; refused when set.
+    # An assistant message's calls, as the API returned them (the template renders them).
     tool_calls: list[Any] | None = None
     function_call: Any = None
     audio: Any = None
@@ -117,11 +118,20 @@ class ChatMessage(_Body):
                 )
         return value
 
-    @field_validator("tool_calls", "function_call", "audio")
+    @field_validator("function_call", "audio")
     @classmethod
     def _nothing_unsupported(cls, value: Any) -> Any:
         if value:
-            raise ValueError("is not supported (tool calls and audio)")
+            raise ValueError("is not supported (legacy function calls and audio)")
+        return value
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _calls_of_functions(cls, value: Any) -> Any:
+        for call in value or ():
+            function = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+                raise ValueError("each tool call needs {'function': {'name', 'arguments'}}")
         return value
 
     def to_template_dict(self) -> dict[str, Any]:
@@ -145,6 +155,8 @@ class ChatMessage(_Body):
             out["name"] = self.name
         if self.tool_call_id is not None:
             out["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            out["tool_calls"] = [_template_call(call) for call in self.tool_calls]
         return out
 
     def image_urls(self) -> list[str]:
@@ -159,6 +171,19 @@ class ChatMessage(_Body):
 
     def media_urls(self) -> list[str]:
         return self.image_urls() + self.video_urls()
+
+
+def _template_call(call: dict[str, Any]) -> dict[str, Any]:
+    """A tool call as chat templates read it: OpenAI's `arguments` JSON text as an object (the
+    templates write it with `tojson`; vLLM passes it so too); text that is not JSON stays."""
+    function = dict(call["function"])
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        try:
+            function["arguments"] = json.loads(arguments)
+        except ValueError:
+            pass
+    return {**call, "type": call.get("type", "function"), "function": function}
 
 
 class JsonSchemaFormat(_Body):
@@ -228,6 +253,9 @@ class ChatCompletionRequest(SamplingFields):
     continue_final_message: bool = False
     add_generation_prompt: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None  # template variables (enable_thinking)
+    tools: list[Any] | None = None  # checked by router/tool_calls.py
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None  # false: at most one call
 
 
 PromptType = str | list[str] | list[TokenId] | list[list[TokenId]]

@@ -16,6 +16,7 @@ from pdserve.router.choice_state import ChoiceState
 from pdserve.router.errors import APIError, bad_request, sampling_error
 from pdserve.router.generate_result import hidden_states
 from pdserve.router.openai_models import SamplingFields
+from pdserve.router.tool_calls import ToolPlan
 from pdserve.tokenizer_proc.chat_template import check_template_kwargs
 
 
@@ -37,6 +38,7 @@ class Fanout:
     route_keys: list[int]  # prompt index: the n copies of a prompt share a route
     n: int
     created: int  # unix seconds, for the response's `created`
+    tool_plan: ToolPlan | None = None  # chat with tools: how the choices' calls are read
 
 
 def check_model(spec: RouterSpec, model: str | None) -> None:

@@ -72,7 +72,7 @@ _VLLM_GUIDED = (
     "json_schema, regex or ebnf"
 )
 _IN_SAMPLING_PARAMS = "on /generate it goes inside sampling_params"
-_TOOLS = "tool calling is not supported"
+_LEGACY_FUNCTIONS = "the legacy function calling is not supported: use tools and tool_choice"
 _TEXT_ONLY = "is not supported: the model takes text only"
 _IMAGE_DATA = "is a /generate field (on chat, send image_url content parts)"
 
@@ -85,10 +85,8 @@ REFUSED: dict[str, Refusal] = {
     "guided_regex": Refusal(_VLLM_GUIDED, OPENAI),
     "guided_choice": Refusal(_VLLM_GUIDED, OPENAI),
     "guided_grammar": Refusal(_VLLM_GUIDED, OPENAI),
-    "tools": Refusal(_TOOLS, CHAT, _is_empty),
-    "tool_choice": Refusal(_TOOLS, CHAT, _asks_no_tool),
-    "functions": Refusal(_TOOLS, CHAT, _is_empty),
-    "function_call": Refusal(_TOOLS, CHAT, _asks_no_tool),
+    "functions": Refusal(_LEGACY_FUNCTIONS, CHAT, _is_empty),
+    "function_call": Refusal(_LEGACY_FUNCTIONS, CHAT, _asks_no_tool),
     "image_data": Refusal(_IMAGE_DATA, OPENAI),
     "video_data": Refusal("is a /generate field (on chat, send video_url content parts)", OPENAI),
     "audio_data": Refusal(f"audio_data {_TEXT_ONLY}", EVERY),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -10,6 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from pdserve.config.router_spec import RouterSpec
+from pdserve.config.sampling_params import GRAMMAR_KEYS
 from pdserve.protocol import ReqOutput
 from pdserve.router.admission import admit, build_checked
 from pdserve.router.errors import bad_request
@@ -38,6 +40,7 @@ from pdserve.router.request_fields import check_fields, extra_flag
 from pdserve.router.request_tracker import RequestGroup
 from pdserve.router.router import Router
 from pdserve.router.sse import DONE, SSEResponse, sse, sse_error
+from pdserve.router.tool_calls import ToolCallStream, ToolPlan, chat_template_of, plan_tools
 
 
 def build_chat(spec: RouterSpec, body: ChatCompletionRequest) -> Fanout:
@@ -60,6 +63,18 @@ def build_chat(spec: RouterSpec, body: ChatCompletionRequest) -> Fanout:
     if max_tokens is None:
         max_tokens = body.max_tokens
     samplings = sampling_dicts(body, max_tokens, spec.default_max_tokens)
+    template = chat_template_of(spec.tokenizer_path_or_model) if body.tools else None
+    plan = plan_tools(body.tools, body.tool_choice, template, body.parallel_tool_calls)
+    schema = plan.json_schema() if plan is not None else None
+    if schema is not None:  # required or named: the calls are structured output
+        if any(d.get(key) for d in samplings for key in GRAMMAR_KEYS):
+            raise bad_request(
+                "tool_choice 'required' or a named function cannot be combined with "
+                "response_format or another constraint",
+                "tool_choice",
+            )
+        for d in samplings:
+            d["json_schema"] = json.dumps(schema)
     messages = [m.to_template_dict() for m in body.messages]
     images = [url for m in body.messages for url in m.image_urls()]
     fan = fan_out(
@@ -68,6 +83,7 @@ def build_chat(spec: RouterSpec, body: ChatCompletionRequest) -> Fanout:
         continue_final_message=body.continue_final_message,
         add_generation_prompt=add_generation_prompt is not False,
         chat_template_kwargs=template_kwargs(body.chat_template_kwargs),
+        tools=plan.template_tools if plan is not None else None,
         return_logprob=body.logprobs,
         top_logprobs_num=body.top_logprobs or 0,
         return_hidden_states=extra_flag(body, "return_hidden_states"),
@@ -76,6 +92,7 @@ def build_chat(spec: RouterSpec, body: ChatCompletionRequest) -> Fanout:
     for req in fan.reqs:  # the tokenizer process fetches and preprocesses them
         req.image_data = images or None
         req.video_data = videos or None
+    fan.tool_plan = plan
     return fan
 
 
@@ -104,18 +121,27 @@ def _chat_response(
         "object": "chat.completion",
         "created": fan.created,
         "model": spec.model_name,
-        "choices": [_chat_choice(c, body) for c in choices],
+        "choices": [_chat_choice(c, body, fan.tool_plan) for c in choices],
         "usage": usage(choices, fan.n),
         "system_fingerprint": None,
     }
 
 
-def _chat_choice(c: ChoiceState, body: ChatCompletionRequest) -> dict[str, Any]:
+def _chat_choice(
+    c: ChoiceState, body: ChatCompletionRequest, plan: ToolPlan | None
+) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": c.text}
+    reason = finish_reason(c.finish)
+    if plan is not None:
+        content, calls = plan.calls_of(c.text)
+        if calls:
+            message = {"role": "assistant", "content": content, "tool_calls": calls}
+            reason = _calls_reason(plan, reason)
     choice = {
         "index": c.index,
-        "message": {"role": "assistant", "content": c.text},
+        "message": message,
         "logprobs": chat_logprobs(c, body.top_logprobs or 0) if body.logprobs else None,
-        "finish_reason": finish_reason(c.finish),
+        "finish_reason": reason,
     }
     if extra_flag(body, "return_hidden_states"):
         choice["hidden_states"] = last_hidden_state(c)
@@ -138,6 +164,8 @@ async def _chat_events(
     if body.include_usage:
         base["usage"] = None
     states = [ChoiceState(i, rid) for i, rid in enumerate(group.rids)]
+    plan = fan.tool_plan
+    tool_streams = [ToolCallStream(plan) if plan else None for _ in group.rids]
     for i in range(group.num_choices):
         role = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                 "finish_reason": None}  # fmt: skip
@@ -149,7 +177,7 @@ async def _chat_events(
             yield sse_error(err.message, err.status)
             yield DONE
             return
-        choice = _chat_delta(index, out, body)
+        choice = _chat_delta(index, out, body, tool_streams[index])
         if choice is not None:
             yield sse({**base, "choices": [choice]})
     if extra_flag(body, "return_hidden_states"):  # as SGLang: one chunk per choice, at the end
@@ -162,12 +190,29 @@ async def _chat_events(
     yield DONE
 
 
-def _chat_delta(index: int, out: ReqOutput, body: ChatCompletionRequest) -> dict[str, Any] | None:
+def _chat_delta(
+    index: int, out: ReqOutput, body: ChatCompletionRequest, tools: ToolCallStream | None
+) -> dict[str, Any] | None:
     logprobs = None
     if body.logprobs and out.logprobs:
         logprobs = chat_logprobs(out, body.top_logprobs or 0)
     reason = finish_reason(out.finish)
-    if not out.text_delta and reason is None and logprobs is None:
+    text = out.text_delta if tools is None else tools.feed(out.text_delta)
+    delta: dict[str, Any] = {}
+    if tools is not None and reason is not None:  # the end: the held text, read as calls
+        rest, calls = tools.finish()
+        text += rest
+        if calls:
+            delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(calls)]
+            reason = _calls_reason(tools.plan, reason)
+    if not text and not delta and reason is None and logprobs is None:
         return None
-    delta = {"content": out.text_delta} if out.text_delta else {}
+    if text:
+        delta = {"content": text, **delta}
     return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+
+
+def _calls_reason(plan: ToolPlan, reason: str | None) -> str | None:
+    """finish_reason of a choice that made calls: "tool_calls", except for a named function
+    (OpenAI's and vLLM's "stop": the call was asked for, not chosen)."""
+    return reason if plan.choice == "named" else "tool_calls"

@@ -91,9 +91,10 @@ def render_chat(
     add_generation_prompt: bool = True,
     continue_final_message: bool = False,
     template_kwargs: dict[str, Any] | None = None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> str:
     """The prompt text the template makes of `messages`; `template_kwargs` are extra variables
-    for the template (a request's `chat_template_kwargs`).
+    for the template (a request's `chat_template_kwargs`), `tools` the request's OpenAI tools.
 
     continue_final_message: the last message must be the assistant's; its turn is left open
     (no end-of-turn token after it), so the model continues that text. It overrides
@@ -110,6 +111,7 @@ def render_chat(
     try:
         return tokenizer.apply_chat_template(
             messages,
+            tools=tools or None,
             tokenize=False,
             add_generation_prompt=add_generation_prompt and not continue_final_message,
             continue_final_message=continue_final_message,

@@ -235,6 +235,7 @@ class TokenizerCore:
                 add_generation_prompt=req.add_generation_prompt,
                 continue_final_message=req.continue_final_message,
                 template_kwargs=req.chat_template_kwargs,
+                tools=req.tools,
             )
             prompt = self.with_images(prompt, images)
             # The template writes its own BOS: adding one more would double it.

@@ -34,8 +34,6 @@ ASKING = {
     "guided_regex": "a+",
     "guided_choice": ["a", "b"],
     "guided_grammar": 'root ::= "a"',
-    "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
-    "tool_choice": "required",
     "functions": [{"name": "f", "parameters": {}}],
     "function_call": {"name": "f"},
     "image_data": "https://example.com/cat.png",
@@ -300,3 +298,40 @@ def test_chat_carries_chat_template_kwargs_to_the_tokenizer(cluster: Cluster) ->
     resp = post(cluster, CHAT, {"chat_template_kwargs": {}})
     group_id = resp.json()["id"].split("-", 1)[1]
     assert cluster.find_req(lambda r: r.rid == group_id).chat_template_kwargs is None
+
+
+TOOL = {
+    "type": "function",
+    "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}},
+}
+
+
+def test_chat_carries_tools_to_the_template_and_required_calls_as_a_schema(
+    cluster: Cluster,
+) -> None:
+    resp = post(cluster, CHAT, {"tools": [TOOL], "tool_choice": "required"})
+    assert resp.status_code == 200, resp.text
+    req = cluster.find_req(lambda r: r.rid == resp.json()["id"].removeprefix("chatcmpl-"))
+    assert req.tools == [TOOL]
+    schema = json.loads(req.sampling["json_schema"])
+    assert schema["minItems"] == 1 and "maxItems" not in schema
+    assert schema["items"]["anyOf"][0]["properties"]["name"] == {"const": "get_time"}
+    # The fake's answer is not a call: it stays the content.
+    message = resp.json()["choices"][0]["message"]
+    assert message["content"] and "tool_calls" not in message
+    one = post(cluster, CHAT, {"tools": [TOOL], "tool_choice": "required",
+                               "parallel_tool_calls": False})  # fmt: skip
+    req = cluster.find_req(lambda r: r.rid == one.json()["id"].removeprefix("chatcmpl-"))
+    assert json.loads(req.sampling["json_schema"])["maxItems"] == 1
+    none = post(cluster, CHAT, {"tools": [TOOL], "tool_choice": "none"})
+    req = cluster.find_req(lambda r: r.rid == none.json()["id"].removeprefix("chatcmpl-"))
+    assert req.tools is None and req.sampling.get("json_schema") is None
+
+
+def test_tool_choices_the_model_cannot_serve_are_refused(cluster: Cluster) -> None:
+    # The fakes' model has no chat template: no tool-call format for `auto` to read.
+    assert_refused(post(cluster, CHAT, {"tools": [TOOL]}), "tool_choice")
+    named = {"type": "function", "function": {"name": "get_time"}}
+    both = {"tools": [TOOL], "tool_choice": named, "response_format": {"type": "json_object"}}
+    assert_refused(post(cluster, CHAT, both), "tool_choice")
+    assert_refused(post(cluster, CHAT, {"tools": [{"type": "function"}]}), "tools")
