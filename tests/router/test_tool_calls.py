@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pdserve.router.errors import APIError
+from pdserve.router.openai_models import ChatMessage
 from pdserve.router.tool_calls import (
     ToolCallStream,
     ToolPlan,
@@ -185,3 +186,17 @@ def test_a_constrained_stream_sends_no_content() -> None:
     assert stream.feed('[{"name": "get_time", ') == "" and stream.feed('"parameters": {}}]') == ""
     rest, calls = stream.finish()
     assert rest == "" and calls_as_pairs(calls) == [("get_time", {})]
+
+
+def test_an_assistant_messages_calls_reach_the_template_with_object_arguments() -> None:
+    calls = [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a": [1]}'}},
+        {"id": "c2", "function": {"name": "g", "arguments": "not json"}},
+    ]
+    message = ChatMessage(role="assistant", content=None, tool_calls=calls)
+    rendered = message.to_template_dict()["tool_calls"]
+    assert rendered[0]["function"] == {"name": "f", "arguments": {"a": [1]}}
+    assert rendered[1]["function"]["arguments"] == "not json" and rendered[1]["type"] == "function"
+    assert calls[0]["function"]["arguments"] == '{"a": [1]}'  # the request itself unchanged
+    with pytest.raises(ValueError):
+        ChatMessage(role="assistant", tool_calls=[{"id": "c", "type": "function"}])

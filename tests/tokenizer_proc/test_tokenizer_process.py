@@ -307,3 +307,32 @@ def test_chat_template_kwargs_travel_and_reach_the_template(tokenizer: Any) -> N
     assert plain.input_ids != want
     tok = TokenizeReq(rid="t", messages=CHAT, add_special_tokens=False, chat_template_kwargs=kwargs)
     assert core.on_tokenize(codec.decode(codec.encode(tok))).token_ids == [want]
+
+
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n{% for t in tools %}{{ t | tojson }}\n{% endfor %}"
+    "<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+    "{% for c in m.tool_calls or [] %}<tool_call>{{ c.function | tojson }}</tool_call>{% endfor %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)  # a Hermes-style template, reduced
+
+
+def test_tools_and_calls_reach_the_template_as_transformers_passes_them(tokenizer: Any) -> None:
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = TOOLS_TEMPLATE
+    core = TokenizerCore(tokenizer, idx=0, max_context_len=512, num_workers=1)
+    tools = [{"type": "function", "function": {"name": "get_time", "parameters": {}}}]
+    call = {"id": "c1", "type": "function",
+            "function": {"name": "get_time", "arguments": {"zone": "UTC"}}}  # fmt: skip
+    messages = [*CHAT, {"role": "assistant", "content": "", "tool_calls": [call]}]
+    want_text = tokenizer.apply_chat_template(
+        messages, tools=tools, tokenize=False, add_generation_prompt=True
+    )
+    assert '"get_time"' in want_text and '{"zone": "UTC"}' in want_text
+    req = codec.decode(codec.encode(
+        GenerateReq(rid="t", sampling=sampling(), messages=messages, tools=tools)
+    ))  # fmt: skip
+    assert core.on_generate(req)[1].input_ids == tokenizer.encode(
+        want_text, add_special_tokens=False
+    )
