@@ -41,6 +41,12 @@ GOOD_SCHEMAS: list[dict[str, Any]] = [
     {"type": "object", "properties": {"a": {"enum": [1, 2]}}, "required": ["a"]},
     {"type": "array", "items": {"type": "boolean"}, "minItems": 1, "maxItems": 2},
 ]
+TOOLS = [
+    {"type": "function", "function": {"name": "get_time", "parameters": {
+        "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"]}}},
+    {"type": "function", "function": {"name": "pick", "parameters": {
+        "type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}}}},
+]  # fmt: skip
 GOOD_REGEXES = [r"(yes|no)", r"[0-9]{1,3}", r"[a-c]{2}"]
 GOOD_EBNF = ['root ::= "yes" | "no"', "root ::= [0-9] [0-9]?"]
 BAD_GRAMMARS = [
@@ -174,6 +180,14 @@ class Fuzzer:
         if path == "/v1/chat/completions":
             message = {"role": self.pick("user", 0.1), "content": self.pick(self.text, 0.1)}
             body["messages"] = self.pick([message], 0.1)
+            if self.rng.random() < 0.15:
+                body["tools"] = self.pick(TOOLS)
+                named = {"type": "function", "function": {"name": self.pick("pick")}}
+                body["tool_choice"] = self.pick(
+                    lambda: self.rng.choice(["none", "auto", "required", named])
+                )
+                if self.rng.random() < 0.3:
+                    body["parallel_tool_calls"] = self.pick(False)
             if self.rng.random() < 0.15:
                 body["logprobs"] = self.pick(True)
                 body["top_logprobs"] = self.pick(lambda: self.rng.randint(0, 3))
