@@ -133,6 +133,15 @@ def test_structured_output(pd_url: str, run_client: RunClient) -> None:
     assert re.search(r"\nDate: \d{4}-\d{2}-\d{2}\n", out), out
 
 
+def test_tool_calling(pd_url: str, run_client: RunClient) -> None:
+    out = run_client("tool_calling.py", "--base-url", pd_url)
+    call = re.search(r"\nCall: get_weather\((.*)\)\n", "\n" + out)
+    assert call, out
+    arguments = json.loads(call.group(1))
+    assert arguments["city"] in ("Paris", "Oslo", "Lima") and 1 <= arguments["days"] <= 7, out
+    assert "\nAnswer: " in out, out
+
+
 def test_openai_batch_chat(pd_url: str, run_client: RunClient) -> None:
     out = run_client("openai_batch_chat.py", "--base-url", pd_url, "--max-tokens", "8",
                      "--poll-interval", "0.2")  # fmt: skip
