@@ -17,47 +17,18 @@ builds pdserve's tiny random-weight model (a few seconds, offline), so the answe
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import json
-import tempfile
 import time
-from collections.abc import Iterator
-from urllib.parse import urlparse
 
 import openai
+
+from pdserve.entrypoints.example_server import add_server_args, example_server
 
 QUESTIONS = [
     ("You are a helpful assistant.", "Hello world! List 3 NBA players and tell a story"),
     ("You are an assistant.", "Hello world! List three capitals and tell a story"),
 ]
-
-
-def tiny_model() -> str:
-    """The tiny model of `pdserve demo`, built into ~/.cache/pdserve on first use."""
-    from pdserve.tiny_model import cached_tiny_model
-
-    return str(cached_tiny_model())
-
-
-@contextlib.contextmanager
-def server(args: argparse.Namespace) -> Iterator[str]:
-    """The base URL: --base-url as given, or a prefill + decode cluster started on its port
-    (its files and batches in a temporary data dir)."""
-    if not args.launch:
-        yield args.base_url
-        return
-    from pdserve.config.topology import Topology
-    from pdserve.entrypoints.launch import Cluster
-
-    port = urlparse(args.base_url).port
-    with tempfile.TemporaryDirectory() as data_dir:
-        topology = Topology.for_model(
-            args.model or tiny_model(), mode="pd", device=args.device, port=port,
-            router={"data_dir": data_dir},
-        )  # fmt: skip
-        with Cluster(topology, log_level="warning") as cluster:
-            yield cluster.url
 
 
 def input_jsonl(model: str, max_tokens: int) -> bytes:
@@ -88,15 +59,12 @@ def process_batch(client: openai.OpenAI, data: bytes, poll_s: float) -> list[dic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base-url", default="http://127.0.0.1:8000")
-    parser.add_argument("--model", help="with --launch: the model directory (default: tiny)")
-    parser.add_argument("--launch", action="store_true", help="start a server on --base-url")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_server_args(parser)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--poll-interval", type=float, default=1.0, help="seconds")
     args = parser.parse_args()
 
-    with server(args) as base_url:
+    with example_server(args, temp_data_dir=True) as base_url:
         client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="EMPTY")
         model = client.models.list().data[0].id  # the served model's name
         results = process_batch(client, input_jsonl(model, args.max_tokens), args.poll_interval)

@@ -15,11 +15,10 @@ random-weight model (a few seconds, offline), so the continuation is gibberish.
 from __future__ import annotations
 
 import argparse
-import contextlib
-from collections.abc import Iterator
-from urllib.parse import urlparse
 
 import openai
+
+from pdserve.entrypoints.example_server import add_server_args, example_server
 
 DESCRIPTION = """
 Extract the name, size, price, and color from this product description as a JSON object:
@@ -32,38 +31,12 @@ voice or app, no matter where you place it in your home.
 """
 
 
-def tiny_model() -> str:
-    """The tiny model of `pdserve demo`, built into ~/.cache/pdserve on first use."""
-    from pdserve.tiny_model import cached_tiny_model
-
-    return str(cached_tiny_model())
-
-
-@contextlib.contextmanager
-def server(args: argparse.Namespace) -> Iterator[str]:
-    """The base URL: --base-url as given, or a prefill + decode cluster started on its port."""
-    if not args.launch:
-        yield args.base_url
-        return
-    from pdserve.config.topology import Topology
-    from pdserve.entrypoints.launch import Cluster
-
-    port = urlparse(args.base_url).port
-    model_path = args.model or tiny_model()
-    topology = Topology.for_model(model_path, mode="pd", device=args.device, port=port)
-    with Cluster(topology, log_level="warning") as cluster:
-        yield cluster.url
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base-url", default="http://127.0.0.1:8000")
-    parser.add_argument("--model", help="with --launch: the model directory (default: tiny)")
-    parser.add_argument("--launch", action="store_true", help="start a server on --base-url")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_server_args(parser)
     args = parser.parse_args()
 
-    with server(args) as base_url:
+    with example_server(args) as base_url:
         client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="EMPTY")
         model = client.models.list().data[0].id  # the served model's name
         prefill = "{\n"

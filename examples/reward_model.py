@@ -15,12 +15,11 @@ random-weight reward model (a few seconds, offline), so the scores are noise.
 from __future__ import annotations
 
 import argparse
-import contextlib
-from collections.abc import Iterator
-from urllib.parse import urlparse
 
 import httpx
 from transformers import AutoTokenizer
+
+from pdserve.entrypoints.example_server import add_server_args, example_server
 
 PROMPT = "What is the range of the numeric output of a sigmoid node in a neural network?"
 RESPONSE1 = "The output of a sigmoid node is bounded between -1 and 1."
@@ -34,29 +33,9 @@ def tiny_model() -> str:
     return str(cached_tiny_pooling_model("reward"))
 
 
-@contextlib.contextmanager
-def server(args: argparse.Namespace, model_path: str) -> Iterator[str]:
-    """The base URL: --base-url as given, or a prefill + decode cluster started on its port."""
-    if not args.launch:
-        yield args.base_url
-        return
-    from pdserve.config.topology import Topology
-    from pdserve.entrypoints.launch import Cluster
-
-    port = urlparse(args.base_url).port
-    topology = Topology.for_model(
-        model_path, mode="pd", device=args.device, port=port, is_embedding=True
-    )
-    with Cluster(topology, log_level="warning") as cluster:
-        yield cluster.url
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base-url", default="http://127.0.0.1:8000")
-    parser.add_argument("--model", help="a reward model directory (default: tiny model)")
-    parser.add_argument("--launch", action="store_true", help="start a server on --base-url")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_server_args(parser, model_help="a reward model directory (default: tiny model)")
     args = parser.parse_args()
     model_path = args.model or tiny_model()
 
@@ -67,7 +46,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     prompts = tokenizer.apply_chat_template(convs, tokenize=False)
 
-    with server(args, model_path) as url:
+    with example_server(args, model=model_path, is_embedding=True) as url:
         response = httpx.post(f"{url}/classify", json={"text": prompts}, timeout=60)
         response.raise_for_status()
         for conv, result in zip(convs, response.json()):

@@ -15,13 +15,12 @@ tool_choice out ("auto") and the model decides, in its own format (Qwen, Llama 3
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-from collections.abc import Iterator
 from typing import Any
-from urllib.parse import urlparse
 
 import openai
+
+from pdserve.entrypoints.example_server import add_server_args, example_server
 
 TOOLS = [
     {
@@ -46,39 +45,13 @@ def get_weather(city: str, days: int) -> dict[str, Any]:
     return {"city": city, "forecast": ["sunny"] * days}
 
 
-def tiny_model() -> str:
-    """The tiny model of `pdserve demo`, built into ~/.cache/pdserve on first use."""
-    from pdserve.tiny_model import cached_tiny_model
-
-    return str(cached_tiny_model())
-
-
-@contextlib.contextmanager
-def server(args: argparse.Namespace) -> Iterator[str]:
-    """The base URL: --base-url as given, or a prefill + decode cluster started on its port."""
-    if not args.launch:
-        yield args.base_url
-        return
-    from pdserve.config.topology import Topology
-    from pdserve.entrypoints.launch import Cluster
-
-    port = urlparse(args.base_url).port
-    model_path = args.model or tiny_model()
-    topology = Topology.for_model(model_path, mode="pd", device=args.device, port=port)
-    with Cluster(topology, log_level="warning") as cluster:
-        yield cluster.url
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base-url", default="http://127.0.0.1:8000")
-    parser.add_argument("--model", help="with --launch: the model directory (default: tiny)")
-    parser.add_argument("--launch", action="store_true", help="start a server on --base-url")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_server_args(parser)
     parser.add_argument("--tool-choice", default="required", help="required, auto or none")
     args = parser.parse_args()
 
-    with server(args) as base_url:
+    with example_server(args) as base_url:
         client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="EMPTY")
         model = client.models.list().data[0].id  # the served model's name
         messages: list[Any] = [{"role": "user", "content": "Will it rain in Oslo this week?"}]

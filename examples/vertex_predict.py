@@ -25,14 +25,13 @@ random-weight model (a few seconds, offline), so the predictions are gibberish.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlparse
 
 import httpx
+
+from pdserve.entrypoints.example_server import add_server_args, example_server
 
 
 @dataclass
@@ -55,40 +54,14 @@ class LocalVertexEndpoint:
         return VertexPrediction(predictions=response.json()["predictions"])
 
 
-def tiny_model() -> str:
-    """The tiny model of `pdserve demo`, built into ~/.cache/pdserve on first use."""
-    from pdserve.tiny_model import cached_tiny_model
-
-    return str(cached_tiny_model())
-
-
-@contextlib.contextmanager
-def server(args: argparse.Namespace) -> Iterator[str]:
-    """The base URL: --base-url as given, or a prefill + decode cluster started on its port."""
-    if not args.launch:
-        yield args.base_url
-        return
-    from pdserve.config.topology import Topology
-    from pdserve.entrypoints.launch import Cluster
-
-    port = urlparse(args.base_url).port
-    model_path = args.model or tiny_model()
-    topology = Topology.for_model(model_path, mode="pd", device=args.device, port=port)
-    with Cluster(topology, log_level="warning") as cluster:
-        yield cluster.url
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base-url", default="http://127.0.0.1:8000")
-    parser.add_argument("--model", help="with --launch: the model directory (default: tiny)")
-    parser.add_argument("--launch", action="store_true", help="start a server on --base-url")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_server_args(parser)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     args = parser.parse_args()
     parameters = {"sampling_params": {"max_new_tokens": args.max_new_tokens}}
 
-    with server(args) as base_url:
+    with example_server(args) as base_url:
         endpoint = LocalVertexEndpoint(base_url)
         # Predict with a single prompt.
         response = endpoint.predict([{"text": "The capital of France is"}], parameters)

@@ -11,50 +11,23 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import contextlib
-from collections.abc import Iterator
-from urllib.parse import urlparse
 
 import httpx
 import torch
 
-
-def tiny_model() -> str:
-    """The tiny model of `pdserve demo`, built into ~/.cache/pdserve on first use."""
-    from pdserve.tiny_model import cached_tiny_model
-
-    return str(cached_tiny_model())
-
-
-@contextlib.contextmanager
-def server(args: argparse.Namespace) -> Iterator[str]:
-    """The base URL: --base-url as given, or a prefill + decode cluster started on its port."""
-    if not args.launch:
-        yield args.base_url
-        return
-    from pdserve.config.topology import Topology
-    from pdserve.entrypoints.launch import Cluster
-
-    port = urlparse(args.base_url).port
-    model = args.model or tiny_model()
-    topology = Topology.for_model(model, mode="pd", device=args.device, port=port)
-    with Cluster(topology, log_level="warning") as cluster:
-        yield cluster.url
+from pdserve.entrypoints.example_server import add_server_args, example_server
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base-url", default="http://127.0.0.1:8000")
-    parser.add_argument("--model", help="with --launch: the model served (default: tiny model)")
-    parser.add_argument("--launch", action="store_true", help="start a server on --base-url")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_server_args(parser)
     args = parser.parse_args()
 
     prompts = ["Hello, my name is", "The president of the United States is"]
     sampling_params = {"temperature": 0.8, "top_p": 0.95, "max_new_tokens": 10}
     body = {"text": prompts, "sampling_params": sampling_params, "return_hidden_states": True}
-    with server(args) as url:
-        response = httpx.post(f"{url}/generate", json=body, timeout=120)
+    with example_server(args) as base_url:
+        response = httpx.post(f"{base_url}/generate", json=body, timeout=120)
         response.raise_for_status()
         for prompt, output in zip(prompts, response.json()):
             meta = output["meta_info"]
