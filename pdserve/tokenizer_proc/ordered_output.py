@@ -60,6 +60,7 @@ class ReqState:
     num_cached: int = 0
     num_spec_verify: int = 0
     pending: dict[int, list[Piece]] = field(default_factory=dict)  # by first_idx
+    keeps_no_tokens: bool = False  # max_new_tokens 0: the output's tokens are dropped
 
 
 def accept(tokenizer: Any, state: ReqState, first_idx: int, piece: Piece) -> ReqOutput | None:
@@ -98,6 +99,8 @@ def _pop_in_order(state: ReqState) -> list[Piece]:
 
 
 def _make_output(tokenizer: Any, state: ReqState, pieces: list[Piece]) -> ReqOutput | None:
+    if state.keeps_no_tokens:
+        pieces = [_without_tokens(p) for p in pieces]
     ids: list[int] = []
     logprobs: list[float] = []
     top: list[list[list[float]]] = []
@@ -114,14 +117,14 @@ def _make_output(tokenizer: Any, state: ReqState, pieces: list[Piece]) -> ReqOut
         finish = piece.finish
         if state.detok is not None:
             text += state.detok.add_output(piece.ids, piece.finish)
-    if finish is None and not ids and state.prompt_text is None:
+    extras = _extra_fields(tokenizer, [p.extra for p in pieces if p.extra is not None])
+    if finish is None and not ids and state.prompt_text is None and not extras:
         return None  # an empty piece: nothing to tell the router
     want_logprobs = state.return_logprob
     want_top = want_logprobs and state.top_logprobs_num > 0
     want_texts = want_logprobs and state.detok is not None  # token in, token out: no texts
     top_texts = top_token_texts(tokenizer, top) if want_top and want_texts else None
     prompt_text, state.prompt_text = state.prompt_text, None
-    extras = _extra_fields(tokenizer, [p.extra for p in pieces if p.extra is not None])
     return ReqOutput(
         **extras,
         rid=state.rid,
@@ -129,7 +132,7 @@ def _make_output(tokenizer: Any, state: ReqState, pieces: list[Piece]) -> ReqOut
         output_ids=ids,
         finish=finish,
         prompt_tokens=prompt_tokens,
-        completion_tokens=state.next_idx,
+        completion_tokens=0 if state.keeps_no_tokens else state.next_idx,
         cached_tokens=state.num_cached,
         logprobs=logprobs if want_logprobs else None,
         top_logprobs=top if want_top else None,
@@ -189,6 +192,15 @@ def _extra_fields(tokenizer: Any, extras: list[Extra]) -> dict[str, Any]:
     if embeddings:
         out["embedding"] = embeddings[-1]
     return out
+
+
+def _without_tokens(piece: Piece) -> Piece:
+    """A piece of a request that asked for no new tokens: its extras (prompt logprobs, hidden
+    states) and its finish, read as a length finish at 0 tokens (an abort stays one)."""
+    finish = piece.finish
+    if finish is not None and not finish.is_abort:
+        finish = Finish.at_length(0)
+    return Piece([], finish, None, None, piece.prompt_tokens, piece.cached_tokens, piece.extra)
 
 
 def _drop_first(piece: Piece, n: int) -> Piece:

@@ -173,6 +173,9 @@ class TokenizerCore:
             top_logprobs_num=req.top_logprobs_num,
             detok=detok,
             prompt_text=prompt_text,
+            # max_new_tokens 0 (scoring a prompt: its logprobs, an echo): the workers still
+            # sample the one token a prefill makes; it is not passed on
+            keeps_no_tokens=sampling.max_new_tokens == 0 and not req.embed,
         )
         msg = TokenizedReq(
             rid=req.rid,

@@ -171,3 +171,32 @@ def test_echo_with_logprobs_gives_the_prompts_logprobs_as_transformers_does(
     assert text.startswith(prompt_text)
     for offset, token in zip(lp["text_offset"], lp["tokens"]):
         assert text[offset : offset + len(token)] == token, (offset, token, text)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("topology", ["mixed", "pd"])
+def test_zero_max_tokens_scores_the_prompt_and_generates_nothing(
+    topology: str, stream: bool, request: pytest.FixtureRequest, hf_model: torch.nn.Module
+) -> None:
+    """max_tokens 0 with echo and logprobs (prompt scoring, as vLLM serves it): the prompt's
+    text and logprobs, no generated token, in the text, the logprobs or the usage."""
+    cluster = request.getfixturevalue(f"{topology}_cluster")
+    text, lp = echoed(cluster, stream, prompt=PROMPT_IDS, max_tokens=0, logprobs=1)
+    prompt_text = httpx.post(f"{cluster.url}/detokenize", json={"tokens": PROMPT_IDS}).json()[
+        "text"
+    ]
+    assert text == prompt_text and len(lp["tokens"]) == len(PROMPT_IDS)
+    with torch.no_grad():
+        logprobs = torch.log_softmax(hf_model(torch.tensor([PROMPT_IDS])).logits[0], dim=-1)
+    want = [logprobs[i - 1, PROMPT_IDS[i]].item() for i in range(1, len(PROMPT_IDS))]
+    assert lp["token_logprobs"][1:] == pytest.approx(want, abs=TOL)
+    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="unused", max_retries=0)
+    res = client.completions.create(model=MODEL, prompt=PROMPT_IDS, max_tokens=0)
+    assert res.choices[0].text == "" and res.choices[0].finish_reason == "length"
+    assert res.usage is not None and res.usage.completion_tokens == 0
+    out = generate(cluster, sampling_params={"max_new_tokens": 0}, return_logprob=True,
+                   logprob_start_len=0)  # fmt: skip
+    assert out["text"] == "" and out["output_ids"] == []
+    meta = out["meta_info"]
+    assert meta["completion_tokens"] == 0 and meta["finish_reason"]["type"] == "length"
+    assert [e[1] for e in meta["input_token_logprobs"]] == PROMPT_IDS
