@@ -19,8 +19,8 @@ _LOCATION = re.compile(r"^\[[\d:]+\] [^ ]+:\d+: (Check failed: \(.*?\) is false:
 _MAX_QUOTED_CHARS = 60
 _MAX_REASON_CHARS = 400
 # xgrammar's schema parser slows with nesting faster than with size (one CPU core: 0.04 s at 129
-# levels of JSON, 0.8 s at 257, 6.5 s at 801) and runs in the tokenizer process's loop: deeper
-# schemas are refused. 128 levels of JSON hold 63 nested object schemas.
+# levels of JSON, 0.3 s at 257, 9.7 s at 801, benchmarks/grammar_limits.py) and runs in the
+# tokenizer process's loop: deeper schemas are refused. 128 levels hold 63 nested objects.
 MAX_SCHEMA_DEPTH = 128
 _JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 

@@ -29,9 +29,9 @@ class RequestLimits:
     max_stop_token_ids: int = 256
     max_logit_bias: int = 1024  # logit_bias entries
     # One JSON schema, regex or EBNF grammar's text. xgrammar's compile grows faster than the
-    # text (an object of n optional properties: 1.6 s at 64 KiB, 12 s at 256 KiB on one CPU
-    # core) and a worker compiles on one thread, so one huge schema would hold every later
-    # constrained request back.
+    # text (an object of n optional properties: 2.5 s at 67 K characters, 14 s at 237 K on one
+    # CPU core, benchmarks/grammar_limits.py) and a worker compiles on one thread, so one huge
+    # schema would hold every later constrained request back.
     max_grammar_chars: int = 65536
     max_in_flight: int = 4096  # sub-requests queued or running in the cluster; 429 above
     retry_after_s: int = 1  # the 429's Retry-After header
