@@ -12,6 +12,10 @@ _ROLES = ("prefill", "decode", "mixed")
 _POLICIES = ("round_robin", "least_load")
 
 
+# How chat answers' <think> part is told apart (router/reasoning.py).
+REASONING_PARSERS: tuple[str, ...] = ("deepseek_r1", "qwen3")
+
+
 @dataclass(frozen=True)
 class WorkerEntry:
     """One worker process as the router sees it: where to send aborts, which index it answers to."""
@@ -57,6 +61,7 @@ class RouterSpec:
     membership: bool = False
     advertised_tokenizer_inboxes: tuple[str, ...] = ()
     drain_timeout_s: float = 120.0  # a leaving worker's requests get this long to end
+    reasoning_parser: str = ""  # "": chat answers as written (router/reasoning.py)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "limits", RequestLimits.from_dict(self.limits))
@@ -76,6 +81,8 @@ class RouterSpec:
             raise bad("liveness_timeout_s", "expected a number > 0")
         if self.request_timeout_s < 0:
             raise bad("request_timeout_s", "expected a number >= 0")
+        if self.reasoning_parser and self.reasoning_parser not in REASONING_PARSERS:
+            raise bad("reasoning_parser", f"one of {list(REASONING_PARSERS)} or empty")
         if self.progress_timeout_s < 0:
             raise bad("progress_timeout_s", "expected a number >= 0")
         if self.tokenizer_names and len(self.tokenizer_names) != len(self.tokenizer_inboxes):

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pdserve.config.request_limits import DEFAULT_MAX_RUNNING_BATCH_LINES, RequestLimits
+from pdserve.config.router_spec import REASONING_PARSERS
 from pdserve.config.speculative_config import SpeculativeConfig
 
 Role = Literal["prefill", "decode", "mixed"]
@@ -48,9 +49,17 @@ class RouterConfig:
     # tokenizers' inboxes are tcp at port + 1, + 2, ...; the topology lists no workers.
     membership: bool = False
     drain_timeout_s: float = 120.0  # a leaving worker's requests get this long to end
+    # Chat answers' <think> part into reasoning_content (router/reasoning.py); None: left as is.
+    reasoning_parser: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "limits", RequestLimits.from_dict(self.limits))
+        check_value(
+            self.reasoning_parser is None or self.reasoning_parser in REASONING_PARSERS,
+            "reasoning_parser",
+            self.reasoning_parser,
+            f"one of {list(REASONING_PARSERS)}",
+        )
         check_value(
             isinstance(self.membership, bool), "membership", self.membership, "true or false"
         )

@@ -226,6 +226,7 @@ class Cluster:
                 "data_dir": topo.router.data_dir,
                 "max_file_bytes": topo.router.max_file_bytes,
                 "max_running_batch_lines": topo.router.max_running_batch_lines,
+                "reasoning_parser": topo.router.reasoning_parser or "",
                 "max_context_len": self._max_context_len(),
                 "launcher_inbox": self._launcher_inbox_addr,
                 "topology": topo.to_dict(),

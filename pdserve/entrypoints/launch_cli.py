@@ -18,6 +18,7 @@ from pdserve.config.engine_config import (
     translate_options,
 )
 from pdserve.config.lora_config import LORA_KEYS
+from pdserve.config.router_spec import REASONING_PARSERS
 from pdserve.config.speculative_config import ALGORITHMS, SPECULATIVE_KEYS
 
 logger = logging.getLogger(__name__)
@@ -248,6 +249,14 @@ def add_launch_parser(sub: argparse._SubParsersAction) -> None:
         "directory resumes unfinished batches (default: router.data_dir, else "
         "~/.cache/pdserve/data)",
     )
+    p.add_argument(
+        "--reasoning-parser",
+        choices=REASONING_PARSERS,
+        default=None,
+        help="put chat answers' <think>...</think> part in message.reasoning_content: "
+        "deepseek_r1 for models whose prompt opens the thinking (DeepSeek-R1, QwQ), qwen3 for "
+        "Qwen3's hybrid models (default: router.reasoning_parser, else off)",
+    )
     _add_scheduler_flags(p)
     _add_engine_flags(p)
     p.set_defaults(handler=run_launch)
@@ -313,6 +322,8 @@ def _with_router_environment(topology: Any, args: argparse.Namespace) -> Any:
     changes: dict[str, Any] = {}
     if args.data_dir is not None:
         changes["data_dir"] = str(args.data_dir)
+    if getattr(args, "reasoning_parser", None) is not None:
+        changes["reasoning_parser"] = args.reasoning_parser
     vertex_port = env.vertex_env().http_port
     if vertex_port is not None and args.port is None:
         logger.info("router port %d from AIP_HTTP_PORT", vertex_port)

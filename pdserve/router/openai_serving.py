@@ -39,6 +39,7 @@ class Fanout:
     n: int
     created: int  # unix seconds, for the response's `created`
     tool_plan: ToolPlan | None = None  # chat with tools: how the choices' calls are read
+    reasoning_parser: str | None = None  # chat: how the answers' <think> part is told apart
 
 
 def check_model(spec: RouterSpec, model: str | None) -> None:

@@ -101,6 +101,7 @@ REFUSED: dict[str, Refusal] = {
 # them through `extra_body`); the route reads each with `extra_flag`, which checks its type.
 SERVED_EXTRAS: dict[str, frozenset[Route]] = {
     "return_hidden_states": OPENAI,  # the last token's final-layer state on each choice
+    "separate_reasoning": CHAT,  # false: the answer as written (reasoning.py)
 }
 
 

@@ -36,6 +36,7 @@ from pdserve.router.openai_serving import (
     template_kwargs,
     usage,
 )
+from pdserve.router.reasoning import ReasoningStream, split_reasoning
 from pdserve.router.request_fields import check_fields, extra_flag
 from pdserve.router.request_tracker import RequestGroup
 from pdserve.router.router import Router
@@ -93,7 +94,21 @@ def build_chat(spec: RouterSpec, body: ChatCompletionRequest) -> Fanout:
         req.image_data = images or None
         req.video_data = videos or None
     fan.tool_plan = plan
+    constrained = any(d.get(key) for d in samplings for key in GRAMMAR_KEYS)
+    if spec.reasoning_parser and _separates_reasoning(body) and not constrained:
+        fan.reasoning_parser = spec.reasoning_parser  # a grammar leaves no room for thinking
     return fan
+
+
+def _separates_reasoning(body: ChatCompletionRequest) -> bool:
+    """SGLang's `separate_reasoning` (default true where a reasoning parser is set)."""
+    value = (body.model_extra or {}).get("separate_reasoning")
+    if value is None:
+        return True
+    if not isinstance(value, bool):
+        raise bad_request(f"separate_reasoning: expected true or false, got {value!r:.80}",
+                          "separate_reasoning")  # fmt: skip
+    return value
 
 
 async def create_chat_completion(
@@ -121,21 +136,23 @@ def _chat_response(
         "object": "chat.completion",
         "created": fan.created,
         "model": spec.model_name,
-        "choices": [_chat_choice(c, body, fan.tool_plan) for c in choices],
+        "choices": [_chat_choice(c, body, fan) for c in choices],
         "usage": usage(choices, fan.n),
         "system_fingerprint": None,
     }
 
 
-def _chat_choice(
-    c: ChoiceState, body: ChatCompletionRequest, plan: ToolPlan | None
-) -> dict[str, Any]:
-    message: dict[str, Any] = {"role": "assistant", "content": c.text}
+def _chat_choice(c: ChoiceState, body: ChatCompletionRequest, fan: Fanout) -> dict[str, Any]:
+    text, plan = c.text, fan.tool_plan
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if fan.reasoning_parser is not None:
+        reasoning, text = split_reasoning(text, fan.reasoning_parser)
+        message = {"role": "assistant", "content": text, "reasoning_content": reasoning}
     reason = finish_reason(c.finish)
     if plan is not None:
-        content, calls = plan.calls_of(c.text)
+        content, calls = plan.calls_of(text)
         if calls:
-            message = {"role": "assistant", "content": content, "tool_calls": calls}
+            message = {**message, "content": content, "tool_calls": calls}
             reason = _calls_reason(plan, reason)
     choice = {
         "index": c.index,
@@ -166,6 +183,8 @@ async def _chat_events(
     states = [ChoiceState(i, rid) for i, rid in enumerate(group.rids)]
     plan = fan.tool_plan
     tool_streams = [ToolCallStream(plan) if plan else None for _ in group.rids]
+    parser = fan.reasoning_parser
+    thoughts = [ReasoningStream(parser) if parser else None for _ in group.rids]
     for i in range(group.num_choices):
         role = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                 "finish_reason": None}  # fmt: skip
@@ -177,7 +196,7 @@ async def _chat_events(
             yield sse_error(err.message, err.status)
             yield DONE
             return
-        choice = _chat_delta(index, out, body, tool_streams[index])
+        choice = _chat_delta(index, out, body, tool_streams[index], thoughts[index])
         if choice is not None:
             yield sse({**base, "choices": [choice]})
     if extra_flag(body, "return_hidden_states"):  # as SGLang: one chunk per choice, at the end
@@ -191,14 +210,24 @@ async def _chat_events(
 
 
 def _chat_delta(
-    index: int, out: ReqOutput, body: ChatCompletionRequest, tools: ToolCallStream | None
+    index: int,
+    out: ReqOutput,
+    body: ChatCompletionRequest,
+    tools: ToolCallStream | None,
+    thoughts: ReasoningStream | None,
 ) -> dict[str, Any] | None:
     logprobs = None
     if body.logprobs and out.logprobs:
         logprobs = chat_logprobs(out, body.top_logprobs or 0)
     reason = finish_reason(out.finish)
-    text = out.text_delta if tools is None else tools.feed(out.text_delta)
-    delta: dict[str, Any] = {}
+    text, reasoning = out.text_delta, ""
+    if thoughts is not None:
+        reasoning, text = thoughts.feed(text)
+        if reason is not None:
+            held_reasoning, held_text = thoughts.finish()
+            reasoning, text = reasoning + held_reasoning, text + held_text
+    text = text if tools is None else tools.feed(text)
+    delta: dict[str, Any] = {"reasoning_content": reasoning} if reasoning else {}
     if tools is not None and reason is not None:  # the end: the held text, read as calls
         rest, calls = tools.finish()
         text += rest

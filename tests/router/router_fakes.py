@@ -32,6 +32,7 @@ from pdserve.router.router import Router
 API_KEY = "sk-test-key"
 MODEL = "tiny-llama"
 WORDS = ["Hello", " world", "!"]
+THINK_WORDS = ["<think>", "\nHmm,", " Paris", "</", "think>", "\n\n", "Paris", "."]  # THINK prompts
 PROMPT_TOKENS = 7
 CACHED_TOKENS = 2
 ALT_TEXT = "é"  # the text of id 7, every token's second most likely alternative
@@ -141,10 +142,11 @@ def script(req: GenerateReq) -> list[tuple[float, ReqOutput]]:
     if max_new == 0 and "HANG" not in prompt:  # nothing to generate: just the finish
         done = ReqOutput(req.rid, "", [], Finish.at_length(0), prompt_tokens=PROMPT_TOKENS)
         return [(0.0, done)]
-    num = 100 if "SLOW" in prompt else (1 if "HANG" in prompt else min(len(WORDS), max_new))
+    words = THINK_WORDS if "THINK" in prompt else WORDS
+    num = 100 if "SLOW" in prompt else (1 if "HANG" in prompt else min(len(words), max_new))
     outs = []
     for k in range(num):
-        text = WORDS[k % len(WORDS)]
+        text = words[k % len(words)]
         finish = None
         if k == num - 1 and "HANG" not in prompt:
             finish = Finish.at_length(max_new) if num == max_new else Finish.stop(2)

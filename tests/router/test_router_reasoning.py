@@ -1,0 +1,63 @@
+"""A router with a reasoning parser: chat answers' <think> part comes back as
+`reasoning_content`, whole and streamed (the fake tokenizer answers a prompt holding THINK with
+"<think>\\nHmm, Paris</think>\\n\\nParis.", cut inside the closing tag); `separate_reasoning:
+false` and constrained requests get the text as written; other routes are untouched."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from router_fakes import API_KEY, MODEL, Cluster, start_cluster
+
+CHAT = "/v1/chat/completions"
+
+
+@pytest.fixture(scope="module")
+def thinking() -> Iterator[Cluster]:
+    c = start_cluster(reasoning_parser="qwen3")
+    yield c
+    c.stop()
+
+
+def chat(cluster: Cluster, prompt: str = "THINK where?", **extra: Any) -> httpx.Response:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": prompt}], **extra}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    return httpx.post(cluster.url + CHAT, json=body, headers=headers, timeout=30)
+
+
+def streamed(resp: httpx.Response) -> tuple[str, str]:
+    reasoning = content = ""
+    for line in resp.text.splitlines():
+        if line.startswith("data: {"):
+            for choice in json.loads(line[6:])["choices"]:
+                reasoning += choice["delta"].get("reasoning_content") or ""
+                content += choice["delta"].get("content") or ""
+    return reasoning, content
+
+
+def test_the_thinking_comes_back_apart_whole_and_streamed(thinking: Cluster) -> None:
+    message = chat(thinking).json()["choices"][0]["message"]
+    assert message["reasoning_content"] == "Hmm, Paris" and message["content"] == "Paris."
+    assert streamed(chat(thinking, stream=True)) == ("Hmm, Paris", "Paris.")
+    plain = chat(thinking, "no thinking").json()["choices"][0]["message"]
+    assert plain["reasoning_content"] is None and plain["content"] == "Hello world!"
+
+
+def test_the_text_as_written_when_asked_or_constrained(thinking: Cluster) -> None:
+    whole = "<think>\nHmm, Paris</think>\n\nParis."
+    message = chat(thinking, separate_reasoning=False).json()["choices"][0]["message"]
+    assert message["content"] == whole and "reasoning_content" not in message
+    fmt = {"type": "json_object"}
+    message = chat(thinking, response_format=fmt).json()["choices"][0]["message"]
+    assert message["content"] == whole and "reasoning_content" not in message
+    resp = chat(thinking, separate_reasoning="yes")
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "separate_reasoning"
+
+
+def test_without_a_parser_nothing_is_split(cluster: Cluster) -> None:
+    message = chat(cluster).json()["choices"][0]["message"]
+    assert message["content"].startswith("<think>") and "reasoning_content" not in message
