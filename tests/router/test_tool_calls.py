@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -19,6 +20,7 @@ from pdserve.router.openai_models import ChatMessage
 from pdserve.router.tool_calls import (
     ToolCallStream,
     ToolPlan,
+    chat_template_of,
     detect_parser,
     parse_tool_calls,
     plan_tools,
@@ -200,3 +202,26 @@ def test_an_assistant_messages_calls_reach_the_template_with_object_arguments() 
     assert calls[0]["function"]["arguments"] == '{"a": [1]}'  # the request itself unchanged
     with pytest.raises(ValueError):
         ChatMessage(role="assistant", tool_calls=[{"id": "c", "type": "function"}])
+
+
+def test_the_chat_template_is_read_from_the_model_directory(tmp_path: Path) -> None:
+    assert chat_template_of(str(tmp_path / "none")) is None
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "a <tool_call>"}))
+    assert chat_template_of(str(tmp_path)) == "a <tool_call>"
+    named = tmp_path / "named"
+    named.mkdir()
+    templates = [
+        {"name": "default", "template": "x"},
+        {"name": "tool_use", "template": "[TOOL_CALLS]"},
+    ]
+    (named / "tokenizer_config.json").write_text(json.dumps({"chat_template": templates}))
+    assert detect_parser(chat_template_of(str(named))) == "mistral"
+    jinja = tmp_path / "jinja"
+    jinja.mkdir()
+    (jinja / "chat_template.jinja").write_text("{{ '<|python_tag|>' }}")
+    (jinja / "tokenizer_config.json").write_text("{not json")
+    assert detect_parser(chat_template_of(str(jinja))) == "llama3_json"
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "tokenizer_config.json").write_text("{not json")
+    assert chat_template_of(str(broken)) is None
