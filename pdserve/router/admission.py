@@ -8,6 +8,7 @@ the builder chokes on is still the client's 400, never a 500; then `admit` refus
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from typing import TypeVar
@@ -72,6 +73,9 @@ def _check_prompt(limits: RequestLimits, req: GenerateReq, prompt_param: str) ->
     if req.messages is not None:
         num_chars = sum(len(m.get("content") or "") for m in req.messages)
         what, param = "messages' content", "messages"
+        if req.tools:  # rendered into the prompt by the chat template too
+            num_chars += len(json.dumps(req.tools))
+            what = "messages' content and tools"
     elif req.text is not None:
         num_chars, what, param = len(req.text), "prompt", prompt_param
     else:

@@ -146,6 +146,18 @@ def test_a_grammar_at_the_limit_goes_on(cluster: Cluster) -> None:
         ),  # fmt: skip
         ("/generate", {"text": "a", "sampling_params": {"stop": ["s"] * 33}}, "stop", "33 stop"),
         (
+            CHAT,
+            {
+                "messages": USER_MSG,
+                "tools": [
+                    {"type": "function", "function": {"name": "f", "description": "d" * 1_000_000}}
+                ],
+                "tool_choice": "required",
+            },
+            "messages",
+            "messages' content and tools has 100",
+        ),  # fmt: skip
+        (
             "/generate",
             {"text": "a", "sampling_params": {"regex": "a" * 65_537}},
             "regex",
