@@ -71,9 +71,8 @@ class ToolPlan:
                 return text, []
             return None, [new_call(self.named or "", text)]
         if self.choice == "required":
-            try:
-                items = json.loads(text)
-            except ValueError:
+            items = _loads(text)
+            if not isinstance(items, list):  # cut short (the length limit): text
                 return text, []
             calls = [_call_from(item, "parameters", self.names) for item in items]
             if not calls or any(c is None for c in calls):

@@ -114,6 +114,7 @@ def test_required_and_named_schemas_admit_exactly_the_declared_calls() -> None:
     assert content is None
     assert calls_as_pairs(calls) == [(g["name"], g["parameters"]) for g in good]
     assert plan("required").calls_of('[{"name": "get_time"')[1] == []  # cut short: text
+    assert plan("required").calls_of("5") == ("5", [])  # not a list: text
 
 
 @pytest.mark.parametrize(
