@@ -19,6 +19,7 @@ import dataclasses
 import importlib
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -88,7 +89,7 @@ class Cluster:
         self._socket_dir = new_socket_dir()
         self._launcher_inbox_addr = new_ipc_address("launcher", self._socket_dir)
         self._launcher_inbox: Inbox | None = None
-        self.port = self.topology.router.port or _free_port()
+        self.port = self.topology.router.port or _free_port(_INTERNAL_PORTS)
         if self.topology.router.membership:  # joining workers find the router at port + 1
             self.topology = self.topology.with_router_address(port=self.port)
         self._router_inbox = ""  # where the router is reached (it may be on another node)
@@ -451,10 +452,34 @@ def cpu_threads_per_worker(num_workers: int, num_cores: int | None = None) -> in
     return max(1, cores // max(1, num_workers))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
+# Ports picked here lie below Linux's ephemeral range (32768-60999), which outgoing connections
+# draw from: a port the OS hands out (`bind(0)`) lies inside it, and one was once taken by an
+# outgoing connection between the pick and the router's bind (uvicorn's exit code 3).
+_PICKED_PORTS = (20000, 32768)
+_INTERNAL_PORTS = 17  # a picked router port leaves room for tcp inboxes at + 1 .. + 16
+
+
+def _free_port(block: int = 1) -> int:
+    """A TCP port p with p .. p + block - 1 free now (the router's internal sockets take
+    port + 1, + 2, ... with several nodes or membership)."""
+    rng = random.Random()
+    low, high = _PICKED_PORTS
+    for _ in range(100):
+        base = rng.randrange(low, high - block)
+        if all(_can_bind(port) for port in range(base, base + block)):
+            return base
+    with socket.socket() as s:  # that range is full: any port the OS gives
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _can_bind(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
 
 
 def _child_main() -> None:

@@ -5,8 +5,6 @@ the tiny model. Requests are served by the router node; a decode pod that stops 
 
 from __future__ import annotations
 
-import random
-import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -18,29 +16,12 @@ import pytest
 import yaml
 
 from pdserve.config.topology import Topology
-from pdserve.entrypoints.launch import Cluster
+from pdserve.entrypoints.launch import Cluster, _free_port
 
 pytestmark = pytest.mark.slow
 
 TOPOLOGY = Path(__file__).resolve().parents[2] / "deploy/k8s/overlays/cpu/topology.yaml"
 WORKER_PODS = ("pdserve-prefill-0", "pdserve-decode-0", "pdserve-decode-1")
-
-
-def free_port_block(size: int) -> int:
-    """A port p with p .. p + size all free now: the router's and each internal socket's. Below
-    Linux's ephemeral range (32768-60999), which outgoing connections draw from while the pods
-    start: a block inside it was once taken by one before a tokenizer could bind its port."""
-    rng = random.Random()
-    for _ in range(50):
-        base = rng.randrange(20000, 32768 - size - 1)
-        try:
-            for port in range(base, base + size + 1):
-                with socket.socket() as s:
-                    s.bind(("0.0.0.0", port))
-        except OSError:
-            continue
-        return base
-    raise RuntimeError("no block of free ports")
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +30,7 @@ def topology(tiny_llama: Path) -> Topology:
     data["model"] = str(tiny_llama)
     for node in data["nodes"]:
         node["address"] = "127.0.0.1"  # each pod's DNS name, on one machine
-    data["router"]["port"] = free_port_block(16)
+    data["router"]["port"] = _free_port(17)
     data["security"] = {"cluster_secret": "k8s-pods-loopback-test-secret"}  # the Secret's
     return Topology.from_dict(data)
 

@@ -107,7 +107,7 @@ def start_router(model: Path, drain_timeout_s: float = 20.0) -> Cluster:
             "model": str(model),
             "device": "cpu",
             "router": {
-                "port": _free_port(),
+                "port": _free_port(17),  # its inboxes are tcp on port + 1, + 2, ...
                 "membership": True,
                 "drain_timeout_s": drain_timeout_s,
             },

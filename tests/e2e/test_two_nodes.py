@@ -24,7 +24,7 @@ def test_prefill_and_decode_on_two_nodes_over_tcp(tiny_llama: Path) -> None:
         {
             "model": str(tiny_llama),
             "device": "cpu",
-            "router": {"port": _free_port(), "node": "a"},
+            "router": {"port": _free_port(17), "node": "a"},
             "nodes": [{"name": "a", "address": "127.0.0.1"}, {"name": "b", "address": "127.0.0.1"}],
             "prefill": [{"node": "a"}],
             "decode": [{"node": "b"}],
