@@ -222,10 +222,7 @@ def completion_logprobs(
     for row in _token_rows(out):
         tokens.append(row.text)
         token_logprobs.append(row.logprob)
-        alternatives: dict[str, float] = {}
-        for text, logprob in row.top[:top_n]:
-            alternatives.setdefault(text, logprob)  # ids sharing a text: the likelier one shows
-        top_logprobs.append(alternatives)
+        top_logprobs.append(_alternatives(row.top, top_n))
         offsets.append(text_offset)
         text_offset += len(row.text)
     shape = {
@@ -237,12 +234,22 @@ def completion_logprobs(
     return shape, text_offset
 
 
+def _alternatives(top: list[tuple[str, float]], top_n: int) -> dict[str, float]:
+    """The legacy shape's alternatives, {text: logprob}, most likely first; ids sharing a text:
+    the likelier one shows."""
+    alternatives: dict[str, float] = {}
+    for text, logprob in top[:top_n]:
+        alternatives.setdefault(text, logprob)
+    return alternatives
+
+
 def echoed_logprobs(
-    out: ReqOutput | ChoiceState, top_n: int, after: dict[str, Any]
+    out: ReqOutput | ChoiceState, top_n: int, after: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """`after` (the generated tokens' legacy logprobs) preceded by the prompt's, for `echo`
-    with `logprobs` (vLLM's shape): the first prompt token has no logprob and no alternatives
-    (None), each later one its logprob given the tokens before it; offsets count from 0."""
+    """`after` (the generated tokens' legacy logprobs, if any) preceded by the prompt's, for
+    `echo` with `logprobs` (vLLM's shape): the first prompt token has no logprob and no
+    alternatives (None), each later one its logprob given the tokens before it; offsets count
+    from 0."""
     tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
     offset = 0
     tops = list(out.input_top_logprobs or ())
@@ -254,16 +261,10 @@ def echoed_logprobs(
         if logprob is None:
             top_logprobs.append(None)
         else:
-            alternatives: dict[str, float] = {}
-            for alt_logprob, alt_id, alt_text in (top or [])[:top_n]:
-                name = alt_text if alt_text is not None else f"token_id:{alt_id}"
-                alternatives.setdefault(name, float(alt_logprob))
-            top_logprobs.append(alternatives)
+            named = [(t if t is not None else f"token_id:{i}", float(lp)) for lp, i, t in top or ()]
+            top_logprobs.append(_alternatives(named, top_n))
         offsets.append(offset)
         offset += len(text)
-    return {
-        "tokens": tokens + after["tokens"],
-        "token_logprobs": token_logprobs + after["token_logprobs"],
-        "top_logprobs": top_logprobs + after["top_logprobs"],
-        "text_offset": offsets + after["text_offset"],
-    }
+    prompt = {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
+              "text_offset": offsets}  # fmt: skip
+    return {key: value + (after or {}).get(key, []) for key, value in prompt.items()}

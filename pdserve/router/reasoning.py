@@ -64,7 +64,7 @@ class ReasoningStream:
                 self.strip_reasoning = not self.held
             end = self.held.find(_CLOSE)
             if end < 0:
-                keep = _tail_prefix(self.held, _CLOSE)
+                keep = partial_tag_len(self.held, _CLOSE)
                 reasoning = self.held[: len(self.held) - keep]
                 self.held = self.held[len(self.held) - keep :]
                 return reasoning, ""
@@ -87,8 +87,9 @@ class ReasoningStream:
         return "", held.lstrip() if self.strip_content else held
 
 
-def _tail_prefix(text: str, tag: str) -> int:
-    """How many characters at the end of `text` could begin `tag`."""
+def partial_tag_len(text: str, tag: str) -> int:
+    """How many characters at the end of `text` could begin `tag` (a streamed tail held back
+    until the next delta shows whether it is the tag)."""
     for k in range(min(len(tag) - 1, len(text)), 0, -1):
         if tag.startswith(text[-k:]):
             return k

@@ -105,14 +105,14 @@ SERVED_EXTRAS: dict[str, frozenset[Route]] = {
 }
 
 
-def extra_flag(body: BaseModel, name: str) -> bool:
-    """A boolean field of `body`, declared or sent as an extra; absent or null is false."""
+def extra_flag(body: BaseModel, name: str, default: bool = False) -> bool:
+    """A boolean field of `body`, declared or sent as an extra; absent or null is `default`."""
     if name in type(body).model_fields:
         value = getattr(body, name)
     else:
         value = (body.model_extra or {}).get(name)
     if value is None:
-        return False
+        return default
     if not isinstance(value, bool):
         raise bad_request(f"{name}: expected true or false, got {value!r}", name)
     return value

@@ -67,8 +67,9 @@ def build_chat(spec: RouterSpec, body: ChatCompletionRequest) -> Fanout:
     template = chat_template_of(spec.tokenizer_path_or_model) if body.tools else None
     plan = plan_tools(body.tools, body.tool_choice, template, body.parallel_tool_calls)
     schema = plan.json_schema() if plan is not None else None
+    constrained = any(d.get(key) for d in samplings for key in GRAMMAR_KEYS)
     if schema is not None:  # required or named: the calls are structured output
-        if any(d.get(key) for d in samplings for key in GRAMMAR_KEYS):
+        if constrained:
             raise bad_request(
                 "tool_choice 'required' or a named function cannot be combined with "
                 "response_format or another constraint",
@@ -76,6 +77,7 @@ def build_chat(spec: RouterSpec, body: ChatCompletionRequest) -> Fanout:
             )
         for d in samplings:
             d["json_schema"] = json.dumps(schema)
+        constrained = True
     messages = [m.to_template_dict() for m in body.messages]
     images = [url for m in body.messages for url in m.image_urls()]
     fan = fan_out(
@@ -94,21 +96,10 @@ def build_chat(spec: RouterSpec, body: ChatCompletionRequest) -> Fanout:
         req.image_data = images or None
         req.video_data = videos or None
     fan.tool_plan = plan
-    constrained = any(d.get(key) for d in samplings for key in GRAMMAR_KEYS)
-    if spec.reasoning_parser and _separates_reasoning(body) and not constrained:
-        fan.reasoning_parser = spec.reasoning_parser  # a grammar leaves no room for thinking
+    # SGLang's separate_reasoning, true by default; a grammar leaves no room for thinking
+    if spec.reasoning_parser and extra_flag(body, "separate_reasoning", True) and not constrained:
+        fan.reasoning_parser = spec.reasoning_parser
     return fan
-
-
-def _separates_reasoning(body: ChatCompletionRequest) -> bool:
-    """SGLang's `separate_reasoning` (default true where a reasoning parser is set)."""
-    value = (body.model_extra or {}).get("separate_reasoning")
-    if value is None:
-        return True
-    if not isinstance(value, bool):
-        raise bad_request(f"separate_reasoning: expected true or false, got {value!r:.80}",
-                          "separate_reasoning")  # fmt: skip
-    return value
 
 
 async def create_chat_completion(

@@ -154,9 +154,7 @@ async def _completion_events(
         if body.logprobs is not None and out.logprobs:
             logprobs, offsets[index] = completion_logprobs(out, body.logprobs, offsets[index])
         if body.logprobs is not None and body.echo and out.input_token_logprobs:
-            empty: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [],
-                                      "text_offset": []}  # fmt: skip
-            logprobs = echoed_logprobs(out, body.logprobs, logprobs or empty)
+            logprobs = echoed_logprobs(out, body.logprobs, logprobs)
         reason = finish_reason(out.finish)
         if not text and reason is None and logprobs is None:
             continue

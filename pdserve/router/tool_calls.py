@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pdserve.router.errors import bad_request
+from pdserve.router.reasoning import partial_tag_len
 
 Parser = Literal["hermes", "llama3_json", "mistral"]
 PARSERS: tuple[str, ...] = ("hermes", "llama3_json", "mistral")
@@ -284,12 +285,8 @@ class ToolCallStream:
         if start >= 0:
             self.holding = True
             return self._send_to(start)
-        safe = len(self.text)  # hold back a tail that could open the marker
-        for k in range(min(len(marker) - 1, len(self.text)), 0, -1):
-            if marker.startswith(self.text[-k:]):
-                safe = len(self.text) - k
-                break
-        return self._send_to(safe)
+        # hold back a tail that could open the marker
+        return self._send_to(len(self.text) - partial_tag_len(self.text, marker))
 
     def finish(self) -> tuple[str, list[dict[str, Any]]]:
         """(content not yet sent, calls) once the output has ended."""
