@@ -9,7 +9,9 @@ xgrammar is imported on first use, so processes that never see a grammar never l
 from __future__ import annotations
 
 import functools
+import json
 import re
+from typing import Any
 
 from pdserve.config.sampling_params import GrammarSpec, SamplingParams
 
@@ -22,6 +24,10 @@ _MAX_REASON_CHARS = 400
 # levels of JSON, 0.3 s at 257, 9.7 s at 801, benchmarks/grammar_limits.py) and runs in the
 # tokenizer process's loop: deeper schemas are refused. 128 levels hold 63 nested objects.
 MAX_SCHEMA_DEPTH = 128
+# What the reasoning parsers mark thinking with (router/reasoning.py), and the blank characters
+# allowed between it and a constrained answer (models write a blank line).
+_THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
+_MAX_BLANK_AFTER_THINKING = 8
 _JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 
 
@@ -39,8 +45,6 @@ def check_grammar(params: SamplingParams) -> None:
 @functools.lru_cache(maxsize=_CACHE_SIZE)
 def grammar_problem(spec: GrammarSpec) -> str | None:
     """Why `spec` cannot be compiled (a message starting with its key), or None."""
-    import xgrammar as xgr
-
     if spec.kind == "json_schema":
         depth = json_depth(spec.text)
         if depth > MAX_SCHEMA_DEPTH:
@@ -49,15 +53,44 @@ def grammar_problem(spec: GrammarSpec) -> str | None:
                 f"expected at most {MAX_SCHEMA_DEPTH}"
             )
     try:
-        if spec.kind == "regex":
-            xgr.Grammar.from_regex(spec.text)
-        elif spec.kind == "ebnf":
-            xgr.Grammar.from_ebnf(spec.text)
-        else:
-            xgr.Grammar.from_json_schema(spec.text, strict_mode=spec.kind == "json_schema")
+        full_grammar_text(spec) if spec.after_reasoning is not None else answer_grammar(spec)
     except (RuntimeError, ValueError, TypeError) as e:  # xgrammar raises RuntimeError
         return f"{spec.kind}={_quoted(spec.text)} is invalid: {xgrammar_reason(e)}"
     return None
+
+
+def answer_grammar(spec: GrammarSpec) -> Any:
+    """The xgrammar.Grammar of `spec`'s own text (the answer's, without any thinking before it);
+    xgrammar's RuntimeError when it does not parse. A json_schema is strict (no properties or
+    items beyond the schema's, as SGLang and vLLM do); json_object is any object."""
+    import xgrammar as xgr
+
+    if spec.kind == "regex":
+        return xgr.Grammar.from_regex(spec.text)
+    if spec.kind == "ebnf":
+        return xgr.Grammar.from_ebnf(spec.text)
+    return xgr.Grammar.from_json_schema(spec.text, strict_mode=spec.kind == "json_schema")
+
+
+def full_grammar_text(spec: GrammarSpec) -> str:
+    """The EBNF text of what the whole output must match when the grammar starts after the
+    thinking (`spec.after_reasoning` set): the thinking as the parser marks it, any text but the
+    closing tag (`deepseek_r1`: the prompt opened it, so the output starts inside; `qwen3`: the
+    model opens it or answers at once), a few blank characters, then the answer's grammar."""
+    import xgrammar as xgr
+
+    think: dict[str, Any] = {
+        "type": "tag",
+        "begin": _THINK_OPEN if spec.after_reasoning == "qwen3" else "",
+        "content": {"type": "any_text"},
+        "end": _THINK_CLOSE,
+    }
+    if spec.after_reasoning == "qwen3":
+        think = {"type": "optional", "content": think}
+    blank = {"type": "regex", "pattern": f"[ \\t\\r\\n]{{0,{_MAX_BLANK_AFTER_THINKING}}}"}
+    tag = {"type": "structural_tag", "format": {"type": "sequence", "elements": [think, blank]}}
+    thinking = xgr.Grammar.from_structural_tag(json.dumps(tag))
+    return str(xgr.Grammar.concat(thinking, answer_grammar(spec)))
 
 
 def json_depth(text: str) -> int:

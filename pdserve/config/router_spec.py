@@ -6,14 +6,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pdserve.config.request_limits import DEFAULT_MAX_RUNNING_BATCH_LINES, RequestLimits
+from pdserve.config.sampling_params import REASONING_PARSERS
 
 WorkerRole = Literal["prefill", "decode", "mixed"]
 _ROLES = ("prefill", "decode", "mixed")
 _POLICIES = ("round_robin", "least_load")
-
-
-# How chat answers' <think> part is told apart (router/reasoning.py).
-REASONING_PARSERS: tuple[str, ...] = ("deepseek_r1", "qwen3")
 
 
 @dataclass(frozen=True)

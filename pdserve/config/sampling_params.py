@@ -38,6 +38,8 @@ GRAMMAR_TEXT_KEYS = ("json_schema", "regex", "ebnf")  # those whose value is a g
 JSON_OBJECT_SCHEMA = '{"type": "object"}'  # json_object: any JSON object (extra keys allowed)
 
 GrammarKind = Literal["json_schema", "regex", "ebnf", "json_object"]
+# How reasoning models mark their thinking (router/reasoning.py): a grammar can start after it.
+REASONING_PARSERS: tuple[str, ...] = ("deepseek_r1", "qwen3")
 
 
 class GrammarSpec(NamedTuple):
@@ -46,6 +48,9 @@ class GrammarSpec(NamedTuple):
 
     kind: GrammarKind
     text: str
+    # The grammar holds the answer only, after a reasoning model's thinking (as this parser of
+    # REASONING_PARSERS reads it); None: the whole output.
+    after_reasoning: str | None = None
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,9 @@ class SamplingParams:
     regex: str | None = None
     ebnf: str | None = None
     json_object: bool = False
+    # The constraint starts after the thinking (one of REASONING_PARSERS: how the model marks
+    # it); the router sets it for chat when it runs a reasoning parser.
+    grammar_after_reasoning: str | None = None
 
     def __post_init__(self) -> None:
         """Types checked and normalized (lists to tuples, ints to floats), ranges checked; every
@@ -115,12 +123,13 @@ class SamplingParams:
     @property
     def grammar(self) -> GrammarSpec | None:
         """The constraint on the output, if any (None: free text)."""
+        after = self.grammar_after_reasoning
         if self.json_object:
-            return GrammarSpec("json_object", JSON_OBJECT_SCHEMA)
+            return GrammarSpec("json_object", JSON_OBJECT_SCHEMA, after)
         for kind in ("json_schema", "regex", "ebnf"):
             text = getattr(self, kind)
             if text is not None:
-                return GrammarSpec(kind, text)
+                return GrammarSpec(kind, text, after)
         return None
 
     @property
@@ -245,6 +254,9 @@ def _check_grammar_fields(params: SamplingParams) -> None:
         text = getattr(params, key)
         if text is not None and (not isinstance(text, str) or not text or has_surrogates(text)):
             raise _bad(key, text, "a non-empty string of valid Unicode text")
+    after = params.grammar_after_reasoning
+    if after is not None and after not in REASONING_PARSERS:
+        raise _bad("grammar_after_reasoning", after, f"one of {list(REASONING_PARSERS)}")
     given = [key for key in GRAMMAR_KEYS if getattr(params, key) not in (None, False)]
     if len(given) > 1:
         raise ValueError(

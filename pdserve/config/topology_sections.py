@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pdserve.config.request_limits import DEFAULT_MAX_RUNNING_BATCH_LINES, RequestLimits
-from pdserve.config.router_spec import REASONING_PARSERS
+from pdserve.config.sampling_params import REASONING_PARSERS
 from pdserve.config.speculative_config import SpeculativeConfig
 
 Role = Literal["prefill", "decode", "mixed"]

@@ -18,7 +18,7 @@ from pdserve.config.engine_config import (
     translate_options,
 )
 from pdserve.config.lora_config import LORA_KEYS
-from pdserve.config.router_spec import REASONING_PARSERS
+from pdserve.config.sampling_params import REASONING_PARSERS
 from pdserve.config.speculative_config import ALGORITHMS, SPECULATIVE_KEYS
 
 logger = logging.getLogger(__name__)

@@ -10,6 +10,8 @@
   with `<think>` is all content.
 
 A request sends `separate_reasoning: false` (SGLang's field) to get the text as the model wrote it.
+A constrained request's grammar starts after the thinking (serving_chat sets
+`grammar_after_reasoning`; the worker compiles it with grammar_check.full_grammar_text).
 """
 
 from __future__ import annotations

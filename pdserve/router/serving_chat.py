@@ -78,6 +78,9 @@ def build_chat(spec: RouterSpec, body: ChatCompletionRequest) -> Fanout:
         for d in samplings:
             d["json_schema"] = json.dumps(schema)
         constrained = True
+    if constrained and spec.reasoning_parser:  # a reasoning model thinks, then the grammar holds
+        for d in samplings:
+            d["grammar_after_reasoning"] = spec.reasoning_parser
     messages = [m.to_template_dict() for m in body.messages]
     images = [url for m in body.messages for url in m.image_urls()]
     fan = fan_out(
@@ -96,8 +99,8 @@ def build_chat(spec: RouterSpec, body: ChatCompletionRequest) -> Fanout:
         req.image_data = images or None
         req.video_data = videos or None
     fan.tool_plan = plan
-    # SGLang's separate_reasoning, true by default; a grammar leaves no room for thinking
-    if spec.reasoning_parser and extra_flag(body, "separate_reasoning", True) and not constrained:
+    # SGLang's separate_reasoning, true by default: false gets the text as the model wrote it
+    if spec.reasoning_parser and extra_flag(body, "separate_reasoning", True):
         fan.reasoning_parser = spec.reasoning_parser
     return fan
 

@@ -18,7 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from pdserve.config.sampling_params import GrammarSpec
-from pdserve.grammar_check import check_grammar, xgrammar_reason
+from pdserve.grammar_check import check_grammar, full_grammar_text, xgrammar_reason
 from pdserve.scheduler.request import Request
 
 logger = logging.getLogger(__name__)
@@ -50,6 +50,8 @@ class GrammarBackend:
 
     def compile(self, spec: GrammarSpec) -> Any:
         """The compiled grammar (xgrammar.CompiledGrammar); RuntimeError when it cannot be."""
+        if spec.after_reasoning is not None:  # thinking first: compiled (and cached) by text
+            return self.compiler.compile_grammar(full_grammar_text(spec))
         if spec.kind == "regex":
             return self.compiler.compile_regex(spec.text)
         if spec.kind == "ebnf":

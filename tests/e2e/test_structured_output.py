@@ -120,6 +120,39 @@ def test_tokens_are_sampled_until_max_tokens_when_the_grammar_allows_more(
     assert re.fullmatch("[0-9]+", res.choices[0].text)
 
 
+def test_a_grammar_after_the_thinking_runs_on_the_workers(cluster: Cluster) -> None:
+    """What the router asks of a constrained chat when it runs a reasoning parser: the worker
+    compiles the thinking + answer grammar (tests/worker/test_grammar_after_reasoning.py): each
+    output is the qwen3 shape (optional <think>...</think>, blanks, then the answer), and
+    deepseek_r1's outputs start free."""
+    params = {"regex": "[0-9]{2,4}", "grammar_after_reasoning": "qwen3", "temperature": 1.0,
+              "n": 8, "seed": 5, "max_new_tokens": 24}  # fmt: skip
+    body = {"text": PROMPT, "sampling_params": params}
+    resp = httpx.post(f"{cluster.url}/generate", json=body, timeout=120)
+    assert resp.status_code == 200, resp.text
+    for item in resp.json():
+        text, reason = item["text"], item["meta_info"]["finish_reason"]["type"]
+        thinking, closed, answer = text.partition("</think>")
+        if not closed:  # no thinking, or still thinking when cut
+            if reason == "stop" or not thinking.startswith("<"):
+                assert re.fullmatch(r"[ \t\r\n]{0,8}[0-9]{2,4}", text), item
+            else:
+                assert thinking.startswith("<think>") or "<think>".startswith(thinking), item
+            continue
+        assert thinking.startswith("<think>"), item
+        ending = "[0-9]{2,4}" if reason == "stop" else "[0-9]{0,4}"
+        assert re.fullmatch(r"[ \t\r\n]{0,8}" + ending, answer), item
+    # deepseek_r1: the output starts inside the thinking, free text until the model closes it
+    # (the tiny model's random weights do not in 24 tokens): not held to the answer's digits.
+    body["sampling_params"] = {**params, "grammar_after_reasoning": "deepseek_r1"}
+    resp = httpx.post(f"{cluster.url}/generate", json=body, timeout=120)
+    assert resp.status_code == 200, resp.text
+    items = resp.json()
+    assert all(item["meta_info"]["finish_reason"]["type"] == "length" for item in items), items
+    assert all("</think>" not in item["text"] for item in items), items
+    assert any(re.search(r"[^0-9 \t\r\n]", item["text"]) for item in items), items
+
+
 BAD_SCHEMA = {"type": "object", "properties": {"a": {"type": "integr"}}}
 
 

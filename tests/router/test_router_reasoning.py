@@ -1,7 +1,9 @@
 """A router with a reasoning parser: chat answers' <think> part comes back as
 `reasoning_content`, whole and streamed (the fake tokenizer answers a prompt holding THINK with
 "<think>\\nHmm, Paris</think>\\n\\nParis.", cut inside the closing tag); `separate_reasoning:
-false` and constrained requests get the text as written; other routes are untouched."""
+false` gets the text as written; a constrained request's grammar is asked to start after the
+thinking (`grammar_after_reasoning`, what the worker compiles: tests/test_grammar_after_reasoning.py)
+and its answer is split the same way; other routes are untouched."""
 
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ from typing import Any
 import httpx
 import pytest
 from router_fakes import API_KEY, MODEL, Cluster, start_cluster
+
+from pdserve.config.sampling_params import SamplingParams
 
 CHAT = "/v1/chat/completions"
 
@@ -47,15 +51,44 @@ def test_the_thinking_comes_back_apart_whole_and_streamed(thinking: Cluster) -> 
     assert plain["reasoning_content"] is None and plain["content"] == "Hello world!"
 
 
-def test_the_text_as_written_when_asked_or_constrained(thinking: Cluster) -> None:
+def test_the_text_as_written_when_asked(thinking: Cluster) -> None:
     whole = "<think>\nHmm, Paris</think>\n\nParis."
     message = chat(thinking, separate_reasoning=False).json()["choices"][0]["message"]
     assert message["content"] == whole and "reasoning_content" not in message
-    fmt = {"type": "json_object"}
-    message = chat(thinking, response_format=fmt).json()["choices"][0]["message"]
-    assert message["content"] == whole and "reasoning_content" not in message
     resp = chat(thinking, separate_reasoning="yes")
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "separate_reasoning"
+
+
+@pytest.mark.parametrize(
+    "constraint",
+    [{"response_format": {"type": "json_object"}},
+     {"response_format": {"type": "json_schema",
+                          "json_schema": {"name": "a", "schema": {"type": "object"}}}},
+     {"regex": "Paris\\."},
+     {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+      "tool_choice": "required"}],
+)  # fmt: skip
+def test_a_constraint_starts_after_the_thinking(thinking: Cluster, constraint: dict) -> None:
+    prompt = f"THINK {len(thinking.requests())}"  # names this request among those recorded
+    message = chat(thinking, prompt, **constraint).json()["choices"][0]["message"]
+    assert message["reasoning_content"] == "Hmm, Paris" and message["content"] == "Paris."
+    sent = thinking.find_req(lambda r: prompt in str(r.messages))
+    grammar = SamplingParams.from_dict(sent.sampling).grammar
+    assert grammar is not None and grammar.after_reasoning == "qwen3"
+    stream = chat(thinking, prompt, stream=True, **constraint)
+    assert streamed(stream) == ("Hmm, Paris", "Paris.")
+
+
+def test_free_text_asks_for_no_grammar(thinking: Cluster, cluster: Cluster) -> None:
+    prompt = f"THINK {len(thinking.requests())}"
+    chat(thinking, prompt)
+    sent = thinking.find_req(lambda r: prompt in str(r.messages)).sampling
+    assert SamplingParams.from_dict(sent).grammar is None
+    fmt = {"type": "json_object"}
+    assert chat(cluster, "THINK plain", response_format=fmt).status_code == 200
+    sent = cluster.find_req(lambda r: "THINK plain" in str(r.messages)).sampling
+    grammar = SamplingParams.from_dict(sent).grammar  # no reasoning parser: the whole output
+    assert grammar is not None and grammar.after_reasoning is None
 
 
 def test_without_a_parser_nothing_is_split(cluster: Cluster) -> None:
