@@ -5,8 +5,8 @@
 
 Bodies for /v1/chat/completions, /v1/completions and /generate mix plausible values with hostile
 ones (lone surrogates, ints past int64, NaN, wrong types, out-of-vocabulary ids, oversized lists),
-and constraints (`response_format`, `json_schema`, `regex`, `ebnf`) mix small valid grammars with
-broken, too deep and too long ones; /tokenize, /detokenize, /v1/embeddings (a 400 on a generation
+and constraints (`response_format`, `json_schema`, `regex`, `ebnf`, some after a reasoning model's
+thinking) mix small valid grammars with broken, too deep and too long ones; /tokenize, /detokenize, /v1/embeddings (a 400 on a generation
 model) and /abort_request get fuzzed bodies too. A constrained answer that ended by its grammar
 ("stop") must parse: a JSON answer is parsed, a regex answer fully matched. Prints the counts of 2xx/4xx/5xx, hangs (no answer within --timeout-s), error bodies that are not
 OpenAI's, and the requests still in flight afterwards; exits 1 if any 5xx, hang, malformed error
@@ -153,6 +153,9 @@ class Fuzzer:
             sampling = {**self.sampling(), "max_new_tokens": max_tokens}
             if constrained:
                 sampling.update(self.constraint())
+                if self.rng.random() < 0.3:  # a reasoning model's: the grammar after thinking
+                    parser = self.rng.choice(["qwen3", "deepseek_r1"])
+                    sampling["grammar_after_reasoning"] = self.pick(parser, 0.1)
             if self.rng.random() < 0.1:
                 sampling["skip_special_tokens"] = self.pick(False)
             if self.rng.random() < 0.1:
@@ -204,10 +207,30 @@ class Fuzzer:
 EBNF_AS_REGEX = {'root ::= "yes" | "no"': "(yes|no)", "root ::= [0-9] [0-9]?": "[0-9]{1,2}"}
 
 
+def fields_of(path: str, body: dict[str, Any]) -> Any:
+    """Where a body's sampling fields are (a dict for every plausible body)."""
+    return body.get("sampling_params") if path == "/generate" else body
+
+
+def _answer_part(text: str, after_reasoning: Any) -> str:
+    """What a grammar that starts after the thinking holds: the text past the first </think>
+    (qwen3: only when the text opened with <think>) and up to 8 blank characters."""
+    thinks = after_reasoning == "deepseek_r1" or (
+        after_reasoning == "qwen3" and text.startswith("<think>")
+    )
+    if thinks:
+        text = text.partition("</think>")[2]
+    return (
+        re.sub(r"^[ \t\r\n]{0,8}", "", text)
+        if after_reasoning in ("qwen3", "deepseek_r1")
+        else text
+    )
+
+
 def grammar_of(path: str, body: dict[str, Any]) -> tuple[str, Any] | None:
     """The constraint a body asks for, when the answers it ends ("stop") can be checked: one
     of the valid grammars above and no stop strings or stop ids that could end it first."""
-    fields = body.get("sampling_params") if path == "/generate" else body
+    fields = fields_of(path, body)
     if not isinstance(fields, dict) or fields.get("stop") or fields.get("stop_token_ids"):
         return None
     response_format = body.get("response_format")
@@ -247,6 +270,7 @@ def check_answers(path: str, body: dict[str, Any], data: Any, counts: Counter) -
         if not ended:
             continue
         counts["constrained answers checked"] += 1
+        text = _answer_part(text, fields_of(path, body).get("grammar_after_reasoning"))
         try:
             ok = bool(re.fullmatch(regex, text)) if kind == "regex" else _parses(text)
         except re.error:
