@@ -16,8 +16,20 @@ A constrained request's grammar starts after the thinking (serving_chat sets
 
 from __future__ import annotations
 
+from typing import Any
+
 _OPEN = "<think>"
 _CLOSE = "</think>"
+# chat_template_kwargs that switch a hybrid model's thinking off in its template (Qwen3 and
+# GLM-4.5: enable_thinking; DeepSeek-V3.1: thinking): its prompt closes the thinking itself.
+_THINKING_SWITCHES = ("enable_thinking", "thinking")
+
+
+def thinking_off(template_kwargs: dict[str, Any] | None) -> bool:
+    """Whether a request's chat_template_kwargs switch the model's thinking off: its answer is
+    then read as `qwen3` reads one that does not open with <think> (all content), whatever the
+    server's parser, and a grammar holds the whole output."""
+    return any((template_kwargs or {}).get(key) is False for key in _THINKING_SWITCHES)
 
 
 def split_reasoning(text: str, parser: str) -> tuple[str | None, str]:

@@ -36,7 +36,7 @@ from pdserve.router.openai_serving import (
     template_kwargs,
     usage,
 )
-from pdserve.router.reasoning import ReasoningStream, split_reasoning
+from pdserve.router.reasoning import ReasoningStream, split_reasoning, thinking_off
 from pdserve.router.request_fields import check_fields, extra_flag
 from pdserve.router.request_tracker import RequestGroup
 from pdserve.router.router import Router
@@ -78,7 +78,9 @@ def build_chat(spec: RouterSpec, body: ChatCompletionRequest) -> Fanout:
         for d in samplings:
             d["json_schema"] = json.dumps(schema)
         constrained = True
-    if constrained and spec.reasoning_parser:  # a reasoning model thinks, then the grammar holds
+    kwargs = template_kwargs(body.chat_template_kwargs)
+    thinks = bool(spec.reasoning_parser) and not thinking_off(kwargs)
+    if constrained and thinks:  # a reasoning model thinks, then the grammar holds
         for d in samplings:
             d["grammar_after_reasoning"] = spec.reasoning_parser
     messages = [m.to_template_dict() for m in body.messages]
@@ -88,7 +90,7 @@ def build_chat(spec: RouterSpec, body: ChatCompletionRequest) -> Fanout:
         samplings,
         continue_final_message=body.continue_final_message,
         add_generation_prompt=add_generation_prompt is not False,
-        chat_template_kwargs=template_kwargs(body.chat_template_kwargs),
+        chat_template_kwargs=kwargs,
         tools=plan.template_tools if plan is not None else None,
         return_logprob=body.logprobs,
         top_logprobs_num=body.top_logprobs or 0,
@@ -101,7 +103,7 @@ def build_chat(spec: RouterSpec, body: ChatCompletionRequest) -> Fanout:
     fan.tool_plan = plan
     # SGLang's separate_reasoning, true by default: false gets the text as the model wrote it
     if spec.reasoning_parser and extra_flag(body, "separate_reasoning", True):
-        fan.reasoning_parser = spec.reasoning_parser
+        fan.reasoning_parser = spec.reasoning_parser if thinks else "qwen3"
     return fan
 
 

@@ -94,3 +94,33 @@ def test_free_text_asks_for_no_grammar(thinking: Cluster, cluster: Cluster) -> N
 def test_without_a_parser_nothing_is_split(cluster: Cluster) -> None:
     message = chat(cluster).json()["choices"][0]["message"]
     assert message["content"].startswith("<think>") and "reasoning_content" not in message
+
+
+@pytest.fixture(scope="module")
+def opened_in_prompt() -> Iterator[Cluster]:
+    c = start_cluster(reasoning_parser="deepseek_r1")
+    yield c
+    c.stop()
+
+
+@pytest.mark.parametrize("switch", ["enable_thinking", "thinking"])
+def test_thinking_switched_off_is_all_content(opened_in_prompt: Cluster, switch: str) -> None:
+    # deepseek_r1 reads an answer that never closes the thinking as all reasoning; a request
+    # whose template kwargs switch the thinking off (Qwen3, GLM-4.5: enable_thinking;
+    # DeepSeek-V3.1: thinking) gets its answer as content, and a grammar over all of it.
+    c = opened_in_prompt
+    assert chat(c, "plain").json()["choices"][0]["message"]["reasoning_content"] == "Hello world!"
+    off = {"chat_template_kwargs": {switch: False}}
+    message = chat(c, "plain", **off).json()["choices"][0]["message"]
+    assert message["reasoning_content"] is None and message["content"] == "Hello world!"
+    assert streamed(chat(c, "plain", stream=True, **off)) == ("", "Hello world!")
+    prompt = f"plain {switch} {len(c.requests())}"
+    assert chat(c, prompt, response_format={"type": "json_object"}, **off).status_code == 200
+    sent = c.find_req(lambda r: prompt in str(r.messages)).sampling
+    grammar = SamplingParams.from_dict(sent).grammar
+    assert grammar is not None and grammar.after_reasoning is None
+    on = {"chat_template_kwargs": {switch: True}}
+    prompt = f"plain on {switch} {len(c.requests())}"
+    assert chat(c, prompt, response_format={"type": "json_object"}, **on).status_code == 200
+    sent = c.find_req(lambda r: prompt in str(r.messages)).sampling
+    assert SamplingParams.from_dict(sent).grammar.after_reasoning == "deepseek_r1"  # type: ignore[union-attr]
