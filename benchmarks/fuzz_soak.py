@@ -5,8 +5,8 @@
 
 Bodies for /v1/chat/completions, /v1/completions and /generate mix plausible values with hostile
 ones (lone surrogates, ints past int64, NaN, wrong types, out-of-vocabulary ids, oversized lists),
-and constraints (`response_format`, `json_schema`, `regex`, `ebnf`, some after a reasoning model's
-thinking) mix small valid grammars with broken, too deep and too long ones; /tokenize, /detokenize, /v1/embeddings (a 400 on a generation
+and constraints (`response_format`, `json_schema`, `regex`, `ebnf`, `structural_tag`, some after a
+reasoning model's thinking) mix small valid grammars with broken, too deep and too long ones; /tokenize, /detokenize, /v1/embeddings (a 400 on a generation
 model) and /abort_request get fuzzed bodies too. A constrained answer that ended by its grammar
 ("stop") must parse: a JSON answer is parsed, a regex answer fully matched. Prints the counts of 2xx/4xx/5xx, hangs (no answer within --timeout-s), error bodies that are not
 OpenAI's, and the requests still in flight afterwards; exits 1 if any 5xx, hang, malformed error
@@ -49,6 +49,12 @@ TOOLS = [
 ]  # fmt: skip
 GOOD_REGEXES = [r"(yes|no)", r"[0-9]{1,3}", r"[a-c]{2}"]
 GOOD_EBNF = ['root ::= "yes" | "no"', "root ::= [0-9] [0-9]?"]
+GOOD_STRUCTURAL_TAGS = [
+    {"type": "structural_tag", "structures": [{"begin": "<f=a>", "schema": {"type": "object"},
+     "end": "</f>"}], "triggers": ["<f="]},
+    {"type": "structural_tag", "format": {"type": "tag", "begin": "<a>",
+     "content": {"type": "json_schema", "json_schema": {"type": "object"}}, "end": "</a>"}},
+]  # fmt: skip
 BAD_GRAMMARS = [
     "", "{", "[a-", "(ab", "a(?=b)", "root ::= ", '{"type": "strin"}', "[1, 2]",
     '{"type": "array", "items": ' * 200 + "{}" + "}" * 200,  # past the nesting limit
@@ -113,17 +119,24 @@ class Fuzzer:
 
     def constraint(self) -> dict[str, Any]:
         """One of SGLang's constraint fields: a small valid grammar mostly, else a bad one."""
-        key = self.rng.choice(["json_schema", "regex", "ebnf", "json_object"])
+        key = self.rng.choice(["json_schema", "regex", "ebnf", "structural_tag", "json_object"])
         if key == "json_object":
             return {key: self.pick(True)}
         if self.rng.random() < 0.3:
             return {key: self.rng.choice([*BAD_GRAMMARS, *HOSTILE])}
+        if key == "structural_tag":
+            return {key: self.pick(lambda: json.dumps(self.rng.choice(GOOD_STRUCTURAL_TAGS)))}
         if key == "json_schema":
             return {key: json.dumps(self.rng.choice(GOOD_SCHEMAS))}
         return {key: self.rng.choice(GOOD_REGEXES if key == "regex" else GOOD_EBNF)}
 
     def response_format(self) -> Any:
-        kind = self.rng.choice(["text", "json_object", "json_schema", "json_schema"])
+        kind = self.rng.choice(["text", "json_object", "json_schema", "json_schema", "tag"])
+        if kind == "tag":  # a good structural tag, or one with a part broken
+            tag = dict(self.rng.choice(GOOD_STRUCTURAL_TAGS))
+            if self.rng.random() < 0.3:
+                tag[self.rng.choice(sorted(tag))] = self.rng.choice([*BAD_GRAMMARS[:8], *HOSTILE])
+            return tag
         if kind != "json_schema":
             return self.pick({"type": kind})
         schema = self.pick(lambda: self.rng.choice(GOOD_SCHEMAS), 0.2)
@@ -234,6 +247,8 @@ def grammar_of(path: str, body: dict[str, Any]) -> tuple[str, Any] | None:
     if not isinstance(fields, dict) or fields.get("stop") or fields.get("stop_token_ids"):
         return None
     response_format = body.get("response_format")
+    if isinstance(response_format, dict) and response_format.get("type") == "structural_tag":
+        return None  # free text around its tags: not checked here (tests/worker cover it)
     if isinstance(response_format, dict) and response_format.get("type") != "text":
         return ("json", None)
     if fields.get("json_object") is True:

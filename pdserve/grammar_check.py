@@ -45,7 +45,7 @@ def check_grammar(params: SamplingParams) -> None:
 @functools.lru_cache(maxsize=_CACHE_SIZE)
 def grammar_problem(spec: GrammarSpec) -> str | None:
     """Why `spec` cannot be compiled (a message starting with its key), or None."""
-    if spec.kind == "json_schema":
+    if spec.kind in ("json_schema", "structural_tag"):
         depth = json_depth(spec.text)
         if depth > MAX_SCHEMA_DEPTH:
             return (
@@ -69,7 +69,50 @@ def answer_grammar(spec: GrammarSpec) -> Any:
         return xgr.Grammar.from_regex(spec.text)
     if spec.kind == "ebnf":
         return xgr.Grammar.from_ebnf(spec.text)
+    if spec.kind == "structural_tag":
+        return xgr.Grammar.from_structural_tag(structural_tag_json(spec.text))
     return xgr.Grammar.from_json_schema(spec.text, strict_mode=spec.kind == "json_schema")
+
+
+def structural_tag_json(text: str) -> str:
+    """A structural tag as xgrammar reads it (`{"type": "structural_tag", "format": ...}`), from
+    that shape or SGLang's (`{"structures": [{"begin", "schema", "end"}], "triggers": [...]}`:
+    free text until a trigger, then a tag whose content is JSON matching its schema, then free
+    text again); ValueError naming what is wrong."""
+    try:
+        tag = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not JSON ({e.msg})") from None
+    if not isinstance(tag, dict):
+        raise ValueError("expected a JSON object")
+    if "format" in tag:
+        if tag.get("type", "structural_tag") != "structural_tag" or set(tag) - {"type", "format"}:
+            raise ValueError("expected {'type': 'structural_tag', 'format': {...}}")
+        return json.dumps({"type": "structural_tag", "format": tag["format"]})
+    structures, triggers = tag.get("structures"), tag.get("triggers")
+    if set(tag) - {"type", "structures", "triggers"} or tag.get("type", "structural_tag") != (
+        "structural_tag"
+    ):
+        raise ValueError("expected 'structures' and 'triggers' (SGLang's shape) or 'format'")
+    if not isinstance(structures, list) or not structures:
+        raise ValueError("'structures' must be a non-empty list of {'begin', 'schema', 'end'}")
+    if not isinstance(triggers, list) or not triggers:
+        raise ValueError("'triggers' must be a non-empty list of strings")
+    if not all(isinstance(t, str) and t for t in triggers):
+        raise ValueError("'triggers' must be a non-empty list of strings")
+    tags = []
+    for item in structures:
+        ok = isinstance(item, dict) and set(item) == {"begin", "schema", "end"}
+        if not ok or not all(isinstance(item[k], str) and item[k] for k in ("begin", "end")):
+            raise ValueError(
+                "each of 'structures' must be {'begin': str, 'schema': ..., 'end': str}"
+            )
+        if not isinstance(item["schema"], (dict, bool)):
+            raise ValueError("each structure's 'schema' must be a JSON schema (an object)")
+        content = {"type": "json_schema", "json_schema": item["schema"]}
+        tags.append({"type": "tag", "begin": item["begin"], "content": content, "end": item["end"]})
+    fmt = {"type": "triggered_tags", "triggers": triggers, "tags": tags}
+    return json.dumps({"type": "structural_tag", "format": fmt})
 
 
 def full_grammar_text(spec: GrammarSpec) -> str:

@@ -33,11 +33,13 @@ _BOOL_KEYS = (
     "json_object",
 )
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range: [-100, 100]
-GRAMMAR_KEYS = ("json_schema", "regex", "ebnf", "json_object")  # at most one per request
-GRAMMAR_TEXT_KEYS = ("json_schema", "regex", "ebnf")  # those whose value is a grammar's text
+# At most one per request.
+GRAMMAR_KEYS = ("json_schema", "regex", "ebnf", "structural_tag", "json_object")
+# Those whose value is a grammar's text (a JSON schema or structural tag may come as an object).
+GRAMMAR_TEXT_KEYS = ("json_schema", "regex", "ebnf", "structural_tag")
 JSON_OBJECT_SCHEMA = '{"type": "object"}'  # json_object: any JSON object (extra keys allowed)
 
-GrammarKind = Literal["json_schema", "regex", "ebnf", "json_object"]
+GrammarKind = Literal["json_schema", "regex", "ebnf", "structural_tag", "json_object"]
 # How reasoning models mark their thinking (router/reasoning.py): a grammar can start after it.
 REASONING_PARSERS: tuple[str, ...] = ("deepseek_r1", "qwen3")
 
@@ -74,10 +76,13 @@ class SamplingParams:
     n: int = 1
     logit_bias: dict[int, float] = field(default_factory=dict)
     # Constrained output (at most one): a JSON schema (text, or an object given as one), a
-    # regular expression, an EBNF grammar (GBNF: `root ::= ...`), or any JSON object.
+    # regular expression, an EBNF grammar (GBNF: `root ::= ...`), a structural tag (SGLang's
+    # `{"structures": [...], "triggers": [...]}` or xgrammar's `{"type": "structural_tag",
+    # "format": ...}`, as text or an object), or any JSON object.
     json_schema: str | None = None
     regex: str | None = None
     ebnf: str | None = None
+    structural_tag: str | None = None
     json_object: bool = False
     # The constraint starts after the thinking (one of REASONING_PARSERS: how the model marks
     # it); the router sets it for chat when it runs a reasoning parser.
@@ -126,7 +131,7 @@ class SamplingParams:
         after = self.grammar_after_reasoning
         if self.json_object:
             return GrammarSpec("json_object", JSON_OBJECT_SCHEMA, after)
-        for kind in ("json_schema", "regex", "ebnf"):
+        for kind in GRAMMAR_TEXT_KEYS:
             text = getattr(self, kind)
             if text is not None:
                 return GrammarSpec(kind, text, after)
@@ -245,11 +250,14 @@ def _checked_token_ids(key: str, ids: Any) -> tuple[int, ...]:
 
 
 def _check_grammar_fields(params: SamplingParams) -> None:
-    """At most one constraint; each a non-empty text of valid Unicode. A JSON schema given as
-    an object (a dict, as `response_format` carries it) becomes its JSON text. Whether xgrammar
-    can compile it is checked where the tokenizer is (`pdserve/grammar_check.py`)."""
+    """At most one constraint; each a non-empty text of valid Unicode. A JSON schema or a
+    structural tag given as an object (a dict, as `response_format` carries it) becomes its JSON
+    text. Whether xgrammar can compile it is checked where the tokenizer is
+    (`pdserve/grammar_check.py`)."""
     if isinstance(params.json_schema, (dict, bool)):
         _set(params, "json_schema", json.dumps(params.json_schema))
+    if isinstance(params.structural_tag, dict):
+        _set(params, "structural_tag", json.dumps(params.structural_tag))
     for key in GRAMMAR_TEXT_KEYS:
         text = getattr(params, key)
         if text is not None and (not isinstance(text, str) or not text or has_surrogates(text)):

@@ -117,6 +117,8 @@ def _check_sampling(limits: RequestLimits, sampling: dict) -> None:
         )
     for key in GRAMMAR_TEXT_KEYS:
         text = sampling.get(key)
+        if isinstance(text, dict):  # a schema or structural tag sent as an object
+            text = json.dumps(text)
         if isinstance(text, str) and len(text) > limits.max_grammar_chars:
             raise bad_request(
                 f"{key} has {len(text)} characters: expected at most {limits.max_grammar_chars} "

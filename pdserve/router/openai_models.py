@@ -198,13 +198,34 @@ class JsonSchemaFormat(_Body):
     strict: bool | None = None
 
 
+class StructureItem(_Body):
+    """One tag of SGLang's structural_tag: `begin`, JSON matching `schema`, `end`."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    begin: str = Field(..., min_length=1)
+    schema_: dict[str, Any] = Field(..., alias="schema")
+    end: str = Field(..., min_length=1)
+
+
 class ResponseFormat(_Body):
-    """OpenAI's `response_format`: free text, any JSON object, or JSON matching a schema."""
+    """OpenAI's `response_format`: free text, any JSON object, or JSON matching a schema; or
+    a structural tag (SGLang's and vLLM's `structures` + `triggers`, or xgrammar's `format`)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    type: Literal["text", "json_object", "json_schema"]
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
     json_schema: JsonSchemaFormat | None = None
+    structures: list[StructureItem] | None = None
+    triggers: list[str] | None = None
+    format: dict[str, Any] | None = None
+
+    def structural_tag(self) -> dict[str, Any]:
+        """The structural tag as SamplingParams takes it (checked by grammar_check)."""
+        if self.format is not None:
+            return {"type": "structural_tag", "format": self.format}
+        structures = [item.model_dump(by_alias=True) for item in self.structures or ()]
+        return {"type": "structural_tag", "structures": structures, "triggers": self.triggers}
 
 
 class SamplingFields(RequestBody):

@@ -91,9 +91,9 @@ def sampling_dicts(body: SamplingFields, max_tokens: int | None, default_max: in
 
 
 def _grammar_fields(body: SamplingFields) -> dict[str, Any]:
-    """The constraint on the output as SamplingParams takes it: `response_format` (a JSON schema
-    or any JSON object) or SGLang's `json_schema`, `regex`, `ebnf` (more than one: refused by
-    SamplingParams, naming them)."""
+    """The constraint on the output as SamplingParams takes it: `response_format` (a JSON schema,
+    any JSON object, a structural tag) or SGLang's `json_schema`, `regex`, `ebnf` (more than
+    one: refused by SamplingParams, naming them)."""
     fields: dict[str, Any] = {"json_schema": body.json_schema, "regex": body.regex}
     fields["ebnf"] = body.ebnf
     fmt = body.response_format
@@ -101,6 +101,15 @@ def _grammar_fields(body: SamplingFields) -> dict[str, Any]:
         return fields
     if fmt.type == "json_object":
         return {**fields, "json_object": True}
+    if fmt.type == "structural_tag":
+        given = (fmt.format is not None, fmt.structures is not None or fmt.triggers is not None)
+        if given[0] == given[1]:
+            raise bad_request(
+                "response_format of type 'structural_tag' needs 'structures' and 'triggers', "
+                "or 'format'",
+                "response_format",
+            )
+        return {**fields, "structural_tag": json.dumps(fmt.structural_tag())}
     if fmt.json_schema is None:
         raise bad_request(
             "response_format.json_schema is required when response_format.type is 'json_schema'",

@@ -66,7 +66,10 @@ class Refusal:
     asks_nothing: Callable[[Any], bool] = _is_unset  # True: a value that is accepted
 
 
-_STRUCTURED_TAG = "structural_tag is not supported (json_schema, regex and ebnf are)"
+_STRUCTURAL_TAG = (
+    "send it as response_format {'type': 'structural_tag', ...} (on /generate: inside "
+    "sampling_params)"
+)
 _VLLM_GUIDED = (
     "vLLM's guided decoding fields are not supported: use response_format, or "
     "json_schema, regex or ebnf"
@@ -80,7 +83,7 @@ REFUSED: dict[str, Refusal] = {
     "regex": Refusal(_IN_SAMPLING_PARAMS, GENERATE),  # served on the OpenAI routes
     "json_schema": Refusal(_IN_SAMPLING_PARAMS, GENERATE),
     "ebnf": Refusal(_IN_SAMPLING_PARAMS, GENERATE),
-    "structural_tag": Refusal(_STRUCTURED_TAG, EVERY),
+    "structural_tag": Refusal(_STRUCTURAL_TAG, EVERY),
     "guided_json": Refusal(_VLLM_GUIDED, OPENAI),  # vLLM's names
     "guided_regex": Refusal(_VLLM_GUIDED, OPENAI),
     "guided_choice": Refusal(_VLLM_GUIDED, OPENAI),
@@ -134,17 +137,3 @@ def check_fields(body: BaseModel, route: Route) -> None:
         if route in OPENAI and name in IGNORED_ON_OPENAI_ROUTES:
             continue
         raise bad_request(f"{name}: unknown field (not supported by this route)", name)
-
-
-# SGLang's sampling parameters that pdserve does not implement (inside /generate's sampling_params)
-UNSUPPORTED_SAMPLING_KEYS = {"structural_tag": _STRUCTURED_TAG}
-
-
-def check_sampling_fields(params: Any) -> None:
-    """400 naming a key of one of /generate's sampling_params that pdserve does not implement
-    (other unknown keys are refused by `SamplingParams.from_dict`)."""
-    if not isinstance(params, dict):
-        return
-    for key, reason in UNSUPPORTED_SAMPLING_KEYS.items():
-        if params.get(key) is not None:
-            raise bad_request(f"sampling_params.{key}: {reason}", key)

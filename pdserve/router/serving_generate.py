@@ -32,7 +32,7 @@ from pdserve.router.group_reader import (
 from pdserve.router.lora_adapters import generate_loras, set_lora
 from pdserve.router.openai_models import GenerateRequest
 from pdserve.router.openai_serving import Fanout, Prompt
-from pdserve.router.request_fields import check_fields, check_sampling_fields
+from pdserve.router.request_fields import check_fields
 from pdserve.router.request_tracker import RequestGroup
 from pdserve.router.router import Router
 from pdserve.router.sse import DONE, SSEResponse, sse, sse_error
@@ -134,16 +134,9 @@ def _is_video(video: Any) -> bool:
     return bool(frames) and all(isinstance(f, str) and f for f in frames)
 
 
-def _check_supported(body: GenerateRequest) -> None:
-    check_fields(body, "generate")
-    given = body.sampling_params
-    for params in given if isinstance(given, list) else [given]:
-        check_sampling_fields(params)
-
-
 def build_generate(body: GenerateRequest, default_max: int) -> tuple[Fanout, bool]:
     """The sub-requests, and whether the response is a list."""
-    _check_supported(body)
+    check_fields(body, "generate")
     prompts, is_batch = _prompts(body)
     params = _samplings(body, len(prompts), default_max)
     images = _image_lists(body.image_data, len(prompts), is_batch)

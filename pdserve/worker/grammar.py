@@ -18,7 +18,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from pdserve.config.sampling_params import GrammarSpec
-from pdserve.grammar_check import check_grammar, full_grammar_text, xgrammar_reason
+from pdserve.grammar_check import (
+    check_grammar,
+    full_grammar_text,
+    structural_tag_json,
+    xgrammar_reason,
+)
 from pdserve.scheduler.request import Request
 
 logger = logging.getLogger(__name__)
@@ -56,6 +61,8 @@ class GrammarBackend:
             return self.compiler.compile_regex(spec.text)
         if spec.kind == "ebnf":
             return self.compiler.compile_grammar(spec.text)
+        if spec.kind == "structural_tag":
+            return self.compiler.compile_structural_tag(structural_tag_json(spec.text))
         # A json_schema is enforced strictly (no properties or items beyond the schema's, as
         # SGLang and vLLM do); json_object is any object.
         return self.compiler.compile_json_schema(spec.text, strict_mode=spec.kind == "json_schema")

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
+import jsonschema
 import openai
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -118,6 +119,38 @@ def test_tokens_are_sampled_until_max_tokens_when_the_grammar_allows_more(
     assert res.choices[0].finish_reason == "length"
     assert res.usage is not None and res.usage.completion_tokens == 8
     assert re.fullmatch("[0-9]+", res.choices[0].text)
+
+
+def test_a_structural_tag_holds_its_tags_and_frees_the_rest(cluster: Cluster) -> None:
+    """response_format of type structural_tag through the openai client: xgrammar's `format`
+    (a tag from the start: every answer is exactly it) and SGLang's `structures` + `triggers`
+    (free text, but each trigger opens a tag whose JSON validates)."""
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"],
+              "additionalProperties": False}  # fmt: skip
+    content = {"type": "json_schema", "json_schema": schema}
+    forced = {"type": "structural_tag", "format": {"type": "tag", "begin": "<answer>",
+              "content": content, "end": "</answer>"}}  # fmt: skip
+    c = client(cluster)
+    res = c.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": PROMPT}], n=3, seed=4,
+        temperature=1.0, max_tokens=MAX_TOKENS, response_format=forced,  # type: ignore[arg-type]
+    )  # fmt: skip
+    for choice in res.choices:
+        assert choice.finish_reason == "stop", choice
+        found = re.fullmatch(r"<answer>(.*)</answer>", choice.message.content or "", re.DOTALL)
+        assert found, choice.message.content
+        jsonschema.validate(json.loads(found[1]), schema)
+    triggered = {"type": "structural_tag", "triggers": ["<n="],
+                 "structures": [{"begin": "<n=1>", "schema": schema, "end": "</n>"}]}  # fmt: skip
+    res = c.completions.create(
+        model=MODEL, prompt=PROMPT, n=4, seed=4, temperature=1.0, max_tokens=MAX_TOKENS,
+        extra_body={"response_format": triggered},
+    )  # fmt: skip
+    for choice in res.choices:
+        for call in choice.text.split("<n=")[1:]:  # each trigger opened the one tag
+            assert call.startswith("1>"), choice.text
+            if "</n>" in call:
+                jsonschema.validate(json.loads(call[2 : call.index("</n>")]), schema)
 
 
 def test_a_grammar_after_the_thinking_runs_on_the_workers(cluster: Cluster) -> None:

@@ -13,6 +13,7 @@ import openai
 import pytest
 from router_fakes import API_KEY, MODEL, Cluster
 
+from pdserve.config.sampling_params import SamplingParams
 from pdserve.router.request_fields import REFUSED
 
 CHAT = "/v1/chat/completions"
@@ -49,6 +50,16 @@ REFUSED_CASES = [
     for name, refusal in REFUSED.items()
     for route in sorted(refusal.routes)
 ]
+# A structural tag in SGLang's shape and in xgrammar's.
+STRUCTURES = {
+    "type": "structural_tag",
+    "structures": [{"begin": "<f=a>", "schema": {"type": "object"}, "end": "</f>"}],
+    "triggers": ["<f="],
+}
+TAG_FORMAT = {
+    "type": "structural_tag",
+    "format": {"type": "tag", "begin": "<a>", "content": {"type": "any_text"}, "end": "</a>"},
+}
 HARMLESS = [
     pytest.param(CHAT, {"tools": []}, id="chat-empty-tools"),
     pytest.param(CHAT, {"tool_choice": "none"}, id="chat-tool_choice-none"),
@@ -67,6 +78,13 @@ HARMLESS = [
     pytest.param(GENERATE, {"logprob_start_len": 0}, id="generate-start-without-logprob"),
     pytest.param(GENERATE, {"return_logprob": True, "logprob_start_len": 0}, id="generate-lp0"),
     pytest.param(GENERATE, {"return_hidden_states": True}, id="generate-hidden-states"),
+    pytest.param(CHAT, {"response_format": STRUCTURES}, id="chat-structural-tag"),
+    pytest.param(COMPLETIONS, {"response_format": TAG_FORMAT}, id="cmpl-structural-tag-format"),
+    pytest.param(
+        GENERATE,
+        {"sampling_params": {"structural_tag": json.dumps(STRUCTURES)}},
+        id="generate-structural-tag",
+    ),  # fmt: skip
     pytest.param(
         CHAT,
         {"stream": True, "stream_options": {"include_obfuscation": False}},
@@ -142,7 +160,7 @@ OTHER_REFUSALS = [
 ]
 OTHER_REFUSALS += [
     pytest.param(GENERATE, {"sampling_params": {key: value}}, key, id=f"gen-sampling-{key}")
-    for key, value in (("structural_tag", {"type": "x"}), ("regex", ""), ("json_schema", 5))
+    for key, value in (("structural_tag", 5), ("regex", ""), ("json_schema", 5))
 ]
 OTHER_REFUSALS += [
     pytest.param(path, {"response_format": fmt}, "response_format", id=f"{route}-format-{name}")
@@ -152,7 +170,10 @@ OTHER_REFUSALS += [
         ("no-schema", {"type": "json_schema", "json_schema": {"name": "x"}}),
         ("no-name", {"type": "json_schema", "json_schema": {"schema": {}}}),
         ("schema-not-object", {"type": "json_schema", "json_schema": {"name": "x", "schema": 1}}),
-        ("unknown-type", {"type": "structural_tag"}),
+        ("unknown-type", {"type": "xml"}),
+        ("structural-tag-empty", {"type": "structural_tag"}),
+        ("structural-tag-both", {**STRUCTURES, "format": TAG_FORMAT["format"]}),
+        ("structural-tag-no-begin", {**STRUCTURES, "structures": [{"schema": {}, "end": "x"}]}),
         ("not-an-object", "json"),
         ("unknown-key", {"type": "json_object", "colour": 1}),
     )
@@ -335,3 +356,24 @@ def test_tool_choices_the_model_cannot_serve_are_refused(cluster: Cluster) -> No
     both = {"tools": [TOOL], "tool_choice": named, "response_format": {"type": "json_object"}}
     assert_refused(post(cluster, CHAT, both), "tool_choice")
     assert_refused(post(cluster, CHAT, {"tools": [{"type": "function"}]}), "tools")
+
+
+@pytest.mark.parametrize(
+    ("path", "extra", "expected"),
+    [
+        (CHAT, {"response_format": STRUCTURES}, STRUCTURES),
+        (COMPLETIONS, {"response_format": TAG_FORMAT}, TAG_FORMAT),
+        (GENERATE, {"sampling_params": {"structural_tag": STRUCTURES}}, STRUCTURES),
+    ],
+)
+def test_a_structural_tag_reaches_the_tokenizer_as_its_json_text(
+    cluster: Cluster, path: str, extra: dict[str, Any], expected: dict[str, Any]
+) -> None:
+    marker = f"tag {len(cluster.requests())}"  # names this request among those recorded
+    prompt = {CHAT: {"messages": [{"role": "user", "content": marker}]},
+              COMPLETIONS: {"prompt": marker}, GENERATE: {"text": marker}}[path]  # fmt: skip
+    assert post(cluster, path, {**extra, **prompt}).status_code == 200
+    found = cluster.find_req(lambda r: marker in (r.text or str(r.messages)))
+    sent = SamplingParams.from_dict(found.sampling)
+    assert sent.grammar is not None and sent.grammar.kind == "structural_tag"
+    assert json.loads(sent.grammar.text) == expected
