@@ -1,5 +1,6 @@
-"""Structured output: a JSON object matching a schema through OpenAI's `response_format`, and text
-matching a regular expression through SGLang's `/generate` (`sampling_params.regex`).
+"""Structured output: a JSON object matching a schema through OpenAI's `response_format`, text
+matching a regular expression through SGLang's `/generate` (`sampling_params.regex`), and a
+structural tag (an answer wrapped in a tag, its content JSON matching a schema).
 
 Usage:
     # against a running server (`pdserve launch --model PATH` or `pdserve demo`):
@@ -36,6 +37,21 @@ DESCRIPTION = (
     "$49.99. Give its name, color, price and whether it is in stock as JSON."
 )
 DATE_REGEX = r"\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])"
+# xgrammar's structural tag format: "<price>", JSON matching the schema, "</price>". SGLang's shape,
+# {"type": "structural_tag", "structures": [{"begin", "schema", "end"}], "triggers": [...]},
+# leaves the text free until a trigger opens one of the tags.
+PRICE_TAG = {
+    "type": "structural_tag",
+    "format": {
+        "type": "tag",
+        "begin": "<price>",
+        "content": {"type": "json_schema", "json_schema": {
+            "type": "object", "properties": {"usd": {"type": "number", "minimum": 0}},
+            "required": ["usd"], "additionalProperties": False,
+        }},
+        "end": "</price>",
+    },
+}  # fmt: skip
 
 
 def main() -> None:
@@ -65,6 +81,15 @@ def main() -> None:
         }
         result = httpx.post(f"{base_url}/generate", json=body, timeout=60).json()
         print(f"Date: {result['text']}")
+
+        response = client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": DESCRIPTION + " Give only the price."}],
+            response_format=PRICE_TAG,  # type: ignore[arg-type]
+            temperature=0.7,
+            max_tokens=100,
+        )
+        print(f"Tagged: {response.choices[0].message.content}")
 
 
 if __name__ == "__main__":

@@ -131,6 +131,8 @@ def test_structured_output(pd_url: str, run_client: RunClient) -> None:
     product = json.loads(out.split("Product: ", 1)[1].split("\n", 1)[0])
     assert product["color"] in ("black", "white", "red") and 0 <= product["price"] <= 1000, out
     assert re.search(r"\nDate: \d{4}-\d{2}-\d{2}\n", out), out
+    tagged = re.search(r"\nTagged: <price>(.*)</price>\n", out, re.DOTALL)
+    assert tagged and json.loads(tagged.group(1))["usd"] >= 0, out
 
 
 def test_tool_calling(pd_url: str, run_client: RunClient) -> None:
