@@ -67,16 +67,20 @@ def build_chat(spec: RouterSpec, body: ChatCompletionRequest) -> Fanout:
     template = chat_template_of(spec.tokenizer_path_or_model) if body.tools else None
     plan = plan_tools(body.tools, body.tool_choice, template, body.parallel_tool_calls)
     schema = plan.json_schema() if plan is not None else None
+    tag = plan.structural_tag() if plan is not None else None
     constrained = any(d.get(key) for d in samplings for key in GRAMMAR_KEYS)
-    if schema is not None:  # required or named: the calls are structured output
+    if schema is not None or tag is not None:  # the calls are structured output
         if constrained:
             raise bad_request(
-                "tool_choice 'required' or a named function cannot be combined with "
-                "response_format or another constraint",
+                "tool_choice 'required', a named function or a strict function cannot be "
+                "combined with response_format or another constraint",
                 "tool_choice",
             )
         for d in samplings:
-            d["json_schema"] = json.dumps(schema)
+            if schema is not None:
+                d["json_schema"] = json.dumps(schema)
+            else:
+                d["structural_tag"] = json.dumps(tag)
         constrained = True
     kwargs = template_kwargs(body.chat_template_kwargs)
     thinks = bool(spec.reasoning_parser) and not thinking_off(kwargs)

@@ -8,7 +8,11 @@ decides whether and how the model calls them, and the calls come back out of its
   (`<tool_call>{"name", "arguments"}</tool_call>`: Qwen2.5, Qwen3, Hermes), `llama3_json` (a
   JSON object `{"name", "parameters"}`, after `<|python_tag|>` or alone: Llama 3.1+) or
   `mistral` (`[TOOL_CALLS] [{"name", "arguments"}]`), picked from what the chat template writes.
-  Text that does not parse as calls of the declared tools stays the message's content.
+  Text that does not parse as calls of the declared tools stays the message's content. When a
+  function is declared `strict: true` (OpenAI's flag), `auto`'s calls are held by a structural
+  tag (as SGLang does): the text stays free, but once the model opens a call in its format the
+  call must name a declared tool and its arguments match that tool's schema (a tool not strict:
+  any JSON object). `hermes` and `llama3_json` formats; `mistral`'s list of calls is refused.
 """
 
 from __future__ import annotations
@@ -44,6 +48,30 @@ class ToolPlan:
     named: str | None = None
     parser: str | None = None  # auto only
     parallel: bool = True  # false (parallel_tool_calls): at most one call
+    strict: tuple[bool, ...] = ()  # each tool's `strict`, by position
+
+    def structural_tag(self) -> dict[str, Any] | None:
+        """What holds `auto`'s calls when a tool is strict (None otherwise): free text, and each
+        call opened in the parser's format is one of the tools, its arguments matching the
+        tool's schema (a tool not strict: any object)."""
+        if self.choice != "auto" or not any(self.strict):
+            return None
+        if self.parser == "hermes":
+            trigger, begin, end = (
+                _HERMES_OPEN,
+                '<tool_call>\n{"name": "%s", "arguments": ',
+                "}\n</tool_call>",
+            )
+        else:  # llama3_json (plan_tools refuses the others)
+            trigger, begin, end = '{"name": ', '{"name": "%s", "parameters": ', "}"
+        tags = [
+            {"type": "tag", "begin": begin % name, "end": end, "content": {
+                "type": "json_schema", "json_schema": params if strict else {"type": "object"}}}
+            for name, params, strict in zip(self.names, self.parameters, self.strict)
+        ]  # fmt: skip
+        fmt = {"type": "triggered_tags", "triggers": [trigger], "tags": tags,
+               "stop_after_first": not self.parallel}  # fmt: skip
+        return {"type": "structural_tag", "format": fmt}
 
     def json_schema(self) -> dict[str, Any] | None:
         """The schema the output is held to: the named function's arguments, or a non-empty
@@ -97,13 +125,14 @@ def plan_tools(
         return None
     if not isinstance(tools, list):
         raise bad_request("tools must be a list of {type: function, function: {...}}", "tools")
-    names, parameters = [], []
+    names, parameters, strict = [], [], []
     for i, tool in enumerate(tools):
         name, params = _checked_tool(tool, f"tools[{i}]")
         if name in names:
             raise bad_request(f"tools[{i}]: the function {name!r} is declared twice", "tools")
         names.append(name)
         parameters.append(params)
+        strict.append(tool["function"].get("strict") is True)
     choice, named = _checked_choice(tool_choice, names)
     if choice == "none":
         return None
@@ -115,9 +144,17 @@ def plan_tools(
             "tool_choice 'required' or name a function",
             "tool_choice",
         )
+    if choice == "auto" and any(strict) and parser == "mistral":
+        raise bad_request(
+            "strict functions with tool_choice 'auto' are not supported for this model's "
+            "tool-call format (mistral): use tool_choice 'required' or name a function (their "
+            "arguments always match the schema)",
+            "tools",
+        )
     return ToolPlan(
-        tuple(names), tuple(parameters), tools, choice, named, parser, parallel is not False
-    )
+        tuple(names), tuple(parameters), tools, choice, named, parser, parallel is not False,
+        tuple(strict),
+    )  # fmt: skip
 
 
 def _checked_tool(tool: Any, where: str) -> tuple[str, dict[str, Any]]:
@@ -132,6 +169,8 @@ def _checked_tool(tool: Any, where: str) -> tuple[str, dict[str, Any]]:
             f"{where}.function.name={name!r:.80}: expected 1 to 64 letters, digits, _ or -",
             "tools",
         )
+    if function.get("strict") not in (None, True, False):
+        raise bad_request(f"{where}.function.strict: expected true or false", "tools")
     params = function.get("parameters")
     if params is None:
         params = {"type": "object", "properties": {}}
