@@ -228,6 +228,19 @@ class ResponseFormat(_Body):
         return {"type": "structural_tag", "structures": structures, "triggers": self.triggers}
 
 
+class StructuredOutputs(_Body):
+    """vLLM's `structured_outputs` (its newer name for the guided_* fields): one constraint."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = Field(None, min_length=1)
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: dict[str, Any] | str | None = None
+
+
 class SamplingFields(RequestBody):
     """Fields shared by chat and completions; OpenAI's names plus vLLM/SGLang extras."""
 
@@ -257,6 +270,12 @@ class SamplingFields(RequestBody):
     json_schema: str | None = None
     regex: str | None = None
     ebnf: str | None = None
+    # vLLM's constraints (sent through `extra_body`); at most one in all, with the above.
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = Field(None, min_length=1)
+    guided_grammar: str | None = None
+    structured_outputs: StructuredOutputs | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None

@@ -15,7 +15,7 @@ from pdserve.protocol import Finish, GenerateReq, ReqOutput
 from pdserve.router.choice_state import ChoiceState
 from pdserve.router.errors import APIError, bad_request, sampling_error
 from pdserve.router.generate_result import hidden_states
-from pdserve.router.openai_models import SamplingFields
+from pdserve.router.openai_models import ResponseFormat, SamplingFields
 from pdserve.router.tool_calls import ToolPlan
 from pdserve.tokenizer_proc.chat_template import check_template_kwargs
 
@@ -91,36 +91,76 @@ def sampling_dicts(body: SamplingFields, max_tokens: int | None, default_max: in
 
 
 def _grammar_fields(body: SamplingFields) -> dict[str, Any]:
-    """The constraint on the output as SamplingParams takes it: `response_format` (a JSON schema,
-    any JSON object, a structural tag) or SGLang's `json_schema`, `regex`, `ebnf` (more than
-    one: refused by SamplingParams, naming them)."""
-    fields: dict[str, Any] = {"json_schema": body.json_schema, "regex": body.regex}
-    fields["ebnf"] = body.ebnf
+    """The constraint on the output as SamplingParams takes it, from whichever field the client
+    used: OpenAI's `response_format` (a JSON schema, any JSON object, a structural tag), SGLang's
+    `json_schema`, `regex`, `ebnf`, or vLLM's `guided_json`, `guided_regex`, `guided_choice`
+    (any one of the strings), `guided_grammar` and `structured_outputs`. Two of them: a 400
+    naming the second."""
+    given: list[tuple[str, str, Any]] = []  # (the request's field, SamplingParams key, value)
     fmt = body.response_format
-    if fmt is None or fmt.type == "text":
-        return fields
+    if fmt is not None and fmt.type != "text":
+        given.append(("response_format", *_response_format_constraint(fmt)))
+    for name in ("json_schema", "regex", "ebnf"):
+        if getattr(body, name) is not None:
+            given.append((name, name, getattr(body, name)))
+    vllm = {"guided_json": ("json_schema", body.guided_json),
+            "guided_regex": ("regex", body.guided_regex),
+            "guided_choice": ("regex", _choice_regex(body.guided_choice)),
+            "guided_grammar": ("ebnf", body.guided_grammar)}  # fmt: skip
+    for name, (key, value) in vllm.items():
+        if value is not None:
+            given.append((name, key, value))
+    so = body.structured_outputs
+    if so is not None:
+        asked = [(key, value) for key, value in (
+            ("json_schema", so.json_), ("regex", so.regex), ("regex", _choice_regex(so.choice)),
+            ("ebnf", so.grammar), ("json_object", so.json_object or None),
+            ("structural_tag", so.structural_tag),
+        ) if value is not None]  # fmt: skip
+        if len(asked) != 1:
+            raise bad_request(
+                "structured_outputs: expected exactly one of json, regex, choice, grammar, "
+                "json_object, structural_tag",
+                "structured_outputs",
+            )
+        given.append(("structured_outputs", *asked[0]))
+    if len(given) > 1:
+        raise bad_request(
+            f"{given[0][0]} and {given[1][0]} are both set: expected one constraint per request",
+            given[1][0],
+        )
+    return {given[0][1]: given[0][2]} if given else {}
+
+
+def _response_format_constraint(fmt: ResponseFormat) -> tuple[str, Any]:
+    """(SamplingParams key, value) of a response_format that is not plain text."""
     if fmt.type == "json_object":
-        return {**fields, "json_object": True}
+        return "json_object", True
     if fmt.type == "structural_tag":
-        given = (fmt.format is not None, fmt.structures is not None or fmt.triggers is not None)
-        if given[0] == given[1]:
+        if (fmt.format is not None) == (fmt.structures is not None or fmt.triggers is not None):
             raise bad_request(
                 "response_format of type 'structural_tag' needs 'structures' and 'triggers', "
                 "or 'format'",
                 "response_format",
             )
-        return {**fields, "structural_tag": json.dumps(fmt.structural_tag())}
+        return "structural_tag", json.dumps(fmt.structural_tag())
     if fmt.json_schema is None:
         raise bad_request(
             "response_format.json_schema is required when response_format.type is 'json_schema'",
             "response_format",
         )
-    if body.json_schema is not None:
-        raise bad_request(
-            "json_schema and response_format.json_schema are both set: expected one",
-            "response_format",
-        )
-    return {**fields, "json_schema": json.dumps(fmt.json_schema.schema_)}
+    return "json_schema", json.dumps(fmt.json_schema.schema_)
+
+
+_REGEX_SPECIAL = frozenset("\\^$.|?*+()[]{}/")
+
+
+def _choice_regex(choices: list[str] | None) -> str | None:
+    """A regex matching exactly one of `choices` (vLLM's guided_choice), or None."""
+    if choices is None:
+        return None
+    escaped = ("".join("\\" + c if c in _REGEX_SPECIAL else c for c in s) for s in choices)
+    return "(" + "|".join(escaped) + ")"
 
 
 def fan_out(prompts: list[Prompt], samplings: list[dict], **req_fields: Any) -> Fanout:

@@ -70,10 +70,6 @@ _STRUCTURAL_TAG = (
     "send it as response_format {'type': 'structural_tag', ...} (on /generate: inside "
     "sampling_params)"
 )
-_VLLM_GUIDED = (
-    "vLLM's guided decoding fields are not supported: use response_format, or "
-    "json_schema, regex or ebnf"
-)
 _IN_SAMPLING_PARAMS = "on /generate it goes inside sampling_params"
 _LEGACY_FUNCTIONS = "the legacy function calling is not supported: use tools and tool_choice"
 _TEXT_ONLY = "is not supported: the model takes text only"
@@ -84,10 +80,6 @@ REFUSED: dict[str, Refusal] = {
     "json_schema": Refusal(_IN_SAMPLING_PARAMS, GENERATE),
     "ebnf": Refusal(_IN_SAMPLING_PARAMS, GENERATE),
     "structural_tag": Refusal(_STRUCTURAL_TAG, EVERY),
-    "guided_json": Refusal(_VLLM_GUIDED, OPENAI),  # vLLM's names
-    "guided_regex": Refusal(_VLLM_GUIDED, OPENAI),
-    "guided_choice": Refusal(_VLLM_GUIDED, OPENAI),
-    "guided_grammar": Refusal(_VLLM_GUIDED, OPENAI),
     "functions": Refusal(_LEGACY_FUNCTIONS, CHAT, _is_empty),
     "function_call": Refusal(_LEGACY_FUNCTIONS, CHAT, _asks_no_tool),
     "image_data": Refusal(_IMAGE_DATA, OPENAI),

@@ -121,6 +121,22 @@ def test_tokens_are_sampled_until_max_tokens_when_the_grammar_allows_more(
     assert re.fullmatch("[0-9]+", res.choices[0].text)
 
 
+def test_vllms_guided_fields_through_the_openai_client(cluster: Cluster) -> None:
+    c = client(cluster)
+    choices = ["yes (sure)", "no.", "a|b"]
+    res = c.completions.create(
+        model=MODEL, prompt=PROMPT, n=4, seed=6, temperature=1.0, max_tokens=MAX_TOKENS,
+        extra_body={"guided_choice": choices},
+    )  # fmt: skip
+    assert all(choice.text in choices and choice.finish_reason == "stop" for choice in res.choices)
+    schema = {"type": "object", "properties": {"k": {"type": "boolean"}}, "required": ["k"]}
+    res2 = c.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": PROMPT}], seed=6, temperature=1.0,
+        max_tokens=MAX_TOKENS, extra_body={"structured_outputs": {"json": schema}},
+    )  # fmt: skip
+    jsonschema.validate(json.loads(res2.choices[0].message.content or ""), schema)
+
+
 def test_a_structural_tag_holds_its_tags_and_frees_the_rest(cluster: Cluster) -> None:
     """response_format of type structural_tag through the openai client: xgrammar's `format`
     (a tag from the start: every answer is exactly it) and SGLang's `structures` + `triggers`

@@ -31,10 +31,6 @@ ASKING = {
     "json_schema": '{"type": "object"}',
     "ebnf": 'root ::= "a"',
     "structural_tag": {"type": "structural_tag"},
-    "guided_json": {"type": "object"},
-    "guided_regex": "a+",
-    "guided_choice": ["a", "b"],
-    "guided_grammar": 'root ::= "a"',
     "functions": [{"name": "f", "parameters": {}}],
     "function_call": {"name": "f"},
     "image_data": "https://example.com/cat.png",
@@ -182,7 +178,30 @@ OTHER_REFUSALS += [
     pytest.param(
         CHAT, {"response_format": {"type": "json_object"}, "regex": "a"}, "regex", id="chat-two"
     ),
-    pytest.param(COMPLETIONS, {"regex": "a", "ebnf": 'root ::= "a"'}, "regex", id="cmpl-two"),
+    pytest.param(COMPLETIONS, {"regex": "a", "ebnf": 'root ::= "a"'}, "ebnf", id="cmpl-two"),
+    pytest.param(CHAT, {"regex": "a", "guided_json": {}}, "guided_json", id="chat-sglang-vllm"),
+    pytest.param(
+        COMPLETIONS,
+        {"guided_choice": ["a"], "structured_outputs": {"regex": "b"}},
+        "structured_outputs",
+        id="cmpl-two-vllm",
+    ),
+    pytest.param(
+        CHAT,
+        {"structured_outputs": {"regex": "a", "choice": ["b"]}},
+        "structured_outputs",
+        id="chat-structured-outputs-two",
+    ),
+    pytest.param(CHAT, {"structured_outputs": {}}, "structured_outputs", id="chat-so-empty"),
+    pytest.param(
+        CHAT,
+        {"structured_outputs": {"whitespace_pattern": " "}},
+        "structured_outputs",
+        id="chat-so-unknown",
+    ),
+    pytest.param(CHAT, {"guided_choice": []}, "guided_choice", id="chat-choice-empty"),
+    pytest.param(CHAT, {"guided_choice": "a"}, "guided_choice", id="chat-choice-not-list"),
+    pytest.param(CHAT, {"guided_regex": 5}, "guided_regex", id="chat-guided-regex-int"),
 ]
 OTHER_REFUSALS += [
     pytest.param(path, {"frobnicate": 1}, "frobnicate", id=f"{route}-unknown")
@@ -377,3 +396,30 @@ def test_a_structural_tag_reaches_the_tokenizer_as_its_json_text(
     sent = SamplingParams.from_dict(found.sampling)
     assert sent.grammar is not None and sent.grammar.kind == "structural_tag"
     assert json.loads(sent.grammar.text) == expected
+
+
+@pytest.mark.parametrize(
+    ("path", "extra", "key", "value"),
+    [
+        (CHAT, {"guided_json": {"type": "object"}}, "json_schema", '{"type": "object"}'),
+        (COMPLETIONS, {"guided_json": '{"type": "array"}'}, "json_schema", '{"type": "array"}'),
+        (CHAT, {"guided_regex": "[ab]+"}, "regex", "[ab]+"),
+        (COMPLETIONS, {"guided_choice": ["yes", "no"]}, "regex", "(yes|no)"),
+        (CHAT, {"guided_grammar": 'root ::= "a"'}, "ebnf", 'root ::= "a"'),
+        (CHAT, {"structured_outputs": {"json": {"type": "object"}}}, "json_schema",
+         '{"type": "object"}'),
+        (COMPLETIONS, {"structured_outputs": {"choice": ["a.b", "c"]}}, "regex", "(a\\.b|c)"),
+        (CHAT, {"structured_outputs": {"json_object": True}}, "json_object", True),
+        (CHAT, {"structured_outputs": {"grammar": 'root ::= "a"'}}, "ebnf", 'root ::= "a"'),
+    ],
+)  # fmt: skip
+def test_vllms_constraint_fields_become_the_same_sampling_params(
+    cluster: Cluster, path: str, extra: dict[str, Any], key: str, value: Any
+) -> None:
+    marker = f"vllm {len(cluster.requests())}"
+    prompt = {CHAT: {"messages": [{"role": "user", "content": marker}]},
+              COMPLETIONS: {"prompt": marker}}[path]  # fmt: skip
+    resp = post(cluster, path, {**extra, **prompt})
+    assert resp.status_code == 200, resp.text
+    found = cluster.find_req(lambda r: marker in (r.text or str(r.messages)))
+    assert SamplingParams.from_dict(found.sampling).to_dict()[key] == value
