@@ -9,23 +9,16 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from model_grammars import bound_grammar, completes
 
 from pdserve.config.sampling_params import SamplingParams
 from pdserve.router.openai_serving import _choice_regex
-from pdserve.scheduler.request import Request
-from pdserve.worker.grammar import backend_for, bind_grammar
 
 ALPHABET = "ab \\^$.|?*+()[]{}/-é\"'"
 
 
 def accepts(model: Path, regex: str, text: str) -> bool:
-    path = str(model)
-    req = Request(rid="r", prompt_ids=[1], sampling=SamplingParams(regex=regex))
-    bind_grammar(req, backend_for(512, path).vocab_size, path)
-    assert req.grammar is not None and req.grammar.problem() is None
-    return bool(req.grammar.matcher.accept_string(text)) and bool(
-        req.grammar.matcher.is_completed()
-    )
+    return completes(bound_grammar(model, SamplingParams(regex=regex)), text)
 
 
 @settings(

@@ -17,13 +17,13 @@ import jsonschema
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from model_grammars import bound_grammar, completes
 from router_fakes import API_KEY, MODEL, Cluster, start_cluster
 
 from pdserve.config.sampling_params import SamplingParams
 from pdserve.router.errors import APIError
 from pdserve.router.tool_calls import ToolPlan, parse_tool_calls, plan_tools
-from pdserve.scheduler.request import Request
-from pdserve.worker.grammar import RequestGrammar, backend_for, bind_grammar
+from pdserve.worker.grammar import RequestGrammar
 
 WEATHER_ARGS = {
     "type": "object",
@@ -51,15 +51,7 @@ def plan(parser: str = "hermes", parallel: bool | None = None, tools: Any = TOOL
 def grammar(model: Path, p: ToolPlan) -> RequestGrammar:
     tag = p.structural_tag()
     assert tag is not None
-    path = str(model)
-    req = Request(rid="r", prompt_ids=[1], sampling=SamplingParams(structural_tag=tag))  # type: ignore[arg-type]
-    bind_grammar(req, backend_for(512, path).vocab_size, path)
-    assert req.grammar is not None and req.grammar.problem() is None
-    return req.grammar
-
-
-def completes(g: RequestGrammar, text: str) -> bool:
-    return bool(g.matcher.accept_string(text)) and bool(g.matcher.is_completed())
+    return bound_grammar(model, SamplingParams(structural_tag=tag))  # type: ignore[arg-type]
 
 
 def call_text(parser: str, name: str, arguments: dict[str, Any]) -> str:

@@ -14,12 +14,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from model_grammars import bound_grammar, completes, takes
 from transformers import AutoTokenizer
 
 from pdserve.config.sampling_params import SamplingParams
 from pdserve.grammar_check import check_grammar
-from pdserve.scheduler.request import Request
-from pdserve.worker.grammar import RequestGrammar, backend_for, bind_grammar
+from pdserve.worker.grammar import RequestGrammar, backend_for
 from pdserve.worker.grammar_mask import fill_bitmask, unpack_bitmask
 
 ANSWER = "[0-9]{2,4}"  # the answer's grammar in these tests
@@ -29,22 +29,8 @@ THOUGHT_PIECES = ["Hmm", " 42", "<think>", "</", "think", ">", "<", "/", "\n", "
 
 
 def grammar_for(model: Path, parser: str, **constraint: object) -> RequestGrammar:
-    path = str(model)
     sampling = SamplingParams(grammar_after_reasoning=parser, **constraint)  # type: ignore[arg-type]
-    req = Request(rid="r", prompt_ids=[1], sampling=sampling)
-    bind_grammar(req, backend_for(512, path).vocab_size, path)
-    assert req.grammar is not None and req.grammar.problem() is None
-    return req.grammar
-
-
-def takes(g: RequestGrammar, text: str) -> bool:
-    """Whether the matcher accepts `text` (as one string: any tokenization of it)."""
-    return bool(g.matcher.accept_string(text))
-
-
-def completes(g: RequestGrammar, text: str) -> bool:
-    """`text` is a whole output: accepted, and the grammar may end (its stop token) there."""
-    return takes(g, text) and bool(g.matcher.is_completed())
+    return bound_grammar(model, sampling)
 
 
 @pytest.mark.parametrize("parser", ["qwen3", "deepseek_r1"])

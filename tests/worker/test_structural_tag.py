@@ -13,11 +13,11 @@ import jsonschema
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from model_grammars import bound_grammar, completes
 
 from pdserve.config.sampling_params import SamplingParams
 from pdserve.grammar_check import check_grammar
-from pdserve.scheduler.request import Request
-from pdserve.worker.grammar import RequestGrammar, backend_for, bind_grammar
+from pdserve.worker.grammar import RequestGrammar
 
 WEATHER = {
     "type": "object",
@@ -42,15 +42,7 @@ ARGUMENTS = [
 
 
 def grammar_for(model: Path, tag: object) -> RequestGrammar:
-    path = str(model)
-    req = Request(rid="r", prompt_ids=[1], sampling=SamplingParams(structural_tag=tag))  # type: ignore[arg-type]
-    bind_grammar(req, backend_for(512, path).vocab_size, path)
-    assert req.grammar is not None and req.grammar.problem() is None
-    return req.grammar
-
-
-def completes(g: RequestGrammar, text: str) -> bool:
-    return bool(g.matcher.accept_string(text)) and bool(g.matcher.is_completed())
+    return bound_grammar(model, SamplingParams(structural_tag=tag))  # type: ignore[arg-type]
 
 
 def test_sglangs_shape_frees_the_text_and_holds_each_call(tiny_llama: Path) -> None:
@@ -145,10 +137,7 @@ def test_a_bad_structural_tag_is_refused_naming_it(tag: object, reason: str) -> 
 def test_at_most_one_constraint_and_a_structural_tag_after_the_thinking(tiny_llama: Path) -> None:
     with pytest.raises(ValueError, match="one constraint per request"):
         SamplingParams(regex="a", structural_tag=json.dumps(STRUCTURES))
-    path = str(tiny_llama)
     sampling = SamplingParams(structural_tag=STRUCTURES, grammar_after_reasoning="deepseek_r1")  # type: ignore[arg-type]
-    req = Request(rid="r", prompt_ids=[1], sampling=sampling)
-    bind_grammar(req, backend_for(512, path).vocab_size, path)
-    assert req.grammar is not None
+    g = bound_grammar(tiny_llama, sampling)
     text = 'I need <function=x> weather.</think>\n\n<function=time>{"zone": "UTC"}</function>'
-    assert completes(req.grammar, text)
+    assert completes(g, text)
