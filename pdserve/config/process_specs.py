@@ -118,6 +118,7 @@ class TokenizerSpec:
     launcher_inbox: str | None = None
     trust_remote_code: bool = False
     heartbeat_interval_s: float = SupervisionConfig.heartbeat_interval_s  # to the router
+    chat_template: str | None = None  # Jinja text used instead of the model's own
 
     def __post_init__(self) -> None:
         if self.idx < 0:

@@ -38,6 +38,7 @@ class RouterSpec:
     api_key: str | None = None
     model_path: str = ""
     tokenizer_path: str = ""  # "" -> model_path
+    chat_template: str = ""  # Jinja text used instead of the model's ("": the model's own)
     routing_policy: str = "round_robin"
     max_context_len: int = 0  # 0: the model's own limit (the tokenizer knows it)
     # A process silent this long (no heartbeat, no load report) is down.

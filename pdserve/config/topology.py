@@ -59,6 +59,8 @@ class Topology:
 
     model: str  # a Hugging Face model directory (with config.json)
     served_model_name: str | None = None  # None: the model directory's name
+    # The chat template to use instead of the model's: a file, or the Jinja text itself.
+    chat_template: str | None = None
     device: str = _ENGINE_DEFAULTS["device"]  # auto | cuda | cpu
     dtype: str = _ENGINE_DEFAULTS["dtype"]  # auto | float32 | float16 | bfloat16
     attention_backend: str = _ENGINE_DEFAULTS["attention_backend"]
@@ -354,6 +356,8 @@ class Topology:
 
     def _check_engine_keys(self) -> None:
         check_value(is_name(self.model), "model", self.model, "a Hugging Face model directory")
+        if self.chat_template is not None:
+            chat_template_text(self.chat_template)
         check_value(
             self.served_model_name is None or is_name(self.served_model_name),
             "served_model_name",
@@ -490,6 +494,25 @@ class Topology:
 
 
 # ---------------------------------------------------------------------------------- helpers
+
+
+def chat_template_text(value: Any) -> str:
+    """The Jinja text of the `chat_template` setting: the file it names, or the value itself
+    when it is a template (`{{` or `{%` in it, as vLLM's --chat-template takes it); a
+    ValueError naming the key otherwise."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"chat_template={value!r:.80} is invalid: expected a file or a template")
+    if "{{" in value or "{%" in value:
+        return value
+    path = Path(os.path.expanduser(value))
+    if not path.is_file():
+        raise ValueError(
+            f"chat_template={value!r:.200} is invalid: no such file, and not a Jinja template"
+        )
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"chat_template={value!r:.200}: cannot read it: {e}") from None
 
 
 def _visible_gpu_count() -> int:

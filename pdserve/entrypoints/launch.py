@@ -35,7 +35,7 @@ import msgpack
 from pdserve import curve_auth, protocol
 from pdserve.config.process_specs import KVTransferSpec, TokenizerSpec, WorkerSpec
 from pdserve.config.router_spec import RouterSpec, WorkerEntry
-from pdserve.config.topology import Topology
+from pdserve.config.topology import Topology, chat_template_text
 from pdserve.config.topology_sections import WorkerPlan
 from pdserve.entrypoints.endpoint_plan import Endpoint, plan_endpoints
 from pdserve.entrypoints.parent_watch import exit_with_parent
@@ -160,6 +160,7 @@ class Cluster:
                     launcher_inbox=self._launcher_inbox_addr,
                     max_context_len=self._max_context_len(),
                     heartbeat_interval_s=topo.supervision.heartbeat_interval_s,
+                    chat_template=self._chat_template() or None,
                 )
                 self._spawn("tokenizer", name, ep[name].connect, spec.to_dict())
             router_spec = self._router_spec(ep, tokenizers, workers)
@@ -193,6 +194,11 @@ class Cluster:
         if "OMP_NUM_THREADS" not in os.environ:
             env["OMP_NUM_THREADS"] = str(self._torch_threads())
         self._spawn("worker", w.name, ep[w.name].connect, spec.to_dict(), env)
+
+    def _chat_template(self) -> str:
+        """The topology's chat template as text, read on this machine ("": the model's own)."""
+        value = self.topology.chat_template
+        return chat_template_text(value) if value is not None else ""
 
     def _torch_threads(self) -> int:
         """A CPU worker's share of the cores; a GPU worker's host tensors are small, and a thread
@@ -228,6 +234,7 @@ class Cluster:
                 "max_file_bytes": topo.router.max_file_bytes,
                 "max_running_batch_lines": topo.router.max_running_batch_lines,
                 "reasoning_parser": topo.router.reasoning_parser or "",
+                "chat_template": self._chat_template(),
                 "max_context_len": self._max_context_len(),
                 "launcher_inbox": self._launcher_inbox_addr,
                 "topology": topo.to_dict(),

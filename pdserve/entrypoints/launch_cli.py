@@ -257,6 +257,12 @@ def add_launch_parser(sub: argparse._SubParsersAction) -> None:
         "deepseek_r1 for models whose prompt opens the thinking (DeepSeek-R1, QwQ), qwen3 for "
         "Qwen3's hybrid models (default: router.reasoning_parser, else off)",
     )
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        help="the chat template to use instead of the model's: a Jinja file, or the template "
+        "itself (default: topology chat_template, else the model's tokenizer_config.json)",
+    )
     _add_scheduler_flags(p)
     _add_engine_flags(p)
     p.set_defaults(handler=run_launch)
@@ -264,7 +270,8 @@ def add_launch_parser(sub: argparse._SubParsersAction) -> None:
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The flags given, as Topology.for_model options (a parallel size is checked to be 1)."""
-    keys = ["host", "port", "api_key", "device", "dtype", "kv_transfer", *_ENGINE_FLAG_KEYS]
+    keys = ["host", "port", "api_key", "device", "dtype", "kv_transfer", "chat_template",
+            *_ENGINE_FLAG_KEYS]  # fmt: skip
     keys += [f.name for f in dataclasses.fields(SchedulerConfig)]
     return translate_options({k: getattr(args, k, None) for k in keys})
 

@@ -34,6 +34,12 @@ def add_tokenizer_parser(sub: argparse._SubParsersAction) -> None:
         "router's limit applies too)",
     )
     p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        help="the chat template to use instead of the model's: a Jinja file, or the template "
+        "itself (give the router's cluster the same)",
+    )
     p.set_defaults(handler=run_tokenizer)
 
 
@@ -47,6 +53,7 @@ def run_tokenizer(args: argparse.Namespace) -> int:
 def tokenizer_spec(args: argparse.Namespace) -> Any:
     """The TokenizerSpec of `args`; refuses a model directory without a tokenizer up front."""
     from pdserve.config.process_specs import TokenizerSpec
+    from pdserve.config.topology import chat_template_text
 
     if not os.path.isdir(args.model):
         raise ValueError(f"--model {args.model!r} is invalid: expected a model directory")
@@ -62,4 +69,5 @@ def tokenizer_spec(args: argparse.Namespace) -> Any:
         max_context_len=args.max_context_len,
         trust_remote_code=args.trust_remote_code,
         heartbeat_interval_s=args.heartbeat_interval_s,
+        chat_template=chat_template_text(args.chat_template) if args.chat_template else None,
     )

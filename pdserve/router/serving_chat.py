@@ -64,7 +64,9 @@ def build_chat(spec: RouterSpec, body: ChatCompletionRequest) -> Fanout:
     if max_tokens is None:
         max_tokens = body.max_tokens
     samplings = sampling_dicts(body, max_tokens, spec.default_max_tokens)
-    template = chat_template_of(spec.tokenizer_path_or_model) if body.tools else None
+    template = None
+    if body.tools:  # the template tells the tool-call format
+        template = spec.chat_template or chat_template_of(spec.tokenizer_path_or_model)
     plan = plan_tools(body.tools, body.tool_choice, template, body.parallel_tool_calls)
     schema = plan.json_schema() if plan is not None else None
     tag = plan.structural_tag() if plan is not None else None

@@ -393,6 +393,8 @@ class TokenizerCore:
 def _load_core(spec: TokenizerSpec) -> TokenizerCore:
     """The tokenizer, its context limit and (a vision-language model) its image processor."""
     tokenizer = load_tokenizer(spec.model_path, spec.trust_remote_code)
+    if spec.chat_template:  # the topology's, instead of the model's own
+        tokenizer.chat_template = spec.chat_template
     max_context_len = spec.max_context_len or model_context_len(spec.model_path, tokenizer)
     core = TokenizerCore(tokenizer, spec.idx, max_context_len, len(spec.worker_inboxes))
     core.images = ImageProcessor.for_model(spec.model_path, tokenizer)
