@@ -264,6 +264,7 @@ class SamplingFields(RequestBody):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     no_stop_trim: bool = False
+    include_stop_str_in_output: bool | None = None  # vLLM's name for no_stop_trim
     logit_bias: dict[str, float] | None = None
     response_format: ResponseFormat | None = None
     # SGLang's constraints on its OpenAI routes (sent through `extra_body`); at most one in all.

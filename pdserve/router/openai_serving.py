@@ -71,7 +71,7 @@ def sampling_dicts(body: SamplingFields, max_tokens: int | None, default_max: in
         "ignore_eos": body.ignore_eos,
         "skip_special_tokens": body.skip_special_tokens,
         "spaces_between_special_tokens": body.spaces_between_special_tokens,
-        "no_stop_trim": body.no_stop_trim,
+        "no_stop_trim": _no_stop_trim(body),
         "logit_bias": body.logit_bias,
         "n": body.n,
         **_grammar_fields(body),
@@ -88,6 +88,20 @@ def sampling_dicts(body: SamplingFields, max_tokens: int | None, default_max: in
             d["seed"] = params.seed + i
         out.append(d)
     return out
+
+
+def _no_stop_trim(body: SamplingFields) -> bool:
+    """Whether a matched stop string stays in the text: SGLang's no_stop_trim or vLLM's
+    include_stop_str_in_output (a 400 when both are given and differ)."""
+    vllm = body.include_stop_str_in_output
+    if vllm is None:
+        return body.no_stop_trim
+    if "no_stop_trim" in body.model_fields_set and body.no_stop_trim != vllm:
+        raise bad_request(
+            "no_stop_trim and include_stop_str_in_output disagree: give one",
+            "include_stop_str_in_output",
+        )
+    return vllm
 
 
 def _grammar_fields(body: SamplingFields) -> dict[str, Any]:

@@ -202,6 +202,12 @@ OTHER_REFUSALS += [
     pytest.param(CHAT, {"guided_choice": []}, "guided_choice", id="chat-choice-empty"),
     pytest.param(CHAT, {"guided_choice": "a"}, "guided_choice", id="chat-choice-not-list"),
     pytest.param(CHAT, {"guided_regex": 5}, "guided_regex", id="chat-guided-regex-int"),
+    pytest.param(
+        COMPLETIONS,
+        {"include_stop_str_in_output": True, "no_stop_trim": False},
+        "include_stop_str_in_output",
+        id="cmpl-stop-str-disagree",
+    ),  # fmt: skip
 ]
 OTHER_REFUSALS += [
     pytest.param(path, {"frobnicate": 1}, "frobnicate", id=f"{route}-unknown")
@@ -411,9 +417,12 @@ def test_a_structural_tag_reaches_the_tokenizer_as_its_json_text(
         (COMPLETIONS, {"structured_outputs": {"choice": ["a.b", "c"]}}, "regex", "(a\\.b|c)"),
         (CHAT, {"structured_outputs": {"json_object": True}}, "json_object", True),
         (CHAT, {"structured_outputs": {"grammar": 'root ::= "a"'}}, "ebnf", 'root ::= "a"'),
+        (COMPLETIONS, {"include_stop_str_in_output": True}, "no_stop_trim", True),
+        (CHAT, {"include_stop_str_in_output": False, "no_stop_trim": False}, "no_stop_trim",
+         False),
     ],
 )  # fmt: skip
-def test_vllms_constraint_fields_become_the_same_sampling_params(
+def test_vllms_fields_become_the_same_sampling_params(
     cluster: Cluster, path: str, extra: dict[str, Any], key: str, value: Any
 ) -> None:
     marker = f"vllm {len(cluster.requests())}"
