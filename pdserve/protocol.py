@@ -91,6 +91,7 @@ class GenerateReq:
     prefill_idx: int = 0  # which prefill worker (ignored for a mixed worker)
     max_context_len: int = 0  # 0: the model's own limit
     max_prompt_tokens: int = 0  # 0: no limit but the context length (router.limits)
+    truncate_prompt_tokens: int = 0  # keep the prompt's last N tokens; -1: the context; 0: all
     echo: bool = False  # send the prompt's text back with the first delta (completions echo)
     priority: int = ONLINE_PRIORITY  # batch API lines: lower (router/batch_line.py)
     return_hidden_states: bool = False  # final-layer hidden states of prompt and output

@@ -81,7 +81,7 @@ def _check_prompt(limits: RequestLimits, req: GenerateReq, prompt_param: str) ->
     else:
         num_tokens = len(req.input_ids or ())
         limit = limits.max_prompt_tokens
-        if limit and num_tokens > limit:
+        if limit and num_tokens > limit and not req.truncate_prompt_tokens:  # else: cut later
             param = "input_ids" if prompt_param == "text" else prompt_param
             raise bad_request(
                 f"the prompt has {num_tokens} tokens: expected at most {limit}", param

@@ -265,6 +265,7 @@ class SamplingFields(RequestBody):
     spaces_between_special_tokens: bool = True
     no_stop_trim: bool = False
     include_stop_str_in_output: bool | None = None  # vLLM's name for no_stop_trim
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)  # vLLM's: keep the last N tokens
     logit_bias: dict[str, float] | None = None
     response_format: ResponseFormat | None = None
     # SGLang's constraints on its OpenAI routes (sent through `extra_body`); at most one in all.
@@ -344,6 +345,7 @@ class EmbeddingRequest(RequestBody):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
     user: str | None = None
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)  # vLLM's: keep the last N tokens
 
 
 class EncodeRequest(RequestBody):

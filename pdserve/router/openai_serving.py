@@ -177,6 +177,17 @@ def _choice_regex(choices: list[str] | None) -> str | None:
     return "(" + "|".join(escaped) + ")"
 
 
+def truncation(value: int | None) -> int:
+    """GenerateReq.truncate_prompt_tokens of vLLM's `truncate_prompt_tokens` (None: 0, keep all);
+    0 is refused (vLLM takes -1, the context length, or a count >= 1)."""
+    if value == 0:
+        raise bad_request(
+            "truncate_prompt_tokens=0 is invalid: expected -1 (the context length) or >= 1",
+            "truncate_prompt_tokens",
+        )
+    return value or 0
+
+
 def fan_out(prompts: list[Prompt], samplings: list[dict], **req_fields: Any) -> Fanout:
     group_id = uuid.uuid4().hex
     n = len(samplings)

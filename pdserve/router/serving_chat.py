@@ -34,6 +34,7 @@ from pdserve.router.openai_serving import (
     last_hidden_state,
     sampling_dicts,
     template_kwargs,
+    truncation,
     usage,
 )
 from pdserve.router.reasoning import ReasoningStream, split_reasoning, thinking_off
@@ -101,6 +102,7 @@ def build_chat(spec: RouterSpec, body: ChatCompletionRequest) -> Fanout:
         return_logprob=body.logprobs,
         top_logprobs_num=body.top_logprobs or 0,
         return_hidden_states=extra_flag(body, "return_hidden_states"),
+        truncate_prompt_tokens=truncation(body.truncate_prompt_tokens),
     )
     videos = [url for m in body.messages for url in m.video_urls()]
     for req in fan.reqs:  # the tokenizer process fetches and preprocesses them

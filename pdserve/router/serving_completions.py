@@ -32,6 +32,7 @@ from pdserve.router.openai_serving import (
     finish_reason,
     last_hidden_state,
     sampling_dicts,
+    truncation,
     usage,
 )
 from pdserve.router.request_fields import check_fields, extra_flag
@@ -72,6 +73,7 @@ def build_completion(spec: RouterSpec, body: CompletionRequest) -> Fanout:
         # echo with logprobs: the prompt's token logprobs too, as vLLM gives them
         logprob_start_len=0 if body.echo and body.logprobs is not None else -1,
         return_hidden_states=extra_flag(body, "return_hidden_states"),
+        truncate_prompt_tokens=truncation(body.truncate_prompt_tokens),
     )
 
 

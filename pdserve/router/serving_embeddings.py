@@ -30,7 +30,7 @@ from pdserve.router.embedding_inputs import is_multimodal_input, multimodal_prom
 from pdserve.router.errors import APIError, bad_request
 from pdserve.router.group_reader import run_to_end
 from pdserve.router.openai_models import EmbeddingRequest
-from pdserve.router.openai_serving import Prompt, check_model, fan_out
+from pdserve.router.openai_serving import Prompt, check_model, fan_out, truncation
 from pdserve.router.router import Router
 
 # Routes that generate text: an embedding model refuses them with a 400.
@@ -82,11 +82,15 @@ async def run_pooled(
     prompts: list[Prompt],
     param: str,
     images: list[list[str] | None] | None = None,
+    truncate: int = 0,
 ) -> list[ChoiceState]:
     """Run one pooled request per prompt (each its own route) to the end; APIError if any
     failed. Every choice holds its `embedding`. `images`: per prompt, for chat prompts whose
-    last (assistant) turn stays open (multimodal embeddings, `embedding_inputs.py`)."""
-    fields = {"continue_final_message": True, "add_generation_prompt": False} if images else {}
+    last (assistant) turn stays open (multimodal embeddings, `embedding_inputs.py`). `truncate`:
+    GenerateReq.truncate_prompt_tokens."""
+    fields: dict[str, Any] = {"truncate_prompt_tokens": truncate}
+    if images:
+        fields.update(continue_final_message=True, add_generation_prompt=False)
     fan = build_checked(lambda: fan_out(prompts, [_POOLED_SAMPLING], embed=True, **fields))
     for req, urls in zip(fan.reqs, images or []):
         req.image_data = urls
@@ -141,7 +145,8 @@ async def create_embeddings(router: Router, request: Request, body: EmbeddingReq
         prompts, images = multimodal_prompts(body.input)  # type: ignore[arg-type]
     else:
         prompts, _ = prompts_of(body.input, "input")
-    choices = await run_pooled(router, request, prompts, "input", images)
+    truncate = truncation(body.truncate_prompt_tokens)
+    choices = await run_pooled(router, request, prompts, "input", images, truncate)
     normalize = body.dimensions is not None and pooling_config(spec.model_path).normalize
     data = []
     for c in choices:

@@ -230,7 +230,8 @@ class TokenizerCore:
         ]
         if len(given) != 1:
             raise ValueError(f"exactly one of text, messages, input_ids must be given, got {given}")
-        limit = self.prompt_limit(req)
+        keep = self.kept_tokens(req, images)
+        limit = 0 if keep else self.prompt_limit(req)  # truncated: the whole text is encoded
         if req.messages is not None:
             prompt = render_chat(
                 self.tokenizer,
@@ -249,9 +250,25 @@ class TokenizerCore:
             ids = self.check_input_ids(req.input_ids)
             if images is not None and self.images is not None:  # token in with images
                 ids = self.images.expand_ids(ids, images)
+        if keep and len(ids) > keep:
+            ids = ids[-keep:]  # vLLM's truncation: the prompt's start goes
         if req.max_prompt_tokens and len(ids) > req.max_prompt_tokens:
             raise prompt_too_long(len(ids), req.max_prompt_tokens)
         return ids
+
+    def kept_tokens(self, req: GenerateReq, images: Images | None) -> int:
+        """How many of the prompt's last tokens truncate_prompt_tokens keeps (0: all of it;
+        -1: as many as the context allows). ValueError naming it with images, whose tokens a
+        cut could split."""
+        keep = req.truncate_prompt_tokens
+        if keep == 0:
+            return 0
+        if images is not None:
+            raise ValueError(
+                "truncate_prompt_tokens cannot be used with images or videos (a cut could "
+                "split an image's tokens)"
+            )
+        return self.prompt_limit(req) if keep < 0 else keep
 
     def encode(self, text: str, add_special_tokens: bool, limit: int = 0) -> list[int]:
         """`text`'s token ids. A text far longer than `limit` tokens is refused after

@@ -105,6 +105,26 @@ def test_embeddings_of_token_ids_equal_those_of_text(
     torch.testing.assert_close(torch.tensor([by_ids.data[0].embedding]), want, atol=TOL, rtol=0)
 
 
+def test_truncated_embeddings_equal_those_of_the_last_tokens(
+    embedding_cluster: Cluster, embedding_dir: Path
+) -> None:
+    """vLLM's truncate_prompt_tokens: the vector of the prompt's last N tokens, against
+    transformers' mean pooling of exactly those ids."""
+    from transformers import AutoModel, AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(embedding_dir)(TEXTS[1])["input_ids"]
+    keep = len(ids) // 2
+    res = client(embedding_cluster).embeddings.create(
+        model=embedding_dir.name, input=TEXTS[1], extra_body={"truncate_prompt_tokens": keep}
+    )
+    model = AutoModel.from_pretrained(embedding_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        mean = model(torch.tensor([ids[-keep:]])).last_hidden_state[0].mean(dim=0)
+    want = torch.nn.functional.normalize(mean, dim=0)
+    torch.testing.assert_close(torch.tensor(res.data[0].embedding), want, atol=TOL, rtol=0)
+    assert res.usage.prompt_tokens == keep
+
+
 def test_encode_returns_sglang_shape_one_or_a_batch(embedding_cluster: Cluster) -> None:
     one = httpx.post(f"{embedding_cluster.url}/encode", json={"text": TEXTS[0]}, timeout=60)
     assert one.status_code == 200, one.text

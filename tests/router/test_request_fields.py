@@ -432,3 +432,16 @@ def test_vllms_fields_become_the_same_sampling_params(
     assert resp.status_code == 200, resp.text
     found = cluster.find_req(lambda r: marker in (r.text or str(r.messages)))
     assert SamplingParams.from_dict(found.sampling).to_dict()[key] == value
+
+
+@pytest.mark.parametrize("path", [CHAT, COMPLETIONS])
+def test_truncate_prompt_tokens_reaches_the_tokenizer(cluster: Cluster, path: str) -> None:
+    marker = f"truncate {len(cluster.requests())}"
+    prompt = {CHAT: {"messages": [{"role": "user", "content": marker}]},
+              COMPLETIONS: {"prompt": marker}}[path]  # fmt: skip
+    assert post(cluster, path, {**prompt, "truncate_prompt_tokens": 7}).status_code == 200
+    found = cluster.find_req(lambda r: marker in (r.text or str(r.messages)))
+    assert found.truncate_prompt_tokens == 7
+    for bad in (0, -2, 1.5):
+        resp = post(cluster, path, {**prompt, "truncate_prompt_tokens": bad})
+        assert_refused(resp, "truncate_prompt_tokens")
