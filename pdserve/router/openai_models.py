@@ -266,6 +266,7 @@ class SamplingFields(RequestBody):
     no_stop_trim: bool = False
     include_stop_str_in_output: bool | None = None  # vLLM's name for no_stop_trim
     truncate_prompt_tokens: int | None = Field(None, ge=-1)  # vLLM's: keep the last N tokens
+    return_tokens_as_token_ids: bool | None = None  # vLLM's: logprobs name tokens "token_id:N"
     logit_bias: dict[str, float] | None = None
     response_format: ResponseFormat | None = None
     # SGLang's constraints on its OpenAI routes (sent through `extra_body`); at most one in all.

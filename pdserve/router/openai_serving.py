@@ -259,10 +259,11 @@ def _name(texts: list[str], j: int, token_id: int) -> str:
     return texts[j] if j < len(texts) else f"token_id:{token_id}"
 
 
-def _token_rows(out: ReqOutput | ChoiceState) -> list[_TokenRow]:
-    texts = list(out.token_texts or ())
+def _token_rows(out: ReqOutput | ChoiceState, as_ids: bool = False) -> list[_TokenRow]:
+    """`as_ids`: every token named by its id ("token_id:N", vLLM's return_tokens_as_token_ids)."""
+    texts = [] if as_ids else list(out.token_texts or ())
     tops = list(out.top_logprobs or ())
-    top_texts = list(out.top_token_texts or ())
+    top_texts = [] if as_ids else list(out.top_token_texts or ())
     rows = []
     for j, logprob in enumerate(out.logprobs or ()):
         token_id = out.output_ids[j] if j < len(out.output_ids) else -1
@@ -273,10 +274,11 @@ def _token_rows(out: ReqOutput | ChoiceState) -> list[_TokenRow]:
     return rows
 
 
-def chat_logprobs(out: ReqOutput | ChoiceState, top_n: int) -> dict[str, Any]:
-    """Chat's logprobs: each token and each alternative with its text and that text's UTF-8 bytes."""
+def chat_logprobs(out: ReqOutput | ChoiceState, top_n: int, as_ids: bool = False) -> dict[str, Any]:
+    """Chat's logprobs: each token and each alternative with its text and that text's UTF-8
+    bytes. `as_ids`: named by their ids instead (`_token_rows`)."""
     content = []
-    for row in _token_rows(out):
+    for row in _token_rows(out, as_ids):
         alternatives = [
             {"token": text, "logprob": logprob, "bytes": list(text.encode())}
             for text, logprob in row.top[:top_n]
@@ -289,11 +291,12 @@ def chat_logprobs(out: ReqOutput | ChoiceState, top_n: int) -> dict[str, Any]:
 
 
 def completion_logprobs(
-    out: ReqOutput | ChoiceState, top_n: int, text_offset: int
+    out: ReqOutput | ChoiceState, top_n: int, text_offset: int, as_ids: bool = False
 ) -> tuple[dict[str, Any], int]:
-    """OpenAI's legacy logprobs shape, and the text offset after these tokens."""
+    """OpenAI's legacy logprobs shape, and the text offset after these tokens. `as_ids`: tokens
+    named by their ids (`_token_rows`)."""
     tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
-    for row in _token_rows(out):
+    for row in _token_rows(out, as_ids):
         tokens.append(row.text)
         token_logprobs.append(row.logprob)
         top_logprobs.append(_alternatives(row.top, top_n))
@@ -318,24 +321,30 @@ def _alternatives(top: list[tuple[str, float]], top_n: int) -> dict[str, float]:
 
 
 def echoed_logprobs(
-    out: ReqOutput | ChoiceState, top_n: int, after: dict[str, Any] | None = None
+    out: ReqOutput | ChoiceState,
+    top_n: int,
+    after: dict[str, Any] | None = None,
+    as_ids: bool = False,
 ) -> dict[str, Any]:
     """`after` (the generated tokens' legacy logprobs, if any) preceded by the prompt's, for
     `echo` with `logprobs` (vLLM's shape): the first prompt token has no logprob and no
     alternatives (None), each later one its logprob given the tokens before it; offsets count
-    from 0."""
+    from 0. `as_ids`: tokens named by their ids (`_token_rows`)."""
     tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
     offset = 0
     tops = list(out.input_top_logprobs or ())
     for j, (logprob, token_id, text) in enumerate(out.input_token_logprobs or ()):
-        text = text if text is not None else f"token_id:{token_id}"
+        text = text if text is not None and not as_ids else f"token_id:{token_id}"
         tokens.append(text)
         token_logprobs.append(None if logprob is None else float(logprob))
         top = tops[j] if j < len(tops) else None
         if logprob is None:
             top_logprobs.append(None)
         else:
-            named = [(t if t is not None else f"token_id:{i}", float(lp)) for lp, i, t in top or ()]
+            named = [
+                (t if t is not None and not as_ids else f"token_id:{i}", float(lp))
+                for lp, i, t in top or ()
+            ]
             top_logprobs.append(_alternatives(named, top_n))
         offsets.append(offset)
         offset += len(text)

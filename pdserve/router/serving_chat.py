@@ -161,7 +161,11 @@ def _chat_choice(c: ChoiceState, body: ChatCompletionRequest, fan: Fanout) -> di
     choice = {
         "index": c.index,
         "message": message,
-        "logprobs": chat_logprobs(c, body.top_logprobs or 0) if body.logprobs else None,
+        "logprobs": (
+            chat_logprobs(c, body.top_logprobs or 0, bool(body.return_tokens_as_token_ids))
+            if body.logprobs
+            else None
+        ),
         "finish_reason": reason,
     }
     if extra_flag(body, "return_hidden_states"):
@@ -222,7 +226,7 @@ def _chat_delta(
 ) -> dict[str, Any] | None:
     logprobs = None
     if body.logprobs and out.logprobs:
-        logprobs = chat_logprobs(out, body.top_logprobs or 0)
+        logprobs = chat_logprobs(out, body.top_logprobs or 0, bool(body.return_tokens_as_token_ids))
     reason = finish_reason(out.finish)
     text, reasoning = out.text_delta, ""
     if thoughts is not None:

@@ -97,13 +97,14 @@ def _completion_response(
 ) -> dict[str, Any]:
     out_choices = []
     with_hidden = extra_flag(body, "return_hidden_states")
+    as_ids = bool(body.return_tokens_as_token_ids)
     for c in choices:
         prefix = (c.prompt_text or "") if body.echo else ""
         logprobs = None
         if body.logprobs is not None:
-            logprobs, _ = completion_logprobs(c, body.logprobs, len(prefix))
+            logprobs, _ = completion_logprobs(c, body.logprobs, len(prefix), as_ids)
             if body.echo:
-                logprobs = echoed_logprobs(c, body.logprobs, logprobs)
+                logprobs = echoed_logprobs(c, body.logprobs, logprobs, as_ids)
         choice = {
             "index": c.index,
             "text": prefix + c.text,
@@ -141,6 +142,7 @@ async def _completion_events(
         base["usage"] = None
     states = [ChoiceState(i, rid) for i, rid in enumerate(group.rids)]
     offsets = [0] * group.num_choices  # text offset of each choice's next token
+    as_ids = bool(body.return_tokens_as_token_ids)
     async for index, out in iter_outputs(buffered, group):
         states[index].add(out)
         err = failure_of(out)
@@ -154,9 +156,11 @@ async def _completion_events(
             offsets[index] += len(out.prompt_text)
         logprobs = None
         if body.logprobs is not None and out.logprobs:
-            logprobs, offsets[index] = completion_logprobs(out, body.logprobs, offsets[index])
+            logprobs, offsets[index] = completion_logprobs(
+                out, body.logprobs, offsets[index], as_ids
+            )
         if body.logprobs is not None and body.echo and out.input_token_logprobs:
-            logprobs = echoed_logprobs(out, body.logprobs, logprobs)
+            logprobs = echoed_logprobs(out, body.logprobs, logprobs, as_ids)
         reason = finish_reason(out.finish)
         if not text and reason is None and logprobs is None:
             continue
