@@ -119,6 +119,9 @@ class TokenizerSpec:
     trust_remote_code: bool = False
     heartbeat_interval_s: float = SupervisionConfig.heartbeat_interval_s  # to the router
     chat_template: str | None = None  # Jinja text used instead of the model's own
+    # A vision-language model's per-request limits (ImageLimits, VideoLimits fields); None: theirs
+    image_limits: dict[str, Any] | None = None
+    video_limits: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.idx < 0:

@@ -6,12 +6,15 @@ Each is a frozen dataclass validated in `__post_init__`; `topology.py` assembles
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pdserve.config.request_limits import DEFAULT_MAX_RUNNING_BATCH_LINES, RequestLimits
 from pdserve.config.sampling_params import REASONING_PARSERS
 from pdserve.config.speculative_config import SpeculativeConfig
+from pdserve.multimodal.image_loader import ImageLimits
+from pdserve.multimodal.video_loader import VideoLimits
 
 Role = Literal["prefill", "decode", "mixed"]
 ROUTING_POLICIES = ("round_robin", "least_load")
@@ -92,9 +95,38 @@ class RouterConfig:
 @dataclass(frozen=True)
 class TokenizerConfig:
     replicas: int = 1  # tokenizer processes
+    # What one request may send a vision-language model (YAML: mappings of some of the keys).
+    image_limits: ImageLimits = field(default_factory=ImageLimits)
+    video_limits: VideoLimits = field(default_factory=VideoLimits)
 
     def __post_init__(self) -> None:
         check_value(is_int(self.replicas) and self.replicas >= 1, "replicas", self.replicas, ">= 1")
+        for key, cls in (("image_limits", ImageLimits), ("video_limits", VideoLimits)):
+            object.__setattr__(self, key, media_limits(key, cls, getattr(self, key)))
+
+
+def media_limits(key: str, cls: Any, value: Any) -> Any:
+    """ImageLimits or VideoLimits from the topology's mapping (or an instance); unknown keys and
+    bad values refused naming them."""
+    if isinstance(value, cls):
+        return value
+    if value is None:
+        return cls()
+    known = [f.name for f in dataclasses.fields(cls)]
+    if not isinstance(value, dict):
+        raise ValueError(f"{key}={value!r} is invalid: expected a mapping of some of {known}")
+    unknown = sorted(set(value) - set(known), key=str)
+    if unknown:
+        raise ValueError(f"{key}: unknown key(s) {unknown}: expected some of {known}")
+    for name, number in value.items():
+        seconds = name.endswith("_s")
+        if not (is_number(number) if seconds else is_int(number)):
+            expected = "a number" if seconds else "an integer"
+            raise ValueError(f"{key}.{name}={number!r} is invalid: expected {expected}")
+    try:
+        return cls(**value)
+    except ValueError as e:
+        raise ValueError(f"{key}.{e}") from None
 
 
 @dataclass(frozen=True)

@@ -161,6 +161,8 @@ class Cluster:
                     max_context_len=self._max_context_len(),
                     heartbeat_interval_s=topo.supervision.heartbeat_interval_s,
                     chat_template=self._chat_template() or None,
+                    image_limits=dataclasses.asdict(topo.tokenizer.image_limits),
+                    video_limits=dataclasses.asdict(topo.tokenizer.video_limits),
                 )
                 self._spawn("tokenizer", name, ep[name].connect, spec.to_dict())
             router_spec = self._router_spec(ep, tokenizers, workers)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 from pathlib import Path
@@ -258,6 +259,15 @@ def add_launch_parser(sub: argparse._SubParsersAction) -> None:
         "Qwen3's hybrid models (default: router.reasoning_parser, else off)",
     )
     p.add_argument(
+        "--limit-mm-per-prompt",
+        type=_media_counts,
+        default=None,
+        metavar="JSON",
+        help="vLLM's flag: the most images and videos one request may send a vision-language "
+        'model, e.g. \'{"image": 4, "video": 1}\' (default: tokenizer.image_limits and '
+        "video_limits, else 16 images and 4 videos)",
+    )
+    p.add_argument(
         "--chat-template",
         default=None,
         help="the chat template to use instead of the model's: a Jinja file, or the template "
@@ -266,6 +276,37 @@ def add_launch_parser(sub: argparse._SubParsersAction) -> None:
     _add_scheduler_flags(p)
     _add_engine_flags(p)
     p.set_defaults(handler=run_launch)
+
+
+def _media_counts(text: str) -> dict[str, int]:
+    """--limit-mm-per-prompt's JSON: {"image": N, "video": M}, either or both, each >= 1."""
+    try:
+        counts = json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not JSON") from None
+    if not isinstance(counts, dict) or not counts or set(counts) - {"image", "video"}:
+        raise argparse.ArgumentTypeError(f'{text!r}: expected {{"image": N, "video": M}}')
+    for key, value in counts.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise argparse.ArgumentTypeError(f"{key}={value!r}: expected an integer >= 1")
+    return counts
+
+
+def _with_media_counts(topology: Any, counts: dict[str, int] | None) -> Any:
+    """The topology with --limit-mm-per-prompt's counts in its tokenizer section."""
+    if not counts:
+        return topology
+    section = topology.tokenizer
+    changes: dict[str, Any] = {}
+    if "image" in counts:
+        changes["image_limits"] = dataclasses.replace(
+            section.image_limits, max_images=counts["image"]
+        )
+    if "video" in counts:
+        changes["video_limits"] = dataclasses.replace(
+            section.video_limits, max_videos=counts["video"]
+        )
+    return dataclasses.replace(topology, tokenizer=dataclasses.replace(section, **changes))
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -286,6 +327,8 @@ def run_launch(args: argparse.Namespace) -> int:
         topology = Topology.from_yaml(args.topology)
         overrides = _overrides(args)
         address = {k: overrides.pop(k) for k in ("host", "port") if k in overrides}
+        if args.limit_mm_per_prompt is not None:
+            overrides["limit_mm_per_prompt"] = args.limit_mm_per_prompt
         if overrides:
             raise ValueError(
                 "with --topology, set options in the file, not as flags (only --host and "
@@ -304,6 +347,7 @@ def run_launch(args: argparse.Namespace) -> int:
         overrides = _overrides(args)
         overrides.setdefault("api_key", _read_api_key_file(args.api_key_file) or env.api_key())
         topology = Topology.for_model(args.model, mode=mode, **overrides)
+        topology = _with_media_counts(topology, args.limit_mm_per_prompt)
     topology = _with_router_environment(topology, args)
     return _serve(Cluster(topology, node=args.node, log_level=args.log_level), args.grace_period)
 

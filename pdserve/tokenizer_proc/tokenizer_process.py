@@ -28,7 +28,9 @@ from pdserve.grammar_check import check_grammar
 from pdserve.heartbeat import HeartbeatSender
 from pdserve.ipc import AsyncInbox, AsyncOutbox
 from pdserve.membership import update_outboxes
+from pdserve.multimodal.image_loader import ImageLimits
 from pdserve.multimodal.processor import ImageProcessor, Images
+from pdserve.multimodal.video_loader import VideoLimits
 from pdserve.protocol import (
     Abort,
     DetokenizeReq,
@@ -414,7 +416,10 @@ def _load_core(spec: TokenizerSpec) -> TokenizerCore:
         tokenizer.chat_template = spec.chat_template
     max_context_len = spec.max_context_len or model_context_len(spec.model_path, tokenizer)
     core = TokenizerCore(tokenizer, spec.idx, max_context_len, len(spec.worker_inboxes))
-    core.images = ImageProcessor.for_model(spec.model_path, tokenizer)
+    limits = ImageLimits(**spec.image_limits) if spec.image_limits else None
+    core.images = ImageProcessor.for_model(spec.model_path, tokenizer, limits)
+    if core.images is not None and spec.video_limits:
+        core.images.video_limits = VideoLimits(**spec.video_limits)
     if core.images is not None:
         prefix = f"{spec.name}-images"
         core.image_pool = ThreadPoolExecutor(_IMAGE_THREADS, thread_name_prefix=prefix)
