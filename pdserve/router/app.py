@@ -13,6 +13,7 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -188,8 +189,8 @@ def _add_info_routes(app: FastAPI, router: Router) -> None:
     spec = router.spec
     created = int(time.time())
 
-    @app.get("/v1/models")
-    async def models() -> Response:
+    def cards() -> list[dict[str, Any]]:
+        """The served model's card, then each loaded adapter's."""
         card = {
             "id": spec.model_name,
             "object": "model",
@@ -198,7 +199,24 @@ def _add_info_routes(app: FastAPI, router: Router) -> None:
             "root": spec.model_path,
             "max_model_len": spec.max_context_len or None,
         }
-        return JSONResponse({"object": "list", "data": [card, *router.lora.model_cards(created)]})
+        return [card, *router.lora.model_cards(created)]
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        return JSONResponse({"object": "list", "data": cards()})
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> Response:
+        """OpenAI's retrieve: the card of the served model or of a loaded adapter, else 404."""
+        for card in cards():
+            if card["id"] == model_id:
+                return JSONResponse(card)
+        message = f"The model `{model_id}` does not exist."
+        raise APIError(message, 404, param="model", code="model_not_found")
+
+    @app.get("/version")
+    async def version() -> Response:
+        return JSONResponse({"version": pdserve.__version__})
 
     @app.get("/model_info")
     @app.get("/get_model_info")

@@ -178,14 +178,17 @@ class UnloadLoraRequest(BaseModel):
 
 
 def register_lora_routes(app: FastAPI, registry: Callable[[], LoraRegistry]) -> None:
-    """POST /load_lora_adapter and /unload_lora_adapter (SGLang's shapes; 400 on failure)."""
+    """POST /load_lora_adapter and /unload_lora_adapter (SGLang's shapes; 400 on failure), also
+    under vLLM's /v1/ paths."""
 
     @app.post("/load_lora_adapter")
+    @app.post("/v1/load_lora_adapter")  # vLLM's path, the same body
     async def load_lora_adapter(body: LoadLoraRequest) -> Response:
         reply = await registry().load(body.lora_name, body.lora_path)
         return JSONResponse(reply, status_code=200 if reply["success"] else 400)
 
     @app.post("/unload_lora_adapter")
+    @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(body: UnloadLoraRequest) -> Response:
         reply = await registry().unload(body.lora_name)
         status = 200 if reply["success"] else 404 if "not loaded" in reply["error_message"] else 400

@@ -144,7 +144,9 @@ def test_live_load_use_unload(
     assert reply.status_code == 200, reply.text
     assert reply.json()["loaded_adapters"] == ["alpha", "beta", "gamma"]
     assert _complete(lora_cluster, "gamma") == reference["gamma"]
-    again = httpx.post(f"{url}/load_lora_adapter", json=load, timeout=60)
+    card = httpx.get(f"{url}/v1/models/gamma", timeout=10).json()  # OpenAI's retrieve
+    assert card["id"] == "gamma" and card["root"] == str(adapters["gamma"]) and card["parent"]
+    again = httpx.post(f"{url}/v1/load_lora_adapter", json=load, timeout=60)  # vLLM's path
     assert again.status_code == 400 and "already loaded" in again.json()["error_message"]
     missing = {"lora_name": "delta", "lora_path": str(adapters["gamma"]) + "-missing"}
     failed = httpx.post(f"{url}/load_lora_adapter", json=missing, timeout=60)
@@ -153,8 +155,9 @@ def test_live_load_use_unload(
     assert gone.status_code == 200 and gone.json()["loaded_adapters"] == ["alpha", "beta"]
     with pytest.raises(openai.BadRequestError, match="gamma"):
         _complete(lora_cluster, "gamma")
-    unknown = httpx.post(f"{url}/unload_lora_adapter", json={"lora_name": "gamma"}, timeout=60)
+    unknown = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "gamma"}, timeout=60)
     assert unknown.status_code == 404
+    assert httpx.get(f"{url}/v1/models/gamma", timeout=10).status_code == 404
 
 
 # ---------------------------------------------------------------------- live changes under load

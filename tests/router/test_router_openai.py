@@ -9,6 +9,7 @@ import openai
 import pytest
 from router_fakes import ALT_TEXT, API_KEY, CACHED_TOKENS, MODEL, PROMPT_TOKENS, Cluster
 
+import pdserve
 from pdserve.protocol import GenerateReq
 
 
@@ -180,6 +181,18 @@ def test_raw_sse_format_and_headers(cluster: Cluster, auth: dict[str, str]) -> N
 def test_models_list_names_the_served_model(client: openai.OpenAI) -> None:
     models = client.models.list()
     assert [m.id for m in models.data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError) as info:
+        client.models.retrieve("other")
+    assert info.value.body["code"] == "model_not_found"  # type: ignore[index]
+
+
+def test_version_and_model_routes_need_the_key(cluster: Cluster) -> None:
+    for path in ("/version", f"/v1/models/{MODEL}"):
+        assert httpx.get(cluster.url + path, timeout=10).status_code == 401
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    version = httpx.get(cluster.url + "/version", headers=headers, timeout=10).json()
+    assert version == {"version": pdserve.__version__}
 
 
 def test_round_robin_spreads_requests_over_tokenizers_and_workers(
