@@ -83,11 +83,21 @@ class ModelConfig:
     # pdserve's attention is full, which equals the window's while the context fits in it, so
     # the context is capped at the window (`context_limit`).
     sliding_window: int = 0
+    # The decoder's own model_type (a vision-language model's text_config's: LLaVA-NeXT's may
+    # be "llama", "mistral" or "qwen2"); "" when not read from a checkpoint.
+    text_model_type: str = ""
 
     @property
     def family(self) -> str:
         """The decoder family: 'Llama', 'Mistral', 'Qwen2' or 'Qwen3'."""
         return _split_architecture(self.architecture)[0]
+
+    @property
+    def o_proj_bias(self) -> bool:
+        """attention_bias covers o_proj too (Llama, Qwen3), but not a Qwen2 decoder's (q, k and
+        v only), whatever the architecture that wraps it."""
+        qwen2 = self.family == "Qwen2" or self.text_model_type == "qwen2"
+        return self.attention_bias and not qwen2
 
     @property
     def has_lm_head(self) -> bool:
@@ -176,6 +186,7 @@ class ModelConfig:
             max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             attention_bias=bool(hf.get("attention_bias", arch.startswith("Qwen2"))),
+            text_model_type=str(hf.get("model_type", "")),
             qk_norm=arch.startswith("Qwen3"),
             rope_scaling=scaling,
             eos_token_ids=eos_ids,

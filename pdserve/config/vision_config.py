@@ -21,7 +21,7 @@ VLM_ARCHITECTURES: dict[str, str] = {
 }
 _LLAVA_TEXT_TYPES = {
     "LlavaOnevisionForConditionalGeneration": ("qwen2",),
-    "LlavaNextForConditionalGeneration": ("llama", "mistral"),
+    "LlavaNextForConditionalGeneration": ("llama", "mistral", "qwen2"),
 }
 VisionKind = Literal["qwen2_vl", "qwen2_5_vl"]
 

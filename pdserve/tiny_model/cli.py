@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import functools
 
 from pdserve.tiny_model.build import ARCHS
 
-VLM_ARCHS = ("qwen2_vl", "qwen2_5_vl", "llava_onevision", "llava_next", "pixtral")  # vlm, llava
+VLM_ARCHS = (
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "llava_onevision",
+    "llava_next",
+    "llava_next_qwen2",
+    "pixtral",
+)  # vlm, llava
 
 KINDS = ("generation", "embedding", "reward")
 
@@ -38,7 +46,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         default="llama",
         help="llama: untied embeddings, llama3 rope scaling; qwen2: q/k/v biases, tied "
         "embeddings; qwen3: q/k RMSNorm, tied embeddings; qwen2_vl, qwen2_5_vl, "
-        "llava_onevision, llava_next, pixtral: vision-language models with their image processor config "
+        "llava_onevision, llava_next, llava_next_qwen2 (a Qwen2 decoder), pixtral: vision-language "
+        "models with their image processor config "
         "(default: %(default)s)",
     )
     parser.add_argument(
@@ -94,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
         builders = {
             "llava_onevision": llava.build_tiny_llava_onevision,
             "llava_next": llava.build_tiny_llava_next,
+            "llava_next_qwen2": functools.partial(llava.build_tiny_llava_next, decoder="qwen2"),
             "pixtral": llava.build_tiny_pixtral,
         }
         if args.arch in builders:

@@ -171,9 +171,14 @@ TINY_CLIP: dict[str, Any] = {
 }
 
 
-def build_tiny_llava_next(out_dir: str | Path, seed: int = 0, vocab_size: int = 512) -> Path:
-    """A tiny LLaVA-NeXT: CLIP tower (CLS dropped, second to last layer), Llama decoder, every
-    image tiled at its best resolution."""
+def build_tiny_llava_next(
+    out_dir: str | Path, seed: int = 0, vocab_size: int = 512, decoder: str = "llama"
+) -> Path:
+    """A tiny LLaVA-NeXT: CLIP tower (CLS dropped, second to last layer), a Llama decoder (or a
+    Qwen2 one, `decoder="qwen2"`: the LLaVA-NeXT-72B/110B shape), every image tiled at its best
+    resolution."""
+    if decoder not in ("llama", "qwen2"):
+        raise ValueError(f"decoder={decoder!r} is invalid: expected 'llama' or 'qwen2'")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer(vocab_size)
@@ -182,16 +187,18 @@ def build_tiny_llava_next(out_dir: str | Path, seed: int = 0, vocab_size: int = 
     ids = {t: tokenizer.token_to_id(t) for t in (ENDOFTEXT, IM_END, IMAGE)}
     _mark_special(out, {IMAGE: ids[IMAGE]})
     text = {
-        "model_type": "llama",
+        "model_type": decoder,
         **TINY_SHAPES,
         "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True),
         "bos_token_id": ids[ENDOFTEXT],
         "eos_token_id": ids[IM_END],
         "pad_token_id": ids[ENDOFTEXT],
         "tie_word_embeddings": False,
-        "attention_bias": False,
-        "mlp_bias": False,
     }
+    if decoder == "llama":
+        text.update(attention_bias=False, mlp_bias=False)
+    else:  # Qwen2: q, k and v biases, no sliding window
+        text["use_sliding_window"] = False
     config = {
         "architectures": ["LlavaNextForConditionalGeneration"],
         "model_type": "llava_next",

@@ -1,16 +1,17 @@
-"""LLaVA-OneVision, LLaVA-NeXT and Pixtral served end to end on CPU (Qwen2-VL is
-`test_vlm_serving.py`'s):
+"""LLaVA-OneVision, LLaVA-NeXT (with a Llama decoder, and with a Qwen2 one: `qwen_llava`) and
+Pixtral served end to end on CPU (Qwen2-VL is `test_vlm_serving.py`'s):
 for each family one prefill + decode cluster (tcp) answers the official openai client (image_url
 parts) and `/generate` (`image_data`), and the in-process Engine runs a mixed worker (through
 examples/token_in_token_out/token_in_token_out_vlm_engine.py); greedy tokens for one and two
 images equal transformers' `generate` on the same tiny model and images. LLaVA-OneVision also
 takes a short video (a video_url part on chat, `video_data` on `/generate` and the Engine; a
 file and a list of frames), its greedy tokens equal to transformers' with pixel_values_videos.
-The family's examples/multimodal/*_server.py runs against the same cluster (OneVision and Pixtral:
-LLaVA-NeXT has no server example, so that test is not collected for it)."""
+The family's examples/multimodal/<family>_server.py runs against the same cluster (OneVision,
+Qwen-LLaVA and Pixtral; the Llama LLaVA-NeXT's is llama3_llava_server.py, run there too)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import sys
@@ -55,10 +56,20 @@ GREEDY = {"max_new_tokens": NUM_NEW, "min_new_tokens": NUM_NEW, "temperature": 0
 BUILDERS = {
     "llava_onevision": build_tiny_llava_onevision,
     "llava_next": build_tiny_llava_next,
+    "qwen_llava": functools.partial(build_tiny_llava_next, decoder="qwen2"),  # LLaVA-NeXT, Qwen2
     "pixtral": build_tiny_pixtral,
 }
-# The families with an examples/multimodal/<family>_server.py (none for LLaVA-NeXT).
-SERVER_EXAMPLES = [n for n in BUILDERS if (EXAMPLES / "multimodal" / f"{n}_server.py").exists()]
+HF_CLASSES = {"llava_onevision": "LlavaOnevisionForConditionalGeneration",
+              "llava_next": "LlavaNextForConditionalGeneration",
+              "qwen_llava": "LlavaNextForConditionalGeneration",
+              "pixtral": "LlavaForConditionalGeneration"}  # fmt: skip
+# The families with an examples/multimodal/<family>_server.py.
+EXAMPLE_NAMES = {"llava_next": "llama3_llava"}  # SGLang's names for the family's script
+SERVER_EXAMPLES = [
+    n
+    for n in BUILDERS
+    if (EXAMPLES / "multimodal" / f"{EXAMPLE_NAMES.get(n, n)}_server.py").exists()
+]
 
 
 @dataclass
@@ -85,7 +96,7 @@ def hf_inputs(name: str, loaded: Any) -> dict[str, torch.Tensor]:
     Pixtral's images padded to the largest."""
     flat = torch.from_numpy(loaded.pixel_values)
     sizes = torch.tensor(loaded.image_sizes)
-    if name in ("llava_onevision", "llava_next"):
+    if name in ("llava_onevision", "llava_next", "qwen_llava"):
         per_image = flat.split(loaded.num_patches)
         most = max(loaded.num_patches)
         tiles = [torch.cat([t, t.new_zeros(most - len(t), *t.shape[1:])]) for t in per_image]
@@ -104,10 +115,7 @@ def hf_inputs(name: str, loaded: Any) -> dict[str, torch.Tensor]:
 def hf_model(name: str, path: Path) -> Any:
     import transformers
 
-    hf_class = {"llava_onevision": "LlavaOnevisionForConditionalGeneration",
-                "llava_next": "LlavaNextForConditionalGeneration",
-                "pixtral": "LlavaForConditionalGeneration"}[name]  # fmt: skip
-    return getattr(transformers, hf_class).from_pretrained(path, dtype=torch.float32).eval()
+    return getattr(transformers, HF_CLASSES[name]).from_pretrained(path, dtype=torch.float32).eval()
 
 
 def reference(
@@ -274,7 +282,8 @@ def test_token_in_token_out_vlm_engine_example_equals_transformers(
 
 @pytest.mark.parametrize("family", SERVER_EXAMPLES, indirect=True)  # the clusters above
 def test_server_example_runs_against_the_cluster(family: Family) -> None:
-    out = run_example(f"multimodal/{family.name}_server.py", "--base-url", family.cluster.url)
+    script = f"multimodal/{EXAMPLE_NAMES.get(family.name, family.name)}_server.py"
+    out = run_example(script, "--base-url", family.cluster.url)
     for marker in ("Single image: '", "Two images: '", "/generate with image_data: '"):
         assert marker in out, out
     cached = [int(n) for n in re.findall(r"cached (\d+)", out)]

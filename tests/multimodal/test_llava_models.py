@@ -95,16 +95,18 @@ def test_greedy_tokens_equal_transformers(
     run_and_compare(tiny_llava, core, hf_llava, tokenizer, sizes)
 
 
-@pytest.fixture(scope="module")
-def tiny_next(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_llava_next(tmp_path_factory.mktemp("llava_next") / "llava_next", seed=9)
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def tiny_next(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("llava_next") / f"llava_next_{request.param}"
+    return build_tiny_llava_next(out, seed=9, decoder=request.param)
 
 
 @pytest.mark.parametrize("sizes", [SIZES[0], SIZES[2], SIZES[4]], ids=["wide", "large", "two"])
 def test_llava_next_greedy_tokens_equal_transformers(
     tiny_next: Path, sizes: list[tuple[int, int]]
 ) -> None:
-    """LLaVA-NeXT: a CLIP tower (CLS dropped, the second to last layer) and a Llama decoder."""
+    """LLaVA-NeXT: a CLIP tower (CLS dropped, the second to last layer) and a Llama decoder, or
+    a Qwen2 one (LLaVA-NeXT-72B and 110B, SGLang's qwen_llava example)."""
     from transformers import AutoTokenizer, LlavaNextForConditionalGeneration
 
     hf = LlavaNextForConditionalGeneration.from_pretrained(tiny_next, dtype=torch.float32).eval()

@@ -124,10 +124,8 @@ class LlamaAttention(nn.Module):
             bias=config.attention_bias,
             dtype=dtype,
         )
-        # Qwen2 puts biases on q/k/v only; Llama and Qwen3 use attention_bias for o_proj too.
-        o_bias = config.attention_bias and config.family != "Qwen2"
         self.o_proj = RowParallelLinear(
-            config.num_heads * d, config.hidden_size, bias=o_bias, dtype=dtype, tp=tp
+            config.num_heads * d, config.hidden_size, bias=config.o_proj_bias, dtype=dtype, tp=tp
         )
         self.qkv_sizes = [q_size, kv_size, kv_size]
         self.qk_norm = config.qk_norm
