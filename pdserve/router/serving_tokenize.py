@@ -22,6 +22,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
+from pydantic import ConfigDict
 
 from pdserve.protocol import DetokenizeReq, TokenizeOut, TokenizeReq
 from pdserve.router.errors import APIError, bad_request
@@ -33,6 +34,8 @@ ANSWER_TIMEOUT_S = 30.0  # a tokenizer that does not answer by then is lost: 503
 
 
 class TokenizeRequest(RequestBody):
+    model_config = ConfigDict(extra="forbid")  # a field not served is a 400 naming it
+
     model: str | None = None
     prompt: str | list[str] | None = None
     messages: list[ChatMessage] | None = None
@@ -44,6 +47,8 @@ class TokenizeRequest(RequestBody):
 
 
 class DetokenizeRequest(RequestBody):
+    model_config = ConfigDict(extra="forbid")
+
     model: str | None = None
     tokens: list[TokenId] | list[list[TokenId]]
     skip_special_tokens: bool = True  # SGLang's default

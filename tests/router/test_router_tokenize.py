@@ -119,6 +119,8 @@ def test_detokenize_answers_in_both_shapes(client: TestClient, tokenizer: Any) -
         ("/tokenize", {"prompt": "x" * 51}, "prompt", "expected at most 50"),
         ("/detokenize", {"tokens": [3, 99999]}, "tokens", "tokens=[99999] is invalid"),
         ("/detokenize", {"tokens": [[1]] * 4}, "tokens", "expected at most 3"),
+        ("/tokenize", {"prompt": "x", "truncation": True}, "truncation", "Extra inputs"),
+        ("/detokenize", {"tokens": [1], "skip": 1}, "skip", "Extra inputs"),
     ],
 )  # fmt: skip
 def test_bad_requests_get_openais_error_body(
