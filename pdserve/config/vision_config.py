@@ -8,6 +8,7 @@ transformers >= 5 saves the decoder under `text_config`: both are read.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -18,6 +19,7 @@ VLM_ARCHITECTURES: dict[str, str] = {
     "LlavaOnevisionForConditionalGeneration": "Qwen2",
     "LlavaNextForConditionalGeneration": "Llama",  # Llama or Mistral decoders
     "LlavaForConditionalGeneration": "Llama",  # Pixtral: a Pixtral tower, a Mistral decoder
+    "Mistral3ForConditionalGeneration": "Llama",  # a Pixtral tower, a patch merger, Mistral
 }
 _LLAVA_TEXT_TYPES = {
     "LlavaOnevisionForConditionalGeneration": ("qwen2",),
@@ -169,6 +171,15 @@ class PixtralVisionConfig:
     projector_bias: bool
     text_hidden_size: int
     kind: str = "pixtral"
+    # Mistral 3: the projector normalizes the tower's features (RMSNorm, this eps) and merges
+    # each merge x merge block of patches into one token before its two layers; 1: Pixtral's.
+    spatial_merge_size: int = 1
+    projector_norm_eps: float = 0.0
+
+    @property
+    def token_patch_size(self) -> int:
+        """Pixels a side of what one image token covers."""
+        return self.patch_size * self.spatial_merge_size
 
 
 def _pixtral_config(hf: dict[str, Any]) -> tuple[dict[str, Any], PixtralVisionConfig]:
@@ -203,6 +214,12 @@ def _pixtral_config(hf: dict[str, Any]) -> tuple[dict[str, Any], PixtralVisionCo
         projector_bias=bool(hf.get("multimodal_projector_bias", True)),
         text_hidden_size=int(text["hidden_size"]),
     )
+    if hf["architectures"][0] == "Mistral3ForConditionalGeneration":
+        merge = int(hf.get("spatial_merge_size", 2))
+        if merge < 1:
+            raise ValueError(f"spatial_merge_size={merge!r} is invalid: expected >= 1")
+        eps = float(text.get("rms_norm_eps", 1e-5))
+        vision = dataclasses.replace(vision, spatial_merge_size=merge, projector_norm_eps=eps)
     return text, vision
 
 
@@ -215,6 +232,13 @@ def split_vlm_config(
         return hf, None
     if archs[0] in _LLAVA_TEXT_TYPES:
         return _llava_config(hf)
+    if archs[0] == "Mistral3ForConditionalGeneration":
+        if (hf.get("vision_config") or {}).get("model_type") != "pixtral":
+            raise ValueError(
+                "Mistral3ForConditionalGeneration: expected a Pixtral vision tower, got "
+                f"vision_config.model_type={(hf.get('vision_config') or {}).get('model_type')!r}"
+            )
+        return _pixtral_config(hf)
     if archs[0] == "LlavaForConditionalGeneration":
         if (hf.get("vision_config") or {}).get("model_type") != "pixtral":
             raise ValueError(

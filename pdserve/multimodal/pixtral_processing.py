@@ -1,6 +1,8 @@
 """Pixtral's tokenizer side: each image at its own resolution (transformers' image processor
 resizes it to patch multiples); its placeholder becomes a row of `[IMG]` per patch row, each
-row closed by `[IMG_BREAK]`, the last by `[IMG_END]` (transformers' `PixtralProcessor`)."""
+row closed by `[IMG_BREAK]`, the last by `[IMG_END]` (transformers' `PixtralProcessor`). Mistral 3
+merges each 2 x 2 block of patches into one token: a row per merged row (a row or column of
+patches past the last whole block is left out, as the model's merger leaves it)."""
 
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ class PixtralImageProcessor(ImageProcessor):
         out = self.hf(images=pil_images, return_tensors="np")
         sizes = [[int(h), int(w)] for h, w in out["image_sizes"]]  # resized, patch multiples
         flat, hashes, tokens = [], [], []
-        p = self.pixtral.patch_size
+        p = self.pixtral.token_patch_size
         for k, (h, w) in enumerate(sizes):
             pixels = np.ascontiguousarray(out["pixel_values"][k][:, :h, :w], dtype=np.float32)
             flat.append(pixels.reshape(-1))
@@ -44,7 +46,7 @@ class PixtralImageProcessor(ImageProcessor):
         return Images(np.concatenate(flat), [], hashes, tokens, sizes, [1] * len(sizes))
 
     def _rows(self, size: list[int]) -> tuple[int, int]:
-        p = self.pixtral.patch_size
+        p = self.pixtral.token_patch_size
         return size[0] // p, size[1] // p
 
     def expand(self, prompt: str, images: Images) -> str:

@@ -14,6 +14,7 @@ VLM_ARCHS = (
     "llava_next",
     "llava_next_qwen2",
     "pixtral",
+    "mistral3",
 )  # vlm, llava
 
 KINDS = ("generation", "embedding", "reward")
@@ -46,7 +47,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         default="llama",
         help="llama: untied embeddings, llama3 rope scaling; qwen2: q/k/v biases, tied "
         "embeddings; qwen3: q/k RMSNorm, tied embeddings; qwen2_vl, qwen2_5_vl, "
-        "llava_onevision, llava_next, llava_next_qwen2 (a Qwen2 decoder), pixtral: vision-language "
+        "llava_onevision, llava_next, llava_next_qwen2 (a Qwen2 decoder), pixtral, mistral3: "
+        "vision-language "
         "models with their image processor config "
         "(default: %(default)s)",
     )
@@ -105,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
             "llava_next": llava.build_tiny_llava_next,
             "llava_next_qwen2": functools.partial(llava.build_tiny_llava_next, decoder="qwen2"),
             "pixtral": llava.build_tiny_pixtral,
+            "mistral3": functools.partial(llava.build_tiny_pixtral, mistral3=True),
         }
         if args.arch in builders:
             print(builders[args.arch](args.out_dir, seed=args.seed))

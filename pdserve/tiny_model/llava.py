@@ -252,9 +252,13 @@ TINY_PIXTRAL: dict[str, Any] = {
 }
 
 
-def build_tiny_pixtral(out_dir: str | Path, seed: int = 0, vocab_size: int = 512) -> Path:
+def build_tiny_pixtral(
+    out_dir: str | Path, seed: int = 0, vocab_size: int = 512, mistral3: bool = False
+) -> Path:
     """A tiny Pixtral (`LlavaForConditionalGeneration` with a Pixtral tower and a Mistral
-    decoder): each image at its own resolution, at most 112 pixels a side (8 x 8 patches)."""
+    decoder): each image at its own resolution, at most 112 pixels a side (8 x 8 patches).
+    mistral3: Mistral 3's layout instead (`Mistral3ForConditionalGeneration`: the same tower,
+    a projector that normalizes and merges each 2 x 2 block of patches into one token)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer(vocab_size)
@@ -289,6 +293,10 @@ def build_tiny_pixtral(out_dir: str | Path, seed: int = 0, vocab_size: int = 512
         "tie_word_embeddings": False,
         "torch_dtype": "float32",
     }
+    if mistral3:
+        config.update(architectures=["Mistral3ForConditionalGeneration"], model_type="mistral3",
+                      spatial_merge_size=2, multimodal_projector_bias=False)  # fmt: skip
+        config.pop("vision_feature_select_strategy")
     write_json(out / "config.json", config)
     write_json(out / "generation_config.json", generation_config(text))
     processor = {
@@ -305,5 +313,6 @@ def build_tiny_pixtral(out_dir: str | Path, seed: int = 0, vocab_size: int = 512
         "do_convert_rgb": True,
     }
     write_json(out / "preprocessor_config.json", processor)
-    _write_weights(out, seed, "LlavaForConditionalGeneration", tower_prefix="vision_tower.")
+    model_class = config["architectures"][0]
+    _write_weights(out, seed, model_class, tower_prefix="vision_tower.")
     return out

@@ -1,5 +1,5 @@
-"""LLaVA-OneVision, LLaVA-NeXT (with a Llama decoder, and with a Qwen2 one: `qwen_llava`) and
-Pixtral served end to end on CPU (Qwen2-VL is `test_vlm_serving.py`'s):
+"""LLaVA-OneVision, LLaVA-NeXT (with a Llama decoder, and with a Qwen2 one: `qwen_llava`),
+Pixtral and Mistral 3 served end to end on CPU (Qwen2-VL is `test_vlm_serving.py`'s):
 for each family one prefill + decode cluster (tcp) answers the official openai client (image_url
 parts) and `/generate` (`image_data`), and the in-process Engine runs a mixed worker (through
 examples/token_in_token_out/token_in_token_out_vlm_engine.py); greedy tokens for one and two
@@ -58,11 +58,13 @@ BUILDERS = {
     "llava_next": build_tiny_llava_next,
     "qwen_llava": functools.partial(build_tiny_llava_next, decoder="qwen2"),  # LLaVA-NeXT, Qwen2
     "pixtral": build_tiny_pixtral,
+    "mistral3": functools.partial(build_tiny_pixtral, mistral3=True),  # merged patches
 }
 HF_CLASSES = {"llava_onevision": "LlavaOnevisionForConditionalGeneration",
               "llava_next": "LlavaNextForConditionalGeneration",
               "qwen_llava": "LlavaNextForConditionalGeneration",
-              "pixtral": "LlavaForConditionalGeneration"}  # fmt: skip
+              "pixtral": "LlavaForConditionalGeneration",
+              "mistral3": "Mistral3ForConditionalGeneration"}  # fmt: skip
 # The families with an examples/multimodal/<family>_server.py.
 EXAMPLE_NAMES = {"llava_next": "llama3_llava"}  # SGLang's names for the family's script
 SERVER_EXAMPLES = [

@@ -7,6 +7,7 @@ the token count the tokenizer computes and the feature packing (including the sh
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 from pathlib import Path
 from typing import Any
@@ -214,9 +215,11 @@ def test_same_image_is_a_prefix_hit_and_a_different_image_is_not(
     assert different.num_cached_tokens <= first.prompt_ids.index(first.mm.image_token_id)
 
 
-@pytest.fixture(scope="module")
-def tiny_pixtral(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_pixtral(tmp_path_factory.mktemp("pixtral") / "pixtral", seed=11)
+@pytest.fixture(scope="module", params=["pixtral", "mistral3"])
+def tiny_pixtral(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Pixtral, and Mistral 3 (the same tower; a projector that merges 2 x 2 patches)."""
+    out = tmp_path_factory.mktemp("pixtral") / request.param
+    return build_tiny_pixtral(out, seed=11, mistral3=request.param == "mistral3")
 
 
 @pytest.mark.parametrize(
@@ -226,13 +229,17 @@ def test_pixtral_greedy_tokens_equal_transformers(
     tiny_pixtral: Path, sizes: list[tuple[int, int]]
 ) -> None:
     """Pixtral: each image at its own resolution, `[IMG_BREAK]` after each patch row and
-    `[IMG_END]` last, 2-D RoPE in the tower; chunked prefill splits the images."""
-    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+    `[IMG_END]` last, 2-D RoPE in the tower; chunked prefill splits the images. Mistral 3: a
+    token per 2 x 2 block of patches (an odd patch row or column is left out)."""
+    import transformers
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_pixtral)
     processor = ImageProcessor.for_model(tiny_pixtral, tokenizer)
     assert processor is not None
-    hf = LlavaForConditionalGeneration.from_pretrained(tiny_pixtral, dtype=torch.float32).eval()
+    arch = json.loads((tiny_pixtral / "config.json").read_text())["architectures"][0]
+    hf = getattr(transformers, arch).from_pretrained(tiny_pixtral, dtype=torch.float32).eval()
+    merge = 2 if arch == "Mistral3ForConditionalGeneration" else 1
     sched = SchedulerConfig(num_pages=256, page_size=4, chunk_size=9)
     config = EngineConfig(
         model_path=str(tiny_pixtral), device="cpu", dtype="float32", scheduler=sched
@@ -246,7 +253,7 @@ def test_pixtral_greedy_tokens_equal_transformers(
     )
     loaded = processor.preprocess([data_url(im) for im in images])
     ids = tokenizer.encode(processor.expand(text, loaded), add_special_tokens=False)
-    rows = loaded.image_sizes[0][0] // 14
+    rows = loaded.image_sizes[0][0] // (14 * merge)
     assert ids.count(tokenizer.convert_tokens_to_ids("[IMG_BREAK]")) >= rows - 1
     # transformers' layout: the images padded to the largest, [n, 3, H, W]
     height = max(h for h, _ in loaded.image_sizes)

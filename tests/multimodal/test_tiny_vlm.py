@@ -68,7 +68,9 @@ def test_cli_writes_a_llava_onevision_directory_transformers_loads(tmp_path: Pat
 @pytest.mark.parametrize(
     ("arch", "model_class", "text_type"),
     [("llava_next", "LlavaNextForConditionalGeneration", "llama"),
-     ("pixtral", "LlavaForConditionalGeneration", "mistral")],
+     ("llava_next_qwen2", "LlavaNextForConditionalGeneration", "qwen2"),
+     ("pixtral", "LlavaForConditionalGeneration", "mistral"),
+     ("mistral3", "Mistral3ForConditionalGeneration", "mistral")],
 )  # fmt: skip
 def test_cli_writes_llava_next_and_pixtral_directories_transformers_loads(
     tmp_path: Path, arch: str, model_class: str, text_type: str

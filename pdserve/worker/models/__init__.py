@@ -24,7 +24,8 @@ _ARCHITECTURES["Qwen2VLForConditionalGeneration"] = Qwen2VLForConditionalGenerat
 _ARCHITECTURES["Qwen2_5_VLForConditionalGeneration"] = Qwen2VLForConditionalGeneration
 for _llava in ("LlavaOnevisionForConditionalGeneration", "LlavaNextForConditionalGeneration"):
     _ARCHITECTURES[_llava] = LlavaOnevisionForConditionalGeneration  # type: ignore[assignment]
-_ARCHITECTURES["LlavaForConditionalGeneration"] = PixtralForConditionalGeneration  # type: ignore[assignment]
+for _pixtral in ("LlavaForConditionalGeneration", "Mistral3ForConditionalGeneration"):
+    _ARCHITECTURES[_pixtral] = PixtralForConditionalGeneration  # type: ignore[assignment]
 # Pooling models (ModelConfig.is_embedding): any head of the family, with or without a score head.
 _POOLING_ARCHITECTURES: dict[str, type[LlamaForPooling]] = {
     f"{family}{head}": LlamaForPooling

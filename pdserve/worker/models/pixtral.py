@@ -115,8 +115,39 @@ class PixtralVisionModel(nn.Module):
         return emb.cos(), emb.sin()
 
 
+class Mistral3Projector(nn.Module):
+    """Mistral 3's projector: RMSNorm over the tower's features, each merge x merge block of an
+    image's patch grid concatenated (channel-major, then the block's rows and columns: torch's
+    unfold order) and merged by one linear layer, then the two layers of Pixtral's projector."""
+
+    def __init__(self, v: PixtralVisionConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        m, d = v.spatial_merge_size, v.hidden_size
+        self.merge = m
+        self.norm = RMSNorm(d, v.projector_norm_eps, dtype)
+        self.patch_merger = nn.Module()
+        self.patch_merger.merging_layer = nn.Linear(d * m * m, d, bias=False, dtype=dtype)
+        self.linear_1 = nn.Linear(d, v.text_hidden_size, bias=v.projector_bias, dtype=dtype)
+        self.linear_2 = nn.Linear(
+            v.text_hidden_size, v.text_hidden_size, bias=v.projector_bias, dtype=dtype
+        )
+        self.act = _ACTIVATIONS[v.projector_act]
+
+    def forward(self, x: Tensor, grids: list[tuple[int, int]]) -> Tensor:
+        """x: [sum of h w, hidden], the images' patches row-major; grids: each image's (h, w)."""
+        x = self.norm(x)
+        merged = []
+        for patches, (h, w) in zip(x.split([h * w for h, w in grids]), grids):
+            grid = patches.view(h, w, -1).permute(2, 0, 1)[None]  # [1, D, h, w]
+            blocks = F.unfold(grid, kernel_size=self.merge, stride=self.merge)  # [1, D m m, L]
+            merged.append(blocks[0].t())
+        x = self.patch_merger.merging_layer(torch.cat(merged))
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
 class PixtralForConditionalGeneration(ImageRowsModel):
-    """`LlavaForConditionalGeneration` with a Pixtral tower."""
+    """`LlavaForConditionalGeneration` with a Pixtral tower, and Mistral 3 (the same tower, a
+    patch-merging projector)."""
 
     def __init__(
         self,
@@ -130,6 +161,11 @@ class PixtralForConditionalGeneration(ImageRowsModel):
         self._build_llava(
             config, dtype, device, attention, tp, PixtralVisionConfig, PixtralVisionModel
         )
+        v = self.vision
+        if v.spatial_merge_size > 1:  # Mistral 3
+            with torch.device("meta"):
+                self.multi_modal_projector = Mistral3Projector(v, dtype)
+            self.multi_modal_projector.to_empty(device=device)
         self.requires_grad_(False)
 
     def encode(self, mm: Any) -> list[Tensor]:
@@ -138,5 +174,11 @@ class PixtralForConditionalGeneration(ImageRowsModel):
         for h, w in mm.image_sizes:  # [3, H, W] each, flattened one after another
             images.append(pixels[start : start + 3 * h * w].view(3, h, w).to(self.device))
             start += 3 * h * w
-        features = self.multi_modal_projector(self.vision_tower(images))
+        states = self.vision_tower(images)
+        if isinstance(self.multi_modal_projector, Mistral3Projector):
+            p = self.vision.patch_size
+            grids = [(h // p, w // p) for h, w in mm.image_sizes]
+            features = self.multi_modal_projector(states, grids)
+        else:
+            features = self.multi_modal_projector(states)
         return list(features.split(mm.num_image_tokens))
