@@ -24,7 +24,15 @@ from pdserve.scheduler.scheduler import BatchItem, ScheduledBatch
 from pdserve.worker.draw_graphs import DrawGraphs
 from pdserve.worker.forward_batch import ForwardBatch
 from pdserve.worker.kv_pool import KVPool
-from pdserve.worker.parallel.batch_broadcast import Command, Header, receive_tensor, send_header
+from pdserve.worker.models.qwen2_vl import MultimodalBatch
+from pdserve.worker.parallel.batch_broadcast import (
+    Command,
+    Header,
+    receive_multimodal,
+    receive_tensor,
+    send_header,
+    send_multimodal,
+)
 from pdserve.worker.parallel.tp_group import SINGLE, TPGroup
 
 if TYPE_CHECKING:
@@ -221,7 +229,12 @@ class ModelRunner:
         arrays = host.views(host_buffer)
         host.seq_lens_cpu = arrays["seq_lens"].tolist()
         host.extend_lens_cpu = arrays["extend_lens"].tolist()
-        return self._device_batch(host, device_buffer, header.is_decode, None)
+        fb = self._device_batch(host, device_buffer, header.is_decode, None)
+        if self.model_config.vision is not None:  # what rank 0's vision tower made
+            fb.mm = receive_multimodal(
+                self.tp, self.device, self.dtype, self.model_config.hidden_size, MultimodalBatch
+            )
+        return fb
 
     def close(self) -> None:
         """Rank 0 of a tensor-parallel worker: tell the followers to exit."""
@@ -239,6 +252,8 @@ class ModelRunner:
         fb.lora = self._lora_batch(batch)
         if self.model_config.vision is not None:  # images and M-RoPE positions
             fb.mm = self.model.multimodal_batch(batch.items, self.device)
+            if self.tp.is_parallel:  # the followers take the tower's output, not the pixels
+                send_multimodal(self.tp, fb.mm, self.device)
         return fb
 
     def _lora_batch(self, batch: ScheduledBatch) -> LoraBatch | None:

@@ -191,11 +191,8 @@ class ImageRowsModel(nn.Module):
     ) -> None:
         """The parts every LLaVA-style model has: the decoder, `make_tower(v, dtype)` and the
         projector (allocated, filled by the weight loader), the encoder cache."""
-        if not isinstance(config.vision, vision_type) or tp.is_parallel:
-            raise ValueError(
-                f"{config.architecture}: expected a {vision_type.__name__} and tp_size=1 (vision "
-                "models under tensor parallelism are not supported yet)"
-            )
+        if not isinstance(config.vision, vision_type):
+            raise ValueError(f"{config.architecture}: expected a {vision_type.__name__}")
         self.config = config
         self.tp = tp
         self.attention = attention

@@ -260,11 +260,6 @@ class Qwen2VLForConditionalGeneration(LlamaForCausalLM):
     ) -> None:
         if config.vision is None:
             raise ValueError(f"{config.architecture}: config.json has no vision_config")
-        if tp.is_parallel:
-            raise ValueError(
-                f"tp_size={tp.size} is invalid for {config.architecture}: expected 1 (vision "
-                "models under tensor parallelism are not supported yet)"
-            )
         super().__init__(config, dtype, device, attention, tp)
         self.vision = config.vision
         with torch.device("meta"):
