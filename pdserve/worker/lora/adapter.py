@@ -22,6 +22,9 @@ from pdserve.config.engine_config import ModelConfig
 from pdserve.config.lora_config import LORA_TARGET_MODULES
 
 _KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.\w+)?\.weight$")
+# A vision-language model's parts that LoRA does not reach (its tower's layers are named like the
+# decoder's: `vision_tower.encoder.layers.0.self_attn.q_proj` would match `_KEY`).
+_VISION_PART = re.compile(r"(^|\.)(vision_tower|visual|vision_model|multi_modal_projector)\.")
 _WEIGHT_FILES = ("adapter_model.safetensors",)
 
 
@@ -135,6 +138,12 @@ def _pair_weights(
     shapes = module_shapes(model_config)
     parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
+        if _VISION_PART.search(key):
+            raise ValueError(
+                f"{folder}: tensor {key!r} adapts the vision tower or its projector: pdserve "
+                "applies LoRA to the decoder's layers only (train the adapter with target_modules "
+                "limited to the language model)"
+            )
         m = _KEY.search(key)
         if m is None or m.group(2) not in shapes:
             raise ValueError(
