@@ -118,10 +118,11 @@ def media_limits(key: str, cls: Any, value: Any) -> Any:
     unknown = sorted(set(value) - set(known), key=str)
     if unknown:
         raise ValueError(f"{key}: unknown key(s) {unknown}: expected some of {known}")
+    floats = {f.name for f in dataclasses.fields(cls) if isinstance(f.default, float)}
     for name, number in value.items():
-        seconds = name.endswith("_s")
-        if not (is_number(number) if seconds else is_int(number)):
-            expected = "a number" if seconds else "an integer"
+        real = name in floats  # seconds, frames a second; the others are counts
+        if not (is_number(number) if real else is_int(number)):
+            expected = "a number" if real else "an integer"
             raise ValueError(f"{key}.{name}={number!r} is invalid: expected {expected}")
     try:
         return cls(**value)

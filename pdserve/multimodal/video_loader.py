@@ -34,6 +34,10 @@ class VideoLimits:
     max_video_pixels: int = 32 * 1280 * 720  # width * height * frames of one video, as sent
     max_video_bytes: int = 64 * 2**20  # one video file's (or one frame's) encoded bytes
     fetch_timeout_s: float = 30.0
+    # Frames a second to sample a file at (Qwen2-VL's recipe, as vLLM and SGLang sample: 2.0),
+    # between 4 and max_frames frames, an even count; 0: max_frames spread evenly over the file
+    # (transformers' default).
+    sample_fps: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("max_videos", "max_frames", "max_video_pixels", "max_video_bytes"):
@@ -41,6 +45,8 @@ class VideoLimits:
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid: expected >= 1")
         if self.fetch_timeout_s <= 0:
             raise ValueError(f"fetch_timeout_s={self.fetch_timeout_s!r} is invalid: expected > 0")
+        if self.sample_fps < 0:
+            raise ValueError(f"sample_fps={self.sample_fps!r} is invalid: expected >= 0 (0: off)")
 
     def as_image_limits(self) -> ImageLimits:
         return ImageLimits(
@@ -114,6 +120,23 @@ def sample_indices(total: int, max_frames: int) -> np.ndarray:
     return np.arange(0, total, total / num).astype(int)[:num]
 
 
+_MIN_FPS_FRAMES = 4  # fps sampling keeps at least this many frames (when the file has them)
+
+
+def fps_indices(total: int, file_fps: float, sample_fps: float, max_frames: int) -> np.ndarray:
+    """Frame indices at `sample_fps` frames a second of a file at `file_fps`: as many frames as
+    its duration gives, the nearest even count (the tower pairs frames) between 4 and
+    `max_frames`, spread evenly from the first frame to the last; a file (or a limit) of 4
+    frames or fewer keeps them all."""
+    most = min(max_frames, total)
+    if most <= _MIN_FPS_FRAMES:
+        num = most
+    else:
+        wanted = min(max(total / file_fps * sample_fps, _MIN_FPS_FRAMES), most)
+        num = min(2 * round(wanted / 2), most - most % 2)
+    return np.round(np.linspace(0, total - 1, num)).astype(int)
+
+
 def decode_video(data: bytes, limits: VideoLimits, where: str = "video") -> Video:
     """Decode a video file's bytes with PyAV: the size and frame count are checked before any
     frame is decoded, and only the sampled frames are kept."""
@@ -131,10 +154,13 @@ def decode_video(data: bytes, limits: VideoLimits, where: str = "video") -> Vide
         total = stream.frames or _count_frames(container, where)
         if total < 1 or width < 1 or height < 1:
             raise ValueError(f"{where}: has no frames")
-        indices = sample_indices(total, limits.max_frames)
+        fps = float(stream.average_rate) if stream.average_rate else None
+        if limits.sample_fps and fps:
+            indices = fps_indices(total, fps, limits.sample_fps, limits.max_frames)
+        else:
+            indices = sample_indices(total, limits.max_frames)
         _check_pixels(len(indices), width, height, limits, where)
         frames = _decode_frames(container, indices, where)
-        fps = float(stream.average_rate) if stream.average_rate else None
     if not frames:
         raise ValueError(f"{where}: has no decodable frames")
     sampled_fps = fps * len(frames) / total if fps else None

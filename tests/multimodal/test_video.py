@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from vlm_reference import (
     data_url,
     hf_generate,
@@ -33,7 +35,7 @@ from pdserve.config.sampling_params import SamplingParams
 from pdserve.multimodal.cache_key import IMAGE_KEY_BASE, image_keyed_ids
 from pdserve.multimodal.mrope import mrope_positions, time_intervals
 from pdserve.multimodal.processor import ImageProcessor
-from pdserve.multimodal.video_loader import VideoLimits, decode_video, load_video
+from pdserve.multimodal.video_loader import VideoLimits, decode_video, fps_indices, load_video
 from pdserve.scheduler.request import Request
 from pdserve.tiny_model.llava import MEAN, STD, build_tiny_llava_onevision
 from pdserve.tiny_model.vlm import build_tiny_vlm
@@ -224,6 +226,42 @@ def test_a_video_file_decodes_to_its_frames_and_long_ones_are_sampled() -> None:
         np.asarray(frames[i]).tolist() for i in kept
     ]
     assert sampled.fps == pytest.approx(5.0 * 4 / 10)
+
+
+def test_sample_fps_keeps_the_frames_its_rate_gives() -> None:
+    """Qwen2-VL's recipe (vLLM's and SGLang's): 12 frames at 4 fps are 3 s, 6 frames at 2 fps,
+    spread from the first frame to the last; lossless frames, so exactly those come back."""
+    frames = random_frames(np.random.default_rng(3), 12, 28, 28)
+    video = decode_video(video_file(frames, fps=4), VideoLimits(sample_fps=2.0))
+    kept = [0, 2, 4, 7, 9, 11]  # round(linspace(0, 11, 6))
+    assert [np.asarray(f).tolist() for f in video.frames] == [
+        np.asarray(frames[i]).tolist() for i in kept
+    ]
+    assert video.fps == pytest.approx(2.0)
+    short = decode_video(video_file(frames[:5], fps=4), VideoLimits(sample_fps=0.5))
+    assert len(short.frames) == 4  # at least 4 frames, however short the file
+    with pytest.raises(ValueError, match="sample_fps=-1.0 is invalid"):
+        VideoLimits(sample_fps=-1.0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    total=st.integers(1, 3000),
+    file_fps=st.floats(1.0, 60.0),
+    sample_fps=st.floats(0.25, 8.0),
+    max_frames=st.integers(1, 64),
+)
+def test_fps_indices_against_their_definition(
+    total: int, file_fps: float, sample_fps: float, max_frames: int
+) -> None:
+    got = fps_indices(total, file_fps, sample_fps, max_frames).tolist()
+    most = min(max_frames, total)
+    assert got == sorted(set(got)) and got[0] == 0 and got[-1] == (total - 1 if len(got) > 1 else 0)
+    if most <= 4:  # a short file (or a low limit): every frame it may keep
+        assert len(got) == most
+        return
+    wanted = min(max(total / file_fps * sample_fps, 4), most)  # the rate's count, bounded
+    assert len(got) % 2 == 0 and 4 <= len(got) <= most and abs(len(got) - wanted) <= 1
 
 
 def test_frames_come_as_a_list_or_as_vllms_jpeg_data_url() -> None:
