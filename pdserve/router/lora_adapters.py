@@ -143,6 +143,20 @@ class LoraRegistry:
                 pending = {a.worker for a in busy}
                 await asyncio.sleep(_UNLOAD_RETRY_S)
 
+    async def push_to(self, worker: str) -> str | None:
+        """Load every adapter the cluster serves onto `worker`, which joined after they were
+        loaded; the first problem (an adapter it could not load, no answer), or None."""
+        async with self._lock:
+            for name, path in list(self.adapters.items()):
+                try:
+                    answers = await self._broadcast(LoraUpdate("", "load", name, path), {worker})
+                except APIError as e:
+                    return f"LoRA adapter {name!r}: {e.message}"
+                failed = [a for a in answers if not a.success and "already" not in a.error]
+                if failed:
+                    return f"LoRA adapter {name!r}: {failed[0].error}"
+        return None
+
     @property
     def names(self) -> list[str]:
         return list(self.adapters)

@@ -28,6 +28,7 @@ error naming the worker; the client may retry it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -64,6 +65,9 @@ class Membership:
         # (name, pid) of members that left by draining: a Register of theirs still on its way
         # must not bring them back
         self.has_left: deque[tuple[str, int]] = deque(maxlen=1024)
+        # joined workers still loading the cluster's LoRA adapters: not routable until done
+        self.loading_adapters: set[str] = set()
+        self._tasks: set[asyncio.Task] = set()
 
     @property
     def tokenizer_inboxes(self) -> list[str]:
@@ -137,6 +141,11 @@ class Membership:
             idx = self._add_tokenizer(msg, now)
         else:
             idx = self._add_worker(msg, now)
+            if self.router.lora.adapters:  # it serves them before it gets traffic
+                self.loading_adapters.add(msg.name)
+                task = asyncio.get_running_loop().create_task(self._push_adapters(msg))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
         self.version += 1
         self.joined_in[msg.name] = self.version
         pages = f", {msg.num_pages} KV pages" if msg.role != "tokenizer" else ""
@@ -181,9 +190,30 @@ class Membership:
         outbox.send(PeerTable(self.version, [], [], [], for_name=msg.name, error=error))
         outbox.close()
 
+    async def _push_adapters(self, msg: Register) -> None:
+        """Load the cluster's LoRA adapters onto a worker that joined; one that cannot load them
+        is taken out again and its registration refused with why (it keeps trying, as a
+        refused worker does)."""
+        error = await self.router.lora.push_to(msg.name)
+        self.loading_adapters.discard(msg.name)
+        state = self.router.workers.process(msg.name)
+        if state is None or state.live.pid != msg.pid:
+            return  # gone meanwhile
+        if error is None:
+            logger.info("%s loaded the cluster's LoRA adapters", msg.name)
+            self.update_routable()
+            return
+        self.remove(msg.name, error)
+        self._refuse(msg, f"could not load the cluster's {error}")
+
     def update_routable(self) -> None:
-        """A joined worker gets traffic once every healthy member applied a table holding it."""
-        waiting = [p for p in self.router.workers.processes() if not p.is_routable]
+        """A joined worker gets traffic once every healthy member applied a table holding it
+        (and it loaded the cluster's LoRA adapters)."""
+        waiting = [
+            p
+            for p in self.router.workers.processes()
+            if not p.is_routable and p.name not in self.loading_adapters
+        ]
         if not waiting:
             return
         members = [p.name for p in self.router.workers.processes() if p.is_healthy]

@@ -50,6 +50,7 @@ class JoinedWorker:
         self.router_host = host_of(options.router_inbox) or "127.0.0.1"
         self.idx = -1
         self.refusal = ""  # why the router refused the latest Register ("": it did not)
+        self.expelled = False  # refused after it had joined: it exits (1) instead of retrying
         self.is_leaving = threading.Event()
         self._to_router = Outbox(options.router_inbox)  # Leave: the signal handler's own socket
         self.worker.add_handler(protocol.PeerTable, self.on_peer_table)
@@ -96,6 +97,8 @@ class JoinedWorker:
             self.is_leaving.set()
             heartbeat.stop()
             self._to_router.close()
+        if self.expelled:
+            return 1
         logger.info("worker %s left the cluster", self.name)
         return 0
 
@@ -145,6 +148,11 @@ class JoinedWorker:
             return []
         if msg.error:  # refused: _join tries again
             self.refusal = msg.error
+            if self.idx >= 0:  # taken out after joining (say, it cannot load an adapter)
+                logger.error("worker %s: the router refuses it: %s", self.name, msg.error)
+                self.expelled = True
+                self.is_leaving.set()
+                self.worker.stop()
             return []
         if msg.idx != self.idx:
             self._set_idx(msg.idx)
