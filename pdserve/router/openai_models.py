@@ -57,14 +57,7 @@ class StreamOptions(_Body):
 
     include_usage: bool = False
     include_obfuscation: bool | None = None  # OpenAI's stream padding: accepted, never added
-    continuous_usage_stats: bool = False  # vLLM's usage on every chunk: refused when true
-
-    @field_validator("continuous_usage_stats")
-    @classmethod
-    def _no_continuous_usage(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("is not supported (usage comes once, in the last chunk)")
-        return value
+    continuous_usage_stats: bool = False  # vLLM's: with include_usage, usage on every chunk
 
 
 class TextPart(_Body):
@@ -286,6 +279,11 @@ class SamplingFields(RequestBody):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        """vLLM's continuous_usage_stats (with include_usage): the usage so far on every chunk."""
+        return self.include_usage and bool(self.stream_options.continuous_usage_stats)  # type: ignore[union-attr]
 
 
 class ChatCompletionRequest(SamplingFields):

@@ -223,6 +223,14 @@ def usage(choices: list[ChoiceState], n: int) -> dict[str, Any]:
     }
 
 
+def usage_so_far(body: SamplingFields, states: list[ChoiceState], n: int) -> dict[str, Any]:
+    """A streamed chunk's `usage` entry: the counts so far under vLLM's continuous_usage_stats
+    (an empty dict otherwise, and before any output: the chunk keeps its `usage: null`)."""
+    if not body.continuous_usage or not any(s.prompt_tokens for s in states):
+        return {}
+    return {"usage": usage(states, n)}
+
+
 def template_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any] | None:
     """A request's `chat_template_kwargs`, checked (400 naming it); None when empty."""
     try:

@@ -36,6 +36,7 @@ from pdserve.router.openai_serving import (
     template_kwargs,
     truncation,
     usage,
+    usage_so_far,
 )
 from pdserve.router.reasoning import ReasoningStream, split_reasoning, thinking_off
 from pdserve.router.request_fields import check_fields, extra_flag
@@ -206,7 +207,7 @@ async def _chat_events(
             return
         choice = _chat_delta(index, out, body, tool_streams[index], thoughts[index])
         if choice is not None:
-            yield sse({**base, "choices": [choice]})
+            yield sse({**base, "choices": [choice], **usage_so_far(body, states, fan.n)})
     if extra_flag(body, "return_hidden_states"):  # as SGLang: one chunk per choice, at the end
         for c in states:
             delta = {"hidden_states": last_hidden_state(c)}

@@ -34,6 +34,7 @@ from pdserve.router.openai_serving import (
     sampling_dicts,
     truncation,
     usage,
+    usage_so_far,
 )
 from pdserve.router.request_fields import check_fields, extra_flag
 from pdserve.router.request_tracker import RequestGroup
@@ -165,7 +166,7 @@ async def _completion_events(
         if not text and reason is None and logprobs is None:
             continue
         choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
-        yield sse({**base, "choices": [choice]})
+        yield sse({**base, "choices": [choice], **usage_so_far(body, states, fan.n)})
     if extra_flag(body, "return_hidden_states"):  # as SGLang: one chunk per choice, at the end
         for c in states:
             hidden = {"index": c.index, "text": "", "logprobs": None, "finish_reason": None,

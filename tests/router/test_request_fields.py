@@ -105,9 +105,9 @@ OTHER_REFUSALS = [
     pytest.param(GENERATE, {"top_logprobs_num": 21}, "top_logprobs_num", id="gen-top_lp>20"),
     pytest.param(
         CHAT,
-        {"stream": True, "stream_options": {"continuous_usage_stats": True}},
+        {"stream": True, "stream_options": {"continuous_usage_stats": "often"}},
         "stream_options",
-        id="chat-continuous-usage",
+        id="chat-continuous-usage-not-bool",
     ),  # fmt: skip
     pytest.param(
         COMPLETIONS,

@@ -68,6 +68,30 @@ def test_chat_stream_yields_role_then_deltas_then_finish(client: openai.OpenAI) 
     assert all(c.object == "chat.completion.chunk" for c in chunks)
 
 
+@pytest.mark.parametrize("route", ["chat", "completions"])
+def test_continuous_usage_stats_put_the_counts_so_far_on_every_chunk(
+    client: openai.OpenAI, route: str
+) -> None:
+    """vLLM's stream_options.continuous_usage_stats (with include_usage): each chunk after the
+    first output carries the usage so far, growing to the final count; without include_usage,
+    nothing."""
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    common = {"model": MODEL, "stream": True, "stream_options": options, "n": 2}
+    if route == "chat":
+        chunks = list(client.chat.completions.create(messages=[{"role": "user", "content": "hi"}],
+                                                     **common))  # fmt: skip
+    else:
+        chunks = list(client.completions.create(prompt="hi", **common))
+    content = [c for c in chunks if c.choices and c.usage is not None]
+    assert content and all(c.usage.prompt_tokens == PROMPT_TOKENS for c in content)
+    counts = [c.usage.completion_tokens for c in content]
+    assert counts == sorted(counts) and counts[-1] == 6  # two choices of 3 tokens
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
+    quiet = {**common, "stream_options": {"continuous_usage_stats": True}}
+    plain = list(client.completions.create(prompt="hi", **quiet))
+    assert all(c.usage is None for c in plain)
+
+
 def test_chat_n2_gives_two_choices_with_distinct_seeds(
     client: openai.OpenAI, cluster: Cluster
 ) -> None:
