@@ -86,13 +86,27 @@ SAMPLING = {
     "stream": st.booleans(),
     "user": field(TEXT),
 }
+# vLLM's fields on the OpenAI routes (the constraints: at most one counts, two are a 400)
+VLLM_FIELDS = {
+    "guided_regex": field(st.sampled_from(["[ab]+", "(yes|no)"]), TEXT | JSON),
+    "guided_choice": field(st.lists(WORDS, min_size=1, max_size=3), JSON),
+    "guided_json": field(st.just({"type": "object"}), JSON),
+    "structured_outputs": field(st.just({"regex": "[0-9]+"}), JSON),
+    "truncate_prompt_tokens": field(st.integers(-1, 64), INTS),
+    "include_stop_str_in_output": field(st.booleans()),
+    "return_tokens_as_token_ids": field(st.booleans()),
+}
+TAG = {"type": "tag", "begin": "<a>", "content": {"type": "any_text"}, "end": "</a>"}
 RESPONSE_FORMATS = st.sampled_from(
     [
         {"type": "text"},
         {"type": "json_object"},
         {"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "object"}}},
+        {"type": "structural_tag", "format": TAG},
+        {"type": "structural_tag", "triggers": ["<f="],
+         "structures": [{"begin": "<f=a>", "schema": {"type": "object"}, "end": "</f>"}]},
     ]
-)
+)  # fmt: skip
 PART = st.fixed_dictionaries(
     {"type": field(st.just("text"), st.sampled_from(["image_url", "audio"])), "text": TEXT}
 )
@@ -113,10 +127,15 @@ CHAT_BODY = st.fixed_dictionaries(
         "top_logprobs": field(st.integers(0, 5), INTS),
         "continue_final_message": field(st.booleans()),
         "add_generation_prompt": field(st.booleans()),
-        "stream_options": field(st.fixed_dictionaries({"include_usage": st.booleans()})),
+        "stream_options": field(
+            st.fixed_dictionaries(
+                {"include_usage": st.booleans()}, optional={"continuous_usage_stats": st.booleans()}
+            )
+        ),
         "response_format": field(RESPONSE_FORMATS, st.fixed_dictionaries({"type": TEXT}) | JSON),
         "tools": field(st.just([]), st.lists(JSON, max_size=1)),
         "extra": JSON,
+        **VLLM_FIELDS,
     },
 )
 PROMPT = TEXT | st.lists(TEXT, max_size=3) | WILD_IDS | st.lists(WILD_IDS, max_size=3)
@@ -129,6 +148,7 @@ COMPLETION_BODY = st.fixed_dictionaries(
         "echo": field(st.booleans()),
         "suffix": field(st.just(""), TEXT),
         "best_of": field(st.none(), INTS),
+        **VLLM_FIELDS,
     },
 )
 GENERATE_SAMPLING = st.fixed_dictionaries(
@@ -138,6 +158,8 @@ GENERATE_SAMPLING = st.fixed_dictionaries(
         "max_new_tokens": POSITIVE,
         "min_new_tokens": field(st.integers(0, 4), INTS),
         "no_stop_trim": field(st.booleans()),
+        "structural_tag": field(st.just({"type": "structural_tag", "format": TAG}), JSON),
+        "grammar_after_reasoning": field(st.sampled_from(["qwen3", "deepseek_r1"]), TEXT),
         "colour": JSON,
     },
 )
