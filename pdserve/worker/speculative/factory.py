@@ -32,10 +32,10 @@ def make_speculative_decoder(
             f"speculative_algorithm={spec.speculative_algorithm!r} is invalid for an embedding "
             "model: it decodes nothing"
         )
-    if runner.model_config.vision is not None:
+    if runner.model_config.vision is not None and spec.speculative_algorithm != "NGRAM":
         raise ValueError(
             f"speculative_algorithm={spec.speculative_algorithm!r} is not supported with a "
-            "vision-language model yet (its M-RoPE positions are not laid out for verify passes)"
+            "vision-language model yet: NGRAM is"
         )
     drafter = None
     if spec.speculative_algorithm == "EAGLE":

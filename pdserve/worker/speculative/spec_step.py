@@ -297,13 +297,15 @@ class SpeculativeDecoder:
         """The target's logits at every fed token ([T, V] float32), and its final-normed hidden
         states there ([T, hidden]) when all_hidden."""
         runner = self.runner
-        lora = runner._lora_batch(
-            ScheduledBatch([BatchItem(r.item.req, r.item.start, r.num_tokens) for r in rows])
-        )
-        padded = self._graph_batch(rows) if lora is None else None
+        items = [BatchItem(r.item.req, r.item.start, r.num_tokens) for r in rows]
+        lora = runner._lora_batch(ScheduledBatch(items))
+        vision = runner.model_config.vision is not None  # image rows, M-RoPE: no graphs
+        padded = self._graph_batch(rows) if lora is None and not vision else None
         if padded is None:
             fb = build_verify_batch(rows, runner.page_size, runner.device)
             fb.lora = lora
+            if vision:  # a chain's fed tokens sit at consecutive positions, as a step's do
+                fb.mm = runner.model.multimodal_batch(items, runner.device)
         # Prefill chunks are done once fed (their prompt pages go to the prefix cache as in
         # the plain loop); decodes' num_computed moves as their tokens are accepted.
         self.scheduler.advance(ScheduledBatch([r.item for r in rows if not r.speculates]))
