@@ -8,17 +8,14 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
-from transformers import AutoTokenizer
-from vlm_reference import data_url, random_image
+from vlm_reference import image_requests, run_to_end
 
 from pdserve.config.engine_config import EngineConfig, SchedulerConfig
 from pdserve.config.sampling_params import SamplingParams
 from pdserve.config.speculative_config import SpeculativeConfig
-from pdserve.multimodal.processor import ImageProcessor
 from pdserve.scheduler.request import Request
 from pdserve.tiny_model.llava import build_tiny_llava_next
 from pdserve.tiny_model.vlm import build_tiny_vlm
@@ -46,47 +43,16 @@ def _core(model: Path, spec: SpeculativeConfig | None) -> WorkerCore:
 
 
 def _requests(model: Path, seed: int) -> list[Request]:
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    processor = ImageProcessor.for_model(model, tokenizer)
-    assert processor is not None
-    rng = np.random.default_rng(seed)
     sampling = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
-    reqs = []
-    for k, sizes in enumerate([[(40, 60)], [(30, 50), (50, 30)], []]):
-        parts: list[dict[str, Any]] = [{"type": "image"}] * len(sizes)
-        parts.append({"type": "text", "text": f"the cat sat on the mat, the cat sat {k}"})
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": parts}], tokenize=False, add_generation_prompt=True
-        )
-        if not sizes:
-            reqs.append(
-                Request(f"r{k}", tokenizer.encode(text, add_special_tokens=False), sampling)
-            )
-            continue
-        loaded = processor.preprocess([data_url(random_image(rng, h, w)) for h, w in sizes])
-        ids = tokenizer.encode(processor.expand(text, loaded), add_special_tokens=False)
-        req = Request(f"r{k}", ids, sampling)
-        req.mm = processor.inputs(ids, loaded)
-        reqs.append(req)
-    return reqs
-
-
-def _run(core: WorkerCore, reqs: list[Request]) -> list[list[int]]:
-    for req in reqs:
-        core.add(req)
-    for _ in range(500):
-        if not core.has_work():
-            break
-        core.step()
-    assert all(r.finish is not None and not r.finish.is_abort for r in reqs)
-    return [r.output_ids for r in reqs]
+    question = "the cat sat on the mat, the cat sat"  # a repeated phrase: something to look up
+    return image_requests(model, seed, sampling, question, [[(40, 60)], [(30, 50), (50, 30)], []])
 
 
 def test_ngram_outputs_with_images_equal_the_plain_loop(model: Path) -> None:
     seed = int(np.random.default_rng().integers(1 << 30))  # fresh pixels each run
-    want = _run(_core(model, None), _requests(model, seed))
+    want = run_to_end(_core(model, None), _requests(model, seed))
     core = _core(model, NGRAM)
-    assert _run(core, _requests(model, seed)) == want, seed
+    assert run_to_end(core, _requests(model, seed)) == want, seed
     assert core.spec is not None and core.spec.stats.num_verify_steps > 0
     assert core.spec.stats.num_drafts > 0
 

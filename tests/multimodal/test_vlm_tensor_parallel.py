@@ -9,16 +9,13 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
-from transformers import AutoTokenizer
-from vlm_reference import data_url, random_image
+from vlm_reference import image_requests, run_to_end
 
 from pdserve.config.engine_config import EngineConfig, SchedulerConfig
 from pdserve.config.sampling_params import SamplingParams
-from pdserve.multimodal.processor import ImageProcessor
 from pdserve.scheduler.request import Request
 from pdserve.tiny_model.llava import build_tiny_llava_next, build_tiny_pixtral
 from pdserve.tiny_model.vlm import build_tiny_vlm
@@ -53,44 +50,15 @@ def cores(model: Path) -> Iterator[tuple[WorkerCore, WorkerCore]]:
 
 
 def _requests(model: Path, seed: int) -> list[Request]:
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    processor = ImageProcessor.for_model(model, tokenizer)
-    assert processor is not None
-    rng = np.random.default_rng(seed)
-    reqs = []
-    for k, sizes in enumerate([[(40, 60)], [(56, 30), (30, 44)], []]):
-        parts: list[dict[str, Any]] = [{"type": "image"}] * len(sizes)
-        parts.append({"type": "text", "text": f"What is it? {k}"})
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": parts}], tokenize=False, add_generation_prompt=True
-        )
-        sampling = SamplingParams(max_new_tokens=NUM_NEW, min_new_tokens=NUM_NEW, temperature=0)
-        if not sizes:
-            ids = tokenizer.encode(text, add_special_tokens=False)
-            reqs.append(Request(f"r{k}", ids, sampling))
-            continue
-        loaded = processor.preprocess([data_url(random_image(rng, h, w)) for h, w in sizes])
-        ids = tokenizer.encode(processor.expand(text, loaded), add_special_tokens=False)
-        req = Request(f"r{k}", ids, sampling)
-        req.mm = processor.inputs(ids, loaded)
-        reqs.append(req)
-    return reqs
-
-
-def _run(core: WorkerCore, reqs: list[Request]) -> list[list[int]]:
-    for req in reqs:
-        core.add(req)
-    for _ in range(300):
-        if not core.has_work():
-            break
-        core.step()
-    assert all(r.finish is not None and not r.finish.is_abort for r in reqs)
-    return [r.output_ids for r in reqs]
+    sampling = SamplingParams(max_new_tokens=NUM_NEW, min_new_tokens=NUM_NEW, temperature=0)
+    return image_requests(
+        model, seed, sampling, "What is it?", [[(40, 60)], [(56, 30), (30, 44)], []]
+    )
 
 
 def test_tp2_greedy_tokens_with_images_equal_tp1(model: Path, cores) -> None:
     tp1, tp2 = cores
     seed = int(np.random.default_rng().integers(1 << 30))  # fresh pixels each run
-    want = _run(tp1, _requests(model, seed))
-    got = _run(tp2, _requests(model, seed))
+    want = run_to_end(tp1, _requests(model, seed), 300)
+    got = run_to_end(tp2, _requests(model, seed), 300)
     assert got == want, seed

@@ -190,3 +190,50 @@ def qwen_reference(
     ids = qwen_expand(tokenizer, prompt, image_grids, [grid])
     types = qwen_mm_token_types(ids, model.config)
     return hf_generate(model, ids, num_new, mm_token_type_ids=types, **inputs)
+
+
+def image_requests(
+    model: Path, seed: int, sampling: Any, question: str, sizes: list[list[tuple[int, int]]]
+) -> list[Any]:
+    """Requests `r0..` of a chat turn each, with random images of `sizes[k]` (an empty list:
+    text only) and `question` numbered, their placeholders expanded as the tokenizer process
+    does and their MultimodalInputs attached."""
+    from transformers import AutoTokenizer
+
+    from pdserve.multimodal.processor import ImageProcessor
+    from pdserve.scheduler.request import Request
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    processor = ImageProcessor.for_model(model, tokenizer)
+    assert processor is not None
+    rng = np.random.default_rng(seed)
+    reqs = []
+    for k, shapes in enumerate(sizes):
+        parts: list[dict[str, Any]] = [{"type": "image"}] * len(shapes)
+        parts.append({"type": "text", "text": f"{question} {k}"})
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": parts}], tokenize=False, add_generation_prompt=True
+        )
+        if not shapes:
+            reqs.append(
+                Request(f"r{k}", tokenizer.encode(text, add_special_tokens=False), sampling)
+            )
+            continue
+        loaded = processor.preprocess([data_url(random_image(rng, h, w)) for h, w in shapes])
+        ids = tokenizer.encode(processor.expand(text, loaded), add_special_tokens=False)
+        req = Request(f"r{k}", ids, sampling)
+        req.mm = processor.inputs(ids, loaded)
+        reqs.append(req)
+    return reqs
+
+
+def run_to_end(core: Any, reqs: list[Any], max_steps: int = 500) -> list[list[int]]:
+    """Add the requests to a WorkerCore and step it until they end (none aborted): their ids."""
+    for req in reqs:
+        core.add(req)
+    for _ in range(max_steps):
+        if not core.has_work():
+            break
+        core.step()
+    assert all(r.finish is not None and not r.finish.is_abort for r in reqs)
+    return [r.output_ids for r in reqs]
