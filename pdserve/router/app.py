@@ -40,6 +40,7 @@ from pdserve.router.serving_chat import create_chat_completion
 from pdserve.router.serving_completions import create_completion
 from pdserve.router.serving_embeddings import is_embedding_model, register_embedding_routes
 from pdserve.router.serving_generate import generate
+from pdserve.router.serving_responses import ResponsesRequest, create_response
 from pdserve.router.serving_tokenize import add_tokenize_routes
 
 logger = logging.getLogger(__name__)
@@ -150,6 +151,10 @@ def _add_generation_routes(app: FastAPI, router: Router) -> None:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await create_completion(router, request, body)
+
+    @app.post("/v1/responses")
+    async def responses(body: ResponsesRequest, request: Request) -> Response:
+        return await create_response(router, request, body)
 
     @app.post("/generate")
     async def generate_route(body: GenerateRequest, request: Request) -> Response:

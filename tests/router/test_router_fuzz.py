@@ -189,6 +189,36 @@ GENERATE_BODY = st.builds(
 )
 
 
+INPUT_PART = st.fixed_dictionaries(
+    {"type": field(st.sampled_from(["input_text", "output_text"]), TEXT), "text": TEXT}
+)
+INPUT_MESSAGE = st.fixed_dictionaries(
+    {
+        "role": field(st.sampled_from(["user", "developer", "assistant"]), TEXT),
+        "content": field(TEXT | st.lists(INPUT_PART, max_size=2), JSON),
+    }
+)
+FORMATS = st.sampled_from(
+    [{"type": "text"}, {"type": "json_object"},
+     {"type": "json_schema", "name": "s", "schema": {"type": "object"}}]
+)  # fmt: skip
+RESPONSES_BODY = st.fixed_dictionaries(
+    {"input": field(TEXT | st.lists(INPUT_MESSAGE, min_size=1, max_size=3))},
+    optional={
+        "model": SAMPLING["model"],
+        "instructions": field(TEXT),
+        "max_output_tokens": POSITIVE,
+        "temperature": SAMPLING["temperature"],
+        "top_p": SAMPLING["top_p"],
+        "stream": st.booleans(),
+        "text": field(st.fixed_dictionaries({"format": FORMATS}), JSON),
+        "store": field(st.booleans()),
+        "previous_response_id": field(st.none(), TEXT),
+        "extra": JSON,
+    },
+)
+
+
 def check_one(
     cluster: Cluster, client: httpx.Client, path: str, body: dict[str, Any], counts: Counter[str]
 ) -> None:
@@ -202,7 +232,12 @@ def check_one(
         assert set(err) == {"message", "type", "param", "code"}, resp.text[:500]
         assert isinstance(err["message"], str) and err["message"]
     elif resp.headers["content-type"].startswith("text/event-stream"):
-        assert resp.text.rstrip().endswith("data: [DONE]"), resp.text[-300:]
+        last = resp.text.rstrip().rsplit("\n\n", 1)[-1]
+        if path == "/v1/responses":  # typed events: the last one ends the response, or an error
+            ends = ('"type": "response.completed"', '"type": "response.incomplete"', '"error"')
+            assert any(end in last for end in ends), resp.text[-300:]
+        else:
+            assert last == "data: [DONE]", resp.text[-300:]
     else:
         resp.json()
     wait_until(lambda: len(cluster.router.tracker) == 0, 5.0)
@@ -214,8 +249,9 @@ def check_one(
         ("/v1/chat/completions", CHAT_BODY),
         ("/v1/completions", COMPLETION_BODY),
         ("/generate", GENERATE_BODY),
+        ("/v1/responses", RESPONSES_BODY),
     ],  # fmt: skip
-    ids=["chat", "completions", "generate"],
+    ids=["chat", "completions", "generate", "responses"],
 )
 def test_fuzzed_bodies_never_get_a_5xx_or_leave_requests_in_flight(
     cluster: Cluster, path: str, bodies: st.SearchStrategy

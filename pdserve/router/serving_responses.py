@@ -1,0 +1,268 @@
+"""`/v1/responses`: OpenAI's Responses API over the chat path, for the official client's
+`client.responses.create(...)`: `input` text or messages (text and image parts), `instructions`,
+`max_output_tokens`, `temperature`, `top_p`, `text.format` (text, JSON object, JSON schema),
+streamed (OpenAI's typed events) or whole. Stateless: nothing is stored, so
+`previous_response_id` is refused, as are tools and the other fields it does not serve (a 400
+naming each). With a reasoning parser the thinking comes as a `reasoning` output item after the
+message.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from fastapi.responses import JSONResponse
+from pydantic import ConfigDict, Field, ValidationError
+from starlette.requests import Request
+from starlette.responses import Response
+
+from pdserve.router.admission import admit, build_checked
+from pdserve.router.errors import bad_request
+from pdserve.router.group_reader import (
+    ChoiceState,
+    failure_of,
+    guarded,
+    iter_outputs,
+    open_stream,
+    run_to_end,
+)
+from pdserve.router.lora_adapters import openai_lora, set_lora
+from pdserve.router.openai_models import ChatCompletionRequest, RequestBody, _Body
+from pdserve.router.openai_serving import Fanout
+from pdserve.router.reasoning import ReasoningStream, split_reasoning
+from pdserve.router.router import Router
+from pdserve.router.serving_chat import build_chat
+from pdserve.router.sse import SSEResponse, sse_error
+
+# Fields of OpenAI's request this route does not serve: a 400 naming one given a value that asks
+# for something (None, false and empty lists ask for nothing).
+_UNSERVED = ("previous_response_id", "tools", "reasoning", "background", "conversation",
+             "include", "prompt", "max_tool_calls", "top_logprobs", "prompt_cache_key")  # fmt: skip
+_IGNORED = ("user", "metadata", "store", "service_tier", "safety_identifier", "truncation",
+            "parallel_tool_calls", "tool_choice", "stream_options")  # fmt: skip
+
+
+class InputPart(_Body):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["input_text", "output_text", "input_image"]
+    text: str | None = None
+    image_url: str | None = None
+    detail: str | None = None
+    annotations: list[Any] | None = None
+
+
+class InputMessage(_Body):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["message"] | None = None
+    role: Literal["user", "system", "developer", "assistant"]
+    content: str | list[InputPart]
+    id: str | None = None
+    status: str | None = None
+
+
+class TextFormat(_Body):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class TextConfig(_Body):
+    model_config = ConfigDict(extra="forbid")
+
+    format: TextFormat | None = None
+    verbosity: str | None = None
+
+
+class ResponsesRequest(RequestBody):
+    model_config = ConfigDict(extra="allow")  # checked by `_check_fields`, naming the field
+
+    model: str | None = None
+    input: str | list[InputMessage]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = None
+    top_p: float | None = None
+    stream: bool = False
+    text: TextConfig | None = None
+
+
+def _check_fields(body: ResponsesRequest) -> None:
+    for name, value in (body.model_extra or {}).items():
+        if name in _IGNORED:
+            continue
+        if name in _UNSERVED:
+            if value in (None, False, [], {}):
+                continue
+            raise bad_request(f"{name}: is not supported by /v1/responses", name)
+        raise bad_request(f"{name}: unknown field (not supported by this route)", name)
+
+
+def _message(item: InputMessage) -> dict[str, Any]:
+    role = "system" if item.role == "developer" else item.role
+    if isinstance(item.content, str):
+        return {"role": role, "content": item.content}
+    parts: list[dict[str, Any]] = []
+    for part in item.content:
+        if part.type == "input_image":
+            if not part.image_url:
+                raise bad_request("input_image parts need image_url", "input")
+            parts.append({"type": "image_url", "image_url": {"url": part.image_url}})
+        else:
+            parts.append({"type": "text", "text": part.text or ""})
+    return {"role": role, "content": parts}
+
+
+def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
+    """The chat completion the request asks for."""
+    _check_fields(body)
+    messages = [{"role": "system", "content": body.instructions}] if body.instructions else []
+    if isinstance(body.input, str):
+        messages.append({"role": "user", "content": body.input})
+    else:
+        messages.extend(_message(item) for item in body.input)
+    chat: dict[str, Any] = {"model": body.model, "messages": messages, "stream": body.stream,
+                            "max_tokens": body.max_output_tokens, "temperature": body.temperature,
+                            "top_p": body.top_p}  # fmt: skip
+    fmt = body.text.format if body.text is not None else None
+    if fmt is not None and fmt.type == "json_object":
+        chat["response_format"] = {"type": "json_object"}
+    elif fmt is not None and fmt.type == "json_schema":
+        if fmt.schema_ is None:
+            raise bad_request("text.format of type 'json_schema' needs schema", "text")
+        schema = {"name": fmt.name or "response", "schema": fmt.schema_, "strict": fmt.strict}
+        chat["response_format"] = {"type": "json_schema", "json_schema": schema}
+    try:
+        return ChatCompletionRequest.model_validate(
+            {k: v for k, v in chat.items() if v is not None}
+        )
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise bad_request(f"input: {first.get('msg', 'invalid')}", "input") from None
+
+
+async def create_response(router: Router, request: Request, body: ResponsesRequest) -> Response:
+    chat = chat_request(body)
+    lora = openai_lora(router.lora, chat)
+    fan = build_checked(lambda: build_chat(router.spec, chat))
+    set_lora(fan.reqs, [lora] * len(fan.reqs))
+    admit(router, fan, "input")
+    group = router.submit(fan.group_id, fan.reqs, fan.route_keys)
+    shape = _Shape(router.spec.model_name, body, fan)
+    if body.stream:
+        buffered = await open_stream(router, request, group)
+        return SSEResponse(guarded(router, group, lambda: shape.events(group, buffered)))
+    [choice] = await run_to_end(router, request, group)
+    reasoning, text = _split(choice.text, fan)
+    return JSONResponse(shape.response(choice, text, reasoning))
+
+
+def _split(text: str, fan: Fanout) -> tuple[str | None, str]:
+    if fan.reasoning_parser is None:
+        return None, text
+    return split_reasoning(text, fan.reasoning_parser)
+
+
+class _Shape:
+    """One response's ids and the shapes of it and its events."""
+
+    def __init__(self, model: str, body: ResponsesRequest, fan: Fanout) -> None:
+        self.model, self.body, self.fan = model, body, fan
+        self.id = f"resp_{fan.group_id}"
+        self.message_id = f"msg_{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.sequence = 0
+
+    def response(
+        self, c: ChoiceState | None, text: str, reasoning: str | None, status: str = "completed"
+    ) -> dict[str, Any]:
+        body = self.body
+        output: list[dict[str, Any]] = []
+        incomplete = None
+        if c is not None:
+            if c.finish is not None and c.finish.kind == "length":
+                status, incomplete = "incomplete", {"reason": "max_output_tokens"}
+            output.append(self.message(text, "completed"))
+            if reasoning:
+                output.append({"type": "reasoning", "id": f"rs_{self.fan.group_id}", "summary": [],
+                               "content": [{"type": "reasoning_text", "text": reasoning}]})  # fmt: skip
+        fmt = body.text.format if body.text is not None and body.text.format else None
+        return {
+            "id": self.id, "object": "response", "created_at": self.created, "status": status,
+            "model": self.model, "output": output, "error": None,
+            "incomplete_details": incomplete, "instructions": body.instructions,
+            "max_output_tokens": body.max_output_tokens, "metadata": {},
+            "parallel_tool_calls": False, "previous_response_id": None, "store": False,
+            "temperature": body.temperature, "top_p": body.top_p, "tool_choice": "none",
+            "tools": [], "truncation": "disabled",
+            "text": {"format": fmt.model_dump(by_alias=True) if fmt else {"type": "text"}},
+            "usage": _usage(c) if c is not None else None,
+        }  # fmt: skip
+
+    def message(self, text: str, status: str) -> dict[str, Any]:
+        content = [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]
+        return {"type": "message", "id": self.message_id, "status": status, "role": "assistant",
+                "content": content if status == "completed" else []}  # fmt: skip
+
+    def event(self, kind: str, **fields: Any) -> str:
+        data = {"type": kind, "sequence_number": self.sequence, **fields}
+        self.sequence += 1
+        return f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+    async def events(self, group: Any, buffered: list) -> AsyncIterator[str]:
+        yield self.event("response.created", response=self.response(None, "", None, "in_progress"))
+        yield self.event(
+            "response.in_progress", response=self.response(None, "", None, "in_progress")
+        )
+        ids = {"item_id": self.message_id, "output_index": 0, "content_index": 0}
+        yield self.event("response.output_item.added", output_index=0,
+                         item=self.message("", "in_progress"))  # fmt: skip
+        empty = {"type": "output_text", "text": "", "annotations": []}
+        yield self.event("response.content_part.added", **ids, part=empty)
+        state = ChoiceState(0, group.rids[0])
+        parser = self.fan.reasoning_parser
+        thoughts = ReasoningStream(parser) if parser else None
+        text = reasoning = ""
+        async for _, out in iter_outputs(buffered, group):
+            state.add(out)
+            err = failure_of(out)
+            if err is not None:
+                yield sse_error(err.message, err.status)
+                return
+            delta, thought = out.text_delta, ""
+            if thoughts is not None:
+                thought, delta = thoughts.feed(delta)
+                if out.finish is not None:
+                    held_thought, held = thoughts.finish()
+                    thought, delta = thought + held_thought, delta + held
+            reasoning += thought
+            text += delta
+            if delta:
+                yield self.event("response.output_text.delta", **ids, delta=delta, logprobs=[])
+        part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+        yield self.event("response.output_text.done", **ids, text=text, logprobs=[])
+        yield self.event("response.content_part.done", **ids, part=part)
+        yield self.event("response.output_item.done", output_index=0,
+                         item=self.message(text, "completed"))  # fmt: skip
+        final = self.response(state, text, reasoning or None)
+        kind = "response.completed" if final["status"] == "completed" else "response.incomplete"
+        yield self.event(kind, response=final)
+
+
+def _usage(c: ChoiceState) -> dict[str, Any]:
+    return {
+        "input_tokens": c.prompt_tokens,
+        "input_tokens_details": {"cached_tokens": c.cached_tokens},
+        "output_tokens": c.completion_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": c.prompt_tokens + c.completion_tokens,
+    }
