@@ -42,8 +42,10 @@ from pdserve.router.sse import SSEResponse, sse_error
 # for something (None, false and empty lists ask for nothing).
 _UNSERVED = ("previous_response_id", "tools", "reasoning", "background", "conversation",
              "include", "prompt", "max_tool_calls", "top_logprobs", "prompt_cache_key")  # fmt: skip
-_IGNORED = ("user", "metadata", "store", "service_tier", "safety_identifier", "truncation",
-            "parallel_tool_calls", "tool_choice", "stream_options")  # fmt: skip
+_IGNORED = ("user", "metadata", "store", "service_tier", "safety_identifier",
+            "parallel_tool_calls", "stream_options")  # fmt: skip
+# Fields whose default (or these values) ask for nothing pdserve lacks.
+_HARMLESS = {"tool_choice": ("none", "auto"), "truncation": ("disabled",)}
 
 
 class InputPart(_Body):
@@ -100,6 +102,10 @@ def _check_fields(body: ResponsesRequest) -> None:
     for name, value in (body.model_extra or {}).items():
         if name in _IGNORED:
             continue
+        if name in _HARMLESS:
+            if value is None or value in _HARMLESS[name]:
+                continue
+            raise bad_request(f"{name}={value!r:.60}: is not supported by /v1/responses", name)
         if name in _UNSERVED:
             if value in (None, False, [], {}):
                 continue

@@ -82,6 +82,8 @@ def test_streamed_events_add_up_to_the_response(pd_cluster: Cluster) -> None:
         ({"previous_response_id": "resp_1"}, "previous_response_id"),
         ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
         ({"colour": "red"}, "colour"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"truncation": "auto"}, "truncation"),
         ({"text": {"format": {"type": "json_schema", "name": "a"}}}, "text"),
     ],
 )
