@@ -1,10 +1,12 @@
 """`/v1/responses`: OpenAI's Responses API over the chat path, for the official client's
-`client.responses.create(...)`: `input` text or messages (text and image parts), `instructions`,
+`client.responses.create(...)`: `input` text or messages (text and image parts, and the
+`function_call` / `function_call_output` items of a conversation with tools), `instructions`,
 `max_output_tokens`, `temperature`, `top_p`, `text.format` (text, JSON object, JSON schema),
-streamed (OpenAI's typed events) or whole. Stateless: nothing is stored, so
-`previous_response_id` is refused, as are tools and the other fields it does not serve (a 400
-naming each). With a reasoning parser the thinking comes as a `reasoning` output item after the
-message.
+function `tools` with `tool_choice` and `parallel_tool_calls` (the chat route's tool calling: the
+calls come back as `function_call` output items), streamed (OpenAI's typed events) or whole.
+Stateless: nothing is stored, so `previous_response_id` is refused, as are the other fields it
+does not serve (a 400 naming each). With a reasoning parser the thinking comes as a `reasoning`
+output item after the message.
 """
 
 from __future__ import annotations
@@ -37,15 +39,15 @@ from pdserve.router.reasoning import ReasoningStream, split_reasoning
 from pdserve.router.router import Router
 from pdserve.router.serving_chat import build_chat
 from pdserve.router.sse import SSEResponse, sse_error
+from pdserve.router.tool_calls import ToolCallStream
 
 # Fields of OpenAI's request this route does not serve: a 400 naming one given a value that asks
 # for something (None, false and empty lists ask for nothing).
-_UNSERVED = ("previous_response_id", "tools", "reasoning", "background", "conversation",
-             "include", "prompt", "max_tool_calls", "top_logprobs", "prompt_cache_key")  # fmt: skip
-_IGNORED = ("user", "metadata", "store", "service_tier", "safety_identifier",
-            "parallel_tool_calls", "stream_options")  # fmt: skip
+_UNSERVED = ("previous_response_id", "reasoning", "background", "conversation", "include",
+             "prompt", "max_tool_calls", "top_logprobs", "prompt_cache_key")  # fmt: skip
+_IGNORED = ("user", "metadata", "store", "service_tier", "safety_identifier", "stream_options")
 # Fields whose default (or these values) ask for nothing pdserve lacks.
-_HARMLESS = {"tool_choice": ("none", "auto"), "truncation": ("disabled",)}
+_HARMLESS = {"truncation": ("disabled",)}
 
 
 class InputPart(_Body):
@@ -66,6 +68,41 @@ class InputMessage(_Body):
     content: str | list[InputPart]
     id: str | None = None
     status: str | None = None
+
+
+class FunctionCall(_Body):
+    """A call the model made earlier in the conversation (an output item sent back)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str
+    id: str | None = None
+    status: str | None = None
+
+
+class FunctionCallOutput(_Body):
+    """What a call returned."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str
+    id: str | None = None
+    status: str | None = None
+
+
+class FunctionTool(_Body):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
 
 
 class TextFormat(_Body):
@@ -89,8 +126,11 @@ class ResponsesRequest(RequestBody):
     model_config = ConfigDict(extra="allow")  # checked by `_check_fields`, naming the field
 
     model: str | None = None
-    input: str | list[InputMessage]
+    input: str | list[InputMessage | FunctionCall | FunctionCallOutput]
     instructions: str | None = None
+    tools: list[FunctionTool] | None = None
+    tool_choice: Any = None  # "none" | "auto" | "required" | {"type": "function", "name": ...}
+    parallel_tool_calls: bool | None = None
     max_output_tokens: int | None = Field(None, ge=1)
     temperature: float | None = None
     top_p: float | None = None
@@ -111,6 +151,25 @@ def _check_fields(body: ResponsesRequest) -> None:
                 continue
             raise bad_request(f"{name}: is not supported by /v1/responses", name)
         raise bad_request(f"{name}: unknown field (not supported by this route)", name)
+
+
+def _messages(items: list[InputMessage | FunctionCall | FunctionCallOutput]) -> list[dict]:
+    """The chat messages of the input items: calls the model made join one assistant message
+    (its tool_calls), each call's output a tool message."""
+    out: list[dict[str, Any]] = []
+    for item in items:
+        if isinstance(item, FunctionCall):
+            call = {"id": item.call_id, "type": "function",
+                    "function": {"name": item.name, "arguments": item.arguments}}  # fmt: skip
+            if out and out[-1]["role"] == "assistant" and "tool_calls" in out[-1]:
+                out[-1]["tool_calls"].append(call)
+            else:
+                out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif isinstance(item, FunctionCallOutput):
+            out.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
+        else:
+            out.append(_message(item))
+    return out
 
 
 def _message(item: InputMessage) -> dict[str, Any]:
@@ -135,10 +194,20 @@ def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
     if isinstance(body.input, str):
         messages.append({"role": "user", "content": body.input})
     else:
-        messages.extend(_message(item) for item in body.input)
+        messages.extend(_messages(body.input))
     chat: dict[str, Any] = {"model": body.model, "messages": messages, "stream": body.stream,
                             "max_tokens": body.max_output_tokens, "temperature": body.temperature,
-                            "top_p": body.top_p}  # fmt: skip
+                            "top_p": body.top_p, "parallel_tool_calls": body.parallel_tool_calls}  # fmt: skip
+    if body.tools:
+        chat["tools"] = [
+            {"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}
+            for t in body.tools
+        ]
+    choice = body.tool_choice
+    if isinstance(choice, dict) and choice.get("type") == "function" and "name" in choice:
+        choice = {"type": "function", "function": {"name": choice["name"]}}
+    if choice is not None:
+        chat["tool_choice"] = choice
     fmt = body.text.format if body.text is not None else None
     if fmt is not None and fmt.type == "json_object":
         chat["response_format"] = {"type": "json_object"}
@@ -169,13 +238,26 @@ async def create_response(router: Router, request: Request, body: ResponsesReque
         return SSEResponse(guarded(router, group, lambda: shape.events(group, buffered)))
     [choice] = await run_to_end(router, request, group)
     reasoning, text = _split(choice.text, fan)
-    return JSONResponse(shape.response(choice, text, reasoning))
+    calls: list[dict[str, Any]] = []
+    if fan.tool_plan is not None:
+        content, calls = fan.tool_plan.calls_of(text)
+        text = content or ""
+    return JSONResponse(shape.response(choice, text, reasoning, calls))
 
 
 def _split(text: str, fan: Fanout) -> tuple[str | None, str]:
     if fan.reasoning_parser is None:
         return None, text
     return split_reasoning(text, fan.reasoning_parser)
+
+
+def _call_item(call: dict[str, Any], status: str = "completed") -> dict[str, Any]:
+    """A chat tool call as a Responses `function_call` output item."""
+    function = call["function"]
+    return {"type": "function_call", "id": f"fc_{call['id'].removeprefix('call_')}",
+            "call_id": call["id"], "name": function["name"],
+            "arguments": function["arguments"] if status == "completed" else "",
+            "status": status}  # fmt: skip
 
 
 class _Shape:
@@ -189,7 +271,12 @@ class _Shape:
         self.sequence = 0
 
     def response(
-        self, c: ChoiceState | None, text: str, reasoning: str | None, status: str = "completed"
+        self,
+        c: ChoiceState | None,
+        text: str,
+        reasoning: str | None,
+        calls: list[dict[str, Any]] | None = None,
+        status: str = "completed",
     ) -> dict[str, Any]:
         body = self.body
         output: list[dict[str, Any]] = []
@@ -198,6 +285,7 @@ class _Shape:
             if c.finish is not None and c.finish.kind == "length":
                 status, incomplete = "incomplete", {"reason": "max_output_tokens"}
             output.append(self.message(text, "completed"))
+            output.extend(_call_item(call) for call in calls or ())
             if reasoning:
                 output.append({"type": "reasoning", "id": f"rs_{self.fan.group_id}", "summary": [],
                                "content": [{"type": "reasoning_text", "text": reasoning}]})  # fmt: skip
@@ -207,9 +295,11 @@ class _Shape:
             "model": self.model, "output": output, "error": None,
             "incomplete_details": incomplete, "instructions": body.instructions,
             "max_output_tokens": body.max_output_tokens, "metadata": {},
-            "parallel_tool_calls": False, "previous_response_id": None, "store": False,
-            "temperature": body.temperature, "top_p": body.top_p, "tool_choice": "none",
-            "tools": [], "truncation": "disabled",
+            "parallel_tool_calls": body.parallel_tool_calls is not False,
+            "previous_response_id": None, "store": False, "temperature": body.temperature,
+            "top_p": body.top_p, "tool_choice": body.tool_choice or "auto",
+            "tools": [t.model_dump(exclude_none=True) for t in body.tools or ()],
+            "truncation": "disabled",
             "text": {"format": fmt.model_dump(by_alias=True) if fmt else {"type": "text"}},
             "usage": _usage(c) if c is not None else None,
         }  # fmt: skip
@@ -225,10 +315,9 @@ class _Shape:
         return f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
 
     async def events(self, group: Any, buffered: list) -> AsyncIterator[str]:
-        yield self.event("response.created", response=self.response(None, "", None, "in_progress"))
-        yield self.event(
-            "response.in_progress", response=self.response(None, "", None, "in_progress")
-        )
+        starting = self.response(None, "", None, status="in_progress")
+        yield self.event("response.created", response=starting)
+        yield self.event("response.in_progress", response=starting)
         ids = {"item_id": self.message_id, "output_index": 0, "content_index": 0}
         yield self.event("response.output_item.added", output_index=0,
                          item=self.message("", "in_progress"))  # fmt: skip
@@ -237,7 +326,10 @@ class _Shape:
         state = ChoiceState(0, group.rids[0])
         parser = self.fan.reasoning_parser
         thoughts = ReasoningStream(parser) if parser else None
+        plan = self.fan.tool_plan
+        tools = ToolCallStream(plan) if plan is not None else None
         text = reasoning = ""
+        calls: list[dict[str, Any]] = []
         async for _, out in iter_outputs(buffered, group):
             state.add(out)
             err = failure_of(out)
@@ -251,6 +343,11 @@ class _Shape:
                     held_thought, held = thoughts.finish()
                     thought, delta = thought + held_thought, delta + held
             reasoning += thought
+            if tools is not None:
+                delta = tools.feed(delta)
+                if out.finish is not None:
+                    rest, calls = tools.finish()
+                    delta += rest
             text += delta
             if delta:
                 yield self.event("response.output_text.delta", **ids, delta=delta, logprobs=[])
@@ -259,7 +356,17 @@ class _Shape:
         yield self.event("response.content_part.done", **ids, part=part)
         yield self.event("response.output_item.done", output_index=0,
                          item=self.message(text, "completed"))  # fmt: skip
-        final = self.response(state, text, reasoning or None)
+        for k, call in enumerate(calls, start=1):
+            item = _call_item(call)
+            yield self.event("response.output_item.added", output_index=k,
+                             item=_call_item(call, "in_progress"))  # fmt: skip
+            args = {"item_id": item["id"], "output_index": k}
+            yield self.event("response.function_call_arguments.delta", **args,
+                             delta=item["arguments"])  # fmt: skip
+            yield self.event("response.function_call_arguments.done", **args,
+                             arguments=item["arguments"])  # fmt: skip
+            yield self.event("response.output_item.done", output_index=k, item=item)
+        final = self.response(state, text, reasoning or None, calls)
         kind = "response.completed" if final["status"] == "completed" else "response.incomplete"
         yield self.event(kind, response=final)
 

@@ -1,7 +1,9 @@
 """OpenAI's Responses API (`/v1/responses`) through the official client on the prefill + decode
 cluster: text and message input with instructions give the chat route's greedy text, a JSON
-schema in `text.format` holds the output, the streamed events (created, deltas, done, completed)
-add up to the whole response, and the fields it does not serve are 400s naming them."""
+schema in `text.format` holds the output, function tools with `tool_choice: required` give
+`function_call` items whose arguments validate (whole and streamed) and a conversation carrying
+them and their outputs is served, the streamed events add up to the whole response, and the
+fields it does not serve are 400s naming them."""
 
 from __future__ import annotations
 
@@ -80,9 +82,9 @@ def test_streamed_events_add_up_to_the_response(pd_cluster: Cluster) -> None:
     ("extra", "param"),
     [
         ({"previous_response_id": "resp_1"}, "previous_response_id"),
-        ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
+        ({"tools": [{"type": "web_search"}]}, "tools"),
         ({"colour": "red"}, "colour"),
-        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tool_choice": "required"}, "tool_choice"),  # without tools
         ({"truncation": "auto"}, "truncation"),
         ({"text": {"format": {"type": "json_schema", "name": "a"}}}, "text"),
     ],
@@ -93,3 +95,34 @@ def test_what_it_does_not_serve_is_a_400_naming_it(
     with pytest.raises(openai.BadRequestError) as info:
         client(pd_cluster).responses.create(model=MODEL, input="hi", extra_body=extra)
     assert info.value.body["param"] == param  # type: ignore[index]
+
+
+WEATHER = {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}},
+           "required": ["city"], "additionalProperties": False}  # fmt: skip
+TOOLS = [{"type": "function", "name": "get_weather", "parameters": WEATHER, "strict": True}]
+
+
+def test_function_tools_give_function_call_items(pd_cluster: Cluster) -> None:
+    c = client(pd_cluster)
+    common: dict[str, Any] = {"model": MODEL, "tools": TOOLS, "tool_choice": "required",
+                              "parallel_tool_calls": False, "max_output_tokens": 480,
+                              "temperature": 0}  # fmt: skip
+    res = c.responses.create(input="Weather in Paris?", **common)
+    calls = [item for item in res.output if item.type == "function_call"]
+    assert calls and res.status == "completed", res
+    for call in calls:
+        assert call.name == "get_weather" and call.call_id.startswith("call_")
+        jsonschema.validate(json.loads(call.arguments), WEATHER)
+    # The same greedy request streamed: the same call, as typed events.
+    events = list(c.responses.create(input="Weather in Paris?", stream=True, **common))
+    done = [e.item for e in events if e.type == "response.output_item.done"]
+    streamed = [item for item in done if item.type == "function_call"]
+    assert [e.type for e in events][-1] == "response.completed"
+    assert [(x.name, x.arguments) for x in streamed] == [(x.name, x.arguments) for x in calls]
+    history = [{"role": "user", "content": "Weather in Paris?"},
+               {"type": "function_call", "call_id": calls[0].call_id, "name": "get_weather",
+                "arguments": calls[0].arguments},
+               {"type": "function_call_output", "call_id": calls[0].call_id,
+                "output": "sunny, 21 C"}]  # fmt: skip
+    answer = c.responses.create(model=MODEL, input=history, max_output_tokens=6, temperature=0)  # type: ignore[arg-type]
+    assert answer.output[0].type == "message" and answer.usage is not None
