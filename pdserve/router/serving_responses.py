@@ -60,39 +60,36 @@ class InputPart(_Body):
     annotations: list[Any] | None = None
 
 
-class InputMessage(_Body):
+class _InputItem(_Body):
+    """What every input item may carry back from an earlier response: its id and status."""
+
     model_config = ConfigDict(extra="forbid")
 
-    type: Literal["message"] | None = None
-    role: Literal["user", "system", "developer", "assistant"]
-    content: str | list[InputPart]
     id: str | None = None
     status: str | None = None
 
 
-class FunctionCall(_Body):
-    """A call the model made earlier in the conversation (an output item sent back)."""
+class InputMessage(_InputItem):
+    type: Literal["message"] | None = None
+    role: Literal["user", "system", "developer", "assistant"]
+    content: str | list[InputPart]
 
-    model_config = ConfigDict(extra="forbid")
+
+class FunctionCall(_InputItem):
+    """A call the model made earlier in the conversation (an output item sent back)."""
 
     type: Literal["function_call"]
     call_id: str
     name: str
     arguments: str
-    id: str | None = None
-    status: str | None = None
 
 
-class FunctionCallOutput(_Body):
+class FunctionCallOutput(_InputItem):
     """What a call returned."""
-
-    model_config = ConfigDict(extra="forbid")
 
     type: Literal["function_call_output"]
     call_id: str
     output: str
-    id: str | None = None
-    status: str | None = None
 
 
 class FunctionTool(_Body):
