@@ -225,7 +225,7 @@ def usage(choices: list[ChoiceState], n: int) -> dict[str, Any]:
 
 def usage_so_far(body: SamplingFields, states: list[ChoiceState], n: int) -> dict[str, Any]:
     """A streamed chunk's `usage` entry: the counts so far under vLLM's continuous_usage_stats
-    (an empty dict otherwise, and before any output: the chunk keeps its `usage: null`)."""
+    (an empty dict otherwise, and before the prompt's count is known: `usage: null` stays)."""
     if not body.continuous_usage or not any(s.prompt_tokens for s in states):
         return {}
     return {"usage": usage(states, n)}

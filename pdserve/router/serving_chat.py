@@ -194,10 +194,16 @@ async def _chat_events(
     tool_streams = [ToolCallStream(plan) if plan else None for _ in group.rids]
     parser = fan.reasoning_parser
     thoughts = [ReasoningStream(parser) if parser else None for _ in group.rids]
+    # The role chunks carry the prompt's counts (continuous_usage_stats): the first outputs,
+    # read before the response began, hold them.
+    primed = [ChoiceState(i, rid) for i, rid in enumerate(group.rids)]
+    for index, out in buffered:
+        primed[index].prompt_tokens = max(primed[index].prompt_tokens, out.prompt_tokens)
+        primed[index].cached_tokens = max(primed[index].cached_tokens, out.cached_tokens)
     for i in range(group.num_choices):
         role = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                 "finish_reason": None}  # fmt: skip
-        yield sse({**base, "choices": [role]})
+        yield sse({**base, "choices": [role], **usage_so_far(body, primed, fan.n)})
     async for index, out in iter_outputs(buffered, group):
         states[index].add(out)
         err = failure_of(out)

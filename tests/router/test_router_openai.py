@@ -84,6 +84,7 @@ def test_continuous_usage_stats_put_the_counts_so_far_on_every_chunk(
         chunks = list(client.completions.create(prompt="hi", **common))
     content = [c for c in chunks if c.choices and c.usage is not None]
     assert content and all(c.usage.prompt_tokens == PROMPT_TOKENS for c in content)
+    assert all(c.usage is not None for c in chunks)  # the role chunks too (vLLM's shape)
     counts = [c.usage.completion_tokens for c in content]
     assert counts == sorted(counts) and counts[-1] == 6  # two choices of 3 tokens
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
