@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib
 import logging
 import os
@@ -160,7 +161,7 @@ class Cluster:
                     launcher_inbox=self._launcher_inbox_addr,
                     max_context_len=self._max_context_len(),
                     heartbeat_interval_s=topo.supervision.heartbeat_interval_s,
-                    chat_template=self._chat_template() or None,
+                    chat_template=self._chat_template or None,
                     image_limits=dataclasses.asdict(topo.tokenizer.image_limits),
                     video_limits=dataclasses.asdict(topo.tokenizer.video_limits),
                 )
@@ -197,8 +198,10 @@ class Cluster:
             env["OMP_NUM_THREADS"] = str(self._torch_threads())
         self._spawn("worker", w.name, ep[w.name].connect, spec.to_dict(), env)
 
+    @functools.cached_property
     def _chat_template(self) -> str:
-        """The topology's chat template as text, read on this machine ("": the model's own)."""
+        """The topology's chat template as text, read once on this machine ("": the model's
+        own); every tokenizer and the router get it."""
         value = self.topology.chat_template
         return chat_template_text(value) if value is not None else ""
 
@@ -236,7 +239,7 @@ class Cluster:
                 "max_file_bytes": topo.router.max_file_bytes,
                 "max_running_batch_lines": topo.router.max_running_batch_lines,
                 "reasoning_parser": topo.router.reasoning_parser or "",
-                "chat_template": self._chat_template(),
+                "chat_template": self._chat_template,
                 "max_context_len": self._max_context_len(),
                 "launcher_inbox": self._launcher_inbox_addr,
                 "topology": topo.to_dict(),

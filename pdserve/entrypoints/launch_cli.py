@@ -242,6 +242,14 @@ def add_launch_parser(sub: argparse._SubParsersAction) -> None:
         default=30.0,
         help="seconds running requests get to finish on shutdown",
     )
+    _add_router_flags(p)
+    _add_scheduler_flags(p)
+    _add_engine_flags(p)
+    p.set_defaults(handler=run_launch)
+
+
+def _add_router_flags(p: argparse.ArgumentParser) -> None:
+    """What the router and its tokenizers do with requests: stores, chat templates, limits."""
     p.add_argument(
         "--data-dir",
         type=Path,
@@ -273,9 +281,6 @@ def add_launch_parser(sub: argparse._SubParsersAction) -> None:
         help="the chat template to use instead of the model's: a Jinja file, or the template "
         "itself (default: topology chat_template, else the model's tokenizer_config.json)",
     )
-    _add_scheduler_flags(p)
-    _add_engine_flags(p)
-    p.set_defaults(handler=run_launch)
 
 
 def _media_counts(text: str) -> dict[str, int]:

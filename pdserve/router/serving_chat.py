@@ -66,31 +66,10 @@ def build_chat(spec: RouterSpec, body: ChatCompletionRequest) -> Fanout:
     if max_tokens is None:
         max_tokens = body.max_tokens
     samplings = sampling_dicts(body, max_tokens, spec.default_max_tokens)
-    template = None
-    if body.tools:  # the template tells the tool-call format
-        template = spec.chat_template or chat_template_of(spec.tokenizer_path_or_model)
-    plan = plan_tools(body.tools, body.tool_choice, template, body.parallel_tool_calls)
-    schema = plan.json_schema() if plan is not None else None
-    tag = plan.structural_tag() if plan is not None else None
-    constrained = any(d.get(key) for d in samplings for key in GRAMMAR_KEYS)
-    if schema is not None or tag is not None:  # the calls are structured output
-        if constrained:
-            raise bad_request(
-                "tool_choice 'required', a named function or a strict function cannot be "
-                "combined with response_format or another constraint",
-                "tool_choice",
-            )
-        for d in samplings:
-            if schema is not None:
-                d["json_schema"] = json.dumps(schema)
-            else:
-                d["structural_tag"] = json.dumps(tag)
-        constrained = True
+    plan = _tool_plan(spec, body)
     kwargs = template_kwargs(body.chat_template_kwargs)
     thinks = bool(spec.reasoning_parser) and not thinking_off(kwargs)
-    if constrained and thinks:  # a reasoning model thinks, then the grammar holds
-        for d in samplings:
-            d["grammar_after_reasoning"] = spec.reasoning_parser
+    _constrain(samplings, plan, spec.reasoning_parser if thinks else None)
     messages = [m.to_template_dict() for m in body.messages]
     images = [url for m in body.messages for url in m.image_urls()]
     fan = fan_out(
@@ -114,6 +93,37 @@ def build_chat(spec: RouterSpec, body: ChatCompletionRequest) -> Fanout:
     if spec.reasoning_parser and extra_flag(body, "separate_reasoning", True):
         fan.reasoning_parser = spec.reasoning_parser if thinks else "qwen3"
     return fan
+
+
+def _tool_plan(spec: RouterSpec, body: ChatCompletionRequest) -> ToolPlan | None:
+    template = None
+    if body.tools:  # the template tells the tool-call format
+        template = spec.chat_template or chat_template_of(spec.tokenizer_path_or_model)
+    return plan_tools(body.tools, body.tool_choice, template, body.parallel_tool_calls)
+
+
+def _constrain(samplings: list[dict], plan: ToolPlan | None, thinking: str | None) -> None:
+    """Each choice's grammar: the tool plan's calls as structured output (a 400 beside another
+    constraint), started after the thinking of a reasoning model (`thinking`: its parser)."""
+    schema = plan.json_schema() if plan is not None else None
+    tag = plan.structural_tag() if plan is not None else None
+    constrained = any(d.get(key) for d in samplings for key in GRAMMAR_KEYS)
+    if schema is not None or tag is not None:  # the calls are structured output
+        if constrained:
+            raise bad_request(
+                "tool_choice 'required', a named function or a strict function cannot be "
+                "combined with response_format or another constraint",
+                "tool_choice",
+            )
+        for d in samplings:
+            if schema is not None:
+                d["json_schema"] = json.dumps(schema)
+            else:
+                d["structural_tag"] = json.dumps(tag)
+        constrained = True
+    if constrained and thinking:  # a reasoning model thinks, then the grammar holds
+        for d in samplings:
+            d["grammar_after_reasoning"] = thinking
 
 
 async def create_chat_completion(

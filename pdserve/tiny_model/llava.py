@@ -60,16 +60,7 @@ def build_tiny_llava_onevision(out_dir: str | Path, seed: int = 0, vocab_size: i
     write_tokenizer(tokenizer, out)
     ids = {t: tokenizer.token_to_id(t) for t in (ENDOFTEXT, IM_END, IMAGE, VIDEO)}
     _mark_special(out, {IMAGE: ids[IMAGE], VIDEO: ids[VIDEO]})
-    text = {
-        "model_type": "qwen2",
-        **TINY_SHAPES,
-        "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True),
-        "bos_token_id": ids[ENDOFTEXT],
-        "eos_token_id": ids[IM_END],
-        "pad_token_id": ids[ENDOFTEXT],
-        "tie_word_embeddings": False,
-        "use_sliding_window": False,
-    }
+    text = _decoder_config("qwen2", use_sliding_window=False, tokenizer=tokenizer, ids=ids)
     config = {
         "architectures": ["LlavaOnevisionForConditionalGeneration"],
         "model_type": "llava_onevision",
@@ -90,6 +81,21 @@ def build_tiny_llava_onevision(out_dir: str | Path, seed: int = 0, vocab_size: i
     write_json(out / "preprocessor_config.json", _preprocessor_config())
     _write_weights(out, seed)
     return out
+
+
+def _decoder_config(model_type: str, tokenizer: Any, ids: dict[str, int], **extra: Any) -> dict:
+    """The tiny decoder's text_config: TINY_SHAPES, the tokenizer's vocabulary and special ids,
+    untied embeddings, and `extra`."""
+    return {
+        "model_type": model_type,
+        **TINY_SHAPES,
+        "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True),
+        "bos_token_id": ids[ENDOFTEXT],
+        "eos_token_id": ids[IM_END],
+        "pad_token_id": ids[ENDOFTEXT],
+        "tie_word_embeddings": False,
+        **extra,
+    }
 
 
 def _mark_special(out: Path, token_ids: dict[str, int]) -> None:
@@ -186,15 +192,7 @@ def build_tiny_llava_next(
     write_tokenizer(tokenizer, out)
     ids = {t: tokenizer.token_to_id(t) for t in (ENDOFTEXT, IM_END, IMAGE)}
     _mark_special(out, {IMAGE: ids[IMAGE]})
-    text = {
-        "model_type": decoder,
-        **TINY_SHAPES,
-        "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True),
-        "bos_token_id": ids[ENDOFTEXT],
-        "eos_token_id": ids[IM_END],
-        "pad_token_id": ids[ENDOFTEXT],
-        "tie_word_embeddings": False,
-    }
+    text = _decoder_config(decoder, tokenizer=tokenizer, ids=ids)
     if decoder == "llama":
         text.update(attention_bias=False, mlp_bias=False)
     else:  # Qwen2: q, k and v biases, no sliding window
@@ -270,16 +268,7 @@ def build_tiny_pixtral(
     config = json.loads(path.read_text())
     config["chat_template"] = PIXTRAL_CHAT_TEMPLATE
     write_json(path, config)
-    text = {
-        "model_type": "mistral",
-        **TINY_SHAPES,
-        "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True),
-        "bos_token_id": ids[ENDOFTEXT],
-        "eos_token_id": ids[IM_END],
-        "pad_token_id": ids[ENDOFTEXT],
-        "tie_word_embeddings": False,
-        "sliding_window": None,
-    }
+    text = _decoder_config("mistral", sliding_window=None, tokenizer=tokenizer, ids=ids)
     config = {
         "architectures": ["LlavaForConditionalGeneration"],
         "model_type": "llava",
