@@ -19,8 +19,9 @@ from pydantic import BaseModel
 
 from pdserve.router.errors import bad_request
 
-Route = Literal["chat", "completions", "generate"]
+Route = Literal["chat", "completions", "generate", "responses"]
 OPENAI: frozenset[Route] = frozenset({"chat", "completions"})
+RESPONSES: frozenset[Route] = frozenset({"responses"})
 EVERY: frozenset[Route] = frozenset({"chat", "completions", "generate"})
 CHAT: frozenset[Route] = frozenset({"chat"})
 GENERATE: frozenset[Route] = frozenset({"generate"})
@@ -45,6 +46,14 @@ def _is_unset(value: Any) -> bool:
 
 def _is_empty(value: Any) -> bool:
     return value is None or value == [] or value == {}
+
+
+def _is_off(value: Any) -> bool:
+    return value in (None, False, [], {})
+
+
+def _is_no_truncation(value: Any) -> bool:
+    return value in (None, "disabled")
 
 
 def _asks_no_tool(value: Any) -> bool:
@@ -89,7 +98,27 @@ REFUSED: dict[str, Refusal] = {
     "modalities": Refusal("only modalities ['text'] is supported", CHAT, _is_text_modality),
     "web_search_options": Refusal("web search is not supported", CHAT),
     "suffix": Refusal("suffix is not supported", frozenset({"completions"}), _is_empty_text),
+    # /v1/responses is stateless, with function tools only
+    **{
+        name: Refusal("is not supported by /v1/responses", RESPONSES, _is_off)
+        for name in (
+            "previous_response_id",
+            "reasoning",
+            "background",
+            "conversation",
+            "include",
+            "prompt",
+            "max_tool_calls",
+            "top_logprobs",
+            "prompt_cache_key",
+        )
+    },  # fmt: skip
+    "truncation": Refusal("is not supported by /v1/responses", RESPONSES, _is_no_truncation),
 }
+# Sent by OpenAI's SDKs with the Responses API; none changes what the model generates.
+IGNORED_ON_RESPONSES = frozenset(
+    {"user", "metadata", "store", "service_tier", "safety_identifier", "stream_options"}
+)
 
 
 # SGLang's extras that a route serves though its pydantic model does not declare them (clients send
@@ -127,5 +156,7 @@ def check_fields(body: BaseModel, route: Route) -> None:
         if name in declared or route in SERVED_EXTRAS.get(name, ()):
             continue
         if route in OPENAI and name in IGNORED_ON_OPENAI_ROUTES:
+            continue
+        if route in RESPONSES and name in IGNORED_ON_RESPONSES:
             continue
         raise bad_request(f"{name}: unknown field (not supported by this route)", name)

@@ -36,18 +36,11 @@ from pdserve.router.lora_adapters import openai_lora, set_lora
 from pdserve.router.openai_models import ChatCompletionRequest, RequestBody, _Body
 from pdserve.router.openai_serving import Fanout
 from pdserve.router.reasoning import ReasoningStream, split_reasoning
+from pdserve.router.request_fields import check_fields
 from pdserve.router.router import Router
 from pdserve.router.serving_chat import build_chat
 from pdserve.router.sse import SSEResponse, sse_error
 from pdserve.router.tool_calls import ToolCallStream
-
-# Fields of OpenAI's request this route does not serve: a 400 naming one given a value that asks
-# for something (None, false and empty lists ask for nothing).
-_UNSERVED = ("previous_response_id", "reasoning", "background", "conversation", "include",
-             "prompt", "max_tool_calls", "top_logprobs", "prompt_cache_key")  # fmt: skip
-_IGNORED = ("user", "metadata", "store", "service_tier", "safety_identifier", "stream_options")
-# Fields whose default (or these values) ask for nothing pdserve lacks.
-_HARMLESS = {"truncation": ("disabled",)}
 
 
 class InputPart(_Body):
@@ -120,7 +113,7 @@ class TextConfig(_Body):
 
 
 class ResponsesRequest(RequestBody):
-    model_config = ConfigDict(extra="allow")  # checked by `_check_fields`, naming the field
+    model_config = ConfigDict(extra="allow")  # checked by request_fields.check_fields
 
     model: str | None = None
     input: str | list[InputMessage | FunctionCall | FunctionCallOutput]
@@ -133,21 +126,6 @@ class ResponsesRequest(RequestBody):
     top_p: float | None = None
     stream: bool = False
     text: TextConfig | None = None
-
-
-def _check_fields(body: ResponsesRequest) -> None:
-    for name, value in (body.model_extra or {}).items():
-        if name in _IGNORED:
-            continue
-        if name in _HARMLESS:
-            if value is None or value in _HARMLESS[name]:
-                continue
-            raise bad_request(f"{name}={value!r:.60}: is not supported by /v1/responses", name)
-        if name in _UNSERVED:
-            if value in (None, False, [], {}):
-                continue
-            raise bad_request(f"{name}: is not supported by /v1/responses", name)
-        raise bad_request(f"{name}: unknown field (not supported by this route)", name)
 
 
 def _messages(items: list[InputMessage | FunctionCall | FunctionCallOutput]) -> list[dict]:
@@ -186,7 +164,7 @@ def _message(item: InputMessage) -> dict[str, Any]:
 
 def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
     """The chat completion the request asks for."""
-    _check_fields(body)
+    check_fields(body, "responses")  # the stateless Responses API's, request_fields.py
     messages = [{"role": "system", "content": body.instructions}] if body.instructions else []
     if isinstance(body.input, str):
         messages.append({"role": "user", "content": body.input})

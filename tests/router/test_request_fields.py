@@ -19,11 +19,13 @@ from pdserve.router.request_fields import REFUSED
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 GENERATE = "/generate"
-ROUTES = {"chat": CHAT, "completions": COMPLETIONS, "generate": GENERATE}
+RESPONSES = "/v1/responses"
+ROUTES = {"chat": CHAT, "completions": COMPLETIONS, "generate": GENERATE, "responses": RESPONSES}
 BASE_BODY = {
     CHAT: {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
     COMPLETIONS: {"model": MODEL, "prompt": "hi", "max_tokens": 3},
     GENERATE: {"text": "hi", "sampling_params": {"max_new_tokens": 3}},
+    RESPONSES: {"model": MODEL, "input": "hi", "max_output_tokens": 3},
 }
 # A value that asks for the feature (an accepted, harmless value is tested apart).
 ASKING = {
@@ -40,6 +42,16 @@ ASKING = {
     "modalities": ["text", "audio"],
     "web_search_options": {},
     "suffix": " the end",
+    "previous_response_id": "resp_1",
+    "reasoning": {"effort": "high"},
+    "background": True,
+    "conversation": "conv_1",
+    "include": ["reasoning.encrypted_content"],
+    "prompt": {"id": "pmpt_1"},
+    "max_tool_calls": 2,
+    "top_logprobs": 2,
+    "prompt_cache_key": "k",
+    "truncation": "auto",
 }
 REFUSED_CASES = [
     pytest.param(ROUTES[route], name, id=f"{route}-{name}")
